@@ -1,0 +1,564 @@
+"""The guest kernel model: CPUs, interrupts, memory, and the PCI core with MSI-X and INTx.
+
+Names follow Linux: ``request_irq``/``free_irq``, ``pci_alloc_irq_vectors``, ``pci_irq_vector``,
+``pci_set_master``, the MSI-X enable sequence (ENABLE|MASKALL, program the table with every entry
+masked, clear MASKALL, unmask each entry when its irq is requested).  Guest code runs on vCPU
+threads; MMIO and port I/O go through the current vCPU (``this_cpu()``), so every access really
+leaves through the hypervisor: an ioeventfd or a heavyweight exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..hv.kernel import KernelHV, Vcpu
+from ..hv.routing import msi_address
+from ..pci import regs as R
+
+__all__ = ["GuestKernel", "GuestPciDev", "IrqDesc", "PageAllocator", "IRQ_HANDLED", "IRQ_NONE"]
+
+log = logging.getLogger("kickcall.guest")
+
+IRQ_NONE = False
+IRQ_HANDLED = True
+PAGE = 4096
+FIRST_DEVICE_VECTOR = 0x30
+LAST_DEVICE_VECTOR = 0xEF
+MMIO32_BASE, MMIO32_END = 0xE0000000, 0xFEC00000
+MMIO64_BASE = 0x80_0000_0000
+IO_BASE, IO_END = 0xC000, 0x10000
+PCI_IRQ_INTX, PCI_IRQ_MSI, PCI_IRQ_MSIX = 1, 2, 4
+
+
+class PageAllocator:
+    """First-fit allocator of 4 KiB guest pages (the guest's page allocator, simplified)."""
+
+    def __init__(self, start: int, end: int) -> None:
+        start = (start + PAGE - 1) // PAGE * PAGE
+        self._free: list[list[int]] = [[start, (end - start) // PAGE]]
+        self._mu = threading.Lock()
+        self._sizes: dict[int, int] = {}
+
+    def alloc(self, nbytes: int, align: int = PAGE) -> int:
+        npages = max(1, (nbytes + PAGE - 1) // PAGE)
+        with self._mu:
+            for i, (s, n) in enumerate(self._free):
+                a = (s + align - 1) // align * align
+                skip = (a - s) // PAGE
+                if n - skip >= npages:
+                    if skip:
+                        self._free.insert(i, [s, skip])
+                        i += 1
+                    rest = n - skip - npages
+                    if rest:
+                        self._free[i] = [a + npages * PAGE, rest]
+                    else:
+                        del self._free[i]
+                    self._sizes[a] = npages
+                    return a
+        raise MemoryError(f"guest out of memory allocating {nbytes} bytes")
+
+    def free(self, gpa: int) -> None:
+        with self._mu:
+            n = self._sizes.pop(gpa)
+            self._free.append([gpa, n])
+            self._free.sort()
+            merged: list[list[int]] = []
+            for s, c in self._free:
+                if merged and merged[-1][0] + merged[-1][1] * PAGE == s:
+                    merged[-1][1] += c
+                else:
+                    merged.append([s, c])
+            self._free = merged
+
+    @property
+    def free_bytes(self) -> int:
+        with self._mu:
+            return sum(n for _, n in self._free) * PAGE
+
+
+@dataclass
+class IrqDesc:
+    irq: int
+    vector: int
+    name: str = ""
+    handlers: list[tuple[Callable[[int], bool], str]] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    unhandled: int = 0
+    cpu: int = 0
+
+
+class GuestKernel:
+    """The guest OS: runs on the vCPUs of a KernelHV."""
+
+    def __init__(self, hv: KernelHV) -> None:
+        self.hv = hv
+        assert hv.memory is not None
+        self.memory = hv.memory
+        self.ncpus = hv.nvcpus
+        self._tls = threading.local()
+        end = max(g + s for g, s in self.memory.regions)
+        self.pages = PageAllocator(0x100000, end)
+        self.irqs: dict[int, IrqDesc] = {}
+        self._vector_to_irq: dict[int, int] = {}
+        self._next_virq = 32
+        self._irq_mu = threading.Lock()
+        self._pci_mu = threading.Lock()
+        self.spurious = 0
+        self.pci_devices: list[GuestPciDev] = []
+        self._next_vector_cpu = 0
+        hv.set_interrupt_handler(self.do_irq)
+        hv.irq_loop.run_sync(self._bind_irq_thread)
+        self._tasks: set[threading.Thread] = set()
+        self._task_mu = threading.Lock()
+        self.console: list[str] = []
+
+    def _bind_irq_thread(self) -> None:
+        self._tls.cpu = self.hv.irq_vcpu
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._task_mu:
+            tasks = list(self._tasks)
+        for t in tasks:
+            t.join(timeout)
+
+    def printk(self, msg: str) -> None:
+        self.console.append(msg)
+        log.info("guest: %s", msg)
+
+    # -- CPUs -----------------------------------------------------------------------------------------
+    def this_cpu(self) -> Vcpu:
+        cpu = getattr(self._tls, "cpu", None)
+        if cpu is None:
+            raise RuntimeError("guest code must run on a vCPU (or in interrupt context)")
+        return cpu
+
+    def in_interrupt(self) -> bool:
+        return getattr(self._tls, "cpu", None) is self.hv.irq_vcpu
+
+    def halt_until(self, event: threading.Event, timeout: float) -> bool:
+        """Halt the current vCPU until *event* is set or *timeout* seconds of guest time pass
+        (time spent paused does not count)."""
+        cpu = self.this_cpu()
+        ctl = self.hv.vcpu_ctl
+        deadline = ctl.guest_ns() + int(timeout * 1e9)
+        while True:
+            if cpu.halt_wait(lambda: event.wait(0.25)):
+                return True
+            if ctl.guest_ns() >= deadline:
+                return event.is_set()
+
+    def run_on(self, cpu: int, fn: Callable[[], object]) -> Future:
+        """Run *fn* as a guest thread pinned to vCPU *cpu*; its MMIO goes through that vCPU."""
+        fut: Future = Future()
+        index = cpu % self.ncpus
+
+        def body() -> None:
+            ctx = self.hv.vcpu_context(index)
+            self._tls.cpu = ctx
+            ctx.enter_guest()
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # handed to whoever waits on the future
+                fut.set_exception(e)
+            finally:
+                ctx.leave_guest()
+                self.hv.release_context(ctx)
+                with self._task_mu:
+                    self._tasks.discard(threading.current_thread())
+
+        t = threading.Thread(target=body, name=f"vcpu{index}-task", daemon=True)
+        with self._task_mu:
+            self._tasks.add(t)
+        t.start()
+        return fut
+
+    def run_on_idle(self, fn: Callable[[], object]) -> Future:
+        return self.run_on(0, fn)
+
+    # -- MMIO / PIO ------------------------------------------------------------------------------------
+    def readb(self, a: int) -> int:
+        return self.this_cpu().mmio_read(a, 1)
+
+    def readw(self, a: int) -> int:
+        return self.this_cpu().mmio_read(a, 2)
+
+    def readl(self, a: int) -> int:
+        return self.this_cpu().mmio_read(a, 4)
+
+    def writeb(self, a: int, v: int) -> None:
+        self.this_cpu().mmio_write(a, v, 1)
+
+    def writew(self, a: int, v: int) -> None:
+        self.this_cpu().mmio_write(a, v, 2)
+
+    def writel(self, a: int, v: int) -> None:
+        self.this_cpu().mmio_write(a, v, 4)
+
+    def writeq(self, a: int, v: int) -> None:
+        self.this_cpu().mmio_write(a, v & 0xFFFFFFFF, 4)
+        self.this_cpu().mmio_write(a + 4, v >> 32, 4)
+
+    def outl(self, port: int, v: int) -> None:
+        self.this_cpu().pio_write(port, v, 4)
+
+    def inb(self, port: int) -> int:
+        return self.this_cpu().pio_read(port, 1)
+
+    def inw(self, port: int) -> int:
+        return self.this_cpu().pio_read(port, 2)
+
+    def inl(self, port: int) -> int:
+        return self.this_cpu().pio_read(port, 4)
+
+    def outb(self, port: int, v: int) -> None:
+        self.this_cpu().pio_write(port, v, 1)
+
+    def outw(self, port: int, v: int) -> None:
+        self.this_cpu().pio_write(port, v, 2)
+
+    # -- interrupts -------------------------------------------------------------------------------------
+    def _alloc_vector(self) -> int:
+        used = set(self._vector_to_irq)
+        for v in range(FIRST_DEVICE_VECTOR, LAST_DEVICE_VECTOR + 1):
+            if v not in used:
+                return v
+        raise RuntimeError("no free interrupt vector")
+
+    def alloc_irq(self, name: str = "") -> IrqDesc:
+        """A new Linux irq number with its own CPU vector (MSI-X vectors take one each)."""
+        with self._irq_mu:
+            vec = self._alloc_vector()
+            irq = self._next_virq
+            self._next_virq += 1
+            d = IrqDesc(irq, vec, name, counts=[0] * self.ncpus)
+            d.cpu = self._next_vector_cpu % self.ncpus
+            self._next_vector_cpu += 1
+            self.irqs[irq] = d
+            self._vector_to_irq[vec] = irq
+            return d
+
+    def release_irq(self, irq: int) -> None:
+        with self._irq_mu:
+            d = self.irqs.pop(irq, None)
+            if d is not None:
+                self._vector_to_irq.pop(d.vector, None)
+
+    def gsi_irq(self, gsi: int) -> IrqDesc:
+        """The irq of an IOAPIC pin (INTx), programming the pin on first use (level, active high)."""
+        with self._irq_mu:
+            if gsi in self.irqs:
+                return self.irqs[gsi]
+            vec = self._alloc_vector()
+            d = IrqDesc(gsi, vec, f"IO-APIC {gsi}-fasteoi", counts=[0] * self.ncpus)
+            self.irqs[gsi] = d
+            self._vector_to_irq[vec] = gsi
+        self.hv.irqchip.program(gsi, vec, dest=0, masked=True, level=True)
+        return d
+
+    def request_irq(self, irq: int, handler: Callable[[int], bool], name: str) -> None:
+        d = self.irqs[irq]
+        first = not d.handlers
+        d.handlers.append((handler, name))
+        d.name = d.name or name
+        if first and irq < 24:
+            self.hv.irqchip.program(irq, d.vector, dest=0, masked=False, level=True)
+        for dev in self.pci_devices:
+            dev._irq_requested(irq)
+
+    def free_irq(self, irq: int, handler: Callable[[int], bool] | None = None) -> None:
+        d = self.irqs.get(irq)
+        if d is None:
+            return
+        d.handlers = [(h, n) for h, n in d.handlers if handler is not None and h is not handler]
+        if not d.handlers:
+            if irq < 24:
+                self.hv.irqchip.program(irq, d.vector, dest=0, masked=True, level=True)
+            for dev in self.pci_devices:
+                dev._irq_freed(irq)
+
+    def do_irq(self, cpu: int, vector: int) -> None:
+        """Interrupt entry (runs in interrupt context)."""
+        irq = self._vector_to_irq.get(vector)
+        d = self.irqs.get(irq) if irq is not None else None
+        if d is None or not d.handlers:
+            self.spurious += 1
+            return
+        d.counts[cpu] += 1
+        handled = False
+        for h, _n in list(d.handlers):
+            try:
+                handled |= bool(h(d.irq))
+            except Exception:
+                log.exception("irq %d handler failed", d.irq)
+        if not handled:
+            d.unhandled += 1
+
+    def proc_interrupts(self) -> list[dict]:
+        return [{"irq": d.irq, "vector": d.vector, "counts": list(d.counts), "name": d.name,
+                 "unhandled": d.unhandled} for d in sorted(self.irqs.values(), key=lambda d: d.irq)]
+
+    # -- PCI core ---------------------------------------------------------------------------------------
+    def pci_conf_read(self, devfn: int, off: int, size: int) -> int:
+        with self._pci_mu:
+            self.outl(0xCF8, 0x80000000 | devfn << 8 | (off & 0xFC))
+            if size == 4:
+                return self.inl(0xCFC)
+            if size == 2:
+                return self.inw(0xCFC + (off & 2))
+            return self.inb(0xCFC + (off & 3))
+
+    def pci_conf_write(self, devfn: int, off: int, value: int, size: int) -> None:
+        with self._pci_mu:
+            self.outl(0xCF8, 0x80000000 | devfn << 8 | (off & 0xFC))
+            if size == 4:
+                self.this_cpu().pio_write(0xCFC, value, 4)
+            elif size == 2:
+                self.outw(0xCFC + (off & 2), value)
+            else:
+                self.outb(0xCFC + (off & 3), value)
+
+    def pci_enumerate(self) -> list["GuestPciDev"]:
+        """Scan bus 0, size and assign BARs (what the firmware does), enable decoding."""
+        devs = []
+        mmio32, mmio64, io = MMIO32_BASE, MMIO64_BASE, IO_BASE
+        for slot in range(32):
+            devfn = slot << 3
+            vid = self.pci_conf_read(devfn, R.PCI_VENDOR_ID, 2)
+            if vid == 0xFFFF:
+                continue
+            d = GuestPciDev(self, devfn)
+            bar = 0
+            while bar < 6:
+                off = R.PCI_BASE_ADDRESS_0 + 4 * bar
+                orig = self.pci_conf_read(devfn, off, 4)
+                self.pci_conf_write(devfn, off, 0xFFFFFFFF, 4)
+                probe = self.pci_conf_read(devfn, off, 4)
+                self.pci_conf_write(devfn, off, orig, 4)
+                if probe == 0:  # not implemented
+                    bar += 1
+                    continue
+                if orig & R.PCI_BASE_ADDRESS_SPACE_IO:
+                    size = (~(probe & ~0x3) & 0xFFFF) + 1
+                    addr = (io + size - 1) // size * size
+                    io = addr + size
+                    self.pci_conf_write(devfn, off, addr, 4)
+                    d.bars[bar] = (addr, size, True)
+                    bar += 1
+                    continue
+                is64 = bool(orig & R.PCI_BASE_ADDRESS_MEM_TYPE_64)
+                mask = probe & ~0xF
+                if is64:
+                    hi_off = off + 4
+                    horig = self.pci_conf_read(devfn, hi_off, 4)
+                    self.pci_conf_write(devfn, hi_off, 0xFFFFFFFF, 4)
+                    hprobe = self.pci_conf_read(devfn, hi_off, 4)
+                    self.pci_conf_write(devfn, hi_off, horig, 4)
+                    mask |= hprobe << 32
+                    size = (~mask & 0xFFFFFFFFFFFFFFFF) + 1
+                    addr = (mmio64 + size - 1) // size * size
+                    mmio64 = addr + size
+                    self.pci_conf_write(devfn, off, addr & 0xFFFFFFFF | (orig & 0xF), 4)
+                    self.pci_conf_write(devfn, hi_off, addr >> 32, 4)
+                    d.bars[bar] = (addr, size, False)
+                    bar += 2
+                    continue
+                size = (~mask & 0xFFFFFFFF) + 1
+                addr = (mmio32 + size - 1) // size * size
+                if addr + size > MMIO32_END:
+                    raise RuntimeError("32-bit MMIO window exhausted")
+                mmio32 = addr + size
+                self.pci_conf_write(devfn, off, addr | (orig & 0xF), 4)
+                d.bars[bar] = (addr, size, False)
+                bar += 1
+            d.save_config()
+            cmd = self.pci_conf_read(devfn, R.PCI_COMMAND, 2)
+            self.pci_conf_write(devfn, R.PCI_COMMAND, cmd | R.PCI_COMMAND_MEMORY | R.PCI_COMMAND_IO, 2)
+            devs.append(d)
+        self.pci_devices = devs
+        return devs
+
+
+class GuestPciDev:
+    """The guest's struct pci_dev: config accessors, BARs, MSI-X / INTx vectors, FLR."""
+
+    def __init__(self, kernel: GuestKernel, devfn: int) -> None:
+        self.k = kernel
+        self.devfn = devfn
+        self.bars: dict[int, tuple[int, int, bool]] = {}
+        self.vendor = self.read_config(R.PCI_VENDOR_ID, 2)
+        self.device = self.read_config(R.PCI_DEVICE_ID, 2)
+        self.irq_line = self.read_config(R.PCI_INTERRUPT_LINE, 1)
+        self.irq_mode = 0
+        self.vectors: list[IrqDesc] = []
+        self.msix_cap = self.find_capability(R.PCI_CAP_ID_MSIX)
+        self.exp_cap = self.find_capability(R.PCI_CAP_ID_EXP)
+        self._saved: bytes = b""
+        self._msix_table = 0
+        self._msix_pba = 0
+
+    def __repr__(self) -> str:
+        return f"<pci {self.devfn >> 3:02x}.{self.devfn & 7} {self.vendor:04x}:{self.device:04x}>"
+
+    # config
+    def read_config(self, off: int, size: int) -> int:
+        return self.k.pci_conf_read(self.devfn, off, size)
+
+    def write_config(self, off: int, v: int, size: int) -> None:
+        self.k.pci_conf_write(self.devfn, off, v, size)
+
+    def find_capability(self, cap_id: int, start: int = 0) -> int:
+        off = self.read_config(R.PCI_CAPABILITY_LIST, 1) if not start else self.read_config(start + 1, 1)
+        n = 0
+        while off and n < 48:
+            if self.read_config(off, 1) == cap_id:
+                return off
+            off = self.read_config(off + 1, 1)
+            n += 1
+        return 0
+
+    def capabilities(self, cap_id: int) -> list[int]:
+        out = []
+        off = self.read_config(R.PCI_CAPABILITY_LIST, 1)
+        n = 0
+        while off and n < 48:
+            if self.read_config(off, 1) == cap_id:
+                out.append(off)
+            off = self.read_config(off + 1, 1)
+            n += 1
+        return out
+
+    def bar_addr(self, bar: int) -> int:
+        return self.bars[bar][0]
+
+    def set_master(self, on: bool = True) -> None:
+        cmd = self.read_config(R.PCI_COMMAND, 2)
+        cmd = cmd | R.PCI_COMMAND_MASTER if on else cmd & ~R.PCI_COMMAND_MASTER
+        self.write_config(R.PCI_COMMAND, cmd, 2)
+
+    def save_config(self) -> None:
+        self._saved = b"".join(self.read_config(o, 4).to_bytes(4, "little") for o in range(0, 0x40, 4))
+
+    def restore_config(self) -> None:
+        """pci_restore_state: BARs first, then the command register."""
+        s = self._saved
+        for o in range(R.PCI_BASE_ADDRESS_0, R.PCI_BASE_ADDRESS_0 + 24, 4):
+            self.write_config(o, int.from_bytes(s[o:o + 4], "little"), 4)
+        self.write_config(R.PCI_INTERRUPT_LINE, s[R.PCI_INTERRUPT_LINE], 1)
+        self.write_config(R.PCI_COMMAND, int.from_bytes(s[4:6], "little"), 2)
+
+    def flr(self) -> None:
+        """pcie_flr: initiate Function Level Reset and restore config space afterwards."""
+        if not self.exp_cap or not self.read_config(self.exp_cap + R.PCI_EXP_DEVCAP, 4) & R.PCI_EXP_DEVCAP_FLR:
+            raise RuntimeError(f"{self!r}: no FLR capability")
+        cmd = self.read_config(R.PCI_COMMAND, 2)
+        self._saved = self._saved[:4] + cmd.to_bytes(2, "little") + self._saved[6:]
+        ctl = self.read_config(self.exp_cap + R.PCI_EXP_DEVCTL, 2)
+        self.write_config(self.exp_cap + R.PCI_EXP_DEVCTL, ctl | R.PCI_EXP_DEVCTL_BCR_FLR, 2)
+        # the device is back at reset state: vectors and the MSI-X setup are gone
+        for d in self.vectors:
+            for h, _n in list(d.handlers):
+                self.k.free_irq(d.irq, h)
+            if self.irq_mode == PCI_IRQ_MSIX:
+                self.k.release_irq(d.irq)
+        self.vectors = []
+        self.irq_mode = 0
+        self.restore_config()
+
+    # -- vectors ------------------------------------------------------------------------------------
+    def alloc_irq_vectors(self, min_vecs: int, max_vecs: int, flags: int) -> int:
+        """pci_alloc_irq_vectors: MSI-X if allowed and available, else INTx."""
+        if flags & PCI_IRQ_MSIX and self.msix_cap:
+            ctl = self.read_config(self.msix_cap + R.PCI_MSIX_FLAGS, 2)
+            table_size = (ctl & R.PCI_MSIX_FLAGS_QSIZE) + 1
+            if table_size >= min_vecs:
+                n = min(max_vecs, table_size)
+                self._enable_msix(n)
+                return n
+        if flags & PCI_IRQ_INTX and self.irq_line and min_vecs <= 1:
+            self.vectors = [self.k.gsi_irq(self.irq_line)]
+            self.irq_mode = PCI_IRQ_INTX
+            self.write_config(R.PCI_COMMAND, self.read_config(R.PCI_COMMAND, 2) & ~R.PCI_COMMAND_INTX_DISABLE, 2)
+            return 1
+        raise RuntimeError(f"{self!r}: cannot allocate {min_vecs} interrupt vectors")
+
+    def _enable_msix(self, n: int) -> None:
+        cap = self.msix_cap
+        tbl = self.read_config(cap + R.PCI_MSIX_TABLE, 4)
+        pba = self.read_config(cap + R.PCI_MSIX_PBA, 4)
+        self._msix_table = self.bar_addr(tbl & 7) + (tbl & ~7)
+        self._msix_pba = self.bar_addr(pba & 7) + (pba & ~7)
+        ctl = self.read_config(cap + R.PCI_MSIX_FLAGS, 2)
+        self.write_config(cap + R.PCI_MSIX_FLAGS, ctl | R.PCI_MSIX_FLAGS_ENABLE | R.PCI_MSIX_FLAGS_MASKALL, 2)
+        self.vectors = []
+        for i in range(n):
+            d = self.k.alloc_irq(f"msix{i}")
+            self.vectors.append(d)
+            e = self._msix_table + 16 * i
+            self.k.writel(e + R.PCI_MSIX_ENTRY_VECTOR_CTRL, R.PCI_MSIX_ENTRY_CTRL_MASKBIT)
+            addr = msi_address(d.cpu)
+            self.k.writel(e + R.PCI_MSIX_ENTRY_LOWER_ADDR, addr & 0xFFFFFFFF)
+            self.k.writel(e + R.PCI_MSIX_ENTRY_UPPER_ADDR, addr >> 32)
+            self.k.writel(e + R.PCI_MSIX_ENTRY_DATA, d.vector)
+        ctl = self.read_config(cap + R.PCI_MSIX_FLAGS, 2)
+        self.write_config(cap + R.PCI_MSIX_FLAGS, ctl & ~R.PCI_MSIX_FLAGS_MASKALL, 2)
+        self.irq_mode = PCI_IRQ_MSIX
+        # INTx off while MSI-X is on
+        self.write_config(R.PCI_COMMAND, self.read_config(R.PCI_COMMAND, 2) | R.PCI_COMMAND_INTX_DISABLE, 2)
+
+    def free_irq_vectors(self) -> None:
+        if self.irq_mode == PCI_IRQ_MSIX:
+            cap = self.msix_cap
+            ctl = self.read_config(cap + R.PCI_MSIX_FLAGS, 2)
+            self.write_config(cap + R.PCI_MSIX_FLAGS, ctl & ~R.PCI_MSIX_FLAGS_ENABLE, 2)
+            for d in self.vectors:
+                self.k.release_irq(d.irq)
+        self.vectors = []
+        self.irq_mode = 0
+
+    def irq_vector(self, nr: int) -> int:
+        """pci_irq_vector: the Linux irq number of vector *nr*."""
+        return self.vectors[nr].irq
+
+    def _entry_for_irq(self, irq: int) -> int | None:
+        if self.irq_mode != PCI_IRQ_MSIX:
+            return None
+        for i, d in enumerate(self.vectors):
+            if d.irq == irq:
+                return i
+        return None
+
+    def _irq_requested(self, irq: int) -> None:
+        i = self._entry_for_irq(irq)
+        if i is not None:
+            self.msix_mask(i, False)
+
+    def _irq_freed(self, irq: int) -> None:
+        i = self._entry_for_irq(irq)
+        if i is not None:
+            self.msix_mask(i, True)
+
+    def msix_mask(self, entry: int, masked: bool) -> None:
+        """Set or clear an entry's Vector Control mask bit (an MMIO write to the table)."""
+        self.k.writel(self._msix_table + 16 * entry + R.PCI_MSIX_ENTRY_VECTOR_CTRL,
+                      R.PCI_MSIX_ENTRY_CTRL_MASKBIT if masked else 0)
+
+    def msix_function_mask(self, masked: bool) -> None:
+        cap = self.msix_cap
+        ctl = self.read_config(cap + R.PCI_MSIX_FLAGS, 2)
+        ctl = ctl | R.PCI_MSIX_FLAGS_MASKALL if masked else ctl & ~R.PCI_MSIX_FLAGS_MASKALL
+        self.write_config(cap + R.PCI_MSIX_FLAGS, ctl, 2)
+
+    def read_pba(self) -> int:
+        n = len(self.vectors) or 1
+        v = 0
+        for q in range((n + 63) // 64):
+            lo = self.k.readl(self._msix_pba + 8 * q)
+            hi = self.k.readl(self._msix_pba + 8 * q + 4)
+            v |= (lo | hi << 32) << (64 * q)
+        return v
+

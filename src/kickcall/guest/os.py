@@ -1,0 +1,324 @@
+"""The guest OS: boots (PCI enumeration, driver probe), runs workloads, answers the VMM's commands.
+
+Commands arrive as ``IOCTL_GUEST_CMD`` requests (JSON ``{"cmd": name, ...}``).  Anything that
+touches a device runs on a vCPU thread, so it reaches the device through the hypervisor exactly
+as guest code does.  Devices are addressed by PCI slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+
+from ..hv.kernel import KernelHV
+from ..virtio.blk import BLK_T_FLUSH, BLK_T_GET_ID, BLK_T_IN, BLK_T_OUT
+from .kernel import GuestKernel, GuestPciDev
+from .virtio_blk import BlkRequest, VirtioBlkDriver
+from .virtio_net import VirtioNetDriver
+from .virtio_pci import VirtioPciDevice
+from .workload import BlkWorkload, NetWorkload
+
+__all__ = ["GuestOS"]
+
+log = logging.getLogger("kickcall.guest.os")
+
+_BLK_OPS = {"read": BLK_T_IN, "write": BLK_T_OUT, "flush": BLK_T_FLUSH, "get-id": BLK_T_GET_ID}
+
+
+class _Dev:
+    def __init__(self, pci: GuestPciDev) -> None:
+        self.pci = pci
+        self.slot = pci.devfn >> 3
+        self.vdev: VirtioPciDevice | None = None
+        self.driver: VirtioBlkDriver | VirtioNetDriver | None = None
+        self.kind = "unknown"
+
+    def describe(self) -> dict:
+        d = {"slot": self.slot, "vendor": self.pci.vendor, "device": self.pci.device, "kind": self.kind}
+        drv = self.driver
+        if isinstance(drv, VirtioBlkDriver):
+            d.update(capacity=drv.capacity, queues=len(drv.vqs), completed=drv.completed, errors=drv.errors)
+        elif isinstance(drv, VirtioNetDriver):
+            d.update(pairs=drv.pairs, rx=drv.rx_packets, tx=drv.tx_packets)
+        if self.vdev is not None:
+            d["irq_mode"] = {0: "none", 1: "intx", 4: "msix"}.get(self.vdev.irq_mode, "?")
+            d["vqs"] = [{"index": v.index, "kicks": v.kicks, "kicks_suppressed": v.kicks_suppressed,
+                         "interrupts": v.interrupts, "spurious": v.spurious_interrupts,
+                         "completed": v.completed} for v in self.vdev.vqs]
+        return d
+
+
+class GuestOS:
+    def __init__(self, hv: KernelHV, *, queue_size: int | None = None) -> None:
+        self.hv = hv
+        self.k = GuestKernel(hv)
+        self.devs: dict[int, _Dev] = {}
+        self.workloads: list = []
+        self.queue_size = queue_size
+        self._reqs: dict[int, BlkRequest] = {}
+        self._req_ids = 0
+        self._mu = threading.Lock()
+        hv.command_handler = self._on_command
+        hv.os_ready.set()
+
+    def shutdown(self) -> None:
+        for w in self.workloads:
+            w.stop_event.set()
+        self.k.shutdown()
+        for d in self.devs.values():
+            if d.vdev is not None:
+                for vq in d.vdev.vqs:
+                    vq.release()
+
+    # -- command dispatch -----------------------------------------------------------------------------
+    def _on_command(self, seq: int, req: dict) -> None:
+        threading.Thread(target=self._run_command, args=(seq, req), name="guest-cmd", daemon=True).start()
+
+    def _run_command(self, seq: int, req: dict) -> None:
+        name = str(req.get("cmd", ""))
+        fn = getattr(self, "cmd_" + name.replace("-", "_"), None)
+        if fn is None:
+            self.hv.reply_command(seq, {}, error=f"unknown guest command {name!r}")
+            return
+        args = {k: v for k, v in req.items() if k not in ("cmd", "cpu")}
+        try:
+            if getattr(fn, "on_vcpu", True):
+                cpu = req.get("cpu")
+                fut = self.k.run_on(int(cpu), lambda: fn(**args)) if cpu is not None else \
+                    self.k.run_on_idle(lambda: fn(**args))
+                result = fut.result(float(req.get("timeout", 120)) + 5)
+            else:
+                result = fn(**args)
+            self.hv.reply_command(seq, result if isinstance(result, dict) else {"result": result})
+        except Exception as e:
+            log.debug("guest command %s failed", name, exc_info=True)
+            self.hv.reply_command(seq, {}, error=f"{type(e).__name__}: {e}")
+
+    def _dev(self, slot: int) -> _Dev:
+        d = self.devs.get(int(slot))
+        if d is None:
+            raise KeyError(f"no device in slot {slot}")
+        return d
+
+    def _blk(self, slot: int) -> VirtioBlkDriver:
+        drv = self._dev(slot).driver
+        if not isinstance(drv, VirtioBlkDriver):
+            raise TypeError(f"slot {slot} is not a virtio-blk device")
+        return drv
+
+    # -- boot ------------------------------------------------------------------------------------------
+    def cmd_boot(self, msix: bool = True) -> dict:
+        for pci in self.k.pci_enumerate():
+            d = _Dev(pci)
+            self.devs[d.slot] = d
+            if pci.vendor != 0x1AF4:
+                continue
+            self._probe(d, msix)
+        return {"devices": [d.describe() for d in self.devs.values()], "pid": _pid()}
+
+    def _probe(self, d: _Dev, msix: bool = True) -> None:
+        d.vdev = VirtioPciDevice(self.k, d.pci)
+        if d.vdev.device_id == 2:
+            d.kind = "virtio-blk"
+            d.driver = VirtioBlkDriver(self.k, d.vdev, queue_size=self.queue_size, allow_msix=msix)
+        elif d.vdev.device_id == 1:
+            d.kind = "virtio-net"
+            d.driver = VirtioNetDriver(self.k, d.vdev, queue_size=self.queue_size)
+        else:
+            return
+        d.driver.probe()
+        self.k.printk(f"{d.kind} at slot {d.slot}: {d.describe()}")
+
+    def cmd_reprobe(self, slot: int, msix: bool = True) -> dict:
+        d = self._dev(slot)
+        if d.vdev is not None:
+            d.vdev.teardown()
+        self._probe(d, msix)
+        return d.describe()
+
+    def cmd_flr(self, slot: int, reprobe: bool = True) -> dict:
+        """Function Level Reset, then (optionally) bring the driver back up."""
+        d = self._dev(slot)
+        d.pci.flr()
+        status = d.vdev.get_status() if d.vdev is not None else -1
+        if d.vdev is not None:
+            d.vdev.forget()
+        out = {"status_after_flr": status}
+        if reprobe:
+            self._probe(d)
+            out["device"] = d.describe()
+        return out
+
+    # -- workloads ------------------------------------------------------------------------------------
+    def cmd_workload_start(self, blk: dict | None = None, net: dict | None = None) -> dict:
+        started = []
+        for d in self.devs.values():
+            if isinstance(d.driver, VirtioBlkDriver) and blk is not None:
+                w = BlkWorkload(self.k, d.driver, **blk)
+                w.slot = d.slot  # type: ignore[attr-defined]
+                self.workloads.append(w)
+                started.append(("blk", d.slot))
+            elif isinstance(d.driver, VirtioNetDriver) and net is not None:
+                w = NetWorkload(self.k, d.driver, **net)
+                w.slot = d.slot  # type: ignore[attr-defined]
+                self.workloads.append(w)
+                started.append(("net", d.slot))
+        for w in self.workloads:
+            if not w.futures:
+                w.start()
+        return {"started": started}
+
+    cmd_workload_start.on_vcpu = False  # type: ignore[attr-defined]
+
+    def cmd_workload_stop(self, timeout: float = 60.0) -> dict:
+        results = []
+        for w in self.workloads:
+            r = w.stop(timeout)
+            r["slot"] = w.slot
+            results.append(r)
+        self.workloads = []
+        return {"results": results}
+
+    cmd_workload_stop.on_vcpu = False  # type: ignore[attr-defined]
+
+    def cmd_stats(self) -> dict:
+        return {
+            "devices": [d.describe() for d in self.devs.values()],
+            "workloads": [dict(w.result(), slot=w.slot) for w in self.workloads],
+            "interrupts": self.k.proc_interrupts(),
+            "spurious": self.k.spurious,
+            "pending": self.hv.irqchip.pending(),
+        }
+
+    cmd_stats.on_vcpu = False  # type: ignore[attr-defined]
+
+    # -- targeted I/O (tests, scenarios) ------------------------------------------------------------------
+    def cmd_blk_io(self, slot: int, op: str, sector: int = 0, nbytes: int = 4096, queue: int = 0,
+                   data: str | None = None, fill: int | None = None, timeout: float = 30.0) -> dict:
+        drv = self._blk(slot)
+        req = BlkRequest(self.k, nbytes)
+        try:
+            if op == "write":
+                payload = bytes.fromhex(data) if data is not None else bytes([fill or 0]) * nbytes
+                self.k.memory.write(req.data, payload.ljust(nbytes, b"\0")[:nbytes])
+            status = drv.sync_io(req, _BLK_OPS[op], sector, nbytes if op != "flush" else 0, q=queue,
+                                 timeout=timeout)
+            out = {"status": status, "latency_us": (req.t_done - req.t_submit) / 1000}
+            if op in ("read", "get-id") and status == 0:
+                buf = self.k.memory.read(req.data, nbytes)
+                out["crc32"] = zlib.crc32(buf)
+                out["data"] = buf[:min(nbytes, 4096)].hex()
+            return out
+        finally:
+            self.k.pages.free(req.hdr)
+            if req.data:
+                self.k.pages.free(req.data)
+
+    def cmd_blk_submit(self, slot: int, op: str, sector: int = 0, nbytes: int = 4096, queue: int = 0,
+                       fill: int = 0, kick: bool = True) -> dict:
+        """Submit without waiting; ``kick=False`` publishes the request without ringing the doorbell."""
+        drv = self._blk(slot)
+        req = BlkRequest(self.k, nbytes)
+        if op == "write":
+            self.k.memory.write(req.data, bytes([fill]) * nbytes)
+        out, inn = drv.prepare(req, _BLK_OPS[op], sector, nbytes if op != "flush" else 0)
+        vq = drv.vqs[queue]
+        req.queue = queue
+        req.t_submit = time.monotonic_ns()
+        with vq.lock:
+            if not vq.add(out, inn, req):
+                raise RuntimeError("queue full")
+            needs = vq.kick_prepare() if kick else False
+        if needs:
+            vq.notify()
+        with self._mu:
+            self._req_ids += 1
+            rid = self._req_ids
+            self._reqs[rid] = req
+        return {"id": rid, "kicked": bool(kick and needs)}
+
+    def cmd_blk_wait(self, id: int, timeout: float = 10.0) -> dict:
+        with self._mu:
+            req = self._reqs.get(int(id))
+        if req is None:
+            raise KeyError(f"no request {id}")
+        ok = self.k.halt_until(req.done, timeout)
+        if not ok:
+            return {"completed": False}
+        with self._mu:
+            self._reqs.pop(int(id), None)
+        out = {"completed": True, "status": req.status_val}
+        if req.type == BLK_T_IN and req.status_val == 0:
+            out["crc32"] = zlib.crc32(self.k.memory.read(req.data, req.nbytes))
+        self.k.pages.free(req.hdr)
+        if req.data:
+            self.k.pages.free(req.data)
+        return out
+
+    def cmd_kick(self, slot: int, queue: int = 0, width: int = 2) -> dict:
+        """The raw doorbell write of queue *queue* (a guest notify write, nothing else)."""
+        d = self._dev(slot)
+        assert d.vdev is not None
+        addr = d.vdev.notify_addr(queue)
+        self.k.this_cpu().mmio_write(addr, queue, width)
+        return {"addr": addr, "tid": threading.get_native_id(), "pid": _pid()}
+
+    def cmd_msix_mask(self, slot: int, entry: int, masked: bool) -> dict:
+        self._dev(slot).pci.msix_mask(int(entry), bool(masked))
+        return {}
+
+    def cmd_msix_function_mask(self, slot: int, masked: bool) -> dict:
+        self._dev(slot).pci.msix_function_mask(bool(masked))
+        return {}
+
+    def cmd_read_pba(self, slot: int) -> dict:
+        return {"pba": self._dev(slot).pci.read_pba()}
+
+    def cmd_bus_master(self, slot: int, on: bool) -> dict:
+        self._dev(slot).pci.set_master(bool(on))
+        return {}
+
+    def cmd_status_write(self, slot: int, value: int) -> dict:
+        d = self._dev(slot)
+        assert d.vdev is not None
+        d.vdev.set_status(int(value))
+        return {"status": d.vdev.get_status()}
+
+    def cmd_status_read(self, slot: int) -> dict:
+        d = self._dev(slot)
+        assert d.vdev is not None
+        return {"status": d.vdev.get_status(), "config_changes": d.vdev.config_changes,
+                "needs_reset_seen": d.vdev.needs_reset_seen}
+
+    def cmd_net_ping(self, slot: int, pair: int = 0, payload: str = "", timeout: float = 10.0) -> dict:
+        d = self._dev(slot)
+        drv = d.driver
+        if not isinstance(drv, VirtioNetDriver):
+            raise TypeError("not a virtio-net device")
+        ev = threading.Event()
+        got: list = []
+        prev = drv.on_receive
+
+        def rx(p: int, pkt: bytes) -> None:
+            got.append((p, pkt))
+            ev.set()
+
+        drv.on_receive = rx
+        try:
+            frame = drv.mac + drv.mac + b"\x88\xb6" + bytes.fromhex(payload)
+            drv.send(pair, frame)
+            ok = self.k.halt_until(ev, timeout)
+        finally:
+            drv.on_receive = prev
+        return {"echoed": ok and bool(got) and got[0][1] == frame, "pair": got[0][0] if got else -1}
+
+    def cmd_ping(self) -> dict:
+        return {"pid": _pid(), "tid": threading.get_native_id()}
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()

@@ -1,0 +1,289 @@
+"""Machine configuration: a TOML file, validated key by key.
+
+Every problem is a ``ConfigError`` naming the key (``device[1].queues``) and what is wrong with it.
+The built-in default is one virtio-blk on a temporary image and one virtio-net on loopback.
+
+Example::
+
+    [machine]
+    ram = "64M"
+    vcpus = 2
+    guest = "process"        # or "thread" (in-process, for unit tests)
+
+    [[device]]
+    type = "virtio-blk"
+    id = "blk0"
+    size = "16M"             # a temporary image of this size (or: image = "disk.img")
+    queues = 2
+    ioeventfd = true
+
+    [[device]]
+    type = "virtio-net"
+    id = "net0"
+    backend = "loopback"     # or "socketpair"
+    queue-pairs = 2
+
+    [workload.blk]
+    depth = 16
+    read-ratio = 0.5
+
+    [workload.net]
+    max-payload = 1400
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..memory import parse_size
+
+__all__ = ["ConfigError", "MachineConfig", "DeviceConfig", "load_config", "parse_config", "default_config",
+           "DEFAULT_TOML"]
+
+DEFAULT_TOML = """\
+[machine]
+name = "default"
+ram = "64M"
+vcpus = 2
+guest = "process"
+
+[[device]]
+type = "virtio-blk"
+id = "blk0"
+size = "16M"
+queues = 2
+
+[[device]]
+type = "virtio-net"
+id = "net0"
+backend = "loopback"
+queue-pairs = 2
+
+[workload.blk]
+depth = 16
+block-size = 4096
+read-ratio = 0.5
+
+[workload.net]
+"""
+
+
+class ConfigError(ValueError):
+    """A bad configuration: names the key and the problem."""
+
+    def __init__(self, key: str, problem: str, source: str = "") -> None:
+        self.key = key
+        self.problem = problem
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key}: {problem}" if key else f"{where}{problem}")
+
+
+@dataclass
+class DeviceConfig:
+    type: str
+    id: str
+    slot: int | None = None
+    ioeventfd: bool = True
+    irqfd: bool = True
+    msix: bool = True
+    queue_size: int = 128
+    # virtio-blk
+    image: str = ""
+    size: int = 16 << 20
+    queues: int = 1
+    read_only: bool = False
+    aio: str = "threads"
+    serial: str = ""
+    # virtio-net
+    backend: str = "loopback"
+    queue_pairs: int = 1
+
+
+@dataclass
+class MachineConfig:
+    name: str = "default"
+    ram: int = 64 << 20
+    vcpus: int = 2
+    guest: str = "process"
+    max_irq_routes: int = 4096
+    devices: list[DeviceConfig] = field(default_factory=list)
+    workload_blk: dict | None = None
+    workload_net: dict | None = None
+    source: str = ""
+
+
+_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
+
+
+class _V:
+    """Typed getters over one TOML table that report the full key path."""
+
+    def __init__(self, table: Any, path: str, source: str) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(path, f"must be a table, not {type(table).__name__}", source)
+        self.t = table
+        self.path = path
+        self.source = source
+        self.used: set[str] = set()
+
+    def key(self, k: str) -> str:
+        return f"{self.path}.{k}" if self.path else k
+
+    def err(self, k: str, problem: str) -> ConfigError:
+        return ConfigError(self.key(k), problem, self.source)
+
+    def get(self, k: str, default: Any) -> Any:
+        self.used.add(k)
+        return self.t.get(k, default)
+
+    def int(self, k: str, default: int, lo: int, hi: int) -> int:
+        v = self.get(k, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.err(k, f"must be an integer, got {v!r}")
+        if not lo <= v <= hi:
+            raise self.err(k, f"must be between {lo} and {hi}, got {v}")
+        return v
+
+    def bool(self, k: str, default: bool) -> bool:
+        v = self.get(k, default)
+        if not isinstance(v, bool):
+            raise self.err(k, f"must be true or false, got {v!r}")
+        return v
+
+    def str(self, k: str, default: str, choices: tuple[str, ...] | None = None) -> str:
+        v = self.get(k, default)
+        if not isinstance(v, str):
+            raise self.err(k, f"must be a string, got {v!r}")
+        if choices is not None and v not in choices:
+            raise self.err(k, f"must be one of {', '.join(repr(c) for c in choices)}, got {v!r}")
+        return v
+
+    def float(self, k: str, default: float, lo: float, hi: float) -> float:
+        v = self.get(k, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self.err(k, f"must be a number, got {v!r}")
+        if not lo <= v <= hi:
+            raise self.err(k, f"must be between {lo} and {hi}, got {v}")
+        return float(v)
+
+    def size(self, k: str, default: int, lo: int, hi: int) -> int:
+        v = self.get(k, default)
+        try:
+            n = parse_size(v)
+        except ValueError as e:
+            raise self.err(k, str(e)) from None
+        if not lo <= n <= hi:
+            raise self.err(k, f"must be between {lo} and {hi} bytes, got {n}")
+        return n
+
+    def done(self) -> None:
+        extra = sorted(set(self.t) - self.used)
+        if extra:
+            raise self.err(extra[0], "unknown key")
+
+
+def parse_config(text: str, source: str = "<config>") -> MachineConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("", f"invalid TOML: {e}", source) from None
+    top = _V(data, "", source)
+    cfg = MachineConfig(source=source)
+    m = _V(top.get("machine", {}), "machine", source)
+    cfg.name = m.str("name", "default")
+    cfg.ram = m.size("ram", 64 << 20, 8 << 20, 4 << 30)
+    cfg.vcpus = m.int("vcpus", 2, 1, 16)
+    cfg.guest = m.str("guest", "process", ("process", "thread"))
+    cfg.max_irq_routes = m.int("max-irq-routes", 4096, 32, 4096)
+    m.done()
+    devs = top.get("device", [])
+    if not isinstance(devs, list):
+        raise ConfigError("device", "must be an array of tables ([[device]])", source)
+    ids: set[str] = set()
+    slots: set[int] = set()
+    for i, raw in enumerate(devs):
+        d = _V(raw, f"device[{i}]", source)
+        t = d.str("type", "", ("virtio-blk", "virtio-net"))
+        dc = DeviceConfig(type=t, id=d.str("id", f"{t.split('-')[1]}{i}"))
+        if not _ID.match(dc.id):
+            raise d.err("id", f"must be a letter followed by letters, digits, '_', '.' or '-', got {dc.id!r}")
+        if dc.id in ids:
+            raise d.err("id", f"duplicate device id {dc.id!r}")
+        ids.add(dc.id)
+        if "slot" in raw:
+            dc.slot = d.int("slot", 0, 1, 31)
+            if dc.slot in slots:
+                raise d.err("slot", f"slot {dc.slot} is already used")
+            slots.add(dc.slot)
+        dc.ioeventfd = d.bool("ioeventfd", True)
+        dc.irqfd = d.bool("irqfd", True)
+        dc.msix = d.bool("msix", True)
+        dc.queue_size = d.int("queue-size", 128 if t == "virtio-blk" else 256, 2, 1024)
+        if dc.queue_size & (dc.queue_size - 1):
+            raise d.err("queue-size", f"must be a power of two, got {dc.queue_size}")
+        if t == "virtio-blk":
+            dc.image = d.str("image", "")
+            dc.size = d.size("size", 16 << 20, 64 << 10, 64 << 30)
+            if dc.size % 4096:
+                raise d.err("size", "must be a multiple of 4096")
+            dc.queues = d.int("queues", 1, 1, 16)
+            dc.read_only = d.bool("read-only", False)
+            dc.aio = d.str("aio", "threads", ("threads", "sync"))
+            dc.serial = d.str("serial", "")
+            if len(dc.serial) > 20:
+                raise d.err("serial", "must be at most 20 characters")
+        else:
+            dc.backend = d.str("backend", "loopback", ("loopback", "socketpair"))
+            dc.queue_pairs = d.int("queue-pairs", 1, 1, 8)
+        d.done()
+        cfg.devices.append(dc)
+    wl = _V(top.get("workload", {}), "workload", source)
+    if "blk" in wl.t:
+        b = _V(wl.get("blk", {}), "workload.blk", source)
+        cfg.workload_blk = {
+            "depth": b.int("depth", 16, 1, 256),
+            "block_size": b.int("block-size", 4096, 512, 1 << 20),
+            "read_ratio": b.float("read-ratio", 0.5, 0.0, 1.0),
+            "seed": b.int("seed", 1, 0, 2**31),
+            "stall_timeout": b.float("stall-timeout", 10.0, 0.5, 3600.0),
+        }
+        if cfg.workload_blk["block_size"] % 512:
+            raise b.err("block-size", "must be a multiple of 512")
+        b.done()
+    if "net" in wl.t:
+        n = _V(wl.get("net", {}), "workload.net", source)
+        cfg.workload_net = {
+            "min_payload": n.int("min-payload", 32, 16, 4000),
+            "max_payload": n.int("max-payload", 1400, 16, 4000),
+            "seed": n.int("seed", 2, 0, 2**31),
+            "stall_timeout": n.float("stall-timeout", 10.0, 0.5, 3600.0),
+        }
+        if cfg.workload_net["min_payload"] > cfg.workload_net["max_payload"]:
+            raise n.err("min-payload", "must not exceed max-payload")
+        n.done()
+    wl.done()
+    top.done()
+    if not cfg.devices:
+        raise ConfigError("device", "a machine needs at least one [[device]]", source)
+    return cfg
+
+
+def load_config(path: str) -> MachineConfig:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError("", f"cannot read config: {e.strerror}", path) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("", "not UTF-8 text", path) from None
+    return parse_config(text, path)
+
+
+def default_config() -> MachineConfig:
+    return parse_config(DEFAULT_TOML, "<built-in default>")

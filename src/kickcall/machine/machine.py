@@ -1,0 +1,290 @@
+"""A kickcall machine: RAM, the hypervisor, a PCI bus with virtio devices, an IOThread, and a guest.
+
+The VMM side lives in this process: the main loop (an IOThread holding the big lock while it runs
+handlers), one VMM vCPU thread per guest vCPU for heavyweight exits, the devices.  The guest runs
+in its own process (``guest = "process"``) or, for unit tests, on threads of this one
+(``guest = "thread"``) -- through the same hypervisor channel either way.
+
+Run state: ``pause()`` stops the guest's vCPUs (acknowledged) and then the devices (host notifiers
+stopped with the deassign race handled, in-flight I/O drained); ``resume()`` restarts the devices,
+runs the kicks that were deferred, then the vCPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from ..hv.abi import SPACE_MMIO, SPACE_PIO, ChannelClosed
+from ..hv import abi
+from ..hv.channel import socketpair
+from ..hv.kernel import KernelHV
+from ..hv.vmm import VM, MsiRoutes
+from ..loop import IOThread
+from ..memory import AddressSpace, GuestMemory
+from ..notify import NotifierRegistry
+from ..pci.bus import PCIBus, PCIHost
+from ..virtio.blk import VirtIOBlk, make_image
+from ..virtio.net import VirtIONet
+from ..virtio.pci import VirtIOPCIProxy
+from .config import DeviceConfig, MachineConfig, default_config
+
+__all__ = ["Machine", "MachineError"]
+
+log = logging.getLogger("kickcall.machine")
+
+
+class MachineError(RuntimeError):
+    pass
+
+
+class Machine:
+    """Build a machine from a config; ``start()`` launches the guest and boots it."""
+
+    def __init__(self, cfg: MachineConfig | None = None, *, workdir: str | None = None,
+                 guest_log_level: str = "WARNING") -> None:
+        self.cfg = cfg or default_config()
+        self.bql = threading.RLock()
+        self.registry = NotifierRegistry()
+        self._own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="kickcall-")
+        self.guest_log_level = guest_log_level
+        self.memory = GuestMemory.create(self.cfg.ram, f"{self.cfg.name}-ram")
+        self.mmio = AddressSpace(SPACE_MMIO)
+        self.io = AddressSpace(SPACE_PIO)
+        self.iothread = IOThread("main-loop", lock=self.bql)
+        self._vmm_sock, self._guest_sock = socketpair()
+        self.guest_events: list[dict] = []
+        self.vm = VM(self._vmm_sock, self.memory, self.cfg.vcpus, exit_handler=self._exit,
+                     event_handler=self.guest_events.append, max_routes=self.cfg.max_irq_routes,
+                     on_guest_gone=self._guest_gone, name=self.cfg.name)
+        self.routes = MsiRoutes(self.vm)
+        self.mmio.add_listener(self.vm)
+        self.io.add_listener(self.vm)
+        self.bus = PCIBus(self.mmio, self.io, irq_line=self.vm.irq_line, msi_sink=self.vm.signal_msi)
+        self.host = PCIHost(self.bus)
+        self.devices: dict[str, VirtIOPCIProxy] = {}
+        self.device_cfg: dict[str, DeviceConfig] = {}
+        self.temp_images: list[str] = []
+        self.guest_proc: subprocess.Popen | None = None
+        self.guest_hv: KernelHV | None = None
+        self.guest_os = None
+        self.guest_pid: int | None = None
+        self.running = False
+        self.started = False
+        self.boot_info: dict = {}
+        self._gone = threading.Event()
+        self._stopped = False
+        next_slot = 1
+        used = {d.slot for d in self.cfg.devices if d.slot is not None}
+        for dc in self.cfg.devices:
+            if dc.slot is None:
+                while next_slot in used:
+                    next_slot += 1
+                dc.slot = next_slot
+                used.add(next_slot)
+            self._add_device(dc)
+
+    # -- devices ---------------------------------------------------------------------------------------
+    def _add_device(self, dc: DeviceConfig) -> None:
+        if dc.type == "virtio-blk":
+            image = dc.image
+            if not image:
+                image = os.path.join(self.workdir, f"{dc.id}.img")
+                make_image(image, dc.size)
+                self.temp_images.append(image)
+            elif not os.path.exists(image):
+                raise MachineError(f"device {dc.id}: image {image!r} does not exist")
+            vdev = VirtIOBlk(dc.id, image, num_queues=dc.queues, queue_size=dc.queue_size, read_only=dc.read_only,
+                             serial=dc.serial, aio=dc.aio, loop=self.iothread)
+            class_code = 0x010000
+        else:
+            vdev = VirtIONet(dc.id, queue_pairs=dc.queue_pairs, queue_size=dc.queue_size, backend=dc.backend,
+                             loop=self.iothread)
+            class_code = 0x020000
+        vdev.mem = self.memory
+        vdev.lock = self.bql
+        proxy = VirtIOPCIProxy(vdev, vm=self.vm, routes=self.routes, iothread=self.iothread,
+                               registry=self.registry, ioeventfd=dc.ioeventfd, irqfd=dc.irqfd,
+                               msix_vectors=None if dc.msix else 0, class_code=class_code)
+        assert dc.slot is not None
+        self.bus.add_device(proxy, dc.slot)
+        self.devices[dc.id] = proxy
+        self.device_cfg[dc.id] = dc
+
+    def device(self, dev_id: str) -> VirtIOPCIProxy:
+        try:
+            return self.devices[dev_id]
+        except KeyError:
+            raise MachineError(f"no device {dev_id!r}") from None
+
+    def slot(self, dev_id: str) -> int:
+        return self.device(dev_id).devfn >> 3
+
+    # -- the hypervisor's heavyweight exits -----------------------------------------------------------
+    def _exit(self, code: int, addr: int, value: int, size: int, vcpu: int) -> int:
+        with self.bql:
+            if code == abi.EXIT_MMIO_WRITE:
+                self.mmio.write(addr, value, size)
+            elif code == abi.EXIT_MMIO_READ:
+                return self.mmio.read(addr, size)
+            elif code == abi.EXIT_PIO_WRITE:
+                self.io.write(addr, value, size)
+            elif code == abi.EXIT_PIO_READ:
+                return self.io.read(addr, size)
+        return 0
+
+    def _guest_gone(self) -> None:
+        self._gone.set()
+        if not self._stopped:
+            log.warning("%s: the guest went away", self.cfg.name)
+
+    # -- life cycle -------------------------------------------------------------------------------------
+    def start(self, *, boot: bool = True, msix: bool = True) -> dict:
+        """Start the main loop and the guest, set up its memory, and boot it."""
+        self.iothread.start()
+        if self.cfg.guest == "process":
+            self._start_guest_process()
+        else:
+            self.guest_hv = KernelHV(self._guest_sock, name=f"{self.cfg.name}-guest").start()
+        self.vm.start()
+        self.guest_pid = self.vm.guest_pid
+        if self.cfg.guest == "thread":
+            from ..guest.os import GuestOS
+
+            assert self.guest_hv is not None
+            self.guest_hv.wait_ready()
+            self.guest_os = GuestOS(self.guest_hv)
+        self.running = True
+        self.started = True
+        if boot:
+            self.boot_info = self.guest_cmd({"cmd": "boot", "msix": msix, "cpu": 0}, timeout=60)
+        return self.boot_info
+
+    def _start_guest_process(self) -> None:
+        fd = self._guest_sock.fileno()
+        env = dict(os.environ)
+        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.guest_proc = subprocess.Popen(
+            [sys.executable, "-m", "kickcall.guest.process", "--channel-fd", str(fd), "--parent", str(os.getpid()),
+             "--log-level", self.guest_log_level],
+            pass_fds=[fd], process_group=0, env=env, stdin=subprocess.DEVNULL)
+        self._guest_sock.close()
+
+    def guest_cmd(self, cmd: dict, timeout: float | None = 120.0) -> dict:
+        """Run a command in the guest OS (see ``kickcall.guest.os``)."""
+        if self._gone.is_set():
+            raise MachineError("the guest is gone")
+        return self.vm.guest_cmd(cmd, timeout=timeout)
+
+    def pause(self) -> None:
+        """Stop the guest's vCPUs (acknowledged), then the devices."""
+        if not self.running:
+            return
+        self.vm.pause_vcpus()
+        with self.bql:
+            for p in self.devices.values():
+                p.vm_state_change(False)
+            self.running = False
+
+    def resume(self) -> None:
+        """Restart the devices (deferred kicks are processed), then the vCPUs."""
+        if self.running:
+            return
+        with self.bql:
+            for p in self.devices.values():
+                p.vm_state_change(True)
+            self.running = True
+        self.vm.resume_vcpus()
+
+    def start_workload(self, blk: dict | None = None, net: dict | None = None) -> dict:
+        if blk is None and net is None:
+            blk, net = self.cfg.workload_blk, self.cfg.workload_net
+        return self.guest_cmd({"cmd": "workload-start", "blk": blk, "net": net})
+
+    def stop_workload(self, timeout: float = 60.0) -> list[dict]:
+        if not self.running:
+            self.resume()
+        rep = self.guest_cmd({"cmd": "workload-stop", "timeout": timeout}, timeout=timeout + 30)
+        return rep.get("results", [])
+
+    def guest_stats(self) -> dict:
+        return self.guest_cmd({"cmd": "stats"}, timeout=30)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Shut the guest down, stop every thread, close every fd.  Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.started and not self._gone.is_set():
+            if not self.running:
+                try:
+                    self.resume()
+                except Exception:
+                    pass
+            try:
+                self.vm.shutdown(timeout=timeout)
+            except (ChannelClosed, Exception):
+                pass
+        if self.guest_proc is not None:
+            try:
+                self.guest_proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.guest_proc.kill()
+                self.guest_proc.wait(5)
+        if self.guest_os is not None:
+            self.guest_os.shutdown()
+        if self.guest_hv is not None:
+            self.guest_hv.close()
+        elif self.guest_proc is None:
+            self._guest_sock.close()
+        with self.bql:
+            for p in self.devices.values():
+                try:
+                    p.stop_ioeventfd()
+                    p._set_guest_notifiers(False)
+                except Exception:
+                    pass
+        self.vm.stop_workers()
+        if self.iothread.running:
+            self.iothread.stop()
+        for p in self.devices.values():
+            close = getattr(p.vdev, "close", None)
+            if close is not None:
+                close()
+            p.vdev.release_rings()
+        self.vm.close()
+        self.memory.close()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.running = False
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- what the live view and the monitor show -----------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """Per-device, per-queue counters (read without disturbing anything)."""
+        out: dict[str, Any] = {"time": time.monotonic(), "running": self.running, "devices": {}}
+        with self.bql:
+            for name, p in self.devices.items():
+                qs = [p.queue_info(q) for q in p.vdev.queues]
+                out["devices"][name] = {
+                    "type": p.vdev.type_name, "slot": p.devfn >> 3, "status": p.vdev.status,
+                    "broken": p.vdev.broken, "ioeventfd": p.ioeventfd_started, "queues": qs,
+                    "msix": p.msix.enabled if p.msix is not None else False,
+                }
+        out["hv"] = self.vm.stats.globals()
+        out["exits"] = dict(self.vm.exit_counts)
+        return out

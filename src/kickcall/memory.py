@@ -1,0 +1,428 @@
+"""Guest memory and the VMM's MMIO/PIO address spaces.
+
+* ``RamBlock``: a memfd mapped MAP_SHARED; the same fd is mapped by the guest process (and by a
+  vhost-user backend) so all of them see one RAM.
+* ``GuestMemory``: guest-physical address -> RAM block, bounds-checked.  An address or a length
+  outside RAM is a ``GuestMemoryError`` to the caller, never a crash and never a partial access.
+* ``IORegion`` / ``AddressSpace``: emulated MMIO or PIO ranges (QEMU ``MemoryRegion`` with ops)
+  mapped at guest addresses, with ``add_eventfd`` as in QEMU: a region's eventfds follow it when
+  it is mapped, moved or unmapped, and are synced to the hypervisor through a listener.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import mmap
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
+
+__all__ = [
+    "GuestMemoryError",
+    "RamBlock",
+    "GuestMemory",
+    "IORegion",
+    "AddressSpace",
+    "EventfdListener",
+    "parse_size",
+]
+
+log = logging.getLogger("kickcall.memory")
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+U64_MAX = (1 << 64) - 1
+
+
+class GuestMemoryError(ValueError):
+    """A guest-physical access outside RAM (or crossing a region boundary)."""
+
+
+def parse_size(v: int | str) -> int:
+    """``4096``, ``"64M"``, ``"1G"``, ``"512k"`` -> bytes."""
+    if isinstance(v, bool):
+        raise ValueError("a size must be an integer or a string such as '64M'")
+    if isinstance(v, int):
+        if v < 0:
+            raise ValueError("a size must not be negative")
+        return v
+    if not isinstance(v, str):
+        raise ValueError("a size must be an integer or a string such as '64M'")
+    s = v.strip()
+    mult = 1
+    suffixes = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    if s and s[-1].lower() == "b" and len(s) > 1 and s[-2].lower() in suffixes:
+        s = s[:-1]
+    if s and s[-1].lower() in suffixes:
+        mult = suffixes[s[-1].lower()]
+        s = s[:-1]
+    if not s.isdigit():
+        raise ValueError(f"{v!r} is not a size (examples: 4096, '64M', '1G')")
+    return int(s) * mult
+
+
+class RamBlock:
+    """A memfd-backed block of RAM, shared across processes."""
+
+    def __init__(self, size: int, name: str = "kickcall-ram", *, fd: int | None = None,
+                 offset: int = 0) -> None:
+        if size <= 0:
+            raise ValueError("RAM block size must be positive")
+        self.owns_fd = fd is None
+        if fd is None:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 0))
+            os.ftruncate(fd, offset + size)
+        self.fd = fd
+        self.size = size
+        self.offset = offset
+        self.name = name
+        self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+
+    def close(self) -> None:
+        try:
+            self.mm.close()
+        except BufferError:
+            log.warning("RAM block %s still has exported views; leaving it mapped", self.name)
+            return
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class _Region:
+    gpa: int
+    size: int
+    block: RamBlock
+    block_offset: int  # offset of gpa inside block.mm
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class GuestMemory:
+    """Guest-physical RAM: a sorted set of regions, every access bounds-checked."""
+
+    def __init__(self) -> None:
+        self._regions: list[_Region] = []
+        self._starts: list[int] = []
+        self._blocks: list[RamBlock] = []
+        self._last: _Region | None = None
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def create(cls, size: int, name: str = "kickcall-ram") -> "GuestMemory":
+        """One memfd, mapped at guest-physical 0."""
+        m = cls()
+        blk = RamBlock(size, name)
+        m.add_region(0, size, blk, 0)
+        return m
+
+    def add_region(self, gpa: int, size: int, block: RamBlock, block_offset: int = 0) -> None:
+        if gpa < 0 or size <= 0 or gpa + size > U64_MAX:
+            raise GuestMemoryError(f"bad RAM region gpa={gpa:#x} size={size:#x}")
+        if block_offset < 0 or block_offset + size > block.size:
+            raise GuestMemoryError("RAM region exceeds its block")
+        for r in self._regions:
+            if gpa < r.end and r.gpa < gpa + size:
+                raise GuestMemoryError(f"RAM region {gpa:#x}+{size:#x} overlaps {r.gpa:#x}+{r.size:#x}")
+        reg = _Region(gpa, size, block, block_offset)
+        i = bisect.bisect(self._starts, gpa)
+        self._regions.insert(i, reg)
+        self._starts.insert(i, gpa)
+        if block not in self._blocks:
+            self._blocks.append(block)
+
+    def layout(self) -> tuple[list[dict], list[int]]:
+        """A description of the regions and the fds to send with it (SCM_RIGHTS)."""
+        fds = [b.fd for b in self._blocks]
+        regions = [
+            {"gpa": r.gpa, "size": r.size, "block": self._blocks.index(r.block),
+             "block_offset": r.block_offset + r.block.offset, "block_size": r.block.size + r.block.offset}
+            for r in self._regions
+        ]
+        return regions, fds
+
+    @classmethod
+    def from_layout(cls, regions: list[dict], fds: list[int]) -> "GuestMemory":
+        """Map RAM described by ``layout()`` in another process."""
+        m = cls()
+        blocks: dict[int, RamBlock] = {}
+        for r in regions:
+            bi = int(r["block"])
+            if bi not in blocks:
+                blocks[bi] = RamBlock(int(r["block_size"]), f"ram{bi}", fd=fds[bi], offset=0)
+            m.add_region(int(r["gpa"]), int(r["size"]), blocks[bi], int(r["block_offset"]))
+        return m
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self._regions)
+
+    @property
+    def regions(self) -> list[tuple[int, int]]:
+        return [(r.gpa, r.size) for r in self._regions]
+
+    def close(self) -> None:
+        for b in self._blocks:
+            b.close()
+        self._regions.clear()
+        self._starts.clear()
+        self._blocks.clear()
+        self._last = None
+
+    # -- translation ---------------------------------------------------------------------------
+    def _find(self, gpa: int, length: int) -> _Region:
+        r = self._last
+        if r is not None and r.gpa <= gpa and gpa + length <= r.end:
+            return r
+        if gpa < 0 or length < 0:
+            raise GuestMemoryError(f"bad guest access gpa={gpa} len={length}")
+        i = bisect.bisect(self._starts, gpa) - 1
+        if i >= 0:
+            r = self._regions[i]
+            if gpa + length <= r.end:
+                self._last = r
+                return r
+            if gpa < r.end:
+                raise GuestMemoryError(
+                    f"guest access {gpa:#x}+{length:#x} runs past the end of RAM region "
+                    f"{r.gpa:#x}+{r.size:#x}"
+                )
+        raise GuestMemoryError(f"guest access {gpa:#x}+{length:#x} is outside RAM")
+
+    def translate(self, gpa: int, length: int) -> tuple[mmap.mmap, int]:
+        """(mapping, offset) for ``[gpa, gpa+length)``, which must lie inside one region."""
+        r = self._find(gpa, length)
+        return r.block.mm, r.block_offset + (gpa - r.gpa)
+
+    def check(self, gpa: int, length: int) -> None:
+        self._find(gpa, length)
+
+    def contains(self, gpa: int, length: int) -> bool:
+        try:
+            self._find(gpa, length)
+            return True
+        except GuestMemoryError:
+            return False
+
+    # -- access ---------------------------------------------------------------------------------
+    def read(self, gpa: int, length: int) -> bytes:
+        mm, off = self.translate(gpa, length)
+        return mm[off:off + length]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        mm, off = self.translate(gpa, n)
+        mm[off:off + n] = data
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        mm, off = self.translate(gpa, length)
+        mm[off:off + length] = bytes([byte]) * length
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest RAM (zero copy).  Release it when done."""
+        mm, off = self.translate(gpa, length)
+        return memoryview(mm)[off:off + length]
+
+    def read_u16(self, gpa: int) -> int:
+        mm, off = self.translate(gpa, 2)
+        return _U16.unpack_from(mm, off)[0]
+
+    def read_u32(self, gpa: int) -> int:
+        mm, off = self.translate(gpa, 4)
+        return _U32.unpack_from(mm, off)[0]
+
+    def read_u64(self, gpa: int) -> int:
+        mm, off = self.translate(gpa, 8)
+        return _U64.unpack_from(mm, off)[0]
+
+    def write_u16(self, gpa: int, v: int) -> None:
+        mm, off = self.translate(gpa, 2)
+        _U16.pack_into(mm, off, v & 0xFFFF)
+
+    def write_u32(self, gpa: int, v: int) -> None:
+        mm, off = self.translate(gpa, 4)
+        _U32.pack_into(mm, off, v & 0xFFFFFFFF)
+
+    def write_u64(self, gpa: int, v: int) -> None:
+        mm, off = self.translate(gpa, 8)
+        _U64.pack_into(mm, off, v & U64_MAX)
+
+    def digest_regions(self) -> list[bytes]:
+        """A copy of all RAM (tests compare it byte for byte)."""
+        return [bytes(r.block.mm[r.block_offset:r.block_offset + r.size]) for r in self._regions]
+
+
+# ----------------------------------------------------------------------------------------------
+# Emulated I/O regions and address spaces
+# ----------------------------------------------------------------------------------------------
+
+class EventfdListener(Protocol):
+    """Told when an eventfd appears at or disappears from a guest address (the hypervisor)."""
+
+    def eventfd_add(self, space: str, addr: int, length: int, datamatch: int | None,
+                    notifier: object) -> None: ...
+
+    def eventfd_del(self, space: str, addr: int, length: int, datamatch: int | None,
+                    notifier: object) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Eventfd:
+    offset: int
+    length: int
+    datamatch: int | None
+    notifier: object
+
+
+class IORegion:
+    """An emulated MMIO or PIO range with read/write callbacks (QEMU MemoryRegion + ops)."""
+
+    def __init__(self, name: str, size: int,
+                 read: Callable[[int, int], int] | None = None,
+                 write: Callable[[int, int, int], None] | None = None) -> None:
+        self.name = name
+        self.size = size
+        self._read = read
+        self._write = write
+        self._eventfds: list[_Eventfd] = []
+        self._spaces: list["AddressSpace"] = []
+        self.reads = 0
+        self.writes = 0
+
+    def read(self, offset: int, size: int) -> int:
+        self.reads += 1
+        if self._read is None:
+            return (1 << (8 * size)) - 1
+        return self._read(offset, size)
+
+    def write(self, offset: int, value: int, size: int) -> None:
+        self.writes += 1
+        if self._write is not None:
+            self._write(offset, value, size)
+
+    def add_eventfd(self, offset: int, length: int, datamatch: int | None, notifier: object) -> None:
+        """Bind *notifier* to writes at *offset* (``memory_region_add_eventfd``)."""
+        e = _Eventfd(offset, length, datamatch, notifier)
+        for sp in list(self._spaces):
+            base = sp.base_of(self)
+            if base is not None:
+                sp.listener_add(base + offset, e)
+        self._eventfds.append(e)
+
+    def del_eventfd(self, offset: int, length: int, datamatch: int | None, notifier: object) -> None:
+        e = _Eventfd(offset, length, datamatch, notifier)
+        try:
+            self._eventfds.remove(e)
+        except ValueError:
+            raise KeyError(f"{self.name}: no eventfd at offset {offset:#x}") from None
+        for sp in list(self._spaces):
+            base = sp.base_of(self)
+            if base is not None:
+                sp.listener_del(base + offset, e)
+
+    @property
+    def eventfds(self) -> list[_Eventfd]:
+        return list(self._eventfds)
+
+
+class AddressSpace:
+    """A guest address space of emulated regions ("memory" for MMIO, "io" for port I/O)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._mu = threading.RLock()
+        self._maps: list[tuple[int, int, IORegion]] = []  # (base, end, region), sorted
+        self._listeners: list[EventfdListener] = []
+        self.unassigned_reads = 0
+        self.unassigned_writes = 0
+
+    def add_listener(self, listener: EventfdListener) -> None:
+        with self._mu:
+            self._listeners.append(listener)
+            for base, _end, region in self._maps:
+                for e in region.eventfds:
+                    listener.eventfd_add(self.name, base + e.offset, e.length, e.datamatch, e.notifier)
+
+    def remove_listener(self, listener: EventfdListener) -> None:
+        with self._mu:
+            self._listeners.remove(listener)
+
+    def listener_add(self, addr: int, e: _Eventfd) -> None:
+        for li in list(self._listeners):
+            li.eventfd_add(self.name, addr, e.length, e.datamatch, e.notifier)
+
+    def listener_del(self, addr: int, e: _Eventfd) -> None:
+        for li in list(self._listeners):
+            li.eventfd_del(self.name, addr, e.length, e.datamatch, e.notifier)
+
+    def base_of(self, region: IORegion) -> int | None:
+        with self._mu:
+            for base, _end, r in self._maps:
+                if r is region:
+                    return base
+        return None
+
+    def map(self, region: IORegion, base: int) -> None:
+        """Map *region* at *base* (moving it if it is already mapped)."""
+        with self._mu:
+            old = self.base_of(region)
+            if old == base:
+                return
+            if old is not None:
+                self.unmap(region)
+            end = base + region.size
+            for b, e, r in self._maps:
+                if base < e and b < end:
+                    raise ValueError(f"{self.name}: {region.name} at {base:#x} overlaps {r.name} at {b:#x}")
+            bisect.insort(self._maps, (base, end, region), key=lambda t: t[0])
+            if self not in region._spaces:
+                region._spaces.append(self)
+            for e in region.eventfds:
+                self.listener_add(base + e.offset, e)
+
+    def unmap(self, region: IORegion) -> None:
+        with self._mu:
+            for i, (b, _e, r) in enumerate(self._maps):
+                if r is region:
+                    del self._maps[i]
+                    for e in region.eventfds:
+                        self.listener_del(b + e.offset, e)
+                    if self in region._spaces:
+                        region._spaces.remove(self)
+                    return
+
+    def lookup(self, addr: int, size: int) -> tuple[IORegion, int] | None:
+        with self._mu:
+            i = bisect.bisect_right(self._maps, addr, key=lambda t: t[0]) - 1
+            if i >= 0:
+                b, e, r = self._maps[i]
+                if addr + size <= e:
+                    return r, addr - b
+        return None
+
+    def read(self, addr: int, size: int) -> int:
+        hit = self.lookup(addr, size)
+        if hit is None:
+            self.unassigned_reads += 1
+            return (1 << (8 * size)) - 1
+        region, off = hit
+        return region.read(off, size) & ((1 << (8 * size)) - 1)
+
+    def write(self, addr: int, value: int, size: int) -> None:
+        hit = self.lookup(addr, size)
+        if hit is None:
+            self.unassigned_writes += 1
+            return
+        region, off = hit
+        region.write(off, value & ((1 << (8 * size)) - 1), size)
+
+    def mappings(self) -> Iterable[tuple[int, int, str]]:
+        with self._mu:
+            return [(b, e - b, r.name) for b, e, r in self._maps]

@@ -1,0 +1,668 @@
+"""The modern virtio-pci transport and its notification plumbing.
+
+Layout (as QEMU's modern virtio-pci): BAR1 holds MSI-X (table at 0, PBA at 0x800); BAR4 (64-bit,
+prefetchable) holds the common config at 0x0000, the ISR at 0x1000, the device config at 0x2000
+and the notify area at 0x3000 (``notify_off_multiplier`` 4: queue *n* is kicked by a write at
+0x3000 + 4n).
+
+Kick path (seed 002, as QEMU refined it):
+
+* ``start_ioeventfd`` on a status write with DRIVER_OK: per queue a *host notifier* (eventfd) is
+  created, bound to the queue's notify address with an ioeventfd (length 0: any width, no
+  datamatch), and watched by the IOThread;
+* ``stop_ioeventfd`` on any status write without DRIVER_OK (0 included), on reset, when Bus Master
+  is cleared (which also clears DRIVER_OK) and when the VM is paused: the handler is removed, the
+  ioeventfd deassigned (acknowledged by the hypervisor), the notifier *tested and cleared* -- a
+  kick that landed just before the deassign is processed, not lost -- and closed;
+* with ``ioeventfd=off`` (or while stopped) every kick is a heavyweight exit into ``_notify_write``;
+* ``grab_ioeventfd``/``release_ioeventfd``: the host-notifier hand-off to vhost, a refcount; while
+  grabbed the device's own handler leaves the queues alone; on release it takes them back and
+  scans each ring once.
+
+Call path: with MSI-X and ``irqfd=on`` each queue with a vector gets a *guest notifier* bound to
+the vector's GSI by an irqfd while the vector is unmasked.  When the guest masks the vector the
+irqfd is deassigned (acknowledged) and the VMM polls the guest notifier instead, turning calls into
+PBA bits; on unmask the irqfd comes back and a pending bit is delivered exactly once.  Without
+irqfd the device sends MSI messages through the hypervisor (``msix_notify``); without MSI-X it
+raises INTx and sets the ISR, which the driver reads to clear.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import TYPE_CHECKING, Callable
+
+from .. import trace
+from ..hv.abi import HypervisorError
+from ..memory import IORegion
+from ..notify import EventNotifier, NotifierRegistry, Role
+from ..pci.device import PCIDevice
+from ..pci.msix import MSIX
+from ..pci import regs as R
+from .device import DRIVER_OK, FEATURES_OK, VirtIODevice
+from .queue import VIRTIO_NO_VECTOR, VirtQueue
+
+if TYPE_CHECKING:
+    from ..hv.vmm import VM, MsiRoutes
+    from ..loop import IOThread
+
+__all__ = ["VirtIOPCIProxy", "QUEUE_MEM_MULT", "VIRTIO_PCI_VENDOR_ID", "CFG_TYPE"]
+
+log = logging.getLogger("kickcall.virtio.pci")
+
+VIRTIO_PCI_VENDOR_ID = 0x1AF4
+QUEUE_MEM_MULT = 4
+CFG_TYPE = {"common": 1, "notify": 2, "isr": 3, "device": 4, "pci": 5}
+BAR_MODERN = 4
+BAR_MSIX = 1
+OFF_COMMON, OFF_ISR, OFF_DEVICE, OFF_NOTIFY = 0x0000, 0x1000, 0x2000, 0x3000
+REGION_SIZE = 0x1000
+
+# common config offsets
+C_DFSELECT, C_DF, C_GFSELECT, C_GF = 0x00, 0x04, 0x08, 0x0C
+C_MSIX, C_NUMQ, C_STATUS, C_CFGGEN = 0x10, 0x12, 0x14, 0x15
+C_Q_SELECT, C_Q_SIZE, C_Q_MSIX, C_Q_ENABLE, C_Q_NOFF = 0x16, 0x18, 0x1A, 0x1C, 0x1E
+C_Q_DESCLO, C_Q_DESCHI, C_Q_AVAILLO, C_Q_AVAILHI, C_Q_USEDLO, C_Q_USEDHI = 0x20, 0x24, 0x28, 0x2C, 0x30, 0x34
+COMMON_SIZE = 0x38
+
+_t_queue_notify = trace.event("virtio_queue_notify", "a kick reached a virtqueue")
+_t_notify_irqfd = trace.event("virtio_notify_irqfd", "a call was written to the queue's guest notifier")
+_t_ioeventfd = trace.event("virtio_pci_ioeventfd", "host notifiers started or stopped")
+_t_vector = trace.event("virtio_pci_vector_mask", "a queue's vector was masked or unmasked")
+
+
+class VirtIOPCIProxy(PCIDevice):
+    """A virtio device on PCI (modern, VERSION_1 only)."""
+
+    def __init__(self, vdev: VirtIODevice, *, vm: "VM | None" = None, routes: "MsiRoutes | None" = None,
+                 iothread: "IOThread | None" = None, registry: NotifierRegistry | None = None,
+                 ioeventfd: bool = True, irqfd: bool = True, msix_vectors: int | None = None,
+                 class_code: int = 0xFF0000, subsystem_id: int = 0x1100, pcie: bool = True) -> None:
+        super().__init__(vdev.name, vendor_id=VIRTIO_PCI_VENDOR_ID, device_id=0x1040 + vdev.device_id,
+                         class_code=class_code, revision=1, subsystem_vendor_id=VIRTIO_PCI_VENDOR_ID,
+                         subsystem_id=subsystem_id, pcie=pcie)
+        self.vdev = vdev
+        vdev.transport = self
+        self.vm = vm
+        self.routes = routes
+        self.iothread = iothread
+        self.registry = registry if registry is not None else NotifierRegistry()
+        self.ioeventfd_enabled = ioeventfd  # the `ioeventfd` property
+        self.irqfd_enabled = irqfd and vm is not None and routes is not None
+        self.ioeventfd_started = False
+        self.ioeventfd_grabbed = 0
+        self.deassign_test_and_clear = True  # the seed-002 race fix; switchable for tests
+        self.hooks: dict[str, Callable[[VirtQueue], None]] = {}  # before_deassign / after_deassign
+        self.deassign_hits = 0  # kicks found in a notifier after its deassign
+        self.queue_sel = 0
+        self.dfselect = 0
+        self.gfselect = 0
+        self.guest_features_shadow = 0
+        self.config_vector = VIRTIO_NO_VECTOR
+        self.guest_notifiers_on = False
+        self._vec_gsi: dict[int, list[int]] = {}  # vector -> [gsi, refs]
+        self._polling: set[int] = set()  # queue indices whose guest notifier the VMM polls
+        self._irqfd_on: set[int] = set()
+        self.kicks_while_grabbed = 0
+        self.kicks_while_stopped = 0
+        self.calls_no_vector = 0
+        self.intx_calls = 0
+        nq = len(vdev.queues)
+        nvec = msix_vectors if msix_vectors is not None else nq + 1
+        # BAR4: the modern regions
+        self.modern = IORegion(f"{vdev.name}-modern", 0x4000, self._modern_read, self._modern_write)
+        self.notify_region = self.modern  # eventfds live at OFF_NOTIFY + 4n of this region
+        self.register_bar(BAR_MODERN, self.modern, mem64=True, prefetch=True)
+        self.msix_vectors = nvec
+        if nvec:
+            MSIX(self, nvec, BAR_MSIX)
+        self._add_virtio_cap(CFG_TYPE["common"], BAR_MODERN, OFF_COMMON, REGION_SIZE)
+        self._add_virtio_cap(CFG_TYPE["isr"], BAR_MODERN, OFF_ISR, REGION_SIZE)
+        self._add_virtio_cap(CFG_TYPE["device"], BAR_MODERN, OFF_DEVICE, REGION_SIZE)
+        self._add_virtio_cap(CFG_TYPE["notify"], BAR_MODERN, OFF_NOTIFY, REGION_SIZE,
+                             extra=struct.pack("<I", QUEUE_MEM_MULT))
+
+    @property
+    def path(self) -> str:
+        return self.vdev.path
+
+    def _add_virtio_cap(self, cfg_type: int, bar: int, offset: int, length: int, extra: bytes = b"") -> int:
+        size = 16 + len(extra)
+        off = self.add_capability(R.PCI_CAP_ID_VNDR, size)
+        body = struct.pack("<BBBBBBBBII", R.PCI_CAP_ID_VNDR, self.config[off + 1], size, cfg_type, bar, 0, 0, 0,
+                           offset, length) + extra
+        self.config[off:off + size] = body
+        return off
+
+    # -- BAR4 dispatch --------------------------------------------------------------------------------
+    def _modern_read(self, off: int, size: int) -> int:
+        if OFF_COMMON <= off < OFF_COMMON + REGION_SIZE:
+            return self._common_read(off - OFF_COMMON, size)
+        if OFF_ISR <= off < OFF_ISR + REGION_SIZE:
+            return self._isr_read() if off == OFF_ISR else 0
+        if OFF_DEVICE <= off < OFF_DEVICE + REGION_SIZE:
+            cfg = self.vdev.get_config()
+            o = off - OFF_DEVICE
+            if o + size > len(cfg):
+                return 0
+            return int.from_bytes(cfg[o:o + size], "little")
+        return 0
+
+    def _modern_write(self, off: int, value: int, size: int) -> None:
+        if OFF_COMMON <= off < OFF_COMMON + REGION_SIZE:
+            self._common_write(off - OFF_COMMON, value, size)
+        elif OFF_DEVICE <= off < OFF_DEVICE + REGION_SIZE:
+            self.vdev.set_config(off - OFF_DEVICE, value.to_bytes(size, "little"))
+        elif OFF_NOTIFY <= off < OFF_NOTIFY + REGION_SIZE:
+            self._notify_write(off - OFF_NOTIFY, value, size)
+
+    # -- common config ----------------------------------------------------------------------------------
+    def _sel_queue(self) -> VirtQueue | None:
+        if 0 <= self.queue_sel < len(self.vdev.queues):
+            return self.vdev.queues[self.queue_sel]
+        return None
+
+    def _common_bytes(self) -> bytes:
+        v = self.vdev
+        q = self._sel_queue()
+        df = (v.host_features >> (32 * self.dfselect)) & 0xFFFFFFFF if self.dfselect < 2 else 0
+        gf = (self.guest_features_shadow >> (32 * self.gfselect)) & 0xFFFFFFFF if self.gfselect < 2 else 0
+        qs = q.num if q else 0
+        qv = q.vector if q else VIRTIO_NO_VECTOR
+        qe = 1 if q and q.enabled else 0
+        qn = q.index if q else 0
+        qd, qa, qu = (q.desc, q.avail, q.used) if q else (0, 0, 0)
+        return struct.pack("<IIIIHHBBHHHHHQQQ", self.dfselect, df, self.gfselect, gf, self.config_vector,
+                           len(v.queues), v.status, v.config_generation, self.queue_sel, qs, qv, qe, qn,
+                           qd, qa, qu)
+
+    def _common_read(self, off: int, size: int) -> int:
+        if off + size > COMMON_SIZE:
+            return 0
+        b = self._common_bytes()
+        return int.from_bytes(b[off:off + size], "little")
+
+    def _common_write(self, off: int, value: int, size: int) -> None:
+        v = self.vdev
+        q = self._sel_queue()
+        if off == C_DFSELECT and size == 4:
+            self.dfselect = value
+        elif off == C_GFSELECT and size == 4:
+            self.gfselect = value
+        elif off == C_GF and size == 4:
+            if self.gfselect < 2:
+                sh = 32 * self.gfselect
+                self.guest_features_shadow = (self.guest_features_shadow & ~(0xFFFFFFFF << sh)) | (value << sh)
+        elif off == C_MSIX and size == 2:
+            self._set_config_vector(value)
+        elif off == C_STATUS and size == 1:
+            self.write_status(value)
+        elif off == C_Q_SELECT and size == 2:
+            self.queue_sel = value
+        elif q is None:
+            return
+        elif off == C_Q_SIZE and size == 2:
+            if not q.enabled:
+                q.set_num(value)
+        elif off == C_Q_MSIX and size == 2:
+            self._set_queue_vector(q, value)
+        elif off == C_Q_ENABLE and size == 2:
+            if value == 1 and not q.enabled:
+                q.mem = v.mem
+                q.enabled = True
+        elif off in (C_Q_DESCLO, C_Q_DESCHI, C_Q_AVAILLO, C_Q_AVAILHI, C_Q_USEDLO, C_Q_USEDHI) and size == 4:
+            if q.enabled:
+                return
+            attr = {C_Q_DESCLO: "desc", C_Q_DESCHI: "desc", C_Q_AVAILLO: "avail", C_Q_AVAILHI: "avail",
+                    C_Q_USEDLO: "used", C_Q_USEDHI: "used"}[off]
+            cur = getattr(q, attr)
+            if off in (C_Q_DESCHI, C_Q_AVAILHI, C_Q_USEDHI):
+                cur = (cur & 0xFFFFFFFF) | (value << 32)
+            else:
+                cur = (cur & ~0xFFFFFFFF) | value
+            d, a, u = q.desc, q.avail, q.used
+            if attr == "desc":
+                d = cur
+            elif attr == "avail":
+                a = cur
+            else:
+                u = cur
+            q.set_rings(d, a, u)
+
+    def _set_config_vector(self, value: int) -> None:
+        m = self.msix
+        if m is not None and self.config_vector != VIRTIO_NO_VECTOR:
+            m.vector_unuse(self.config_vector)
+        if m is None or value == VIRTIO_NO_VECTOR or not m.vector_use(value):
+            value = VIRTIO_NO_VECTOR
+        self.config_vector = value
+
+    def _set_queue_vector(self, q: VirtQueue, value: int) -> None:
+        m = self.msix
+        rebind = self.guest_notifiers_on and q.guest_notifier is not None
+        if rebind:
+            self._unbind_guest_notifier(q)
+        if m is not None and q.vector != VIRTIO_NO_VECTOR:
+            m.vector_unuse(q.vector)
+        if m is None or value == VIRTIO_NO_VECTOR or not m.vector_use(value):
+            value = VIRTIO_NO_VECTOR
+        q.vector = value
+        if self.guest_notifiers_on and value != VIRTIO_NO_VECTOR:
+            self._bind_guest_notifier(q)
+
+    # -- status ---------------------------------------------------------------------------------------
+    def write_status(self, val: int) -> None:
+        """A driver write of device_status (or Bus Master off clearing DRIVER_OK)."""
+        v = self.vdev
+        val &= 0xFF
+        if not val & DRIVER_OK:
+            self.stop_ioeventfd()
+            self._set_guest_notifiers(False)
+        if val & FEATURES_OK and not v.status & FEATURES_OK:
+            if not v.set_features(self.guest_features_shadow):
+                val &= ~FEATURES_OK
+        v.set_status(val)
+        if val & DRIVER_OK and self.bus_master:
+            self._set_guest_notifiers(True)
+            self.start_ioeventfd()
+        if v.status == 0:
+            self.virtio_reset()
+
+    def virtio_reset(self) -> None:
+        self.stop_ioeventfd()
+        self._set_guest_notifiers(False)
+        m = self.msix
+        if m is not None:
+            if self.config_vector != VIRTIO_NO_VECTOR:
+                m.vector_unuse(self.config_vector)
+            for q in self.vdev.queues:
+                if q.vector != VIRTIO_NO_VECTOR:
+                    m.vector_unuse(q.vector)
+        self.config_vector = VIRTIO_NO_VECTOR
+        self.vdev.reset()
+        self.queue_sel = 0
+        self.dfselect = self.gfselect = 0
+        self.guest_features_shadow = 0
+        self.set_irq(0)
+
+    def device_reset(self) -> None:
+        """PCI reset / FLR: the virtio device goes back to status 0."""
+        self.virtio_reset()
+
+    def bus_master_changed(self, enabled: bool) -> None:
+        if not enabled:
+            # no more DMA: stop the host notifiers and clear DRIVER_OK (QEMU's virtio_write_config)
+            self.stop_ioeventfd()
+            self._set_guest_notifiers(False)
+            if self.vdev.status & DRIVER_OK:
+                self.vdev.set_status(self.vdev.status & ~DRIVER_OK)
+
+    # -- host notifiers (kick) -----------------------------------------------------------------------
+    def _notify_offset(self, q: VirtQueue) -> int:
+        return OFF_NOTIFY + q.index * QUEUE_MEM_MULT
+
+    def set_host_notifier(self, q: VirtQueue, assign: bool) -> EventNotifier | None:
+        """Create and bind (or unbind, test-and-clear and close) queue *q*'s host notifier."""
+        if assign:
+            if q.host_notifier is not None:
+                return q.host_notifier
+            n = EventNotifier(f"{self.vdev.name}.vq{q.index}.host")
+            self.registry.register(n, self.path, Role.HOST, queue=q.index)
+            try:
+                self.notify_region.add_eventfd(self._notify_offset(q), 0, None, n)
+            except HypervisorError:
+                self.registry.unregister(n)
+                n.close()
+                raise
+            q.host_notifier = n
+            return n
+        n = q.host_notifier
+        if n is None:
+            return None
+        hook = self.hooks.get("before_deassign")
+        if hook is not None:
+            hook(q)
+        self.notify_region.del_eventfd(self._notify_offset(q), 0, None, n)
+        hook = self.hooks.get("after_deassign")
+        if hook is not None:
+            hook(q)
+        q.host_notifier = None
+        if self.deassign_test_and_clear and n.test_and_clear():
+            # the guest kicked, and the notifier was deassigned before the kick was handled
+            self.deassign_hits += 1
+            self.kick(q, "ioeventfd")
+        self.registry.unregister(n)
+        n.close()
+        return None
+
+    def _host_notifier_read(self, q: VirtQueue) -> None:
+        n = q.host_notifier
+        if n is not None and n.test_and_clear():
+            self.kick(q, "ioeventfd")
+
+    def _active_queues(self) -> list[VirtQueue]:
+        return [q for q in self.vdev.queues if q.enabled and q.num]
+
+    def _start_ioeventfd_impl(self) -> None:
+        started = []
+        try:
+            for q in self._active_queues():
+                n = self.set_host_notifier(q, True)
+                started.append(q)
+                if self.iothread is not None and n is not None:
+                    self.iothread.set_fd_handler(n.fileno(), lambda q=q: self._host_notifier_read(q))
+        except HypervisorError as e:
+            log.warning("%s: ioeventfd start failed (%s). Fallback to userspace (slower).", self.name, e)
+            for q in started:
+                self._stop_one(q)
+            raise
+        if _t_ioeventfd.enabled:
+            _t_ioeventfd.emit(dev=self.name, started=True, queues=len(started))
+
+    def _stop_one(self, q: VirtQueue) -> None:
+        n = q.host_notifier
+        if n is None:
+            return
+        if self.iothread is not None:
+            self.iothread.remove_fd_handler(n.fileno())
+        self.set_host_notifier(q, False)
+
+    def _stop_ioeventfd_impl(self) -> None:
+        for q in self.vdev.queues:
+            self._stop_one(q)
+        if _t_ioeventfd.enabled:
+            _t_ioeventfd.emit(dev=self.name, started=False)
+
+    def start_ioeventfd(self) -> None:
+        if not self.ioeventfd_enabled or self.ioeventfd_started:
+            return
+        if not self.ioeventfd_grabbed:
+            try:
+                self._start_ioeventfd_impl()
+            except HypervisorError:
+                return  # kicks keep working as heavyweight exits
+        self.ioeventfd_started = True
+
+    def stop_ioeventfd(self) -> None:
+        if not self.ioeventfd_started:
+            return
+        if not self.ioeventfd_grabbed:
+            self._stop_ioeventfd_impl()
+        self.ioeventfd_started = False
+
+    def grab_ioeventfd(self) -> None:
+        """vhost takes the host notifiers: our own handler leaves the queues alone."""
+        if not self.ioeventfd_grabbed and self.ioeventfd_started:
+            self._stop_ioeventfd_impl()
+        self.ioeventfd_grabbed += 1
+
+    def release_ioeventfd(self) -> None:
+        """vhost hands the queues back: restart our handler and scan each ring once."""
+        if not self.ioeventfd_grabbed:
+            raise RuntimeError(f"{self.name}: release without grab")
+        self.ioeventfd_grabbed -= 1
+        if self.ioeventfd_grabbed:
+            return
+        if self.ioeventfd_started:
+            self._start_ioeventfd_impl()
+        for q in self._active_queues():
+            self.kick(q, "release-scan")
+
+    def _notify_write(self, off: int, value: int, size: int) -> None:
+        """A heavyweight kick: the guest's notify write reached the VMM."""
+        idx = off // QUEUE_MEM_MULT
+        if not 0 <= idx < len(self.vdev.queues):
+            return
+        q = self.vdev.queues[idx]
+        if q.host_notifier is not None:
+            q.host_notifier.set()  # the grabber's notifier (or ours): it will be handled there
+            return
+        if self.ioeventfd_grabbed:
+            self.kicks_while_grabbed += 1
+            return
+        self.kick(q, "mmio")
+
+    def kick(self, q: VirtQueue, path: str) -> None:
+        """Deliver a kick to the device (counts it, then runs or defers the queue handler)."""
+        q.count_kick(path)
+        if _t_queue_notify.enabled:
+            _t_queue_notify.emit(vdev=self.vdev.name, n=q.index, path=path)
+        if self.ioeventfd_grabbed and path != "release-scan":
+            self.kicks_while_grabbed += 1
+            return
+        self.vdev.handle_kick(q)
+
+    # -- guest notifiers (call) ----------------------------------------------------------------------
+    def _vector_gsi(self, vector: int) -> int:
+        ent = self._vec_gsi.get(vector)
+        if ent is None:
+            assert self.routes is not None and self.msix is not None
+            addr, data = self.msix.get_message(vector)
+            gsi = self.routes.add(addr, data)
+            self.routes.commit()
+            ent = self._vec_gsi[vector] = [gsi, 0]
+        ent[1] += 1
+        return ent[0]
+
+    def _vector_put(self, vector: int) -> None:
+        ent = self._vec_gsi.get(vector)
+        if ent is None:
+            return
+        ent[1] -= 1
+        if ent[1] <= 0:
+            del self._vec_gsi[vector]
+            assert self.routes is not None
+            self.routes.release(ent[0])
+            self.routes.commit()
+
+    def _set_guest_notifiers(self, on: bool) -> None:
+        m = self.msix
+        if on:
+            if self.guest_notifiers_on or not self.irqfd_enabled or m is None or not m.enabled:
+                return
+            self.guest_notifiers_on = True
+            m.set_vector_notifiers(self._vector_unmask, self._vector_mask, self._vector_poll)
+            for q in self.vdev.queues:
+                if q.vector != VIRTIO_NO_VECTOR and q.enabled:
+                    self._bind_guest_notifier(q)
+        else:
+            if not self.guest_notifiers_on:
+                return
+            for q in self.vdev.queues:
+                if q.guest_notifier is not None:
+                    self._unbind_guest_notifier(q)
+            if m is not None:
+                m.set_vector_notifiers(None, None, None)
+            self.guest_notifiers_on = False
+
+    def _bind_guest_notifier(self, q: VirtQueue) -> None:
+        assert self.msix is not None and self.vm is not None
+        v = q.vector
+        try:
+            gsi = self._vector_gsi(v)
+        except HypervisorError as e:
+            log.warning("%s: queue %d falls back to userspace MSI: %s", self.name, q.index, e)
+            return
+        n = EventNotifier(f"{self.vdev.name}.vq{q.index}.guest")
+        self.registry.register(n, self.path, Role.GUEST, queue=q.index, vector=v)
+        q.guest_notifier = n
+        q._gsi = gsi  # type: ignore[attr-defined]
+        if self.msix.is_masked(v):
+            self._start_polling(q)
+        else:
+            self.vm.irqfd(n, gsi)
+            self._irqfd_on.add(q.index)
+
+    def _unbind_guest_notifier(self, q: VirtQueue) -> None:
+        n = q.guest_notifier
+        if n is None:
+            return
+        if q.index in self._irqfd_on:
+            assert self.vm is not None
+            self.vm.irqfd(n, q._gsi, deassign=True)  # type: ignore[attr-defined]
+            self._irqfd_on.discard(q.index)
+        self._stop_polling(q)
+        q.guest_notifier = None
+        if n.test_and_clear():  # a call made just before the teardown: deliver it the slow way
+            self.notify_vector(q.vector)
+        self.registry.unregister(n)
+        n.close()
+        self._vector_put(q.vector)
+
+    def _start_polling(self, q: VirtQueue) -> None:
+        n = q.guest_notifier
+        if n is None or q.index in self._polling:
+            return
+        self._polling.add(q.index)
+        self.registry.update(n, note="masked: polled by the VMM into the PBA")
+        if self.iothread is not None:
+            self.iothread.set_fd_handler(n.fileno(), lambda q=q: self._guest_notifier_read(q))
+
+    def _stop_polling(self, q: VirtQueue) -> None:
+        n = q.guest_notifier
+        if q.index not in self._polling:
+            return
+        self._polling.discard(q.index)
+        if n is not None:
+            self.registry.update(n, note="")
+            if self.iothread is not None:
+                self.iothread.remove_fd_handler(n.fileno())
+
+    def _guest_notifier_read(self, q: VirtQueue) -> None:
+        n = q.guest_notifier
+        if n is not None and n.test_and_clear():
+            self.notify_vector(q.vector)
+
+    def _queues_on_vector(self, v: int) -> list[VirtQueue]:
+        return [q for q in self.vdev.queues if q.vector == v and q.guest_notifier is not None]
+
+    def _vector_unmask(self, v: int, address: int, data: int) -> None:
+        ent = self._vec_gsi.get(v)
+        if ent is not None and self.routes is not None and self.routes.update(ent[0], address, data):
+            self.routes.commit()
+        for q in self._queues_on_vector(v):
+            if _t_vector.enabled:
+                _t_vector.emit(dev=self.name, queue=q.index, vector=v, masked=False)
+            self._stop_polling(q)
+            if q.index not in self._irqfd_on:
+                assert self.vm is not None and q.guest_notifier is not None
+                self.vm.irqfd(q.guest_notifier, q._gsi)  # type: ignore[attr-defined]
+                self._irqfd_on.add(q.index)
+
+    def _vector_mask(self, v: int) -> None:
+        for q in self._queues_on_vector(v):
+            if _t_vector.enabled:
+                _t_vector.emit(dev=self.name, queue=q.index, vector=v, masked=True)
+            if q.index in self._irqfd_on:
+                assert self.vm is not None and q.guest_notifier is not None
+                self.vm.irqfd(q.guest_notifier, q._gsi, deassign=True)  # type: ignore[attr-defined]
+                self._irqfd_on.discard(q.index)
+            self._start_polling(q)
+
+    def _vector_poll(self, first: int, end: int) -> None:
+        m = self.msix
+        assert m is not None
+        for q in self.vdev.queues:
+            n = q.guest_notifier
+            if n is None or not first <= q.vector < end or not m.is_masked(q.vector):
+                continue
+            if n.test_and_clear():
+                m.notify(q.vector)
+
+    def notify_vector(self, v: int) -> None:
+        m = self.msix
+        if m is not None and m.enabled:
+            if v != VIRTIO_NO_VECTOR:
+                m.notify(v)
+        else:
+            self.vdev.isr |= 1
+            self.intx_calls += 1
+            self.set_irq(1)
+
+    def notify_queue(self, q: VirtQueue) -> None:
+        """The device signals queue *q* (after should_notify said yes)."""
+        m = self.msix
+        if m is not None and m.enabled:
+            if q.vector == VIRTIO_NO_VECTOR:
+                self.calls_no_vector += 1
+                return
+            n = q.guest_notifier
+            if n is not None:
+                q.count_call("masked-poll" if q.index in self._polling else "irqfd")
+                if _t_notify_irqfd.enabled:
+                    _t_notify_irqfd.emit(vdev=self.vdev.name, vq=q.index, vector=q.vector)
+                n.set()
+                return
+            q.count_call("msi" if not m.is_masked(q.vector) else "pba")
+            m.notify(q.vector)
+            return
+        q.count_call("intx")
+        self.vdev.isr |= 1
+        self.intx_calls += 1
+        self.set_irq(1)
+
+    def notify_config(self) -> None:
+        m = self.msix
+        self.vdev.isr |= 2
+        if m is not None and m.enabled:
+            if self.config_vector != VIRTIO_NO_VECTOR:
+                m.notify(self.config_vector)
+            return
+        self.set_irq(1)
+
+    def _isr_read(self) -> int:
+        """Reading the ISR returns it and clears it, and lowers INTx."""
+        v = self.vdev.isr
+        self.vdev.isr = 0
+        self.set_irq(0)
+        return v
+
+    def write_config_hook(self, addr: int, value: int, size: int) -> None:
+        # MSI-X enabled/disabled while running: rebuild the guest notifiers for the new mode
+        m = self.msix
+        if m is None or not (addr < m.cap + 4 and m.cap < addr + size):
+            return
+        if self.vdev.status & DRIVER_OK:
+            if m.enabled and not self.guest_notifiers_on and self.bus_master:
+                self._set_guest_notifiers(True)
+            elif not m.enabled and self.guest_notifiers_on:
+                self._set_guest_notifiers(False)
+
+    # -- VM run state ---------------------------------------------------------------------------------
+    def vm_state_change(self, running: bool) -> None:
+        """Pause: stop the host notifiers and the device.  Resume: restart and run deferred kicks."""
+        if not running:
+            self.vdev.vm_running = False
+            self.stop_ioeventfd()
+            self.vdev.vm_state_change(False)
+            return
+        self.vdev.vm_state_change(True)
+        if self.vdev.status & DRIVER_OK and self.bus_master:
+            self.start_ioeventfd()
+        for q in self.vdev.queues:
+            if q.pending_kick:
+                q.pending_kick = False
+                self.vdev.handle_kick(q)
+
+    # -- introspection -----------------------------------------------------------------------------
+    def queue_info(self, q: VirtQueue) -> dict:
+        m = self.msix
+        masked = None
+        if m is not None and q.vector != VIRTIO_NO_VECTOR and q.vector < m.nvectors:
+            masked = m.is_masked(q.vector)
+        return {
+            "queue": q.index,
+            "vector": q.vector,
+            "masked": masked,
+            "kicks": q.kicks,
+            "kicks-by-path": dict(q.kicks_by_path),
+            "calls": q.calls,
+            "calls-by-path": dict(q.calls_by_path),
+            "calls-suppressed": q.calls_suppressed,
+            "inuse": q.inuse,
+            "host-notifier": q.host_notifier is not None,
+            "guest-notifier": q.guest_notifier is not None,
+            "irqfd": q.index in self._irqfd_on,
+            "polled": q.index in self._polling,
+        }

@@ -1,0 +1,111 @@
+"""Split virtqueue layout, ``vring_need_event`` and the memory barriers of the notification paths.
+
+Layout (virtio 1.x, little-endian)::
+
+    descriptor table  16 * N   {le64 addr; le32 len; le16 flags; le16 next}
+    available ring    6 + 2*N  {le16 flags; le16 idx; le16 ring[N]; le16 used_event}
+    used ring         6 + 8*N  {le16 flags; le16 idx; {le32 id; le32 len} ring[N]; le16 avail_event}
+
+Barriers.  Python stores into guest RAM are plain stores; x86 keeps store->store and load->load
+order, so publishing a ring entry before its index needs no fence there (``wmb``/``rmb`` are
+named compiler-level barriers only).  Event-index suppression needs **store->load** order --
+write used.idx then read used_event; write avail_event then re-read avail.idx -- which x86 does
+*not* keep: a store can wait in the store buffer while a later load runs.  ``mb()`` is a real full
+fence there: a ``lock cmpxchg`` executed by ``pthread_spin_trylock`` on a spinlock that is held
+for ever (so it always fails, never spins and never needs an unlock).  Its cost is measured by
+``kickcall bench notify``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import struct
+import threading
+
+__all__ = [
+    "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE", "VRING_DESC_F_INDIRECT",
+    "VRING_AVAIL_F_NO_INTERRUPT", "VRING_USED_F_NO_NOTIFY",
+    "VIRTIO_RING_F_INDIRECT_DESC", "VIRTIO_RING_F_EVENT_IDX", "VIRTIO_F_VERSION_1",
+    "VIRTQUEUE_MAX_SIZE", "DESC", "USED_ELEM", "vring_need_event", "mb", "wmb", "rmb",
+    "desc_size", "avail_size", "used_size", "MB_KIND",
+]
+
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+
+VIRTIO_F_NOTIFY_ON_EMPTY = 24
+VIRTIO_F_ANY_LAYOUT = 27
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_ACCESS_PLATFORM = 33
+
+VIRTQUEUE_MAX_SIZE = 1024
+
+DESC = struct.Struct("<QIHH")
+USED_ELEM = struct.Struct("<II")
+U16 = struct.Struct("<H")
+
+
+def desc_size(num: int) -> int:
+    return 16 * num
+
+
+def avail_size(num: int, event_idx: bool = True) -> int:
+    return 4 + 2 * num + (2 if event_idx else 0)
+
+
+def used_size(num: int, event_idx: bool = True) -> int:
+    return 4 + 8 * num + (2 if event_idx else 0)
+
+
+def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
+    """True if *event_idx* lies in (old, new]: the other side asked to be notified in that window."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old) & 0xFFFF)
+
+
+def _make_mb():
+    if platform.machine() in ("x86_64", "AMD64", "i686", "i386"):
+        try:
+            libc = ctypes.PyDLL(None)  # keeps the GIL: the call never blocks
+            trylock = libc.pthread_spin_trylock
+            trylock.argtypes = [ctypes.c_void_p]
+            trylock.restype = ctypes.c_int
+            held = ctypes.c_int(0)  # glibc x86: 1 = free, 0 = held; so trylock always fails
+            if libc.pthread_spin_init(ctypes.byref(held), 0) != 0:
+                raise OSError("pthread_spin_init failed")
+            if trylock(ctypes.byref(held)) != 0:  # take it once, for ever
+                raise OSError("could not take the barrier spinlock")
+            addr = ctypes.addressof(held)
+
+            def mb() -> None:
+                """Full memory barrier (a locked cmpxchg)."""
+                trylock(addr)
+
+            mb._held = held  # type: ignore[attr-defined]  # keep the lock alive
+            return mb, "lock-cmpxchg"
+        except (OSError, AttributeError):
+            pass
+    lock = threading.Lock()
+
+    def mb_fallback() -> None:
+        """Full memory barrier (an uncontended mutex round trip: atomic RMW with full fences)."""
+        lock.acquire()
+        lock.release()
+
+    return mb_fallback, "mutex"
+
+
+mb, MB_KIND = _make_mb()
+
+
+def wmb() -> None:
+    """Store->store barrier: x86 keeps store order, and CPython never reorders our stores."""
+
+
+def rmb() -> None:
+    """Load->load barrier: x86 keeps load order."""
