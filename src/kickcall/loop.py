@@ -62,6 +62,7 @@ class IOThread:
         self._idle = threading.Condition(self._mu)
         self._handlers: dict[int, Callable[[], None]] = {}
         self._running_fd: int | None = None
+        self._removers = 0  # threads waiting in remove_fd_handler
         self._bhs: deque = deque()
         self._timers: list[Timer] = []
         self._seq = itertools.count()
@@ -132,6 +133,10 @@ class IOThread:
         """Stop watching *fd*.  Returns only once the handler is not running (from another thread).
 
         Must be called before *fd* is closed.  Returns False if no handler was registered.
+
+        The loop publishes ``_running_fd`` and then re-checks that the handler is still registered
+        before calling it; we unpublish the handler and then check ``_running_fd``.  Either the
+        loop sees the removal and skips the call, or we see it running and wait for it.
         """
         with self._mu:
             had = self._handlers.pop(fd, None) is not None
@@ -141,8 +146,12 @@ class IOThread:
                 except (OSError, ValueError):
                     pass
             if not self.in_thread():
-                while self._running_fd == fd:
-                    self._idle.wait()
+                self._removers += 1
+                try:
+                    while self._running_fd == fd:
+                        self._idle.wait(0.05)
+                finally:
+                    self._removers -= 1
         return had
 
     def has_fd_handler(self, fd: int) -> bool:
@@ -191,6 +200,10 @@ class IOThread:
 
     # -- the loop ---------------------------------------------------------------------------------
     def _next_timeout(self) -> float:
+        if self._bhs:
+            return 0.0
+        if not self._timers:
+            return -1.0
         with self._mu:
             if self._bhs:
                 return 0.0
@@ -204,10 +217,8 @@ class IOThread:
         wake = self._wake
         ep = self._ep
         lock = self._ctx_lock
-        while True:
-            with self._mu:
-                if self._stopping:
-                    return
+        handlers = self._handlers
+        while not self._stopping:
             try:
                 events = ep.poll(self._next_timeout())
             except InterruptedError:
@@ -222,23 +233,28 @@ class IOThread:
                         except BlockingIOError:
                             pass
                         continue
-                    with self._mu:
-                        h = self._handlers.get(fd)
-                        if h is None:
-                            continue
-                        self._running_fd = fd
+                    h = handlers.get(fd)
+                    if h is None:
+                        continue
+                    self._running_fd = fd
+                    if handlers.get(fd) is not h:  # removed meanwhile: see remove_fd_handler
+                        self._running_fd = None
+                        continue
                     try:
                         h()
                     except Exception:
                         self.errors += 1
                         log.exception("%s: fd %d handler failed", self.name, fd)
                     finally:
-                        with self._mu:
-                            self._running_fd = None
-                            self._idle.notify_all()
+                        self._running_fd = None
+                        if self._removers:
+                            with self._mu:
+                                self._idle.notify_all()
                         self.dispatches += 1
-                self._run_bhs()
-                self._run_timers()
+                if self._bhs:
+                    self._run_bhs()
+                if self._timers:
+                    self._run_timers()
             finally:
                 if lock is not None:
                     lock.release()

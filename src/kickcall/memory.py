@@ -178,11 +178,11 @@ class GuestMemory:
 
     # -- translation ---------------------------------------------------------------------------
     def _find(self, gpa: int, length: int) -> _Region:
+        if gpa < 0 or length < 0:
+            raise GuestMemoryError(f"bad guest access gpa={gpa} len={length}")
         r = self._last
         if r is not None and r.gpa <= gpa and gpa + length <= r.end:
             return r
-        if gpa < 0 or length < 0:
-            raise GuestMemoryError(f"bad guest access gpa={gpa} len={length}")
         i = bisect.bisect(self._starts, gpa) - 1
         if i >= 0:
             r = self._regions[i]
@@ -375,12 +375,12 @@ class AddressSpace:
             old = self.base_of(region)
             if old == base:
                 return
-            if old is not None:
-                self.unmap(region)
             end = base + region.size
             for b, e, r in self._maps:
-                if base < e and b < end:
+                if r is not region and base < e and b < end:
                     raise ValueError(f"{self.name}: {region.name} at {base:#x} overlaps {r.name} at {b:#x}")
+            if old is not None:
+                self.unmap(region)
             bisect.insort(self._maps, (base, end, region), key=lambda t: t[0])
             if self not in region._spaces:
                 region._spaces.append(self)

@@ -7,9 +7,11 @@ non-destructive view an operator needs on a live, hung device.
 
 fd numbers are reused by the kernel, so a kept-open fdinfo file could silently start describing
 another file.  Every eventfd shares the one anonymous inode (``ino:`` is the same for all of them),
-so the identity check uses ``eventfd-id:`` (unique per eventfd context, kernels >= 6.0) together
-with ``ino:``; on older kernels only ``ino:`` can be checked and that limitation is reported by
-``EventNotifier.identity_checked``.
+so the identity check uses ``eventfd-id:`` (kernels >= 6.0) together with ``ino:``.  The kernel
+recycles eventfd ids as soon as an eventfd is freed, so each notifier also keeps a private
+duplicate of its fd: the eventfd context (and with it its id) lives as long as the notifier, and
+an fd number that was closed behind the notifier's back and reused by a new eventfd shows a
+different id.  On older kernels only ``ino:`` can be checked (``identity_checked`` is False).
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class EventNotifier:
         "_ino",
         "_efd_id",
         "_fallback_id",
+        "_pin",
         "_mu",
         "__weakref__",
     )
@@ -115,6 +118,7 @@ class EventNotifier:
         self._info_fd: int | None = None
         self._mu = threading.Lock()
         self._fallback_id: int | None = None
+        self._pin = -1
         info = read_fdinfo(fd)
         if "eventfd-count" not in info:
             self._fd = -1
@@ -122,6 +126,8 @@ class EventNotifier:
             raise NotifierError(f"fd {fd} is not an eventfd")
         self._ino = info.get("ino")
         self._efd_id = info.get("eventfd-id")  # None on kernels before 6.0
+        self._pin = os.dup(fd)  # keeps the eventfd context, and so its id, alive with the notifier
+        os.set_inheritable(self._pin, False)
 
     # -- identity ---------------------------------------------------------------------------
     @classmethod
@@ -225,10 +231,16 @@ class EventNotifier:
         with self._mu:
             fd, self._fd = self._fd, -1
             info_fd, self._info_fd = self._info_fd, None
+            pin, self._pin = getattr(self, "_pin", -1), -1
         if info_fd is not None:
             os.close(info_fd)
         if fd >= 0:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:  # closed behind our back
+                pass
+        if pin >= 0:
+            os.close(pin)
 
     def __enter__(self) -> "EventNotifier":
         return self

@@ -314,6 +314,51 @@ class GuestOS:
             drv.on_receive = prev
         return {"echoed": ok and bool(got) and got[0][1] == frame, "pair": got[0][0] if got else -1}
 
+    # -- benchmark drivers (kickcall bench notify) ----------------------------------------------------
+    def cmd_bench_kick(self, slot: int, queue: int, n: int, stamp_gpa: int, timeout: float = 5.0) -> dict:
+        """Kick *n* times: store CLOCK_MONOTONIC at stamp[0], write the doorbell, wait for the VMM's
+        handler to bump stamp[1].  The VMM measures the one-way latency."""
+        d = self._dev(slot)
+        assert d.vdev is not None
+        addr = d.vdev.notify_addr(queue)
+        cpu = self.k.this_cpu()
+        st = self.k.memory.view(stamp_gpa, 16).cast("Q")
+        try:
+            for _ in range(n):
+                ack = st[1]
+                st[0] = time.monotonic_ns()
+                cpu.mmio_write(addr, queue, 2)
+                deadline = time.monotonic() + timeout
+                while st[1] == ack:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the VMM did not acknowledge a kick")
+        finally:
+            st.release()
+        return {"kicks": n}
+
+    def cmd_bench_irq_start(self, slot: int, entry: int, stamp_gpa: int) -> dict:
+        """Install a timestamping handler on MSI-X entry *entry*: it records now - stamp[0] and bumps
+        stamp[1]."""
+        d = self._dev(slot)
+        irq = d.pci.irq_vector(entry)
+        st = self.k.memory.view(stamp_gpa, 16).cast("Q")
+        lat: list[int] = []
+
+        def handler(_irq: int) -> bool:
+            lat.append(time.monotonic_ns() - st[0])
+            st[1] += 1
+            return True
+
+        self._bench_irq = (irq, handler, st, lat)
+        self.k.request_irq(irq, handler, "bench")
+        return {"irq": irq}
+
+    def cmd_bench_irq_stop(self) -> dict:
+        irq, handler, st, lat = self._bench_irq
+        self.k.free_irq(irq, handler)
+        st.release()
+        return {"latencies_ns": lat}
+
     def cmd_ping(self) -> dict:
         return {"pid": _pid(), "tid": threading.get_native_id()}
 

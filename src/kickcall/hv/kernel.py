@@ -51,6 +51,10 @@ __all__ = ["KernelHV", "Vcpu", "Irqchip", "VcpuState"]
 log = logging.getLogger("kickcall.hv.kernel")
 
 
+_SIZES = (1, 2, 4, 8)
+_MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+
+
 class VcpuState:
     RUNNING = "running"
     PARKED = "parked"  # stopped at a pause point
@@ -91,9 +95,9 @@ class Vcpu:
         return self._read(abi.EXIT_PIO_READ, self._ix_pr, port, size)
 
     def _write(self, space: str, code: int, ix: int, addr: int, value: int, size: int) -> None:
-        if size not in (1, 2, 4, 8):
+        if size not in _SIZES:
             raise ValueError(f"access size {size}")
-        value &= (1 << (8 * size)) - 1
+        value &= _MASKS[size]
         k = self.kernel
         if k.vcpu_ctl.paused:
             k.vcpu_ctl.point(self)
@@ -310,8 +314,13 @@ class Irqchip:
             return
         st = self.kernel.stats
         self._delivering = True
+        budget = 256  # then yield the loop (a stuck level-triggered line must not starve it)
         try:
             while True:
+                budget -= 1
+                if budget < 0:
+                    self._kick()
+                    return
                 with self._mu:
                     if self.paused:
                         return

@@ -218,6 +218,10 @@ class VM:
         r = _ExitRecord()
         r.seq, r.code, r.vcpu = seq, code, vcpu
         r.addr, r.value, r.size, r.pid, r.tid, r.t_ns = EXIT.unpack_from(payload)
+        if r.size not in (1, 2, 4, 8) or not 0 <= vcpu <= self.nvcpus:  # hostile or broken guest
+            self.channel.protocol_errors += 1
+            self.channel.reply(seq, code, EXIT_REPLY.pack(0))
+            return
         w = self._workers.get(vcpu)
         if w is None:
             with self._wmu:

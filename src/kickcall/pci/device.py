@@ -166,7 +166,7 @@ class PCIDevice:
             if not cmd & R.PCI_COMMAND_IO:
                 return None
             addr = self.get32(off) & ~0x3
-            if addr == 0 or addr + bar.size > 0x10000:
+            if addr == 0 or addr + bar.size >= 0x10000:
                 return None
             return addr
         if not cmd & R.PCI_COMMAND_MEMORY:
@@ -177,7 +177,8 @@ class PCIDevice:
             limit = 1 << 64
         else:
             limit = 1 << 32
-        if addr == 0 or addr + bar.size > limit:
+        # like QEMU: a BAR whose last byte is the top of the address space (a sizing probe) is unmapped
+        if addr == 0 or addr + bar.size >= limit:
             return None
         return addr
 

@@ -80,6 +80,9 @@ class MSIX:
         self.unmask_delivered = [0] * nvectors
         self.unused_drops = 0
         self.disabled_drops = 0
+        # The spec's rule: unmasking a vector with its pending bit set sends the message once.
+        # Switchable only so that tests can show what breaks without it.
+        self.deliver_pending_on_unmask = True
         self._mask_all_entries()
 
     # -- state ----------------------------------------------------------------------------------
@@ -184,7 +187,7 @@ class MSIX:
             elif not is_masked and self._unmask_cb is not None:
                 addr, data = self.get_message(v)
                 self._unmask_cb(v, addr, data)
-        if not is_masked and self.is_pending(v):
+        if not is_masked and self.is_pending(v) and self.deliver_pending_on_unmask:
             self._clr_pending(v)
             self.unmask_delivered[v] += 1
             if _t_unmask_deliver.enabled:

@@ -426,6 +426,9 @@ class VirtIOPCIProxy(PCIDevice):
     def kick(self, q: VirtQueue, path: str) -> None:
         """Deliver a kick to the device (counts it, then runs or defers the queue handler)."""
         q.count_kick(path)
+        hook = self.hooks.get("kick")
+        if hook is not None:
+            hook(q)
         if _t_queue_notify.enabled:
             _t_queue_notify.emit(vdev=self.vdev.name, n=q.index, path=path)
         if self.ioeventfd_grabbed and path != "release-scan":

@@ -1,0 +1,207 @@
+"""The ``kickcall`` command.
+
+    kickcall run [CONFIG.toml] [--duration S] [--plain] [--interval S] [--pause-at S --pause-for S]
+    kickcall bench notify [--json] [--write BENCHMARKS.md] [--quick]
+    kickcall config [--default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import time
+
+from . import trace
+
+__all__ = ["main"]
+
+
+def _positive(v: str) -> float:
+    try:
+        f = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a number") from None
+    if f <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return f
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kickcall", description="The kick and call paths of virtual devices.")
+    ap.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a machine and its workload")
+    r.add_argument("config", nargs="?", help="machine TOML file (default: the built-in machine)")
+    r.add_argument("--duration", type=_positive, help="seconds to run (default: until Ctrl-C on a terminal, "
+                                                     "10 s otherwise)")
+    r.add_argument("--plain", action="store_true", help="periodic lines instead of the live view")
+    r.add_argument("--interval", type=_positive, default=1.0, help="seconds between updates (default 1)")
+    r.add_argument("--pause-at", type=_positive, help="pause the machine after this many seconds")
+    r.add_argument("--pause-for", type=_positive, default=1.0, help="how long to stay paused (default 1)")
+    r.add_argument("--trace", action="append", default=[], metavar="PATTERN",
+                   help="enable trace events matching PATTERN (QEMU names, globs allowed)")
+    r.add_argument("--json", action="store_true", help="print the final counters and results as JSON")
+    b = sub.add_parser("bench", help="benchmarks")
+    bs = b.add_subparsers(dest="bench", required=True)
+    bn = bs.add_parser("notify", help="eventfd / ioeventfd / heavyweight-exit / irqfd latency, blk IOPS")
+    bn.add_argument("--json", action="store_true")
+    bn.add_argument("--write", metavar="FILE", help="update the notify section of this BENCHMARKS.md")
+    bn.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    c = sub.add_parser("config", help="print the built-in default machine config")
+    c.add_argument("--check", metavar="FILE", help="validate a config file and exit")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=a.log_level, format="%(levelname)s %(name)s: %(message)s")
+    if a.cmd == "run":
+        return cmd_run(a)
+    if a.cmd == "bench":
+        from .bench import bench_main
+
+        return bench_main(a)
+    if a.cmd == "config":
+        from .machine.config import DEFAULT_TOML, ConfigError, load_config
+
+        if a.check:
+            try:
+                load_config(a.check)
+            except ConfigError as e:
+                print(f"kickcall: config error: {e}", file=sys.stderr)
+                return 2
+            print(f"{a.check}: ok")
+            return 0
+        print(DEFAULT_TOML, end="")
+        return 0
+    return 2
+
+
+class _Keys:
+    """Single-key input on a terminal (cbreak mode), restored on exit."""
+
+    def __init__(self) -> None:
+        import termios
+        import tty
+
+        self.fd = sys.stdin.fileno()
+        self.saved = termios.tcgetattr(self.fd)
+        tty.setcbreak(self.fd)
+
+    def poll(self, timeout: float) -> str:
+        r, _, _ = select.select([self.fd], [], [], timeout)
+        if r:
+            return os.read(self.fd, 1).decode(errors="ignore")
+        return ""
+
+    def close(self) -> None:
+        import termios
+
+        termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .machine import ConfigError, Machine, MachineError, default_config, load_config
+    from .machine.view import LiveView, PlainView, summary_lines
+
+    try:
+        cfg = load_config(a.config) if a.config else default_config()
+    except ConfigError as e:
+        print(f"kickcall: config error: {e}", file=sys.stderr)
+        return 2
+    for pat in a.trace:
+        trace.set_state(pat, True)
+    if a.trace:
+        trace.add_sink(lambda rec: print(trace.format_record(rec), file=sys.stderr))
+    tty = sys.stdout.isatty() and sys.stdin.isatty() and not a.plain and not a.json
+    duration = a.duration if a.duration is not None else (None if tty else 10.0)
+    stop = threading.Event()
+    toggle = threading.Event()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        stop.set()
+
+    old_int = signal.signal(signal.SIGINT, on_sigint)
+    old_term = signal.signal(signal.SIGTERM, on_sigint)
+    signal.signal(signal.SIGUSR1, lambda s, f: toggle.set())
+    try:
+        m = Machine(cfg)
+    except (MachineError, OSError, ValueError) as e:
+        print(f"kickcall: cannot build the machine: {e}", file=sys.stderr)
+        return 2
+    view = LiveView() if tty else (PlainView(sys.stderr) if a.json else PlainView())
+    keys = _Keys() if tty else None
+    results: list[dict] = []
+    rc = 0
+    try:
+        info = m.start()
+        if not a.json and not tty:
+            kinds = ", ".join(f"{d['kind']}@{d['slot']}" for d in info.get("devices", []))
+            print(f"kickcall: machine {cfg.name!r} up: {cfg.vcpus} vCPUs, guest pid {m.guest_pid}, devices {kinds}",
+                  flush=True)
+        m.start_workload()
+        t0 = time.monotonic()
+        paused_once = False
+        pause_until = None
+        next_tick = t0 + a.interval
+        while not stop.is_set():
+            now = time.monotonic()
+            if duration is not None and now - t0 >= duration:
+                break
+            if a.pause_at is not None and not paused_once and now - t0 >= a.pause_at:
+                m.pause()
+                paused_once = True
+                pause_until = now + a.pause_for
+            if pause_until is not None and now >= pause_until:
+                m.resume()
+                pause_until = None
+            if toggle.is_set():
+                toggle.clear()
+                m.resume() if not m.running else m.pause()
+            wait = max(0.0, min(next_tick - now, 0.1))
+            if keys is not None:
+                k = keys.poll(wait)
+                if k in ("q", "Q"):
+                    break
+                if k in ("p", "P"):
+                    m.resume() if not m.running else m.pause()
+            else:
+                stop.wait(wait)
+            if time.monotonic() >= next_tick:
+                view.update(m.snapshot())
+                next_tick += a.interval
+        results = m.stop_workload()
+        snap = m.snapshot()
+    except (MachineError, OSError, TimeoutError) as e:
+        print(f"kickcall: machine failed: {e}", file=sys.stderr)
+        rc = 1
+        snap = None
+    finally:
+        if keys is not None:
+            keys.close()
+        view.close()
+        m.stop()
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+    if snap is not None:
+        errors = sum(r.get("error_count", 0) for r in results)
+        if a.json:
+            print(json.dumps({"results": results, "devices": snap["devices"], "hv": snap["hv"],
+                              "exits": snap["exits"]}, indent=1))
+        else:
+            print("\n".join(summary_lines(snap, results)))
+            print(f"kickcall: {'FAILED: ' + str(errors) + ' data errors' if errors else 'all data checks passed'}")
+        if errors or not results:
+            rc = 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

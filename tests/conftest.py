@@ -1,0 +1,16 @@
+"""Shared test setup: the hypothesis CI profile and machine fixtures."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    max_examples=int(os.environ.get("KICKCALL_HYPOTHESIS_EXAMPLES", "200")),
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

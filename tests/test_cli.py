@@ -1,0 +1,96 @@
+"""The ``kickcall`` command, run as a user runs it (a separate process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+def kickcall(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=SRC)
+    return subprocess.run([sys.executable, "-m", "kickcall", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, stdin=subprocess.DEVNULL, **kw)
+
+
+def test_run_default_machine_passes_data_checks_and_prints_per_queue_counters():
+    r = kickcall("run", "--duration", "3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "per-queue counters:" in out
+    assert "blk0 q0: kicks=" in out and "blk0 q1: kicks=" in out
+    assert "net0 q0: kicks=" in out and "net0 q3: kicks=" in out
+    assert "data errors 0" in out and "payload errors 0" in out
+    assert "all data checks passed" in out
+    assert "t=" in out  # periodic lines when not on a terminal
+
+
+def test_run_json_output():
+    r = kickcall("run", "--duration", "2", "--json", "--pause-at", "0.5", "--pause-for", "0.3")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert {x["kind"] for x in doc["results"]} == {"blk", "net"}
+    assert all(x["error_count"] == 0 for x in doc["results"])
+    assert doc["devices"]["blk0"]["queues"][0]["kicks"] > 0
+
+
+def test_bad_config_file_gets_a_clear_message(tmp_path):
+    p = tmp_path / "m.toml"
+    p.write_text('[machine]\nvcpus = 0\n[[device]]\ntype = "virtio-blk"\n')
+    r = kickcall("run", str(p), "--duration", "1")
+    assert r.returncode == 2
+    assert f"config error: {p}: machine.vcpus: must be between 1 and 16, got 0" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_config_check_and_default(tmp_path):
+    r = kickcall("config")
+    assert r.returncode == 0 and "[machine]" in r.stdout
+    p = tmp_path / "d.toml"
+    p.write_text(r.stdout)
+    r = kickcall("config", "--check", str(p))
+    assert r.returncode == 0 and "ok" in r.stdout
+
+
+def test_bad_arguments_are_refused():
+    r = kickcall("run", "--duration", "-1")
+    assert r.returncode == 2 and "must be positive" in r.stderr
+
+
+def test_sigint_stops_cleanly_with_results():
+    env = dict(os.environ, PYTHONPATH=SRC)
+    proc = subprocess.Popen([sys.executable, "-m", "kickcall", "run", "--duration", "60"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
+    try:
+        # wait for the first periodic line: the machine is up and running the workload
+        line = proc.stdout.readline()
+        assert "machine 'default' up" in line
+        line = proc.stdout.readline()
+        assert line.startswith("t=")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "all data checks passed" in out
+
+
+def test_a_failing_data_check_makes_run_exit_non_zero(tmp_path):
+    """A read-only disk under a write workload: every write completes with IOERR, the guest counts
+    it as a failed check, and ``kickcall run`` says so and exits 1."""
+    p = tmp_path / "ro.toml"
+    p.write_text('[machine]\nvcpus = 1\n[[device]]\ntype = "virtio-blk"\nsize = "1M"\nread-only = true\n'
+                 '[workload.blk]\ndepth = 2\nread-ratio = 0.0\n')
+    r = kickcall("run", str(p), "--duration", "1")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAILED" in r.stdout and "status 1" in r.stdout
