@@ -167,20 +167,30 @@ class EventNotifier:
     # -- the doorbell -----------------------------------------------------------------------
     def set(self, value: int = 1) -> None:
         """Ring the doorbell (``event_notifier_set``)."""
-        os.eventfd_write(self.fileno(), value)
-        with self._mu:
-            self.sets += 1
-            self.set_value += value
+        fd = self._fd
+        if fd < 0:
+            raise NotifierError(f"notifier {self.name!r} is closed")
+        os.eventfd_write(fd, value)
+        mu = self._mu
+        mu.acquire()
+        self.sets += 1
+        self.set_value += value
+        mu.release()
 
     def test_and_clear(self) -> int:
         """Consume the counter; return the value consumed (0 when it was not set)."""
+        fd = self._fd
+        if fd < 0:
+            raise NotifierError(f"notifier {self.name!r} is closed")
         try:
-            v = os.eventfd_read(self.fileno())
+            v = os.eventfd_read(fd)
         except BlockingIOError:
             return 0
-        with self._mu:
-            self.consumed += v
-            self.clears += 1
+        mu = self._mu
+        mu.acquire()
+        self.consumed += v
+        self.clears += 1
+        mu.release()
         return v
 
     def peek(self) -> int:

@@ -126,14 +126,15 @@ class IoeventfdTable:
 
         Returns None when no ioeventfd matches (the caller takes a heavyweight exit).
         """
-        with self._mu:
+        mu = self._mu
+        mu.acquire()
+        try:
             lst = self._by_addr.get((space, addr))
             if not lst:
                 return None
             for p in lst:
                 if p.length and (p.length != size or (p.datamatch is not None and p.datamatch != value)):
                     continue
-                p.hits += 1
                 dropped = p.drop_all or p.drop_next > 0
                 if dropped:
                     if p.drop_next:
@@ -141,7 +142,10 @@ class IoeventfdTable:
                     p.dropped += 1
                 else:
                     os.eventfd_write(p.fd, 1)
+                p.hits += 1
                 if self._on_hit is not None:
                     self._on_hit(p, value, dropped)
                 return p
-        return None
+            return None
+        finally:
+            mu.release()

@@ -29,6 +29,7 @@ raises INTx and sets the ISR, which the driver reads to clear.
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 from typing import TYPE_CHECKING, Callable
@@ -351,7 +352,7 @@ class VirtIOPCIProxy(PCIDevice):
                 n = self.set_host_notifier(q, True)
                 started.append(q)
                 if self.iothread is not None and n is not None:
-                    self.iothread.set_fd_handler(n.fileno(), lambda q=q: self._host_notifier_read(q))
+                    self.iothread.set_fd_handler(n.fileno(), functools.partial(self._host_notifier_read, q))
         except HypervisorError as e:
             log.warning("%s: ioeventfd start failed (%s). Fallback to userspace (slower).", self.name, e)
             for q in started:
@@ -425,7 +426,9 @@ class VirtIOPCIProxy(PCIDevice):
 
     def kick(self, q: VirtQueue, path: str) -> None:
         """Deliver a kick to the device (counts it, then runs or defers the queue handler)."""
-        q.count_kick(path)
+        q.kicks += 1
+        by = q.kicks_by_path
+        by[path] = by.get(path, 0) + 1
         hook = self.hooks.get("kick")
         if hook is not None:
             hook(q)
