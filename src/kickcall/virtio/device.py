@@ -94,6 +94,9 @@ class VirtIODevice:
         self.needs_reset_count = 0
         self.vm_running = True
         self.generation = 0  # bumped on every reset: completions of older requests are dropped
+        # An invalid chain writes nothing: undo the notification fields the handler wrote before it
+        # found the chain broken.  Switchable only to show, in tests, what it prevents.
+        self.restore_notify_on_error = True
         self.queues = [VirtQueue(i, n, self._dispatch, name=f"{name}.vq{i}")
                        for i, n in enumerate(queue_sizes)]
         self.mem: GuestMemory | None = None
@@ -201,11 +204,15 @@ class VirtIODevice:
         self._dispatch(vq)
 
     def _dispatch(self, vq: VirtQueue) -> None:
+        saved = vq.save_notify_fields()
+        was_broken = self.broken
         try:
             self.handle_output(vq)
         except VirtQueueError as e:
             vq.errors += 1
             self.virtio_error(str(e))
+        if self.broken and not was_broken and self.restore_notify_on_error:
+            vq.restore_notify_fields(saved)  # an invalid chain writes nothing
 
     def handle_output(self, vq: VirtQueue) -> None:
         """Process the queue (the device's queue handler)."""

@@ -382,6 +382,20 @@ class VirtQueue:
                 _t_should.emit(vq=self.name, used_idx=self.used_idx)
         return want
 
+    def save_notify_fields(self) -> tuple[int, int] | None:
+        """The device-written notification fields (used.flags, avail_event), to restore if the
+        chain being processed turns out to be invalid: a broken chain must leave RAM untouched."""
+        try:
+            self._need_map()
+        except VirtQueueError:
+            return None
+        return self._u16[0], self._u16[self._ae]
+
+    def restore_notify_fields(self, saved: tuple[int, int] | None) -> None:
+        if saved is None or not self._mapped:
+            return
+        self._u16[0], self._u16[self._ae] = saved
+
     def count_kick(self, path: str) -> None:
         self.kicks += 1
         self.kicks_by_path[path] = self.kicks_by_path.get(path, 0) + 1

@@ -64,7 +64,8 @@ def used_size(num: int, event_idx: bool = True) -> int:
 
 
 def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
-    """True if *event_idx* lies in (old, new]: the other side asked to be notified in that window."""
+    """True if old <= event_idx < new (mod 2**16): the other side asked to be notified once the
+    entry at *event_idx* was published, and that happened in this batch (old -> new)."""
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old) & 0xFFFF)
 
 
