@@ -8,6 +8,7 @@ as guest code does.  Devices are addressed by PCI slot.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import zlib
@@ -315,19 +316,29 @@ class GuestOS:
         return {"echoed": ok and bool(got) and got[0][1] == frame, "pair": got[0][0] if got else -1}
 
     # -- benchmark drivers (kickcall bench notify) ----------------------------------------------------
-    def cmd_bench_kick(self, slot: int, queue: int, n: int, stamp_gpa: int, timeout: float = 5.0) -> dict:
+    def cmd_bench_kick(self, slot: int, queue: int, n: int, stamp_gpa: int, timeout: float = 5.0,
+                       raw_eventfd_at: int | None = None) -> dict:
         """Kick *n* times: store CLOCK_MONOTONIC at stamp[0], write the doorbell, wait for the VMM's
-        handler to bump stamp[1].  The VMM measures the one-way latency."""
+        handler to bump stamp[1].  The VMM measures the one-way latency.
+
+        With *raw_eventfd_at*, write the eventfd bound to that address directly instead (no
+        doorbell, no hypervisor): the floor between this vCPU thread and the VMM's loop."""
         d = self._dev(slot)
         assert d.vdev is not None
         addr = d.vdev.notify_addr(queue)
         cpu = self.k.this_cpu()
+        raw_fd = -1
+        if raw_eventfd_at is not None:
+            raw_fd = next(e.fd for e in self.hv.ioeventfds.entries() if e.addr == raw_eventfd_at)
         st = self.k.memory.view(stamp_gpa, 16).cast("Q")
         try:
             for _ in range(n):
                 ack = st[1]
                 st[0] = time.monotonic_ns()
-                cpu.mmio_write(addr, queue, 2)
+                if raw_fd >= 0:
+                    os.eventfd_write(raw_fd, 1)
+                else:
+                    cpu.mmio_write(addr, queue, 2)
                 deadline = time.monotonic() + timeout
                 while st[1] == ack:
                     if time.monotonic() > deadline:
@@ -364,6 +375,4 @@ class GuestOS:
 
 
 def _pid() -> int:
-    import os
-
     return os.getpid()
