@@ -19,7 +19,12 @@ def wait_for(pred: Callable[[], object], timeout: float = 20.0, what: str = "con
             return v
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)
+        time.sleep(0.002)
+
+
+def fd_count() -> int:
+    """How many fds this process has open (tests check nothing leaks)."""
+    return len(os.listdir("/proc/self/fd"))
 
 
 BLK = """

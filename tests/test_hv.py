@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import threading
-import time
 
 import pytest
 
@@ -27,25 +26,11 @@ from kickcall.hv.routing import (
 from kickcall.hv.vmm import VM, MsiRoutes
 from kickcall.memory import GuestMemory
 from kickcall.notify import EventNotifier
+from helpers import fd_count, wait_for
 
 CEIL = 10.0
 MMIO = "memory"
 PIO = "io"
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def wait_for(pred, timeout: float = CEIL, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.002)
 
 
 @pytest.fixture

@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import pytest
 
 from kickcall.loop import IOThread, LoopStopped
+from helpers import fd_count, wait_for
 
 CEIL = 10.0
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def wait_for(pred, timeout: float = CEIL, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.002)
 
 
 @pytest.fixture

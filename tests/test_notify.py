@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from helpers import fd_count
 from kickcall.notify import (
     EventNotifier,
     NotifierError,
@@ -16,10 +17,6 @@ from kickcall.notify import (
     peek_fd,
     read_fdinfo,
 )
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture
