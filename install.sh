@@ -50,4 +50,92 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -
   retry .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
   echo "$want" > "$stamp"
 fi
+
+# 3. the real peers (tests/test_peers.py, kickcall.peers): QEMU + qemu-storage-daemon from apt, and a
+#    guest (Debian cloud kernel + static busybox) downloaded and unpacked into a cache OUTSIDE the
+#    checkout; nothing of the guest is installed into the system. KICKCALL_NO_PEERS=1 skips this.
+if [ "${KICKCALL_NO_PEERS:-0}" != 1 ]; then
+  apt_install qemu-system-x86   # pulls qemu-system-common: /usr/bin/qemu-storage-daemon
+  for b in qemu-system-x86_64 qemu-storage-daemon; do
+    command -v "$b" >/dev/null 2>&1 || { echo "install: $b missing after installing qemu-system-x86" >&2; exit 1; }
+  done
+
+  CACHE="${KICKCALL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kickcall}"
+  GUEST="$CACHE/guest"
+  MANIFEST="$GUEST/manifest.json"
+  manifest_ok() {  # the manifest exists and every file it names exists
+    [ -f "$MANIFEST" ] && .venv/bin/python - "$MANIFEST" <<'PYEOF'
+import json, os, sys
+m = json.load(open(sys.argv[1]))
+ok = all(isinstance(m.get(k), str) and os.path.exists(m[k]) for k in ("kernel", "modules_dir", "busybox"))
+sys.exit(0 if ok and m.get("krel") else 1)
+PYEOF
+  }
+  if ! manifest_ok; then
+    mkdir -p "$CACHE/debs" "$GUEST"
+    rm -rf "$GUEST"/.unpack.*   # left by an interrupted run
+    apt_lists_present() { compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; }
+    resolve_kernel() {  # the concrete package behind the cloud kernel metapackage, e.g. linux-image-6.1.0-56-cloud-amd64
+      apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image/{print $2; exit}'
+    }
+    apt_update() { retry $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq; }
+    download() {  # download PKG... into the deb cache (apt-get download needs no root); quiet unless it fails
+      local log; log="$(mktemp)"
+      if (cd "$CACHE/debs" && apt-get download -q "$@") >"$log" 2>&1; then rm -f "$log"; return 0; fi
+      cat "$log" >&2; rm -f "$log"; return 1
+    }
+    apt_lists_present || apt_update
+    KPKG="$(resolve_kernel)"
+    if [ -z "$KPKG" ]; then apt_update; KPKG="$(resolve_kernel)"; fi
+    [ -n "$KPKG" ] || { echo "install: cannot resolve linux-image-cloud-amd64 to a kernel package" >&2; exit 1; }
+    # the distribution keeps only its newest kernel build: when the package lists are stale the
+    # resolved name can be gone from the mirror, so refresh the lists once and resolve again
+    if ! download "$KPKG" busybox-static; then
+      echo "install: download of $KPKG failed; refreshing the package lists" >&2
+      apt_update
+      KPKG="$(resolve_kernel)"
+      [ -n "$KPKG" ] || { echo "install: cannot resolve linux-image-cloud-amd64 to a kernel package" >&2; exit 1; }
+      retry download "$KPKG" busybox-static
+    fi
+    KDEB="$(ls -t "$CACHE/debs/${KPKG}"_*.deb | head -1)"
+    BDEB="$(ls -t "$CACHE/debs"/busybox-static_*.deb | head -1)"
+    echo "install: guest kernel $KPKG ($(basename "$KDEB")), busybox $(basename "$BDEB")" >&2
+
+    tmp="$(mktemp -d "$GUEST/.unpack.XXXXXX")"
+    trap 'rm -rf "$tmp"' EXIT
+    dpkg-deb -x "$KDEB" "$tmp/kernel"
+    KREL="$(ls "$tmp/kernel/lib/modules" | head -1)"
+    [ -n "$KREL" ] && [ -f "$tmp/kernel/boot/vmlinuz-$KREL" ] ||
+      { echo "install: $KDEB holds no boot/vmlinuz-<krel> + lib/modules/<krel>" >&2; exit 1; }
+    dpkg-deb -x "$BDEB" "$tmp/busybox"
+    [ -x "$tmp/busybox/bin/busybox" ] || { echo "install: $BDEB holds no bin/busybox" >&2; exit 1; }
+    rm -rf "${GUEST:?}/$KREL" "$GUEST/busybox"
+    mv "$tmp/kernel" "$GUEST/$KREL"
+    mv "$tmp/busybox" "$GUEST/busybox"
+    rm -rf "$tmp"; trap - EXIT
+    .venv/bin/python - "$MANIFEST" "$GUEST" "$KREL" "$KPKG" "$(basename "$KDEB")" "$(basename "$BDEB")" <<'PYEOF'
+import json, os, sys
+manifest, guest, krel, kpkg, kdeb, bdeb = sys.argv[1:]
+root = os.path.join(os.path.abspath(guest), krel)
+m = {
+    "kernel": os.path.join(root, "boot", "vmlinuz-" + krel),
+    "modules_dir": os.path.join(root, "lib", "modules", krel),
+    "krel": krel,
+    "busybox": os.path.join(os.path.abspath(guest), "busybox", "bin", "busybox"),
+    "kernel_package": kpkg,
+    "kernel_deb": kdeb,
+    "busybox_deb": bdeb,
+}
+with open(manifest + ".tmp", "w") as f:
+    json.dump(m, f, indent=2)
+    f.write("\n")
+os.replace(manifest + ".tmp", manifest)
+PYEOF
+    # keep only what the manifest uses: older kernels' debs and unpacked trees go
+    find "$CACHE/debs" -name '*.deb' ! -name "$(basename "$KDEB")" ! -name "$(basename "$BDEB")" -delete
+    find "$GUEST" -mindepth 1 -maxdepth 1 -type d ! -name busybox ! -name "$KREL" ! -name '.*' \
+      -exec rm -rf {} +
+  fi
+  manifest_ok || { echo "install: guest manifest $MANIFEST is not usable" >&2; exit 1; }
+fi
 echo "install: ok ($(.venv/bin/python --version))" >&2

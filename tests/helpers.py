@@ -84,3 +84,55 @@ def guest_vector_of(m: Machine, dev_id: str, msix_entry: int) -> int:
 
 def me() -> int:
     return os.getpid()
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    import ctypes
+    import signal as _signal
+
+    ctypes.CDLL(None).prctl(1, _signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def spawn(argv: list[str], **kw) -> "subprocess.Popen":
+    """Start a process in its own process group that dies with the test process."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(argv, process_group=0, preexec_fn=_die_with_parent, env=env,
+                            stdin=subprocess.DEVNULL, **kw)
+
+
+def stop_process(p, timeout: float = 10.0) -> int:
+    """Terminate (then kill) and reap; returns the exit status."""
+    import subprocess
+
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout)
+    return p.returncode
+
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+def kickcall_argv(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "kickcall", *args]
+
+
+def start_vhost_user_blk(sock: str, image: str, *args: str, **kw):
+    """``kickcall vhost-user-blk`` in its own process; returns once its socket exists."""
+    p = spawn(kickcall_argv("vhost-user-blk", "--socket-path", sock, "--blk-file", image, *args), **kw)
+    try:
+        wait_for(lambda: os.path.exists(sock) or p.poll() is not None, 30, "the back-end's socket")
+    except AssertionError:
+        stop_process(p)
+        raise
+    if p.poll() is not None:
+        raise AssertionError(f"kickcall vhost-user-blk exited with {p.returncode}")
+    return p

@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", action="store_true")
     bn.add_argument("--write", metavar="FILE", help="update the notify section of this BENCHMARKS.md")
     bn.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    from .apps import vhost_user_blk, vhost_user_test
+
+    vb = sub.add_parser("vhost-user-blk", help="a vhost-user-blk back-end (for QEMU, libvirt, any front-end)")
+    vhost_user_blk.add_arguments(vb)
+    vt = sub.add_parser("vhost-user-test", help="a data-verified workload against any vhost-user-blk back-end")
+    vhost_user_test.add_arguments(vt)
     c = sub.add_parser("config", help="print the built-in default machine config")
     c.add_argument("--check", metavar="FILE", help="validate a config file and exit")
     return ap
@@ -68,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import bench_main
 
         return bench_main(a)
+    if a.cmd == "vhost-user-blk":
+        from .apps import vhost_user_blk
+
+        return vhost_user_blk.main(a)
+    if a.cmd == "vhost-user-test":
+        from .apps import vhost_user_test
+
+        return vhost_user_test.main(a)
     if a.cmd == "config":
         from .machine.config import DEFAULT_TOML, ConfigError, load_config
 

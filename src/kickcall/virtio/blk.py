@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import time
+from typing import Callable
 
 from .device import SyncAio, ThreadPoolAio, VirtIODevice
 from .queue import VirtQueue, VirtQueueElement, iov_from_buf, iov_size, iov_to_buf
@@ -83,6 +85,7 @@ class VirtIOBlk(VirtIODevice):
             self.aio: SyncAio | ThreadPoolAio = ThreadPoolAio(loop, aio_workers, name=f"{name}-aio")
         else:
             self.aio = SyncAio()
+        self.io_delay: Callable[[], float] | None = None  # fault knob: seconds to stall each I/O
         self.reads = self.writes = self.flushes = self.get_ids = self.ioerrs = self.unsupp = 0
         self.bytes_read = self.bytes_written = 0
 
@@ -165,7 +168,11 @@ class VirtIOBlk(VirtIODevice):
             self.bytes_read += nbytes
             r.written = nbytes
 
+        delay = self.io_delay
+
         def work() -> int:
+            if delay is not None:
+                time.sleep(delay())
             views = [mem.view(g, n) for g, n in segs]
             try:
                 done = os.pwritev(fd, views, off) if write else os.preadv(fd, views, off)

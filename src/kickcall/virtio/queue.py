@@ -126,6 +126,8 @@ class VirtQueue:
         self.host_notifier: EventNotifier | None = None
         self.guest_notifier: EventNotifier | None = None
         self.vector = VIRTIO_NO_VECTOR
+        self.inflight = None  # vhost-user inflight tracking (kickcall.vhost_user.inflight.InflightQueue)
+        self.resubmit: list[int] = []  # heads to hand out again before new ones (after a reconnect)
         self.reset()
         # counters (monotonic across resets)
         self.kicks = 0  # notifications the device saw, any path
@@ -152,6 +154,7 @@ class VirtQueue:
         self.inuse = 0
         self.notification = True
         self.pending_kick = False
+        self.resubmit = []
         self.vector = VIRTIO_NO_VECTOR
         self.unmap()
 
@@ -241,6 +244,12 @@ class VirtQueue:
     def pop(self) -> VirtQueueElement | None:
         """Take the next available chain, validated; None if the ring is empty."""
         self._need_map()
+        if self.resubmit:
+            head = self.resubmit.pop(0)
+            elem = self._read_chain(head)
+            self.inuse += 1
+            self.popped += 1
+            return elem
         a16 = self._a16
         avail = a16[1]
         self.shadow_avail_idx = avail
@@ -255,6 +264,8 @@ class VirtQueue:
         self.last_avail_idx = (last + 1) & 0xFFFF
         self.inuse += 1
         self.popped += 1
+        if self.inflight is not None:
+            self.inflight.mark_popped(head)
         if self.event_idx:
             self._u16[self._ae] = self.last_avail_idx
         if _t_pop.enabled:
@@ -334,11 +345,16 @@ class VirtQueue:
     def push(self, elem: VirtQueueElement, length: int) -> None:
         """Return *elem* to the driver with *length* bytes written (fill + flush)."""
         self._need_map()
+        inflight = self.inflight
+        if inflight is not None:
+            inflight.before_push(elem.index)
         slot = self.used_idx % self.num
         USED_ELEM.pack_into(self._umm, self._uoff + 4 + 8 * slot, elem.index, length)
         wmb()  # the element before the index
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._u16[1] = self.used_idx
+        if inflight is not None:
+            inflight.after_push(elem.index, self.used_idx)
         self.inuse -= 1
         self.pushed += 1
         if _t_flush.enabled:

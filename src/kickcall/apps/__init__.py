@@ -1,0 +1,1 @@
+"""Programs built on the layers below (the ``kickcall`` subcommands that are whole programs)."""

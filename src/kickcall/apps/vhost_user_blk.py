@@ -1,0 +1,102 @@
+"""``kickcall vhost-user-blk``: a vhost-user-blk back-end that QEMU (or libvirt) can launch.
+
+Follows the back-end program conventions of vhost-user.rst: ``--socket-path`` or ``--fd`` (an
+already listening socket), ``--print-capabilities``, and the block type's ``--blk-file`` and
+``--read-only``.  ``--qmp PATH`` adds a QMP monitor (query-status, quit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+
+from ..loop import IOThread
+from ..monitor import CommandRegistry, QMPServer
+from ..vhost_user.backend import VhostUserBackend
+from ..virtio.blk import VirtIOBlk
+
+log = logging.getLogger("kickcall.vhost-user-blk")
+
+CAPABILITIES = {"type": "block", "features": ["blk-file", "read-only"]}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--socket-path", help="listen on this Unix socket (created with mode 0600)")
+    g.add_argument("--fd", type=int, help="serve on this already listening socket fd")
+    p.add_argument("--print-capabilities", action="store_true", help="print the back-end's capabilities and exit")
+    p.add_argument("--blk-file", help="the raw image to serve")
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--num-queues", type=int, default=1, help="queues offered (default 1)")
+    p.add_argument("--max-queue-size", type=int, default=1024, help="largest queue size accepted (default 1024)")
+    p.add_argument("--serial", default="", help="the get-id string (default: the image's name)")
+    p.add_argument("--qmp", metavar="PATH", help="a QMP monitor on this Unix socket")
+    p.add_argument("--io-delay-ms", type=float, default=0.0,
+                   help="fault knob: stall each I/O a random 0..N ms (completions then come out of order)")
+
+
+def main(a: argparse.Namespace) -> int:
+    if a.print_capabilities:
+        print(json.dumps(CAPABILITIES))
+        return 0
+    if not a.blk_file:
+        print("kickcall vhost-user-blk: --blk-file is required", file=sys.stderr)
+        return 2
+    if a.socket_path is None and a.fd is None:
+        print("kickcall vhost-user-blk: give --socket-path or --fd", file=sys.stderr)
+        return 2
+    if not 1 <= a.num_queues <= 64 or a.max_queue_size & (a.max_queue_size - 1) or not 1 <= a.max_queue_size <= 1024:
+        print("kickcall vhost-user-blk: --num-queues must be 1..64 and --max-queue-size a power of two up to 1024",
+              file=sys.stderr)
+        return 2
+    if not os.path.exists(a.blk_file):
+        print(f"kickcall vhost-user-blk: {a.blk_file}: no such file", file=sys.stderr)
+        return 2
+    loop = IOThread("vhost-user-blk")
+    try:
+        dev = VirtIOBlk("vhost-user-blk", a.blk_file, num_queues=a.num_queues, queue_size=a.max_queue_size,
+                        read_only=a.read_only, serial=a.serial or os.path.basename(a.blk_file)[:20], aio="threads",
+                        loop=loop)
+    except OSError as e:
+        print(f"kickcall vhost-user-blk: {a.blk_file}: {e.strerror}", file=sys.stderr)
+        return 2
+    if a.io_delay_ms > 0:
+        rng = random.Random()
+        dev.io_delay = lambda: rng.uniform(0, a.io_delay_ms) / 1000.0
+    try:
+        backend = VhostUserBackend(dev, socket_path=a.socket_path, listen_fd=a.fd, loop=loop, name="vhost-user-blk")
+    except OSError as e:
+        print(f"kickcall vhost-user-blk: cannot listen: {e}", file=sys.stderr)
+        dev.close()
+        return 2
+    done = threading.Event()
+    qmp = None
+    if a.qmp:
+        reg = CommandRegistry()
+        reg.add("query-status", lambda: {"status": "running", "singlestep": False, "running": True})
+        reg.add("quit", lambda: None)
+        reg.add("x-query-vhost-user-backend", lambda: loop.run_sync(backend.status))
+        qmp = QMPServer(reg, path=a.qmp, name="vhost-user-blk")
+        qmp.on_quit = done.set
+        qmp.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: done.set())
+    loop.start()
+    backend.start()
+    where = a.socket_path or f"fd {a.fd}"
+    print(f"kickcall vhost-user-blk: serving {a.blk_file} on {where}", file=sys.stderr, flush=True)
+    done.wait()
+    if qmp is not None:
+        qmp.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+    backend.stop()
+    loop.stop()
+    dev.close()
+    if qmp is not None:
+        qmp.stop()
+    return 0

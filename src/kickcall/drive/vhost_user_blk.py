@@ -1,0 +1,543 @@
+"""A vhost-user-blk front-end without a VM, for testing any back-end from the shell.
+
+It plays QEMU's part with a memfd for RAM, driver-side split rings (kickcall.guest.virtio_ring),
+an eventfd kick and call per queue, and the message order QEMU 7.2 uses.  Completions are taken
+only when the call eventfd fires (the used index decides: a spurious call is counted and
+ignored).  When the back-end dies, the driver waits for the socket, negotiates again, hands the
+inflight region back (INFLIGHT_SHMFD) and the back-end resubmits what was in flight.
+
+The workload verifies data: every block it uses is first written with a known content (block
+number, generation, CRC32 of a payload derived from both); every read is checked against the
+contents the block may hold.  A block is never the target of two requests at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import select
+import struct
+import threading
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..guest.kernel import PageAllocator
+from ..guest.virtio_ring import Vring
+from ..guest.workload import BHDR, BLK_MAGIC, block_content
+from ..memory import GuestMemory
+from ..notify import EventNotifier
+from ..virtio.blk import BLK_F_BLK_SIZE, BLK_F_FLUSH, BLK_F_MQ, BLK_F_RO, BLK_F_SEG_MAX, BLK_T_FLUSH, \
+    BLK_T_GET_ID, BLK_T_IN, BLK_T_OUT
+from ..virtio.ring import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+from ..vhost_user.frontend import BackendGone, InflightInfo, VhostUserFrontend
+from ..vhost_user.protocol import VHOST_USER_F_PROTOCOL_FEATURES, MemRegion, ProtocolError, ProtocolFeature
+
+__all__ = ["VhostUserBlkDriver", "DriverError", "run_test"]
+
+log = logging.getLogger("kickcall.drive")
+
+PF = ProtocolFeature
+USER_BASE = 0x7F00_0000_0000
+WANTED = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+          | (1 << BLK_F_FLUSH) | (1 << BLK_F_BLK_SIZE) | (1 << BLK_F_SEG_MAX) | (1 << BLK_F_MQ) | (1 << BLK_F_RO)
+          | (1 << VHOST_USER_F_PROTOCOL_FEATURES))
+PF_WANTED = (1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.CONFIG) | (1 << PF.INFLIGHT_SHMFD)
+HDR = struct.Struct("<IIQ")
+
+
+class DriverError(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class Req:
+    type: int
+    sector: int
+    nbytes: int
+    hdr: int
+    data: int
+    status: int
+    queue: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+    status_val: int = -1
+    t_submit: int = 0
+    t_done: int = 0
+    completions: int = 0
+    seq: int = 0
+    tag: object = None
+
+
+class VhostUserBlkDriver:
+    """Drive a vhost-user-blk back-end on *socket_path*."""
+
+    def __init__(self, socket_path: str, *, ram: int = 64 << 20, num_queues: int = 1, queue_size: int = 128,
+                 event_idx: bool = True, indirect: bool = True, use_inflight: bool = True,
+                 reconnect: bool = True, reconnect_wait: float = 30.0, name: str = "vu-blk") -> None:
+        self.path = socket_path
+        self.name = name
+        self.mem = GuestMemory.create(ram, f"{name}-ram")
+        self.pages = PageAllocator(0x100000, ram)
+        self.want_queues = num_queues
+        self.queue_size = queue_size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.use_inflight = use_inflight
+        self.reconnect_enabled = reconnect
+        self.reconnect_wait = reconnect_wait
+        self.fe = VhostUserFrontend(socket_path, name=name)
+        self.vqs: list[Vring] = []
+        self.kicks: list[EventNotifier] = []
+        self.calls: list[EventNotifier] = []
+        self.errs: list[EventNotifier] = []
+        self.features = 0
+        self.capacity = 0
+        self.num_queues = 0
+        self.inflight: InflightInfo | None = None
+        self.config = b""
+        self.stop_event = threading.Event()
+        self.error: str | None = None
+        self.connected = threading.Event()
+        self.reconnects = 0
+        self.spurious_calls = 0
+        self.completions = 0
+        self.out_of_order = 0
+        self.vring_errors = 0
+        self._ep: select.epoll | None = None
+        self._thread: threading.Thread | None = None
+        self._wake = EventNotifier(f"{name}-wake")
+        self._submit_seq = 0
+        self._last_done_seq = [0] * 64
+
+    # -- setup (QEMU 7.2's order) -------------------------------------------------------------------
+    def _realize(self) -> None:
+        fe = self.fe
+        offered = fe.get_features()
+        if not offered >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            raise DriverError("the back-end does not offer VHOST_USER_F_PROTOCOL_FEATURES")
+        pf = fe.get_protocol_features() & PF_WANTED
+        if not self.use_inflight:
+            pf &= ~(1 << PF.INFLIGHT_SHMFD)
+        fe.set_protocol_features(pf)
+        nq = fe.get_queue_num() if pf >> PF.MQ & 1 else 1
+        self.num_queues = min(self.want_queues, nq)
+        if self.num_queues < self.want_queues:
+            raise DriverError(f"the back-end has {nq} queues, {self.want_queues} wanted")
+        fe.set_owner()
+        fe.get_features()
+        for i in range(self.num_queues):
+            fe.set_vring_call(i, self.calls[i].fd if i < len(self.calls) else None)
+            fe.set_vring_err(i, self.errs[i].fd if i < len(self.errs) else None)
+        if pf >> PF.CONFIG & 1:
+            self.config = fe.get_config(0, 60)
+            self.capacity = struct.unpack_from("<Q", self.config)[0]
+
+    def _start(self, first: bool) -> None:
+        fe = self.fe
+        if fe.has_pf(PF.INFLIGHT_SHMFD):
+            if self.inflight is None:
+                self.inflight = fe.get_inflight_fd(self.num_queues, self.queue_size)
+            fe.set_inflight_fd(self.inflight)
+        f = fe.backend_features & WANTED
+        if not self.event_idx:
+            f &= ~(1 << VIRTIO_RING_F_EVENT_IDX)
+        if not self.indirect:
+            f &= ~(1 << VIRTIO_RING_F_INDIRECT_DESC)
+        if first:
+            self.features = f
+        fe.set_features(self.features)
+        regions, fds = self.mem.layout()
+        mr = [MemRegion(r["gpa"], r["size"], USER_BASE + r["gpa"], r["block_offset"]) for r in regions]
+        fe.set_mem_table(mr, [fds[r["block"]] for r in regions])
+        for i in range(self.num_queues):
+            vq = self.vqs[i]
+            fe.set_vring_num(i, vq.num)
+            # after a crash the back-end's position is unknown: start from the used index
+            base = 0 if first else vq.used_idx()
+            fe.set_vring_base(i, base)
+            fe.set_vring_addr(i, USER_BASE + vq.desc, USER_BASE + vq.used, USER_BASE + vq.avail)
+            fe.set_vring_kick(i, self.kicks[i].fd)
+            fe.set_vring_call(i, self.calls[i].fd)
+        for i in range(self.num_queues):
+            fe.set_vring_enable(i, True)
+
+    def connect(self, wait: float = 10.0) -> None:
+        self.fe.connect(wait=wait)
+        nq = self.want_queues
+        if not self.vqs:
+            self.kicks = [EventNotifier(f"{self.name}.vq{i}.kick") for i in range(nq)]
+            self.calls = [EventNotifier(f"{self.name}.vq{i}.call") for i in range(nq)]
+            self.errs = [EventNotifier(f"{self.name}.vq{i}.err") for i in range(nq)]
+        self._realize()
+        if not self.vqs:
+            ei = bool(self.fe.backend_features >> VIRTIO_RING_F_EVENT_IDX & 1) and self.event_idx
+            ind = bool(self.fe.backend_features >> VIRTIO_RING_F_INDIRECT_DESC & 1) and self.indirect
+            self.event_idx, self.indirect = ei, ind
+            for i in range(self.num_queues):
+                self.vqs.append(Vring(self.mem, self.pages.alloc, i, self.queue_size, event_idx=ei, indirect=ind,
+                                      notify=lambda vr: self.kicks[vr.index].set(), name=f"req.{i}"))
+            self._start(first=True)
+            self._ep = select.epoll()
+            for i in range(self.num_queues):
+                self._ep.register(self.calls[i].fd, select.EPOLLIN)
+                self._ep.register(self.errs[i].fd, select.EPOLLIN)
+            self._ep.register(self._wake.fd, select.EPOLLIN)
+            self._watch_socket()
+            self._thread = threading.Thread(target=self._completions, name=f"{self.name}-completions", daemon=True)
+            self._thread.start()
+        else:
+            self._start(first=False)
+            self._watch_socket()
+        self.connected.set()
+
+    def _watch_socket(self) -> None:
+        assert self._ep is not None and self.fe.sock is not None
+        self._sock_fd = self.fe.sock.fileno()
+        self._ep.register(self._sock_fd, select.EPOLLIN | select.EPOLLRDHUP)
+
+    def close(self) -> None:
+        self.stop_event.set()
+        try:
+            self._wake.set()
+        except Exception:
+            pass
+        if self._thread is not None:
+            self._thread.join(10)
+        if self.fe.connected:
+            try:
+                for i in range(self.num_queues):
+                    self.fe.set_vring_enable(i, False)
+                for i in range(self.num_queues):
+                    self.fe.get_vring_base(i)
+            except (BackendGone, ProtocolError, OSError):
+                pass
+        self.fe.close()
+        if self._ep is not None:
+            self._ep.close()
+        for n in self.kicks + self.calls + self.errs + [self._wake]:
+            n.close()
+        for vq in self.vqs:
+            vq.release()
+        if self.inflight is not None:
+            os.close(self.inflight.fd)
+        self.mem.close()
+
+    # -- completions and reconnect ----------------------------------------------------------------------
+    def _completions(self) -> None:
+        assert self._ep is not None
+        call_fds = {self.calls[i].fd: i for i in range(self.num_queues)}
+        err_fds = {self.errs[i].fd: i for i in range(self.num_queues)}
+        while not self.stop_event.is_set():
+            try:
+                events = self._ep.poll(1.0)
+            except InterruptedError:
+                continue
+            for fd, _ev in events:
+                if fd in call_fds:
+                    if self.calls[call_fds[fd]].test_and_clear():
+                        self._reap(call_fds[fd])
+                elif fd in err_fds:
+                    if self.errs[err_fds[fd]].test_and_clear():
+                        self.vring_errors += 1
+                        self.error = f"the back-end reported a ring error on queue {err_fds[fd]}"
+                elif fd == self._wake.fd:
+                    self._wake.test_and_clear()
+                elif fd == getattr(self, "_sock_fd", -1):
+                    self._ep.unregister(fd)
+                    self._backend_died()
+
+    def _reap(self, q: int) -> None:
+        vq = self.vqs[q]
+        got_any = False
+        while True:
+            with vq.lock:
+                vq.disable_cb()
+                done = []
+                while True:
+                    try:
+                        g = vq.get_buf()
+                    except RuntimeError as e:
+                        self.error = f"queue {q}: {e}"
+                        return
+                    if g is None:
+                        break
+                    done.append(g[0])
+                again = not vq.enable_cb()
+            for r in done:
+                got_any = True
+                r.completions += 1
+                r.status_val = self.mem.read(r.status, 1)[0]
+                r.t_done = time.monotonic_ns()
+                if r.seq < self._last_done_seq[q]:
+                    self.out_of_order += 1
+                self._last_done_seq[q] = max(self._last_done_seq[q], r.seq)
+                self.completions += 1
+                r.done.set()
+            if not again:
+                break
+        if not got_any:
+            self.spurious_calls += 1
+
+    def _backend_died(self) -> None:
+        self.connected.clear()
+        self.fe.close()
+        if not self.reconnect_enabled or self.stop_event.is_set():
+            self.error = self.error or "the back-end went away"
+            return
+        log.warning("%s: the back-end went away; waiting for it to come back", self.name)
+        threading.Thread(target=self._reconnect, name=f"{self.name}-reconnect", daemon=True).start()
+
+    def _reconnect(self) -> None:
+        deadline = time.monotonic() + self.reconnect_wait
+        while not self.stop_event.is_set():
+            try:
+                self.connect(wait=max(0.1, deadline - time.monotonic()))
+                self.reconnects += 1
+                log.warning("%s: reconnected", self.name)
+                # any completion that landed while we were away is in the used ring
+                for q in range(self.num_queues):
+                    self._reap(q)
+                return
+            except (BackendGone, ProtocolError, OSError) as e:
+                self.fe.close()
+                if time.monotonic() > deadline:
+                    self.error = f"reconnect failed: {e}"
+                    return
+                time.sleep(0.05)
+
+    # -- requests --------------------------------------------------------------------------------------
+    def new_req(self, nbytes: int) -> Req:
+        hdr = self.pages.alloc(4096)
+        data = self.pages.alloc(max(nbytes, 1)) if nbytes else 0
+        return Req(BLK_T_IN, 0, nbytes, hdr, data, hdr + 2048)
+
+    def free_req(self, r: Req) -> None:
+        self.pages.free(r.hdr)
+        if r.data:
+            self.pages.free(r.data)
+
+    def submit(self, q: int, reqs: list[tuple[Req, int, int, int]]) -> int:
+        """Queue (req, type, sector, nbytes) items on queue *q* and kick once; returns how many went in."""
+        vq = self.vqs[q]
+        n = 0
+        with vq.lock:
+            for r, rtype, sector, nbytes in reqs:
+                r.type, r.sector, r.nbytes, r.queue = rtype, sector, nbytes, q
+                r.completions = 0
+                r.done.clear()
+                r.status_val = -1
+                self.mem.write(r.hdr, HDR.pack(rtype, 0, sector))
+                self.mem.write(r.status, b"\xff")
+                out = [(r.hdr, 16)]
+                inn = []
+                if rtype == BLK_T_OUT:
+                    out.append((r.data, nbytes))
+                elif rtype in (BLK_T_IN, BLK_T_GET_ID):
+                    inn.append((r.data, nbytes))
+                inn.append((r.status, 1))
+                self._submit_seq += 1
+                r.seq = self._submit_seq
+                r.t_submit = time.monotonic_ns()
+                if not vq.add(out, inn, r):
+                    break
+                n += 1
+            needs = vq.kick_prepare() if n else False
+        if needs:
+            vq.notify()
+        return n
+
+    def io(self, rtype: int, sector: int, nbytes: int, data: bytes | None = None, q: int = 0,
+           timeout: float = 30.0) -> tuple[int, bytes]:
+        r = self.new_req(nbytes)
+        try:
+            if data is not None:
+                self.mem.write(r.data, data)
+            if self.submit(q, [(r, rtype, sector, nbytes)]) != 1:
+                raise DriverError("queue full")
+            if not r.done.wait(timeout):
+                raise DriverError(f"request not completed within {timeout}s ({self.error or 'no error seen'})")
+            out = self.mem.read(r.data, nbytes) if rtype in (BLK_T_IN, BLK_T_GET_ID) and nbytes else b""
+            return r.status_val, out
+        finally:
+            self.free_req(r)
+
+    def in_flight(self, q: int = 0) -> tuple[int, int, int]:
+        """(avail.idx, the back-end's avail_event, used.idx) read from the ring: with EVENT_IDX,
+        avail_event - used.idx is what the back-end has taken and not completed."""
+        vq = self.vqs[q]
+        return vq.avail_idx_shadow, vq._u16[vq._ae], vq.used_idx()
+
+
+class BlkVerifyWorkload:
+    """Data-verified random I/O from submitter threads, one per queue."""
+
+    def __init__(self, drv: VhostUserBlkDriver, *, depth: int = 16, block_size: int = 4096, read_ratio: float = 0.5,
+                 nblocks: int = 256, seed: int = 1, stall_timeout: float = 30.0) -> None:
+        self.drv = drv
+        self.depth = depth
+        self.bs = block_size
+        self.read_ratio = read_ratio
+        cap_blocks = drv.capacity * 512 // block_size if drv.capacity else nblocks
+        self.nblocks = max(1, min(nblocks, cap_blocks))
+        self.seed = seed
+        self.stall_timeout = stall_timeout
+        self.acceptable: dict[int, set[int]] = {}
+        self.errors: list[str] = []
+        self.ops = self.reads = self.writes = 0
+        self.latencies: deque = deque(maxlen=50000)
+        self.stop_event = threading.Event()
+        self._gen = 1
+        self._mu = threading.Lock()
+        self.duplicates = 0
+
+    def prefill(self) -> None:
+        """Write every block of the working set once (generation 1), so every read can be checked."""
+        d = self.drv
+        for b in range(self.nblocks):
+            st, _ = d.io(BLK_T_OUT, b * self.bs // 512, self.bs, block_content(b, 1, self.bs),
+                         q=b % d.num_queues, timeout=self.stall_timeout)
+            if st != 0:
+                raise DriverError(f"prefill of block {b} failed with status {st}")
+            self.acceptable[b] = {1}
+        self._gen = 2
+
+    def run(self, duration: float) -> None:
+        d = self.drv
+        threads = [threading.Thread(target=self._queue_loop, args=(q, duration), name=f"wl-q{q}", daemon=True)
+                   for q in range(d.num_queues)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(duration + self.stall_timeout + 30)
+        self.elapsed = time.monotonic() - t0
+
+    def _queue_loop(self, q: int, duration: float) -> None:
+        d = self.drv
+        rng = random.Random(self.seed * 97 + q)
+        per_q = max(1, self.depth // d.num_queues)
+        owned = list(range(q, self.nblocks, d.num_queues))
+        if not owned:
+            return
+        slots = [d.new_req(self.bs) for _ in range(per_q)]
+        free = list(slots)
+        inflight: set[Req] = set()
+        busy: set[int] = set()
+        end = time.monotonic() + duration
+        try:
+            while True:
+                stopping = time.monotonic() >= end or self.stop_event.is_set() or d.error
+                if not stopping and free:
+                    batch = []
+                    while free:
+                        b = owned[rng.randrange(len(owned))]
+                        if b in busy:
+                            break
+                        r = free.pop()
+                        busy.add(b)
+                        if rng.random() < self.read_ratio:
+                            r.tag = (b, None)
+                            batch.append((r, BLK_T_IN, b * self.bs // 512, self.bs))
+                        else:
+                            with self._mu:
+                                g = self._gen
+                                self._gen += 1
+                            d.mem.write(r.data, block_content(b, g, self.bs))
+                            self.acceptable.setdefault(b, set()).add(g)
+                            r.tag = (b, g)
+                            batch.append((r, BLK_T_OUT, b * self.bs // 512, self.bs))
+                    n = d.submit(q, batch)
+                    for r, *_ in batch[:n]:
+                        inflight.add(r)
+                    for r, *_ in batch[n:]:
+                        busy.discard(r.tag[0])
+                        free.append(r)
+                if not inflight:
+                    if stopping:
+                        return
+                    continue
+                deadline = time.monotonic() + self.stall_timeout
+                got = []
+                while not got:
+                    got = [r for r in list(inflight) if r.done.is_set()]
+                    if got:
+                        break
+                    if time.monotonic() > deadline:
+                        self.errors.append(f"queue {q}: {len(inflight)} requests not completed within "
+                                           f"{self.stall_timeout}s ({d.error or 'no error reported'})")
+                        return
+                    next(iter(inflight)).done.wait(0.05)
+                for r in got:
+                    inflight.discard(r)
+                    self._check(r)
+                    busy.discard(r.tag[0])
+                    free.append(r)
+        finally:
+            for r in free:
+                d.free_req(r)
+
+    def _check(self, r: Req) -> None:
+        b, gen = r.tag
+        self.ops += 1
+        self.latencies.append(r.t_done - r.t_submit)
+        if r.completions != 1:
+            self.duplicates += 1
+            self.errors.append(f"block {b}: request completed {r.completions} times")
+        if r.status_val != 0:
+            self.errors.append(f"block {b}: status {r.status_val}")
+            return
+        acc = self.acceptable.setdefault(b, set())
+        if gen is not None:
+            self.writes += 1
+            self.acceptable[b] = {gen}
+            return
+        self.reads += 1
+        data = self.drv.mem.read(r.data, self.bs)
+        magic, blk, g, crc = BHDR.unpack_from(data)
+        if magic != BLK_MAGIC or blk != b or zlib.crc32(data[BHDR.size:]) != crc or g not in acc:
+            self.errors.append(f"block {b}: read {magic!r} block {blk} generation {g}, expected {sorted(acc)}")
+        elif data != block_content(b, g, self.bs):
+            self.errors.append(f"block {b}: generation {g} payload corrupt")
+
+    def result(self) -> dict:
+        lat = sorted(self.latencies)
+
+        def pct(p: float) -> float:
+            return lat[min(len(lat) - 1, int(p * len(lat)))] / 1000.0 if lat else 0.0
+
+        el = getattr(self, "elapsed", 0.0)
+        return {"ops": self.ops, "reads": self.reads, "writes": self.writes, "iops": self.ops / el if el else 0.0,
+                "lat_us_p50": pct(0.5), "lat_us_p90": pct(0.9), "lat_us_p99": pct(0.99),
+                "errors": self.errors[:20], "error_count": len(self.errors), "duplicates": self.duplicates}
+
+
+def run_test(socket_path: str, *, depth: int = 16, block_size: int = 4096, duration: float = 5.0,
+             read_ratio: float = 0.5, queues: int = 1, nblocks: int = 256, queue_size: int = 128,
+             use_inflight: bool = True, connect_wait: float = 10.0) -> dict:
+    """Connect, prefill, run the verified workload, disconnect; the result dict has IOPS, latency
+    percentiles and every error."""
+    drv = VhostUserBlkDriver(socket_path, num_queues=queues, queue_size=queue_size, use_inflight=use_inflight)
+    try:
+        drv.connect(wait=connect_wait)
+        st, ident = drv.io(BLK_T_GET_ID, 0, 20)
+        wl = BlkVerifyWorkload(drv, depth=depth, block_size=block_size, read_ratio=read_ratio, nblocks=nblocks)
+        wl.prefill()
+        wl.run(duration)
+        res = wl.result()
+        res.update(get_id_status=st, serial=ident.rstrip(b"\0").decode(errors="replace"),
+                   capacity_sectors=drv.capacity, queues=drv.num_queues, spurious_calls=drv.spurious_calls,
+                   reconnects=drv.reconnects, out_of_order=drv.out_of_order, backend_error=drv.error,
+                   messages=list(drv.fe.sent[:40]))
+        if drv.error:
+            res["errors"].append(drv.error)
+            res["error_count"] += 1
+        st, _ = drv.io(BLK_T_FLUSH, 0, 0)
+        if st != 0:
+            res["errors"].append(f"flush failed with status {st}")
+            res["error_count"] += 1
+        return res
+    finally:
+        drv.close()
+
