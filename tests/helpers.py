@@ -93,7 +93,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL(None).prctl(1, _signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
-def spawn(argv: list[str], **kw) -> "subprocess.Popen":
+def spawn(argv: list[str], **kw):
     """Start a process in its own process group that dies with the test process."""
     import subprocess
 
