@@ -118,16 +118,18 @@ class IOThread:
                 pass
 
     # -- fd handlers ----------------------------------------------------------------------------
-    def set_fd_handler(self, fd: int, handler: Callable[[], None]) -> None:
-        """Call *handler()* on the loop thread whenever *fd* is readable (level-triggered)."""
+    def set_fd_handler(self, fd: int, handler: Callable[[], None], events: int = select.EPOLLIN) -> None:
+        """Call *handler()* on the loop thread whenever *fd* is readable (level-triggered), or for
+        whatever other epoll *events* are asked (EPOLLRDHUP: the peer hung up)."""
         with self._mu:
             if self._stopping:
                 raise LoopStopped(self.name)
             if fd in self._handlers:
                 self._handlers[fd] = handler
+                self._ep.modify(fd, events)
                 return
             self._handlers[fd] = handler
-            self._ep.register(fd, select.EPOLLIN)
+            self._ep.register(fd, events)
 
     def remove_fd_handler(self, fd: int) -> bool:
         """Stop watching *fd*.  Returns only once the handler is not running (from another thread).

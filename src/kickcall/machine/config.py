@@ -98,9 +98,11 @@ class DeviceConfig:
     read_only: bool = False
     aio: str = "threads"
     serial: str = ""
-    # virtio-net
+    # virtio-net: loopback | socketpair; virtio-blk: file | vhost-user
     backend: str = "loopback"
     queue_pairs: int = 1
+    socket: str = ""  # virtio-blk with backend = "vhost-user": the back-end's socket
+    inflight: bool = True  # vhost-user: negotiate INFLIGHT_SHMFD when the back-end offers it
 
 
 @dataclass
@@ -226,16 +228,25 @@ def parse_config(text: str, source: str = "<config>") -> MachineConfig:
         if dc.queue_size & (dc.queue_size - 1):
             raise d.err("queue-size", f"must be a power of two, got {dc.queue_size}")
         if t == "virtio-blk":
-            dc.image = d.str("image", "")
-            dc.size = d.size("size", 16 << 20, 64 << 10, 64 << 30)
-            if dc.size % 4096:
-                raise d.err("size", "must be a multiple of 4096")
+            dc.backend = d.str("backend", "file", ("file", "vhost-user"))
             dc.queues = d.int("queues", 1, 1, 16)
-            dc.read_only = d.bool("read-only", False)
-            dc.aio = d.str("aio", "threads", ("threads", "sync"))
-            dc.serial = d.str("serial", "")
-            if len(dc.serial) > 20:
-                raise d.err("serial", "must be at most 20 characters")
+            if dc.backend == "vhost-user":
+                dc.socket = d.str("socket", "")
+                if not dc.socket:
+                    raise d.err("socket", "a vhost-user back-end needs the path of its socket")
+                if len(dc.socket.encode()) > 107:
+                    raise d.err("socket", "Unix socket paths must be shorter than 108 bytes")
+                dc.inflight = d.bool("inflight", True)
+            else:
+                dc.image = d.str("image", "")
+                dc.size = d.size("size", 16 << 20, 64 << 10, 64 << 30)
+                if dc.size % 4096:
+                    raise d.err("size", "must be a multiple of 4096")
+                dc.read_only = d.bool("read-only", False)
+                dc.aio = d.str("aio", "threads", ("threads", "sync"))
+                dc.serial = d.str("serial", "")
+                if len(dc.serial) > 20:
+                    raise d.err("serial", "must be at most 20 characters")
         else:
             dc.backend = d.str("backend", "loopback", ("loopback", "socketpair"))
             dc.queue_pairs = d.int("queue-pairs", 1, 1, 8)

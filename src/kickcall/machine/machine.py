@@ -94,7 +94,16 @@ class Machine:
 
     # -- devices ---------------------------------------------------------------------------------------
     def _add_device(self, dc: DeviceConfig) -> None:
-        if dc.type == "virtio-blk":
+        if dc.type == "virtio-blk" and dc.backend == "vhost-user":
+            from ..vhost_user.device import VhostUserBlkDevice
+
+            try:
+                vdev = VhostUserBlkDevice(dc.id, dc.socket, num_queues=dc.queues, queue_size=dc.queue_size,
+                                          registry=self.registry, loop=self.iothread, use_inflight=dc.inflight)
+            except Exception as e:  # cannot connect, or the back-end broke the protocol
+                raise MachineError(f"device {dc.id}: vhost-user back-end at {dc.socket}: {e}") from e
+            class_code = 0x010000
+        elif dc.type == "virtio-blk":
             image = dc.image
             if not image:
                 image = os.path.join(self.workdir, f"{dc.id}.img")
@@ -224,6 +233,9 @@ class Machine:
         if self._stopped:
             return
         self._stopped = True
+        for p in self.devices.values():  # a back-end going away now is no reason to reconnect
+            if hasattr(p.vdev, "reconnect_enabled"):
+                p.vdev.reconnect_enabled = False
         if self.started and not self._gone.is_set():
             if not self.running:
                 try:

@@ -113,6 +113,12 @@ class MSIX:
     def is_pending(self, v: int) -> bool:
         return bool(self.pba[v // 8] & (1 << (v % 8)))
 
+    def set_pending(self, v: int) -> None:
+        """Mark *v* pending (a call found parked in an eventfd while the vector was masked)."""
+        if 0 <= v < self.nvectors and self.use_count[v]:
+            self._set_pending(v)
+            self.pended[v] += 1
+
     def _set_pending(self, v: int) -> None:
         self.pba[v // 8] |= 1 << (v % 8)
 

@@ -157,6 +157,21 @@ class VirtIODevice:
     def device_reset(self) -> None:
         """Device-specific reset."""
 
+    # -- hooks for devices whose queues a back-end serves (vhost); local devices do nothing ----------
+    def backend_start(self) -> None:
+        """DRIVER_OK: hand the queues to the back-end (after the transport set up its notifiers)."""
+
+    def backend_stop(self) -> None:
+        """Leaving DRIVER_OK or reset: take the queues back from the back-end."""
+
+    def guest_notifier_mask(self, vq: VirtQueue, masked: bool | None) -> None:
+        """The queue's vector was masked (True) or unmasked (False), or the guest notifier is going
+        away (None): a vhost device switches the back-end's call fd accordingly (acknowledged)."""
+
+    def masked_notifier(self, vq: VirtQueue):
+        """The notifier the transport polls while vq's vector is masked (None: the guest notifier)."""
+        return None
+
     def release_rings(self) -> None:
         """Drop every view into guest RAM (before the RAM is unmapped)."""
         for q in self.queues:

@@ -107,6 +107,7 @@ class VirtIOPCIProxy(PCIDevice):
         self._irqfd_on: set[int] = set()
         self.kicks_while_grabbed = 0
         self.kicks_while_stopped = 0
+        self.mask_windows: list[tuple[int, bool]] = []  # (queue, a call landed while masked), per unmask
         self.calls_no_vector = 0
         self.intx_calls = 0
         nq = len(vdev.queues)
@@ -258,6 +259,7 @@ class VirtIOPCIProxy(PCIDevice):
         v = self.vdev
         val &= 0xFF
         if not val & DRIVER_OK:
+            v.backend_stop()  # a vhost device stops its back-end first (QEMU's vhost_dev_stop)
             self.stop_ioeventfd()
             self._set_guest_notifiers(False)
         if val & FEATURES_OK and not v.status & FEATURES_OK:
@@ -266,11 +268,13 @@ class VirtIOPCIProxy(PCIDevice):
         v.set_status(val)
         if val & DRIVER_OK and self.bus_master:
             self._set_guest_notifiers(True)
+            v.backend_start()  # a vhost device hands its queues to the back-end (it grabs the notifiers)
             self.start_ioeventfd()
         if v.status == 0:
             self.virtio_reset()
 
     def virtio_reset(self) -> None:
+        self.vdev.backend_stop()
         self.stop_ioeventfd()
         self._set_guest_notifiers(False)
         m = self.msix
@@ -294,6 +298,7 @@ class VirtIOPCIProxy(PCIDevice):
     def bus_master_changed(self, enabled: bool) -> None:
         if not enabled:
             # no more DMA: stop the host notifiers and clear DRIVER_OK (QEMU's virtio_write_config)
+            self.vdev.backend_stop()
             self.stop_ioeventfd()
             self._set_guest_notifiers(False)
             if self.vdev.status & DRIVER_OK:
@@ -495,10 +500,12 @@ class VirtIOPCIProxy(PCIDevice):
         q.guest_notifier = n
         q._gsi = gsi  # type: ignore[attr-defined]
         if self.msix.is_masked(v):
+            self.vdev.guest_notifier_mask(q, True)
             self._start_polling(q)
         else:
             self.vm.irqfd(n, gsi)
             self._irqfd_on.add(q.index)
+            self.vdev.guest_notifier_mask(q, False)
 
     def _unbind_guest_notifier(self, q: VirtQueue) -> None:
         n = q.guest_notifier
@@ -509,6 +516,7 @@ class VirtIOPCIProxy(PCIDevice):
             self.vm.irqfd(n, q._gsi, deassign=True)  # type: ignore[attr-defined]
             self._irqfd_on.discard(q.index)
         self._stop_polling(q)
+        self.vdev.guest_notifier_mask(q, None)  # a back-end gets the polled fallback notifier
         q.guest_notifier = None
         if n.test_and_clear():  # a call made just before the teardown: deliver it the slow way
             self.notify_vector(q.vector)
@@ -516,28 +524,34 @@ class VirtIOPCIProxy(PCIDevice):
         n.close()
         self._vector_put(q.vector)
 
+    def _poll_target(self, q: VirtQueue):
+        """What the VMM polls while q's vector is masked: a vhost device's masked notifier (the
+        back-end's call fd was switched to it), else the guest notifier itself."""
+        return self.vdev.masked_notifier(q) or q.guest_notifier
+
     def _start_polling(self, q: VirtQueue) -> None:
-        n = q.guest_notifier
+        n = self._poll_target(q)
         if n is None or q.index in self._polling:
             return
         self._polling.add(q.index)
-        self.registry.update(n, note="masked: polled by the VMM into the PBA")
+        if n is q.guest_notifier:
+            self.registry.update(n, note="masked: polled by the VMM into the PBA")
         if self.iothread is not None:
-            self.iothread.set_fd_handler(n.fileno(), lambda q=q: self._guest_notifier_read(q))
+            self.iothread.set_fd_handler(n.fileno(), lambda q=q, n=n: self._masked_read(q, n))
 
     def _stop_polling(self, q: VirtQueue) -> None:
-        n = q.guest_notifier
         if q.index not in self._polling:
             return
         self._polling.discard(q.index)
+        n = self._poll_target(q)
         if n is not None:
-            self.registry.update(n, note="")
+            if n is q.guest_notifier:
+                self.registry.update(n, note="")
             if self.iothread is not None:
                 self.iothread.remove_fd_handler(n.fileno())
 
-    def _guest_notifier_read(self, q: VirtQueue) -> None:
-        n = q.guest_notifier
-        if n is not None and n.test_and_clear():
+    def _masked_read(self, q: VirtQueue, n) -> None:
+        if n.test_and_clear():
             self.notify_vector(q.vector)
 
     def _queues_on_vector(self, v: int) -> list[VirtQueue]:
@@ -550,11 +564,20 @@ class VirtIOPCIProxy(PCIDevice):
         for q in self._queues_on_vector(v):
             if _t_vector.enabled:
                 _t_vector.emit(dev=self.name, queue=q.index, vector=v, masked=False)
+            # a back-end calls the guest notifier again (acknowledged) before the poll stops
+            self.vdev.guest_notifier_mask(q, False)
+            saw = self.msix is not None and self.msix.is_pending(v)
+            masked_n = self.vdev.masked_notifier(q)
             self._stop_polling(q)
+            if masked_n is not None and masked_n.test_and_clear():
+                saw = True
+                if self.msix is not None:
+                    self.msix.set_pending(v)  # delivered once by the unmask, below us
             if q.index not in self._irqfd_on:
                 assert self.vm is not None and q.guest_notifier is not None
                 self.vm.irqfd(q.guest_notifier, q._gsi)  # type: ignore[attr-defined]
                 self._irqfd_on.add(q.index)
+            self.mask_windows.append((q.index, saw))
 
     def _vector_mask(self, v: int) -> None:
         for q in self._queues_on_vector(v):
@@ -564,16 +587,17 @@ class VirtIOPCIProxy(PCIDevice):
                 assert self.vm is not None and q.guest_notifier is not None
                 self.vm.irqfd(q.guest_notifier, q._gsi, deassign=True)  # type: ignore[attr-defined]
                 self._irqfd_on.discard(q.index)
+            self.vdev.guest_notifier_mask(q, True)  # a back-end now calls the masked notifier (acknowledged)
             self._start_polling(q)
 
     def _vector_poll(self, first: int, end: int) -> None:
         m = self.msix
         assert m is not None
         for q in self.vdev.queues:
-            n = q.guest_notifier
-            if n is None or not first <= q.vector < end or not m.is_masked(q.vector):
+            if q.guest_notifier is None or not first <= q.vector < end or not m.is_masked(q.vector):
                 continue
-            if n.test_and_clear():
+            n = self._poll_target(q)
+            if n is not None and n.test_and_clear():
                 m.notify(q.vector)
 
     def notify_vector(self, v: int) -> None:
