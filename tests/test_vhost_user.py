@@ -64,7 +64,7 @@ def test_backend_sigkill_with_requests_in_flight_loses_nothing(workdir, inflight
     be2 = None
     try:
         drv.connect(wait=10)
-        wl = BlkVerifyWorkload(drv, depth=16, nblocks=128, stall_timeout=60)
+        wl = BlkVerifyWorkload(drv, depth=16, nblocks=128, stall_timeout=30 if inflight else 10)
         wl.prefill()
         t = threading.Thread(target=wl.run, args=(8.0,), daemon=True)
         t.start()

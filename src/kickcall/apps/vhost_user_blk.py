@@ -18,7 +18,8 @@ import threading
 
 from ..loop import IOThread
 from ..monitor import CommandRegistry, QMPServer
-from ..vhost_user.backend import VhostUserBackend
+from ..vhost_user.backend import DEFAULT_PROTOCOL_FEATURES, VhostUserBackend
+from ..vhost_user.protocol import ProtocolFeature
 from ..virtio.blk import VirtIOBlk
 
 log = logging.getLogger("kickcall.vhost-user-blk")
@@ -37,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue-size", type=int, default=1024, help="largest queue size accepted (default 1024)")
     p.add_argument("--serial", default="", help="the get-id string (default: the image's name)")
     p.add_argument("--qmp", metavar="PATH", help="a QMP monitor on this Unix socket")
+    p.add_argument("--no-mem-slots", action="store_true",
+                   help="do not offer CONFIGURE_MEM_SLOTS (the front-end then uses SET_MEM_TABLE)")
+    p.add_argument("--no-inflight", action="store_true", help="do not offer INFLIGHT_SHMFD")
     p.add_argument("--io-delay-ms", type=float, default=0.0,
                    help="fault knob: stall each I/O a random 0..N ms (completions then come out of order)")
 
@@ -69,8 +73,14 @@ def main(a: argparse.Namespace) -> int:
     if a.io_delay_ms > 0:
         rng = random.Random()
         dev.io_delay = lambda: rng.uniform(0, a.io_delay_ms) / 1000.0
+    pf = DEFAULT_PROTOCOL_FEATURES
+    if a.no_mem_slots:
+        pf &= ~(1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    if a.no_inflight:
+        pf &= ~(1 << ProtocolFeature.INFLIGHT_SHMFD)
     try:
-        backend = VhostUserBackend(dev, socket_path=a.socket_path, listen_fd=a.fd, loop=loop, name="vhost-user-blk")
+        backend = VhostUserBackend(dev, socket_path=a.socket_path, listen_fd=a.fd, loop=loop, name="vhost-user-blk",
+                                   protocol_features=pf)
     except OSError as e:
         print(f"kickcall vhost-user-blk: cannot listen: {e}", file=sys.stderr)
         dev.close()
@@ -81,7 +91,8 @@ def main(a: argparse.Namespace) -> int:
         reg = CommandRegistry()
         reg.add("query-status", lambda: {"status": "running", "singlestep": False, "running": True})
         reg.add("quit", lambda: None)
-        reg.add("x-query-vhost-user-backend", lambda: loop.run_sync(backend.status))
+        reg.add("x-query-vhost-user-backend", lambda: loop.run_sync(
+            lambda: dict(backend.status(), messages=dict(backend.message_counts))))
         qmp = QMPServer(reg, path=a.qmp, name="vhost-user-blk")
         qmp.on_quit = done.set
         qmp.start()

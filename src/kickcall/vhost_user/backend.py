@@ -409,13 +409,14 @@ class VhostUserBackend:
             mem = VhostMemory()
             fds = list(msg.fds)
             msg.fds = []
+            used = 0  # fds now owned by mem
             try:
                 for reg, fd in zip(regions, fds, strict=True):
                     mem.add_user_region(reg, fd)
-                    fds.remove(fd)
+                    used += 1
             except BaseException:
                 mem.close()
-                for fd in fds:
+                for fd in fds[used:]:
                     os.close(fd)
                 raise
             self._swap_memory(mem)

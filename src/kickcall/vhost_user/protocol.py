@@ -34,7 +34,9 @@ MEM_REGIONS_HDR = struct.Struct("=II")  # nregions, padding
 MEM_REGION = struct.Struct("=QQQQ")  # guest_phys_addr, memory_size, userspace_addr, mmap_offset
 SINGLE_MEM_REGION = struct.Struct("=Q" + "QQQQ")  # padding, region
 CONFIG_HDR = struct.Struct("=III")  # offset, size, flags
-INFLIGHT = struct.Struct("=QQHH")  # mmap_size, mmap_offset, num_queues, queue_size
+# mmap_size, mmap_offset, num_queues, queue_size -- padded to 24 bytes like the C struct (QEMU 7.2
+# sends 24; the field list alone would suggest 20)
+INFLIGHT = struct.Struct("=QQHH4x")
 LOG = struct.Struct("=QQ")  # mmap_size, mmap_offset
 VRING_AREA = struct.Struct("=QQQ")  # u64 (index|flags), size, offset
 
