@@ -195,7 +195,8 @@ class VhostUserBlkDriver:
     def _watch_socket(self) -> None:
         assert self._ep is not None and self.fe.sock is not None
         self._sock_fd = self.fe.sock.fileno()
-        self._ep.register(self._sock_fd, select.EPOLLIN | select.EPOLLRDHUP)
+        # the hang-up only: replies on this socket belong to whoever sent the request
+        self._ep.register(self._sock_fd, select.EPOLLRDHUP)
 
     def close(self) -> None:
         self.stop_event.set()
@@ -362,6 +363,15 @@ class VhostUserBlkDriver:
             return r.status_val, out
         finally:
             self.free_req(r)
+
+    def out_of_order_now(self, q: int = 0) -> bool:
+        """True when a completed request is newer than the oldest one still in flight: the completed
+        ones are then not a prefix of the ring, and restarting a back-end from used.idx without
+        knowing what it had taken would redo a completed request and skip an in-flight one."""
+        vq = self.vqs[q]
+        with vq.lock:
+            pending = [t.seq for t in vq.data if t is not None and not t.done.is_set()]
+        return bool(pending) and self._last_done_seq[q] > min(pending)
 
     def in_flight(self, q: int = 0) -> tuple[int, int, int]:
         """(avail.idx, the back-end's avail_event, used.idx) read from the ring: with EVENT_IDX,

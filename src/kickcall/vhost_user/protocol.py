@@ -173,8 +173,11 @@ class MemRegion:
     user_addr: int
     mmap_offset: int
 
+    def pack_fields(self) -> tuple[int, int, int, int]:
+        return self.guest_addr, self.size, self.user_addr, self.mmap_offset
+
     def pack(self) -> bytes:
-        return MEM_REGION.pack(self.guest_addr, self.size, self.user_addr, self.mmap_offset)
+        return MEM_REGION.pack(*self.pack_fields())
 
 
 def pack_regions(regions: list[MemRegion]) -> bytes:
