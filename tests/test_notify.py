@@ -235,7 +235,8 @@ def test_adopt_of_a_pipe_is_refused_without_leaking():
         before = fd_count()
         with pytest.raises(NotifierError):
             EventNotifier.adopt(r, "pipe")
-        assert fd_count() == before - 1  # the adopted (refused) fd was closed, nothing else
+        assert fd_count() == before  # refused: not adopted, still the caller's (who closes it once)
+        os.close(r)
         with pytest.raises(NotifierError):
             peek_fd(w)
     finally:
@@ -247,7 +248,9 @@ def test_adopt_of_a_memfd_is_refused():
     fd = os.memfd_create("not-an-eventfd", os.MFD_CLOEXEC)
     with pytest.raises(NotifierError):
         EventNotifier.adopt(fd)
-    assert fd_count() == before  # adopt owned it and closed it
+    assert fd_count() == before + 1  # refused, so not adopted: the caller still owns it
+    os.close(fd)  # and closing it once is correct (a double close would raise EBADF here)
+    assert fd_count() == before
 
 
 # -- registry -----------------------------------------------------------------------------------------

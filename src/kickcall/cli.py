@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     vhost_user_blk.add_arguments(vb)
     vt = sub.add_parser("vhost-user-test", help="a data-verified workload against any vhost-user-blk back-end")
     vhost_user_test.add_arguments(vt)
+    bv = bs.add_parser("vhost-user", help="kickcall's front-end against qemu-storage-daemon and kickcall's back-end")
+    bv.add_argument("--json", action="store_true")
+    bv.add_argument("--write", metavar="FILE", help="update the vhost-user section of this BENCHMARKS.md")
+    bv.add_argument("--quick", action="store_true", help="shorter runs (a smoke run)")
     c = sub.add_parser("config", help="print the built-in default machine config")
     c.add_argument("--check", metavar="FILE", help="validate a config file and exit")
     return ap

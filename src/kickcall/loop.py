@@ -52,8 +52,9 @@ class Timer:
 class IOThread:
     """An epoll loop on its own thread."""
 
-    def __init__(self, name: str = "iothread", lock: Any | None = None) -> None:
+    def __init__(self, name: str = "iothread", lock: Any | None = None, profile_path: str | None = None) -> None:
         self.name = name
+        self.profile_path = profile_path  # cProfile the loop thread, stats written here on stop
         self._ctx_lock = lock
         self._ep = select.epoll()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -216,6 +217,20 @@ class IOThread:
             return max(0.0, self._timers[0].when - time.monotonic())
 
     def _run(self) -> None:
+        if self.profile_path is None:
+            self._loop()
+            return
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            self._loop()
+        finally:
+            prof.disable()
+            prof.dump_stats(self.profile_path)
+
+    def _loop(self) -> None:
         wake = self._wake
         ep = self._ep
         lock = self._ctx_lock

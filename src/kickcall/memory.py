@@ -83,14 +83,15 @@ class RamBlock:
         self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
 
     def close(self) -> None:
+        """Unmap; close the fd only if this block owns it (it created it, or was given it for good)."""
         try:
             self.mm.close()
         except BufferError:
             log.warning("RAM block %s still has exported views; leaving it mapped", self.name)
             return
-        if self.fd >= 0:
+        if self.fd >= 0 and self.owns_fd:
             os.close(self.fd)
-            self.fd = -1
+        self.fd = -1
 
 
 @dataclass
@@ -157,6 +158,7 @@ class GuestMemory:
             bi = int(r["block"])
             if bi not in blocks:
                 blocks[bi] = RamBlock(int(r["block_size"]), f"ram{bi}", fd=fds[bi], offset=0)
+                blocks[bi].owns_fd = True  # received for good over the channel
             m.add_region(int(r["gpa"]), int(r["size"]), blocks[bi], int(r["block_offset"]))
         return m
 

@@ -121,8 +121,7 @@ class EventNotifier:
         self._pin = -1
         info = read_fdinfo(fd)
         if "eventfd-count" not in info:
-            self._fd = -1
-            os.close(fd)
+            self._fd = -1  # not adopted: the fd stays the caller's to close
             raise NotifierError(f"fd {fd} is not an eventfd")
         self._ino = info.get("ino")
         self._efd_id = info.get("eventfd-id")  # None on kernels before 6.0

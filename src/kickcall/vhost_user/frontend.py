@@ -163,8 +163,15 @@ class VhostUserFrontend:
         if want_ack and req not in _HAS_REPLY:
             status = rep.u64()
             if status != 0:
-                raise ProtocolError(f"{self.name}: {FR(req).name} failed in the back-end (status {status})")
+                self._fail(f"{FR(req).name} failed in the back-end (status {status})")
         return rep
+
+    def _fail(self, what: str) -> None:
+        """Any protocol failure ends the connection (the device's reconnect logic takes over)."""
+        with self._mu:
+            self._drop()
+        log.error("%s: closing the connection: %s", self.name, what)
+        raise ProtocolError(f"{self.name}: {what}")
 
     def _drop(self) -> None:
         s, self.sock = self.sock, None
@@ -237,7 +244,7 @@ class VhostUserFrontend:
         assert rep is not None
         ridx, num = VRING_STATE.unpack(rep.payload)
         if ridx != idx:
-            raise ProtocolError(f"GET_VRING_BASE reply for queue {ridx}, asked {idx}")
+            self._fail(f"GET_VRING_BASE reply for queue {ridx}, asked {idx}")
         return num
 
     def get_config(self, offset: int, size: int) -> bytes:
@@ -246,7 +253,7 @@ class VhostUserFrontend:
         off, rsize, _flags = CONFIG_HDR.unpack_from(rep.payload)
         data = rep.payload[CONFIG_HDR.size:]
         if off != offset or rsize != size or len(data) != size:
-            raise ProtocolError(f"GET_CONFIG reply ({off}, {rsize}, {len(data)} bytes) for ({offset}, {size})")
+            self._fail(f"GET_CONFIG reply ({off}, {rsize}, {len(data)} bytes) for ({offset}, {size})")
         return data
 
     def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightInfo:

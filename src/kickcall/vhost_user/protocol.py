@@ -234,8 +234,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError("peer closed the connection")
+        if not chunk:  # the message had begun: a truncated message, not a clean close
+            raise ProtocolError(f"connection closed in the middle of a message ({len(buf)} of {n} bytes)")
         buf += chunk
     return bytes(buf)
 
