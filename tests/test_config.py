@@ -35,7 +35,7 @@ BAD = [
     (GOOD_DEV + 'backend = "vhost-user"\nsocket = "/s"\nimage = "a.img"\n', "device[0].image", "unknown key"),
     (GOOD_DEV + 'backend = "vhost-user"\nsocket = "/s"\ninflight = "yes"\n', "device[0].inflight",
      "true or false"),
-    (GOOD_DEV + 'aio = "io_uring"\n', "device[0].aio", "one of 'threads', 'sync'"),
+    (GOOD_DEV + 'aio = "io_uring"\n', "device[0].aio", "one of 'auto', 'threads', 'sync'"),
     (GOOD_DEV + 'id = "9lives"\n', "device[0].id", "must be a letter"),
     (GOOD_DEV + 'id = "a"\n' + GOOD_DEV + 'id = "a"\n', "device[1].id", "duplicate"),
     (GOOD_DEV + "slot = 1\n" + GOOD_DEV + "slot = 1\n", "device[1].slot", "already used"),

@@ -69,6 +69,32 @@ def test_machine_blk_served_by_qemu_storage_daemon_several_queues(workdir):
         assert qsd.stop() == 0
 
 
+def test_vector_masked_in_a_tight_loop_without_pending_delivery_loses_completions(workdir):
+    """The same loop with the PBA's delivery on unmask switched off: a call that landed while the
+    vector was masked is never delivered and the guest's requests stall."""
+    img = os.path.join(workdir, "d.img")
+    make_image(img, 16 << 20)
+    sock = os.path.join(workdir, "s")
+    be = start_vhost_user_blk(sock, img, "--io-delay-ms", "2")
+    try:
+        with running_machine(vhost_toml(sock)) as m:
+            p = m.device("vblk")
+            q = p.vdev.queues[0]
+            slot = m.slot("vblk")
+            p.msix.deliver_pending_on_unmask = False
+            m.start_workload(blk={"depth": 8, "read_ratio": 0.5, "stall_timeout": 3.0})
+            for _ in range(40):
+                m.guest_cmd({"cmd": "msix-mask", "slot": slot, "entry": q.vector, "masked": True, "cpu": 1})
+                m.guest_cmd({"cmd": "msix-mask", "slot": slot, "entry": q.vector, "masked": False, "cpu": 1})
+                if any(saw for _qi, saw in p.mask_windows):
+                    break
+            r = _blk(m.stop_workload())
+            assert any(saw for _qi, saw in p.mask_windows), "no masked window caught a call"
+            assert r["error_count"] > 0 and "stalled" in " ".join(r["errors"])
+    finally:
+        stop_process(be)
+
+
 def test_vector_masked_in_a_tight_loop_loses_no_completion(workdir):
     """The guest completes requests only from its interrupt handler while the queue's vector is
     masked and unmasked in a loop: each mask switches the back-end to the masked notifier, each

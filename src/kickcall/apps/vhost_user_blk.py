@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mem-slots", action="store_true",
                    help="do not offer CONFIGURE_MEM_SLOTS (the front-end then uses SET_MEM_TABLE)")
     p.add_argument("--no-inflight", action="store_true", help="do not offer INFLIGHT_SHMFD")
+    p.add_argument("--aio", choices=("auto", "threads", "sync"), default="auto",
+                   help="auto: inline when a request is alone, a thread pool when they overlap (default)")
     p.add_argument("--profile", metavar="FILE", help="cProfile the back-end's loop thread; stats to FILE on exit")
     p.add_argument("--io-delay-ms", type=float, default=0.0,
                    help="fault knob: stall each I/O a random 0..N ms (completions then come out of order)")
@@ -66,7 +68,7 @@ def main(a: argparse.Namespace) -> int:
     loop = IOThread("vhost-user-blk", profile_path=a.profile)
     try:
         dev = VirtIOBlk("vhost-user-blk", a.blk_file, num_queues=a.num_queues, queue_size=a.max_queue_size,
-                        read_only=a.read_only, serial=a.serial or os.path.basename(a.blk_file)[:20], aio="threads",
+                        read_only=a.read_only, serial=a.serial or os.path.basename(a.blk_file)[:20], aio=a.aio,
                         loop=loop)
     except OSError as e:
         print(f"kickcall vhost-user-blk: {a.blk_file}: {e.strerror}", file=sys.stderr)

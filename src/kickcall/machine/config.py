@@ -96,7 +96,7 @@ class DeviceConfig:
     size: int = 16 << 20
     queues: int = 1
     read_only: bool = False
-    aio: str = "threads"
+    aio: str = "auto"
     serial: str = ""
     # virtio-net: loopback | socketpair; virtio-blk: file | vhost-user
     backend: str = "loopback"
@@ -243,7 +243,7 @@ def parse_config(text: str, source: str = "<config>") -> MachineConfig:
                 if dc.size % 4096:
                     raise d.err("size", "must be a multiple of 4096")
                 dc.read_only = d.bool("read-only", False)
-                dc.aio = d.str("aio", "threads", ("threads", "sync"))
+                dc.aio = d.str("aio", "auto", ("auto", "threads", "sync"))
                 dc.serial = d.str("serial", "")
                 if len(dc.serial) > 20:
                     raise d.err("serial", "must be at most 20 characters")

@@ -16,7 +16,7 @@ import time
 from typing import Callable
 
 from .device import SyncAio, ThreadPoolAio, VirtIODevice
-from .queue import VirtQueue, VirtQueueElement, iov_from_buf, iov_size, iov_to_buf
+from .queue import VirtQueue, VirtQueueElement, iov_from_buf, iov_to_buf
 
 __all__ = ["VirtIOBlk", "BLK_T_IN", "BLK_T_OUT", "BLK_T_FLUSH", "BLK_T_GET_ID", "BLK_S_OK",
            "BLK_S_IOERR", "BLK_S_UNSUPP", "BLK_CONFIG_SIZE", "blk_config"]
@@ -81,10 +81,15 @@ class VirtIOBlk(VirtIODevice):
         if read_only:
             self.host_features |= 1 << BLK_F_RO
         self._config = blk_config(self.capacity, num_queues)
-        if aio == "threads" and loop is not None:
+        # aio: "threads" (QEMU's aio=threads), "sync" (inline), or "auto": inline when a request is
+        # alone on its queue with nothing else in flight (no thread hand-off at depth 1), threads
+        # otherwise (requests overlap, completions come out of order)
+        self.aio_mode = aio
+        if aio in ("threads", "auto") and loop is not None:
             self.aio: SyncAio | ThreadPoolAio = ThreadPoolAio(loop, aio_workers, name=f"{name}-aio")
         else:
             self.aio = SyncAio()
+        self.inline_ios = 0
         self.io_delay: Callable[[], float] | None = None  # fault knob: seconds to stall each I/O
         self.reads = self.writes = self.flushes = self.get_ids = self.ioerrs = self.unsupp = 0
         self.bytes_read = self.bytes_written = 0
@@ -108,7 +113,8 @@ class VirtIOBlk(VirtIODevice):
     def _handle_request(self, vq: VirtQueue, elem: VirtQueueElement) -> None:
         mem = self.mem
         assert mem is not None
-        if iov_size(elem.out_sg) < HDR.size or iov_size(elem.in_sg) < 1:
+        out_len, in_len = elem.out_len, elem.in_len
+        if out_len < HDR.size or in_len < 1:
             self.virtio_error(f"{vq.name}: request without a 16-byte header and a status byte")
             return
         if elem.in_sg[-1][1] < 1:
@@ -117,8 +123,8 @@ class VirtIOBlk(VirtIODevice):
         rtype, _, sector = HDR.unpack(iov_to_buf(mem, elem.out_sg, 0, HDR.size))
         r = _Req()
         r.vq, r.elem, r.type, r.sector, r.gen, r.status, r.written = vq, elem, rtype, sector, self.generation, 0, 0
-        data_out = iov_size(elem.out_sg) - HDR.size  # bytes after the header (device-readable)
-        data_in = iov_size(elem.in_sg) - 1  # bytes before the status (device-writable)
+        data_out = out_len - HDR.size  # bytes after the header (device-readable)
+        data_in = in_len - 1  # bytes before the status (device-writable)
         if rtype == BLK_T_IN:
             if data_out:
                 self.virtio_error(f"{vq.name}: read request with device-readable data buffers")
@@ -187,6 +193,16 @@ class VirtIOBlk(VirtIODevice):
                 return BLK_S_IOERR
             return BLK_S_OK
 
+        vq = r.vq
+        if (self.aio_mode == "auto" and delay is None and not self.aio.inflight
+                and vq.shadow_avail_idx == vq.last_avail_idx and not vq.resubmit):
+            self.inline_ios += 1
+            try:
+                res: object = work()
+            except OSError as e:
+                res = e
+            self._complete(r, res)
+            return
         self.aio.submit(work, lambda res, r=r: self._complete(r, res))
 
     def _do_flush(self) -> int:

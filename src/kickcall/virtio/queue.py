@@ -63,14 +63,8 @@ class VirtQueueElement:
     in_sg: list[tuple[int, int]] = field(default_factory=list)  # device-writable (gpa, len)
     ndescs: int = 0
     indirect: bool = False
-
-    @property
-    def out_len(self) -> int:
-        return sum(n for _, n in self.out_sg)
-
-    @property
-    def in_len(self) -> int:
-        return sum(n for _, n in self.in_sg)
+    out_len: int = 0  # bytes the device may read
+    in_len: int = 0  # bytes the device may write
 
 
 def iov_size(sg: list[tuple[int, int]]) -> int:
@@ -331,10 +325,12 @@ class VirtQueue:
                 raise VirtQueueError(f"{self.name}: chain longer than 4 GiB")
             if flags & VRING_DESC_F_WRITE:
                 in_sg.append((addr, length))
+                elem.in_len += length
             else:
                 if in_sg:
                     raise VirtQueueError(f"{self.name}: device-readable descriptor after a writable one")
                 out_sg.append((addr, length))
+                elem.out_len += length
             elem.ndescs += 1
             if not flags & VRING_DESC_F_NEXT:
                 break
