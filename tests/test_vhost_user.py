@@ -212,3 +212,34 @@ def test_memory_table_changes_while_rings_run(workdir):
         be.stop()
         loop.stop()
         dev.close()
+
+
+def test_backend_serves_a_listening_fd_it_was_given(workdir):
+    """libvirt's way: it creates the listening socket and hands the back-end its fd (--fd)."""
+    import socket
+
+    from helpers import kickcall_argv, spawn
+
+    img = os.path.join(workdir, "d.img")
+    make_image(img, 8 << 20)
+    path = os.path.join(workdir, "lv.sock")
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(path)
+    ls.listen(1)
+    be = spawn(kickcall_argv("vhost-user-blk", "--fd", str(ls.fileno()), "--blk-file", img), pass_fds=[ls.fileno()])
+    ls.close()
+    try:
+        r = run_test(path, duration=1, depth=4)
+        assert r["error_count"] == 0 and r["ops"] > 0
+    finally:
+        assert stop_process(be) == 0
+    r = _cli("vhost-user-blk", "--print-capabilities")
+    assert r.returncode == 0 and json_loads(r.stdout) == {"type": "block", "features": ["blk-file", "read-only"]}
+    r = _cli("vhost-user-blk", "--socket-path", os.path.join(workdir, "x.sock"))
+    assert r.returncode == 2 and "--blk-file is required" in r.stderr
+
+
+def json_loads(s: str):
+    import json
+
+    return json.loads(s)

@@ -295,6 +295,13 @@ class VhostUserFrontend:
                 log.error("%s: malformed back-end request %d; closing the channel", self.name, msg.request)
                 s.close()
                 return
+            # acknowledge first: handling a config change means a GET_CONFIG on the main socket, which
+            # a single-threaded back-end cannot answer while it waits for this acknowledgement
+            if msg.flags & FLAG_NEED_REPLY:
+                try:
+                    send_message(s, Message(msg.request, VERSION | FLAG_REPLY, U64.pack(0)))
+                except OSError:
+                    return
             try:
                 if msg.request == BackendReq.CONFIG_CHANGE_MSG and self.on_config_change is not None:
                     self.on_config_change()
@@ -302,11 +309,6 @@ class VhostUserFrontend:
                     self.on_vring_err(U64.unpack(msg.payload)[0] & 0xFF)
             except Exception:
                 log.exception("%s: back-end request handler", self.name)
-            if msg.flags & FLAG_NEED_REPLY:
-                try:
-                    send_message(s, Message(msg.request, VERSION | FLAG_REPLY, U64.pack(0)))
-                except OSError:
-                    return
 
 
 _ = os
