@@ -461,10 +461,13 @@ def test_backend_request_channel(sock_path):
         rep = recv_message(ch)
         assert (rep.request, rep.flags & ~0x3, rep.payload, rep.fds) == \
             (BackendReq.CONFIG_CHANGE_MSG, FLAG_REPLY, U64.pack(0), [])
-        assert changes.is_set()
+        # acknowledged first (a config change makes the front-end send GET_CONFIG, which a
+        # back-end waiting for this ack could not answer), handled right after
+        assert changes.wait(CEILING)
         ch.sendall(wire(BackendReq.VRING_ERR, U64.pack(0), flags=VERSION | FLAG_NEED_REPLY))
         rep = recv_message(ch)
-        assert rep.request == BackendReq.VRING_ERR and rep.u64() == 0 and errs == [0]
+        assert rep.request == BackendReq.VRING_ERR and rep.u64() == 0
+        wait_for(lambda: errs == [0], CEILING, "the VRING_ERR callback")
         # a malformed message (CONFIG_CHANGE_MSG carries no payload): the channel is closed
         ch.sendall(wire(BackendReq.CONFIG_CHANGE_MSG, U64.pack(0), flags=VERSION | FLAG_NEED_REPLY))
         assert ch.recv(64) == b"", "the front-end answered a malformed back-end request"
