@@ -232,6 +232,17 @@ class GuestMemory:
         mm, off = self.translate(gpa, length)
         return memoryview(mm)[off:off + length]
 
+    def read_u16_atomic(self, gpa: int) -> int:
+        """One 16-bit load (a ring index another process may be writing: never torn)."""
+        mm, off = self.translate(gpa, 2)
+        if off % 2:
+            return _U16.unpack_from(mm, off)[0]
+        v = memoryview(mm)[off:off + 2].cast("H")
+        try:
+            return v[0]
+        finally:
+            v.release()
+
     def read_u16(self, gpa: int) -> int:
         mm, off = self.translate(gpa, 2)
         return _U16.unpack_from(mm, off)[0]

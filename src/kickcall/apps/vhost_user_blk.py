@@ -17,7 +17,7 @@ import sys
 import threading
 
 from ..loop import IOThread
-from ..monitor import CommandRegistry, QMPServer
+from ..monitor import QMPServer
 from ..vhost_user.backend import DEFAULT_PROTOCOL_FEATURES, VhostUserBackend
 from ..vhost_user.protocol import ProtocolFeature
 from ..virtio.blk import VirtIOBlk
@@ -91,13 +91,16 @@ def main(a: argparse.Namespace) -> int:
     done = threading.Event()
     qmp = None
     if a.qmp:
-        reg = CommandRegistry()
-        reg.add("query-status", lambda: {"status": "running", "singlestep": False, "running": True})
-        reg.add("quit", lambda: None)
-        reg.add("x-query-vhost-user-backend", lambda: loop.run_sync(
-            lambda: dict(backend.status(), messages=dict(backend.message_counts))))
+        from ..monitor.commands import build_registry
+        from ..monitor.qmp import Arg  # noqa: F401  (extra commands take no arguments)
+        from .backend_monitor import BackendTarget
+
+        reg, attach = build_registry(BackendTarget(backend, done.set), extra={
+            "x-query-vhost-user-backend": (lambda: loop.run_sync(
+                lambda: dict(backend.status(), messages=dict(backend.message_counts))), []),
+        })
         qmp = QMPServer(reg, path=a.qmp, name="vhost-user-blk")
-        qmp.on_quit = done.set
+        attach(qmp)
         qmp.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, f: done.set())
@@ -106,8 +109,6 @@ def main(a: argparse.Namespace) -> int:
     where = a.socket_path or f"fd {a.fd}"
     print(f"kickcall vhost-user-blk: serving {a.blk_file} on {where}", file=sys.stderr, flush=True)
     done.wait()
-    if qmp is not None:
-        qmp.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
     backend.stop()
     loop.stop()
     dev.close()

@@ -132,6 +132,25 @@ class GuestOS:
         d.driver.probe()
         self.k.printk(f"{d.kind} at slot {d.slot}: {d.describe()}")
 
+    def cmd_reboot(self, msix: bool = True) -> dict:
+        """After a platform reset: workloads stop, drivers forget their devices, boot again."""
+        for w in self.workloads:
+            w.stop_event.set()
+        for w in self.workloads:
+            w.stop(30)
+        self.workloads = []
+        for d in self.devs.values():
+            if d.vdev is not None:
+                d.vdev.forget()
+                for dv in d.pci.vectors:
+                    for h, _n in list(dv.handlers):
+                        self.k.free_irq(dv.irq, h)
+                    self.k.release_irq(dv.irq)
+                d.pci.vectors = []
+                d.pci.irq_mode = 0
+        self.devs = {}
+        return self.cmd_boot(msix)
+
     def cmd_reprobe(self, slot: int, msix: bool = True) -> dict:
         d = self._dev(slot)
         if d.vdev is not None:

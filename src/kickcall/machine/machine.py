@@ -82,6 +82,8 @@ class Machine:
         self.boot_info: dict = {}
         self._gone = threading.Event()
         self._stopped = False
+        self.quit_requested = threading.Event()  # the monitor's quit
+        self.qmp = None
         next_slot = 1
         used = {d.slot for d in self.cfg.devices if d.slot is not None}
         for dc in self.cfg.devices:
@@ -214,6 +216,30 @@ class Machine:
             self.running = True
         self.vm.resume_vcpus()
 
+    def system_reset(self) -> None:
+        """Reset every device (as a platform reset would) and have the guest boot again."""
+        was_running = self.running
+        if was_running:
+            self.vm.pause_vcpus()
+        with self.bql:
+            for p in self.devices.values():
+                p.reset()
+        if was_running:
+            self.vm.resume_vcpus()
+        self.boot_info = self.guest_cmd({"cmd": "reboot", "cpu": 0}, timeout=60)
+
+    def start_monitor(self, path: str | None = None, tcp: tuple[str, int] | None = None):
+        """A QMP monitor (QEMU's wire format) on a Unix socket, and on loopback TCP if asked."""
+        from ..monitor.commands import build_registry
+        from ..monitor.qmp import QMPServer
+        from .monitor import MachineTarget
+
+        reg, attach = build_registry(MachineTarget(self))
+        self.qmp = QMPServer(reg, path=path, tcp=tcp, name=self.cfg.name)
+        attach(self.qmp)
+        self.qmp.start()
+        return self.qmp
+
     def start_workload(self, blk: dict | None = None, net: dict | None = None) -> dict:
         if blk is None and net is None:
             blk, net = self.cfg.workload_blk, self.cfg.workload_net
@@ -233,6 +259,8 @@ class Machine:
         if self._stopped:
             return
         self._stopped = True
+        if self.qmp is not None:
+            self.qmp.stop()
         for p in self.devices.values():  # a back-end going away now is no reason to reconnect
             if hasattr(p.vdev, "reconnect_enabled"):
                 p.vdev.reconnect_enabled = False

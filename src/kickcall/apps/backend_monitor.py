@@ -1,0 +1,231 @@
+"""The monitor of ``kickcall vhost-user-blk``: the device as the back-end sees it.
+
+Queue state is read from the shared ring memory (single 16-bit loads) and the back-end's own
+counters; the kick, call and err fds are listed with their eventfd counters (read without
+consuming).  A kick processes the queue as if its kick fd had fired; a call writes the call fd --
+the front-end's masking still applies (a back-end cannot force past it).  Faults act inside the
+back-end: a dropped kick is consumed and ignored, a dropped call is never written.
+"""
+
+from __future__ import annotations
+
+from ..monitor.target import TargetError
+from ..vhost_user.backend import VhostUserBackend
+from ..virtio.ring import DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+
+__all__ = ["BackendTarget", "BackendDevice"]
+
+
+class _Faults:
+    def __init__(self) -> None:
+        self.state: dict[tuple[int, str], list] = {}  # (queue, path) -> [drop_next, drop_all, dropped]
+
+    def set(self, queue: int, path: str, action: str) -> dict:
+        st = self.state.setdefault((queue, path), [0, False, 0])
+        if action == "drop-next":
+            st[0] += 1
+        elif action == "drop-all":
+            st[1] = True
+        else:
+            st[0], st[1] = 0, False
+        return {"path": path, "action": action, "dropped-so-far": st[2]}
+
+    def take(self, queue: int, path: str) -> bool:
+        """True if this event must be dropped."""
+        st = self.state.get((queue, path))
+        if st is None or not (st[1] or st[0]):
+            return False
+        if st[0]:
+            st[0] -= 1
+        st[2] += 1
+        return True
+
+
+class BackendDevice:
+    type_name = "vhost-user-blk"
+
+    def __init__(self, backend: VhostUserBackend) -> None:
+        self.b = backend
+        self.loop = backend.loop
+        self.id = backend.name
+        self.path = f"/{backend.name}"
+        self.faults = _Faults()
+        backend.fault_hooks["kick"] = lambda v: not self.faults.take(v.index, "kick")
+        backend.fault_hooks["call"] = lambda v: not self.faults.take(v.index, "call")
+
+    def _run(self, fn):
+        return self.loop.run_sync(fn)
+
+    def num_queues(self) -> int:
+        return len(self.b.vrings)
+
+    def virtio_status(self) -> dict:
+        def f() -> dict:
+            d = self.b.device.status_info()
+            d["name"] = self.type_name
+            d["vhost-started"] = any(v.started for v in self.b.vrings)
+            d["x-vhost-user"] = {k: v for k, v in self.b.status().items() if k != "queues"}
+            return d
+
+        return self._run(f)
+
+    def _u16(self, gpa: int) -> int | None:
+        mem = self.b.memory
+        if mem is None:
+            return None
+        try:
+            return mem.read_u16_atomic(gpa)
+        except ValueError:
+            return None
+
+    def queue_status(self, queue: int) -> dict:
+        def f() -> dict:
+            v = self.b.vrings[queue]
+            q = self.b.device.queues[queue]
+            d = q.status()
+            d["vring-num"] = v.num or q.num
+            mapped = v.addr is not None and self.b.memory is not None
+            n = q.num
+            d.update({
+                "avail-idx": self._u16(q.avail + 2) if mapped else None,
+                "used-idx-ring": self._u16(q.used + 2) if mapped else None,
+                "used-event": self._u16(q.avail + 4 + 2 * n) if mapped else None,
+                "avail-event": self._u16(q.used + 4 + 8 * n) if mapped else None,
+                "avail-flags": self._u16(q.avail) if mapped else None,
+                "event-idx": q.event_idx, "started": v.started, "enabled": v.enabled,
+                "kicks": v.kicks, "calls": v.calls, "calls-without-fd": v.calls_without_fd,
+            })
+            return d
+
+        return self._run(f)
+
+    def vhost_queue_status(self, queue: int) -> dict:
+        def f() -> dict:
+            v = self.b.vrings[queue]
+            q = self.b.device.queues[queue]
+            if v.addr is None:
+                raise TargetError("Error: vhost device has not started yet")
+            desc, used, avail = v.addr
+            n = q.num
+            return {"name": q.name, "kick": v.kick.fd if v.kick else -1, "call": v.call.fd if v.call else -1,
+                    "desc": desc, "avail": avail, "used": used, "num": n, "desc-phys": q.desc, "desc-size": 16 * n,
+                    "avail-phys": q.avail, "avail-size": 6 + 2 * n, "used-phys": q.used, "used-size": 6 + 8 * n}
+
+        return self._run(f)
+
+    def queue_element(self, queue: int, index: int | None) -> dict:
+        def f() -> dict:
+            v = self.b.vrings[queue]
+            q = self.b.device.queues[queue]
+            mem = self.b.memory
+            if v.addr is None or mem is None:
+                raise TargetError(f"virtqueue {queue} is not set up")
+            n = q.num
+            last = q.last_avail_idx
+            idx = index if index is not None else (self._u16(q.avail + 4 + 2 * (last % n)) or 0)
+            if idx >= n:
+                raise TargetError(f"descriptor index {idx} out of range (queue size {n})")
+            descs = []
+            i, seen, table, tlen = idx, 0, q.desc, n
+            while seen < 256:
+                try:
+                    addr, length, flags, nxt = DESC.unpack(mem.read(table + 16 * i, 16))
+                except ValueError:
+                    break
+                fl = [nm for bit, nm in ((VRING_DESC_F_NEXT, "next"), (VRING_DESC_F_WRITE, "write"),
+                                         (VRING_DESC_F_INDIRECT, "indirect")) if flags & bit]
+                descs.append({"addr": addr, "len": length, "flags": fl})
+                seen += 1
+                if flags & VRING_DESC_F_INDIRECT and table == q.desc and length and length % 16 == 0:
+                    table, tlen, i = addr, length // 16, 0
+                    continue
+                if not flags & VRING_DESC_F_NEXT or nxt >= tlen:
+                    break
+                i = nxt
+            return {"name": q.name, "index": idx, "descs": descs,
+                    "avail": {"flags": self._u16(q.avail) or 0, "idx": self._u16(q.avail + 2) or 0,
+                              "ring": self._u16(q.avail + 4 + 2 * (last % n)) or 0},
+                    "used": {"flags": self._u16(q.used) or 0, "idx": self._u16(q.used + 2) or 0}}
+
+        return self._run(f)
+
+    def pci_info(self) -> None:
+        return None
+
+    def msix(self) -> dict:
+        raise TargetError("a vhost-user back-end has no MSI-X: the front-end owns the vectors")
+
+    def notifiers(self) -> list[dict]:
+        def f() -> list[dict]:
+            out = []
+            for e in self.b.registry.entries(self.b.name):
+                d = e.describe()
+                v = self.b.vrings[e.queue] if e.queue is not None and e.queue < len(self.b.vrings) else None
+                if v is not None and e.role.value == "host":
+                    d["kicks-handled"] = v.kicks
+                if v is not None and e.role.value == "guest":
+                    d["calls-written"] = v.calls
+                out.append(d)
+            return sorted(out, key=lambda d: d["id"])
+
+        return self._run(f)
+
+    def notifier_write(self, id: int) -> dict:
+        def f() -> dict:
+            e = self.b.registry.get(id)
+            if e is None or e.owner != self.b.name or e.notifier.closed:
+                raise TargetError(f"the back-end has no notifier {id}")
+            e.notifier.set()
+            return {"id": id, "role": e.role.value, "queue": -1 if e.queue is None else e.queue}
+
+        return self._run(f)
+
+    def inject(self, event: str, queue: int, force: bool) -> dict:
+        if force:
+            raise TargetError("a back-end cannot force a call past the front-end's mask: its call fd is all it has")
+
+        def f() -> dict:
+            v = self.b.vrings[queue]
+            if v.addr is None:
+                raise TargetError(f"queue {queue} is not set up")
+            if event == "kick":
+                v.started = True
+                v.pending_kick = True
+                if v.enabled:
+                    self.b._process(v)
+                return {"path": "backend-process", "forced": False}
+            if v.call is None:
+                raise TargetError(f"queue {queue} has no call fd (the front-end polls it)")
+            v.call.set()
+            v.calls += 1
+            return {"path": "call-fd", "forced": False}
+
+        return self._run(f)
+
+    def fault(self, queue: int, path: str, action: str) -> dict:
+        return self._run(lambda: self.faults.set(queue, path, action))
+
+
+class BackendTarget:
+    def __init__(self, backend: VhostUserBackend, on_quit) -> None:
+        self.name = backend.name
+        self._dev = BackendDevice(backend)
+        self._on_quit = on_quit
+
+    def run_state(self) -> str:
+        return "running"
+
+    def stop(self) -> None:
+        raise TargetError("a back-end has no vCPUs to stop: the front-end stops its rings")
+
+    def cont(self) -> None:
+        raise TargetError("a back-end has no vCPUs to resume")
+
+    def system_reset(self) -> None:
+        raise TargetError("a back-end cannot reset the machine: the front-end resets the device")
+
+    def quit(self) -> None:
+        self._on_quit()
+
+    def devices(self) -> list[BackendDevice]:
+        return [self._dev]

@@ -1,0 +1,297 @@
+"""The machine as the monitor sees it (kickcall.monitor.target), read without disturbing anything.
+
+Ring fields come from guest memory with single 16-bit loads; eventfd counters from fdinfo; nothing
+is consumed, no vhost ring is stopped.  The fault injector's state is not shown (the effects are).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ..hv.abi import HypervisorError
+from ..monitor.target import TargetError
+from ..notify import Role
+from ..pci import regs as R
+from ..virtio.pci import QUEUE_MEM_MULT, VirtIOPCIProxy
+from ..virtio.queue import VIRTIO_NO_VECTOR, VirtQueue
+from ..virtio.ring import DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+__all__ = ["MachineTarget", "MachineDevice"]
+
+log = logging.getLogger("kickcall.machine.monitor")
+
+_CLASS_DESC = {0x0100: "SCSI controller", 0x0200: "Ethernet controller", 0xFF00: "Class ff00"}
+
+
+class MachineDevice:
+    def __init__(self, machine: "Machine", proxy: VirtIOPCIProxy) -> None:
+        self.m = machine
+        self.p = proxy
+        self.id = proxy.vdev.name
+        self.path = proxy.vdev.path
+        self.type_name = proxy.vdev.type_name
+
+    @property
+    def vhost(self) -> bool:
+        return hasattr(self.p.vdev, "started_backend")
+
+    def num_queues(self) -> int:
+        return len(self.p.vdev.queues)
+
+    def _u16(self, gpa: int) -> int | None:
+        try:
+            return self.m.memory.read_u16_atomic(gpa)
+        except ValueError:
+            return None
+
+    def virtio_status(self) -> dict:
+        with self.m.bql:
+            return self.p.vdev.status_info()
+
+    def queue_status(self, queue: int) -> dict:
+        with self.m.bql:
+            q = self.p.vdev.queues[queue]
+            d = q.status()
+            vhost_running = self.vhost and self.p.vdev.started_backend
+            ring = self._ring_fields(q)
+        d.update(ring)
+        if ring.get("used-idx-ring") is not None:
+            d["used-idx"] = ring["used-idx-ring"] if vhost_running else d["used-idx"]
+        if vhost_running:
+            # the back-end's position: avail_event (EVENT_IDX), never GET_VRING_BASE (it stops the ring)
+            d.pop("shadow-avail-idx", None)
+            if q.event_idx and ring.get("avail-event") is not None:
+                d["last-avail-idx"] = ring["avail-event"]
+                d["inuse"] = (ring["avail-event"] - ring["used-idx-ring"]) & 0xFFFF
+            else:
+                d.pop("last-avail-idx", None)
+                d["inuse"] = 0
+            d["signalled-used-valid"] = False
+        d["vector"] = q.vector
+        d["event-idx"] = q.event_idx
+        return d
+
+    def _ring_fields(self, q: VirtQueue) -> dict:
+        """What the rings in guest memory say now (None where the ring is not set up)."""
+        if not q.desc:
+            return {"avail-idx": None, "used-idx-ring": None, "used-event": None, "avail-event": None}
+        n = q.num
+        return {
+            "avail-idx": self._u16(q.avail + 2),
+            "used-idx-ring": self._u16(q.used + 2),
+            "used-event": self._u16(q.avail + 4 + 2 * n),
+            "avail-event": self._u16(q.used + 4 + 8 * n),
+            "avail-flags": self._u16(q.avail),
+            "used-flags": self._u16(q.used),
+        }
+
+    def vhost_queue_status(self, queue: int) -> dict:
+        if not self.vhost or not self.p.vdev.started_backend:
+            raise TargetError("Error: vhost device has not started yet")
+        from ..vhost_user.device import USER_BASE
+
+        with self.m.bql:
+            q = self.p.vdev.queues[queue]
+            n = q.num
+            call = self.p.vdev._call_fd(q)
+            return {
+                "name": q.name, "kick": q.host_notifier.fd if q.host_notifier else -1, "call": call if call else -1,
+                "desc": USER_BASE + q.desc, "avail": USER_BASE + q.avail, "used": USER_BASE + q.used, "num": n,
+                "desc-phys": q.desc, "desc-size": 16 * n, "avail-phys": q.avail, "avail-size": 6 + 2 * n,
+                "used-phys": q.used, "used-size": 6 + 8 * n,
+            }
+
+    def queue_element(self, queue: int, index: int | None) -> dict:
+        with self.m.bql:
+            q = self.p.vdev.queues[queue]
+            if not q.desc:
+                raise TargetError(f"virtqueue {queue} is not set up")
+            n = q.num
+            mem = self.m.memory
+            avail_idx = self._u16(q.avail + 2) or 0
+            last = q.last_avail_idx
+            if self.vhost and self.p.vdev.started_backend and q.event_idx:
+                last = self._u16(q.used + 4 + 8 * n) or 0
+            if index is None:
+                index = self._u16(q.avail + 4 + 2 * (last % n)) or 0
+            if index >= n:
+                raise TargetError(f"descriptor index {index} out of range (queue size {n})")
+            descs = []
+            i, seen, table, tlen = index, 0, q.desc, n
+            while seen < 256:
+                try:
+                    addr, length, flags, nxt = DESC.unpack(mem.read(table + 16 * i, 16))
+                except ValueError:
+                    break
+                fl = [name for bit, name in ((VRING_DESC_F_NEXT, "next"), (VRING_DESC_F_WRITE, "write"),
+                                             (VRING_DESC_F_INDIRECT, "indirect")) if flags & bit]
+                descs.append({"addr": addr, "len": length, "flags": fl})
+                seen += 1
+                if flags & VRING_DESC_F_INDIRECT and table == q.desc and length % 16 == 0 and length:
+                    table, tlen, i = addr, length // 16, 0
+                    continue
+                if not flags & VRING_DESC_F_NEXT or nxt >= tlen:
+                    break
+                i = nxt
+            return {"name": q.name, "index": index, "descs": descs,
+                    "avail": {"flags": self._u16(q.avail) or 0, "idx": avail_idx,
+                              "ring": self._u16(q.avail + 4 + 2 * (last % n)) or 0},
+                    "used": {"flags": self._u16(q.used) or 0, "idx": self._u16(q.used + 2) or 0}}
+
+    def pci_info(self) -> dict:
+        p = self.p
+        with self.m.bql:
+            cls = p.get16(R.PCI_CLASS_DEVICE)
+            info = {
+                "bus": 0, "slot": p.devfn >> 3, "function": p.devfn & 7,
+                "class_info": {"desc": _CLASS_DESC.get(cls, f"Class {cls:04x}"), "class": cls},
+                "id": {"device": p.get16(R.PCI_DEVICE_ID), "vendor": p.get16(R.PCI_VENDOR_ID),
+                       "subsystem": p.get16(R.PCI_SUBSYSTEM_ID), "subsystem-vendor": p.get16(R.PCI_SUBSYSTEM_VENDOR_ID)},
+                "irq_pin": p.config[R.PCI_INTERRUPT_PIN], "qdev_id": self.id, "regions": [],
+            }
+            if p.config[R.PCI_INTERRUPT_PIN]:
+                info["irq"] = p.config[R.PCI_INTERRUPT_LINE]
+            for b in p.bars:
+                if b is None:
+                    continue
+                reg = {"bar": b.index, "type": "io" if b.io else "memory",
+                       "address": -1 if b.mapped_at is None else b.mapped_at, "size": b.size}
+                if not b.io:
+                    reg["prefetch"] = b.prefetch
+                    reg["mem_type_64"] = b.mem64
+                info["regions"].append(reg)
+        return info
+
+    def msix(self) -> dict:
+        p = self.p
+        with self.m.bql:
+            if p.msix is None:
+                raise TargetError(f"Device '{self.id}' has no MSI-X capability")
+            d = p.msix.describe()
+            d["dev"] = self.id
+            d["config-vector"] = p.config_vector
+            for e in d["entries"]:
+                e["notifiers"] = []
+            for q in p.vdev.queues:
+                if q.vector == VIRTIO_NO_VECTOR or q.vector >= p.msix.nvectors:
+                    continue
+                b = {"queue": q.index, "role": "guest", "irqfd": q.index in p._irqfd_on,
+                     "polled": q.index in p._polling}
+                if q.guest_notifier is not None:
+                    b["fd"] = q.guest_notifier.fd
+                d["entries"][q.vector]["notifiers"].append(b)
+        return d
+
+    def notifiers(self) -> list[dict]:
+        out = []
+        with self.m.bql:
+            entries = self.m.registry.entries(self.path)
+            notify_base = (self.p.bars[4].mapped_at or 0) + 0x3000 if self.p.bars[4] is not None else 0
+            for e in entries:
+                d = e.describe()
+                if e.role == Role.HOST and e.queue is not None and not e.notifier.closed:
+                    st = self.m.vm.ioeventfd_stats("memory", notify_base + QUEUE_MEM_MULT * e.queue, 0, None,
+                                                   e.notifier)
+                    if st is not None:
+                        # every guest doorbell write the hypervisor matched, whoever consumed it
+                        d["writes"] = st["hits"]
+                        d["last-writer-pid"] = st["last_pid"]
+                out.append(d)
+        return sorted(out, key=lambda d: d["id"])
+
+    def notifier_write(self, id: int) -> dict:
+        e = self.m.registry.get(id)
+        if e is None or e.owner != self.path:
+            raise TargetError(f"device '{self.id}' has no notifier {id}")
+        with self.m.bql:
+            if e.notifier.closed:
+                raise TargetError(f"notifier {id} is closed")
+            e.notifier.set()
+        return {"id": id, "role": e.role.value, "queue": -1 if e.queue is None else e.queue}
+
+    def inject(self, event: str, queue: int, force: bool) -> dict:
+        p = self.p
+        with self.m.bql:
+            q = p.vdev.queues[queue]
+            if event == "kick":
+                if q.host_notifier is not None:
+                    q.host_notifier.set()  # what the ioeventfd would do (a vhost back-end's kick fd too)
+                    path = "vhost-kick" if p.ioeventfd_grabbed else "ioeventfd"
+                else:
+                    p._notify_write(q.index * QUEUE_MEM_MULT, q.index, 2)  # the heavyweight exit's handler
+                    path = "mmio"
+                return {"path": path, "forced": False}
+            m = p.msix
+            if m is not None and m.enabled:
+                v = q.vector
+                if v == VIRTIO_NO_VECTOR:
+                    raise TargetError(f"queue {queue} has no MSI-X vector: a call has nowhere to go")
+                if m.is_masked(v):
+                    if force:
+                        addr, data = m.get_message(v)
+                        p.msi_send(addr, data)
+                        m.sent[v] += 1
+                        return {"path": "msi-forced", "forced": True}
+                    m.notify(v)
+                    return {"path": "pba", "forced": False}
+                if q.guest_notifier is not None and q.index in p._irqfd_on:
+                    q.guest_notifier.set()
+                    return {"path": "irqfd", "forced": False}
+                m.notify(v)
+                return {"path": "msi", "forced": False}
+            p.vdev.isr |= 1
+            p.set_irq(1)
+            return {"path": "intx", "forced": False}
+
+    def fault(self, queue: int, path: str, action: str) -> dict:
+        p = self.p
+        with self.m.bql:
+            q = p.vdev.queues[queue]
+            if path == "kick":
+                n = q.host_notifier
+                if n is None:
+                    raise TargetError(f"queue {queue} has no ioeventfd now: its kicks are heavyweight exits")
+                target = "ioeventfd"
+            else:
+                n = q.guest_notifier
+                if n is None or q.index not in p._irqfd_on:
+                    raise TargetError(f"queue {queue} has no irqfd now (no vector, masked, or irqfd off)")
+                target = "irqfd"
+        try:
+            res = self.m.vm.fault(target, n, action)
+        except HypervisorError as e:
+            raise TargetError(str(e)) from None
+        return {"path": path, "action": action, "matched": res.get("matched", 0)}
+
+
+class MachineTarget:
+    def __init__(self, machine: "Machine") -> None:
+        self.m = machine
+        self.name = machine.cfg.name
+        self._devices = [MachineDevice(machine, p) for p in machine.devices.values()]
+
+    def run_state(self) -> str:
+        if self.m._stopped:
+            return "shutdown"
+        if not self.m.started:
+            return "prelaunch"
+        return "running" if self.m.running else "paused"
+
+    def stop(self) -> None:
+        self.m.pause()
+
+    def cont(self) -> None:
+        self.m.resume()
+
+    def system_reset(self) -> None:
+        self.m.system_reset()
+
+    def quit(self) -> None:
+        self.m.quit_requested.set()
+
+    def devices(self) -> list[MachineDevice]:
+        return list(self._devices)

@@ -1,0 +1,391 @@
+"""The monitor's commands, with QEMU's names, argument names and field names where QEMU has them.
+
+QEMU's read-only virtio introspection (``x-query-virtio*``, 7.2) and ``query-pci``, the run-state
+commands, trace events, and the kick/call debug interface seed 000 asked for, done safely:
+
+* ``x-query-pci-msix {dev}``, ``x-query-device-notifiers {dev}`` -- data first, read without
+  consuming anything (eventfd counters come from fdinfo);
+* ``x-debug-device-event {dev, event, queue, *force}`` -- a kick takes the path the guest's notify
+  write would take; a call goes through the vector as the device's would, so a masked vector
+  gets its PBA bit, unless ``force``; every injection is counted, logged and announced
+  (``X_DEVICE_EVENT_INJECTED``);
+* ``x-debug-device-notifier-write {dev, id}`` -- EventNotifier level, as proposed in the thread;
+* ``x-debug-fault {dev, queue, path, action}`` -- lose a kick or a call on purpose.
+
+``human-monitor-command`` runs the same handlers as text commands (``info pci``, ``info virtio``,
+``info virtio-queue-status``, ``info notifiers``, ``info msix``, the debug commands).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from typing import Callable
+
+from .. import trace
+from .qmp import Arg, CommandRegistry, QMPError, QMPServer
+from .target import DeviceView, Target, TargetError
+
+__all__ = ["build_registry", "HMP_COMMANDS"]
+
+log = logging.getLogger("kickcall.monitor")
+
+U16 = dict(min=0, max=0xFFFF)
+
+
+class _Ctx:
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.server: QMPServer | None = None
+        self.injections = 0
+
+    def emit(self, event: str, data: dict) -> None:
+        if self.server is not None:
+            self.server.emit(event, data)
+
+    # -- lookups ----------------------------------------------------------------------------------
+    def by_path(self, path: str) -> DeviceView:
+        for d in self.target.devices():
+            if d.path == path:
+                return d
+        raise QMPError(f"Path {path} is not a VirtIODevice")
+
+    def by_dev(self, dev: str) -> DeviceView:
+        for d in self.target.devices():
+            if dev in (d.id, d.path):
+                return d
+        raise QMPError(f"Device '{dev}' not found", "DeviceNotFound")
+
+    @staticmethod
+    def queue(d: DeviceView, queue: int) -> int:
+        if not 0 <= queue < d.num_queues():
+            raise QMPError(f"Invalid virtqueue number {queue}")
+        return queue
+
+
+def _wrap(fn: Callable) -> Callable:
+    def call(**kw):
+        try:
+            return fn(**kw)
+        except TargetError as e:
+            raise QMPError(e.desc, e.cls) from None
+
+    call.__doc__ = fn.__doc__
+    return call
+
+
+def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]]] | None = None
+                   ) -> tuple[CommandRegistry, Callable[[QMPServer], None]]:
+    """The registry for *target*, and a function to call with the server once it exists (events)."""
+    c = _Ctx(target)
+    r = CommandRegistry()
+
+    def add(name: str, fn: Callable, *args: Arg, doc: str = "") -> None:
+        r.add(name, _wrap(fn), list(args), doc or (fn.__doc__ or "").strip().split("\n")[0])
+
+    # -- run state ---------------------------------------------------------------------------------
+    def query_status() -> dict:
+        st = target.run_state()
+        return {"status": st, "singlestep": False, "running": st == "running"}
+
+    def stop() -> None:
+        if target.run_state() == "running":
+            target.stop()
+            c.emit("STOP", {})
+
+    def cont() -> None:
+        if target.run_state() != "running":
+            target.cont()
+            c.emit("RESUME", {})
+
+    def system_reset() -> None:
+        target.system_reset()
+        c.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+
+    def quit_() -> None:
+        c.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        target.quit()
+
+    add("query-status", query_status, doc="the run state")
+    add("stop", stop, doc="pause the guest's vCPUs and the devices")
+    add("cont", cont, doc="resume")
+    add("system_reset", system_reset, doc="reset the machine")
+    add("quit", quit_, doc="stop the machine (or the back-end) and exit")
+
+    # -- PCI and virtio introspection (QEMU 7.2's names) --------------------------------------------
+    def query_pci() -> list:
+        devs = [i for d in target.devices() if (i := d.pci_info()) is not None]
+        return [{"bus": 0, "devices": sorted(devs, key=lambda x: (x["slot"], x["function"]))}]
+
+    def x_query_virtio() -> list:
+        return [{"path": d.path, "name": d.type_name} for d in target.devices()]
+
+    def x_query_virtio_status(path: str) -> dict:
+        return c.by_path(path).virtio_status()
+
+    def x_query_virtio_queue_status(path: str, queue: int) -> dict:
+        d = c.by_path(path)
+        return d.queue_status(c.queue(d, queue))
+
+    def x_query_virtio_vhost_queue_status(path: str, queue: int) -> dict:
+        d = c.by_path(path)
+        return d.vhost_queue_status(c.queue(d, queue))
+
+    def x_query_virtio_queue_element(path: str, queue: int, index: int | None = None) -> dict:
+        d = c.by_path(path)
+        return d.queue_element(c.queue(d, queue), index)
+
+    add("query-pci", query_pci, doc="PCI devices")
+    add("x-query-virtio", x_query_virtio, doc="virtio devices")
+    add("x-query-virtio-status", x_query_virtio_status, Arg("path", "str"), doc="a virtio device's status")
+    add("x-query-virtio-queue-status", x_query_virtio_queue_status, Arg("path", "str"), Arg("queue", "int", **U16),
+        doc="a virtqueue's state, read without touching it")
+    add("x-query-virtio-vhost-queue-status", x_query_virtio_vhost_queue_status, Arg("path", "str"),
+        Arg("queue", "int", **U16), doc="a vhost virtqueue's state (never sends GET_VRING_BASE)")
+    add("x-query-virtio-queue-element", x_query_virtio_queue_element, Arg("path", "str"),
+        Arg("queue", "int", **U16), Arg("index", "int", optional=True, **U16),
+        doc="a descriptor chain, read without popping it")
+
+    # -- notifiers, MSI-X and injection (seed 000, done safely) ------------------------------------
+    def x_query_pci_msix(dev: str) -> dict:
+        return c.by_dev(dev).msix()
+
+    def x_query_device_notifiers(dev: str) -> list:
+        return c.by_dev(dev).notifiers()
+
+    def x_debug_device_notifier_write(dev: str, id: int) -> dict:
+        d = c.by_dev(dev)
+        out = d.notifier_write(id)
+        c.injections += 1
+        log.warning("monitor: notifier %d of %s written by the operator", id, d.id)
+        c.emit("X_DEVICE_EVENT_INJECTED", {"dev": d.id, "queue": out.get("queue", -1), "event": "notifier",
+                                           "forced": True, "path": f"notifier:{out.get('role', '?')}"})
+        return out
+
+    def x_debug_device_event(dev: str, event: str, queue: int, force: bool = False) -> dict:
+        d = c.by_dev(dev)
+        c.queue(d, queue)
+        out = d.inject(event, queue, force)
+        c.injections += 1
+        log.warning("monitor: %s injected on %s queue %d (path %s%s)", event, d.id, queue, out["path"],
+                    ", forced" if out.get("forced") else "")
+        c.emit("X_DEVICE_EVENT_INJECTED", {"dev": d.id, "queue": queue, "event": event,
+                                           "forced": bool(out.get("forced")), "path": out["path"]})
+        return out
+
+    def x_debug_fault(dev: str, queue: int, path: str, action: str) -> dict:
+        d = c.by_dev(dev)
+        c.queue(d, queue)
+        out = d.fault(queue, path, action)
+        log.warning("monitor: fault %s on the %s path of %s queue %d", action, path, d.id, queue)
+        return out
+
+    add("x-query-pci-msix", x_query_pci_msix, Arg("dev", "str"),
+        doc="MSI-X table entries, function and vector masks, PBA, vector use, bound notifiers")
+    add("x-query-device-notifiers", x_query_device_notifiers, Arg("dev", "str"),
+        doc="every notifier of a device, counters read without consuming")
+    add("x-debug-device-notifier-write", x_debug_device_notifier_write, Arg("dev", "str"), Arg("id", "int", min=0,
+        max=2**31), doc="write one notifier (EventNotifier level)")
+    add("x-debug-device-event", x_debug_device_event, Arg("dev", "str"), Arg("event", "str", enum=("kick", "call")),
+        Arg("queue", "int", **U16), Arg("force", "bool", optional=True),
+        doc="kick or call a queue on purpose (a masked vector gets its PBA bit unless force)")
+    add("x-debug-fault", x_debug_fault, Arg("dev", "str"), Arg("queue", "int", **U16),
+        Arg("path", "str", enum=("kick", "call")), Arg("action", "str", enum=("drop-next", "drop-all", "clear")),
+        doc="lose kicks or calls on purpose")
+
+    # -- trace events ----------------------------------------------------------------------------------
+    def _trace_list(pattern: str | None) -> list:
+        import fnmatch
+
+        out = [{"name": e.name, "state": "enabled" if e.enabled else "disabled", "vcpu": False}
+               for e in trace.events() if pattern is None or fnmatch.fnmatchcase(e.name, pattern)]
+        return out
+
+    def trace_event_list(name: str | None = None) -> list:
+        return _trace_list(name)
+
+    def trace_event_get_state(name: str, vcpu: int | None = None) -> list:
+        out = _trace_list(name)
+        if not out:
+            raise QMPError(f"No such trace event '{name}'")
+        return out
+
+    def trace_event_set_state(name: str, enable: bool, ignore_unavailable: bool | None = None,
+                              vcpu: int | None = None) -> None:
+        if not trace.set_state(name, enable):
+            raise QMPError(f"No such trace event '{name}'")
+
+    add("trace-event-list", trace_event_list, Arg("name", "str", optional=True), doc="trace events")
+    add("trace-event-get-state", trace_event_get_state, Arg("name", "str"), Arg("vcpu", "int", optional=True))
+    add("trace-event-set-state", trace_event_set_state, Arg("name", "str"), Arg("enable", "bool"),
+        Arg("ignore-unavailable", "bool", optional=True), Arg("vcpu", "int", optional=True))
+
+    # -- HMP ---------------------------------------------------------------------------------------
+    def human_monitor_command(command_line: str, cpu_index: int | None = None) -> str:
+        try:
+            return _hmp(r, command_line)
+        except QMPError as e:
+            return f"Error: {e.desc}\r\n"
+
+    add("human-monitor-command", human_monitor_command, Arg("command-line", "str"),
+        Arg("cpu-index", "int", optional=True), doc="run an HMP command; returns its text")
+
+    for name, (fn, args) in (extra or {}).items():
+        add(name, fn, *args)
+
+    def attach(server: QMPServer) -> None:
+        c.server = server
+
+    return r, attach
+
+
+# ---------------------------------------------------------------------------------------------------
+# HMP: the same handlers, as text
+# ---------------------------------------------------------------------------------------------------
+HMP_COMMANDS = {
+    "info pci": "PCI devices, with MSI-X state",
+    "info virtio": "virtio devices",
+    "info virtio-status PATH": "a virtio device's status",
+    "info virtio-queue-status PATH QUEUE": "a virtqueue's state",
+    "info virtio-vhost-queue-status PATH QUEUE": "a vhost virtqueue's state",
+    "info virtio-queue-element PATH QUEUE [INDEX]": "a descriptor chain",
+    "info notifiers DEV": "a device's notifiers and their counters",
+    "info msix DEV": "a device's MSI-X table, masks and PBA",
+    "info status": "the run state",
+    "info trace-events [PATTERN]": "trace events",
+    "trace-event NAME on|off": "enable or disable trace events",
+    "x-debug-device-event DEV kick|call QUEUE [force]": "kick or call a queue on purpose",
+    "x-debug-device-notifier-write DEV ID": "write one notifier",
+    "x-debug-fault DEV QUEUE kick|call drop-next|drop-all|clear": "lose kicks or calls on purpose",
+    "stop": "pause", "cont": "resume", "system_reset": "reset", "quit": "quit",
+    "help": "this list",
+}
+
+
+def _call(r: CommandRegistry, name: str, **args):
+    cmd = r.commands[name]
+    return cmd.handler(**r.check_args(cmd, args))
+
+
+def _int(s: str, what: str) -> int:
+    try:
+        return int(s, 0)
+    except ValueError:
+        raise QMPError(f"{what}: '{s}' is not a number") from None
+
+
+def _fmt_kv(d: dict, indent: str = "  ") -> str:
+    lines = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines.append(f"{indent}{k}:")
+            lines.append(_fmt_kv(v, indent + "  "))
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            lines.append(f"{indent}{k}:")
+            for x in v:
+                lines.append(f"{indent}  - " + ", ".join(f"{a}={b}" for a, b in x.items()))
+        else:
+            lines.append(f"{indent}{k}: {v}")
+    return "\n".join(lines)
+
+
+def _hmp(r: CommandRegistry, line: str) -> str:  # noqa: C901 - one dispatch table
+    try:
+        argv = shlex.split(line)
+    except ValueError as e:
+        raise QMPError(f"cannot parse '{line}': {e}") from None
+    if not argv:
+        return ""
+    w = argv[0]
+    a = argv[1:]
+    out = ""
+    if w == "help" or w == "?":
+        return "\r\n".join(f"{k} -- {v}" for k, v in HMP_COMMANDS.items()) + "\r\n"
+    if w == "info" and a:
+        sub = a[0]
+        rest = a[1:]
+        if sub == "pci":
+            for bus in _call(r, "query-pci"):
+                for dv in bus["devices"]:
+                    out += (f"  Bus {bus['bus']:2d}, device {dv['slot']:3d}, function {dv['function']}:\n"
+                            f"    {dv['class_info'].get('desc', 'Class %04x' % dv['class_info']['class'])}: "
+                            f"PCI device {dv['id']['vendor']:04x}:{dv['id']['device']:04x}\n"
+                            f"      IRQ {dv.get('irq', 0)}, pin {dv['irq_pin']}.\n")
+                    for reg in dv["regions"]:
+                        addr = reg["address"]
+                        kind = "I/O" if reg["type"] == "io" else ("64 bit " if reg.get("mem_type_64") else "32 bit ") + \
+                            ("prefetchable " if reg.get("prefetch") else "") + "memory"
+                        at = "[unassigned]" if addr == -1 else f"at 0x{addr:x} [0x{addr + reg['size'] - 1:x}]"
+                        out += f"      BAR{reg['bar']}: {kind} {at}.\n"
+                    out += f"      id \"{dv['qdev_id']}\"\n"
+                    try:
+                        m = _call(r, "x-query-pci-msix", dev=dv["qdev_id"])
+                    except QMPError:
+                        continue
+                    out += _msix_text(m, "      ")
+            return out.replace("\n", "\r\n")
+        if sub == "virtio":
+            for d in _call(r, "x-query-virtio"):
+                out += f"{d['path']} [{d['name']}]\n"
+            return out.replace("\n", "\r\n")
+        if sub == "status":
+            st = _call(r, "query-status")
+            return f"VM status: {st['status']}\r\n"
+        if sub in ("virtio-status",) and len(rest) == 1:
+            return _fmt_kv(_call(r, "x-query-virtio-status", path=rest[0])).replace("\n", "\r\n") + "\r\n"
+        if sub in ("virtio-queue-status", "virtio-vhost-queue-status") and len(rest) == 2:
+            d = _call(r, f"x-query-{sub}", path=rest[0], queue=_int(rest[1], "queue"))
+            return _fmt_kv(d).replace("\n", "\r\n") + "\r\n"
+        if sub == "virtio-queue-element" and len(rest) in (2, 3):
+            kw = {"path": rest[0], "queue": _int(rest[1], "queue")}
+            if len(rest) == 3:
+                kw["index"] = _int(rest[2], "index")
+            return _fmt_kv(_call(r, "x-query-virtio-queue-element", **kw)).replace("\n", "\r\n") + "\r\n"
+        if sub == "notifiers" and len(rest) == 1:
+            rows = _call(r, "x-query-device-notifiers", dev=rest[0])
+            out = f"{'id':>4} {'role':<7} {'queue':>5} {'vector':>6} {'fd':>4} {'pending':>8} {'total':>8}  name\n"
+            for n in rows:
+                out += (f"{n['id']:>4} {n['role']:<7} {n.get('queue', '-'):>5} {n.get('vector', '-'):>6} "
+                        f"{n['fd']:>4} {n.get('pending', '-'):>8} {n.get('total', '-'):>8}  {n['name']}"
+                        f"{('  (' + n['note'] + ')') if n.get('note') else ''}\n")
+            return out.replace("\n", "\r\n")
+        if sub == "msix" and len(rest) == 1:
+            return _msix_text(_call(r, "x-query-pci-msix", dev=rest[0]), "").replace("\n", "\r\n")
+        if sub == "trace-events":
+            rows = _call(r, "trace-event-list", **({"name": rest[0]} if rest else {}))
+            return "".join(f"{x['name']} : state {1 if x['state'] == 'enabled' else 0}\r\n" for x in rows)
+        raise QMPError(f"unknown info command: '{' '.join(a)}'")
+    if w == "trace-event" and len(a) == 2 and a[1] in ("on", "off"):
+        _call(r, "trace-event-set-state", name=a[0], enable=a[1] == "on")
+        return ""
+    if w == "x-debug-device-event" and len(a) in (3, 4):
+        if len(a) == 4 and a[3] != "force":
+            raise QMPError("the fourth argument can only be 'force'")
+        res = _call(r, "x-debug-device-event", dev=a[0], event=a[1], queue=_int(a[2], "queue"), force=len(a) == 4)
+        return f"{a[1]} injected on queue {a[2]} of {a[0]} through {res['path']}" + \
+            (" (forced past the mask)" if res.get("forced") else "") + "\r\n"
+    if w == "x-debug-device-notifier-write" and len(a) == 2:
+        res = _call(r, "x-debug-device-notifier-write", dev=a[0], id=_int(a[1], "id"))
+        return f"notifier {a[1]} ({res.get('role', '?')}) written\r\n"
+    if w == "x-debug-fault" and len(a) == 4:
+        res = _call(r, "x-debug-fault", dev=a[0], queue=_int(a[1], "queue"), path=a[2], action=a[3])
+        return f"fault {a[3]} on the {a[2]} path of queue {a[1]}: {res}\r\n"
+    if w in ("stop", "cont", "system_reset", "quit") and not a:
+        _call(r, w)
+        return ""
+    return f"unknown command: '{line.strip()}'\r\n"
+
+
+def _msix_text(m: dict, ind: str) -> str:
+    out = (f"{ind}MSI-X: {'enabled' if m['enabled'] else 'disabled'}, function "
+           f"{'masked' if m['function-masked'] else 'unmasked'}, {m['table-size']} vectors\n")
+    for e in m["entries"]:
+        if not e["use-count"] and not e["pending"] and not e["address"]:
+            continue
+        bound = ", ".join(f"{b['role']}:q{b['queue']}{'(irqfd)' if b.get('irqfd') else ''}"
+                          for b in e.get("notifiers", []))
+        out += (f"{ind}  vector {e['vector']:3d}: addr 0x{e['address']:x} data 0x{e['data']:x} "
+                f"{'MASKED' if e['masked'] else 'unmasked'} {'PENDING' if e['pending'] else ''} "
+                f"use {e['use-count']} sent {e['sent']} pended {e['pended']}"
+                f"{(' [' + bound + ']') if bound else ''}\n")
+    return out

@@ -1,0 +1,67 @@
+"""What the monitor sees of a machine or a back-end: small query and injection interfaces.
+
+The monitor never reaches into device internals; a machine (``kickcall.machine.monitor``) and the
+vhost-user back-end program (``kickcall.apps.vhost_user_blk``) each implement these.  Every query
+must be read-only -- in particular nothing here may consume an eventfd or stop a vhost ring.
+Nothing here exposes the fault injector's state (``kickcall diagnose`` must find faults from
+their effects, as it would a real bug).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+__all__ = ["Target", "DeviceView", "TargetError"]
+
+
+class TargetError(Exception):
+    """A request the target refuses (unknown queue, no such notifier, ...): a GenericError."""
+
+    def __init__(self, desc: str, cls: str = "GenericError") -> None:
+        super().__init__(desc)
+        self.desc = desc
+        self.cls = cls
+
+
+class DeviceView(Protocol):
+    id: str  # qdev id ("blk0")
+    path: str  # QOM path of the VirtIODevice ("/machine/peripheral/blk0/virtio-backend")
+    type_name: str  # "virtio-blk", "vhost-user-blk", ...
+
+    def num_queues(self) -> int: ...
+
+    def virtio_status(self) -> dict: ...  # QEMU's VirtioStatus
+
+    def queue_status(self, queue: int) -> dict: ...  # VirtQueueStatus (+ kickcall's ring fields)
+
+    def vhost_queue_status(self, queue: int) -> dict: ...  # VirtVhostQueueStatus
+
+    def queue_element(self, queue: int, index: int | None) -> dict: ...  # VirtioQueueElement
+
+    def pci_info(self) -> dict | None: ...  # PciDeviceInfo (None: not on PCI)
+
+    def msix(self) -> dict: ...  # x-query-pci-msix
+
+    def notifiers(self) -> list[dict]: ...  # x-query-device-notifiers
+
+    def notifier_write(self, id: int) -> dict: ...
+
+    def inject(self, event: str, queue: int, force: bool) -> dict: ...  # {"path": ..., "forced": ...}
+
+    def fault(self, queue: int, path: str, action: str) -> dict: ...
+
+
+class Target(Protocol):
+    name: str
+
+    def run_state(self) -> str: ...  # QEMU RunState: running, paused, prelaunch, shutdown, ...
+
+    def stop(self) -> None: ...
+
+    def cont(self) -> None: ...
+
+    def system_reset(self) -> None: ...
+
+    def quit(self) -> None: ...
+
+    def devices(self) -> list[DeviceView]: ...
