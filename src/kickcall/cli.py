@@ -32,6 +32,22 @@ def _positive(v: str) -> float:
     return f
 
 
+def _loopback_hostport(v: str) -> tuple[str, int]:
+    import ipaddress
+
+    host, sep, port = v.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"'{v}' is not HOST:PORT")
+    try:
+        ok = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"'{host}' is not a loopback address: the monitor listens on loopback only")
+    return host, int(port)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kickcall", description="The kick and call paths of virtual devices.")
     ap.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -47,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--trace", action="append", default=[], metavar="PATTERN",
                    help="enable trace events matching PATTERN (QEMU names, globs allowed)")
     r.add_argument("--json", action="store_true", help="print the final counters and results as JSON")
+    r.add_argument("--qmp", metavar="PATH", help="serve a QMP monitor on this Unix socket (mode 0600)")
+    r.add_argument("--qmp-tcp", metavar="HOST:PORT", type=_loopback_hostport,
+                   help="also serve the monitor on this loopback TCP address (127.0.0.1 or ::1 only)")
     b = sub.add_parser("bench", help="benchmarks")
     bs = b.add_subparsers(dest="bench", required=True)
     bn = bs.add_parser("notify", help="eventfd / ioeventfd / heavyweight-exit / irqfd latency, blk IOPS")
@@ -63,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     bv.add_argument("--json", action="store_true")
     bv.add_argument("--write", metavar="FILE", help="update the vhost-user section of this BENCHMARKS.md")
     bv.add_argument("--quick", action="store_true", help="shorter runs (a smoke run)")
+    dg = sub.add_parser("diagnose", help="tell a lost kick from a lost call on a hung queue (and fix it)")
+    from .diagnose import cli as diagnose_cli
+
+    diagnose_cli.add_arguments(dg)
+    sh = sub.add_parser("shell", help="an interactive monitor (HMP and QMP) on a kickcall socket")
+    sh.add_argument("socket", help="the monitor's Unix socket")
     c = sub.add_parser("config", help="print the built-in default machine config")
     c.add_argument("--check", metavar="FILE", help="validate a config file and exit")
     return ap
@@ -86,6 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         from .apps import vhost_user_test
 
         return vhost_user_test.main(a)
+    if a.cmd == "diagnose":
+        from .diagnose import cli as diagnose_cli
+
+        return diagnose_cli.main(a)
+    if a.cmd == "shell":
+        from .monitor import shell
+
+        return shell.main(a.socket)
     if a.cmd == "config":
         from .machine.config import DEFAULT_TOML, ConfigError, load_config
 
@@ -160,6 +193,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     rc = 0
     try:
         info = m.start()
+        if a.qmp or a.qmp_tcp:
+            srv = m.start_monitor(a.qmp, a.qmp_tcp)
+            where = " and ".join(x for x in (a.qmp, a.qmp_tcp and f"{a.qmp_tcp[0]}:{srv.tcp_port}") if x)
+            print(f"kickcall: QMP monitor on {where}", file=sys.stderr, flush=True)
         if not a.json and not tty:
             kinds = ", ".join(f"{d['kind']}@{d['slot']}" for d in info.get("devices", []))
             print(f"kickcall: machine {cfg.name!r} up: {cfg.vcpus} vCPUs, guest pid {m.guest_pid}, devices {kinds}",
@@ -169,7 +206,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         paused_once = False
         pause_until = None
         next_tick = t0 + a.interval
-        while not stop.is_set():
+        while not stop.is_set() and not m.quit_requested.is_set():
             now = time.monotonic()
             if duration is not None and now - t0 >= duration:
                 break
