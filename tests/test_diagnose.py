@@ -176,7 +176,8 @@ def test_backend_not_processing(workdir):
     """A vhost-user back-end that stops running (SIGSTOP): the kicks sit unread in its kick fd."""
     img, sock, qmp = (os.path.join(workdir, n) for n in ("disk.img", "vblk.sock", "m.qmp"))
     make_image(img, 4 << 20)
-    be = start_vhost_user_blk(sock, img)
+    log = open(os.path.join(workdir, "be.log"), "w+")  # a file, not a pipe: tracing must never block
+    be = start_vhost_user_blk(sock, img, "--trace", "vhost_user_read", "--trace", "virtio_queue_notify", stderr=log)
     toml = ONE_CPU.replace('size = "4M"', f'backend = "vhost-user"\nsocket = "{sock}"')
     try:
         with running_machine(toml) as m:
@@ -199,6 +200,11 @@ def test_backend_not_processing(workdir):
         assert blk["error_count"] == 0, blk
     finally:
         stop_process(be)
+        log.seek(0)
+        err = log.read()
+        log.close()
+    # --trace: the back-end's trace events, QEMU's names, on stderr
+    assert "vhost_user_read req=GET_FEATURES" in err and "virtio_queue_notify vdev=vhost-user-blk n=0" in err
 
 
 @pytest.mark.slow

@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aio", choices=("auto", "threads", "sync"), default="auto",
                    help="auto: inline when a request is alone, a thread pool when they overlap (default)")
     p.add_argument("--profile", metavar="FILE", help="cProfile the back-end's loop thread; stats to FILE on exit")
+    p.add_argument("--trace", action="append", default=[], metavar="PATTERN",
+                   help="enable trace events (QEMU's names and globs: vhost_user_read, virtio_*); to stderr")
     p.add_argument("--io-delay-ms", type=float, default=0.0,
                    help="fault knob: stall each I/O a random 0..N ms (completions then come out of order)")
 
@@ -88,6 +90,13 @@ def main(a: argparse.Namespace) -> int:
         print(f"kickcall vhost-user-blk: cannot listen: {e}", file=sys.stderr)
         dev.close()
         return 2
+    from .. import trace
+
+    for pat in a.trace:
+        if not trace.set_state(pat, True):
+            print(f"kickcall vhost-user-blk: --trace {pat}: no such trace event", file=sys.stderr)
+    if a.trace:
+        trace.add_sink(lambda rec: print(trace.format_record(rec), file=sys.stderr, flush=True))
     done = threading.Event()
     qmp = None
     if a.qmp:

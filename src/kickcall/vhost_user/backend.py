@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .. import trace
 from ..loop import IOThread
 from ..memory import GuestMemory, GuestMemoryError, RamBlock
 from ..notify import EventNotifier, NotifierRegistry, Role
@@ -60,6 +61,9 @@ from .protocol import (
 __all__ = ["VhostUserBackend", "VhostMemory", "BackendVring", "DEFAULT_PROTOCOL_FEATURES"]
 
 log = logging.getLogger("kickcall.vhost_user.backend")
+_t_read = trace.event("vhost_user_read", "the back-end received a vhost-user request")
+_t_kick = trace.event("virtio_queue_notify", "a kick reached a virtqueue")
+_t_call = trace.event("vhost_user_backend_call", "the back-end wrote a queue's call fd")
 
 PF = ProtocolFeature
 DEFAULT_PROTOCOL_FEATURES = (
@@ -327,6 +331,8 @@ class VhostUserBackend:
             validate_frontend_request(msg)
             self.message_counts[name] = self.message_counts.get(name, 0) + 1
             self.trace.append(name)
+            if _t_read.enabled:
+                _t_read.emit(req=name, flags=msg.flags, size=len(msg.payload), fds=len(msg.fds))
             hook = self.fault_hooks.get("message")
             if hook is not None:
                 hook(msg)
@@ -668,6 +674,8 @@ class VhostUserBackend:
         if v.kick is None or not v.kick.test_and_clear():
             return
         v.kicks += 1
+        if _t_kick.enabled:
+            _t_kick.emit(vdev=self.name, n=v.index)
         hook = self.fault_hooks.get("kick")
         if hook is not None and hook(v) is False:
             return
@@ -716,6 +724,8 @@ class VhostUserBackend:
             try:
                 v.call.set()
                 v.calls += 1
+                if _t_call.enabled:
+                    _t_call.emit(vdev=self.name, n=v.index, fd=v.call.fd)
             except OSError:
                 v.calls_without_fd += 1
         else:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from .. import trace
 from .protocol import (
     CONFIG_HDR,
     FLAG_NEED_REPLY,
@@ -42,6 +43,7 @@ from .protocol import (
 
 __all__ = ["VhostUserFrontend", "InflightInfo", "BackendGone"]
 
+_t_write = trace.event("vhost_user_write", "the front-end sent a vhost-user request")
 log = logging.getLogger("kickcall.vhost_user.frontend")
 
 FR = FrontendReq
@@ -144,6 +146,8 @@ class VhostUserFrontend:
             try:
                 send_message(s, Message(req, flags, payload, list(fds)))
                 self.sent.append(FR(req).name)
+                if _t_write.enabled:
+                    _t_write.emit(req=FR(req).name, flags=flags, size=len(payload), fds=len(fds))
                 if req not in _HAS_REPLY and not want_ack:
                     return None
                 rep = recv_message(s)
