@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     diagnose_cli.add_arguments(dg)
     sh = sub.add_parser("shell", help="an interactive monitor (HMP and QMP) on a kickcall socket")
     sh.add_argument("socket", help="the monitor's Unix socket")
+    bm = bs.add_parser("monitor", help="blk IOPS with and without a monitor client sampling every queue")
+    bm.add_argument("--json", action="store_true")
+    bm.add_argument("--write", metavar="FILE", help="update the monitor section of this BENCHMARKS.md")
+    bm.add_argument("--quick", action="store_true", help="shorter runs (a smoke run)")
     c = sub.add_parser("config", help="print the built-in default machine config")
     c.add_argument("--check", metavar="FILE", help="validate a config file and exit")
     return ap
