@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..monitor.target import TargetError
 from ..vhost_user.backend import VhostUserBackend
-from ..virtio.ring import DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from ..virtio.ring import describe_chain
 
 __all__ = ["BackendTarget", "BackendDevice"]
 
@@ -83,6 +83,7 @@ class BackendDevice:
             v = self.b.vrings[queue]
             q = self.b.device.queues[queue]
             d = q.status()
+            d["name"] = self.type_name  # QEMU: the VirtIODevice's name, not the queue's
             d["vring-num"] = v.num or q.num
             mapped = v.addr is not None and self.b.memory is not None
             n = q.num
@@ -92,6 +93,7 @@ class BackendDevice:
                 "used-event": self._u16(q.avail + 4 + 2 * n) if mapped else None,
                 "avail-event": self._u16(q.used + 4 + 8 * n) if mapped else None,
                 "avail-flags": self._u16(q.avail) if mapped else None,
+                "used-flags": self._u16(q.used) if mapped else None,
                 "event-idx": q.event_idx, "started": v.started, "enabled": v.enabled,
                 "kicks": v.kicks, "calls": v.calls, "calls-without-fd": v.calls_without_fd,
             })
@@ -107,13 +109,16 @@ class BackendDevice:
                 raise TargetError("Error: vhost device has not started yet")
             desc, used, avail = v.addr
             n = q.num
-            return {"name": q.name, "kick": v.kick.fd if v.kick else -1, "call": v.call.fd if v.call else -1,
+            return {"name": self.type_name, "kick": v.kick.fd if v.kick else -1, "call": v.call.fd if v.call else -1,
                     "desc": desc, "avail": avail, "used": used, "num": n, "desc-phys": q.desc, "desc-size": 16 * n,
                     "avail-phys": q.avail, "avail-size": 6 + 2 * n, "used-phys": q.used, "used-size": 6 + 8 * n}
 
         return self._run(f)
 
     def queue_element(self, queue: int, index: int | None) -> dict:
+        """QEMU's x-query-virtio-queue-element: *index* is a position in the avail ring (modulo the
+        queue size; default: the back-end's next position), the element is the chain whose head
+        that ring slot holds."""
         def f() -> dict:
             v = self.b.vrings[queue]
             q = self.b.device.queues[queue]
@@ -121,30 +126,13 @@ class BackendDevice:
             if v.addr is None or mem is None:
                 raise TargetError(f"virtqueue {queue} is not set up")
             n = q.num
-            last = q.last_avail_idx
-            idx = index if index is not None else (self._u16(q.avail + 4 + 2 * (last % n)) or 0)
-            if idx >= n:
-                raise TargetError(f"descriptor index {idx} out of range (queue size {n})")
-            descs = []
-            i, seen, table, tlen = idx, 0, q.desc, n
-            while seen < 256:
-                try:
-                    addr, length, flags, nxt = DESC.unpack(mem.read(table + 16 * i, 16))
-                except ValueError:
-                    break
-                fl = [nm for bit, nm in ((VRING_DESC_F_NEXT, "next"), (VRING_DESC_F_WRITE, "write"),
-                                         (VRING_DESC_F_INDIRECT, "indirect")) if flags & bit]
-                descs.append({"addr": addr, "len": length, "flags": fl})
-                seen += 1
-                if flags & VRING_DESC_F_INDIRECT and table == q.desc and length and length % 16 == 0:
-                    table, tlen, i = addr, length // 16, 0
-                    continue
-                if not flags & VRING_DESC_F_NEXT or nxt >= tlen:
-                    break
-                i = nxt
-            return {"name": q.name, "index": idx, "descs": descs,
-                    "avail": {"flags": self._u16(q.avail) or 0, "idx": self._u16(q.avail + 2) or 0,
-                              "ring": self._u16(q.avail + 4 + 2 * (last % n)) or 0},
+            slot = (q.last_avail_idx if index is None else index) % n
+            head = self._u16(q.avail + 4 + 2 * slot) or 0
+            if head >= n:
+                raise TargetError(f"avail ring slot {slot} holds descriptor {head}, out of range (queue size {n})")
+            descs = describe_chain(mem, q.desc, n, head)
+            return {"name": self.type_name, "index": head, "descs": descs,
+                    "avail": {"flags": self._u16(q.avail) or 0, "idx": self._u16(q.avail + 2) or 0, "ring": head},
                     "used": {"flags": self._u16(q.used) or 0, "idx": self._u16(q.used + 2) or 0}}
 
         return self._run(f)

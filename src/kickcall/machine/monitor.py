@@ -15,7 +15,7 @@ from ..notify import Role
 from ..pci import regs as R
 from ..virtio.pci import QUEUE_MEM_MULT, VirtIOPCIProxy
 from ..virtio.queue import VIRTIO_NO_VECTOR, VirtQueue
-from ..virtio.ring import DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from ..virtio.ring import describe_chain
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -25,6 +25,12 @@ __all__ = ["MachineTarget", "MachineDevice"]
 log = logging.getLogger("kickcall.machine.monitor")
 
 _CLASS_DESC = {0x0100: "SCSI controller", 0x0200: "Ethernet controller", 0xFF00: "Class ff00"}
+
+
+def _delivered(outcome: str, v: int) -> None:
+    """msix_notify's outcome: anything but sent or pended means the call went nowhere -- say so."""
+    if outcome not in ("sent", "pended"):
+        raise TargetError(f"vector {v}: the call was dropped ({outcome})")
 
 
 class MachineDevice:
@@ -71,8 +77,11 @@ class MachineDevice:
                 d.pop("last-avail-idx", None)
                 d["inuse"] = 0
             d["signalled-used-valid"] = False
+        d["name"] = self.type_name  # QEMU: the VirtIODevice's name, not the queue's
         d["vector"] = q.vector
         d["event-idx"] = q.event_idx
+        d["kicks"] = q.kicks  # kicks the VMM handled (0 while a vhost back-end owns the queue)
+        d["calls"] = q.calls  # calls the device made (vhost: the back-end counts its own)
         return d
 
     def _ring_fields(self, q: VirtQueue) -> dict:
@@ -99,47 +108,31 @@ class MachineDevice:
             n = q.num
             call = self.p.vdev._call_fd(q)
             return {
-                "name": q.name, "kick": q.host_notifier.fd if q.host_notifier else -1, "call": call if call else -1,
+                "name": self.type_name, "kick": q.host_notifier.fd if q.host_notifier else -1,
+                "call": call if call else -1,
                 "desc": USER_BASE + q.desc, "avail": USER_BASE + q.avail, "used": USER_BASE + q.used, "num": n,
                 "desc-phys": q.desc, "desc-size": 16 * n, "avail-phys": q.avail, "avail-size": 6 + 2 * n,
                 "used-phys": q.used, "used-size": 6 + 8 * n,
             }
 
     def queue_element(self, queue: int, index: int | None) -> dict:
+        """QEMU's x-query-virtio-queue-element: *index* is a position in the avail ring (modulo the
+        queue size; default: the device's next position), the element is the chain whose head
+        that ring slot holds."""
         with self.m.bql:
             q = self.p.vdev.queues[queue]
             if not q.desc:
                 raise TargetError(f"virtqueue {queue} is not set up")
             n = q.num
-            mem = self.m.memory
-            avail_idx = self._u16(q.avail + 2) or 0
             last = q.last_avail_idx
             if self.vhost and self.p.vdev.started_backend and q.event_idx:
-                last = self._u16(q.used + 4 + 8 * n) or 0
-            if index is None:
-                index = self._u16(q.avail + 4 + 2 * (last % n)) or 0
-            if index >= n:
-                raise TargetError(f"descriptor index {index} out of range (queue size {n})")
-            descs = []
-            i, seen, table, tlen = index, 0, q.desc, n
-            while seen < 256:
-                try:
-                    addr, length, flags, nxt = DESC.unpack(mem.read(table + 16 * i, 16))
-                except ValueError:
-                    break
-                fl = [name for bit, name in ((VRING_DESC_F_NEXT, "next"), (VRING_DESC_F_WRITE, "write"),
-                                             (VRING_DESC_F_INDIRECT, "indirect")) if flags & bit]
-                descs.append({"addr": addr, "len": length, "flags": fl})
-                seen += 1
-                if flags & VRING_DESC_F_INDIRECT and table == q.desc and length % 16 == 0 and length:
-                    table, tlen, i = addr, length // 16, 0
-                    continue
-                if not flags & VRING_DESC_F_NEXT or nxt >= tlen:
-                    break
-                i = nxt
-            return {"name": q.name, "index": index, "descs": descs,
-                    "avail": {"flags": self._u16(q.avail) or 0, "idx": avail_idx,
-                              "ring": self._u16(q.avail + 4 + 2 * (last % n)) or 0},
+                last = self._u16(q.used + 4 + 8 * n) or 0  # the back-end's position, never GET_VRING_BASE
+            slot = (last if index is None else index) % n
+            head = self._u16(q.avail + 4 + 2 * slot) or 0
+            if head >= n:
+                raise TargetError(f"avail ring slot {slot} holds descriptor {head}, out of range (queue size {n})")
+            return {"name": self.type_name, "index": head, "descs": describe_chain(self.m.memory, q.desc, n, head),
+                    "avail": {"flags": self._u16(q.avail) or 0, "idx": self._u16(q.avail + 2) or 0, "ring": head},
                     "used": {"flags": self._u16(q.used) or 0, "idx": self._u16(q.used + 2) or 0}}
 
     def pci_info(self) -> dict:
@@ -236,12 +229,12 @@ class MachineDevice:
                         p.msi_send(addr, data)
                         m.sent[v] += 1
                         return {"path": "msi-forced", "forced": True}
-                    m.notify(v)
+                    _delivered(m.notify(v), v)
                     return {"path": "pba", "forced": False}
                 if q.guest_notifier is not None and q.index in p._irqfd_on:
                     q.guest_notifier.set()
                     return {"path": "irqfd", "forced": False}
-                m.notify(v)
+                _delivered(m.notify(v), v)
                 return {"path": "msi", "forced": False}
             p.vdev.isr |= 1
             p.set_irq(1)

@@ -38,6 +38,7 @@ class _Ctx:
         self.target = target
         self.server: QMPServer | None = None
         self.injections = 0
+        self.quit_after_reply: Callable[[], None] | None = None
 
     def emit(self, event: str, data: dict) -> None:
         if self.server is not None:
@@ -104,7 +105,22 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
 
     def quit_() -> None:
         c.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
-        target.quit()
+        srv = c.server
+        if srv is None:
+            target.quit()
+            return
+        # QEMU replies to quit before it exits: quit once the reply is on its way (the server's
+        # on_quit runs after the reply), keeping any on_quit the owner installed
+        if c.quit_after_reply is None or srv.on_quit is not c.quit_after_reply:
+            prev = srv.on_quit
+
+            def after_reply() -> None:
+                target.quit()
+                if prev is not None:
+                    prev()
+
+            c.quit_after_reply = after_reply
+            srv.on_quit = after_reply
 
     add("query-status", query_status, doc="the run state")
     add("stop", stop, doc="pause the guest's vCPUs and the devices")
@@ -129,7 +145,9 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
 
     def x_query_virtio_vhost_queue_status(path: str, queue: int) -> dict:
         d = c.by_path(path)
-        return d.vhost_queue_status(c.queue(d, queue))
+        if not 0 <= queue < d.num_queues():
+            raise QMPError(f"Invalid vhost virtqueue number {queue}")  # QEMU's text
+        return d.vhost_queue_status(queue)
 
     def x_query_virtio_queue_element(path: str, queue: int, index: int | None = None) -> dict:
         d = c.by_path(path)
@@ -197,23 +215,25 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
     def _trace_list(pattern: str | None) -> list:
         import fnmatch
 
-        out = [{"name": e.name, "state": "enabled" if e.enabled else "disabled", "vcpu": False}
-               for e in trace.events() if pattern is None or fnmatch.fnmatchcase(e.name, pattern)]
-        return out
+        return [{"name": e.name, "state": "enabled" if e.enabled else "disabled", "vcpu": False}
+                for e in trace.events() if pattern is None or fnmatch.fnmatchcase(e.name, pattern)]
+
+    def _check_events(name: str) -> None:
+        # QEMU's check_events: a name without '*' must exist; a pattern may match nothing
+        if "*" not in name and not _trace_list(name):
+            raise QMPError(f'unknown event "{name}"')
 
     def trace_event_list(name: str | None = None) -> list:
         return _trace_list(name)
 
     def trace_event_get_state(name: str, vcpu: int | None = None) -> list:
-        out = _trace_list(name)
-        if not out:
-            raise QMPError(f"No such trace event '{name}'")
-        return out
+        _check_events(name)
+        return _trace_list(name)
 
     def trace_event_set_state(name: str, enable: bool, ignore_unavailable: bool | None = None,
                               vcpu: int | None = None) -> None:
-        if not trace.set_state(name, enable):
-            raise QMPError(f"No such trace event '{name}'")
+        _check_events(name)
+        trace.set_state(name, enable)
 
     add("trace-event-list", trace_event_list, Arg("name", "str", optional=True), doc="trace events")
     add("trace-event-get-state", trace_event_get_state, Arg("name", "str"), Arg("vcpu", "int", optional=True))
@@ -262,8 +282,8 @@ HMP_COMMANDS = {
 }
 
 
-def _call(r: CommandRegistry, name: str, **args):
-    cmd = r.commands[name]
+def _call(r: CommandRegistry, command: str, /, **args):
+    cmd = r.commands[command]  # (positional-only: trace-event-* have an argument called "name")
     return cmd.handler(**r.check_args(cmd, args))
 
 

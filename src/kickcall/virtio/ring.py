@@ -24,6 +24,7 @@ import struct
 import threading
 
 __all__ = [
+    "describe_chain",
     "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE", "VRING_DESC_F_INDIRECT",
     "VRING_AVAIL_F_NO_INTERRUPT", "VRING_USED_F_NO_NOTIFY",
     "VIRTIO_RING_F_INDIRECT_DESC", "VIRTIO_RING_F_EVENT_IDX", "VIRTIO_F_VERSION_1",
@@ -110,3 +111,26 @@ def wmb() -> None:
 
 def rmb() -> None:
     """Load->load barrier: x86 keeps load order."""
+
+
+def describe_chain(mem, desc: int, num: int, head: int, limit: int = 256) -> list[dict]:
+    """The descriptor chain from *head* as a monitor shows it, read without popping it: an indirect
+    table is followed once (from the main table only), loops end at *limit* entries, and an address
+    outside guest memory ends the walk.  Nothing is validated or written: this is for inspection."""
+    descs: list[dict] = []
+    i, table, tlen = head, desc, num
+    while len(descs) < limit:
+        try:
+            addr, length, flags, nxt = DESC.unpack(mem.read(table + 16 * i, 16))
+        except ValueError:
+            break
+        names = [n for bit, n in ((VRING_DESC_F_NEXT, "next"), (VRING_DESC_F_WRITE, "write"),
+                                  (VRING_DESC_F_INDIRECT, "indirect")) if flags & bit]
+        descs.append({"addr": addr, "len": length, "flags": names})
+        if flags & VRING_DESC_F_INDIRECT and table == desc and length and length % 16 == 0:
+            table, tlen, i = addr, length // 16, 0
+            continue
+        if not flags & VRING_DESC_F_NEXT or nxt >= tlen:
+            break
+        i = nxt
+    return descs
