@@ -81,11 +81,13 @@ _fallback_ids = itertools.count(1 << 40)
 class EventNotifier:
     """A real Linux eventfd used as a doorbell (QEMU ``EventNotifier``).
 
-    Counters (all monotonic): ``sets`` is how many times this object wrote it, ``set_value`` the
-    sum it wrote, ``consumed`` the sum read back by ``test_and_clear``, ``clears`` how many
-    ``test_and_clear`` calls found it set.  For an fd that another process writes (a vhost-user
-    backend, a guest vCPU through an ioeventfd), ``total()`` = consumed + current peek counts
-    every write whoever made it.
+    Counters: ``sets`` is how many times this object wrote it, ``set_value`` the sum it wrote,
+    ``consumed`` the sum read back by ``test_and_clear``, ``clears`` how many ``test_and_clear``
+    calls found it set -- all monotonic.  ``total()`` = consumed + current peek counts every write
+    whoever made it, as long as this process is the only reader (an ioeventfd the VMM consumes, a
+    back-end's kick fd).  For an fd another process reads (an irqfd the hypervisor consumes, a
+    call fd QEMU reads) ``total()`` is not a running total: the other reader's reads are invisible
+    here, and it drops when they happen; use ``sets`` and the hypervisor's own counts there.
     """
 
     __slots__ = (
