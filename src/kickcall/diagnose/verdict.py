@@ -196,8 +196,8 @@ def _moved(first: QueueSample, last: QueueSample) -> list[str]:
         p = fn.get((n.get("role"), n.get("id")))
         if p is None:
             continue
-        for k in ("total", "writes"):
-            if isinstance(p.get(k), int) and isinstance(n.get(k), int) and p[k] != n[k]:
+        for k in ("total", "writes"):  # (total falls when another process reads the fd: only rises count)
+            if isinstance(p.get(k), int) and isinstance(n.get(k), int) and p[k] < n[k]:
                 out.append(f"{n.get('role')} notifier {k} {p[k]} -> {n[k]}")
     return out
 
