@@ -127,6 +127,10 @@ def test_vector_left_masked_with_an_event_pending_needs_force(workdir):
             wait_for(lambda: [e for e in (watcher.execute("query-status") and watcher.events())
                               if e["event"] == "X_DEVICE_EVENT_INJECTED"], 10, "the injection event")
         assert m.device("blk0").msix.is_masked(vec), "diagnose must never unmask the guest's vector"
+        with QMPClient(qmp).connect() as c:
+            st = c.execute("x-query-virtio-queue-status", {"path": "/machine/peripheral/blk0/virtio-backend",
+                                                           "queue": 0})
+        assert st["x-injected"] == {"kick": 0, "call": 1, "forced": 1, "notifier": 0}
         # one delivery: the guest consumed one batch and stalls again behind its own mask
         rc, rep, _ = diagnose(qmp)
         assert q0(rep)["verdict"] == MASKED_PENDING
@@ -151,6 +155,10 @@ def test_injection_is_announced(workdir):
                               if e["event"] == "X_DEVICE_EVENT_INJECTED" and
                               e["data"] == {"dev": "blk0", "queue": 0, "event": "kick", "forced": False,
                                             "path": "ioeventfd"}], 10, "the event")
+            # and counted where the queue is shown
+            st = c.execute("x-query-virtio-queue-status", {"path": "/machine/peripheral/blk0/virtio-backend",
+                                                           "queue": 0})
+            assert st["x-injected"] == {"kick": 1, "call": 0, "forced": 0, "notifier": 0}
 
 
 @pytest.mark.slow

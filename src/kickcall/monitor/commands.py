@@ -38,7 +38,15 @@ class _Ctx:
         self.target = target
         self.server: QMPServer | None = None
         self.injections = 0
+        # per (device id, queue): operator injections by kind ("kick", "call", "forced", "notifier")
+        self.injected: dict[tuple[str, int], dict[str, int]] = {}
         self.quit_after_reply: Callable[[], None] | None = None
+
+    def count(self, dev: str, queue: int, kind: str) -> None:
+        if kind != "forced":  # (a forced call is also counted as a call)
+            self.injections += 1
+        d = self.injected.setdefault((dev, queue), {"kick": 0, "call": 0, "forced": 0, "notifier": 0})
+        d[kind] += 1
 
     def emit(self, event: str, data: dict) -> None:
         if self.server is not None:
@@ -141,7 +149,10 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
 
     def x_query_virtio_queue_status(path: str, queue: int) -> dict:
         d = c.by_path(path)
-        return d.queue_status(c.queue(d, queue))
+        out = d.queue_status(c.queue(d, queue))
+        # kickcall: what the operator injected here (an injected event is never mistaken for the guest's)
+        out["x-injected"] = dict(c.injected.get((d.id, queue), {"kick": 0, "call": 0, "forced": 0, "notifier": 0}))
+        return out
 
     def x_query_virtio_vhost_queue_status(path: str, queue: int) -> dict:
         d = c.by_path(path)
@@ -174,7 +185,7 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
     def x_debug_device_notifier_write(dev: str, id: int) -> dict:
         d = c.by_dev(dev)
         out = d.notifier_write(id)
-        c.injections += 1
+        c.count(d.id, out.get("queue", -1), "notifier")
         log.warning("monitor: notifier %d of %s written by the operator", id, d.id)
         c.emit("X_DEVICE_EVENT_INJECTED", {"dev": d.id, "queue": out.get("queue", -1), "event": "notifier",
                                            "forced": True, "path": f"notifier:{out.get('role', '?')}"})
@@ -184,7 +195,9 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
         d = c.by_dev(dev)
         c.queue(d, queue)
         out = d.inject(event, queue, force)
-        c.injections += 1
+        c.count(d.id, queue, event)
+        if out.get("forced"):
+            c.count(d.id, queue, "forced")
         log.warning("monitor: %s injected on %s queue %d (path %s%s)", event, d.id, queue, out["path"],
                     ", forced" if out.get("forced") else "")
         c.emit("X_DEVICE_EVENT_INJECTED", {"dev": d.id, "queue": queue, "event": event,
