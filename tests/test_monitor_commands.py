@@ -853,6 +853,11 @@ def test_trace_events(vm):
         mon("x-debug-device-event", dev="blk0", event="kick", queue=0)
         assert g.wait(r["id"])["completed"]
         assert len(trace.records(["virtio_queue_notify"])) == 1
+        # every injection is traced (x_debug_device_event), with the queue and the kind
+        mon("trace-event-set-state", name="x_debug_device_event", enable=True)
+        mon("x-debug-device-event", dev="blk0", event="kick", queue=0)
+        (rec,) = trace.records(["x_debug_device_event"])
+        assert rec[3] == {"dev": "blk0", "queue": 0, "kind": "kick"}
         # globs set several at once
         mon("trace-event-set-state", name="msix_*", enable=True)
         assert {e["state"] for e in mon("trace-event-get-state", name="msix_*")} == {"enabled"}

@@ -29,6 +29,7 @@ from .target import DeviceView, Target, TargetError
 __all__ = ["build_registry", "HMP_COMMANDS"]
 
 log = logging.getLogger("kickcall.monitor")
+_t_inject = trace.event("x_debug_device_event", "the operator injected a kick, a call or a notifier write")
 
 U16 = dict(min=0, max=0xFFFF)
 
@@ -45,6 +46,8 @@ class _Ctx:
     def count(self, dev: str, queue: int, kind: str) -> None:
         if kind != "forced":  # (a forced call is also counted as a call)
             self.injections += 1
+        if _t_inject.enabled:
+            _t_inject.emit(dev=dev, queue=queue, kind=kind)
         d = self.injected.setdefault((dev, queue), {"kick": 0, "call": 0, "forced": 0, "notifier": 0})
         d[kind] += 1
 
