@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+
+import pytest
 
 from hypothesis import HealthCheck, settings
 
@@ -14,3 +18,11 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def workdir():
+    """A short temporary directory (Unix socket paths must stay under 108 bytes), removed after."""
+    d = tempfile.mkdtemp(prefix="kc")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

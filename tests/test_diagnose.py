@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 
 import pytest
 from hypothesis import given
@@ -35,13 +34,6 @@ stall-timeout = 600
 """
 
 
-@pytest.fixture
-def workdir():
-    d = tempfile.mkdtemp(prefix="kc")
-    yield d
-    for f in os.listdir(d):
-        os.unlink(os.path.join(d, f))
-    os.rmdir(d)
 
 
 def diagnose(qmp: str, *args: str) -> tuple[int, dict, str]:

@@ -148,11 +148,6 @@ class Guest:
 # ---------------------------------------------------------------------------------------------------
 # fixtures: a machine with a virtio-blk; a back-end program with a machine as its front-end
 # ---------------------------------------------------------------------------------------------------
-@pytest.fixture
-def workdir():
-    d = tempfile.mkdtemp(prefix="kc")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 class VM:
@@ -601,7 +596,7 @@ def test_machine_quit(vm):
 
 
 def test_machine_kick_and_call_injection(vm):
-    m, mon, g = vm.m, vm.mon, vm.guest
+    mon, g = vm.mon, vm.guest
     g.io()  # the queue is set up and has run
 
     # kick: what the guest's notify write would do -- the queue is processed
@@ -953,7 +948,7 @@ def test_backend_introspection(vhost):
 
 
 def test_backend_kick_call_injection_and_masking(vhost):
-    m, be, fe, g = vhost.m, vhost.be, vhost.fe, vhost.guest
+    be, fe, g = vhost.be, vhost.fe, vhost.guest
     g.io()
 
     # kick injected in the back-end: the queue is processed as if its kick fd had fired
@@ -1021,7 +1016,7 @@ def test_backend_kick_call_injection_and_masking(vhost):
 
 
 def test_backend_faults(vhost):
-    m, be, fe, g = vhost.m, vhost.be, vhost.fe, vhost.guest
+    be, fe, g = vhost.be, vhost.fe, vhost.guest
     g.io()
 
     # drop-next on the kick path: the back-end consumes the kick and ignores it

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 import threading
 
 import pytest
@@ -16,13 +15,6 @@ from kickcall.virtio.blk import make_image
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def workdir():
-    d = tempfile.mkdtemp(prefix="kc")  # short: Unix socket paths must stay under 108 bytes
-    yield d
-    for f in os.listdir(d):
-        os.unlink(os.path.join(d, f))
-    os.rmdir(d)
 
 
 QEMU_72_REALIZE = ["GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES", "GET_QUEUE_NUM", "SET_OWNER",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 
 import pytest
 
@@ -17,13 +16,6 @@ from kickcall.virtio.blk import make_image
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def workdir():
-    d = tempfile.mkdtemp(prefix="kc")
-    yield d
-    for f in os.listdir(d):
-        os.unlink(os.path.join(d, f))
-    os.rmdir(d)
 
 
 def vhost_toml(sock: str, *, queues: int = 1, vcpus: int = 2, inflight: bool = True) -> str:

@@ -114,7 +114,7 @@ def apply_fixes(mon: Monitor, rep: Report, *, force: bool = False, confirm_timeo
         names = ("avail-idx", "last-avail-idx", "used-idx-ring", "used-idx", "used-event")
         q.fix_result = {"injected": True, "event": v.fix, "path": res.get("path"), "forced": bool(res.get("forced")),
                         "moved": after != before,
-                        "before": dict(zip(names, before)), "after": dict(zip(names, after))}
+                        "before": dict(zip(names, before, strict=True)), "after": dict(zip(names, after, strict=True))}
 
 
 def format_report(rep: Report) -> str:
