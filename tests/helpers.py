@@ -136,3 +136,23 @@ def start_vhost_user_blk(sock: str, image: str, *args: str, **kw):
     if p.poll() is not None:
         raise AssertionError(f"kickcall vhost-user-blk exited with {p.returncode}")
     return p
+
+
+def wait_for_listener(path: str, proc=None, timeout: float = 60.0) -> None:
+    """Until a Unix socket at *path* accepts a connection (the file exists a moment before the
+    server listens: connecting in between is refused).  Fails early if *proc* exits."""
+    import socket
+
+    def ready() -> bool:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process exited with {proc.returncode} before listening on {path}")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return True
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        finally:
+            s.close()
+
+    wait_for(ready, timeout, f"a listener on {path}")

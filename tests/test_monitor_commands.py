@@ -29,7 +29,7 @@ import pytest
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from helpers import (blk, guest_irq_count, guest_vector_of, machine_toml, running_machine, spawn, start_vhost_user_blk,
-                     stop_process, wait_for)
+                     stop_process, wait_for, wait_for_listener)
 from kickcall import trace
 from kickcall.monitor.commands import HMP_COMMANDS
 from kickcall.virtio.blk import make_image
@@ -222,8 +222,7 @@ def vhost(workdir):
     proc = start_vhost_user_blk(sock, img, "--qmp", bq)
     mons: list[Mon] = []
     try:
-        wait_for(lambda: os.path.exists(bq) or proc.poll() is not None, 30, "the back-end's monitor socket")
-        assert proc.poll() is None, f"the back-end exited with {proc.returncode}"
+        wait_for_listener(bq, proc)
         with running_machine(vhost_toml(sock)) as m:
             m.start_monitor(fq)
             mons.append(Mon(fq))
@@ -249,8 +248,7 @@ def qemu_schema():
                "-qmp", f"unix:{path},server=on,wait=off"], stdout=subprocess.DEVNULL)
     mon = None
     try:
-        wait_for(lambda: os.path.exists(path) or p.poll() is not None, 60, "QEMU's QMP socket")
-        assert p.poll() is None, f"QEMU exited with {p.returncode}"
+        wait_for_listener(path, p)
         mon = Mon(path)
         version = mon("query-version")["qemu"]
         schema = {e["name"]: e for e in mon("query-qmp-schema")}
