@@ -103,7 +103,7 @@ def test_shell_on_a_terminal_completes_and_keeps_history(machine_qmp):
                              start_new_session=True, preexec_fn=_die_with_parent)
         os.close(slave)
         try:
-            _read_until(master, b"(kickcall) ")
+            _read_until(master, b"(kickcall) ", 60)  # (a Python start-up on a loaded machine)
             if round_ == 0:
                 os.write(master, b"info virt\t")  # Tab completes "virtio" and lists the virtio-* topics
                 got = _read_until(master, b"virtio-queue-status")

@@ -115,6 +115,12 @@ def apply_fixes(mon: Monitor, rep: Report, *, force: bool = False, confirm_timeo
         q.fix_result = {"injected": True, "event": v.fix, "path": res.get("path"), "forced": bool(res.get("forced")),
                         "moved": after != before,
                         "before": dict(zip(names, before, strict=True)), "after": dict(zip(names, after, strict=True))}
+        if after == before:
+            q.fix_result["note"] = (
+                "the kick was delivered and the device still took nothing: it (or its back-end) is not processing"
+                if v.fix == "kick" else
+                "the call was delivered and the driver consumed nothing: the guest is not handling this "
+                "interrupt (or is not running)")
 
 
 def format_report(rep: Report) -> str:
@@ -141,6 +147,8 @@ def format_report(rep: Report) -> str:
                 lines.append(f"    fixed: {r['event']} injected through {r['path']}"
                              + (" (forced)" if r["forced"] else "")
                              + ("; the queue moved" if r["moved"] else "; the queue did NOT move"))
+                if r.get("note"):
+                    lines.append(f"    - {r['note']}")
             else:
                 lines.append(f"    not fixed: {q.fix_result['reason']}")
     if not rep.queues:

@@ -5,8 +5,8 @@ The rules follow the split ring's notification protocol (virtio 1.2, 2.7.7 and 2
 * the device's position ``last_avail`` behind ``avail.idx`` means buffers the device has not
   taken.  If the device asked to be notified (EVENT_IDX: ``avail_event`` lies in
   ``[last_avail, avail.idx)``; without it: ``used.flags`` has no NO_NOTIFY) the driver had to
-  kick: the kick was lost -- unless it sits unread in the kick eventfd, in which case the
-  device (or back-end) is not processing.  If the device suppressed notifications it promised to
+  kick: the kick was lost.  A kick eventfd that stays readable in every sample is never read: the
+  device (or back-end) is not processing, whatever the rings say.  If the device suppressed notifications it promised to
   poll, and it is not: not processing either.
 * ``used.idx`` past ``used_event`` (EVENT_IDX) means the driver asked for an interrupt at
   ``used_event`` and the device went past it: it had to signal.  The driver moves
@@ -114,12 +114,15 @@ def judge_state(s: QueueSample, statuses: list[str], nsamples: int, span: float)
         if taken > num:
             return Verdict(RING_CORRUPT, ev + [f"the device's position is {taken} entries past used.idx: more than "
                                                f"the ring holds ({num})"], facts=facts)
+    kick_pending = _num(kick.get("pending")) if kick else None
+    if kick_pending and kick_pending > 0:
+        # a live device reads its kick fd at once: one that stays readable over every sample is unread
+        return Verdict(NOT_PROCESSING, ev + [f"the kick eventfd (fd {kick.get('fd')}) holds {kick_pending} unread "
+                                             f"in every sample: nobody reads it (the device or back-end is not "
+                                             "running its queue)"], facts=facts)
+    if last is not None:
         if ahead:
             ev.append(f"{ahead} buffer(s) made available and not taken by the device")
-            pend = _num(kick.get("pending")) if kick else None
-            if pend:
-                return Verdict(NOT_PROCESSING, ev + [f"the kick eventfd (fd {kick.get('fd')}) holds {pend} unread: "
-                                                     "the kick arrived, nobody read it"], facts=facts)
             if event_idx:
                 asked = ae is not None and _in_window(ae, last, a)
                 if not asked:
