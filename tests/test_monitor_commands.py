@@ -88,7 +88,7 @@ class Mon:
             while True:
                 ev = await self.events.get()
                 if ev["event"] == name:
-                    return dict(ev["data"])
+                    return dict(ev.get("data", {}))
 
         return self._run(get(), timeout)
 
@@ -530,7 +530,7 @@ def test_machine_introspection_and_hmp(vm):
     assert str(mon.fails("x-debug-fault", dev="blk0", queue=2, path="call", action="clear")) == \
         "Invalid virtqueue number 2"
     assert str(mon.fails("x-query-virtio-queue-status", path=BLK0, queue=70000)) == \
-        "Parameter 'queue' expects uint16"
+        "Parameter 'queue' expects uint16_t"
     assert str(mon.fails("x-debug-device-event", dev="blk0", event="poke", queue=0)) == \
         "Parameter 'event' does not accept value 'poke'"
     assert "no notifier 999" in str(mon.fails("x-debug-device-notifier-write", dev="blk0", id=999))

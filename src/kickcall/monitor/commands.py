@@ -390,7 +390,7 @@ def _hmp(r: CommandRegistry, line: str) -> str:  # noqa: C901 - one dispatch tab
         if sub == "trace-events":
             rows = _call(r, "trace-event-list", **({"name": rest[0]} if rest else {}))
             return "".join(f"{x['name']} : state {1 if x['state'] == 'enabled' else 0}\r\n" for x in rows)
-        raise QMPError(f"unknown info command: '{' '.join(a)}'")
+        return f"unknown command: 'info {' '.join(a)}'\r\n"  # QEMU's HMP text
     if w == "trace-event" and len(a) == 2 and a[1] in ("on", "off"):
         _call(r, "trace-event-set-state", name=a[0], enable=a[1] == "on")
         return ""

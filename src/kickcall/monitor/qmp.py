@@ -3,7 +3,11 @@
 * greeting ``{"QMP": {"version": ..., "capabilities": []}}`` (no ``oob``: exec-oob is not
   implemented), then only ``qmp_capabilities`` until negotiation is done, with QEMU's error texts;
 * replies ``{"return": ...}`` / ``{"error": {"class", "desc"}}`` echoing any ``id`` of any JSON type;
-* events ``{"timestamp": {"seconds", "microseconds"}, "event", "data"}`` to negotiated clients;
+* events ``{"timestamp": {"seconds", "microseconds"}, "event", "data"}`` to negotiated clients, with
+  no ``data`` member for an event that has none (STOP, RESUME), as QEMU;
+* strings and numbers printed as QEMU prints them: upper-case ``\\uXXXX`` for control characters
+  other than \\b \\f \\n \\r \\t, for DEL and for everything beyond ASCII (surrogate pairs past the
+  BMP), ``/`` unescaped, doubles as ``%.17g`` (0.1 is 0.10000000000000001, an infinite one ``inf``);
   the envelope keys come in the order QEMU prints them ("return" before "id", "id" before
   "error"), fixed here as constants;
 * input in QEMU's JSON dialect, read by kickcall's own incremental reader (``JSONStreamParser``)
@@ -19,7 +23,8 @@
   gets QEMU's limit error and is disconnected; a client that sends ``MAX_BAD_INPUTS`` malformed
   inputs in a row, or lets more than ``MAX_BACKLOG`` bytes of events pile up unread, is
   disconnected; every other client is served throughout;
-* a Unix socket created with mode 0600, TCP only on a loopback address and only when asked.
+* a Unix socket created with mode 0600 (a stale socket is replaced, a live server's never), TCP
+  only on a loopback IP address and only when asked.
 
 Commands come from a ``CommandRegistry``: each has a typed argument schema checked before the
 handler runs (missing, unexpected or mistyped arguments are refused with QEMU's messages).
@@ -34,9 +39,9 @@ same rank it may name another one of them; with a single problem the reply is QE
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import itertools
-import json
 import logging
 import os
 import re
@@ -448,15 +453,19 @@ class Command:
     allow_before_negotiation: bool = False
 
 
+def _unsigned(a: Arg) -> bool:
+    """An "int" with a lower bound of 0 or more is one of QEMU's unsigned types (uint8..uint64)."""
+    return a.type == "int" and a.min is not None and a.min >= 0
+
+
 def _type_ok(a: Arg, v: Any) -> bool:
     t = a.type
     if t == "int":
         if not isinstance(v, int) or isinstance(v, bool):
             return False
         # QEMU: an int64 member takes an int64; an unsigned one (uint8..uint64) any integer that
-        # is an int64 or a uint64 (and then says "expects uint16" etc. when out of range)
-        unsigned = a.min is not None and a.min >= 0
-        return _INT64_MIN <= v < (_UINT64_END if unsigned else _INT64_END)
+        # is an int64 or a uint64 (and then says "expects uint16_t" etc. when out of range)
+        return _INT64_MIN <= v < (_UINT64_END if _unsigned(a) else _INT64_END)
     if t == "str":
         return isinstance(v, str)
     if t == "bool":
@@ -468,6 +477,14 @@ def _type_ok(a: Arg, v: Any) -> bool:
     if t == "array":
         return isinstance(v, list)
     return True
+
+
+def _type_error(a: Arg) -> QMPError:
+    """QEMU 7.2: an unsigned member (uint8..uint64) refuses anything but an integer it can read
+    with "expects uint64" (not "Invalid parameter type"); the others name the JSON type."""
+    if _unsigned(a):
+        return QMPError(f"Parameter '{a.name}' expects uint64")
+    return QMPError(f"Invalid parameter type for '{a.name}', expected: {_TYPE_NAMES[a.type]}")
 
 
 class CommandRegistry:
@@ -499,7 +516,7 @@ class CommandRegistry:
                 continue
             v = arguments[a.name]
             if not _type_ok(a, v):
-                raise QMPError(f"Invalid parameter type for '{a.name}', expected: {_TYPE_NAMES[a.type]}")
+                raise _type_error(a)
             if a.enum is not None and v not in a.enum:
                 raise QMPError(f"Parameter '{a.name}' does not accept value '{v}'")
             if a.type == "int" and ((a.min is not None and v < a.min) or (a.max is not None and v > a.max)):
@@ -516,12 +533,20 @@ def _check_unexpected(arguments: dict, names: set[str]) -> None:
 
 
 def _range_text(a: Arg) -> str:
-    for bits in (8, 16, 32, 64):
+    """QEMU 7.2 names the C type of a narrow integer ("expects uint16_t", "expects int32_t"); for a
+    range no C type has, the phrase QEMU's own range checks use."""
+    for bits in (8, 16, 32):
         if a.min == 0 and a.max == (1 << bits) - 1:
-            return f"uint{bits}"
+            return f"uint{bits}_t"
         if a.min == -(1 << (bits - 1)) and a.max == (1 << (bits - 1)) - 1:
-            return f"int{bits}"
-    return f"an integer in {a.min}..{a.max}"
+            return f"int{bits}_t"
+    if _unsigned(a) and (a.max is None or a.max == _UINT64_END - 1):
+        return "uint64"  # (QEMU would wrap a negative number to 2**64 - n instead)
+    if a.min is not None and a.max is not None:
+        return f"a value between {a.min} and {a.max}"
+    if a.min is not None:
+        return f"a value of at least {a.min}"
+    return f"a value of at most {a.max}"
 
 
 def _check_capabilities_args(args: dict) -> list[str]:
@@ -543,33 +568,80 @@ def _check_capabilities_args(args: dict) -> list[str]:
 # output
 # ---------------------------------------------------------------------------------------------------
 
+_ESCAPES = {ord('"'): '\\"', ord("\\"): "\\\\", 8: "\\b", 12: "\\f", 10: "\\n", 13: "\\r", 9: "\\t"}
+_ESCAPES.update({c: f"\\u{c:04X}" for c in [*range(0x20), 0x7F] if c not in _ESCAPES})
+_PLAIN = re.compile(r'[^"\\\x00-\x1f\x7f-\U0010ffff]*\Z')
+_NON_ASCII = re.compile(r"[\x80-\U0010ffff]")
+
+
+def _escape_non_ascii(m: "re.Match[str]") -> str:
+    cp = ord(m.group())
+    if 0xD800 <= cp <= 0xDFFF or 0xFDD0 <= cp <= 0xFDEF or cp & 0xFFFE == 0xFFFE:
+        cp = 0xFFFD  # QEMU never holds these (its input refuses them): what it prints for junk
+    if cp > 0xFFFF:
+        cp -= 0x10000
+        return f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}"
+    return f"\\u{cp:04X}"
+
+
+def _quote(s: str) -> str:
+    """A JSON string as QEMU prints one: \\" \\\\ \\b \\f \\n \\r \\t, every other control character,
+    DEL and everything beyond ASCII as upper-case \\uXXXX (a surrogate pair past the BMP); '/' as is."""
+    if _PLAIN.match(s):
+        return '"' + s + '"'
+    s = s.translate(_ESCAPES)
+    if not s.isascii():
+        s = _NON_ASCII.sub(_escape_non_ascii, s)
+    return '"' + s + '"'
+
+
 class _Text(str):
     """Encoded JSON waiting in _dumps' work list."""
 
 
 def _dumps(obj: Any) -> str:
-    try:
-        return json.dumps(obj)
-    except RecursionError:  # a deeply nested id (QEMU lets 1024 levels through): encode iteratively
-        pass
+    """JSON as QEMU prints it, compact form: ``", "`` and ``": "``, strings as _quote(), doubles
+    as ``%.17g``; objects in insertion order (the reply envelopes are built in QEMU's order).  No
+    recursion: an id may be 1024 levels deep."""
     out: list[str] = []
     todo: list[Any] = [obj]
     while todo:
         x = todo.pop()
-        if isinstance(x, _Text):
+        t = type(x)
+        if t is _Text:
             out.append(x)
+        elif t is str:
+            out.append(_quote(x))
+        elif x is None:
+            out.append("null")
+        elif t is bool:
+            out.append("true" if x else "false")
+        elif isinstance(x, int):
+            out.append(str(int(x)))
+        elif isinstance(x, float):
+            out.append("%.17g" % x)
+        elif isinstance(x, str):  # a str subclass (a StrEnum member, ...)
+            out.append(_quote(str(x)))
         elif isinstance(x, dict):
-            parts: list[Any] = [_Text("{")]
+            if not x:
+                out.append("{}")
+                continue
+            parts: list[Any] = []
             for i, (k, v) in enumerate(x.items()):
-                parts += [_Text((", " if i else "") + json.dumps(str(k)) + ": "), v]
+                if not isinstance(k, str):
+                    raise TypeError(f"an object's keys must be strings, not {type(k).__name__}")
+                parts += [_Text(("{" if i == 0 else ", ") + _quote(k) + ": "), v]
             todo += reversed(parts + [_Text("}")])
         elif isinstance(x, (list, tuple)):
-            parts = [_Text("[")]
+            if not x:
+                out.append("[]")
+                continue
+            parts = []
             for i, v in enumerate(x):
-                parts += [_Text(", "), v] if i else [v]
+                parts += [_Text("[" if i == 0 else ", "), v]
             todo += reversed(parts + [_Text("]")])
         else:
-            out.append(json.dumps(x))
+            raise TypeError(f"{type(x).__name__} is not JSON")
     return "".join(out)
 
 
@@ -587,6 +659,7 @@ class _Client:
         self.bad = 0
         self.id = next(server._ids)
         self.closing = False
+        self.quit_after_reply = False
 
     async def send(self, obj: dict) -> None:
         await self.send_raw((_dumps(obj) + "\r\n").encode())
@@ -664,7 +737,32 @@ class _Client:
             reply = {"id": obj["id"]} if rid_present else {}
             reply["error"] = {"class": e.cls, "desc": e.desc}
             data = _dumps(reply)
-        await self.send_raw((data + "\r\n").encode())
+        try:
+            await self.send_raw((data + "\r\n").encode())
+        finally:
+            if self.quit_after_reply:  # QEMU replies to quit, then exits
+                self.quit_after_reply = False
+                self.server._quit()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: refused, it could resolve to anything
+        return False
+
+
+def _listening(path: str) -> bool:
+    """Whether a server accepts connections on this Unix socket."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 class QMPServer:
@@ -681,8 +779,9 @@ class QMPServer:
         self.max_tokens = max_tokens
         self.max_bad_inputs = max_bad_inputs
         self.max_backlog = max_backlog
-        if tcp is not None and not ipaddress.ip_address(tcp[0]).is_loopback:
-            raise ValueError(f"QMP over TCP is only offered on a loopback address, not {tcp[0]}")
+        if tcp is not None and not _is_loopback(tcp[0]):
+            raise ValueError(f"QMP over TCP is only offered on a loopback IP address (127.0.0.0/8 or ::1), "
+                             f"not {tcp[0]!r}")
         self.clients: set[_Client] = set()
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -732,19 +831,31 @@ class QMPServer:
         except Exception as e:  # a handler bug must not take the monitor down
             log.exception("QMP command %s failed", name)
             raise QMPError(f"{name}: {type(e).__name__}: {e}") from None
-        if name == "quit" and self.on_quit is not None:
-            loop.call_later(0.05, self.on_quit)
+        if name == "quit":
+            client.quit_after_reply = True
         return {} if result is None else result
+
+    def _quit(self) -> None:
+        """on_quit, once quit's reply is on its way (no timer)."""
+        cb = self.on_quit
+        if cb is not None:
+            try:
+                cb()
+            except Exception:
+                log.exception("on_quit failed")
 
     # -- events ---------------------------------------------------------------------------------------
     def emit(self, event: str, data: dict | None = None) -> None:
-        """Send an event to every negotiated client (from any thread)."""
+        """Send an event to every negotiated client (from any thread).  As QEMU, an event without
+        data (``None`` or ``{}``: STOP, RESUME, ...) has no ``data`` member."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        t = time.time()
-        msg = {"timestamp": {"seconds": int(t), "microseconds": int((t % 1) * 1e6)},  # QEMU's key order
-               "event": event, "data": data or {}}
+        us = time.time_ns() // 1000
+        msg: dict = {"timestamp": {"seconds": us // 1_000_000, "microseconds": us % 1_000_000},  # QEMU's order
+                     "event": event}
+        if data:
+            msg["data"] = data
         raw = (_dumps(msg) + "\r\n").encode()
 
         def send_all() -> None:
@@ -803,7 +914,9 @@ class QMPServer:
         if self.path is not None:
             try:
                 if stat.S_ISSOCK(os.stat(self.path).st_mode):
-                    os.unlink(self.path)
+                    if _listening(self.path):  # never take a live monitor's socket away from it
+                        raise OSError(errno.EADDRINUSE, f"a server is already listening on {self.path}")
+                    os.unlink(self.path)  # a stale socket left by a process that died
             except FileNotFoundError:
                 pass
             old = os.umask(0o177)
