@@ -91,6 +91,38 @@ def test_lost_notification_in_a_machine_is_diagnosed_and_fixed(workdir, path, ve
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("path,verdict", [("kick", LOST_KICK), ("call", LOST_CALL)])
+def test_hypervisor_fault_on_a_vhost_user_queue(workdir, path, verdict):
+    """The same knob acts on a queue a vhost-user back-end serves: the hypervisor swallows the guest's
+    doorbell write into the back-end's kick fd, or the back-end's call on its way to the guest."""
+    img, sock, qmp = (os.path.join(workdir, n) for n in ("disk.img", "vblk.sock", "m.qmp"))
+    make_image(img, 4 << 20)
+    be = start_vhost_user_blk(sock, img)
+    toml = ONE_CPU.replace('size = "4M"', f'backend = "vhost-user"\nsocket = "{sock}"')
+    try:
+        with running_machine(toml) as m:
+            m.start_monitor(qmp)
+            m.start_workload(blk=dict(m.cfg.workload_blk), net=None)
+            q = m.device("blk0").vdev.queues[0]
+            used = lambda: m.memory.read_u16(q.used + 2)  # noqa: E731
+            wait_for(lambda: used() > 100, 30, "I/O")
+            with QMPClient(qmp).connect() as c:
+                c.execute("x-debug-fault", {"dev": "blk0", "queue": 0, "path": path, "action": "drop-next"})
+            rc, rep, _ = diagnose(qmp)
+            assert rc == 1 and q0(rep)["verdict"] == verdict, json.dumps(rep, indent=1)
+            stalled = used()
+            rc, rep, _ = diagnose(qmp, "--fix")
+            r = q0(rep)["fix-result"]
+            assert rc == 0 and r["moved"] and r["path"] == ("vhost-kick" if path == "kick" else "irqfd"), rep
+            wait_for(lambda: (used() - stalled) & 0xFFFF > 100, 30, "I/O after the fix")
+            res = m.stop_workload()
+        (blk,) = [r for r in res if r["kind"] == "blk"]
+        assert blk["error_count"] == 0, blk
+    finally:
+        stop_process(be)
+
+
+@pytest.mark.slow
 def test_vector_left_masked_with_an_event_pending_needs_force(workdir):
     qmp = os.path.join(workdir, "m.qmp")
     with running_machine(ONE_CPU) as m:
