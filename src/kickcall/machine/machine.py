@@ -291,8 +291,8 @@ class Machine:
                 try:
                     p.stop_ioeventfd()
                     p._set_guest_notifiers(False)
-                except Exception:
-                    pass
+                except Exception as e:  # the guest (and its hypervisor half) is gone: nothing left to unbind
+                    log.debug("%s: teardown after the VM is gone: %s", p.name, e)
         self.vm.stop_workers()
         if self.iothread.running:
             self.iothread.stop()
@@ -302,6 +302,12 @@ class Machine:
                 close()
             p.vdev.release_rings()
         self.vm.close()
+        # every notifier still registered is closed with the machine (when the VM went away first,
+        # unbinding failed -- as with KVM, closing the VM dropped the bindings -- but the fds remain ours)
+        for e in self.registry.entries():
+            self.registry.unregister(e)
+            if not e.notifier.closed:
+                e.notifier.close()
         self.memory.close()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
