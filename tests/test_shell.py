@@ -75,23 +75,35 @@ def test_shell_from_a_pipe(machine_qmp):
     assert "Error: argument 'bad' is not key=value" in out
 
 
-def _read_until(fd: int, needle: bytes, timeout: float = 20.0) -> bytes:
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while needle not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"{needle!r} not seen; got {buf[-400:]!r}")
-        r, _, _ = select.select([fd], [], [], left)
-        if r:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            buf += chunk
-    return buf
+class _Terminal:
+    """The master side of a pty, read up to a needle at a time; whatever arrived after the needle in
+    the same read is kept for the next wait (output and the next prompt often come in one chunk)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pending = b""
+
+    def until(self, needle: bytes, timeout: float = 20.0) -> bytes:
+        buf = self.pending
+        deadline = time.monotonic() + timeout
+        while needle not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{needle!r} not seen; got {buf[-400:]!r}")
+            r, _, _ = select.select([self.fd], [], [], left)
+            if r:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                buf += chunk
+        if needle not in buf:
+            raise AssertionError(f"{needle!r} not seen before the terminal closed; got {buf[-400:]!r}")
+        end = buf.index(needle) + len(needle)
+        self.pending = buf[end:]
+        return buf[:end]
 
 
 def test_shell_on_a_terminal_completes_and_keeps_history(machine_qmp):
@@ -102,18 +114,19 @@ def test_shell_on_a_terminal_completes_and_keeps_history(machine_qmp):
         p = subprocess.Popen(kickcall_argv("shell", qmp), stdin=slave, stdout=slave, stderr=slave, env=env,
                              start_new_session=True, preexec_fn=_die_with_parent)
         os.close(slave)
+        term = _Terminal(master)
         try:
-            _read_until(master, b"(kickcall) ", 60)  # (a Python start-up on a loaded machine)
+            term.until(b"(kickcall) ", 60)  # (a Python start-up on a loaded machine)
             if round_ == 0:
                 os.write(master, b"info virt\t")  # Tab completes "virtio" and lists the virtio-* topics
-                got = _read_until(master, b"virtio-queue-status")
+                got = term.until(b"virtio-queue-status")
                 assert b"virtio-vhost-queue-status" in got and b"virtio-status" in got
                 os.write(master, b"\x15info virtio\r")  # ^U clears the line
-                _read_until(master, b"[virtio-blk]")
+                term.until(b"[virtio-blk]")
             else:
                 os.write(master, b"\x1b[A\r")  # Up: the last line of the first session
-                _read_until(master, b"[virtio-blk]")
-            _read_until(master, b"(kickcall) ")
+                term.until(b"[virtio-blk]")
+            term.until(b"(kickcall) ")
             os.write(master, b"\x04")  # ^D
             wait_for(lambda: p.poll() is not None, 20, "the shell to exit")
             assert p.returncode == 0
