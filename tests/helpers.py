@@ -102,6 +102,18 @@ def spawn(argv: list[str], **kw):
                             stdin=subprocess.DEVNULL, **kw)
 
 
+def all_threads_stopped(pid: int) -> bool:
+    """Every thread of *pid* is in the stopped state (a SIGSTOP takes effect thread by thread)."""
+    states = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            pass
+    return bool(states) and all(st in "Tt" for st in states)
+
+
 def stop_process(p, timeout: float = 10.0) -> int:
     """Terminate (then kill) and reap; returns the exit status."""
     import subprocess

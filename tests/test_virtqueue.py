@@ -395,3 +395,50 @@ def test_mb_runs_and_is_a_locked_instruction_on_x86_64():
         assert ring.MB_KIND == "lock-cmpxchg"
     else:
         assert ring.MB_KIND in ("lock-cmpxchg", "mutex")
+
+
+# -- the driver's view of a restart from used.idx (what the crash tests gate on) ---------------------------
+
+def _driver_and_device(num: int = 8):
+    from kickcall.guest.virtio_ring import Vring
+
+    mem = GuestMemory.create(RAM_SIZE)
+    nxt = [0x10000]
+
+    def alloc(size: int, align: int) -> int:
+        a = (nxt[0] + align - 1) & ~(align - 1)
+        nxt[0] = a + size
+        return a
+
+    drv = Vring(mem, alloc, 0, num, event_idx=True, indirect=False, notify=lambda vq: None)
+    q = VirtQueue(0, num, name="t.vq0")
+    q.mem = mem
+    q.event_idx = True
+    q.set_rings(drv.desc, drv.avail, drv.used)
+    q.enabled = True
+    return mem, drv, q
+
+
+@pytest.mark.parametrize("order", ["in-order", "out-of-order"])
+def test_restart_view_is_exact_only_when_the_completions_are_a_prefix(order):
+    mem, drv, q = _driver_and_device()
+    try:
+        with drv.lock:
+            for i in range(4):
+                assert drv.add([(0x80000 + 64 * i, 16)], [(0x90000 + i, 1)], f"req{i}")
+        taken = [q.pop() for _ in range(4)]
+        done = taken[:2] if order == "in-order" else [taken[0], taken[2]]
+        for e in done:
+            q.push(e, 1)
+        v = drv.restart_view()
+        # the driver has not reaped the used entries yet: they count as returned, not outstanding
+        assert v["used"] == 2 and v["avail"] == 4 and len(v["outstanding"]) == 2
+        assert v["exact"] is (order == "in-order")
+        with drv.lock:
+            while drv.get_buf() is not None:
+                pass
+        assert drv.restart_view() == v  # reaping changes nothing
+    finally:
+        q.unmap()
+        drv.release()
+        mem.close()

@@ -277,6 +277,15 @@ class GuestOS:
             self.k.pages.free(req.data)
         return out
 
+    def cmd_vq_restart_view(self, slot: int, queue: int = 0) -> dict:
+        """Would restarting the device's queue from used.idx be exact? (see ``Vring.restart_view``)"""
+        drv = self._dev(slot).driver
+        if drv is None:
+            raise KeyError(f"no driver in slot {slot}")
+        return drv.vqs[int(queue)].restart_view()
+
+    cmd_vq_restart_view.on_vcpu = False  # type: ignore[attr-defined]
+
     def cmd_kick(self, slot: int, queue: int = 0, width: int = 2) -> dict:
         """The raw doorbell write of queue *queue* (a guest notify write, nothing else)."""
         d = self._dev(slot)

@@ -217,6 +217,22 @@ class Vring:
     def in_flight(self) -> int:
         return self.num - self.num_free if not self.use_indirect else sum(1 for d in self.data if d is not None)
 
+    def restart_view(self) -> dict:
+        """What a device restarted from used.idx would redo, against what the driver still waits
+        for: the avail entries from used.idx on, and the heads outstanding (added, not yet in the
+        used ring).  Equal multisets mean such a restart is exact; with completions out of order
+        it redoes a completed request and skips an outstanding one.  Meaningful while the device
+        is not completing (stopped or dead)."""
+        with self.lock:
+            used = self.used_idx()
+            avail = self.avail_idx_shadow
+            redo = [self._a16[2 + p % self.num] for p in range(used, used + ((avail - used) & 0xFFFF))]
+            returned = {USED_ELEM.unpack_from(self._umm, self._uoff + 4 + 8 * (p % self.num))[0]
+                        for p in range(self.last_used_idx, self.last_used_idx + ((used - self.last_used_idx) & 0xFFFF))}
+            outstanding = [h for h, d in enumerate(self.data) if d is not None and h not in returned]
+        return {"used": used, "avail": avail, "redo": redo, "outstanding": outstanding,
+                "exact": sorted(redo) == sorted(outstanding)}
+
     def reset_state(self) -> None:
         """Forget everything in flight (after a device reset)."""
         with self.lock:
