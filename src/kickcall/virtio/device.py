@@ -188,17 +188,16 @@ class VirtIODevice:
 
     def virtio_error(self, msg: str) -> None:
         """The guest broke the rules: DEVICE_NEEDS_RESET, config interrupt, no more processing."""
-        self.broken = True
+        # status and reason first, ``broken`` last: whoever sees the device broken sees why
         self.broken_reason = msg
         self.needs_reset_count += 1
+        self.status |= DEVICE_NEEDS_RESET
+        self.broken = True
         log.warning("%s: %s (device needs reset)", self.name, msg)
         if _t_error.enabled:
             _t_error.emit(vdev=self.name, msg=msg)
-        if self.status & DRIVER_OK or self.status & FEATURES_OK:
-            self.status |= DEVICE_NEEDS_RESET
+        if self.status & (DRIVER_OK | FEATURES_OK):
             self.config_changed()
-        else:
-            self.status |= DEVICE_NEEDS_RESET
 
     # -- kicks and calls -------------------------------------------------------------------------------
     @property
