@@ -94,7 +94,9 @@ class VirtIOPCIProxy(PCIDevice):
         self.ioeventfd_started = False
         self.ioeventfd_grabbed = 0
         self.deassign_test_and_clear = True  # the seed-002 race fix; switchable for tests
-        self.hooks: dict[str, Callable[[VirtQueue], None]] = {}  # before_deassign / after_deassign
+        # test and bench hooks: before_deassign / after_deassign, kick (the kick reached the device),
+        # kick-done (the device finished with it)
+        self.hooks: dict[str, Callable[[VirtQueue], None]] = {}
         self.deassign_hits = 0  # kicks found in a notifier after its deassign
         self.queue_sel = 0
         self.dfselect = 0
@@ -443,6 +445,10 @@ class VirtIOPCIProxy(PCIDevice):
             self.kicks_while_grabbed += 1
             return
         self.vdev.handle_kick(q)
+        if hook is not None:
+            done = self.hooks.get("kick-done")
+            if done is not None:
+                done(q)
 
     # -- guest notifiers (call) ----------------------------------------------------------------------
     def _vector_gsi(self, vector: int) -> int:
