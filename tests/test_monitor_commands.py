@@ -99,6 +99,23 @@ class Mon:
             self.loop.close()
 
 
+def publish_unkicked(g, status) -> tuple[dict, dict]:
+    """Publish a request without ringing the doorbell, once the device is idle; return it and the
+    queue status that shows it published and not taken.
+
+    A device re-reads avail.idx when it re-enables notifications at the end of its handler, and
+    takes whatever it finds there, kick or no kick.  Under load that handler may still be running
+    after its completion reached the guest, and would take a request published now.  ``status``
+    is a query that runs serialised with the device's handlers (under the machine's big lock, or
+    on the back-end's loop): once it has returned, the handler has finished and only a kick starts
+    the device again."""
+    status()
+    r = g.submit(kick=False)
+    q = status()
+    assert q["avail-idx"] == (q["last-avail-idx"] + 1) & 0xFFFF, q
+    return r, q
+
+
 def by_role(notifiers: list[dict], role: str, queue: int = 0) -> dict:
     (n,) = [x for x in notifiers if x["role"] == role and x.get("queue") == queue]
     return n
@@ -455,9 +472,7 @@ def test_machine_introspection_and_hmp(vm):
     assert "vhost device has not started yet" in str(err)
 
     # x-query-virtio-queue-element: a published, not yet kicked request, read without popping it
-    r = g.submit(kick=False)
-    q = vm.qs()
-    assert q["avail-idx"] == (q["last-avail-idx"] + 1) & 0xFFFF
+    r, q = publish_unkicked(g, vm.qs)
     el = mon("x-query-virtio-queue-element", path=BLK0, queue=0)  # default: the device's next position
     same = mon("x-query-virtio-queue-element", path=BLK0, queue=0, index=q["last-avail-idx"])
     wrapped = mon("x-query-virtio-queue-element", path=BLK0, queue=0, index=q["last-avail-idx"] + q["vring-num"])
@@ -598,10 +613,8 @@ def test_machine_kick_and_call_injection(vm):
     g.io()  # the queue is set up and has run
 
     # kick: what the guest's notify write would do -- the queue is processed
-    r = g.submit(kick=False)
-    q0 = vm.qs()
+    r, q0 = publish_unkicked(g, vm.qs)
     host0 = by_role(vm.notifiers(), "host")
-    assert q0["avail-idx"] == (q0["last-avail-idx"] + 1) & 0xFFFF
     mon.clear_events()
     assert mon("x-debug-device-event", dev="blk0", event="kick", queue=0) == {"path": "ioeventfd", "forced": False}
     assert mon.event("X_DEVICE_EVENT_INJECTED") == {"dev": "blk0", "queue": 0, "event": "kick", "forced": False,
@@ -768,7 +781,7 @@ def test_machine_queries_change_nothing(vm):
     m, mon, g = vm.m, vm.mon, vm.guest
     for s in range(3):
         g.io(sector=8 * s)
-    r = g.submit(kick=False)  # published, not kicked
+    r, _ = publish_unkicked(g, vm.qs)  # published, not kicked
     n0 = g.irqs()
 
     def snapshot():
@@ -950,9 +963,7 @@ def test_backend_kick_call_injection_and_masking(vhost):
     g.io()
 
     # kick injected in the back-end: the queue is processed as if its kick fd had fired
-    r = g.submit(kick=False)
-    q0 = vhost.bqs()
-    assert q0["avail-idx"] == (q0["last-avail-idx"] + 1) & 0xFFFF
+    r, q0 = publish_unkicked(g, vhost.bqs)
     be.clear_events()
     assert be("x-debug-device-event", dev=BE_DEV, event="kick", queue=0) == {"path": "backend-process",
                                                                               "forced": False}
