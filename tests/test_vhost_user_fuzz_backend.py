@@ -280,12 +280,19 @@ def _case(h: Harness, actions, *, error: str | None = None, expect_error: bool =
     def leaked() -> dict[str, str]:
         return {k: v for k, v in fd_table().items() if before.get(k) != v}
 
+    left: dict[str, str] = {}
+
+    def none_left() -> bool:  # one snapshot is both judged and reported
+        nonlocal left
+        left = leaked()
+        return not left
+
     try:
-        wait_for(lambda: not leaked(), 5.0, "the fds opened meanwhile to be closed")
+        wait_for(none_left, 30.0, "the fds opened meanwhile to be closed")
     except AssertionError:
         pass
-    if leaked():
-        problems.append(f"fd(s) leaked: {leaked()}")
+    if left:
+        problems.append(f"fd(s) leaked: {left}")
     assert not problems, "; ".join(problems)
     h.case_done()
 

@@ -233,11 +233,18 @@ def no_fd_leak() -> Iterator[None]:
     def leaked() -> dict[str, str]:
         return {k: v for k, v in fd_table().items() if before.get(k) != v}
 
+    left: dict[str, str] = {}
+
+    def none_left() -> bool:  # one snapshot is both judged and reported
+        nonlocal left
+        left = leaked()
+        return not left
+
     try:
-        wait_for(lambda: not leaked(), 5.0, "the fds opened meanwhile to be closed")
+        wait_for(none_left, 30.0, "the fds opened meanwhile to be closed")
     except AssertionError:
         pass
-    assert not leaked(), f"fds leaked: {leaked()}"
+    assert not left, f"fds leaked: {left}"
 
 
 @contextmanager
