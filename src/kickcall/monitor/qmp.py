@@ -39,14 +39,11 @@ same rank it may name another one of them; with a single problem the reply is QE
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import itertools
 import logging
-import os
 import re
 import socket
-import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -54,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .. import __version__
+from ..ownership import SocketClaim
 
 __all__ = ["QMPServer", "CommandRegistry", "QMPError", "Arg", "ERROR_CLASSES", "JSONStreamParser"]
 
@@ -752,27 +750,17 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _listening(path: str) -> bool:
-    """Whether a server accepts connections on this Unix socket."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(1.0)
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 class QMPServer:
     """Serve a CommandRegistry on a Unix socket (and optionally a loopback TCP port)."""
 
     def __init__(self, registry: CommandRegistry, *, path: str | None = None, tcp: tuple[str, int] | None = None,
                  name: str = "kickcall", max_message: int = MAX_MESSAGE, max_tokens: int = MAX_TOKENS,
-                 max_bad_inputs: int = MAX_BAD_INPUTS, max_backlog: int = MAX_BACKLOG) -> None:
+                 max_bad_inputs: int = MAX_BAD_INPUTS, max_backlog: int = MAX_BACKLOG,
+                 claim: SocketClaim | None = None) -> None:
         self.registry = registry
-        self.path = path
+        self.claim = claim  # the socket path, checked and locked (ownership.SocketClaim)
+        self._own_claim = False  # a claim given by the caller is the caller's to release
+        self.path = claim.path if claim is not None else path
         self.tcp = tcp
         self.name = name
         self.max_message = max_message
@@ -912,19 +900,11 @@ class QMPServer:
 
     async def _open(self) -> None:
         if self.path is not None:
-            try:
-                if stat.S_ISSOCK(os.stat(self.path).st_mode):
-                    if _listening(self.path):  # never take a live monitor's socket away from it
-                        raise OSError(errno.EADDRINUSE, f"a server is already listening on {self.path}")
-                    os.unlink(self.path)  # a stale socket left by a process that died
-            except FileNotFoundError:
-                pass
-            old = os.umask(0o177)
-            try:
-                srv = await asyncio.start_unix_server(self._serve, path=self.path)
-            finally:
-                os.umask(old)
-            os.chmod(self.path, 0o600)
+            if self.claim is None:  # checked now, before anything is created (ownership.py)
+                self.claim = SocketClaim(self.path)
+                self._own_claim = True
+            sock = self.claim.bind(backlog=100)
+            srv = await asyncio.start_unix_server(self._serve, sock=sock)
             self._servers.append(srv)
         if self.tcp is not None:
             srv = await asyncio.start_server(self._serve, host=self.tcp[0], port=self.tcp[1],
@@ -957,8 +937,5 @@ class QMPServer:
             loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(10)
-        if self.path is not None:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+        if self.claim is not None and self._own_claim:  # the socket only if it is still the one we made
+            self.claim.release()

@@ -29,6 +29,7 @@ from .. import trace
 from ..loop import IOThread
 from ..memory import GuestMemory, GuestMemoryError, RamBlock
 from ..notify import EventNotifier, NotifierRegistry, Role
+from ..ownership import SocketClaim
 from ..virtio.device import DRIVER_OK, FEATURES_OK, VirtIODevice
 from ..virtio.queue import VirtQueue, VirtQueueError
 from ..virtio.ring import VIRTIO_F_VERSION_1
@@ -173,7 +174,10 @@ class VhostUserBackend:
 
     def __init__(self, device: VirtIODevice, *, socket_path: str | None = None, listen_fd: int | None = None,
                  protocol_features: int = DEFAULT_PROTOCOL_FEATURES, name: str = "vhost-user-backend",
-                 registry: NotifierRegistry | None = None, loop: IOThread | None = None) -> None:
+                 registry: NotifierRegistry | None = None, loop: IOThread | None = None,
+                 claim: SocketClaim | None = None) -> None:
+        if claim is not None:
+            socket_path = claim.path
         if (socket_path is None) == (listen_fd is None):
             raise ValueError("give exactly one of socket_path and listen_fd")
         self.device = device
@@ -183,8 +187,16 @@ class VhostUserBackend:
         self.loop = loop or IOThread(f"{name}-loop")
         self._own_loop = loop is None
         self.socket_path = socket_path
+        self.claim: SocketClaim | None = None
+        self._own_claim = claim is None  # a claim given by the caller is the caller's to release
         if socket_path is not None:
-            self.listener = self._listen(socket_path)
+            self.claim = claim if claim is not None else SocketClaim(socket_path)
+            try:
+                self.listener = self._listen(self.claim)
+            except BaseException:
+                if claim is None:
+                    self.claim.release()
+                raise
         else:
             assert listen_fd is not None
             self.listener = socket.socket(fileno=listen_fd)
@@ -211,22 +223,9 @@ class VhostUserBackend:
 
     # -- sockets -----------------------------------------------------------------------------------
     @staticmethod
-    def _listen(path: str) -> socket.socket:
-        try:
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            s.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        s.listen(1)
-        s.setblocking(False)
-        return s
+    def _listen(claim: SocketClaim) -> socket.socket:
+        """Bind the claimed path (checked and locked first: a live socket or a user's file is refused)."""
+        return claim.bind(backlog=1)
 
     def start(self) -> "VhostUserBackend":
         """Start serving (the loop runs on its own thread)."""
@@ -250,11 +249,8 @@ class VhostUserBackend:
         self._disconnect("back-end stopping")
         self.loop.remove_fd_handler(self.listener.fileno())
         self.listener.close()
-        if self.socket_path:
-            try:
-                os.unlink(self.socket_path)
-            except OSError:
-                pass
+        if self.claim is not None and self._own_claim:  # the socket file only if it is still ours
+            self.claim.release()
 
     def _accept(self) -> None:
         try:
