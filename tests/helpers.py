@@ -97,7 +97,8 @@ def spawn(argv: list[str], **kw):
     """Start a process in its own process group that dies with the test process."""
     import subprocess
 
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    base = kw.pop("env", None) or os.environ
+    env = dict(base, PYTHONPATH=SRC + os.pathsep + base.get("PYTHONPATH", ""))
     return subprocess.Popen(argv, process_group=0, preexec_fn=_die_with_parent, env=env,
                             stdin=subprocess.DEVNULL, **kw)
 

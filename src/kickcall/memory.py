@@ -60,8 +60,9 @@ def parse_size(v: int | str) -> int:
     if s and s[-1].lower() in suffixes:
         mult = suffixes[s[-1].lower()]
         s = s[:-1]
-    if not s.isdigit():
-        raise ValueError(f"{v!r} is not a size (examples: 4096, '64M', '1G')")
+    if not (s.isascii() and s.isdigit()) or len(s) > 24:
+        shown = repr(v) if len(v) <= 40 else repr(v[:40]) + "..."
+        raise ValueError(f"{shown} is not a size (examples: 4096, '64M', '1G')")
     return int(s) * mult
 
 

@@ -172,11 +172,15 @@ class GuestOS:
         return out
 
     # -- workloads ------------------------------------------------------------------------------------
-    def cmd_workload_start(self, blk: dict | None = None, net: dict | None = None) -> dict:
+    def cmd_workload_start(self, blk: dict | None = None, net: dict | None = None,
+                           blk_images: dict | None = None) -> dict:
+        """*blk_images*: per PCI slot (a string key), what the VMM knows of the image's initial
+        content (``blkverify.InitialContent``); a slot it says nothing of is ``unknown``."""
         started = []
         for d in self.devs.values():
             if isinstance(d.driver, VirtioBlkDriver) and blk is not None:
-                w = BlkWorkload(self.k, d.driver, **blk)
+                initial = (blk_images or {}).get(str(d.slot))
+                w = BlkWorkload(self.k, d.driver, **blk, initial=initial, read_only=d.driver.read_only)
                 w.slot = d.slot  # type: ignore[attr-defined]
                 self.workloads.append(w)
                 started.append(("blk", d.slot))

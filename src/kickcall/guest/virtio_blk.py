@@ -7,8 +7,8 @@ import threading
 import time
 from typing import Callable
 
-from ..virtio.blk import BLK_F_BLK_SIZE, BLK_F_FLUSH, BLK_F_MQ, BLK_F_SEG_MAX, BLK_T_FLUSH, BLK_T_GET_ID, \
-    BLK_T_IN, BLK_T_OUT
+from ..virtio.blk import BLK_F_BLK_SIZE, BLK_F_FLUSH, BLK_F_MQ, BLK_F_RO, BLK_F_SEG_MAX, BLK_T_FLUSH, \
+    BLK_T_GET_ID, BLK_T_IN, BLK_T_OUT
 from ..virtio.ring import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from .kernel import GuestKernel
 from .virtio_pci import VirtioPciDevice
@@ -17,7 +17,8 @@ from .virtio_ring import Vring
 __all__ = ["VirtioBlkDriver", "BlkRequest", "BLK_WANTED"]
 
 BLK_WANTED = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
-              | (1 << BLK_F_FLUSH) | (1 << BLK_F_BLK_SIZE) | (1 << BLK_F_SEG_MAX) | (1 << BLK_F_MQ))
+              | (1 << BLK_F_FLUSH) | (1 << BLK_F_BLK_SIZE) | (1 << BLK_F_SEG_MAX) | (1 << BLK_F_MQ)
+              | (1 << BLK_F_RO))
 HDR = struct.Struct("<IIQ")
 
 
@@ -53,6 +54,7 @@ class VirtioBlkDriver:
         self.queue_size = queue_size
         self.allow_msix = allow_msix
         self.capacity = 0
+        self.read_only = False  # VIRTIO_BLK_F_RO: the device refuses writes (Linux: set_disk_ro)
         self.vqs: list[Vring] = []
         self.completed = 0
         self.errors = 0
@@ -62,6 +64,7 @@ class VirtioBlkDriver:
         v = self.vdev
         v.begin(self.wanted)
         self.capacity = struct.unpack("<Q", v.read_device_config(0, 8))[0]
+        self.read_only = v.has(BLK_F_RO)
         nq = 1
         if v.has(BLK_F_MQ):
             nq = max(1, struct.unpack("<H", v.read_device_config(34, 2))[0])

@@ -1,10 +1,13 @@
 """Guest workloads that verify their data.
 
 * ``BlkWorkload``: random 4 KiB (configurable) reads and writes at a queue depth spread over the
-  vCPUs.  Every block written carries a header (magic, block number, generation, CRC32 of the
-  payload) and a payload derived from (block, generation); every read is checked against the set
-  of contents that block may legitimately hold (the image's initial sector labels, or a written
-  generation).  A block is never the target of two requests at once.
+  vCPUs.  Every block written carries a header and a payload derived from (block, generation);
+  every read is checked (``blkverify.BlockVerifier``) against what the block may legitimately
+  hold: what this run wrote, or the image's initial content where it is known (an image kickcall
+  created and labelled, or the user's image file itself) -- never assumed.  A block is never the
+  target of two requests at once.  When it stops, it reads back every block it wrote (a final
+  verify pass, as fio's ``verify``), so damage done after the last write is found too.  On a
+  read-only device it only reads.
 * ``NetWorkload``: ping-pong -- each vCPU sends a frame with a sequence number and a random payload
   and waits for it to come back byte-identical.
 
@@ -22,27 +25,12 @@ import zlib
 from collections import deque
 
 from ..virtio.blk import BLK_T_IN, BLK_T_OUT
+from .blkverify import BHDR, BLK_MAGIC, SECTOR, BlockVerifier, InitialContent, block_content, initial_block
 from .kernel import GuestKernel
 from .virtio_blk import BlkRequest, VirtioBlkDriver
 from .virtio_net import VirtioNetDriver
 
-__all__ = ["BlkWorkload", "NetWorkload", "initial_block", "block_content"]
-
-BLK_MAGIC = b"KCBK"
-BHDR = struct.Struct("<4sQQI")  # magic, block, generation, crc32(payload)
-SECTOR = 512
-
-
-def initial_block(block: int, bs: int) -> bytes:
-    """What the default image holds at *block* before anyone writes (kickcall's sector labels)."""
-    first = block * bs // SECTOR
-    return b"".join((b"SECTOR%010d" % s).ljust(SECTOR, b".") for s in range(first, first + bs // SECTOR))
-
-
-def block_content(block: int, gen: int, bs: int) -> bytes:
-    payload = random.Random(block * 1_000_003 + gen).randbytes(bs - BHDR.size)
-    return BHDR.pack(BLK_MAGIC, block, gen, zlib.crc32(payload)) + payload
-
+__all__ = ["BlkWorkload", "NetWorkload", "initial_block", "block_content", "BHDR", "BLK_MAGIC"]
 
 class _Cpu:
     def __init__(self) -> None:
@@ -53,7 +41,8 @@ class _Cpu:
 class BlkWorkload:
     def __init__(self, kernel: GuestKernel, drv: VirtioBlkDriver, *, depth: int = 16, block_size: int = 4096,
                  read_ratio: float = 0.5, cpus: list[int] | None = None, seed: int = 1,
-                 nblocks: int | None = None, stall_timeout: float = 10.0, verify_initial: bool = True) -> None:
+                 nblocks: int | None = None, stall_timeout: float = 10.0, initial: dict | None = None,
+                 read_only: bool = False, final_verify: bool = True) -> None:
         self.k = kernel
         self.drv = drv
         self.bs = block_size
@@ -66,8 +55,12 @@ class BlkWorkload:
         if self.nblocks < len(self.cpus):
             raise ValueError("disk too small for the workload")
         self.stall_timeout = stall_timeout
-        self.verify_initial = verify_initial
-        self.acceptable: dict[int, set[int]] = {}
+        self.read_only = read_only
+        if read_only:
+            self.read_ratio = 1.0  # a read-only device (or an image the user did not allow us to write)
+        self.final_verify = final_verify
+        self.verifier = BlockVerifier(block_size, InitialContent(initial, block_size))
+        self.verified_at_end = 0
         self.next_gen = 1
         self._gen_mu = threading.Lock()
         self.stop_event = threading.Event()
@@ -95,6 +88,7 @@ class BlkWorkload:
             except Exception as e:
                 self.errors.append(f"vCPU task failed: {type(e).__name__}: {e}")
         self.stopped_at = time.monotonic()
+        self.verifier.initial.close()
         return self.result()
 
     def result(self) -> dict:
@@ -106,6 +100,8 @@ class BlkWorkload:
         elapsed = (self.stopped_at or time.monotonic()) - self.started_at
         return {"kind": "blk", "ops": self.ops, "reads": self.reads, "writes": self.writes,
                 "errors": list(self.errors[:20]), "error_count": len(self.errors),
+                "verified_at_end": self.verified_at_end, "initial": self.verifier.initial.kind,
+                "read_only": self.read_only,
                 "iops": self.ops / elapsed if elapsed > 0 else 0.0,
                 "lat_us_p50": pct(0.5), "lat_us_p99": pct(0.99)}
 
@@ -125,37 +121,51 @@ class BlkWorkload:
         for s in slots:
             s.owner = ctx
             s.done_cb = self._on_done
+        to_verify: list[int] | None = None  # the final verify pass: this vCPU's written blocks
         while True:
-            if not self.stop_event.is_set() and free:
+            stopping = self.stop_event.is_set()
+            if stopping and inflight == 0 and to_verify is None and self.final_verify:
+                owned_set = set(owned)
+                to_verify = [b for b in self.verifier.written_blocks() if b in owned_set]
+            if free and (not stopping or to_verify):
                 batch = []
                 while free:
-                    for _ in range(8):
-                        b = owned[rng.randrange(len(owned))]
-                        if b not in busy_blocks:
+                    if to_verify is not None:
+                        if not to_verify:
                             break
+                        b = to_verify.pop()
+                        read = True
                     else:
-                        break
+                        for _ in range(8):
+                            b = owned[rng.randrange(len(owned))]
+                            if b not in busy_blocks:
+                                break
+                        else:
+                            break
+                        read = rng.random() < self.read_ratio
                     req = free.pop()
                     busy_blocks.add(b)
-                    if rng.random() < self.read_ratio:
+                    if read:
                         out, inn = self.drv.prepare(req, BLK_T_IN, b * self.bs // SECTOR, self.bs)
-                        req.tag = (b, None)
+                        req.tag = (b, None, to_verify is not None)
                     else:
                         with self._gen_mu:
                             gen = self.next_gen
                             self.next_gen += 1
                         self.k.memory.write(req.data, block_content(b, gen, self.bs))
-                        self.acceptable.setdefault(b, {0}).add(gen)
+                        self.verifier.write_submitted(b, gen)
                         out, inn = self.drv.prepare(req, BLK_T_OUT, b * self.bs // SECTOR, self.bs)
-                        req.tag = (b, gen)
+                        req.tag = (b, gen, False)
                     batch.append((req, out, inn))
                 n = self.drv.queue_reqs(q, batch)
                 inflight += n
                 for req, _o, _i in batch[n:]:  # ring full: put back
                     busy_blocks.discard(req.tag[0])
                     free.append(req)
+                    if to_verify is not None:
+                        to_verify.append(req.tag[0])
             if inflight == 0:
-                if self.stop_event.is_set():
+                if stopping and (to_verify is not None and not to_verify or not self.final_verify):
                     return
                 continue
             if not ctx.completed:
@@ -179,31 +189,20 @@ class BlkWorkload:
         ctx.event.set()
 
     def _check(self, req: BlkRequest) -> None:
-        b, gen = req.tag
+        b, gen, final = req.tag
         self.ops += 1
         self.latencies_ns.append(req.t_done - req.t_submit)
-        acc = self.acceptable.setdefault(b, {0})
         if req.status_val != 0:
             self.errors.append(f"block {b}: status {req.status_val}")
             return
         if gen is not None:
             self.writes += 1
-            self.acceptable[b] = {gen}
+            self.verifier.write_completed(b, gen)
             return
         self.reads += 1
-        data = self.k.memory.read(req.data, self.bs)
-        magic, blk, g, crc = BHDR.unpack_from(data)
-        if magic == BLK_MAGIC:
-            if blk != b or zlib.crc32(data[BHDR.size:]) != crc or g not in acc:
-                self.errors.append(f"block {b}: read generation {g} (block {blk}), expected one of {sorted(acc)}")
-                return
-            if data != block_content(b, g, self.bs):
-                self.errors.append(f"block {b}: generation {g} payload corrupt")
-        elif 0 in acc:
-            if self.verify_initial and data != initial_block(b, self.bs):
-                self.errors.append(f"block {b}: initial content corrupt")
-        else:
-            self.errors.append(f"block {b}: unwritten content, expected one of {sorted(acc)}")
+        if final:
+            self.verified_at_end += 1
+        self.errors.extend(self.verifier.check_read(b, self.k.memory.read(req.data, self.bs)))
 
 
 class NetWorkload:

@@ -33,7 +33,10 @@ Example::
 
 from __future__ import annotations
 
+import os
 import re
+import reprlib
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +99,7 @@ class DeviceConfig:
     size: int = 16 << 20
     queues: int = 1
     read_only: bool = False
+    allow_write: bool = False  # a user's image (image = "path") is only read unless this is set
     aio: str = "auto"
     serial: str = ""
     # virtio-net: loopback | socketpair; virtio-blk: file | vhost-user
@@ -116,6 +120,15 @@ class MachineConfig:
     workload_blk: dict | None = None
     workload_net: dict | None = None
     source: str = ""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 60, 6, 4
+
+
+def _show(v: Any) -> str:
+    """A bounded repr of a config value (a hostile file may nest arrays 100,000 deep)."""
+    return _REPR.repr(v)
 
 
 _ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
@@ -145,7 +158,7 @@ class _V:
     def int(self, k: str, default: int, lo: int, hi: int) -> int:
         v = self.get(k, default)
         if isinstance(v, bool) or not isinstance(v, int):
-            raise self.err(k, f"must be an integer, got {v!r}")
+            raise self.err(k, f"must be an integer, got {_show(v)}")
         if not lo <= v <= hi:
             raise self.err(k, f"must be between {lo} and {hi}, got {v}")
         return v
@@ -153,21 +166,21 @@ class _V:
     def bool(self, k: str, default: bool) -> bool:
         v = self.get(k, default)
         if not isinstance(v, bool):
-            raise self.err(k, f"must be true or false, got {v!r}")
+            raise self.err(k, f"must be true or false, got {_show(v)}")
         return v
 
     def str(self, k: str, default: str, choices: tuple[str, ...] | None = None) -> str:
         v = self.get(k, default)
         if not isinstance(v, str):
-            raise self.err(k, f"must be a string, got {v!r}")
+            raise self.err(k, f"must be a string, got {_show(v)}")
         if choices is not None and v not in choices:
-            raise self.err(k, f"must be one of {', '.join(repr(c) for c in choices)}, got {v!r}")
+            raise self.err(k, f"must be one of {', '.join(repr(c) for c in choices)}, got {_show(v)}")
         return v
 
     def float(self, k: str, default: float, lo: float, hi: float) -> float:
         v = self.get(k, default)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise self.err(k, f"must be a number, got {v!r}")
+            raise self.err(k, f"must be a number, got {_show(v)}")
         if not lo <= v <= hi:
             raise self.err(k, f"must be between {lo} and {hi}, got {v}")
         return float(v)
@@ -193,6 +206,8 @@ def parse_config(text: str, source: str = "<config>") -> MachineConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"invalid TOML: {e}", source) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError("", "invalid TOML: nested too deeply", source) from None
     top = _V(data, "", source)
     cfg = MachineConfig(source=source)
     m = _V(top.get("machine", {}), "machine", source)
@@ -243,6 +258,10 @@ def parse_config(text: str, source: str = "<config>") -> MachineConfig:
                 if dc.size % 4096:
                     raise d.err("size", "must be a multiple of 4096")
                 dc.read_only = d.bool("read-only", False)
+                dc.allow_write = d.bool("allow-write", False)
+                if dc.allow_write and not dc.image:
+                    raise d.err("allow-write", "applies to a user's image (image = \"path\"); "
+                                               "a temporary image is always writable")
                 dc.aio = d.str("aio", "auto", ("auto", "threads", "sync"))
                 dc.serial = d.str("serial", "")
                 if len(dc.serial) > 20:
@@ -283,12 +302,38 @@ def parse_config(text: str, source: str = "<config>") -> MachineConfig:
     return cfg
 
 
+#: a machine config is a few hundred bytes; anything past this is not one
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_config(path: str) -> MachineConfig:
+    """Read and check a config file.  Only a regular file is read (a FIFO would block, /dev/zero
+    never ends), and at most MAX_CONFIG_BYTES of it."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as e:
         raise ConfigError("", f"cannot read config: {e.strerror}", path) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
+                    else "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file")
+            raise ConfigError("", f"cannot read config: it is {kind}", path)
+        chunks = []
+        total = 0
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > MAX_CONFIG_BYTES:
+                raise ConfigError("", f"larger than {MAX_CONFIG_BYTES} bytes: not a machine config", path)
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+    except OSError as e:
+        raise ConfigError("", f"cannot read config: {e.strerror}", path) from None
+    finally:
+        os.close(fd)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -31,7 +31,9 @@ from ..loop import IOThread
 from ..memory import AddressSpace, GuestMemory
 from ..notify import NotifierRegistry
 from ..pci.bus import PCIBus, PCIHost
-from ..virtio.blk import VirtIOBlk, make_image
+from ..ownership import PathRefused, SocketClaim
+from ..virtio.blk import VirtIOBlk
+from ..virtio.image import create_image, open_image
 from ..virtio.net import VirtIONet
 from ..virtio.pci import VirtIOPCIProxy
 from .config import DeviceConfig, MachineConfig, default_config
@@ -39,6 +41,10 @@ from .config import DeviceConfig, MachineConfig, default_config
 __all__ = ["Machine", "MachineError"]
 
 log = logging.getLogger("kickcall.machine")
+
+
+#: a temporary image carries kickcall's sector labels this far; beyond, it is sparse and reads as zeros
+LABELLED_BYTES = 64 << 20
 
 
 class MachineError(RuntimeError):
@@ -50,29 +56,18 @@ class Machine:
 
     def __init__(self, cfg: MachineConfig | None = None, *, workdir: str | None = None,
                  guest_log_level: str = "WARNING") -> None:
+        """Build the machine.  If anything fails (or Ctrl-C arrives) on the way, everything built so
+        far is torn down -- the temporary directory with its images included -- before the error
+        propagates."""
         self.cfg = cfg or default_config()
         self.bql = threading.RLock()
         self.registry = NotifierRegistry()
-        self._own_workdir = workdir is None
-        self.workdir = workdir or tempfile.mkdtemp(prefix="kickcall-")
         self.guest_log_level = guest_log_level
-        self.memory = GuestMemory.create(self.cfg.ram, f"{self.cfg.name}-ram")
-        self.mmio = AddressSpace(SPACE_MMIO)
-        self.io = AddressSpace(SPACE_PIO)
-        self.iothread = IOThread("main-loop", lock=self.bql)
-        self._vmm_sock, self._guest_sock = socketpair()
         self.guest_events: list[dict] = []
-        self.vm = VM(self._vmm_sock, self.memory, self.cfg.vcpus, exit_handler=self._exit,
-                     event_handler=self.guest_events.append, max_routes=self.cfg.max_irq_routes,
-                     on_guest_gone=self._guest_gone, name=self.cfg.name)
-        self.routes = MsiRoutes(self.vm)
-        self.mmio.add_listener(self.vm)
-        self.io.add_listener(self.vm)
-        self.bus = PCIBus(self.mmio, self.io, irq_line=self.vm.irq_line, msi_sink=self.vm.signal_msi)
-        self.host = PCIHost(self.bus)
         self.devices: dict[str, VirtIOPCIProxy] = {}
         self.device_cfg: dict[str, DeviceConfig] = {}
         self.temp_images: list[str] = []
+        self.blk_images: dict[str, dict] = {}  # per slot: what the guest's checker may assume of the image
         self.guest_proc: subprocess.Popen | None = None
         self.guest_hv: KernelHV | None = None
         self.guest_os = None
@@ -84,6 +79,32 @@ class Machine:
         self._stopped = False
         self.quit_requested = threading.Event()  # the monitor's quit
         self.qmp = None
+        self._own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="kickcall-")
+        self._built: list = []  # what to close, last first, if the build fails
+        try:
+            self._build()
+        except BaseException:
+            self._abort_build()
+            raise
+
+    def _build(self) -> None:
+        self.memory = GuestMemory.create(self.cfg.ram, f"{self.cfg.name}-ram")
+        self._built.append(self.memory.close)
+        self.mmio = AddressSpace(SPACE_MMIO)
+        self.io = AddressSpace(SPACE_PIO)
+        self.iothread = IOThread("main-loop", lock=self.bql)
+        self._vmm_sock, self._guest_sock = socketpair()
+        self._built += [self._vmm_sock.close, self._guest_sock.close]
+        self.vm = VM(self._vmm_sock, self.memory, self.cfg.vcpus, exit_handler=self._exit,
+                     event_handler=self.guest_events.append, max_routes=self.cfg.max_irq_routes,
+                     on_guest_gone=self._guest_gone, name=self.cfg.name)
+        self._built.append(self.vm.close)
+        self.routes = MsiRoutes(self.vm)
+        self.mmio.add_listener(self.vm)
+        self.io.add_listener(self.vm)
+        self.bus = PCIBus(self.mmio, self.io, irq_line=self.vm.irq_line, msi_sink=self.vm.signal_msi)
+        self.host = PCIHost(self.bus)
         next_slot = 1
         used = {d.slot for d in self.cfg.devices if d.slot is not None}
         for dc in self.cfg.devices:
@@ -93,6 +114,28 @@ class Machine:
                 dc.slot = next_slot
                 used.add(next_slot)
             self._add_device(dc)
+
+    def _abort_build(self) -> None:
+        """Undo a partial build: devices, VM, sockets, RAM, notifiers, and our temporary directory."""
+        for p in self.devices.values():
+            close = getattr(p.vdev, "close", None)
+            try:
+                if close is not None:
+                    close()
+            except Exception as e:
+                log.debug("%s: close after a failed build: %s", p.name, e)
+        for fn in reversed(self._built):
+            try:
+                fn()
+            except Exception as e:
+                log.debug("close after a failed build: %s", e)
+        for e in self.registry.entries():
+            self.registry.unregister(e)
+            if not e.notifier.closed:
+                e.notifier.close()
+        self._stopped = True
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- devices ---------------------------------------------------------------------------------------
     def _add_device(self, dc: DeviceConfig) -> None:
@@ -106,15 +149,25 @@ class Machine:
                 raise MachineError(f"device {dc.id}: vhost-user back-end at {dc.socket}: {e}") from e
             class_code = 0x010000
         elif dc.type == "virtio-blk":
-            image = dc.image
-            if not image:
-                image = os.path.join(self.workdir, f"{dc.id}.img")
-                make_image(image, dc.size)
-                self.temp_images.append(image)
-            elif not os.path.exists(image):
-                raise MachineError(f"device {dc.id}: image {image!r} does not exist")
-            vdev = VirtIOBlk(dc.id, image, num_queues=dc.queues, queue_size=dc.queue_size, read_only=dc.read_only,
+            if not dc.image:  # a temporary image: ours, sparse, labelled only as far as LABELLED_BYTES
+                path = os.path.join(self.workdir, f"{dc.id}.img")
+                labelled = min(dc.size, LABELLED_BYTES)
+                create_image(path, dc.size, labelled=labelled)
+                self.temp_images.append(path)
+                read_only = dc.read_only
+                initial: dict = {"kind": "labels", "labelled": labelled}
+            else:  # the user's image: read-only unless the user allowed writes
+                path = os.path.abspath(dc.image)
+                read_only = dc.read_only or not dc.allow_write
+                initial = {"kind": "file", "path": path}
+            try:
+                img = open_image(path, writable=not read_only)
+            except PathRefused as e:
+                raise MachineError(f"device {dc.id}: image {e}") from None
+            vdev = VirtIOBlk(dc.id, img, num_queues=dc.queues, queue_size=dc.queue_size, read_only=read_only,
                              serial=dc.serial, aio=dc.aio, loop=self.iothread)
+            assert dc.slot is not None
+            self.blk_images[str(dc.slot)] = initial
             class_code = 0x010000
         else:
             vdev = VirtIONet(dc.id, queue_pairs=dc.queue_pairs, queue_size=dc.queue_size, backend=dc.backend,
@@ -122,11 +175,17 @@ class Machine:
             class_code = 0x020000
         vdev.mem = self.memory
         vdev.lock = self.bql
-        proxy = VirtIOPCIProxy(vdev, vm=self.vm, routes=self.routes, iothread=self.iothread,
-                               registry=self.registry, ioeventfd=dc.ioeventfd, irqfd=dc.irqfd,
-                               msix_vectors=None if dc.msix else 0, class_code=class_code)
-        assert dc.slot is not None
-        self.bus.add_device(proxy, dc.slot)
+        try:
+            proxy = VirtIOPCIProxy(vdev, vm=self.vm, routes=self.routes, iothread=self.iothread,
+                                   registry=self.registry, ioeventfd=dc.ioeventfd, irqfd=dc.irqfd,
+                                   msix_vectors=None if dc.msix else 0, class_code=class_code)
+            assert dc.slot is not None
+            self.bus.add_device(proxy, dc.slot)
+        except BaseException:
+            close = getattr(vdev, "close", None)
+            if close is not None:
+                close()
+            raise
         self.devices[dc.id] = proxy
         self.device_cfg[dc.id] = dc
 
@@ -228,14 +287,19 @@ class Machine:
             self.vm.resume_vcpus()
         self.boot_info = self.guest_cmd({"cmd": "reboot", "cpu": 0}, timeout=60)
 
-    def start_monitor(self, path: str | None = None, tcp: tuple[str, int] | None = None):
-        """A QMP monitor (QEMU's wire format) on a Unix socket, and on loopback TCP if asked."""
+    def start_monitor(self, path: str | None = None, tcp: tuple[str, int] | None = None, *,
+                      claim: SocketClaim | None = None):
+        """A QMP monitor (QEMU's wire format) on a Unix socket, and on loopback TCP if asked.
+
+        *claim*: the socket path already checked and locked (``ownership.SocketClaim``); the
+        caller keeps it and releases it.  Without one, *path* is claimed here (a live socket or
+        a file that is not ours is refused with ``PathRefused``)."""
         from ..monitor.commands import build_registry
         from ..monitor.qmp import QMPServer
         from .monitor import MachineTarget
 
         reg, attach = build_registry(MachineTarget(self))
-        self.qmp = QMPServer(reg, path=path, tcp=tcp, name=self.cfg.name)
+        self.qmp = QMPServer(reg, path=path, tcp=tcp, name=self.cfg.name, claim=claim)
         attach(self.qmp)
         self.qmp.start()
         return self.qmp
@@ -243,7 +307,7 @@ class Machine:
     def start_workload(self, blk: dict | None = None, net: dict | None = None) -> dict:
         if blk is None and net is None:
             blk, net = self.cfg.workload_blk, self.cfg.workload_net
-        return self.guest_cmd({"cmd": "workload-start", "blk": blk, "net": net})
+        return self.guest_cmd({"cmd": "workload-start", "blk": blk, "net": net, "blk_images": self.blk_images})
 
     def stop_workload(self, timeout: float = 60.0) -> list[dict]:
         if not self.running:

@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 from .device import SyncAio, ThreadPoolAio, VirtIODevice
+from .image import ImageFile, create_image, open_image
 from .queue import VirtQueue, VirtQueueElement, iov_from_buf, iov_to_buf
 
 __all__ = ["VirtIOBlk", "BLK_T_IN", "BLK_T_OUT", "BLK_T_FLUSH", "BLK_T_GET_ID", "BLK_S_OK",
@@ -65,16 +66,24 @@ class VirtIOBlk(VirtIODevice):
     type_name = "virtio-blk"
     feature_table = FEATURES
 
-    def __init__(self, name: str, image: str, *, num_queues: int = 1, queue_size: int = 128,
+    def __init__(self, name: str, image: str | ImageFile, *, num_queues: int = 1, queue_size: int = 128,
                  read_only: bool = False, serial: str = "", aio: str = "threads", aio_workers: int = 4,
                  loop=None) -> None:
+        """*image*: a path (opened with :func:`open_image`: FIFOs and character devices refused,
+        QEMU's image locks taken; raises ``PathRefused``) or an already open :class:`ImageFile`,
+        which the device then owns."""
         super().__init__(name, queue_sizes=[queue_size] * num_queues)
-        self.image = image
+        img = image if isinstance(image, ImageFile) else open_image(image, writable=not read_only)
+        if read_only and img.writable or not read_only and not img.writable:
+            img.close()
+            raise ValueError(f"{img.path}: opened {'read-write' if img.writable else 'read-only'} "
+                             f"for a {'read-only' if read_only else 'writable'} device")
+        self.image_file = img
+        self.image = img.path
         self.read_only = read_only
         self.serial = (serial or name).encode()[:BLK_ID_BYTES]
-        self.fd = os.open(image, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        size = os.fstat(self.fd).st_size
-        self.capacity = size // SECTOR
+        self.fd = img.fd
+        self.capacity = img.size // SECTOR
         self.host_features |= (1 << BLK_F_SEG_MAX) | (1 << BLK_F_BLK_SIZE) | (1 << BLK_F_FLUSH)
         if num_queues > 1:
             self.host_features |= 1 << BLK_F_MQ
@@ -97,7 +106,7 @@ class VirtIOBlk(VirtIODevice):
     def close(self) -> None:
         self.aio.stop()
         if self.fd >= 0:
-            os.close(self.fd)
+            self.image_file.close()
             self.fd = -1
 
     def get_config(self) -> bytes:
@@ -243,11 +252,6 @@ def _segments(sg: list[tuple[int, int]], skip: int, nbytes: int) -> list[tuple[i
 
 
 def make_image(path: str, size: int, pattern: bool = True) -> None:
-    """Create a raw image; with *pattern*, every 512-byte sector starts with its own label."""
-    with open(path, "wb") as f:
-        if pattern:
-            for i in range(size // SECTOR):
-                f.write((b"SECTOR%010d" % i).ljust(SECTOR, b"."))
-        else:
-            f.truncate(size)
-
+    """(Re-)create a raw image at a path the caller owns (tests, benchmarks); with *pattern*, every
+    512-byte sector carries its own label (``image.sector_label``), otherwise it is sparse zeros."""
+    create_image(path, size, labelled=size if pattern else 0, exclusive=False)
