@@ -26,3 +26,35 @@ def workdir():
     d = tempfile.mkdtemp(prefix="kc")
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+# -- every kickcall process the suite starts reports an internal error (exit 70, or an uncaught
+#    exception in a thread) as a crash report in KICKCALL_CRASH_DIR: any report fails the test
+#    during which it appeared, with its text
+CRASH_DIR = tempfile.mkdtemp(prefix="kickcall-crashes-")
+os.environ["KICKCALL_CRASH_DIR"] = CRASH_DIR
+
+
+def _crash_reports() -> set[str]:
+    try:
+        return {n for n in os.listdir(CRASH_DIR) if n.startswith("kickcall-crash-")}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def no_crash_reports(request):
+    before = _crash_reports()
+    yield
+    new = sorted(_crash_reports() - before)
+    if new and not request.node.get_closest_marker("crash_reports_expected"):
+        texts = []
+        for n in new:
+            with open(os.path.join(CRASH_DIR, n)) as f:
+                texts.append(f"--- {n}\n{f.read()}")
+            os.unlink(os.path.join(CRASH_DIR, n))
+        pytest.fail("kickcall reported an internal error (exit 70):\n" + "\n".join(texts), pytrace=False)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(CRASH_DIR, ignore_errors=True)

@@ -18,6 +18,7 @@ import threading
 import time
 
 from . import trace
+from .ownership import PathRefused
 
 __all__ = ["main"]
 
@@ -66,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--qmp", metavar="PATH", help="serve a QMP monitor on this Unix socket (mode 0600)")
     r.add_argument("--qmp-tcp", metavar="HOST:PORT", type=_loopback_hostport,
                    help="also serve the monitor on this loopback TCP address (127.0.0.1 or ::1 only)")
+    r.add_argument("--allow-write", action="store_true",
+                   help="let the workload write to the images the config names (image = \"path\"); "
+                        "without it they are only read")
     b = sub.add_parser("bench", help="benchmarks")
     bs = b.add_subparsers(dest="bench", required=True)
     bn = bs.add_parser("notify", help="eventfd / ioeventfd / heavyweight-exit / irqfd latency, blk IOPS")
@@ -94,13 +98,150 @@ def _parser() -> argparse.ArgumentParser:
     bm.add_argument("--quick", action="store_true", help="shorter runs (a smoke run)")
     c = sub.add_parser("config", help="print the built-in default machine config")
     c.add_argument("--check", metavar="FILE", help="validate a config file and exit")
+    _add_version(ap)
     return ap
 
 
+def _add_version(p: argparse.ArgumentParser) -> None:
+    """``--version`` on the command and on every subcommand."""
+    p.add_argument("--version", action="version", version=f"kickcall {_version()}")
+    for act in p._actions:  # argparse keeps its subparsers there; there is no public accessor
+        if isinstance(act, argparse._SubParsersAction):
+            for sp in set(act.choices.values()):
+                _add_version(sp)
+
+
+# -- exit statuses (README, "Exit status") ------------------------------------------------------------
+EXIT_OK = 0           # done; for run: every data check passed; for diagnose: nothing stalled
+EXIT_FAILED = 1       # the job ran and found a problem (data errors, a stall, a failed benchmark run)
+EXIT_REFUSED = 2      # bad arguments or configuration, or a path refused (named on the one line printed)
+EXIT_SOFTWARE = 70    # an internal error (a kickcall bug): one line and the path of a crash report
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
+EXIT_BROKEN_PIPE = 141  # the reader of our output went away
+EXIT_TERMINATED = 143   # SIGTERM, where the command does not treat it as a request to stop cleanly
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every clean-up (finally) runs."""
+
+
+def crash_report(what: str, text: str) -> str:
+    """Write a crash report (mode 0600, a new file) and return its path; '' if it cannot be written."""
+    import tempfile
+
+    d = os.environ.get("KICKCALL_CRASH_DIR") or tempfile.gettempdir()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(100):
+        path = os.path.join(d, f"kickcall-crash-{stamp}-{os.getpid()}{'-' + str(n) if n else ''}.txt")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            continue
+        except OSError:
+            return ""
+        with os.fdopen(fd, "w") as f:
+            f.write(f"kickcall {_version()} crash report\nwhat: {what}\nargv: {sys.argv!r}\npid: {os.getpid()}\n\n")
+            f.write(text)
+        return path
+    return ""
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    """An exception nobody caught in a thread: one line and a crash report, never a traceback."""
+    import traceback
+
+    if args.exc_type is SystemExit:
+        return
+    text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+    name = args.thread.name if args.thread is not None else "?"
+    path = crash_report(f"uncaught exception in thread {name}", text)
+    print(f"kickcall: internal error in thread {name}: {args.exc_type.__name__}: {args.exc_value}"
+          f"{' (crash report: ' + path + ')' if path else ''}", file=sys.stderr, flush=True)
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Log records with a traceback print one line; the traceback goes to a file named in it."""
+
+    def formatException(self, ei) -> str:  # noqa: N802 (logging's name)
+        import traceback
+
+        text = "".join(traceback.format_exception(*ei))
+        d = os.environ.get("KICKCALL_CRASH_DIR")
+        path = ""
+        if d:
+            try:
+                fd, path = __import__("tempfile").mkstemp(prefix="kickcall-traceback-", suffix=".txt", dir=d)
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+            except OSError:
+                path = ""
+        exc = ei[1]
+        return f"  ({type(exc).__name__}: {exc}{'; traceback in ' + path if path else ''})"
+
+    def format(self, record: logging.LogRecord) -> str:
+        s = super().format(record)
+        return s.replace("\n  (", " (")
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``kickcall`` command.  Never prints a Python traceback: see the EXIT_* statuses."""
+    threading.excepthook = _thread_excepthook
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    rc = EXIT_SOFTWARE
+    try:
+        rc = _main(argv)
+    except KeyboardInterrupt:
+        print("kickcall: interrupted", file=sys.stderr, flush=True)
+        rc = EXIT_INTERRUPTED
+    except Terminated:
+        print("kickcall: terminated", file=sys.stderr, flush=True)
+        rc = EXIT_TERMINATED
+    except BrokenPipeError:
+        rc = EXIT_BROKEN_PIPE
+        try:  # nothing more can be written there; keep Python from complaining at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+    except PathRefused as e:
+        print(f"kickcall: {e}", file=sys.stderr, flush=True)
+        rc = EXIT_REFUSED
+    except SystemExit:
+        raise
+    except Exception as e:
+        import traceback
+
+        path = crash_report("uncaught exception", traceback.format_exc())
+        print(f"kickcall: internal error: {type(e).__name__}: {e}"
+              f"{' (crash report: ' + path + ')' if path else ''}", file=sys.stderr, flush=True)
+        rc = EXIT_SOFTWARE
+    finally:
+        if argv is None:  # the program itself: from here on it only exits, and a late Ctrl-C
+            try:          # must not print a traceback from the interpreter's shutdown
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            except ValueError:  # not the main thread
+                pass
+    return rc
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = _parser()
     a = ap.parse_args(argv)
-    logging.basicConfig(level=a.log_level, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=a.log_level, handlers=[handler])
     if a.cmd == "run":
         return cmd_run(a)
     if a.cmd == "bench":
@@ -170,7 +311,31 @@ def cmd_run(a: argparse.Namespace) -> int:
         cfg = load_config(a.config) if a.config else default_config()
     except ConfigError as e:
         print(f"kickcall: config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
+    if a.allow_write:
+        for dc in cfg.devices:
+            if dc.image:
+                dc.allow_write = True
+    # every path this run will bind is checked (and locked) before anything is built
+    from .ownership import SocketClaim
+
+    claim = None
+    if a.qmp:
+        try:
+            claim = SocketClaim(a.qmp)
+        except PathRefused as e:
+            print(f"kickcall: --qmp {e}", file=sys.stderr)
+            return EXIT_REFUSED
+    try:
+        return _run_machine(a, cfg, claim)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
+    from .machine import Machine, MachineError
+    from .machine.view import LiveView, PlainView, summary_lines
     for pat in a.trace:
         trace.set_state(pat, True)
     if a.trace:
@@ -189,8 +354,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     try:
         m = Machine(cfg)
     except (MachineError, OSError, ValueError) as e:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
         print(f"kickcall: cannot build the machine: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     view = LiveView() if tty else (PlainView(sys.stderr) if a.json else PlainView())
     keys = _Keys() if tty else None
     results: list[dict] = []
@@ -198,7 +365,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     try:
         info = m.start()
         if a.qmp or a.qmp_tcp:
-            srv = m.start_monitor(a.qmp, a.qmp_tcp)
+            srv = m.start_monitor(a.qmp, a.qmp_tcp, claim=claim)
             where = " and ".join(x for x in (a.qmp, a.qmp_tcp and f"{a.qmp_tcp[0]}:{srv.tcp_port}") if x)
             print(f"kickcall: QMP monitor on {where}", file=sys.stderr, flush=True)
         if not a.json and not tty:

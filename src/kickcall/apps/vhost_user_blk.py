@@ -19,8 +19,10 @@ import threading
 from ..loop import IOThread
 from ..monitor import QMPServer
 from ..vhost_user.backend import DEFAULT_PROTOCOL_FEATURES, VhostUserBackend
+from ..ownership import PathRefused, SocketClaim
 from ..vhost_user.protocol import ProtocolFeature
 from ..virtio.blk import VirtIOBlk
+from ..virtio.image import ImageFile, open_image
 
 log = logging.getLogger("kickcall.vhost-user-blk")
 
@@ -50,31 +52,60 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fault knob: stall each I/O a random 0..N ms (completions then come out of order)")
 
 
+PROG = "kickcall vhost-user-blk"
+
+
 def main(a: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT or the monitor's quit.  Exit 0, or 2 with one line naming what
+    was refused: every path it will bind (``--socket-path``, ``--qmp``) and the image are checked
+    before anything is created, so a refusal leaves nothing behind and takes nothing away."""
     if a.print_capabilities:
         print(json.dumps(CAPABILITIES))
         return 0
     if not a.blk_file:
-        print("kickcall vhost-user-blk: --blk-file is required", file=sys.stderr)
+        print(f"{PROG}: --blk-file is required", file=sys.stderr)
         return 2
     if a.socket_path is None and a.fd is None:
-        print("kickcall vhost-user-blk: give --socket-path or --fd", file=sys.stderr)
+        print(f"{PROG}: give --socket-path or --fd", file=sys.stderr)
         return 2
     if not 1 <= a.num_queues <= 64 or a.max_queue_size & (a.max_queue_size - 1) or not 1 <= a.max_queue_size <= 1024:
-        print("kickcall vhost-user-blk: --num-queues must be 1..64 and --max-queue-size a power of two up to 1024",
+        print(f"{PROG}: --num-queues must be 1..64 and --max-queue-size a power of two up to 1024",
               file=sys.stderr)
         return 2
-    if not os.path.exists(a.blk_file):
-        print(f"kickcall vhost-user-blk: {a.blk_file}: no such file", file=sys.stderr)
+    if a.qmp and a.socket_path and os.path.abspath(a.qmp) == os.path.abspath(a.socket_path):
+        print(f"{PROG}: --qmp and --socket-path name the same path", file=sys.stderr)
         return 2
-    loop = IOThread("vhost-user-blk", profile_path=a.profile)
+    claims: list[SocketClaim] = []
+    image: ImageFile | None = None
     try:
-        dev = VirtIOBlk("vhost-user-blk", a.blk_file, num_queues=a.num_queues, queue_size=a.max_queue_size,
-                        read_only=a.read_only, serial=a.serial or os.path.basename(a.blk_file)[:20], aio=a.aio,
-                        loop=loop)
-    except OSError as e:
-        print(f"kickcall vhost-user-blk: {a.blk_file}: {e.strerror}", file=sys.stderr)
-        return 2
+        try:  # 1. check and lock every path, create nothing
+            sock_claim = SocketClaim(a.socket_path) if a.socket_path else None
+            if sock_claim is not None:
+                claims.append(sock_claim)
+            qmp_claim = SocketClaim(a.qmp) if a.qmp else None
+            if qmp_claim is not None:
+                claims.append(qmp_claim)
+            image = open_image(a.blk_file, writable=not a.read_only)
+        except PathRefused as e:
+            which = "--qmp " if a.qmp and e.path in (a.qmp, a.qmp + ".lock") else (
+                "--socket-path " if a.socket_path and e.path in (a.socket_path, a.socket_path + ".lock") else
+                "--blk-file ")
+            print(f"{PROG}: {which}{e}", file=sys.stderr)
+            return 2
+        return _serve(a, sock_claim, qmp_claim, image)
+    finally:
+        if image is not None:
+            image.close()  # a no-op once the device owns it and has closed it
+        for c in claims:
+            c.release()
+
+
+def _serve(a: argparse.Namespace, sock_claim: SocketClaim | None, qmp_claim: SocketClaim | None,
+           image: ImageFile) -> int:
+    loop = IOThread("vhost-user-blk", profile_path=a.profile)
+    dev = VirtIOBlk("vhost-user-blk", image, num_queues=a.num_queues, queue_size=a.max_queue_size,
+                    read_only=a.read_only, serial=a.serial or os.path.basename(a.blk_file)[:20], aio=a.aio,
+                    loop=loop)
     if a.io_delay_ms > 0:
         rng = random.Random()
         dev.io_delay = lambda: rng.uniform(0, a.io_delay_ms) / 1000.0
@@ -83,44 +114,48 @@ def main(a: argparse.Namespace) -> int:
         pf &= ~(1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
     if a.no_inflight:
         pf &= ~(1 << ProtocolFeature.INFLIGHT_SHMFD)
-    try:
-        backend = VhostUserBackend(dev, socket_path=a.socket_path, listen_fd=a.fd, loop=loop, name="vhost-user-blk",
-                                   protocol_features=pf)
-    except OSError as e:
-        print(f"kickcall vhost-user-blk: cannot listen: {e}", file=sys.stderr)
-        dev.close()
-        return 2
     from .. import trace
 
     for pat in a.trace:
         if not trace.set_state(pat, True):
-            print(f"kickcall vhost-user-blk: --trace {pat}: no such trace event", file=sys.stderr)
-    if a.trace:
-        trace.add_sink(lambda rec: print(trace.format_record(rec), file=sys.stderr, flush=True))
+            print(f"{PROG}: --trace {pat}: no such trace event", file=sys.stderr)
+            dev.close()
+            return 2
     done = threading.Event()
-    qmp = None
-    if a.qmp:
-        from ..monitor.commands import build_registry
-        from ..monitor.qmp import Arg  # noqa: F401  (extra commands take no arguments)
-        from .backend_monitor import BackendTarget
-
-        reg, attach = build_registry(BackendTarget(backend, done.set), extra={
-            "x-query-vhost-user-backend": (lambda: loop.run_sync(
-                lambda: dict(backend.status(), messages=dict(backend.message_counts))), []),
-        })
-        qmp = QMPServer(reg, path=a.qmp, name="vhost-user-blk")
-        attach(qmp)
-        qmp.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, f: done.set())
+    try:  # 2. take what was checked
+        backend = VhostUserBackend(dev, listen_fd=a.fd, claim=sock_claim, loop=loop, name="vhost-user-blk",
+                                   protocol_features=pf)
+    except (OSError, PathRefused) as e:
+        print(f"{PROG}: cannot listen: {e}", file=sys.stderr)
+        dev.close()
+        return 2
+    if a.trace:
+        trace.add_sink(lambda rec: print(trace.format_record(rec), file=sys.stderr, flush=True))
+    qmp = None
     loop.start()
-    backend.start()
-    where = a.socket_path or f"fd {a.fd}"
-    print(f"kickcall vhost-user-blk: serving {a.blk_file} on {where}", file=sys.stderr, flush=True)
-    done.wait()
-    backend.stop()
-    loop.stop()
-    dev.close()
-    if qmp is not None:
-        qmp.stop()
+    try:
+        backend.start()
+        if qmp_claim is not None:
+            from ..monitor.commands import build_registry
+            from .backend_monitor import BackendTarget
+
+            reg, attach = build_registry(BackendTarget(backend, done.set), extra={
+                "x-query-vhost-user-backend": (lambda: loop.run_sync(
+                    lambda: dict(backend.status(), messages=dict(backend.message_counts))), []),
+            })
+            qmp = QMPServer(reg, claim=qmp_claim, name="vhost-user-blk")
+            attach(qmp)
+            qmp.start()
+        where = a.socket_path or f"fd {a.fd}"
+        print(f"{PROG}: serving {a.blk_file} on {where}", file=sys.stderr, flush=True)
+        while not done.wait(1.0):  # a timed wait, so that signals are handled promptly
+            pass
+    finally:
+        backend.stop()
+        loop.stop()
+        dev.close()
+        if qmp is not None:
+            qmp.stop()
     return 0
