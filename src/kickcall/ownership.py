@@ -96,8 +96,8 @@ class SocketClaim:
         self.lock_path = path + ".lock"
         self._lock_fd: int | None = None
         self._lock_created = False
-        self._lock_ino: tuple[int, int] | None = None
-        self._bound_ino: tuple[int, int] | None = None
+        self._lock_ino: tuple[int, int, int] | None = None
+        self._bound_ino: tuple[int, int, int] | None = None
         self._takeover = False
         self.sock: socket.socket | None = None
         if len(os.fsencode(path)) > SUN_PATH_MAX:
@@ -155,9 +155,10 @@ class SocketClaim:
                 raise
             if created:
                 os.write(fd, b"%d\n" % os.getpid())
+                st = os.fstat(fd)
             self._lock_fd = fd
             self._lock_created = created
-            self._lock_ino = (st.st_dev, st.st_ino)
+            self._lock_ino = (st.st_dev, st.st_ino, st.st_ctime_ns)
             return
         raise PathRefused(self.path, RefusalKind.IN_USE, f"{self.lock_path} keeps changing under us")
 
@@ -180,7 +181,7 @@ class SocketClaim:
         if self._lock_created:
             try:  # unlink while still holding the lock, and only the file we created
                 st = os.lstat(self.lock_path)
-                if (st.st_dev, st.st_ino) == self._lock_ino:
+                if (st.st_dev, st.st_ino, st.st_ctime_ns) == self._lock_ino:
                     os.unlink(self.lock_path)
             except OSError:
                 pass
@@ -237,9 +238,9 @@ class SocketClaim:
             raise PathRefused(self.path, kind, f"cannot bind: {e.strerror}") from None
         finally:
             os.umask(old)
-        st = os.lstat(self.path)
-        self._bound_ino = (st.st_dev, st.st_ino)
         os.chmod(self.path, 0o600)
+        st = os.lstat(self.path)
+        self._bound_ino = (st.st_dev, st.st_ino, st.st_ctime_ns)
         s.listen(backlog)
         s.setblocking(False)
         self.sock = s
@@ -257,7 +258,8 @@ class SocketClaim:
             st = os.lstat(self.path)
         except OSError:
             return False
-        return (st.st_dev, st.st_ino) == self._bound_ino
+        # inode numbers are reused at once (tmpfs): the change time and the type tell a newcomer apart
+        return stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino, st.st_ctime_ns) == self._bound_ino
 
     def release(self) -> None:
         """Close nothing the caller owns; remove the socket file and lock file if this claim created them."""
