@@ -4,6 +4,11 @@
   vhost-user backend) so all of them see one RAM.
 * ``GuestMemory``: guest-physical address -> RAM block, bounds-checked.  An address or a length
   outside RAM is a ``GuestMemoryError`` to the caller, never a crash and never a partial access.
+  Guest RAM may be several regions contiguous in guest-physical space (QEMU with several memory
+  backends or NUMA nodes; a vhost-user memory table of several regions, each its own fd): a
+  range across such a seam is served region by region (``split()``; ``read``/``write``/``fill``),
+  never through one merged mapping; ``translate``/``view`` and the typed accessors still map one
+  region only.  ``CROSS_REGION_BUFFERS = False`` restores "one region per access" everywhere.
 * ``IORegion`` / ``AddressSpace``: emulated MMIO or PIO ranges (QEMU ``MemoryRegion`` with ops)
   mapped at guest addresses, with ``add_eventfd`` as in QEMU: a region's eventfds follow it when
   it is mapped, moved or unmapped, and are synced to the hypervisor through a listener.
@@ -38,8 +43,27 @@ _U64 = struct.Struct("<Q")
 U64_MAX = (1 << 64) - 1
 
 
+#: Serve a guest-physical range that spans RAM regions contiguous in guest-physical space, one
+#: piece per region (what libvhost-user's ``virtqueue_map_desc`` and the kernel's vhost
+#: ``translate_desc`` do).  False restores the old rule: every access lies in one region, and a
+#: buffer across a seam is refused as if it ran past the end of RAM (kept to show, in tests, what
+#: the rule refused).
+CROSS_REGION_BUFFERS = True
+
+
 class GuestMemoryError(ValueError):
-    """A guest-physical access outside RAM (or crossing a region boundary)."""
+    """A guest-physical access outside RAM (or crossing a region boundary).
+
+    ``kind`` says which: ``"bad-access"`` (a negative address or length), ``"outside-ram"`` (the
+    range starts outside RAM), ``"region-end"`` (it starts in a region and runs past that region's
+    end: refused by the one-region accessors), ``"hole"`` (it runs into a hole between regions or
+    past the end of RAM), ``"too-many-pieces"`` (it would need more per-region pieces than the
+    caller allows), ``"bad-region"`` (a region that cannot be added).
+    """
+
+    def __init__(self, msg: str, kind: str = "outside-ram") -> None:
+        super().__init__(msg)
+        self.kind = kind
 
 
 def parse_size(v: int | str) -> int:
@@ -127,12 +151,13 @@ class GuestMemory:
 
     def add_region(self, gpa: int, size: int, block: RamBlock, block_offset: int = 0) -> None:
         if gpa < 0 or size <= 0 or gpa + size > U64_MAX:
-            raise GuestMemoryError(f"bad RAM region gpa={gpa:#x} size={size:#x}")
+            raise GuestMemoryError(f"bad RAM region gpa={gpa:#x} size={size:#x}", "bad-region")
         if block_offset < 0 or block_offset + size > block.size:
-            raise GuestMemoryError("RAM region exceeds its block")
+            raise GuestMemoryError("RAM region exceeds its block", "bad-region")
         for r in self._regions:
             if gpa < r.end and r.gpa < gpa + size:
-                raise GuestMemoryError(f"RAM region {gpa:#x}+{size:#x} overlaps {r.gpa:#x}+{r.size:#x}")
+                raise GuestMemoryError(f"RAM region {gpa:#x}+{size:#x} overlaps {r.gpa:#x}+{r.size:#x}",
+                                       "bad-region")
         reg = _Region(gpa, size, block, block_offset)
         i = bisect.bisect(self._starts, gpa)
         self._regions.insert(i, reg)
@@ -182,7 +207,7 @@ class GuestMemory:
     # -- translation ---------------------------------------------------------------------------
     def _find(self, gpa: int, length: int) -> _Region:
         if gpa < 0 or length < 0:
-            raise GuestMemoryError(f"bad guest access gpa={gpa} len={length}")
+            raise GuestMemoryError(f"bad guest access gpa={gpa} len={length}", "bad-access")
         r = self._last
         if r is not None and r.gpa <= gpa and gpa + length <= r.end:
             return r
@@ -195,9 +220,70 @@ class GuestMemory:
             if gpa < r.end:
                 raise GuestMemoryError(
                     f"guest access {gpa:#x}+{length:#x} runs past the end of RAM region "
-                    f"{r.gpa:#x}+{r.size:#x}"
+                    f"{r.gpa:#x}+{r.size:#x}", "region-end"
                 )
-        raise GuestMemoryError(f"guest access {gpa:#x}+{length:#x} is outside RAM")
+        raise GuestMemoryError(f"guest access {gpa:#x}+{length:#x} is outside RAM", "outside-ram")
+
+    def _pieces(self, gpa: int, length: int, max_pieces: int | None) -> list[tuple[_Region, int, int]]:
+        """``(region, gpa, length)`` for each region ``[gpa, gpa+length)`` touches, in order;
+        GuestMemoryError unless the whole range is RAM (and, with ``CROSS_REGION_BUFFERS`` off,
+        one region)."""
+        if gpa < 0 or length < 0:
+            raise GuestMemoryError(f"bad guest access gpa={gpa} len={length}", "bad-access")
+        if length == 0:
+            self._find(gpa, 0)
+            return []
+        if max_pieces is not None and max_pieces < 1:
+            raise GuestMemoryError(f"guest access {gpa:#x}+{length:#x}: no room for another piece",
+                                   "too-many-pieces")
+        r = self._last
+        if r is not None and r.gpa <= gpa and gpa + length <= r.end:
+            return [(r, gpa, length)]
+        regions = self._regions
+        i = bisect.bisect(self._starts, gpa) - 1
+        if i < 0 or gpa >= regions[i].end:
+            raise GuestMemoryError(f"guest access {gpa:#x}+{length:#x} is outside RAM", "outside-ram")
+        end = gpa + length
+        out: list[tuple[_Region, int, int]] = []
+        pos = gpa
+        while True:
+            r = regions[i]
+            stop = min(end, r.end)
+            out.append((r, pos, stop - pos))
+            if stop == end:
+                if len(out) == 1:
+                    self._last = r
+                return out
+            if not CROSS_REGION_BUFFERS:
+                raise GuestMemoryError(
+                    f"guest access {gpa:#x}+{length:#x} runs past the end of RAM region "
+                    f"{r.gpa:#x}+{r.size:#x}", "region-end"
+                )
+            i += 1
+            if i == len(regions) or regions[i].gpa != stop:
+                raise GuestMemoryError(
+                    f"guest access {gpa:#x}+{length:#x} runs into a hole at {stop:#x} (the end of RAM "
+                    f"region {r.gpa:#x}+{r.size:#x})", "hole"
+                )
+            if max_pieces is not None and len(out) >= max_pieces:
+                raise GuestMemoryError(
+                    f"guest access {gpa:#x}+{length:#x} spans more than {max_pieces} RAM regions",
+                    "too-many-pieces"
+                )
+            pos = stop
+
+    def split(self, gpa: int, length: int, max_pieces: int | None = None) -> list[tuple[int, int]]:
+        """``[gpa, gpa+length)`` as ``(gpa, length)`` pieces, one per RAM region it touches.
+
+        The range may cross seams between regions that are contiguous in guest-physical space
+        (each piece then maps through its own region's fd, as libvhost-user's
+        ``virtqueue_map_desc`` makes one iovec per region); a hole or the end of RAM anywhere in
+        it is a GuestMemoryError ("hole").  At most *max_pieces* pieces (a hostile buffer must not
+        turn into an unbounded scatter list): more is a GuestMemoryError ("too-many-pieces").
+        With ``CROSS_REGION_BUFFERS`` off, only a range inside one region is accepted.
+        A zero-length range gives no pieces.
+        """
+        return [(g, n) for _r, g, n in self._pieces(gpa, length, max_pieces)]
 
     def translate(self, gpa: int, length: int) -> tuple[mmap.mmap, int]:
         """(mapping, offset) for ``[gpa, gpa+length)``, which must lie inside one region."""
@@ -205,34 +291,82 @@ class GuestMemory:
         return r.block.mm, r.block_offset + (gpa - r.gpa)
 
     def check(self, gpa: int, length: int) -> None:
+        """GuestMemoryError unless ``[gpa, gpa+length)`` lies inside one region (``translate``)."""
         self._find(gpa, length)
 
     def contains(self, gpa: int, length: int) -> bool:
+        """``[gpa, gpa+length)`` lies inside one region (what ``translate``/``view`` can map)."""
         try:
             self._find(gpa, length)
             return True
         except GuestMemoryError:
             return False
 
+    def in_ram(self, gpa: int, length: int) -> bool:
+        """``[gpa, gpa+length)`` is all RAM (it may cross seams between contiguous regions, when
+        ``CROSS_REGION_BUFFERS`` allows): what ``read``/``write``/``fill`` accept."""
+        try:
+            self._pieces(gpa, length, None)
+            return True
+        except GuestMemoryError:
+            return False
+
     # -- access ---------------------------------------------------------------------------------
+    # read/write/fill take the one-region path first (the common case: one lookup, one slice);
+    # a range that is not inside one region is served piece by piece, after the whole range has
+    # been checked, so a refused access still changes nothing.
     def read(self, gpa: int, length: int) -> bytes:
-        mm, off = self.translate(gpa, length)
+        """The bytes of ``[gpa, gpa+length)`` (across contiguous regions if need be)."""
+        try:
+            mm, off = self.translate(gpa, length)
+        except GuestMemoryError as e:
+            if e.kind != "region-end" or not CROSS_REGION_BUFFERS:
+                raise
+            return b"".join(r.block.mm[r.block_offset + (g - r.gpa):r.block_offset + (g - r.gpa) + n]
+                            for r, g, n in self._pieces(gpa, length, None))
         return mm[off:off + length]
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """Store *data* at *gpa* (across contiguous regions if need be; all or nothing)."""
         n = len(data)
-        mm, off = self.translate(gpa, n)
+        try:
+            mm, off = self.translate(gpa, n)
+        except GuestMemoryError as e:
+            if e.kind != "region-end" or not CROSS_REGION_BUFFERS:
+                raise
+            pieces = self._pieces(gpa, n, None)
+            src = memoryview(data).cast("B")
+            try:
+                done = 0
+                for r, g, k in pieces:
+                    o = r.block_offset + (g - r.gpa)
+                    r.block.mm[o:o + k] = src[done:done + k]
+                    done += k
+            finally:
+                src.release()
+            return
         mm[off:off + n] = data
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
-        mm, off = self.translate(gpa, length)
-        mm[off:off + length] = bytes([byte]) * length
+        """Set ``[gpa, gpa+length)`` to *byte* (across contiguous regions if need be)."""
+        try:
+            pieces = [(self._find(gpa, length), gpa, length)]
+        except GuestMemoryError as e:
+            if e.kind != "region-end" or not CROSS_REGION_BUFFERS:
+                raise
+            pieces = self._pieces(gpa, length, None)
+        for r, g, k in pieces:
+            o = r.block_offset + (g - r.gpa)
+            r.block.mm[o:o + k] = bytes([byte]) * k
 
     def view(self, gpa: int, length: int) -> memoryview:
-        """A writable view of guest RAM (zero copy).  Release it when done."""
+        """A writable view of guest RAM inside one region (zero copy; a range across regions is
+        ``split()`` first, one view per piece).  Release it when done."""
         mm, off = self.translate(gpa, length)
         return memoryview(mm)[off:off + length]
 
+    # The typed accessors below are one-region accesses (ring indices, ring fields, config words):
+    # a field across a seam is refused like one past the end of RAM.
     def read_u16_atomic(self, gpa: int) -> int:
         """One 16-bit load (a ring index another process may be writing: never torn)."""
         mm, off = self.translate(gpa, 2)

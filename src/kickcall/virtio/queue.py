@@ -7,6 +7,25 @@ writable one, an indirect table that is nested, misaligned, oversized or not neg
 a ``VirtQueueError`` and nothing has been written.  The device then marks itself broken
 (DEVICE_NEEDS_RESET) instead of hanging or scribbling on guest memory.
 
+Guest RAM may be several regions contiguous in guest-physical space (QEMU with several memory
+backends, a vhost-user memory table of several fds).  What may cross a seam between them:
+
+* a buffer: it becomes one scatter-gather entry per region (as libvhost-user's
+  ``virtqueue_map_desc`` and the kernel's vhost ``translate_desc`` make one iovec per region), so
+  every ``(gpa, len)`` in ``out_sg``/``in_sg`` lies in one region and can be ``view()``-ed.  An
+  element has at most ``MAX_SG`` entries in all (``VIRTQUEUE_MAX_SIZE``, QEMU's bound on
+  ``virtqueue_pop``'s iovec array; also Linux's ``UIO_MAXIOV``, the most ``preadv`` takes): a
+  chain whose buffers would split into more is invalid, so a hostile chain cannot turn into an
+  unbounded scatter list;
+* an indirect table: it is copied out of guest RAM when it crosses a seam (libvhost-user does the
+  same; QEMU's ``address_space_cache_init`` would refuse it), and walked in place otherwise;
+* the rings: never.  Each of desc, avail and used must lie in one region (QEMU's "Cannot map
+  desc", libvhost-user's "Invalid vring_addr message"): the device keeps live 16-bit views into
+  them.
+
+A buffer that touches a hole or runs past RAM is refused, as before.  ``CROSS_REGION_BUFFERS =
+False`` in ``kickcall.memory`` restores the old rule (every buffer and table in one region).
+
 State and names follow QEMU's ``x-query-virtio-queue-status``: ``last_avail_idx``,
 ``shadow_avail_idx``, ``used_idx``, ``signalled_used``, ``signalled_used_valid``, ``inuse``.
 """
@@ -39,11 +58,14 @@ from .ring import (
 if TYPE_CHECKING:
     from ..notify import EventNotifier
 
-__all__ = ["VirtQueue", "VirtQueueElement", "VirtQueueError", "VIRTIO_NO_VECTOR",
+__all__ = ["VirtQueue", "VirtQueueElement", "VirtQueueError", "VIRTIO_NO_VECTOR", "MAX_SG",
            "iov_size", "iov_to_buf", "iov_from_buf"]
 
 VIRTIO_NO_VECTOR = 0xFFFF
 MAX_CHAIN_BYTES = 1 << 32
+#: Scatter-gather entries (device-readable + device-writable) one element may have once its
+#: buffers are split at RAM region seams.
+MAX_SG = VIRTQUEUE_MAX_SIZE
 
 _t_pop = trace.event("virtqueue_pop", "the device took a chain from the avail ring")
 _t_flush = trace.event("virtqueue_flush", "the device published used elements")
@@ -59,9 +81,10 @@ class VirtQueueElement:
     """One popped chain: its head index, device-readable and device-writable buffers."""
 
     index: int
-    out_sg: list[tuple[int, int]] = field(default_factory=list)  # device-readable (gpa, len)
-    in_sg: list[tuple[int, int]] = field(default_factory=list)  # device-writable (gpa, len)
-    ndescs: int = 0
+    # (gpa, len) pieces, each inside one RAM region (a descriptor across a seam gives several)
+    out_sg: list[tuple[int, int]] = field(default_factory=list)  # device-readable
+    in_sg: list[tuple[int, int]] = field(default_factory=list)  # device-writable
+    ndescs: int = 0  # buffer descriptors (not sg entries)
     indirect: bool = False
     out_len: int = 0  # bytes the device may read
     in_len: int = 0  # bytes the device may write
@@ -72,7 +95,8 @@ def iov_size(sg: list[tuple[int, int]]) -> int:
 
 
 def iov_to_buf(mem: GuestMemory, sg: list[tuple[int, int]], offset: int, length: int) -> bytes:
-    """Gather *length* bytes starting *offset* bytes into the scatter list."""
+    """Gather *length* bytes starting *offset* bytes into the scatter list (an entry may be any
+    RAM range ``GuestMemory.read`` accepts; a popped element's entries each lie in one region)."""
     out = bytearray()
     for gpa, n in sg:
         if offset >= n:
@@ -183,10 +207,14 @@ class VirtQueue:
         if self.desc % 16 or self.avail % 2 or self.used % 4:
             raise VirtQueueError(f"{self.name}: misaligned ring addresses")
         try:
+            # each ring in one region: the device keeps live views into them
             self._dmm, self._doff = mem.translate(self.desc, desc_size(n))
             amm, aoff = mem.translate(self.avail, avail_size(n, True))
             self._umm, self._uoff = mem.translate(self.used, used_size(n, True))
         except GuestMemoryError as e:
+            if e.kind == "region-end":
+                raise VirtQueueError(f"{self.name}: ring not inside one RAM region "
+                                     f"(rings must not cross a region boundary): {e}") from None
             raise VirtQueueError(f"{self.name}: ring outside RAM: {e}") from None
         # Indices and flags are shared with the other side: each is read and written with one
         # 16-bit access (struct would move them byte by byte and the other process could see a
@@ -276,6 +304,7 @@ class VirtQueue:
         out_sg = elem.out_sg
         in_sg = elem.in_sg
         total = 0
+        room = MAX_SG  # sg entries this element may still take
         # direct table
         tmm, toff, tlen = self._dmm, self._doff, num
         i = head
@@ -306,7 +335,14 @@ class VirtQueue:
                 try:
                     tmm, toff = mem.translate(addr, length)
                 except GuestMemoryError as e:
-                    raise VirtQueueError(f"{self.name}: indirect table outside RAM: {e}") from None
+                    if e.kind != "region-end":
+                        raise VirtQueueError(f"{self.name}: indirect table outside RAM: {e}") from None
+                    # across a seam: walk a copy (read() refuses a hole, or any seam when
+                    # CROSS_REGION_BUFFERS is off)
+                    try:
+                        tmm, toff = mem.read(addr, length), 0
+                    except GuestMemoryError as e2:
+                        raise VirtQueueError(f"{self.name}: indirect table outside RAM: {e2}") from None
                 tlen = n_ind
                 max_descs = n_ind
                 seen = 0
@@ -318,18 +354,37 @@ class VirtQueue:
                 raise VirtQueueError(f"{self.name}: zero-length descriptor {i}")
             if addr + length > (1 << 64):
                 raise VirtQueueError(f"{self.name}: descriptor {i} wraps the address space")
-            if not mem.contains(addr, length):
-                raise VirtQueueError(f"{self.name}: descriptor {i} buffer {addr:#x}+{length:#x} outside RAM")
+            if mem.contains(addr, length):  # the common case: inside one region
+                if not room:
+                    raise VirtQueueError(f"{self.name}: chain needs more than {MAX_SG} buffers")
+                room -= 1
+                pieces: list[tuple[int, int]] | None = None
+            else:
+                try:
+                    pieces = mem.split(addr, length, room)
+                except GuestMemoryError as e:
+                    if e.kind == "too-many-pieces":
+                        raise VirtQueueError(f"{self.name}: chain needs more than {MAX_SG} buffers "
+                                             f"(descriptor {i} spans several RAM regions)") from None
+                    raise VirtQueueError(f"{self.name}: descriptor {i} buffer {addr:#x}+{length:#x} "
+                                         f"outside RAM: {e}") from None
+                room -= len(pieces)
             total += length
             if total > MAX_CHAIN_BYTES:
                 raise VirtQueueError(f"{self.name}: chain longer than 4 GiB")
             if flags & VRING_DESC_F_WRITE:
-                in_sg.append((addr, length))
+                if pieces is None:
+                    in_sg.append((addr, length))
+                else:
+                    in_sg.extend(pieces)
                 elem.in_len += length
             else:
                 if in_sg:
                     raise VirtQueueError(f"{self.name}: device-readable descriptor after a writable one")
-                out_sg.append((addr, length))
+                if pieces is None:
+                    out_sg.append((addr, length))
+                else:
+                    out_sg.extend(pieces)
                 elem.out_len += length
             elem.ndescs += 1
             if not flags & VRING_DESC_F_NEXT:
