@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="enable trace events (QEMU's names and globs: vhost_user_read, virtio_*); to stderr")
     p.add_argument("--io-delay-ms", type=float, default=0.0,
                    help="fault knob: stall each I/O a random 0..N ms (completions then come out of order)")
+    p.add_argument("--no-self-kick", action="store_true",
+                   help="fault knob: after a reconnect, do not kick a ring that shows work (a kick the "
+                        "previous back-end consumed is then lost unless the front-end kicks)")
 
 
 PROG = "kickcall vhost-user-blk"
@@ -131,6 +134,7 @@ def _serve(a: argparse.Namespace, sock_claim: SocketClaim | None, qmp_claim: Soc
         print(f"{PROG}: cannot listen: {e}", file=sys.stderr)
         dev.close()
         return 2
+    backend.self_kick_after_reconnect = not a.no_self_kick
     if a.trace:
         trace.add_sink(lambda rec: print(trace.format_record(rec), file=sys.stderr, flush=True))
     qmp = None

@@ -65,6 +65,7 @@ log = logging.getLogger("kickcall.vhost_user.backend")
 _t_read = trace.event("vhost_user_read", "the back-end received a vhost-user request")
 _t_kick = trace.event("virtio_queue_notify", "a kick reached a virtqueue")
 _t_call = trace.event("vhost_user_backend_call", "the back-end wrote a queue's call fd")
+_t_self_kick = trace.event("vhost_user_backend_self_kick", "after a reconnect the back-end kicked a queue itself")
 
 PF = ProtocolFeature
 DEFAULT_PROTOCOL_FEATURES = (
@@ -144,6 +145,7 @@ class BackendVring:
     kicks: int = 0
     calls: int = 0
     calls_without_fd: int = 0
+    self_kicks: int = 0  # kicks the back-end gave itself after a reconnect
     errors: int = 0
     poll_timer: object = None
     extra: dict = field(default_factory=dict)
@@ -218,6 +220,8 @@ class VhostUserBackend:
         self.on_connect: Callable[[], None] | None = None
         self.on_disconnect: Callable[[str], None] | None = None
         self.fault_hooks: dict[str, Callable] = {}
+        # after a reconnect with INFLIGHT_SHMFD, kick a ring that shows work (False: tests show the hang)
+        self.self_kick_after_reconnect = True
         device.transport = _BackendTransport(self)  # type: ignore[assignment]
         self._stopped = threading.Event()
 
@@ -629,11 +633,17 @@ class VhostUserBackend:
 
     def _kick_fd_set(self, v: BackendVring) -> None:
         q = self.device.queues[v.index]
+        replay = False
         if v.addr is not None and q.inflight is not None:
+            # a region that already carries state is a reconnect: the back-end before us may
+            # have read the guest's last kick and died before acting on it
+            reconnect = q.inflight.version != 0
             try:
                 q.resubmit = q.inflight.recover(q.guest_used_idx())
             except ValueError as e:
                 raise ProtocolError(str(e)) from None
+            if reconnect and self.self_kick_after_reconnect:
+                replay = bool(q.resubmit) or q.guest_avail_idx() != q.guest_used_idx()
             if q.resubmit:
                 q.last_avail_idx = (q.guest_used_idx() + len(q.resubmit)) & 0xFFFF
                 q.shadow_avail_idx = q.last_avail_idx
@@ -647,6 +657,16 @@ class VhostUserBackend:
                 v.poll_timer = None
         elif v.addr is not None:
             self._poll(v)  # no kick fd: the back-end polls the ring
+        if replay and v.kick is not None:
+            # libvhost-user does this "in case of I/O hang after reconnecting"; we do it whenever
+            # a reconnect finds work the ring shows (in flight, or published and not yet used)
+            try:
+                v.kick.set()
+                v.self_kicks += 1
+                if _t_self_kick.enabled:
+                    _t_self_kick.emit(vdev=self.name, n=v.index)
+            except OSError as e:  # a kick fd at its maximum is readable anyway
+                log.warning("%s: queue %d: kicking itself: %s", self.name, v.index, e)
         if v.pending_kick and v.enabled:
             self._process(v)
 
@@ -754,7 +774,8 @@ class VhostUserBackend:
         for v in self.vrings:
             q = self.device.queues[v.index]
             d = {"queue": v.index, "num": v.num, "started": v.started, "enabled": v.enabled,
-                 "kicks": v.kicks, "calls": v.calls, "kick-fd": v.kick.fd if v.kick else -1,
+                 "kicks": v.kicks, "calls": v.calls, "self-kicks": v.self_kicks,
+                 "kick-fd": v.kick.fd if v.kick else -1,
                  "call-fd": v.call.fd if v.call else -1, "err-fd": v.err.fd if v.err else -1,
                  "inuse": q.inuse, "last-avail-idx": q.last_avail_idx, "used-idx": q.used_idx}
             out["queues"].append(d)

@@ -17,6 +17,13 @@ When the back-end dies the device notices (the socket hangs up), waits for the s
 again and, if the driver was running, starts the rings again from the used index -- with
 INFLIGHT_SHMFD the back-end resubmits what it had taken.  A back-end without it (qemu-storage-
 daemon) can only be reconnected exactly when its queues are idle.
+
+No kick is lost across a ring start: a back-end that died may have read the guest's last kick
+(the eventfd's count is gone with it) before it took the request, and the guest will not kick
+again -- ``avail_event`` says it already did.  So the kick fd is handed over already signalled
+on every ring start, a reconnect included (QEMU kicks a queue "right away to begin processing
+requests already in vring" when it starts its host notifiers); a spurious kick costs the
+back-end one look at an empty ring.  ``kick_on_start = False`` switches this off (tests).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import select
 import threading
 import time
 
+from .. import trace
 from ..notify import EventNotifier, NotifierRegistry, Role
 from ..virtio.blk import BLK_CONFIG_SIZE, FEATURES as BLK_FEATURES
 from ..virtio.device import DRIVER_OK, VirtIODevice
@@ -37,6 +45,7 @@ from .protocol import VHOST_USER_F_PROTOCOL_FEATURES, MemRegion, ProtocolError, 
 __all__ = ["VhostUserBlkDevice", "USER_BASE"]
 
 log = logging.getLogger("kickcall.vhost_user.device")
+_t_start_kick = trace.event("vhost_user_start_kick", "a ring start handed the back-end a signalled kick fd")
 
 PF = ProtocolFeature
 USER_BASE = 0x7F00_0000_0000  # the "user addresses" we give the back-end: USER_BASE + guest physical
@@ -66,6 +75,8 @@ class VhostUserBlkDevice(VirtIODevice):
         self.reconnects = 0
         self.disconnects = 0
         self.vring_errors = 0
+        self.kick_on_start = True  # hand the kick fd over signalled on every ring start (see above)
+        self.start_kicks = 0
         self._mu = threading.RLock()
         self._call_state: dict[int, bool | None] = {}  # queue -> masked? (None: no guest notifier)
         self._fallback: set[int] = set()  # queues whose masked notifier we poll (no guest notifier)
@@ -177,6 +188,11 @@ class VhostUserBlkDevice(VirtIODevice):
             fe.set_vring_base(q.index, base)
             fe.set_vring_addr(q.index, USER_BASE + q.desc, USER_BASE + q.used, USER_BASE + q.avail)
             kick = q.host_notifier
+            if kick is not None and self.kick_on_start:
+                kick.set()  # a kick the previous back-end read and never acted on is not lost
+                self.start_kicks += 1
+                if _t_start_kick.enabled:
+                    _t_start_kick.emit(vdev=self.name, n=q.index, fd=kick.fd)
             fe.set_vring_kick(q.index, kick.fd if kick is not None else None)
             fe.set_vring_call(q.index, self._call_fd(q))
         for q in active:

@@ -257,6 +257,11 @@ class VirtQueue:
         self._need_map()
         return self._u16[1]
 
+    def guest_avail_idx(self) -> int:
+        """avail.idx as the driver last published it, without updating the shadow index."""
+        self._need_map()
+        return self._a16[1]
+
     def is_empty(self) -> bool:
         if self.shadow_avail_idx != self.last_avail_idx:
             return False
