@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import select
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,9 @@ def _summary(xs: list[int]) -> dict:
 # -- the floor: eventfd between two processes ------------------------------------------------------------
 def _floor_child(efd: int, memfd: int, n: int) -> None:
     import mmap
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
 
     mm = mmap.mmap(memfd, 4096)
     st = memoryview(mm).cast("Q")
@@ -133,9 +137,13 @@ queues = {queues}
 ioeventfd = {str(ioeventfd).lower()}
 """
     m = Machine(parse_config(toml, "<bench>"))
-    m.start()
-    if m.guest_pid:
-        _pin_process(m.guest_pid, GUEST_CPU)
+    try:
+        m.start()
+        if m.guest_pid:
+            _pin_process(m.guest_pid, GUEST_CPU)
+    except BaseException:  # Ctrl-C during the boot included: nothing of the machine is left behind
+        m.stop()
+        raise
     return m
 
 
@@ -296,9 +304,12 @@ def run_notify(quick: bool = False, log=print) -> dict:
         _pin_process(os.getpid(), VMM_CPU)
     out["placement"] = (f"guest vCPUs and the floor's writer on CPU {GUEST_CPU}, the VMM and the floor's reader on "
                         f"CPU {VMM_CPU}" if pinned else "unpinned (one CPU)")
-    m_on = _machine(True, size="64M")
-    m_off = _machine(False, size="64M")
+    machines = []
     try:
+        m_on = _machine(True, size="64M")
+        machines.append(m_on)
+        m_off = _machine(False, size="64M")
+        machines.append(m_off)
         for r in range(rounds):
             if r % 10 == 0:
                 log(f"rounds {r + 1}-{min(rounds, r + 10)}/{rounds}: floors, kick (ioeventfd), kick (heavyweight), "
@@ -329,8 +340,8 @@ def run_notify(quick: bool = False, log=print) -> dict:
             on_runs.append(measure_iops(m_on, secs))
             off_runs.append(measure_iops(m_off, secs))
     finally:
-        m_on.stop()
-        m_off.stop()
+        for m in machines:
+            m.stop()
         if pinned:
             for tid in os.listdir("/proc/self/task"):
                 try:
@@ -540,8 +551,8 @@ def run_vhost_user(quick: bool = False, log=print) -> dict:
     out["placement"] = (f"front-end on CPU {GUEST_CPU}, back-end process on CPU {VMM_CPU}" if pinned else "unpinned")
     workdir = tempfile.mkdtemp(prefix="kcb")
     img = os.path.join(workdir, "d.img")
-    make_image(img, 64 << 20)
     try:
+        make_image(img, 64 << 20)
         for depth in (1, 16):
             for p in range(passes):
                 for kind in ("qsd", "kickcall") if p % 2 == 0 else ("kickcall", "qsd"):
@@ -571,9 +582,7 @@ def run_vhost_user(quick: bool = False, log=print) -> dict:
                     os.sched_setaffinity(int(tid), saved)
                 except OSError:
                     pass
-        for f in os.listdir(workdir):
-            os.unlink(os.path.join(workdir, f))
-        os.rmdir(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
     summary = {}
     for key, runs in out["runs"].items():
         ops = sum(r["ops"] for r in runs)
@@ -656,7 +665,8 @@ MON_BLOCK_END = "<!-- bench monitor: end -->"
 
 
 _WATCHER = """
-import json, sys, time
+import json, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the bench's to handle; it stops us
 from kickcall.diagnose.sample import Sampler
 from kickcall.monitor.client import QMPClient
 path, seconds, interval = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
@@ -696,12 +706,14 @@ def run_monitor(quick: bool = False, log=print) -> dict:
     seconds = 1.5 if quick else 4.0
     passes = 1 if quick else 3
     out: dict = {"machine": machine_description(), "seconds_per_run": seconds, "passes": passes}
-    d = tempfile.mkdtemp(prefix="kcbench")
-    qmp = os.path.join(d, "m.qmp")
-    m = _machine(True, vcpus=2, queues=2)
     runs: dict[str, list[dict]] = {"quiet": [], "diagnose": [], "watched": []}
     watch: dict[str, list[dict]] = {"diagnose": [], "watched": []}
+    d = tempfile.mkdtemp(prefix="kcbench")
+    qmp = os.path.join(d, "m.qmp")
+    m = None
+    w = None
     try:
+        m = _machine(True, vcpus=2, queues=2)
         m.start_monitor(qmp)
         measure_iops(m, 1.0)  # warm-up: caches, thread pools, the guest's allocator
         modes = {"quiet": None, "diagnose": 0.5, "watched": 0.0}
@@ -722,12 +734,12 @@ def run_monitor(quick: bool = False, log=print) -> dict:
                 log(f"  {mode:8s} pass {i + 1}: {r['iops']:.0f} IOPS" +
                     (f", {watch[mode][-1]['samples'] / watch[mode][-1]['seconds']:.0f} samples/s" if w else ""))
     finally:
-        m.stop()
-        try:
-            os.unlink(qmp)
-        except OSError:
-            pass
-        os.rmdir(d)
+        if w is not None and w.poll() is None:  # interrupted while a watcher ran
+            w.kill()
+            w.wait()
+        if m is not None:
+            m.stop()
+        shutil.rmtree(d, ignore_errors=True)
     for mode, rs in runs.items():
         out[mode] = _merge_iops(rs)
     for mode, ws in watch.items():

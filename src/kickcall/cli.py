@@ -193,9 +193,18 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def _on_sigint(signum: int, frame: object) -> None:
+    """Ctrl-C: KeyboardInterrupt once; a second Ctrl-C while the first is being cleaned up is ignored
+    (the clean-up is bounded, and an interrupted clean-up would leave files behind)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``kickcall`` command.  Never prints a Python traceback: see the EXIT_* statuses."""
     threading.excepthook = _thread_excepthook
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_sigint)
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -217,15 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     except PathRefused as e:
         print(f"kickcall: {e}", file=sys.stderr, flush=True)
         rc = EXIT_REFUSED
+    except RuntimeError as e:
+        from .peers.guest_image import PeerMissing
+
+        if not isinstance(e, PeerMissing):
+            rc = _internal_error(e)
+        else:  # a real peer program this command needs is not installed
+            print(f"kickcall: {e}", file=sys.stderr, flush=True)
+            rc = EXIT_REFUSED
     except SystemExit:
         raise
     except Exception as e:
-        import traceback
-
-        path = crash_report("uncaught exception", traceback.format_exc())
-        print(f"kickcall: internal error: {type(e).__name__}: {e}"
-              f"{' (crash report: ' + path + ')' if path else ''}", file=sys.stderr, flush=True)
-        rc = EXIT_SOFTWARE
+        rc = _internal_error(e)
     finally:
         if argv is None:  # the program itself: from here on it only exits, and a late Ctrl-C
             try:          # must not print a traceback from the interpreter's shutdown
@@ -234,6 +246,15 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:  # not the main thread
                 pass
     return rc
+
+
+def _internal_error(e: BaseException) -> int:
+    import traceback
+
+    path = crash_report("uncaught exception", "".join(traceback.format_exception(e)))
+    print(f"kickcall: internal error: {type(e).__name__}: {e}"
+          f"{' (crash report: ' + path + ')' if path else ''}", file=sys.stderr, flush=True)
+    return EXIT_SOFTWARE
 
 
 def _main(argv: list[str] | None = None) -> int:
