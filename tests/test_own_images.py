@@ -370,3 +370,52 @@ def test_struct_flock_layout_matches_the_kernel():
         assert struct.unpack("hh4xqqi4x", raw)[0] == fcntl.F_UNLCK
     finally:
         os.close(fd)
+
+
+# -- config files that are not config files -----------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "deep-nesting", "huge"])
+def test_a_config_that_is_not_a_config_is_refused_in_one_line(workdir, kind):
+    if kind == "fifo":
+        path = os.path.join(workdir, "c.toml")
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path = "/dev/zero"
+    elif kind == "deep-nesting":
+        path = os.path.join(workdir, "c.toml")
+        with open(path, "w") as f:
+            f.write("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    else:
+        path = os.path.join(workdir, "c.toml")
+        with open(path, "w") as f:
+            f.write("# " + "x" * (2 << 20) + "\n")
+    for argv in (["run", path, "--duration", "1"], ["config", "--check", path]):
+        r = kickcall(*argv, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert path in r.stderr
+
+
+# -- an external back-end's image ------------------------------------------------------------------------------
+def test_run_on_an_external_backends_fresh_image_assumes_nothing_of_its_content(workdir):
+    """A vhost-user back-end serves a zero-filled image kickcall knows nothing about: the checks
+    verify what the run wrote and that unwritten blocks read the same every time -- twice."""
+    from helpers import start_vhost_user_blk
+
+    img = os.path.join(workdir, "ext.img")
+    with open(img, "wb") as f:
+        f.truncate(4 << 20)
+    sock = os.path.join(workdir, "vu.sock")
+    be = start_vhost_user_blk(sock, img)
+    try:
+        cfg = os.path.join(workdir, "vu.toml")
+        with open(cfg, "w") as f:
+            f.write(f'[machine]\nvcpus = 2\n[[device]]\ntype = "virtio-blk"\nbackend = "vhost-user"\n'
+                    f'socket = "{sock}"\n[workload.blk]\ndepth = 8\n')
+        for _run in range(2):
+            r = kickcall("run", cfg, "--duration", "2", "--json")
+            assert r.returncode == 0, r.stderr
+            blk = results(r)
+            assert blk["error_count"] == 0, blk["errors"]
+            assert blk["initial"] == "unknown" and blk["writes"] > 0 and blk["reads"] > 0
+    finally:
+        stop_process(be)
