@@ -660,6 +660,7 @@ class VhostUserBackend:
                 if self._recovery is None:
                     self._recovery = {}
                 self._recovery[idx] = set()  # stopped: it may now be set up again from scratch
+                self._check_recovered()
             return VRING_STATE.pack(idx, base)
         if r in (FR.SET_VRING_KICK, FR.SET_VRING_CALL, FR.SET_VRING_ERR):
             val = msg.u64()
@@ -831,7 +832,7 @@ class VhostUserBackend:
         for v in self.vrings[:nq]:
             n = self._ring_size(v)
             if n is not None and n > qsize:
-                raise ProtocolError(f"{what}: queue size {qsize} is smaller than queue {v.index}'s ring of {n} entries")
+                raise ProtocolError(f"queue size {qsize} is smaller than queue {v.index}'s ring of {n} entries")
 
     def _attach_inflight(self, region: InflightRegion) -> None:
         if self.inflight is not None and self.inflight is not region:
@@ -906,8 +907,11 @@ class VhostUserBackend:
         got = kick.test_and_clear()
         if not got:
             return
-        if got == 1 and BOUND_STUCK_KICK:
-            self._check_stuck_kick(v, kick)
+        if BOUND_STUCK_KICK:
+            if got == 1:
+                self._check_stuck_kick(v, kick)
+            else:  # a read that took more than 1: a busy writer, not a semaphore
+                v.kick_stuck = 0
         v.kicks += 1
         if _t_kick.enabled:
             _t_kick.emit(vdev=self.name, n=v.index)
@@ -998,6 +1002,12 @@ class VhostUserBackend:
         if rec is None or v.index not in rec or not self.device.broken:
             return
         rec[v.index].add(step)
+        self._check_recovered()
+
+    def _check_recovered(self) -> None:
+        rec = self._recovery
+        if rec is None or not self.device.broken:
+            return
         for w in self.vrings:
             steps = rec.get(w.index)
             if steps is None:
