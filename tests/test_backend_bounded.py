@@ -472,9 +472,9 @@ def leave(s: socket.socket) -> None:
     s.close()
 
 
-def _backend_argv(sock: str, img: str, off: tuple[str, ...] = ()) -> list[str]:
+def _backend_argv(sock: str, img: str, off: tuple[str, ...] = (), *extra: str) -> list[str]:
     """``kickcall vhost-user-blk``, or with some of the back-end's switches off (``-c``)."""
-    args = ["vhost-user-blk", "--socket-path", sock, "--blk-file", img]
+    args = ["vhost-user-blk", "--socket-path", sock, "--blk-file", img, *extra]
     if not off:
         return kickcall_argv(*args)
     code = ("import sys\nimport kickcall.vhost_user.backend as b\n" + "".join(f"b.{f} = False\n" for f in off)
@@ -484,15 +484,19 @@ def _backend_argv(sock: str, img: str, off: tuple[str, ...] = ()) -> list[str]:
 
 @ON_OFF
 def test_sigterm_while_a_frontend_dribbles_exits_at_once_without_a_traceback(workdir, fix):
-    """``kickcall vhost-user-blk`` gets SIGTERM while a front-end dribbles a message one byte
-    every 0.5 s: it exits with status 0, at once and without a traceback.  Off: the stop waits
-    for a loop held by the dribbler; it ends, some 40 s later, in a traceback."""
+    """``kickcall vhost-user-blk`` while a front-end dribbles a message one byte every 0.5 s:
+    its monitor's x-query-vhost-user-backend (which needs the loop) answers, and SIGTERM makes
+    it exit with status 0, at once and without a traceback.  Off: the query gets no answer, and
+    the stop waits for a loop held by the dribbler; it ends, some 40 s later, in a traceback."""
+    from kickcall.monitor.client import QMPClient
+
     img = os.path.join(workdir, "d.img")
     make_image(img, 4 << 20)
     sock = os.path.join(workdir, "s")
+    qmp = os.path.join(workdir, "q")
     errpath = os.path.join(workdir, "stderr")
     with open(errpath, "wb") as err:
-        p = spawn(_backend_argv(sock, img, () if fix else ("PER_MESSAGE_DEADLINE",)), stderr=err)
+        p = spawn(_backend_argv(sock, img, () if fix else ("PER_MESSAGE_DEADLINE",), "--qmp", qmp), stderr=err)
     drib = None
     s = None
     try:
@@ -501,6 +505,16 @@ def test_sigterm_while_a_frontend_dribbles_exits_at_once_without_a_traceback(wor
         drib = Dribbler(s, dribbled_get_config(), 0.5)
         drib.start()
         wait_for(lambda: drib.sent >= 2 and _unread(s) == 0, CEILING, "the back-end to read the first bytes")
+        c = QMPClient(qmp, timeout=CEILING if fix else 5.0).connect(wait=CEILING)
+        try:
+            if fix:
+                st = c.execute("x-query-vhost-user-backend")
+                assert st["connected"] and st["partial-message-bytes"] >= 2
+            else:
+                with pytest.raises(OSError):  # (a timeout)
+                    c.execute("x-query-vhost-user-backend")
+        finally:
+            c.close()
         t0 = time.monotonic()
         p.send_signal(signal.SIGTERM)
         p.wait(120)

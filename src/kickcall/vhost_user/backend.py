@@ -680,10 +680,10 @@ class VhostUserBackend:
                     sem = n.is_semaphore()
                 except OSError as e:
                     n.close()
-                    raise ProtocolError(f"{msg.name()}: cannot read the kick fd's fdinfo: {e}") from None
+                    raise ProtocolError(f"cannot read the kick fd's fdinfo: {e}") from None
                 if sem:
                     n.close()
-                    raise ProtocolError(f"{msg.name()}: queue {v.index}: the kick fd is an EFD_SEMAPHORE eventfd "
+                    raise ProtocolError(f"queue {v.index}: the kick fd is an EFD_SEMAPHORE eventfd "
                                         f"(a read takes 1, so it would stay readable); refused")
             self._set_fd(v, attr, n)
             if attr == "kick":
@@ -735,7 +735,7 @@ class VhostUserBackend:
             _sz, _off, nq, qsize = INFLIGHT.unpack(msg.payload)
             if not 1 <= nq <= len(self.vrings) or qsize == 0 or qsize & (qsize - 1) or qsize > 32768:
                 raise ProtocolError(f"GET_INFLIGHT_FD for {nq} queues of {qsize}")
-            self._check_rings_fit_inflight(nq, qsize, msg.name())
+            self._check_rings_fit_inflight(nq, qsize)
             region = InflightRegion.create(nq, qsize)
             self._attach_inflight(region)
             return INFLIGHT.pack(region.mmap_size, region.mmap_offset, nq, qsize), [region.fd]
@@ -747,7 +747,7 @@ class VhostUserBackend:
                 os.close(fd)
                 raise ProtocolError(f"SET_INFLIGHT_FD for {nq} queues of {qsize}")
             try:
-                self._check_rings_fit_inflight(nq, qsize, msg.name())
+                self._check_rings_fit_inflight(nq, qsize)
             except ProtocolError:
                 os.close(fd)
                 raise
@@ -826,7 +826,8 @@ class VhostUserBackend:
             raise ProtocolError(f"queue {idx}: a ring of {num} entries does not fit the inflight region "
                                 f"(queue size {reg.queue_size})")
 
-    def _check_rings_fit_inflight(self, nq: int, qsize: int, what: str) -> None:
+    def _check_rings_fit_inflight(self, nq: int, qsize: int) -> None:
+        """GET/SET_INFLIGHT_FD: every ring already sized (or mapped) must fit the region."""
         if not CHECK_INFLIGHT_RING_SIZE:
             return
         for v in self.vrings[:nq]:
