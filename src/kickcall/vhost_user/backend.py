@@ -893,10 +893,7 @@ class VhostUserBackend:
             q = self.device.queues[v.index]
             try:
                 if not q.is_empty():
-                    v.started = True
-                    v.pending_kick = True
-                    if v.enabled:
-                        self._process(v)
+                    self._ring_kicked(v)
             except VirtQueueError:
                 pass
         v.poll_timer = self.loop.call_later(0.001, self._poll, v)
@@ -919,8 +916,15 @@ class VhostUserBackend:
         hook = self.fault_hooks.get("kick")
         if hook is not None and hook(v) is False:
             return
-        v.started = True
+        self._ring_kicked(v)
+
+    def _ring_kicked(self, v: BackendVring) -> None:
+        """The ring has work (a kick, or polling found some): start it and process it.  On a
+        broken device the ring stays stopped; the kick is remembered for a recovery."""
         v.pending_kick = True
+        if self.device.broken:
+            return
+        v.started = True
         if v.enabled:
             self._process(v)
 
@@ -963,8 +967,6 @@ class VhostUserBackend:
             return
         dev = self.device
         if dev.broken:
-            if not RECOVER_AFTER_RING_REINIT:
-                v.pending_kick = False
             return  # a kick on a broken device waits: served if the front-end recovers the device
         v.pending_kick = False
         q = dev.queues[v.index]
@@ -1023,9 +1025,11 @@ class VhostUserBackend:
         log.info("%s: every ring was stopped and set up again: the device is usable again (it broke on: %s)",
                  self.name, self.device.broken_reason)
         self.device.clear_error()
-        for w in self.vrings:
-            if w.started and w.pending_kick and w.enabled:
-                self._process(w)
+        for w in self.vrings:  # kicks that came after a ring was set up again
+            if w.pending_kick and w.addr is not None:
+                w.started = True
+                if w.enabled:
+                    self._process(w)
 
     def _stop_ring(self, v: BackendVring, drain: bool = True) -> None:
         if drain:
