@@ -218,6 +218,14 @@ class EventNotifier:
         except KeyError:
             raise NotifierError(f"notifier {self.name!r}: fd {fd} is no longer an eventfd") from None
 
+    def is_semaphore(self) -> bool | None:
+        """True when the eventfd was created with EFD_SEMAPHORE (a read takes 1, not the whole
+        counter, so the fd stays readable), as ``eventfd-semaphore:`` in fdinfo says; None on a
+        kernel whose fdinfo does not show it."""
+        info = read_fdinfo(self.fileno())
+        v = info.get("eventfd-semaphore")
+        return None if v is None else v.strip() not in ("0", "")
+
     def total(self) -> int:
         """Every value ever written to the eventfd by anyone: consumed + pending."""
         return self.consumed + self.peek()

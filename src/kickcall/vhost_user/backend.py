@@ -13,14 +13,41 @@ the kick fds and the I/O completions.  Rules it keeps (vhost-user.rst, and what 
 * GET_CONFIG is answered with exactly the size asked;
 * INFLIGHT_SHMFD: requests taken but not completed survive a back-end crash and are resubmitted;
 * a malformed message closes the connection with a log line; the back-end then serves the next.
+
+Bounded against odd or hostile peers (issue 7), without ever blocking the loop:
+
+* messages are read a piece at a time as the socket becomes readable; each has one deadline from
+  its first byte to its last (``message_deadline``, 10 s): a peer that dribbles bytes cannot
+  extend it, and one that misses it is disconnected as too slow;
+* replies go out on a non-blocking socket: a front-end that does not read them is disconnected;
+* accept() out of fds (EMFILE, ENFILE) pauses the listener for ``accept_pause`` and logs once
+  per pause, instead of failing in a loop;
+* back-end requests (CONFIG_CHANGE_MSG) are sent without waiting: their REPLY_ACK is read by the
+  loop, and a front-end that has not answered within ``backend_req_timeout`` loses the channel
+  (closed, with one log line; later config changes are not sent on this connection);
+* a ring error stops the ring before the err fd is written, and an err fd that cannot be written
+  (at its maximum count) is logged, not raised; an EFD_SEMAPHORE kick fd is refused, and a kick
+  fd that stays readable after being read is polled at most every ``KICK_THROTTLE`` seconds;
+* a ring larger than the inflight region's queue size is refused, in whichever order they come;
+* after a ring error the device stays broken (DEVICE_NEEDS_RESET) until the front-end stops
+  every ring it set up with GET_VRING_BASE and sets at least one up again completely
+  (SET_VRING_NUM, _BASE, _ADDR, _KICK and _CALL each; a ring stopped and not set up again stays
+  stopped) -- what QEMU sends when the guest resets the device -- or resets it (a new
+  connection, RESET_OWNER, RESET_DEVICE).  A hostile ring presented again breaks it again.
+
+Each of these has a module-level switch (on by default) that the tests turn off to show what it
+prevents.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import select
 import socket
 import stat
+import struct
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -36,6 +63,7 @@ from ..virtio.ring import VIRTIO_F_VERSION_1
 from .inflight import InflightRegion
 from .protocol import (
     CONFIG_HDR,
+    FLAG_NEED_REPLY,
     FLAG_REPLY,
     INFLIGHT,
     SINGLE_MEM_REGION,
@@ -51,6 +79,7 @@ from .protocol import (
     FrontendReq,
     MemRegion,
     Message,
+    MessageReader,
     ProtocolError,
     ProtocolFeature,
     parse_regions,
@@ -74,6 +103,26 @@ DEFAULT_PROTOCOL_FEATURES = (
 )
 MAX_MEM_SLOTS = 8
 FR = FrontendReq
+
+# Switches (issue 7), on by default; a test turns one off to show the harm it prevents.
+PER_MESSAGE_DEADLINE = True  # off: blocking reads whose socket timeout restarts on every byte
+PAUSE_LISTENER_ON_EMFILE = True  # off: accept() out of fds fails again at once, in a loop
+ASYNC_BACKEND_REQ_ACK = True  # off: the loop blocks in recv() for a back-end request's REPLY_ACK
+GUARD_ERR_SIGNAL = True  # off: the err fd is written before the ring is stopped, unguarded
+REFUSE_SEMAPHORE_KICK = True  # off: an EFD_SEMAPHORE kick fd is accepted
+BOUND_STUCK_KICK = True  # off: a kick fd that stays readable is served as fast as the loop turns
+CHECK_INFLIGHT_RING_SIZE = True  # off: a ring larger than the inflight region's queues is accepted
+RECOVER_AFTER_RING_REINIT = True  # off: after a ring error only a device reset makes it usable
+
+MESSAGE_DEADLINE = 10.0  # seconds from a message's first byte to its last
+BACKEND_REQ_TIMEOUT = 5.0  # seconds the front-end has to acknowledge a back-end request
+ACCEPT_PAUSE = 1.0  # seconds the listener rests after accept() ran out of fds
+MESSAGES_PER_EVENT = 16  # front-end messages handled per readable event (then the loop turns)
+MAX_PENDING_BACKEND_REQS = 64  # unacknowledged back-end requests before the channel is dropped
+KICK_STUCK_LIMIT = 64  # reads in a row after which a kick fd was still readable: it is stuck
+KICK_THROTTLE = 0.01  # seconds between polls of a stuck kick fd
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_REINIT_STEPS = frozenset({"num", "base", "addr", "kick", "call"})
 
 
 class VhostMemory(GuestMemory):
@@ -148,7 +197,21 @@ class BackendVring:
     self_kicks: int = 0  # kicks the back-end gave itself after a reconnect
     errors: int = 0
     poll_timer: object = None
+    err_write_failures: int = 0  # ring errors whose err fd could not be written
+    kick_stuck: int = 0  # reads in a row after which the kick fd was still readable
+    kick_throttles: int = 0
+    kick_throttle_timer: object = None
     extra: dict = field(default_factory=dict)
+
+
+def _peer_name(conn: socket.socket) -> str:
+    """The front-end as the kernel knows it (SO_PEERCRED), for log lines."""
+    try:
+        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                             struct.calcsize("3i")))
+    except OSError:
+        return "(unknown peer)"
+    return f"pid {pid} uid {uid}"
 
 
 class _BackendTransport:
@@ -172,12 +235,16 @@ class VhostUserBackend:
 
     ``protocol_features`` is what the back-end offers; ``on_connect``/``on_disconnect`` are told
     of each front-end.  ``serve()`` runs in a thread of its own; ``stop()`` ends it.
+    ``message_deadline`` bounds each front-end message from its first byte to its last,
+    ``backend_req_timeout`` the front-end's acknowledgement of a back-end request, and
+    ``accept_pause`` how long the listener rests when accept() runs out of fds (seconds).
     """
 
     def __init__(self, device: VirtIODevice, *, socket_path: str | None = None, listen_fd: int | None = None,
                  protocol_features: int = DEFAULT_PROTOCOL_FEATURES, name: str = "vhost-user-backend",
                  registry: NotifierRegistry | None = None, loop: IOThread | None = None,
-                 claim: SocketClaim | None = None) -> None:
+                 message_deadline: float = MESSAGE_DEADLINE, backend_req_timeout: float = BACKEND_REQ_TIMEOUT,
+                 accept_pause: float = ACCEPT_PAUSE, claim: SocketClaim | None = None) -> None:
         if claim is not None:
             socket_path = claim.path
         if (socket_path is None) == (listen_fd is None):
@@ -203,8 +270,25 @@ class VhostUserBackend:
             assert listen_fd is not None
             self.listener = socket.socket(fileno=listen_fd)
             self.listener.setblocking(False)
+        self.message_deadline = message_deadline
+        self.backend_req_timeout = backend_req_timeout
+        self.accept_pause = accept_pause
         self.conn: socket.socket | None = None
+        self.peer = ""  # the front-end, as its credentials name it ("pid 123 uid 1000")
+        self._reader = MessageReader()
+        self._legacy_reads = False  # this connection is read the old way (PER_MESSAGE_DEADLINE off)
+        self._msg_timer = None
+        self.slow_peers = 0  # connections closed because a message missed its deadline
+        self.accept_pauses = 0
+        self._accept_timer = None
         self.backend_req: socket.socket | None = None
+        self._req_reader = MessageReader()
+        self._req_pending: list[tuple[int, object]] = []  # (request, deadline timer), oldest first
+        self.backend_reqs_sent = 0
+        self.backend_reqs_acked = 0
+        self.backend_req_dropped = ""  # why the last back-end request channel was given up
+        self._recovery: dict[int, set[str]] | None = None  # rings stopped since the device broke
+        self.recoveries = 0
         self.vrings = [BackendVring(i) for i in range(len(device.queues))]
         self.memory: VhostMemory | None = None
         self.inflight: InflightRegion | None = None
@@ -235,8 +319,14 @@ class VhostUserBackend:
         """Start serving (the loop runs on its own thread)."""
         if self._own_loop:
             self.loop.start()
-        self.loop.run_sync(lambda: self.loop.set_fd_handler(self.listener.fileno(), self._accept))
+        self.loop.run_sync(self._watch_listener)
         return self
+
+    def _watch_listener(self) -> None:
+        self._accept_timer = None
+        if self._stopped.is_set() or self.listener.fileno() < 0:
+            return
+        self.loop.set_fd_handler(self.listener.fileno(), self._accept)
 
     def stop(self) -> None:
         if self._stopped.is_set():
@@ -251,6 +341,9 @@ class VhostUserBackend:
 
     def _shutdown(self) -> None:
         self._disconnect("back-end stopping")
+        if self._accept_timer is not None:
+            self._accept_timer.cancel()
+            self._accept_timer = None
         self.loop.remove_fd_handler(self.listener.fileno())
         self.listener.close()
         if self.claim is not None and self._own_claim:  # the socket file only if it is still ours
@@ -259,22 +352,49 @@ class VhostUserBackend:
     def _accept(self) -> None:
         try:
             conn, _ = self.listener.accept()
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            if not PAUSE_LISTENER_ON_EMFILE:
+                raise
+            if e.errno in _OUT_OF_FDS:
+                self._pause_listener(e)
+            else:  # the connection died in the backlog (ECONNABORTED, EPROTO): it is gone, go on
+                log.warning("%s: accept: %s", self.name, e)
             return
         if self.conn is not None:  # one front-end at a time
             conn.close()
             return
-        conn.setblocking(True)
-        conn.settimeout(10.0)  # a half-sent message must not stall the loop for ever
+        self._legacy_reads = not PER_MESSAGE_DEADLINE
+        if self._legacy_reads:
+            conn.setblocking(True)
+            conn.settimeout(self.message_deadline)  # restarts on every byte: a dribbler holds the loop
+        else:
+            conn.setblocking(False)  # the loop never waits on a front-end
         self.conn = conn
+        self.peer = _peer_name(conn)
+        self._reader = MessageReader()
         self.connections += 1
         self.trace = []
+        self._recovery = None
         self.device.reset()
         self.device.mem = None
         self.loop.set_fd_handler(conn.fileno(), self._readable)
-        log.info("%s: front-end connected", self.name)
+        log.info("%s: front-end connected (%s)", self.name, self.peer)
         if self.on_connect is not None:
             self.on_connect()
+
+    def _pause_listener(self, e: OSError) -> None:
+        """accept() ran out of fds: the connection stays in the backlog and the listener stays
+        readable, so polling it now would spin.  Rest for ``accept_pause`` and try again; one log
+        line per pause."""
+        self.accept_pauses += 1
+        self.loop.remove_fd_handler(self.listener.fileno())
+        log.warning("%s: accept: %s; not accepting for %.1f s (pause %d)", self.name, e.strerror or e,
+                    self.accept_pause, self.accept_pauses)
+        if self._accept_timer is not None:
+            self._accept_timer.cancel()
+        self._accept_timer = self.loop.call_later(self.accept_pause, self._watch_listener)
 
     def _disconnect(self, why: str) -> None:
         conn = self.conn
@@ -283,6 +403,8 @@ class VhostUserBackend:
         self.loop.remove_fd_handler(conn.fileno())
         conn.close()
         self.conn = None
+        self._cancel_message_deadline()
+        self._reader.close()  # and the fds of a message that never finished
         self.disconnects += 1
         for v in self.vrings:
             self._stop_ring(v, drain=False)
@@ -297,9 +419,8 @@ class VhostUserBackend:
         self.device.release_rings()
         for q in self.device.queues:
             q.inflight = None
-        if self.backend_req is not None:
-            self.backend_req.close()
-            self.backend_req = None
+        self._drop_backend_req(None)
+        self._recovery = None
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None
@@ -318,6 +439,29 @@ class VhostUserBackend:
         conn = self.conn
         if conn is None:
             return
+        if self._legacy_reads:
+            self._readable_blocking(conn)
+            return
+        for _ in range(MESSAGES_PER_EVENT):
+            try:
+                msg = self._reader.feed(conn)
+            except EOFError:
+                self._disconnect("front-end closed the socket")
+                return
+            except (ProtocolError, OSError) as e:
+                self._protocol_error(f"bad message: {e}")
+                return
+            if msg is None:
+                if self._reader.started and self._msg_timer is None:
+                    self._msg_timer = self.loop.call_later(self.message_deadline, self._message_overdue, conn)
+                return
+            self._cancel_message_deadline()
+            self._serve_message(conn, msg)
+            if self.conn is not conn:
+                return
+
+    def _readable_blocking(self, conn: socket.socket) -> None:
+        """PER_MESSAGE_DEADLINE off: the old way, a blocking read with a per-recv timeout."""
         try:
             msg = recv_message(conn)
         except EOFError:
@@ -326,6 +470,23 @@ class VhostUserBackend:
         except (ProtocolError, OSError) as e:
             self._protocol_error(f"bad message: {e}")
             return
+        self._serve_message(conn, msg)
+
+    def _cancel_message_deadline(self) -> None:
+        t, self._msg_timer = self._msg_timer, None
+        if t is not None:
+            t.cancel()
+
+    def _message_overdue(self, conn: socket.socket) -> None:
+        """A message's deadline passed (timer): the front-end is too slow; close the connection."""
+        if self.conn is not conn or self._msg_timer is None:
+            return
+        self._msg_timer = None
+        self.slow_peers += 1
+        self._protocol_error(f"front-end {self.peer} too slow: a message was not complete {self.message_deadline:g} s "
+                             f"after its first byte ({self._reader.describe()})")
+
+    def _serve_message(self, conn: socket.socket, msg: Message) -> None:
         name = msg.name()
         try:
             validate_frontend_request(msg)
@@ -352,6 +513,8 @@ class VhostUserBackend:
                 send_message(conn, Message(msg.request, VERSION | FLAG_REPLY, payload, fds))
             elif msg.need_reply and self.protocol_features & (1 << PF.REPLY_ACK):
                 send_message(conn, Message(msg.request, VERSION | FLAG_REPLY, U64.pack(0)))
+        except BlockingIOError:
+            self._protocol_error(f"front-end {self.peer} does not read its replies (the socket is full)")
         except OSError as e:
             self._disconnect(f"send failed: {e}")
 
@@ -394,6 +557,7 @@ class VhostUserBackend:
         if r == FR.RESET_OWNER or r == FR.RESET_DEVICE:
             for v in self.vrings:
                 self._stop_ring(v)
+            self._recovery = None
             self.device.reset()
             self.owner = r == FR.RESET_DEVICE and self.owner
             return None
@@ -458,15 +622,20 @@ class VhostUserBackend:
             idx, num = VRING_STATE.unpack(msg.payload)
             v = self._vring(idx)
             q = self.device.queues[idx]
-            if not q.set_num(num):
+            if num & (num - 1) or not 1 <= num <= q.num_max:
                 raise ProtocolError(f"queue {idx}: size {num} is not a power of two up to {q.num_max}")
+            self._check_inflight_fits(idx, num)
+            q.set_num(num)
             v.num = num
+            self._reinit_step(v, "num")
             return None
         if r == FR.SET_VRING_ADDR:
             idx, _flags, desc, used, avail, _log = VRING_ADDR.unpack(msg.payload)
             v = self._vring(idx)
+            self._check_inflight_fits(idx, self.device.queues[idx].num)
             v.addr = (desc, used, avail)
             self._map_ring(v)
+            self._reinit_step(v, "addr")
             return None
         if r == FR.SET_VRING_BASE:
             idx, num = VRING_STATE.unpack(msg.payload)
@@ -476,6 +645,7 @@ class VhostUserBackend:
             v.base = num
             self.device.queues[idx].last_avail_idx = num
             self.device.queues[idx].shadow_avail_idx = num
+            self._reinit_step(v, "base")
             return None
         if r == FR.GET_VRING_BASE:
             idx, _ = VRING_STATE.unpack(msg.payload)
@@ -485,6 +655,11 @@ class VhostUserBackend:
             base = q.last_avail_idx if v.addr is not None else v.base
             for attr in ("kick", "call"):
                 self._set_fd(v, attr, None)
+            if self.device.broken and RECOVER_AFTER_RING_REINIT:
+                if self._recovery is None:
+                    self._recovery = {}
+                self._recovery[idx] = set()  # stopped: it may now be set up again from scratch
+                self._check_recovered()
             return VRING_STATE.pack(idx, base)
         if r in (FR.SET_VRING_KICK, FR.SET_VRING_CALL, FR.SET_VRING_ERR):
             val = msg.u64()
@@ -499,9 +674,21 @@ class VhostUserBackend:
                 if fd is not None:
                     os.close(fd)
                 raise ProtocolError(f"{msg.name()}: not an eventfd: {e}") from None
+            if n is not None and attr == "kick" and REFUSE_SEMAPHORE_KICK:
+                try:
+                    sem = n.is_semaphore()
+                except OSError as e:
+                    n.close()
+                    raise ProtocolError(f"cannot read the kick fd's fdinfo: {e}") from None
+                if sem:
+                    n.close()
+                    raise ProtocolError(f"queue {v.index}: the kick fd is an EFD_SEMAPHORE eventfd "
+                                        f"(a read takes 1, so it would stay readable); refused")
             self._set_fd(v, attr, n)
             if attr == "kick":
                 self._kick_fd_set(v)
+            if attr in ("kick", "call"):
+                self._reinit_step(v, attr)
             return None
         if r == FR.SET_VRING_ENABLE:
             idx, num = VRING_STATE.unpack(msg.payload)
@@ -532,16 +719,22 @@ class VhostUserBackend:
             if s.family != socket.AF_UNIX:
                 s.close()
                 raise ProtocolError("SET_BACKEND_REQ_FD: not a Unix socket")
-            s.settimeout(5.0)
-            if self.backend_req is not None:
-                self.backend_req.close()
+            self._drop_backend_req(None)
+            self.backend_req_dropped = ""
             self.backend_req = s
+            if ASYNC_BACKEND_REQ_ACK:
+                s.setblocking(False)
+                self._req_reader = MessageReader()
+                self.loop.set_fd_handler(s.fileno(), lambda s=s: self._backend_req_readable(s))
+            else:
+                s.settimeout(self.backend_req_timeout)
             return None
         if r == FR.GET_INFLIGHT_FD:
             self._need_pf(PF.INFLIGHT_SHMFD, msg)
             _sz, _off, nq, qsize = INFLIGHT.unpack(msg.payload)
             if not 1 <= nq <= len(self.vrings) or qsize == 0 or qsize & (qsize - 1) or qsize > 32768:
                 raise ProtocolError(f"GET_INFLIGHT_FD for {nq} queues of {qsize}")
+            self._check_rings_fit_inflight(nq, qsize)
             region = InflightRegion.create(nq, qsize)
             self._attach_inflight(region)
             return INFLIGHT.pack(region.mmap_size, region.mmap_offset, nq, qsize), [region.fd]
@@ -552,6 +745,11 @@ class VhostUserBackend:
             if not 1 <= nq <= len(self.vrings) or qsize == 0 or qsize & (qsize - 1) or qsize > 32768:
                 os.close(fd)
                 raise ProtocolError(f"SET_INFLIGHT_FD for {nq} queues of {qsize}")
+            try:
+                self._check_rings_fit_inflight(nq, qsize)
+            except ProtocolError:
+                os.close(fd)
+                raise
             try:
                 region = InflightRegion(fd, size, off, nq, qsize)
             except (ValueError, OSError) as e:
@@ -609,6 +807,33 @@ class VhostUserBackend:
             q.signalled_used_valid = False
         q.enabled = True
 
+    def _ring_size(self, v: BackendVring) -> int | None:
+        """The size the ring has or will have: SET_VRING_NUM's, or the queue's own once mapped."""
+        if v.num:
+            return v.num
+        if v.addr is not None:
+            return self.device.queues[v.index].num
+        return None
+
+    def _check_inflight_fits(self, idx: int, num: int) -> None:
+        """A ring of *num* entries on queue *idx* must fit its part of the inflight region: each
+        head has a slot there, and a head past the end would land on the next queue's header."""
+        if not CHECK_INFLIGHT_RING_SIZE:
+            return
+        reg = self.inflight
+        if reg is not None and idx < reg.num_queues and num > reg.queue_size:
+            raise ProtocolError(f"queue {idx}: a ring of {num} entries does not fit the inflight region "
+                                f"(queue size {reg.queue_size})")
+
+    def _check_rings_fit_inflight(self, nq: int, qsize: int) -> None:
+        """GET/SET_INFLIGHT_FD: every ring already sized (or mapped) must fit the region."""
+        if not CHECK_INFLIGHT_RING_SIZE:
+            return
+        for v in self.vrings[:nq]:
+            n = self._ring_size(v)
+            if n is not None and n > qsize:
+                raise ProtocolError(f"queue size {qsize} is smaller than queue {v.index}'s ring of {n} entries")
+
     def _attach_inflight(self, region: InflightRegion) -> None:
         if self.inflight is not None and self.inflight is not region:
             for q in self.device.queues:
@@ -621,6 +846,11 @@ class VhostUserBackend:
     # -- rings -------------------------------------------------------------------------------------
     def _set_fd(self, v: BackendVring, attr: str, n: EventNotifier | None) -> None:
         old: EventNotifier | None = getattr(v, attr)
+        if attr == "kick":
+            v.kick_stuck = 0
+            if v.kick_throttle_timer is not None:
+                v.kick_throttle_timer.cancel()
+                v.kick_throttle_timer = None
         if old is not None:
             if attr == "kick":
                 self.loop.remove_fd_handler(old.fileno())
@@ -678,27 +908,68 @@ class VhostUserBackend:
             q = self.device.queues[v.index]
             try:
                 if not q.is_empty():
-                    v.started = True
-                    v.pending_kick = True
-                    if v.enabled:
-                        self._process(v)
+                    self._ring_kicked(v)
             except VirtQueueError:
                 pass
         v.poll_timer = self.loop.call_later(0.001, self._poll, v)
 
     def _kicked(self, v: BackendVring) -> None:
-        if v.kick is None or not v.kick.test_and_clear():
+        kick = v.kick
+        if kick is None:
             return
+        got = kick.test_and_clear()
+        if not got:
+            return
+        if BOUND_STUCK_KICK:
+            if got == 1:
+                self._check_stuck_kick(v, kick)
+            else:  # a read that took more than 1: a busy writer, not a semaphore
+                v.kick_stuck = 0
         v.kicks += 1
         if _t_kick.enabled:
             _t_kick.emit(vdev=self.name, n=v.index)
         hook = self.fault_hooks.get("kick")
         if hook is not None and hook(v) is False:
             return
-        v.started = True
+        self._ring_kicked(v)
+
+    def _ring_kicked(self, v: BackendVring) -> None:
+        """The ring has work (a kick, or polling found some): start it and process it.  On a
+        broken device the ring stays stopped; the kick is remembered for a recovery."""
         v.pending_kick = True
+        if self.device.broken:
+            return
+        v.started = True
         if v.enabled:
             self._process(v)
+
+    def _check_stuck_kick(self, v: BackendVring, kick: EventNotifier) -> None:
+        """A read took 1 and the kick fd is still readable: an EFD_SEMAPHORE eventfd (the kernel did
+        not say so at SET_VRING_KICK) or a writer racing us.  After KICK_STUCK_LIMIT reads in a
+        row, stop watching the fd and look at it again every KICK_THROTTLE seconds: the ring is
+        still served, the loop does not spin."""
+        try:
+            still = bool(select.select([kick.fileno()], [], [], 0)[0])
+        except (OSError, ValueError):
+            return
+        if not still:
+            v.kick_stuck = 0
+            return
+        v.kick_stuck += 1
+        if v.kick_stuck < KICK_STUCK_LIMIT:
+            return
+        self.loop.remove_fd_handler(kick.fileno())
+        v.kick_throttles += 1
+        if v.kick_throttles == 1:
+            log.warning("%s: queue %d: the kick fd stays readable after every read (an EFD_SEMAPHORE eventfd?); "
+                        "polling it every %g s instead", self.name, v.index, KICK_THROTTLE)
+        v.kick_throttle_timer = self.loop.call_later(KICK_THROTTLE, self._rewatch_kick, v, kick)
+
+    def _rewatch_kick(self, v: BackendVring, kick: EventNotifier) -> None:
+        v.kick_throttle_timer = None
+        if v.kick is not kick or self.conn is None:
+            return
+        self.loop.set_fd_handler(kick.fileno(), lambda v=v: self._kicked(v))
 
     def _enable(self, v: BackendVring, on: bool) -> None:
         v.enabled = on
@@ -709,18 +980,71 @@ class VhostUserBackend:
         """Run the device's queue handler (rings must be started, enabled and mapped)."""
         if v.addr is None or self.memory is None:
             return
-        v.pending_kick = False
         dev = self.device
         if dev.broken:
-            return
+            return  # a kick on a broken device waits: served if the front-end recovers the device
+        v.pending_kick = False
         q = dev.queues[v.index]
         dev._dispatch(q)
         if dev.broken:
             v.errors += 1
             log.error("%s: queue %d: %s", self.name, v.index, dev.broken_reason)
-            if v.err is not None:
-                v.err.set()  # tell the front-end: it marks the device as needing a reset
-            self._stop_ring(v, drain=False)
+            if not GUARD_ERR_SIGNAL:
+                if v.err is not None:
+                    v.err.set()
+                self._stop_ring(v, drain=False)
+                return
+            self._stop_ring(v, drain=False)  # first: whatever the err fd does, the ring stops
+            self._signal_err(v)
+
+    def _signal_err(self, v: BackendVring) -> None:
+        """Write the err fd: the front-end marks the device as needing a reset (QEMU: virtio_error).
+        An err fd that cannot take it (at its maximum count: the front-end never read it, and it is
+        readable anyway) is logged once per ring, never raised."""
+        if v.err is None:
+            return
+        try:
+            v.err.set()
+        except OSError as e:
+            v.err_write_failures += 1
+            if v.err_write_failures == 1:
+                log.warning("%s: queue %d: cannot write the err fd (%s); the ring is stopped anyway",
+                            self.name, v.index, e.strerror or e)
+
+    # -- recovery after a ring error ----------------------------------------------------------------
+    def _reinit_step(self, v: BackendVring, step: str) -> None:
+        """One step of a ring's set-up arrived.  While the device is broken, a ring stopped with
+        GET_VRING_BASE counts its steps; once every ring the front-end set up has been stopped,
+        none is half set up again, and at least one is set up completely, the device is usable."""
+        rec = self._recovery
+        if rec is None or v.index not in rec or not self.device.broken:
+            return
+        rec[v.index].add(step)
+        self._check_recovered()
+
+    def _check_recovered(self) -> None:
+        rec = self._recovery
+        if rec is None or not self.device.broken:
+            return
+        for w in self.vrings:
+            steps = rec.get(w.index)
+            if steps is None:
+                if w.addr is not None:
+                    return  # a ring still set up as it was when the device broke
+            elif steps and steps != _REINIT_STEPS:
+                return  # half set up again
+        if not any(steps == _REINIT_STEPS for steps in rec.values()):
+            return
+        self._recovery = None
+        self.recoveries += 1
+        log.info("%s: every ring was stopped and set up again: the device is usable again (it broke on: %s)",
+                 self.name, self.device.broken_reason)
+        self.device.clear_error()
+        for w in self.vrings:  # kicks that came after a ring was set up again
+            if w.pending_kick and w.addr is not None:
+                w.started = True
+                if w.enabled:
+                    self._process(w)
 
     def _stop_ring(self, v: BackendVring, drain: bool = True) -> None:
         if drain:
@@ -748,36 +1072,130 @@ class VhostUserBackend:
             v.calls_without_fd += 1
 
     def send_config_change(self) -> bool:
-        """Tell the front-end the device config changed (BACKEND_REQ CONFIG_CHANGE_MSG)."""
+        """Tell the front-end the device config changed (BACKEND_REQ CONFIG_CHANGE_MSG).
+
+        Sent from the loop, never waited for there: with REPLY_ACK its acknowledgement is read
+        when it comes, and a front-end that has not answered within ``backend_req_timeout``
+        loses the channel.  From another thread the message is handed to the loop (True: queued).
+        """
+        if ASYNC_BACKEND_REQ_ACK and self.loop.running and not self.loop.in_thread():
+            try:
+                self.loop.schedule(self._send_backend_req, BackendReq.CONFIG_CHANGE_MSG)
+            except RuntimeError:  # the loop is stopping
+                return False
+            return True
+        return self._send_backend_req(BackendReq.CONFIG_CHANGE_MSG)
+
+    def _send_backend_req(self, req: BackendReq) -> bool:
         s = self.backend_req
         if s is None or not self.protocol_features & (1 << PF.BACKEND_REQ):
             return False
-        flags = VERSION
         ack = bool(self.protocol_features & (1 << PF.REPLY_ACK))
-        if ack:
-            flags |= 0x8
-        try:
-            send_message(s, Message(BackendReq.CONFIG_CHANGE_MSG, flags, b""))
-            if ack:
-                rep = recv_message(s)
-                rep.close_fds()
-        except (OSError, EOFError, ProtocolError) as e:
-            log.warning("%s: config change message failed: %s", self.name, e)
+        flags = VERSION | (FLAG_NEED_REPLY if ack else 0)
+        if not ASYNC_BACKEND_REQ_ACK:
+            try:
+                send_message(s, Message(req, flags, b""))
+                if ack:
+                    rep = recv_message(s)
+                    rep.close_fds()
+            except (OSError, EOFError, ProtocolError) as e:
+                log.warning("%s: config change message failed: %s", self.name, e)
+                return False
+            return True
+        if len(self._req_pending) >= MAX_PENDING_BACKEND_REQS:
+            self._drop_backend_req(f"the front-end left {len(self._req_pending)} back-end requests unanswered")
             return False
+        try:
+            send_message(s, Message(req, flags, b""))
+        except BlockingIOError:
+            self._drop_backend_req("the front-end does not read it (the socket is full)")
+            return False
+        except OSError as e:
+            self._drop_backend_req(f"send failed: {e}")
+            return False
+        self.backend_reqs_sent += 1
+        if ack:
+            t = self.loop.call_later(self.backend_req_timeout, self._backend_req_overdue, s)
+            self._req_pending.append((int(req), t))
         return True
+
+    def _backend_req_readable(self, s: socket.socket) -> None:
+        """The back-end request channel is readable: acknowledgements, in order."""
+        if self.backend_req is not s:
+            return
+        while True:
+            try:
+                msg = self._req_reader.feed(s)
+            except EOFError:
+                self._drop_backend_req("the front-end closed it", quiet=True)
+                return
+            except (ProtocolError, OSError) as e:
+                self._drop_backend_req(f"bad message: {e}")
+                return
+            if msg is None:
+                return
+            fds = len(msg.fds)
+            msg.close_fds()
+            if not self._req_pending:
+                self._drop_backend_req(f"unexpected message {msg.request} (flags {msg.flags:#x}): nothing was asked")
+                return
+            want, t = self._req_pending[0]
+            if not msg.is_reply or msg.request != want or len(msg.payload) != 8 or fds:
+                self._drop_backend_req(f"expected the acknowledgement of {BackendReq(want).name}, got request "
+                                       f"{msg.request} flags {msg.flags:#x} with {len(msg.payload)} bytes, {fds} fds")
+                return
+            self._req_pending.pop(0)
+            t.cancel()
+            self.backend_reqs_acked += 1
+            status = msg.u64()
+            if status:
+                log.warning("%s: the front-end answered %s with status %d", self.name, BackendReq(want).name, status)
+
+    def _backend_req_overdue(self, s: socket.socket) -> None:
+        if self.backend_req is not s or not self._req_pending:
+            return
+        want = BackendReq(self._req_pending[0][0]).name
+        self._drop_backend_req(f"the front-end did not answer {want} within {self.backend_req_timeout:g} s")
+
+    def _drop_backend_req(self, why: str | None, quiet: bool = False) -> None:
+        """Close the back-end request channel (one log line saying why, unless *why* is None: the
+        connection is going anyway).  Back-end requests are not sent again on this connection
+        unless the front-end hands over a new channel (SET_BACKEND_REQ_FD)."""
+        s, self.backend_req = self.backend_req, None
+        for _req, t in self._req_pending:
+            t.cancel()
+        self._req_pending = []
+        self._req_reader.close()
+        if s is None:
+            return
+        self.loop.remove_fd_handler(s.fileno())
+        s.close()
+        if why is not None:
+            self.backend_req_dropped = why
+            (log.info if quiet else log.warning)("%s: closing the back-end request channel: %s", self.name, why)
 
     # -- introspection ----------------------------------------------------------------------------
     def status(self) -> dict:
         out = {"connected": self.conn is not None, "connections": self.connections,
                "disconnects": self.disconnects, "protocol-errors": self.protocol_errors,
-               "features": self.features, "protocol-features": self.protocol_features, "queues": []}
+               "features": self.features, "protocol-features": self.protocol_features,
+               "peer": self.peer if self.conn is not None else "",
+               "partial-message-bytes": self._reader.received if self.conn is not None else 0,
+               "slow-peers": self.slow_peers, "accept-pauses": self.accept_pauses,
+               "backend-req": {"open": self.backend_req is not None, "sent": self.backend_reqs_sent,
+                               "acked": self.backend_reqs_acked, "awaiting-ack": len(self._req_pending),
+                               "dropped": self.backend_req_dropped},
+               "broken": self.device.broken, "broken-reason": self.device.broken_reason,
+               "needs-reset-count": self.device.needs_reset_count, "recoveries": self.recoveries,
+               "queues": []}
         for v in self.vrings:
             q = self.device.queues[v.index]
             d = {"queue": v.index, "num": v.num, "started": v.started, "enabled": v.enabled,
                  "kicks": v.kicks, "calls": v.calls, "self-kicks": v.self_kicks,
                  "kick-fd": v.kick.fd if v.kick else -1,
                  "call-fd": v.call.fd if v.call else -1, "err-fd": v.err.fd if v.err else -1,
-                 "inuse": q.inuse, "last-avail-idx": q.last_avail_idx, "used-idx": q.used_idx}
+                 "inuse": q.inuse, "last-avail-idx": q.last_avail_idx, "used-idx": q.used_idx,
+                 "errors": v.errors, "err-write-failures": v.err_write_failures, "kick-throttles": v.kick_throttles}
             out["queues"].append(d)
         return out
 

@@ -23,7 +23,7 @@ __all__ = [
     "send_message", "HDR", "U64", "VRING_STATE", "VRING_ADDR", "MEM_REGION", "MEM_REGIONS_HDR",
     "SINGLE_MEM_REGION", "CONFIG_HDR", "INFLIGHT", "VRING_IDX_MASK", "VRING_NOFD_MASK",
     "VHOST_USER_F_PROTOCOL_FEATURES", "VERSION", "FLAG_REPLY", "FLAG_NEED_REPLY", "MAX_FDS",
-    "MAX_PAYLOAD", "MemRegion", "pack_regions", "parse_regions",
+    "MAX_PAYLOAD", "MemRegion", "pack_regions", "parse_regions", "MessageReader",
 ]
 
 HDR = struct.Struct("=III")
@@ -266,10 +266,121 @@ def recv_message(sock: socket.socket) -> Message:
         raise
 
 
+class MessageReader:
+    """Read vhost-user messages from a non-blocking stream socket, a piece at a time.
+
+    An event loop calls ``feed()`` whenever the socket is readable: it reads what the socket has,
+    never past the end of the current message, keeps the fds that came with any part of it
+    (SCM_RIGHTS; received close-on-exec), and returns the message once its last byte is in (None
+    while it is incomplete).  ``started`` is True from a message's first byte to its last: the
+    caller runs its per-message deadline over exactly that span, so a peer that dribbles bytes
+    cannot stretch it.
+
+    ``EOFError`` on a clean close between messages; ``ProtocolError`` for a close in the middle of
+    a message, wrong version bits, a payload over *max_payload*, or more than *max_fds* fds (or fds
+    the kernel had to drop, which is what it does when this process is out of fds).  On any error,
+    and on ``close()``, the fds gathered for the unfinished message are closed.
+    """
+
+    def __init__(self, *, max_payload: int = MAX_PAYLOAD, max_fds: int = MAX_FDS) -> None:
+        self.max_payload = max_payload
+        self.max_fds = max_fds
+        self._hdr = bytearray()
+        self._payload = bytearray()
+        self._size: int | None = None
+        self._fds: list[int] = []
+
+    @property
+    def started(self) -> bool:
+        """Part of a message has arrived (and not all of it)."""
+        return bool(self._hdr)
+
+    @property
+    def received(self) -> int:
+        return len(self._hdr) + len(self._payload)
+
+    @property
+    def expected(self) -> int | None:
+        """The size of the message being read (None until its header is complete)."""
+        return None if self._size is None else HDR.size + self._size
+
+    def describe(self) -> str:
+        exp = self.expected
+        return f"{self.received} of {exp if exp is not None else '12+'} bytes"
+
+    def close(self) -> None:
+        """Drop the unfinished message, closing the fds that came with it."""
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+        self._hdr = bytearray()
+        self._payload = bytearray()
+        self._size = None
+
+    def _fail(self, what: str) -> ProtocolError:
+        self.close()
+        return ProtocolError(what)
+
+    def feed(self, sock: socket.socket) -> Message | None:
+        """Read what is there of the current message; the message once it is complete, else None."""
+        while True:
+            if self._size is None:
+                need = HDR.size - len(self._hdr)
+            else:
+                need = self._size - len(self._payload)
+                if need == 0:
+                    return self._finish()
+            try:
+                data, fds, flags, _ = socket.recv_fds(sock, need, self.max_fds, socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                self.close()
+                raise
+            self._fds.extend(fds)
+            if flags & socket.MSG_CTRUNC:
+                raise self._fail(f"fds cut short: more than {self.max_fds} fds with one message, or this "
+                                 f"process is out of file descriptors")
+            if len(self._fds) > self.max_fds:
+                raise self._fail(f"more than {self.max_fds} fds with one message")
+            if not data:
+                if not self.started and not self._fds:
+                    raise EOFError("peer closed the connection")
+                what = self.describe()
+                raise self._fail(f"connection closed in the middle of a message ({what})")
+            if self._size is None:
+                self._hdr += data
+                if len(self._hdr) == HDR.size:
+                    _req, mflags, size = HDR.unpack(self._hdr)
+                    if mflags & 0x3 != VERSION:
+                        raise self._fail(f"bad version in flags {mflags:#x}")
+                    if size > self.max_payload:
+                        raise self._fail(f"payload of {size} bytes is too large")
+                    self._size = size
+            else:
+                self._payload += data
+
+    def _finish(self) -> Message:
+        request, mflags, _size = HDR.unpack(self._hdr)
+        msg = Message(request, mflags, bytes(self._payload), self._fds)
+        self._fds = []
+        self._hdr = bytearray()
+        self._payload = bytearray()
+        self._size = None
+        return msg
+
+
 def send_message(sock: socket.socket, msg: Message) -> None:
+    """Send one message (its fds with the first byte).  On a non-blocking socket whose peer does
+    not read, ``BlockingIOError`` (the caller gives up on the peer)."""
     data = HDR.pack(msg.request, msg.flags, len(msg.payload)) + msg.payload
     if msg.fds:
-        socket.send_fds(sock, [data], msg.fds)
+        n = socket.send_fds(sock, [data], msg.fds)
+        if n < len(data):
+            sock.sendall(data[n:])
     else:
         sock.sendall(data)
 

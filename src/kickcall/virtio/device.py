@@ -199,6 +199,15 @@ class VirtIODevice:
         if self.status & (DRIVER_OK | FEATURES_OK):
             self.config_changed()
 
+    def clear_error(self) -> None:
+        """Leave the state ``virtio_error`` put the device in, without a full reset: for a
+        vhost-user back-end whose front-end stopped its rings (GET_VRING_BASE) and set them up
+        again from scratch, which is what QEMU sends when the guest resets the device.  Features
+        and queue set-up are kept; ``needs_reset_count`` keeps counting."""
+        self.broken = False
+        self.broken_reason = ""
+        self.status &= ~DEVICE_NEEDS_RESET
+
     # -- kicks and calls -------------------------------------------------------------------------------
     @property
     def started(self) -> bool:
