@@ -105,8 +105,8 @@ def backend(workdir: str, variant: str = "as shipped") -> Iterator[tuple[subproc
     make_image(img, 1 << 20)
     qmp = os.path.join(workdir, "be.qmp")
     log = open(os.path.join(workdir, "be.log"), "w+")
-    p = kickcall_process(["vhost-user-blk", "--socket-path", os.path.join(workdir, "vu.sock"), "--blk-file", img,
-                          "--qmp", qmp], variant, log)
+    sock = os.path.join(workdir, "vu.sock")
+    p = kickcall_process(["vhost-user-blk", "--socket-path", sock, "--blk-file", img, "--qmp", qmp], variant, log)
     try:
         wait_for_listener(qmp, p, 120)
         yield p, qmp, log
@@ -226,7 +226,8 @@ def rounds_of_stop_and_cont(path: str, rounds: int, n: int = 2) -> list[int]:
     try:
         with senders(path, n) as ss:
             for i in range(rounds):
-                cmd, event, state = ("stop", "STOP", "paused") if i % 2 == 0 else ("cont", "RESUME", "running")
+                cmd, event, state = (("stop", "STOP", "paused") if i % 2 == 0
+                                     else ("cont", "RESUME", "running"))
                 for s in ss:
                     s.jobs.put(cmd)
                 for s in ss:
@@ -428,7 +429,8 @@ def test_hmp_quit_in_kickcall_shell_from_a_pipe_ends_the_backend(workdir):
     with backend(workdir) as (p, path, log):
         r = subprocess.run(kickcall_argv("shell", path), input="info status\nquit\ninfo status\n",
                            capture_output=True, text=True, timeout=120, process_group=0,
-                           preexec_fn=_die_with_parent, env=dict(os.environ, XDG_STATE_HOME=workdir, PYTHONPATH=SRC))
+                           preexec_fn=_die_with_parent,
+                           env=dict(os.environ, XDG_STATE_HOME=workdir, PYTHONPATH=SRC))
         assert r.returncode == 0, r.stdout + r.stderr
         assert r.stdout.count("VM status: running") == 1, r.stdout
         assert "event SHUTDOWN" in r.stdout and "the monitor's process is quitting" in r.stdout, r.stdout
@@ -535,8 +537,9 @@ def test_a_slow_handler_holds_other_commands_but_not_the_server(workdir, seriali
         wait_for(lambda: started == ["slow"], 30, "the slow handler to start")
         c = Raw(srv.path)  # a new client is greeted and negotiates meanwhile
         c.close()
-        b.s.sendall(b'{"execute": "x-quick", "arguments": {"n": "x"}, "id": "bad"}')  # refused before execution
-        assert json.loads(b.f.readline())["error"]["desc"] == "Invalid parameter type for 'n', expected: integer"
+        b.s.sendall(b'{"execute": "x-quick", "arguments": {"n": "x"}, "id": "bad"}')  # refused unexecuted
+        desc = json.loads(b.f.readline())["error"]["desc"]
+        assert desc == "Invalid parameter type for 'n', expected: integer"
         b.s.sendall(b"\x01")  # malformed input
         assert "stray" in json.loads(b.f.readline())["error"]["desc"]
         b.s.sendall(b'{"execute": "x-quick", "id": "b"}')

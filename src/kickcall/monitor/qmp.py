@@ -828,7 +828,8 @@ class QMPServer:
         self._dispatch_lock = asyncio.Lock()
         self.commands_waiting = 0  # checked requests waiting for the handler running now to return
         # handlers run here, never on the event loop; one at a time when serialised
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{name}-qmp-cmd")
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8,
+                                                               thread_name_prefix=f"{name}-qmp-cmd")
         self._quit_requested = False
         self._quit_actions: list[Callable[[], None]] = []
         self._quit_ran = False
