@@ -13,13 +13,23 @@ commands, trace events, and the kick/call debug interface seed 000 asked for, do
 * ``x-debug-fault {dev, queue, path, action}`` -- lose a kick or a call on purpose.
 
 ``human-monitor-command`` runs the same handlers as text commands (``info pci``, ``info virtio``,
-``info virtio-queue-status``, ``info notifiers``, ``info msix``, the debug commands).
+``info virtio-queue-status``, ``info notifiers``, ``info msix``, the debug commands, ``stop``,
+``cont``, ``quit``).
+
+Run state as QEMU 7.2 changes it: the server runs one handler at a time (``kickcall.monitor.qmp``),
+so reading the state, changing it and emitting its event is one step.  ``stop`` on a running VM
+emits STOP, on a paused one nothing; ``cont`` on a paused VM emits RESUME, on a running one
+nothing; both reply ``{}`` either way.  ``quit`` (QMP, or HMP ``quit``/``q`` through
+``human-monitor-command``) emits SHUTDOWN (guest false, reason ``host-qmp-quit``) once and replies
+``{}`` (HMP: ``""``, as QEMU 7.2); then the target quits (the process exits) and no other command
+is executed, so a second ``quit`` that was waiting gets no reply and no second SHUTDOWN.
 """
 
 from __future__ import annotations
 
 import logging
 import shlex
+import time
 from typing import Callable
 
 from .. import trace
@@ -33,6 +43,18 @@ _t_inject = trace.event("x_debug_device_event", "the operator injected a kick, a
 
 U16 = dict(min=0, max=0xFFFF)
 
+# Test-only: seconds that stop, cont and quit wait between reading the run state and changing it
+# (quit: between announcing SHUTDOWN and requesting the quit); 0, no wait, in production.
+# tests/test_qmp_one_at_a_time.py sets it in a kickcall process it starts, so that two handlers
+# running at once (the server's serialisation switched off) overlap every time instead of now and
+# then; with the handlers serialised it only makes them slower.
+TEST_RACE_WINDOW = 0.0
+
+
+def _race_window() -> None:
+    if TEST_RACE_WINDOW > 0:
+        time.sleep(TEST_RACE_WINDOW)
+
 
 class _Ctx:
     def __init__(self, target: Target) -> None:
@@ -41,7 +63,6 @@ class _Ctx:
         self.injections = 0
         # per (device id, queue): operator injections by kind ("kick", "call", "forced", "notifier")
         self.injected: dict[tuple[str, int], dict[str, int]] = {}
-        self.quit_after_reply: Callable[[], None] | None = None
 
     def count(self, dev: str, queue: int, kind: str) -> None:
         if kind != "forced":  # (a forced call is also counted as a call)
@@ -100,13 +121,16 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
         st = target.run_state()
         return {"status": st, "singlestep": False, "running": st == "running"}
 
+    # check, change, announce: one step, since handlers run one at a time (QEMU: under the BQL)
     def stop() -> None:
         if target.run_state() == "running":
+            _race_window()
             target.stop()
             c.emit("STOP", {})
 
     def cont() -> None:
         if target.run_state() != "running":
+            _race_window()
             target.cont()
             c.emit("RESUME", {})
 
@@ -115,23 +139,17 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
         c.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
     def quit_() -> None:
-        c.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        """QEMU's qmp_quit: one SHUTDOWN; the target quits once the reply is on its way (QMP quit
+        and HMP quit alike: the server runs the action after the reply of the running command)."""
         srv = c.server
+        if srv is not None and srv.quitting:
+            return  # a quit is under way: not a second SHUTDOWN
+        c.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        _race_window()
         if srv is None:
             target.quit()
-            return
-        # QEMU replies to quit before it exits: quit once the reply is on its way (the server's
-        # on_quit runs after the reply), keeping any on_quit the owner installed
-        if c.quit_after_reply is None or srv.on_quit is not c.quit_after_reply:
-            prev = srv.on_quit
-
-            def after_reply() -> None:
-                target.quit()
-                if prev is not None:
-                    prev()
-
-            c.quit_after_reply = after_reply
-            srv.on_quit = after_reply
+        else:
+            srv.request_quit(target.quit)
 
     add("query-status", query_status, doc="the run state")
     add("stop", stop, doc="pause the guest's vCPUs and the devices")
@@ -293,9 +311,13 @@ HMP_COMMANDS = {
     "x-debug-device-event DEV kick|call QUEUE [force]": "kick or call a queue on purpose",
     "x-debug-device-notifier-write DEV ID": "write one notifier",
     "x-debug-fault DEV QUEUE kick|call drop-next|drop-all|clear": "lose kicks or calls on purpose",
-    "stop": "pause", "cont": "resume", "system_reset": "reset", "quit": "quit",
+    "stop": "pause (or s)", "cont": "resume (or c)", "system_reset": "reset",
+    "quit": "the machine or back-end exits (or q)",
     "help": "this list",
 }
+
+
+_HMP_ALIASES = {"s": "stop", "c": "cont", "q": "quit"}  # QEMU's HMP short names
 
 
 def _call(r: CommandRegistry, command: str, /, **args):
@@ -406,6 +428,7 @@ def _hmp(r: CommandRegistry, line: str) -> str:  # noqa: C901 - one dispatch tab
     if w == "x-debug-fault" and len(a) == 4:
         res = _call(r, "x-debug-fault", dev=a[0], queue=_int(a[1], "queue"), path=a[2], action=a[3])
         return f"fault {a[3]} on the {a[2]} path of queue {a[1]}: {res}\r\n"
+    w = _HMP_ALIASES.get(w, w)
     if w in ("stop", "cont", "system_reset", "quit") and not a:
         _call(r, w)
         return ""

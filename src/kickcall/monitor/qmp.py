@@ -29,6 +29,21 @@
 Commands come from a ``CommandRegistry``: each has a typed argument schema checked before the
 handler runs (missing, unexpected or mistyped arguments are refused with QEMU's messages).
 
+Handlers run one at a time across every client of a server, as QEMU runs QMP commands one at a
+time under its big lock: a handler that reads the state, changes it and emits the event for the
+change (``stop``, ``cont``, ``quit``) is one step that no other command can split, so two clients
+sending ``stop`` together get one STOP.  Only execution is serialised: every client's input is
+read, parsed and checked (and malformed input answered) while a handler runs.  The handlers
+themselves run on a thread of their own, never on the server's event loop, so a slow one leaves
+the server reading (``SERIALIZE_DISPATCH`` / ``serialize=`` switch this off, for tests only).
+
+``quit`` is QEMU's: its handler (or any handler, such as ``human-monitor-command "quit"``) calls
+``request_quit``; the reply of the command that asked is sent, then the quit actions run (the
+owner winds the process down; its exit closes the connections).  From the moment quit is
+requested no other command is executed: a request that was waiting, even a second ``quit``, gets
+no reply (QEMU exits before it reaches it), and a client that connects meanwhile is closed before
+the greeting.
+
 Which problem is reported when a request has several (a deliberate difference from QEMU): a
 request's members are checked in the order the client sent them, then a missing ``execute``; a
 command's arguments in schema order (missing, mistyped, out of range), then the first unexpected
@@ -39,6 +54,7 @@ same rank it may name another one of them; with a single problem the reply is QE
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import itertools
 import logging
@@ -64,6 +80,10 @@ MAX_NESTING = 1024  # open brackets + braces, as QEMU
 MAX_DEPTH = MAX_NESTING  # (old name)
 MAX_BAD_INPUTS = 4096  # malformed JSON inputs in a row before the client is disconnected
 MAX_BACKLOG = 8 << 20  # unsent bytes (events) a client may leave unread before it is disconnected
+
+# Handlers run one at a time across all clients of a server (QEMU: under the big lock).  The
+# default for ``QMPServer(serialize=None)``; False only in tests that show what it prevents.
+SERIALIZE_DISPATCH = True
 
 _INT64_MIN, _INT64_END, _UINT64_END = -(1 << 63), 1 << 63, 1 << 64
 
@@ -129,6 +149,11 @@ def _shown(b: bytes) -> str:
 
 class _BadJSON(Exception):
     pass
+
+
+class _Quitting(Exception):
+    """The process is quitting: the request is not executed and gets no reply (as in QEMU, which
+    exits before it reaches it)."""
 
 
 # Token kinds: the punctuation character itself, "s" string, "i" integer, "f" other number,
@@ -721,7 +746,10 @@ class _Client:
                     raise QMPError(f"QMP input member '{k}' is unexpected")
             if "execute" not in obj:
                 raise QMPError("QMP input lacks member 'execute'")
-            result = await self.server.dispatch(self, obj["execute"], obj.get("arguments", {}))
+            try:
+                result = await self.server.dispatch(self, obj["execute"], obj.get("arguments", {}))
+            except _Quitting:
+                return  # no reply: the process is quitting
             reply: dict = {"return": result}
             if rid_present:
                 reply["id"] = obj["id"]
@@ -756,7 +784,10 @@ class QMPServer:
     def __init__(self, registry: CommandRegistry, *, path: str | None = None, tcp: tuple[str, int] | None = None,
                  name: str = "kickcall", max_message: int = MAX_MESSAGE, max_tokens: int = MAX_TOKENS,
                  max_bad_inputs: int = MAX_BAD_INPUTS, max_backlog: int = MAX_BACKLOG,
-                 claim: SocketClaim | None = None) -> None:
+                 claim: SocketClaim | None = None, serialize: bool | None = None) -> None:
+        """*claim*: the socket path, already checked and locked (``ownership.SocketClaim``; the
+        caller releases it).  *serialize*: run handlers one at a time across all clients (default
+        ``SERIALIZE_DISPATCH``, True; False only to show in a test what it prevents)."""
         self.registry = registry
         self.claim = claim  # the socket path, checked and locked (ownership.SocketClaim)
         self._own_claim = False  # a claim given by the caller is the caller's to release
@@ -780,6 +811,16 @@ class QMPServer:
         self.tcp_port: int | None = None
         self.on_quit: Callable[[], None] | None = None
         self.commands_run = 0
+        self.serialize = SERIALIZE_DISPATCH if serialize is None else serialize
+        # held from a handler's start to its return (not to its reply), in the order requests came
+        self._dispatch_lock = asyncio.Lock()
+        self.commands_waiting = 0  # checked requests waiting for the handler running now to return
+        # handlers run here, never on the event loop; one at a time when serialised
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8,
+                                                               thread_name_prefix=f"{name}-qmp-cmd")
+        self._quit_requested = False
+        self._quit_actions: list[Callable[[], None]] = []
+        self._quit_ran = False
         self._add_builtins()
 
     def _add_builtins(self) -> None:
@@ -810,27 +851,93 @@ class QMPServer:
         if cmd is None:
             raise QMPError(f"The command {name} has not been found", "CommandNotFound")
         kwargs = self.registry.check_args(cmd, args)
-        self.commands_run += 1
-        loop = asyncio.get_running_loop()
+        if self._quit_requested:
+            raise _Quitting()
+
+        def run() -> tuple[Any, bool]:
+            """The handler, in an executor thread; whether it (first) requested the quit."""
+            before = self._quit_requested
+            result = cmd.handler(**kwargs)
+            if name == "quit" and not self._quit_requested:  # a registry whose quit does not ask itself
+                self.request_quit()
+            return result, not before and self._quit_requested
+
         try:
-            result = await loop.run_in_executor(None, lambda: cmd.handler(**kwargs))
-        except QMPError:
+            result, quit_now = await self._execute(run)
+        except (QMPError, _Quitting):
             raise
         except Exception as e:  # a handler bug must not take the monitor down
             log.exception("QMP command %s failed", name)
             raise QMPError(f"{name}: {type(e).__name__}: {e}") from None
-        if name == "quit":
+        if quit_now:
             client.quit_after_reply = True
         return {} if result is None else result
 
+    async def _execute(self, fn: Callable[[], Any]) -> Any:
+        """Run *fn* on an executor thread; when serialised, under the dispatch lock, which is let go
+        when *fn* has returned -- not before, even if the awaiting client is cancelled meanwhile
+        (the lock follows the thread, not the coroutine).  Nothing is executed once quit has been
+        requested."""
+        loop = asyncio.get_running_loop()
+        lock = self._dispatch_lock if self.serialize else None
+        if lock is not None:
+            self.commands_waiting += 1
+            try:
+                await lock.acquire()
+            finally:
+                self.commands_waiting -= 1
+        try:
+            if self._quit_requested:
+                raise _Quitting()
+            self.commands_run += 1
+            cf = self._executor.submit(fn)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        if lock is not None:
+            def release(_: concurrent.futures.Future) -> None:
+                try:
+                    loop.call_soon_threadsafe(lock.release)
+                except RuntimeError:  # the loop closed meanwhile (the server stopped)
+                    pass
+
+            cf.add_done_callback(release)
+        return await asyncio.wrap_future(cf)
+
+    # -- quit ------------------------------------------------------------------------------------------
+    @property
+    def quitting(self) -> bool:
+        """Whether quit has been requested (QEMU: a shutdown request is pending)."""
+        return self._quit_requested
+
+    def request_quit(self, action: Callable[[], None] | None = None) -> bool:
+        """Ask the process to quit, from a handler (QEMU's ``qemu_system_shutdown_request``): no
+        command is executed from now on; once the reply of the command running now is on its way,
+        *action* runs, then ``on_quit``.  False (and nothing recorded) when a quit was already
+        requested.  Handlers run one at a time, so a handler that checks ``quitting``, announces
+        SHUTDOWN and then calls this cannot race another's quit."""
+        if self._quit_requested:
+            return False
+        self._quit_requested = True
+        if action is not None:
+            self._quit_actions.append(action)
+        return True
+
     def _quit(self) -> None:
-        """on_quit, once quit's reply is on its way (no timer)."""
-        cb = self.on_quit
-        if cb is not None:
+        """Once the reply of the command that requested quit is on its way (no timer): the quit
+        actions, then on_quit.  Connections stay open until the owner stops the server (the process
+        exits), so a client still sees every event sent meanwhile; requests get no reply."""
+        if self._quit_ran:
+            return
+        self._quit_ran = True
+        for cb in [*self._quit_actions, self.on_quit]:
+            if cb is None:
+                continue
             try:
                 cb()
             except Exception:
-                log.exception("on_quit failed")
+                log.exception("a quit action failed")
 
     # -- events ---------------------------------------------------------------------------------------
     def emit(self, event: str, data: dict | None = None) -> None:
@@ -897,6 +1004,7 @@ class QMPServer:
 
             loop.run_until_complete(reap())
             loop.close()
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _open(self) -> None:
         if self.path is not None:
@@ -913,6 +1021,9 @@ class QMPServer:
             self._servers.append(srv)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._quit_requested:  # the process is quitting: as if it had gone already
+            writer.close()
+            return
         c = _Client(self, reader, writer)
         self.clients.add(c)
         try:

@@ -5,6 +5,11 @@ A line is an HMP command (``info virtio``, ``x-debug-device-event blk0 call 0``)
 arguments (values parsed as JSON when they parse); a line starting with ``{`` is sent as QMP
 JSON.  Events that arrive are printed after each command.  History is kept in
 ``$XDG_STATE_HOME/kickcall/shell_history`` (mode 0600).
+
+``quit`` (HMP, QMP or JSON) ends the session as it ends the process behind the monitor: the
+SHUTDOWN event is printed, then one line saying the process is quitting, and the shell exits 0.
+A quit whose reply never comes (QEMU may exit first) counts as done when the connection closes.
+A SHUTDOWN seen after any other command (another client quit) ends the session the same way.
 """
 
 from __future__ import annotations
@@ -38,10 +43,28 @@ def _parse_kv(words: list[str]) -> dict:
     return args
 
 
+def _is_quit(line: str) -> bool:
+    """Whether a shell line asks the monitor's process to quit (HMP ``quit``, QMP ``quit``, JSON)."""
+    line = line.strip()
+    if line.startswith("{"):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            return False
+        if not isinstance(obj, dict):
+            return False
+        if obj.get("execute") == "quit":
+            return True
+        return (obj.get("execute") == "human-monitor-command" and isinstance(obj.get("arguments"), dict)
+                and str(obj["arguments"].get("command-line", "")).split()[:1] in (["quit"], ["q"]))
+    return line.split()[:1] == ["quit"]
+
+
 class Shell:
     def __init__(self, client: QMPClient, out: TextIO = sys.stdout) -> None:
         self.c = client
         self.out = out
+        self.status = 1  # the exit status once one() has returned False
         try:
             self.qmp_commands = sorted(x["name"] for x in client.execute("query-commands"))
         except QMPCommandError:
@@ -89,9 +112,14 @@ class Shell:
         return str(text).replace("\r\n", "\n").rstrip("\n")
 
     def one(self, line: str) -> bool:
-        """Run one line and print its result; False when the connection is gone."""
+        """Run one line and print its result; False when the session is over: the connection is
+        gone (``status`` 1) or the monitor's process is quitting (``status`` 0)."""
+        quit_asked = _is_quit(line)
+        ok = False
+        gone: QMPConnectionError | None = None
         try:
             out = self.run_line(line)
+            ok = True
             if out:
                 print(out, file=self.out)
         except QMPCommandError as e:
@@ -99,10 +127,20 @@ class Shell:
         except (ValueError, KeyError, TypeError) as e:
             print(f"Error: {e}", file=self.out)
         except QMPConnectionError as e:
-            print(f"kickcall shell: {e}", file=self.out)
-            return False
+            gone = e
+        shutdown = False
         for ev in self.c.events():
             print(f"event {ev.get('event')}: {json.dumps(ev.get('data', {}))}", file=self.out)
+            shutdown = shutdown or ev.get("event") == "SHUTDOWN"
+        if (quit_asked and (ok or gone is not None)) or shutdown:
+            # the reply, or the connection closing before it (QEMU may exit first), or the event
+            print(f"kickcall shell: the monitor's process is quitting ({self.c.path})", file=self.out)
+            self.status = 0
+            return False
+        if gone is not None:
+            print(f"kickcall shell: {gone}", file=self.out)
+            self.status = 1
+            return False
         return True
 
 
@@ -153,7 +191,7 @@ def main(path: str, *, stdin: TextIO | None = None) -> int:
             if line.strip() in ("exit", "q"):
                 break
             if not sh.one(line):
-                return 1
+                return sh.status
     except KeyboardInterrupt:
         pass
     finally:
