@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from kickcall.monitor.qmp import ERROR_CLASSES, MAX_BAD_INPUTS, MAX_MESSAGE, MAX_TOKENS, Arg, CommandRegistry, \
     JSONStreamParser, QMPServer
+from kickcall.ownership import PathRefused, RefusalKind
 
 from test_qmp_wire import QEMU, TIMEOUT, Qemu, Raw, assert_one_of_several, qemu_like_registry
 
@@ -639,8 +640,9 @@ def test_tcp_refuses_non_loopback(host):
 def test_live_socket_is_not_taken_over(server):
     """A second server on the path of a live one is refused (the first keeps its socket); a stale
     socket (nobody listening) is replaced."""
-    with pytest.raises(OSError, match="already listening"):
+    with pytest.raises(PathRefused, match="in use") as ei:  # its lock is held (and it listens)
         QMPServer(CommandRegistry(), path=server.path, name="intruder").start()
+    assert ei.value.kind is RefusalKind.IN_USE
     c = connect(server.path)
     c.send(b'{"execute": "query-status", "id": "still"}')
     assert json.loads(c.line())["id"] == "still"
