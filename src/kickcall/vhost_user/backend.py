@@ -362,9 +362,14 @@ class VhostUserBackend:
             else:  # the connection died in the backlog (ECONNABORTED, EPROTO): it is gone, go on
                 log.warning("%s: accept: %s", self.name, e)
             return
-        if self.conn is not None:  # one front-end at a time
+        if self.conn is not None:  # one front-end at a time (not reached: see below)
             conn.close()
             return
+        # while a front-end is served the listener is not watched: the next one waits in the
+        # backlog until this one is gone (as qemu-storage-daemon's server does), instead of being
+        # accepted and closed at once -- a front-end reconnecting before the back-end has seen the
+        # old connection close would otherwise be refused
+        self.loop.remove_fd_handler(self.listener.fileno())
         self._legacy_reads = not PER_MESSAGE_DEADLINE
         if self._legacy_reads:
             conn.setblocking(True)
@@ -403,6 +408,8 @@ class VhostUserBackend:
         self.loop.remove_fd_handler(conn.fileno())
         conn.close()
         self.conn = None
+        if self._accept_timer is None:  # the next front-end, waiting in the backlog, is accepted now
+            self._watch_listener()
         self._cancel_message_deadline()
         self._reader.close()  # and the fds of a message that never finished
         self.disconnects += 1

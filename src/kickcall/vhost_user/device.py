@@ -76,6 +76,7 @@ class VhostUserBlkDevice(VirtIODevice):
         self.disconnects = 0
         self.vring_errors = 0
         self.kick_on_start = True  # hand the kick fd over signalled on every ring start (see above)
+        self.keep_inflight_on_reset = False  # True: reuse the inflight region across a device reset
         self.start_kicks = 0
         self._mu = threading.RLock()
         self._call_state: dict[int, bool | None] = {}  # queue -> masked? (None: no guest notifier)
@@ -304,6 +305,15 @@ class VhostUserBlkDevice(VirtIODevice):
                 log.info("%s: reconnect: %s", self.name, e)
                 time.sleep(0.1)
         log.error("%s: the back-end did not come back", self.name)
+
+    def device_reset(self) -> None:
+        """The guest reset the device (its rings were stopped first): forget the inflight region,
+        as QEMU's vhost_user_blk_reset frees it; the next start asks the back-end for a fresh one,
+        so nothing taken before the reset -- a request that broke the ring, say -- is resubmitted
+        after it.  ``keep_inflight_on_reset = True`` switches this off (tests)."""
+        if self.inflight is not None and not self.keep_inflight_on_reset:
+            os.close(self.inflight.fd)
+            self.inflight = None
 
     def close(self) -> None:
         self.reconnect_enabled = False
