@@ -39,6 +39,21 @@ msix = {msix}
 """
 
 
+def vhost_toml(sock: str, *, queues: int = 1, vcpus: int = 2, inflight: bool = True, dev_id: str = "vblk") -> str:
+    """A machine whose virtio-blk *dev_id* a vhost-user back-end at *sock* serves."""
+    return f"""
+[machine]
+vcpus = {vcpus}
+[[device]]
+type = "virtio-blk"
+id = "{dev_id}"
+backend = "vhost-user"
+socket = "{sock}"
+queues = {queues}
+inflight = {str(inflight).lower()}
+"""
+
+
 def machine_toml(*, vcpus: int = 2, guest: str = "process", devices: str = "", ram: str = "64M") -> str:
     return f"""
 [machine]

@@ -296,7 +296,7 @@ async def _quit_together(paths: list[str]) -> list[object]:
     one's outcome: its reply, or the exception that ended its wait (the connection closed first)."""
     n = len(paths)
     clients = [QMPClient(f"quitter{i}") for i in range(n)]
-    for c, path in zip(clients, paths):
+    for c, path in zip(clients, paths, strict=True):
         await c.connect(path)
     barrier = asyncio.Barrier(n)
 

@@ -13,23 +13,11 @@ import time
 
 import pytest
 
-from helpers import running_machine, start_vhost_user_blk, stop_process, wait_for, wait_for_listener
+from helpers import running_machine, start_vhost_user_blk, stop_process, vhost_toml, wait_for, wait_for_listener
 from kickcall.monitor.client import QMPClient
 from kickcall.virtio.blk import make_image
 
 pytestmark = pytest.mark.slow
-
-
-def vhost_toml(sock: str, vcpus: int = 2) -> str:
-    return f"""
-[machine]
-vcpus = {vcpus}
-[[device]]
-type = "virtio-blk"
-id = "vblk"
-backend = "vhost-user"
-socket = "{sock}"
-"""
 
 
 def _backend_queue(qmp: str) -> dict:

@@ -10,24 +10,12 @@ import sys
 
 import pytest
 
-from helpers import running_machine, stop_process, wait_for
+from helpers import running_machine, stop_process, vhost_toml, wait_for
 from kickcall.hv.abi import HypervisorError
 from kickcall.virtio.blk import make_image
 from kickcall.virtio.device import DEVICE_NEEDS_RESET
 
 pytestmark = pytest.mark.slow
-
-
-def vhost_toml(sock: str) -> str:
-    return f"""
-[machine]
-vcpus = 2
-[[device]]
-type = "virtio-blk"
-id = "vblk"
-backend = "vhost-user"
-socket = "{sock}"
-"""
 
 
 def _break_the_ring(m, slot: int) -> None:

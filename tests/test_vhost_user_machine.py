@@ -8,26 +8,13 @@ import signal
 
 import pytest
 
-from helpers import all_threads_stopped, guest_irq_count, guest_vector_of, running_machine, start_vhost_user_blk, stop_process, \
+from helpers import all_threads_stopped, guest_irq_count, guest_vector_of, running_machine, start_vhost_user_blk, \
+    stop_process, vhost_toml, \
     wait_for
 from kickcall.peers.qsd import QSD
 from kickcall.virtio.blk import make_image
 
 pytestmark = pytest.mark.slow
-
-
-def vhost_toml(sock: str, *, queues: int = 1, vcpus: int = 2, inflight: bool = True) -> str:
-    return f"""
-[machine]
-vcpus = {vcpus}
-[[device]]
-type = "virtio-blk"
-id = "vblk"
-backend = "vhost-user"
-socket = "{sock}"
-queues = {queues}
-inflight = {str(inflight).lower()}
-"""
 
 
 def _blk(results):

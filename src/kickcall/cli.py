@@ -325,8 +325,7 @@ class _Keys:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from .machine import ConfigError, Machine, MachineError, default_config, load_config
-    from .machine.view import LiveView, PlainView, summary_lines
+    from .machine import ConfigError, default_config, load_config
 
     try:
         cfg = load_config(a.config) if a.config else default_config()
