@@ -556,23 +556,22 @@ def _count(path: str, needle: str) -> int:
 
 @ON_OFF
 def test_listener_out_of_fds_leaves_the_cpu_idle_and_resumes(workdir, fix):
-    """The back-end serves front-end A; its fd limit is then lowered to its lowest free fd, so
-    accept() for front-end B fails with EMFILE.  The listener pauses: over a 2 s window the
-    process uses well under 30% of a core and logs at most one line per pause (1 s).  Once fds
-    are available again, B is served, then a full workload.  Off: accept() fails in a loop, a
-    core spins and every failure logs a traceback."""
+    """No front-end is connected (A came and went); the back-end's fd limit is then lowered to its
+    lowest free fd, so accept() for front-end B fails with EMFILE.  The listener pauses: over a
+    2 s window the process uses well under 30% of a core and logs at most one line per pause
+    (1 s).  Once the limit is back up, B (waiting in the backlog) is served, then a full workload.
+    Off: accept() fails in a loop, and every failure logs a traceback."""
     img = os.path.join(workdir, "d.img")
     make_image(img, 8 << 20)
     sock = os.path.join(workdir, "s")
     errpath = os.path.join(workdir, "stderr")
     with open(errpath, "wb") as err:
         p = spawn(_backend_argv(sock, img, () if fix else ("PAUSE_LISTENER_ON_EMFILE",)), stderr=err)
-    a = None
     b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     b.settimeout(CEILING)
     try:
         wait_for_listener(sock, p)
-        a = connect_served(sock)  # A is the front-end being served
+        leave(connect_served(sock))  # A: served, then gone -- the back-end is watching its listener again
         limits = resource.prlimit(p.pid, resource.RLIMIT_NOFILE)
         resource.prlimit(p.pid, resource.RLIMIT_NOFILE, (_lowest_free_fd(p.pid), limits[1]))
         b.connect(sock)  # into the backlog: accept() cannot get it an fd
@@ -591,19 +590,16 @@ def test_listener_out_of_fds_leaves_the_cpu_idle_and_resumes(workdir, fix):
             assert "Traceback" not in open(errpath, "rb").read().decode(errors="replace")
         else:
             assert lines > 100, f"the fix is off: accept() should fail in a loop ({lines} lines, {share:.0%} CPU)"
-        # A leaves: its fd is free again and B, waiting in the backlog, is served
-        leave(a)
+        # the limit back up: B, waiting in the backlog, is served, then a whole workload (eventfds,
+        # memory, an inflight region)
+        resource.prlimit(p.pid, resource.RLIMIT_NOFILE, limits)
         send(b, FR.GET_FEATURES)
         rep = read_message(b)
         assert rep is not None and rep.request == FR.GET_FEATURES
-        # the limit back up: a whole workload (eventfds, memory, an inflight region) is served
-        resource.prlimit(p.pid, resource.RLIMIT_NOFILE, limits)
         leave(b)
         r = run_test(sock, duration=0.5, depth=4, connect_wait=CEILING)
         assert r["error_count"] == 0 and r["ops"] > 0, r["errors"]
     finally:
-        if a is not None:
-            a.close()
         b.close()
         rc = stop_process(p)
     if fix:

@@ -121,27 +121,31 @@ def test_release_leaves_a_path_someone_else_replaced(workdir):
         assert f.read() == "theirs"
 
 
-def test_two_claims_race_and_exactly_one_wins(workdir):
-    p = os.path.join(workdir, "race.sock")
-    results: list[object] = []
-    barrier = threading.Barrier(8)
+def test_racing_claims_have_exactly_one_winner(workdir):
+    """Eight threads claim one path at once, 200 times over (a loser that created the lock file
+    must not remove it: the winner's lock would then guard a file nobody else can see)."""
+    for n in range(200):
+        p = os.path.join(workdir, f"race{n}.sock")
+        results: list[object] = []
+        barrier = threading.Barrier(8)
 
-    def go() -> None:
-        barrier.wait()
-        try:
-            results.append(SocketClaim(p))
-        except PathRefused as e:
-            results.append(e)
+        def go() -> None:
+            barrier.wait()
+            try:
+                results.append(SocketClaim(p))
+            except PathRefused as e:
+                results.append(e)
 
-    ts = [threading.Thread(target=go) for _ in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    won = [r for r in results if isinstance(r, SocketClaim)]
-    lost = [r for r in results if isinstance(r, PathRefused)]
-    assert len(won) == 1 and all(e.kind is RefusalKind.IN_USE for e in lost)
-    won[0].release()
+        ts = [threading.Thread(target=go) for _ in range(8)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        won = [r for r in results if isinstance(r, SocketClaim)]
+        lost = [r for r in results if isinstance(r, PathRefused)]
+        assert len(won) == 1 and all(e.kind is RefusalKind.IN_USE for e in lost), (n, results)
+        won[0].release()
+        assert not os.path.exists(p + ".lock")
 
 
 def test_a_missing_directory_is_named(workdir):

@@ -127,12 +127,14 @@ class SocketClaim:
                     raise self._lock_error(e) from None
             except OSError as e:
                 raise self._lock_error(e) from None
+            locked = False
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise PathRefused(self.lock_path, RefusalKind.EXISTS, "exists and is not a lock file")
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    locked = True
                 except BlockingIOError:
                     pid = _holder_pid(fd)
                     who = f" (pid {pid})" if pid else ""
@@ -146,13 +148,20 @@ class SocketClaim:
                     os.close(fd)  # we locked a file its creator has just removed: start again
                     continue
             except BaseException:
-                os.close(fd)
-                if created:
+                # remove a lock file we created only if we hold its lock: another process that
+                # locked it between our create and our flock holds it now, and unlinking it would
+                # let a third one lock a fresh file beside it
+                if created and locked:
                     try:
                         os.unlink(self.lock_path)
                     except OSError:
                         pass
+                os.close(fd)
                 raise
+            if not created and st.st_size == 0:
+                # empty: made by a racer that lost the lock before writing its pid (a lock file
+                # from an earlier run names its process) -- ours to remove, then
+                created = True
             if created:
                 os.write(fd, b"%d\n" % os.getpid())
                 st = os.fstat(fd)
