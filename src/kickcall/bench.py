@@ -549,7 +549,9 @@ def run_vhost_user(quick: bool = False, log=print) -> dict:
     if pinned:
         _pin_process(os.getpid(), GUEST_CPU)
     out["placement"] = (f"front-end on CPU {GUEST_CPU}, back-end process on CPU {VMM_CPU}" if pinned else "unpinned")
-    workdir = tempfile.mkdtemp(prefix="kcb")
+    from .ownership import temp_dir
+
+    workdir = tempfile.mkdtemp(prefix="kcb", dir=temp_dir())
     img = os.path.join(workdir, "d.img")
     try:
         make_image(img, 64 << 20)
@@ -708,7 +710,9 @@ def run_monitor(quick: bool = False, log=print) -> dict:
     out: dict = {"machine": machine_description(), "seconds_per_run": seconds, "passes": passes}
     runs: dict[str, list[dict]] = {"quiet": [], "diagnose": [], "watched": []}
     watch: dict[str, list[dict]] = {"diagnose": [], "watched": []}
-    d = tempfile.mkdtemp(prefix="kcbench")
+    from .ownership import temp_dir
+
+    d = tempfile.mkdtemp(prefix="kcbench", dir=temp_dir())
     qmp = os.path.join(d, "m.qmp")
     m = None
     w = None

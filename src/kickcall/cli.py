@@ -127,9 +127,9 @@ class Terminated(BaseException):
 
 def crash_report(what: str, text: str) -> str:
     """Write a crash report (mode 0600, a new file) and return its path; '' if it cannot be written."""
-    import tempfile
+    from .ownership import temp_dir
 
-    d = os.environ.get("KICKCALL_CRASH_DIR") or tempfile.gettempdir()
+    d = os.environ.get("KICKCALL_CRASH_DIR") or temp_dir()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in range(100):
         path = os.path.join(d, f"kickcall-crash-{stamp}-{os.getpid()}{'-' + str(n) if n else ''}.txt")

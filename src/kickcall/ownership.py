@@ -28,7 +28,7 @@ import os
 import socket
 import stat
 
-__all__ = ["RefusalKind", "PathRefused", "SocketClaim", "claim_socket_path", "SUN_PATH_MAX"]
+__all__ = ["RefusalKind", "PathRefused", "SocketClaim", "claim_socket_path", "SUN_PATH_MAX", "temp_dir"]
 
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the terminating NUL
 
@@ -290,3 +290,17 @@ class SocketClaim:
 def claim_socket_path(path: str) -> SocketClaim:
     """Check and lock *path* for a Unix socket this run will create; raises :class:`PathRefused`."""
     return SocketClaim(path)
+
+
+def temp_dir() -> str:
+    """Where kickcall makes its temporary directories: ``$TMPDIR`` (then ``$TEMP``, ``$TMP``,
+    ``/tmp``, ``/var/tmp``), the first that is a writable directory.
+
+    Unlike ``tempfile.gettempdir()`` on its first call, this creates nothing: the standard library
+    probes each candidate by creating and deleting a file with a random name in it, which a Ctrl-C
+    at the wrong moment leaves behind in the user's directory.
+    """
+    for cand in (os.environ.get("TMPDIR"), os.environ.get("TEMP"), os.environ.get("TMP"), "/tmp", "/var/tmp"):
+        if cand and os.path.isdir(cand) and os.access(cand, os.W_OK | os.X_OK):
+            return os.path.abspath(cand)
+    return os.getcwd()

@@ -31,7 +31,7 @@ from ..loop import IOThread
 from ..memory import AddressSpace, GuestMemory
 from ..notify import NotifierRegistry
 from ..pci.bus import PCIBus, PCIHost
-from ..ownership import PathRefused, SocketClaim
+from ..ownership import PathRefused, SocketClaim, temp_dir
 from ..virtio.blk import VirtIOBlk
 from ..virtio.image import create_image, open_image
 from ..virtio.net import VirtIONet
@@ -80,7 +80,7 @@ class Machine:
         self.quit_requested = threading.Event()  # the monitor's quit
         self.qmp = None
         self._own_workdir = workdir is None
-        self.workdir = workdir or tempfile.mkdtemp(prefix="kickcall-")
+        self.workdir = workdir or tempfile.mkdtemp(prefix="kickcall-", dir=temp_dir())
         self._built: list = []  # what to close, last first, if the build fails
         try:
             self._build()
