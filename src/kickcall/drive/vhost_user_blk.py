@@ -398,6 +398,7 @@ class BlkVerifyWorkload:
         self.ops = self.reads = self.writes = 0
         self.latencies: deque = deque(maxlen=50000)
         self.stop_event = threading.Event()
+        self.aborted = threading.Event()  # leave at once, requests in flight included (interrupted)
         self._gen = 1
         self._mu = threading.Lock()
         self.duplicates = 0
@@ -414,14 +415,25 @@ class BlkVerifyWorkload:
         self._gen = 2
 
     def run(self, duration: float) -> None:
+        """Run for *duration* seconds.  If the caller is interrupted (Ctrl-C), the submitter
+        threads are told to abandon their requests and are joined before this returns, so that
+        nobody touches the driver's memory after the caller closes it."""
         d = self.drv
         threads = [threading.Thread(target=self._queue_loop, args=(q, duration), name=f"wl-q{q}", daemon=True)
                    for q in range(d.num_queues)]
         t0 = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(duration + self.stall_timeout + 30)
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(duration + self.stall_timeout + 30)
+        finally:
+            if any(t.is_alive() for t in threads):
+                self.aborted.set()
+                self.stop_event.set()
+                for t in threads:
+                    if t.is_alive():
+                        t.join(10)
         self.elapsed = time.monotonic() - t0
 
     def _queue_loop(self, q: int, duration: float) -> None:
@@ -438,6 +450,8 @@ class BlkVerifyWorkload:
         end = time.monotonic() + duration
         try:
             while True:
+                if self.aborted.is_set():
+                    return
                 stopping = time.monotonic() >= end or self.stop_event.is_set() or d.error
                 if not stopping and free:
                     batch = []
@@ -471,6 +485,8 @@ class BlkVerifyWorkload:
                 deadline = time.monotonic() + self.stall_timeout
                 got = []
                 while not got:
+                    if self.aborted.is_set():
+                        return
                     got = [r for r in list(inflight) if r.done.is_set()]
                     if got:
                         break
