@@ -113,3 +113,21 @@ def test_an_internal_error_is_one_line_and_a_crash_report(workdir):
     (report,) = os.listdir(crash_dir)
     with open(os.path.join(crash_dir, report)) as f:
         assert "Traceback" in f.read()
+
+
+def test_a_helper_process_is_out_of_reach_of_the_terminals_ctrl_c():
+    """A machine's guest (and a benchmark's helpers) run in their own process group and start with
+    SIGINT blocked, so a SIGINT sent to the parent's group between fork() and the child's
+    setpgid() cannot kill the new program before its first line (it did, once, in CI)."""
+    from kickcall.child import start_helper
+
+    p = start_helper([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        assert os.getpgid(p.pid) == p.pid != os.getpgid(0)
+        with open(f"/proc/{p.pid}/status") as f:
+            blocked = int(next(ln for ln in f if ln.startswith("SigBlk:")).split()[1], 16)
+        assert blocked & (1 << (signal.SIGINT - 1))
+        assert not signal.pthread_sigmask(signal.SIG_BLOCK, []) & {signal.SIGINT}  # ours is unblocked again
+    finally:
+        p.stdin.close()
+        p.wait(30)

@@ -33,6 +33,8 @@ import sys
 import time
 import timeit
 
+from .child import start_helper
+
 __all__ = ["bench_main", "run_notify"]
 
 STAMP_GPA = 0x8000  # a page of low guest memory the guest kernel does not allocate
@@ -96,7 +98,7 @@ def measure_floor(n: int) -> list[int]:
     ep.register(efd, select.EPOLLIN)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    child = subprocess.Popen([sys.executable, "-c",
+    child = start_helper([sys.executable, "-c",
                               f"from kickcall.bench import _floor_child; _floor_child({efd}, {memfd}, {n})"],
                              pass_fds=[efd, memfd], env=env)
     _pin_process(child.pid, GUEST_CPU)
@@ -503,7 +505,7 @@ def _start_backend(kind: str, img: str, sock: str, workdir: str, profile: str | 
     argv = [sys.executable, "-m", "kickcall", "vhost-user-blk", "--socket-path", sock, "--blk-file", img]
     if profile:
         argv += ["--profile", profile]
-    p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = start_helper(argv, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while not os.path.exists(sock):
         if p.poll() is not None or time.monotonic() > deadline:
@@ -687,7 +689,7 @@ with QMPClient(path).connect() as c:
 def _watcher(path: str, seconds: float, interval: float) -> subprocess.Popen:
     """A separate process doing what ``kickcall diagnose --watch`` does: full samples of every queue,
     *interval* apart (0: back to back)."""
-    return subprocess.Popen([sys.executable, "-c", _WATCHER, path, str(seconds), str(interval)],
+    return start_helper([sys.executable, "-c", _WATCHER, path, str(seconds), str(interval)],
                             stdout=subprocess.PIPE, text=True)
 
 

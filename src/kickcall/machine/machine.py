@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any
 
+from ..child import start_helper
 from ..hv.abi import SPACE_MMIO, SPACE_PIO, ChannelClosed
 from ..hv import abi
 from ..hv.channel import socketpair
@@ -243,10 +244,10 @@ class Machine:
         env = dict(os.environ)
         pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.guest_proc = subprocess.Popen(
+        self.guest_proc = start_helper(  # its own process group: a terminal's Ctrl-C is the VMM's
             [sys.executable, "-m", "kickcall.guest.process", "--channel-fd", str(fd), "--parent", str(os.getpid()),
              "--log-level", self.guest_log_level],
-            pass_fds=[fd], process_group=0, env=env, stdin=subprocess.DEVNULL)
+            pass_fds=[fd], env=env, stdin=subprocess.DEVNULL)
         self._guest_sock.close()
 
     def guest_cmd(self, cmd: dict, timeout: float | None = 120.0) -> dict:
