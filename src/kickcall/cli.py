@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 
-from . import trace
+from . import __version__, trace
+from .crash import OneLineFormatter, crash_report, thread_excepthook
 from .ownership import PathRefused
 
 __all__ = ["main"]
@@ -104,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_version(p: argparse.ArgumentParser) -> None:
     """``--version`` on the command and on every subcommand."""
-    p.add_argument("--version", action="version", version=f"kickcall {_version()}")
+    p.add_argument("--version", action="version", version=f"kickcall {__version__}")
     for act in p._actions:  # argparse keeps its subparsers there; there is no public accessor
         if isinstance(act, argparse._SubParsersAction):
             for sp in set(act.choices.values()):
@@ -125,70 +126,6 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that every clean-up (finally) runs."""
 
 
-def crash_report(what: str, text: str) -> str:
-    """Write a crash report (mode 0600, a new file) and return its path; '' if it cannot be written."""
-    from .ownership import temp_dir
-
-    d = os.environ.get("KICKCALL_CRASH_DIR") or temp_dir()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for n in range(100):
-        path = os.path.join(d, f"kickcall-crash-{stamp}-{os.getpid()}{'-' + str(n) if n else ''}.txt")
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            continue
-        except OSError:
-            return ""
-        with os.fdopen(fd, "w") as f:
-            f.write(f"kickcall {_version()} crash report\nwhat: {what}\nargv: {sys.argv!r}\npid: {os.getpid()}\n\n")
-            f.write(text)
-        return path
-    return ""
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
-    """An exception nobody caught in a thread: one line and a crash report, never a traceback."""
-    import traceback
-
-    if args.exc_type is SystemExit:
-        return
-    text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
-    name = args.thread.name if args.thread is not None else "?"
-    path = crash_report(f"uncaught exception in thread {name}", text)
-    print(f"kickcall: internal error in thread {name}: {args.exc_type.__name__}: {args.exc_value}"
-          f"{' (crash report: ' + path + ')' if path else ''}", file=sys.stderr, flush=True)
-
-
-class _OneLineFormatter(logging.Formatter):
-    """Log records with a traceback print one line; the traceback goes to a file named in it."""
-
-    def formatException(self, ei) -> str:  # noqa: N802 (logging's name)
-        import traceback
-
-        text = "".join(traceback.format_exception(*ei))
-        d = os.environ.get("KICKCALL_CRASH_DIR")
-        path = ""
-        if d:
-            try:
-                fd, path = __import__("tempfile").mkstemp(prefix="kickcall-traceback-", suffix=".txt", dir=d)
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-            except OSError:
-                path = ""
-        exc = ei[1]
-        return f"  ({type(exc).__name__}: {exc}{'; traceback in ' + path if path else ''})"
-
-    def format(self, record: logging.LogRecord) -> str:
-        s = super().format(record)
-        return s.replace("\n  (", " (")
-
-
 def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
@@ -202,7 +139,7 @@ def _on_sigint(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``kickcall`` command.  Never prints a Python traceback: see the EXIT_* statuses."""
-    threading.excepthook = _thread_excepthook
+    threading.excepthook = thread_excepthook
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_sigint)
     if threading.current_thread() is threading.main_thread() and \
@@ -261,7 +198,7 @@ def _main(argv: list[str] | None = None) -> int:
     ap = _parser()
     a = ap.parse_args(argv)
     handler = logging.StreamHandler()
-    handler.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=a.log_level, handlers=[handler])
     if a.cmd == "run":
         return cmd_run(a)

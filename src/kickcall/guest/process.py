@@ -14,7 +14,9 @@ import os
 import signal
 import socket
 import sys
+import threading
 
+from ..crash import OneLineFormatter, thread_excepthook
 from ..hv.kernel import KernelHV
 from .os import GuestOS
 
@@ -38,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queue-size", type=int, default=0)
     ap.add_argument("--log-level", default="WARNING")
     a = ap.parse_args(argv)
-    logging.basicConfig(level=a.log_level, stream=sys.stderr,
-                        format="guest[%(process)d] %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("guest[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=a.log_level, handlers=[handler])
+    threading.excepthook = thread_excepthook  # no traceback on the terminal from the guest either
     if a.parent:
         die_with_parent(a.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the VMM's to handle

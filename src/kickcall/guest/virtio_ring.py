@@ -57,6 +57,7 @@ class Vring:
         self._umm, self._uoff = mem.translate(self.used, used_size(num))
         # indices, flags and event fields: one 16-bit access each (never torn for the device)
         self._a16 = mem.view(self.avail, avail_size(num)).cast("H")
+        self.released = False
         self._u16 = mem.view(self.used, used_size(num)).cast("H")
         self._ae = 2 + 4 * num  # avail_event in the used ring
         self._ue = 2 + num  # used_event in the avail ring
@@ -207,7 +208,13 @@ class Vring:
     def interrupt(self) -> bool:
         """vring_interrupt: the ISR for this queue.  Returns IRQ_HANDLED / IRQ_NONE."""
         self.interrupts += 1
-        if not self.more_used():
+        try:
+            more = not self.released and self.more_used()
+        except ValueError:  # released meanwhile (the guest is shutting down): nothing to look at
+            return False
+        if self.released:
+            return False
+        if not more:
             self.spurious_interrupts += 1
             return False
         if self.callback is not None:
@@ -240,7 +247,9 @@ class Vring:
             self.broken = True
 
     def release(self) -> None:
-        """Drop the views into guest RAM (before the RAM is unmapped)."""
+        """Drop the views into guest RAM (before the RAM is unmapped).  An interrupt that arrives
+        afterwards (the guest is shutting down) finds no ring and is not handled."""
+        self.released = True
         for v in (self._a16, self._u16):
             try:
                 v.release()
