@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from helpers import kickcall_argv, running_machine, spawn, start_vhost_user_blk, stop_process, wait_for
 from kickcall.diagnose.sample import QueueSample
-from kickcall.diagnose.verdict import (IDLE, LOST_CALL, LOST_KICK, MASKED_PENDING, NOT_PROCESSING, RING_CORRUPT,
-                                       judge_state)
+from kickcall.diagnose.verdict import (IDLE, LOST_CALL, LOST_KICK, MASKED_PENDING, NEEDS_RESET, NOT_PROCESSING,
+                                       RING_CORRUPT, SLOW, judge_state)
 from kickcall.monitor.client import QMPClient
 from kickcall.virtio.blk import make_image
 
@@ -186,7 +186,7 @@ def test_injection_is_announced(workdir):
 
 
 @pytest.mark.slow
-def test_idle_and_ring_corrupt(workdir):
+def test_idle_and_needs_reset(workdir):
     qmp = os.path.join(workdir, "m.qmp")
     with running_machine(ONE_CPU) as m:
         m.start_monitor(qmp)
@@ -199,7 +199,7 @@ def test_idle_and_ring_corrupt(workdir):
         m.guest_cmd({"cmd": "kick", "slot": m.device("blk0").devfn >> 3, "queue": 0, "cpu": 0})
         rc, rep, _ = diagnose(qmp, "--fix")
         qr = q0(rep)
-        assert rc == 1 and qr["verdict"] == RING_CORRUPT, rep
+        assert rc == 1 and qr["verdict"] == NEEDS_RESET, rep
         assert not qr["fix-result"]["injected"]
 
 
@@ -281,24 +281,26 @@ def _qs(a, last, u, ue, ae, *, num=256, event_idx=True, kick_pending=0, call_pen
 
 
 def test_rules_by_example():
-    assert judge_state(_qs(10, 10, 10, 10, 10), [], 4, 1).kind == IDLE
-    assert judge_state(_qs(18, 10, 10, 10, 10), [], 4, 1).kind == LOST_KICK
-    assert judge_state(_qs(18, 10, 10, 10, 10, kick_pending=1), [], 4, 1).kind == NOT_PROCESSING
-    assert judge_state(_qs(10, 10, 10, 2, 10, kick_pending=1), [], 4, 1).kind == NOT_PROCESSING
-    assert judge_state(_qs(18, 10, 10, 10, 30), [], 4, 1).kind == NOT_PROCESSING  # kicks suppressed
-    assert judge_state(_qs(18, 10, 10, 10, 0, event_idx=False), [], 4, 1).kind == LOST_KICK
-    assert judge_state(_qs(18, 10, 10, 10, 0, event_idx=False, used_flags=1), [], 4, 1).kind == NOT_PROCESSING
-    assert judge_state(_qs(10, 10, 5, 5, 10), [], 4, 1).kind == NOT_PROCESSING  # taken, never completed
-    assert judge_state(_qs(10, 10, 10, 2, 10), [], 4, 1).kind == LOST_CALL
-    v = judge_state(_qs(10, 10, 10, 2, 10, masked=True, pba=True), [], 4, 1)
+    assert judge_state(_qs(10, 10, 10, 10, 10), None, 4, 1).kind == IDLE
+    assert judge_state(_qs(18, 10, 10, 10, 10), None, 4, 1).kind == LOST_KICK
+    assert judge_state(_qs(18, 10, 10, 10, 10, kick_pending=1), None, 4, 1).kind == NOT_PROCESSING
+    assert judge_state(_qs(10, 10, 10, 2, 10, kick_pending=1), None, 4, 1).kind == NOT_PROCESSING
+    assert judge_state(_qs(18, 10, 10, 10, 30), None, 4, 1).kind == NOT_PROCESSING  # kicks suppressed
+    assert judge_state(_qs(18, 10, 10, 10, 0, event_idx=False), None, 4, 1).kind == LOST_KICK
+    assert judge_state(_qs(18, 10, 10, 10, 0, event_idx=False, used_flags=1), None, 4, 1).kind == NOT_PROCESSING
+    # taken, never completed: slow while younger than the window, not processing once older
+    assert judge_state(_qs(10, 10, 5, 5, 10), None, 4, 1, window=5, age=1).kind == SLOW
+    assert judge_state(_qs(10, 10, 5, 5, 10), None, 4, 1, window=5, age=6).kind == NOT_PROCESSING
+    assert judge_state(_qs(10, 10, 10, 2, 10), None, 4, 1).kind == LOST_CALL
+    v = judge_state(_qs(10, 10, 10, 2, 10, masked=True, pba=True), None, 4, 1)
     assert v.kind == MASKED_PENDING and v.needs_force and v.fix == "call"
-    assert judge_state(_qs(10, 10, 10, 2, 10, masked=False), [], 4, 1).fix == "call"
-    assert judge_state(_qs(2000, 10, 10, 10, 10), [], 4, 1).kind == RING_CORRUPT
+    assert judge_state(_qs(10, 10, 10, 2, 10, masked=False), None, 4, 1).fix == "call"
+    assert judge_state(_qs(2000, 10, 10, 10, 10), None, 4, 1).kind == RING_CORRUPT
     assert judge_state(_qs(10, 10, 10, 10, 10), ["VIRTIO_CONFIG_S_NEEDS_RESET: Device needs reset"], 4,
-                       1).kind == RING_CORRUPT
+                       1).kind == NEEDS_RESET
     # 16-bit wrap: 65530 -> 4 is 10 entries, not corruption
-    assert judge_state(_qs(4, 65530, 65530, 65530, 65530), [], 4, 1).kind == LOST_KICK
-    assert judge_state(_qs(4, 4, 4, 65530, 4), [], 4, 1).kind == LOST_CALL
+    assert judge_state(_qs(4, 65530, 65530, 65530, 65530), None, 4, 1).kind == LOST_KICK
+    assert judge_state(_qs(4, 4, 4, 65530, 4), None, 4, 1).kind == LOST_CALL
 
 
 u16 = st.integers(0, 0xFFFF)
@@ -311,7 +313,7 @@ junk = st.one_of(st.none(), st.booleans(), st.text(max_size=5), st.integers(-2**
        pba=st.booleans())
 def test_rules_are_consistent(a, last, u, ue, ae, num, ev, kp, cp, masked, pba):
     v = judge_state(_qs(a, last, u, ue, ae, num=num, event_idx=ev, kick_pending=kp, call_pending=cp, masked=masked,
-                        pba=pba), [], 4, 1.0)
+                        pba=pba), None, 4, 1.0)
     ahead, taken = (a - last) & 0xFFFF, (last - u) & 0xFFFF
     assert v.evidence
     if v.kind == LOST_KICK:

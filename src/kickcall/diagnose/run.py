@@ -1,27 +1,94 @@
-"""``kickcall diagnose``: sample, judge, and (if asked) inject the one event that recovers a queue."""
+"""``kickcall diagnose``: connect, identify, sample, judge, join, and (if asked) inject.
+
+One :class:`TargetSession` per monitor socket: connected within the run's deadline, identified
+(:mod:`.targets`), and from then on spoken to only through its :class:`~.targets.GuardedMonitor`.
+Rounds of samples are taken until every queue has a final verdict or ``--timeout`` runs out.
+A vhost device seen from QEMU and the same ring seen from its back-end's monitor (matched by the
+ring's addresses, which the front-end sent to the back-end) become one joined verdict, reported
+under QEMU's device path.
+"""
 
 from __future__ import annotations
 
+import datetime
+import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from .sample import Monitor, Sample, Sampler
-from .verdict import HEALTHY, IDLE, UNDECIDED, Verdict, judge
+from ..monitor.client import (ConnectionProblem, QMPClient, QMPCommandError, QMPConnectionError, peer_pid,
+                              process_state)
+from .sample import QemuSampler, Sample, Sampler, UnknownSelection
+from .targets import GuardedMonitor, TargetInfo, TargetKind, identify
+from .verdict import (DEFAULT_WINDOW, HEALTHY, IDLE, LOST_CALL, LOST_KICK, PAUSED, STOPPED, UNDECIDED, Severity,
+                      Verdict, judge)
 
-__all__ = ["QueueReport", "Report", "diagnose", "apply_fixes", "format_report"]
+__all__ = ["TargetProblem", "TargetSession", "QueueReport", "TargetReport", "Report", "diagnose", "apply_fixes",
+           "format_report", "exit_status", "SCHEMA", "RESTART_ADVICE"]
+
+SCHEMA = 1  # the JSON report's schema version
+
+# Verified on QEMU 7.2 (tests/test_qemu_query_safety.py, tests/test_diagnose_field.py): a vhost-user
+# ring stopped behind QEMU's back (GET_VRING_BASE) is set up again by `stop` then `cont` on QEMU's
+# monitor -- `stop` stops the rings, `cont` sends the full set-up (SET_VRING_NUM/BASE/ADDR/KICK/CALL)
+# -- and the request the guest published meanwhile completes.
+RESTART_ADVICE: str | None = ("on QEMU 7.2, `stop` then `cont` on QEMU's monitor sets the vhost rings up again "
+                              "(the guest pauses for the moment between them; verified with kickcall's back-end)")
+
+GREETING_WAIT = 5.0  # longest wait for a greeting (within --timeout): a healthy monitor greets at once
+
+
+class TargetProblem(enum.StrEnum):
+    NO_SOCKET = "no socket"
+    REFUSED = "refused"
+    NOT_QMP = "not a QMP monitor"
+    BUSY = "busy"
+    PROCESS_STOPPED = "process stopped"
+    NOT_ANSWERING = "not answering"
+    CLOSED = "closed the connection"
+    NO_VIRTIO_QUERIES = "no virtio queries"
+    NO_RING_STATE = "no ring state"
+    UNKNOWN_MONITOR = "unknown monitor"
+
+
+_UNREACHABLE = {TargetProblem.NO_SOCKET, TargetProblem.REFUSED, TargetProblem.NOT_QMP, TargetProblem.BUSY,
+                TargetProblem.PROCESS_STOPPED, TargetProblem.NOT_ANSWERING, TargetProblem.CLOSED}
+
+
+@dataclass
+class TargetReport:
+    socket: str
+    kind: TargetKind | None = None
+    version: str = ""
+    pid: int | None = None
+    run_state: str = "unknown"
+    problem: TargetProblem | None = None
+    detail: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"socket": self.socket, "kind": self.kind.value if self.kind else None, "version": self.version,
+                "pid": self.pid, "run-state": self.run_state, "problem": str(self.problem) if self.problem else None,
+                "detail": self.detail, "notes": list(self.notes)}
 
 
 @dataclass
 class QueueReport:
+    target: str  # the monitor socket the verdict is reported under
     path: str
     name: str
     queue: int
     verdict: Verdict
+    target_kind: TargetKind | None = None
+    joined: dict | None = None  # {"target", "path", "queue"} of the back-end's view of the same ring
     fix_result: dict | None = None
 
     def as_dict(self) -> dict:
-        d = {"path": self.path, "name": self.name, "queue": self.queue}
+        d: dict[str, Any] = {"target": self.target, "target-kind": self.target_kind.value if self.target_kind else None,
+                             "path": self.path, "name": self.name, "queue": self.queue}
         d.update(self.verdict.as_dict())
+        d["joined"] = self.joined
         if self.fix_result is not None:
             d["fix-result"] = self.fix_result
         return d
@@ -29,11 +96,12 @@ class QueueReport:
 
 @dataclass
 class Report:
-    target: str
-    run_state: str
+    targets: list[TargetReport]
     samples: int
     interval: float
+    window: float
     queues: list[QueueReport] = field(default_factory=list)
+    wall_time: float = field(default_factory=time.time)
 
     @property
     def problems(self) -> list[QueueReport]:
@@ -43,71 +111,349 @@ class Report:
         return [q for q in self.problems if not (q.fix_result and q.fix_result.get("moved"))]
 
     def as_dict(self) -> dict:
-        return {"target": self.target, "run-state": self.run_state, "samples": self.samples,
-                "interval": self.interval, "queues": [q.as_dict() for q in self.queues]}
+        first = self.targets[0] if self.targets else None
+        return {"schema": SCHEMA,
+                "time": datetime.datetime.fromtimestamp(self.wall_time, datetime.UTC).isoformat(timespec="milliseconds"),
+                "target": first.socket if first else "", "run-state": first.run_state if first else "unknown",
+                "samples": self.samples, "interval": self.interval, "window": self.window,
+                "targets": [t.as_dict() for t in self.targets], "queues": [q.as_dict() for q in self.queues]}
 
 
-def diagnose(mon: Monitor, *, target: str = "", samples: int = 4, interval: float = 0.5, max_time: float = 15.0,
-             dev: str | None = None, queue: int | None = None) -> Report:
-    """Sample until every queue has a verdict (*samples* equal samples, or progress in each interval)."""
-    sampler = Sampler(mon, dev=dev, queue=queue)
-    history: list[Sample] = []
-    t0 = time.monotonic()
-    verdicts: dict[tuple[str, int], Verdict] = {}
+def _who(pid: int | None) -> str:
+    if pid is None:
+        return "its process is not known (SO_PEERCRED gave none: another pid namespace?)"
+    ps = process_state(pid)
+    if ps is None:
+        return f"pid {pid}"
+    return f"pid {pid} ({ps[1]}, state {ps[0]})"
+
+
+class TargetSession:
+    """One monitor: its connection, what it is, its sampler and its samples."""
+
+    def __init__(self, socket_path: str, *, fix: bool = False, dev: str | None = None,
+                 queue: int | None = None) -> None:
+        self.socket = socket_path
+        self.fix = fix
+        self.dev = dev
+        self.queue = queue
+        self.report = TargetReport(socket_path)
+        self.client: QMPClient | None = None
+        self.guard: GuardedMonitor | None = None
+        self.info: TargetInfo | None = None
+        self.sampler: Sampler | QemuSampler | None = None
+        self.history: list[Sample] = []
+        self.devices: list[dict] = []  # x-query-virtio, unfiltered (to name what --dev could be)
+
+    @property
+    def live(self) -> bool:
+        return self.sampler is not None and self.report.problem is None
+
+    def _fail(self, e: QMPConnectionError, pid: int | None) -> None:
+        r = self.report
+        r.pid = pid
+        ps = process_state(pid) if pid else None
+        if ps is not None and ps[0] in "Tt":
+            r.problem = TargetProblem.PROCESS_STOPPED
+            r.detail = (f"the monitor's process, {_who(pid)}, is stopped (SIGSTOP, or a debugger holds it): it "
+                        f"cannot answer. `kill -CONT {pid}` resumes it")
+        elif e.kind is ConnectionProblem.NO_GREETING:
+            r.problem = TargetProblem.BUSY
+            r.detail = (f"the socket accepted the connection but the monitor never greeted ({_who(pid)}). QEMU "
+                        "serves one QMP client at a time: another client (libvirt, a script) holds this socket. "
+                        "Give QEMU a second monitor (-qmp unix:PATH,server=on,wait=off, or -chardev/-mon), or go "
+                        "through libvirt's passthrough (virsh qemu-monitor-command DOMAIN '{...}')")
+        elif e.kind is ConnectionProblem.NO_REPLY:
+            r.problem = TargetProblem.NOT_ANSWERING
+            r.detail = f"the monitor greeted, then did not answer a query in time ({_who(pid)}): {e}"
+        elif e.kind is ConnectionProblem.NO_SOCKET:
+            r.problem, r.detail = TargetProblem.NO_SOCKET, str(e)
+        elif e.kind is ConnectionProblem.REFUSED:
+            r.problem, r.detail = TargetProblem.REFUSED, f"{e} (nothing listens: the process exited?)"
+        elif e.kind is ConnectionProblem.NOT_QMP:
+            r.problem, r.detail = TargetProblem.NOT_QMP, str(e)
+        else:
+            r.problem, r.detail = TargetProblem.CLOSED, f"{e} ({_who(pid)})"
+        if self.client is not None:
+            self.client.close()
+
+    def open(self, deadline: float) -> None:
+        """Connect, greet, identify -- all before *deadline*."""
+        remaining = max(0.05, deadline - time.monotonic())
+        pid: list[int | None] = [None]
+
+        def connected(sock: Any) -> None:
+            pid[0] = peer_pid(sock)
+            ps = process_state(pid[0]) if pid[0] else None
+            if ps is not None and ps[0] in "Tt":  # no use waiting for a greeting
+                raise QMPConnectionError("stopped", ConnectionProblem.NO_GREETING)
+
+        self.client = QMPClient(self.socket, timeout=remaining)
+        try:
+            self.client.connect(greeting_timeout=min(remaining, GREETING_WAIT), on_connected=connected)
+        except QMPConnectionError as e:
+            self._fail(e, pid[0])
+            return
+        except OSError as e:
+            self._fail(QMPConnectionError(f"cannot connect to {self.socket}: {e}"), pid[0])
+            return
+        self.report.pid = pid[0]
+        try:
+            self.client.set_timeout(max(0.05, deadline - time.monotonic()))
+            bare = GuardedMonitor(self.client, TargetKind.UNKNOWN)
+            version = _try(bare, "query-version")
+            commands = _try(bare, "query-commands")
+            self.info = identify(self.client.greeting, version, commands)
+            self.report.kind = self.info.kind
+            self.report.version = self.info.version if not self.info.package or self.info.package.startswith(
+                "kickcall") else f"{self.info.version} ({self.info.package})"
+            self.guard = GuardedMonitor(self.client, self.info.kind, fix=self.fix)
+            self.guard.sent = bare.sent + self.guard.sent
+            self._choose_sampler()
+        except QMPConnectionError as e:
+            self._fail(e, pid[0])
+
+    def _choose_sampler(self) -> None:
+        assert self.guard is not None and self.info is not None
+        k = self.info.kind
+        r = self.report
+        # --dev is applied to the report, not here: a QEMU device and its back-end's name differ, and
+        # the back-end's side is needed to join them
+        if k is TargetKind.KICKCALL_MACHINE or k is TargetKind.KICKCALL_BACKEND:
+            self.sampler = Sampler(self.guard, queue=self.queue)
+            self.sampler.addresses = k is TargetKind.KICKCALL_BACKEND
+        elif k is TargetKind.QEMU:
+            self.sampler = QemuSampler(self.guard, queue=self.queue, emulated_paths=self.guard.emulated_paths)
+        elif k is TargetKind.QEMU_WITHOUT_VIRTIO_QUERIES:
+            r.problem = TargetProblem.NO_VIRTIO_QUERIES
+            r.detail = (f"QEMU {self.info.version} has no virtio queries (x-query-virtio and the rest appeared in "
+                        "7.2): diagnose cannot see its rings. Give the vhost-user back-end's monitor instead, or "
+                        "run QEMU 7.2 or later")
+            st = _try(self.guard, "query-status")
+            if isinstance(st, dict) and isinstance(st.get("status"), str):
+                r.run_state = st["status"]
+        elif k is TargetKind.QEMU_STORAGE_DAEMON:
+            r.problem = TargetProblem.NO_RING_STATE
+            ex = _try(self.guard, "query-block-exports")
+            exports = [f"{e.get('id')} ({e.get('type')}, node {e.get('node-name')})" for e in ex
+                       if isinstance(e, dict)] if isinstance(ex, list) else []
+            r.detail = ("qemu-storage-daemon exposes no ring state over QMP: diagnose the front-end (QEMU's monitor) "
+                        "for these rings" + (f"; exports: {', '.join(exports)}" if exports else "; no exports"))
+        else:
+            r.problem = TargetProblem.UNKNOWN_MONITOR
+            r.detail = ("a QMP monitor kickcall does not know (neither QEMU, qemu-storage-daemon nor kickcall): "
+                        "nothing is queried beyond its version and command list")
+        if self.sampler is not None:
+            devs = self.guard.execute("x-query-virtio")
+            self.devices = [d for d in devs if isinstance(d, dict)] if isinstance(devs, list) else []
+
+    def take_sample(self, deadline: float) -> None:
+        if not self.live:
+            return
+        assert self.client is not None and self.sampler is not None
+        try:
+            self.client.set_timeout(max(0.05, deadline - time.monotonic()))
+            s = self.sampler.sample()
+        except QMPConnectionError as e:
+            self._fail(e, self.report.pid)
+            return
+        except QMPCommandError as e:
+            self._fail(QMPConnectionError(f"{e.cls}: {e.desc}", ConnectionProblem.OTHER), self.report.pid)
+            return
+        self.report.run_state = s.run_state
+        self.history.append(s)
+        del self.history[:-200]
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+
+def _try(mon: GuardedMonitor, cmd: str, args: dict | None = None) -> Any:
+    try:
+        return mon.execute(cmd, args)
+    except QMPCommandError:
+        return None
+
+
+def _queue_keys(sess: TargetSession) -> list[tuple[str, int]]:
+    if not sess.history:
+        return []
+    last = sess.history[-1]
+    return [(p, q.queue) for p, d in last.devices.items() for q in d.queues]
+
+
+def _joins(sessions: list[TargetSession]) -> dict[tuple[int, str, int], tuple[int, str, int]]:
+    """(qemu session, path, queue) -> (back-end session, path, queue), matched by ring address."""
+    by_addr: dict[tuple, tuple[int, str, int]] = {}
+    for i, s in enumerate(sessions):
+        if s.report.kind is TargetKind.KICKCALL_BACKEND and s.history:
+            for p, d in s.history[-1].devices.items():
+                for q in d.queues:
+                    a = q.ring_addresses()
+                    if a is not None:
+                        by_addr[a] = (i, p, q.queue)
+    out = {}
+    for i, s in enumerate(sessions):
+        if s.report.kind is TargetKind.QEMU and s.history:
+            for p, d in s.history[-1].devices.items():
+                for q in d.queues:
+                    a = q.ring_addresses()
+                    if a is not None and a in by_addr:
+                        out[(i, p, q.queue)] = by_addr[a]
+    return out
+
+
+def dev_matches(dev: str | None, path: str) -> bool:
+    """--dev names a device by its QOM path or by any component of it (its id)."""
+    return dev is None or dev == path or dev in path.strip("/").split("/")
+
+
+def _check_selection(sessions: list[TargetSession], dev: str | None, queue: int | None) -> None:
+    live = [s for s in sessions if s.history]
+    if not live:
+        return
+    if dev is not None and not any(dev_matches(dev, p) for s in live for p in s.history[-1].devices):
+        names = sorted({d["path"] for s in sessions for d in s.devices})
+        raise UnknownSelection(f"no virtio device {dev!r}" + (f"; the devices are: {', '.join(names)}" if names
+                                                              else "; the targets have no virtio devices"))
+    if queue is not None and not any(d.queues for s in live for p, d in s.history[-1].devices.items()
+                                     if dev_matches(dev, p)):
+        raise UnknownSelection(f"no queue {queue} on " + (f"device {dev!r}" if dev else "any device")
+                               + " (queues are numbered from 0)")
+
+
+def diagnose(sessions: list[TargetSession], *, samples: int = 4, interval: float = 0.5, timeout: float = 15.0,
+             window: float = DEFAULT_WINDOW, dev: str | None = None, queue: int | None = None,
+             deadline: float | None = None) -> Report:
+    """Open (if need be) and sample every session until each queue has a final verdict."""
+    t_end = deadline if deadline is not None else time.monotonic() + timeout
+    for s in sessions:
+        if s.client is None:
+            s.open(t_end)
+    for s in sessions:
+        s.history.clear()
+    first = True
     while True:
-        history.append(sampler.sample())
-        history = history[-max(samples, 2) * 4:]
-        last = history[-1]
-        keys = [(p, q.queue) for p, d in last.devices.items() for q in d.queues]
-        verdicts = {k: judge(history, k[0], k[1], samples) for k in keys}
-        done = all(v.kind != UNDECIDED for v in verdicts.values())
-        if done or time.monotonic() - t0 >= max_time:
+        for s in sessions:
+            s.take_sample(t_end)
+        if first:
+            _check_selection(sessions, dev, queue)
+            first = False
+        out_of_time = time.monotonic() >= t_end
+        verdicts = {(i, p, q): judge(s.history, p, q, samples, window=window, out_of_time=out_of_time)
+                    for i, s in enumerate(sessions) for p, q in _queue_keys(s)}
+        if out_of_time or all(v.final for v in verdicts.values()):
             break
-        time.sleep(interval)
-    rep = Report(target, history[-1].run_state, len(history), interval)
-    for (path, q), v in verdicts.items():
-        if v.kind == UNDECIDED:  # out of time while the queue kept moving on and off: that is progress
-            v = Verdict(HEALTHY, [f"intermittent progress within {max_time:.0f} s"] + v.evidence)
-        rep.queues.append(QueueReport(path, history[-1].devices[path].name, q, v))
+        time.sleep(max(0.0, min(interval, t_end - time.monotonic())))
+    return _report(sessions, verdicts, samples=max((len(s.history) for s in sessions), default=0),
+                   interval=interval, window=window, dev=dev)
+
+
+def _report(sessions: list[TargetSession], verdicts: dict, *, samples: int, interval: float,
+            window: float, dev: str | None = None) -> Report:
+    rep = Report([s.report for s in sessions], samples, interval, window)
+    joins = _joins(sessions)
+    joined_backend = set(joins.values())
+    for (i, p, q), v in verdicts.items():
+        s = sessions[i]
+        if (i, p, q) in joined_backend:
+            continue  # reported under QEMU's device path
+        name = s.history[-1].devices[p].name
+        j = joins.get((i, p, q))
+        if not (dev_matches(dev, p) or (j is not None and dev_matches(dev, j[1]))):
+            continue
+        if j is not None:
+            v = _join(v, verdicts[j], s, sessions[j[0]], p, q, j)
+            rep.queues.append(QueueReport(s.socket, p, name, q, v, s.report.kind,
+                                          {"target": sessions[j[0]].socket, "path": j[1], "queue": j[2]}))
+            continue
+        if v.kind == UNDECIDED:
+            v = Verdict(HEALTHY, ["intermittent progress within the time allowed"] + v.evidence, unknown=v.unknown)
+        rep.queues.append(QueueReport(s.socket, p, name, q, v, s.report.kind))
     return rep
 
 
-def _ring(mon: Monitor, path: str, queue: int) -> tuple:
+def _join(qv: Verdict, bv: Verdict, qs: TargetSession, bs: TargetSession, path: str, queue: int,
+          j: tuple[int, str, int]) -> Verdict:
+    """One verdict for a ring seen from QEMU (*qv*) and from its back-end (*bv*)."""
+    qsample = next(q for q in qs.history[-1].devices[path].queues if q.queue == queue)
+    st = qsample.status
+    qemu_line = (f"QEMU ({qs.socket}) sees this ring at guest-physical avail {st.get('vring-avail')}, used "
+                 f"{st.get('vring-used')}: avail.idx {st.get('avail-idx')}, used.idx {st.get('used-idx-ring')}, "
+                 f"used_event {st.get('used-event')}, avail_event {st.get('avail-event')} (guest memory)")
+    back_line = f"the back-end's monitor ({bs.socket}, {j[1]} queue {j[2]}) gives the device side:"
+    if qv.kind == PAUSED:
+        return Verdict(PAUSED, qv.evidence + [qemu_line])
+    v = Verdict(bv.kind, [qemu_line, back_line] + bv.evidence, fix=bv.fix, needs_force=bv.needs_force,
+                facts=dict(bv.facts), severity=bv.severity, final=bv.final)
+    v.facts.update({f"qemu-{k}": st.get(k) for k in ("avail-idx", "used-idx-ring", "used-event", "avail-event")})
+    if bv.kind == STOPPED and st.get("x-qemu-vhost-started"):
+        v.evidence.append("QEMU believes its vhost device is started: the ring was stopped behind QEMU's back "
+                          "(a GET_VRING_BASE QEMU did not pair with a restart, e.g. x-query-virtio-queue-status)")
+        v.severity = Severity.PROBLEM
+    if bv.kind == UNDECIDED:
+        v = Verdict(HEALTHY, ["intermittent progress within the time allowed"] + v.evidence)
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------
+# --fix
+# ---------------------------------------------------------------------------------------------------
+def _ring(mon: GuardedMonitor, path: str, queue: int) -> tuple:
     st = mon.execute("x-query-virtio-queue-status", {"path": path, "queue": queue}) or {}
     return tuple(st.get(k) for k in ("avail-idx", "last-avail-idx", "used-idx-ring", "used-idx", "used-event"))
 
 
-def apply_fixes(mon: Monitor, rep: Report, *, force: bool = False, confirm_timeout: float = 10.0,
-                log=print) -> None:
-    """Inject the single event each problem calls for and confirm the queue moved.
+def _qemu_advice(v: Verdict) -> str:
+    if v.kind == STOPPED:
+        return ("the front-end stopped this ring; only the front-end restarts it"
+                + (f": {RESTART_ADVICE}" if RESTART_ADVICE else " (when it starts the device again)"))
+    return ("QEMU has no command that injects a kick or a call, and kickcall sends QEMU nothing that changes "
+            "state; give the vhost-user back-end's monitor too (--qmp again) to act on a vhost ring")
 
-    A masked vector is refused unless *force*; with it, one message goes past the mask (the
-    monitor logs it and announces X_DEVICE_EVENT_INJECTED with forced=true).  The guest's mask is
-    never touched."""
-    from ..monitor.client import QMPCommandError
 
+def apply_fixes(sessions: list[TargetSession], rep: Report, *, force: bool = False, confirm_timeout: float = 10.0,
+                log: Callable[[str], None] = print) -> None:
+    """Inject the single event each problem calls for, where the target has a safe way to, and
+    confirm the queue moved.  A masked vector is refused unless *force*; the guest's mask is never
+    touched.  A stopped ring is never kicked."""
+    by_socket = {s.socket: s for s in sessions}
     for q in rep.problems:
         v = q.verdict
+        fixer, path, queue = by_socket[q.target], q.path, q.queue
+        if q.joined is not None:
+            fixer, path, queue = by_socket[q.joined["target"]], q.joined["path"], q.joined["queue"]
+        if v.kind == STOPPED:
+            q.fix_result = {"injected": False, "reason": "refused: " + _qemu_advice(v)
+                            + "; a back-end must not process a ring its front-end stopped"}
+            continue
+        if fixer.report.kind not in (TargetKind.KICKCALL_MACHINE, TargetKind.KICKCALL_BACKEND):
+            q.fix_result = {"injected": False, "reason": "no safe way to act on this target: " + _qemu_advice(v)}
+            continue
         if v.fix is None:
-            q.fix_result = {"injected": False, "reason": "no single event recovers this: " + v.kind}
+            q.fix_result = {"injected": False, "reason": "no single event recovers this: " + str(v.kind)}
             continue
         if v.needs_force and not force:
             q.fix_result = {"injected": False, "reason": "refused: the guest masked this vector; an injected call "
                             "would only set its PBA bit. --force delivers one interrupt past the mask"}
             continue
-        before = _ring(mon, q.path, q.queue)
+        mon = fixer.guard
+        assert mon is not None
         try:
-            res = mon.execute("x-debug-device-event", {"dev": q.path, "event": v.fix, "queue": q.queue,
+            before = _ring(mon, path, queue)
+            res = mon.execute("x-debug-device-event", {"dev": path, "event": v.fix, "queue": queue,
                                                        "force": bool(v.needs_force and force)})
         except QMPCommandError as e:
             q.fix_result = {"injected": False, "reason": f"{e.cls}: {e.desc}"}
             continue
-        log(f"kickcall diagnose: injected {v.fix} on {q.path} queue {q.queue} through {res.get('path')}"
+        res = res if isinstance(res, dict) else {}
+        log(f"kickcall diagnose: injected {v.fix} on {path} queue {queue} through {res.get('path')}"
             + (" (FORCED past the guest's mask)" if res.get("forced") else ""))
         deadline = time.monotonic() + confirm_timeout
         after = before
         while time.monotonic() < deadline:
-            after = _ring(mon, q.path, q.queue)
+            after = _ring(mon, path, queue)
             if after != before:
                 break
             time.sleep(0.05)
@@ -123,25 +469,51 @@ def apply_fixes(mon: Monitor, rep: Report, *, force: bool = False, confirm_timeo
                 "interrupt (or is not running)")
 
 
-def format_report(rep: Report) -> str:
-    lines = [f"kickcall diagnose: {rep.target} ({rep.run_state}), {rep.samples} samples {rep.interval:g} s apart"]
-    cur = None
+# ---------------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------------
+def _summary(v: Verdict) -> str:
+    age = v.facts.get("oldest-request-s")
+    if age is not None:
+        return f"oldest request {age:.1f} s"
+    if v.kind in (HEALTHY, IDLE, PAUSED, UNDECIDED):
+        return v.evidence[0] if v.evidence else ""
+    if v.kind in (LOST_KICK, LOST_CALL):
+        return v.evidence[-1] if v.evidence else ""
+    return next((e for e in reversed(v.evidence) if not e.startswith(("nothing outstanding", "outstanding work"))),
+                v.evidence[-1] if v.evidence else "")
+
+
+def format_report(rep: Report, *, verbose: bool = False) -> str:
+    lines = []
+    for t in rep.targets:
+        if t.problem is not None:
+            lines.append(f"{t.socket}: {str(t.problem).upper()} -- {t.detail}")
+        elif verbose:
+            lines.append(f"# {t.socket}: {t.kind.value if t.kind else '?'} {t.version}, {_who(t.pid)}, {t.run_state}")
     for q in rep.queues:
-        if q.path != cur:
-            lines.append(f"{q.path} [{q.name}]")
-            cur = q.path
         v = q.verdict
-        tag = v.kind.upper() if v.problem else v.kind
-        lines.append(f"  queue {q.queue}: {tag}")
-        for e in v.evidence:
-            lines.append(f"    - {e}")
+        tag = str(v.kind).upper() if v.problem else str(v.kind)
+        if v.kind == "slow" and v.facts.get("oldest-request-s") is not None:
+            tag = f"slow (oldest request {v.facts['oldest-request-s']:.1f} s)"
+        head = f"{q.target}: {q.path} queue {q.queue}: {tag}"
+        if q.joined:
+            head += f" [joined with {q.joined['target']}]"
+        summ = _summary(v)
+        if not verbose and summ and not tag.startswith("slow ("):
+            head += f" -- {summ}"
+        lines.append(head)
+        if verbose:
+            for e in v.evidence:
+                lines.append(f"    - {e}")
+            for u in v.unknown:
+                lines.append(f"    - unknown: {u}")
         if v.problem:
             if q.fix_result is None:
-                if v.fix:
+                if v.fix and q.target_kind in (TargetKind.KICKCALL_MACHINE, TargetKind.KICKCALL_BACKEND) or (
+                        v.fix and q.joined):
                     lines.append(f"    fix: inject one {v.fix}" + (" (needs --force: masked vector)" if v.needs_force
                                                                    else "") + " -- run with --fix")
-                else:
-                    lines.append("    fix: none by injection")
             elif q.fix_result.get("injected"):
                 r = q.fix_result
                 lines.append(f"    fixed: {r['event']} injected through {r['path']}"
@@ -151,9 +523,21 @@ def format_report(rep: Report) -> str:
                     lines.append(f"    - {r['note']}")
             else:
                 lines.append(f"    not fixed: {q.fix_result['reason']}")
-    if not rep.queues:
-        lines.append("  no virtio queues")
-    quiet = all(q.verdict.kind in (HEALTHY, IDLE) for q in rep.queues)
-    lines.append("kickcall diagnose: " + ("no stalled queue" if quiet else
-                                          f"{len(rep.problems)} stalled queue(s), {len(rep.unresolved())} unresolved"))
+    if not rep.queues and not any(t.problem for t in rep.targets):
+        lines.append("no virtio queues")
+    bad = [t for t in rep.targets if t.problem is not None]
+    lines.append("kickcall diagnose: " + (f"{len(rep.problems)} stalled queue(s), {len(rep.unresolved())} unresolved"
+                                          if rep.problems else "no stalled queue")
+                 + (f"; {len(bad)} monitor(s) not diagnosed" if bad else ""))
     return "\n".join(lines)
+
+
+def exit_status(rep: Report) -> int:
+    """1: a stalled queue not recovered; 2: none found, but a monitor could not be read (or shows no
+    rings); 0 otherwise."""
+    if rep.unresolved():
+        return 1
+    if any(t.problem is not None for t in rep.targets):
+        return 2
+    return 0
+

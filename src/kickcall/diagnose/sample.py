@@ -1,66 +1,97 @@
-"""Samples of a monitor's view of every virtqueue, taken with read-only queries.
+"""Samples of a monitor's view of every virtqueue, taken with queries that change nothing.
 
-A sample is what ``x-query-virtio-queue-status``, ``x-query-device-notifiers`` and (when the
-target has one) ``x-query-pci-msix`` say at one moment.  None of these consumes an eventfd or
-stops a vhost ring; the fault injector's state is never asked for -- a fault is found from its
-effects, as a real bug would be.
+Two samplers fill the same :class:`QueueSample` fields, so one set of rules judges both:
+
+* :class:`Sampler` (a kickcall machine or back-end): ``x-query-virtio-queue-status`` carries the
+  ring as read from guest memory, the device's position and the ring's lifecycle;
+  ``x-query-device-notifiers`` the eventfd counters; ``x-query-pci-msix`` (a machine) the vector.
+* :class:`QemuSampler` (QEMU 7.2 and later): the device's QOM type decides how a queue is read.
+  An emulated device answers ``x-query-virtio-queue-status`` (QEMU's own ring state); a vhost
+  device never gets that query (it would stop the ring) -- its ring addresses come from
+  ``x-query-virtio-vhost-queue-status``.  The driver's side of either (avail.idx, used.idx,
+  used_event, avail_event, flags) is read from guest memory with HMP ``xp``.  QEMU exposes no
+  notifier counters and no MSI-X state: those stay unknown.
+
+The fault injector's state is never asked for: a fault is found from its effects, as a real bug
+would be.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["QueueSample", "DeviceSample", "Sample", "Sampler", "Monitor"]
+from .targets import is_vhost_type
+
+__all__ = ["QueueSample", "DeviceSample", "Sample", "Sampler", "QemuSampler", "Monitor", "parse_xp",
+           "SampleError", "UnknownSelection"]
 
 
 class Monitor(Protocol):
-    """What the sampler needs of a QMP client (kickcall.monitor.client.QMPClient has it)."""
+    """What a sampler needs of a QMP client (kickcall.monitor.client.QMPClient has it)."""
 
     def execute(self, command: str, arguments: dict | None = None) -> Any: ...
 
 
+class UnknownSelection(LookupError):
+    """--dev or --queue names nothing the target has."""
+
+
+class SampleError(RuntimeError):
+    """The target answered something a sample cannot be made of."""
+
+
 # ring and notifier fields that say where a queue stands; any change between two samples is progress
 STATE_FIELDS = ("avail-idx", "last-avail-idx", "used-idx", "used-idx-ring", "used-event", "avail-event",
-                "avail-flags", "used-flags", "inuse", "kicks", "calls")
+                "avail-flags", "used-flags", "inuse", "kicks", "calls", "ring-state", "kick-fd", "call-fd")
 NOTIFIER_FIELDS = ("pending", "total", "sets", "writes", "consumed")
 
 
 @dataclass
 class QueueSample:
     queue: int
-    status: dict  # x-query-virtio-queue-status (kickcall's ring fields included)
-    notifiers: list[dict] = field(default_factory=list)  # this queue's notifiers
+    status: dict  # the ring as seen: avail-idx, last-avail-idx, used-idx-ring, used-event, ... (see STATE_FIELDS)
+    notifiers: list[dict] = field(default_factory=list)  # this queue's notifiers (kickcall targets)
     vector: int | None = None
     msix_entry: dict | None = None  # the vector's MSI-X entry (None: no MSI-X view)
     function_masked: bool | None = None
+    unknown: list[str] = field(default_factory=list)  # what this target does not expose
+    source: list[str] = field(default_factory=list)  # where the fields came from (for the evidence)
 
     def key(self) -> tuple:
         """Everything that moves when the queue makes progress (or its notifiers fire)."""
         ring = tuple(self.status.get(k) for k in STATE_FIELDS)
-        nots = tuple(sorted((n.get("role"), n.get("id"), tuple(n.get(k) for k in NOTIFIER_FIELDS))
-                            for n in self.notifiers))
+        nots = tuple(sorted((str(n.get("role")), str(n.get("id")), tuple(str(n.get(k)) for k in NOTIFIER_FIELDS))
+                            for n in self.notifiers if isinstance(n, dict)))
         msix = None
         if self.msix_entry is not None:
             msix = (self.msix_entry.get("masked"), self.msix_entry.get("pending"), self.msix_entry.get("sent"),
                     self.msix_entry.get("pended"), self.function_masked)
-        return ring, nots, msix
+        return repr((ring, nots, msix))
 
     def notifier(self, role: str) -> dict | None:
         for n in self.notifiers:
-            if n.get("role") == role:
+            if isinstance(n, dict) and n.get("role") == role:
                 return n
         return None
+
+    def ring_addresses(self) -> tuple | None:
+        """(desc, avail, used) as the front-end's user addresses (the vhost-user join key)."""
+        a = self.status.get("x-user-addresses")
+        return tuple(a) if isinstance(a, list | tuple) and len(a) == 3 else None
 
 
 @dataclass
 class DeviceSample:
     path: str
     name: str
-    statuses: list[str]
+    statuses: list[str] | None  # None: this target does not know the driver's status
     queues: list[QueueSample]
     msix_enabled: bool | None = None
+    qom_type: str = ""
+    vhost: bool = False
 
 
 @dataclass
@@ -79,19 +110,34 @@ def _safe(mon: Monitor, cmd: str, args: dict | None = None) -> Any:
         return None
 
 
+def _num(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _select(devs: Any, dev: str | None) -> list[dict]:
+    out = [d for d in devs if isinstance(d, dict) and isinstance(d.get("path"), str)] if isinstance(devs, list) else []
+    if dev is not None:
+        out = [d for d in out if dev == d["path"] or dev in d["path"].strip("/").split("/")]
+    return out
+
+
+def _statuses(vs: dict) -> list[str]:
+    st = vs.get("status")
+    lst = st.get("statuses") if isinstance(st, dict) else None
+    return [str(x) for x in lst] if isinstance(lst, list) else []
+
+
 class Sampler:
-    """Takes samples of every (or the selected) virtio device of one monitor."""
+    """Takes samples of every (or the selected) virtio device of one kickcall monitor."""
 
     def __init__(self, mon: Monitor, *, dev: str | None = None, queue: int | None = None) -> None:
         self.mon = mon
         self.dev = dev
         self.queue = queue
+        self.addresses = False  # a back-end: ask for the ring's user addresses (the join key)
 
     def devices(self) -> list[dict]:
-        devs = self.mon.execute("x-query-virtio") or []
-        if self.dev is not None:
-            devs = [d for d in devs if self.dev == d["path"] or self.dev in d["path"].strip("/").split("/")]
-        return devs
+        return _select(self.mon.execute("x-query-virtio") or [], self.dev)
 
     def sample(self) -> Sample:
         st = self.mon.execute("query-status") or {}
@@ -99,27 +145,177 @@ class Sampler:
         for d in self.devices():
             path = d["path"]
             vs = _safe(self.mon, "x-query-virtio-status", {"path": path}) or {}
-            nvqs = int(vs.get("num-vqs", 0))
-            statuses = list((vs.get("status") or {}).get("statuses", []))
+            nvqs = _num(vs.get("num-vqs")) or 0
+            statuses: list[str] | None = _statuses(vs)
+            if self.addresses:  # a back-end sees no driver status (only what it set itself: NEEDS_RESET)
+                statuses = [x for x in statuses or [] if "NEEDS_RESET" in x] or None
             nots = _safe(self.mon, "x-query-device-notifiers", {"dev": path}) or []
-            msix = _safe(self.mon, "x-query-pci-msix", {"dev": path})
+            nots = [n for n in nots if isinstance(n, dict)] if isinstance(nots, list) else []
+            msix = None if self.addresses else _safe(self.mon, "x-query-pci-msix", {"dev": path})
             queues = []
-            for q in range(nvqs):
+            for q in range(min(nvqs, 1024)):
                 if self.queue is not None and q != self.queue:
                     continue
                 qs = _safe(self.mon, "x-query-virtio-queue-status", {"path": path, "queue": q})
-                if qs is None:
+                if not isinstance(qs, dict):
                     continue
-                s = QueueSample(q, qs, [n for n in nots if n.get("queue") == q])
+                if self.addresses:
+                    vq = _safe(self.mon, "x-query-virtio-vhost-queue-status", {"path": path, "queue": q})
+                    if isinstance(vq, dict) and all(_num(vq.get(k)) is not None for k in ("desc", "avail", "used")):
+                        qs["x-user-addresses"] = [vq["desc"], vq["avail"], vq["used"]]
+                s = QueueSample(q, qs, [n for n in nots if n.get("queue") == q],
+                                source=["the monitor's x-query-virtio-queue-status (ring read from guest memory)"])
                 vec = qs.get("vector")
                 if isinstance(vec, int) and vec != 0xFFFF:
                     s.vector = vec
-                if msix is not None and msix.get("enabled") and s.vector is not None:
+                if isinstance(msix, dict) and msix.get("enabled") and s.vector is not None:
                     ents = msix.get("entries") or []
-                    if s.vector < len(ents):
+                    if isinstance(ents, list) and s.vector < len(ents) and isinstance(ents[s.vector], dict):
                         s.msix_entry = ents[s.vector]
                         s.function_masked = bool(msix.get("function-masked"))
                 queues.append(s)
-            out[path] = DeviceSample(path, d.get("name", "?"), statuses, queues,
-                                     None if msix is None else bool(msix.get("enabled")))
-        return Sample(time.monotonic(), st.get("status", "unknown"), out)
+            out[path] = DeviceSample(path, str(d.get("name", "?")), statuses, queues,
+                                     None if not isinstance(msix, dict) else bool(msix.get("enabled")),
+                                     vhost=self.addresses)
+        status = st.get("status") if isinstance(st, dict) else None
+        return Sample(time.monotonic(), status if isinstance(status, str) else "unknown", out)
+
+
+_XP_VALUE = re.compile(r"0x([0-9a-fA-F]+)")
+
+
+def parse_xp(text: Any, count: int) -> list[int] | None:
+    """The values of an HMP ``xp /Nhx ADDR`` reply ("0000000000001000: 0x0001 0x0002\\r\\n"), or
+    None when QEMU could not read the address (its reply then carries no value)."""
+    if not isinstance(text, str):
+        return None
+    vals: list[int] = []
+    for line in text.splitlines():
+        if ":" not in line:
+            continue
+        _addr, _, rest = line.partition(":")
+        vals.extend(int(m.group(1), 16) for m in _XP_VALUE.finditer(rest))
+    return vals[:count] if len(vals) >= count else None
+
+
+def _has_feature(vs: dict, name: str) -> bool | None:
+    gf = vs.get("guest-features")
+    if not isinstance(gf, dict):
+        return None
+    for k in ("transports", "dev-features"):
+        lst = gf.get(k)
+        if isinstance(lst, list) and any(isinstance(x, str) and x.split(":")[0].strip() == name for x in lst):
+            return True
+    return False
+
+
+QEMU_UNKNOWN = ["notifier counters (QEMU exposes no eventfd state over QMP)",
+                "MSI-X masks and pending bits (QEMU has no MSI-X query)"]
+
+
+class QemuSampler:
+    """Samples of QEMU's virtio devices, taken so that no query reaches a vhost back-end."""
+
+    def __init__(self, mon: Monitor, *, dev: str | None = None, queue: int | None = None,
+                 emulated_paths: set[str] | None = None) -> None:
+        self.mon = mon
+        self.dev = dev
+        self.queue = queue
+        self.types: dict[str, str] = {}  # path -> QOM type (learnt once: a device's type never changes)
+        self.emulated_paths = emulated_paths if emulated_paths is not None else set()
+
+    def _type(self, path: str) -> str:
+        if path not in self.types:
+            t = _safe(self.mon, "qom-get", {"path": path, "property": "type"})
+            self.types[path] = t if isinstance(t, str) else ""
+            if not is_vhost_type(self.types[path]):
+                self.emulated_paths.add(path)
+        return self.types[path]
+
+    def _xp(self, addr: int, count: int) -> list[int] | None:
+        if not 0 <= addr < 1 << 64:
+            return None
+        out = _safe(self.mon, "human-monitor-command", {"command-line": f"xp /{count}hx {addr:#x}"})
+        return parse_xp(out, count)
+
+    def _memory(self, desc_avail_used: tuple[int, int, int], num: int) -> dict:
+        """The driver's and the device's indices in guest memory (None where unreadable)."""
+        _desc, avail, used = desc_avail_used
+        # the device's side first: read later, the driver's avail.idx is never behind the used.idx
+        # read (the reads are separate HMP commands, and the rings move between them)
+        u = self._xp(used, 2) or [None, None]
+        ae = self._xp(used + 4 + 8 * num, 1) if num else None
+        a = self._xp(avail, 2) or [None, None]
+        ue = self._xp(avail + 4 + 2 * num, 1) if num else None
+        return {"avail-flags": a[0], "avail-idx": a[1], "used-flags": u[0], "used-idx-ring": u[1],
+                "used-event": ue[0] if ue else None, "avail-event": ae[0] if ae else None}
+
+    def sample(self) -> Sample:
+        st = self.mon.execute("query-status") or {}
+        out: dict[str, DeviceSample] = {}
+        for d in _select(self.mon.execute("x-query-virtio") or [], self.dev):
+            path = d["path"]
+            qtype = self._type(path)
+            vhost = is_vhost_type(qtype)
+            vs = _safe(self.mon, "x-query-virtio-status", {"path": path}) or {}
+            if not isinstance(vs, dict):
+                vs = {}
+            statuses = _statuses(vs)
+            nvqs = _num(vs.get("num-vqs")) or 0
+            event_idx = _has_feature(vs, "VIRTIO_RING_F_EVENT_IDX")
+            queues = []
+            for q in range(min(nvqs, 1024)):
+                if self.queue is not None and q != self.queue:
+                    continue
+                s = self._vhost_queue(path, q, vs) if vhost else self._emulated_queue(path, q)
+                if s is None:
+                    continue
+                s.status["event-idx"] = bool(event_idx)
+                s.unknown = list(QEMU_UNKNOWN)
+                queues.append(s)
+            out[path] = DeviceSample(path, str(d.get("name", "?")), statuses, queues, None, qtype, vhost)
+        status = st.get("status") if isinstance(st, dict) else None
+        return Sample(time.monotonic(), status if isinstance(status, str) else "unknown", out)
+
+    def _emulated_queue(self, path: str, q: int) -> QueueSample | None:
+        qs = _safe(self.mon, "x-query-virtio-queue-status", {"path": path, "queue": q})
+        if not isinstance(qs, dict):
+            return None
+        num = _num(qs.get("vring-num")) or 0
+        addrs = tuple(_num(qs.get(k)) or 0 for k in ("vring-desc", "vring-avail", "vring-used"))
+        status: dict = {"vring-num": num, "inuse": _num(qs.get("inuse")), "last-avail-idx": _num(qs.get("last-avail-idx")),
+                        "used-idx": _num(qs.get("used-idx")), "signalled-used": _num(qs.get("signalled-used")),
+                        "vring-desc": addrs[0], "vring-avail": addrs[1], "vring-used": addrs[2]}
+        if addrs[1] and addrs[2] and num:
+            status.update(self._memory(addrs, num))
+            status["ring-state"] = "started"
+        else:
+            status["ring-state"] = "not-set-up"
+        return QueueSample(q, status, source=["QEMU's x-query-virtio-queue-status (QEMU runs this ring)",
+                                              "guest memory through HMP xp"])
+
+    def _vhost_queue(self, path: str, q: int, vs: dict) -> QueueSample | None:
+        status: dict = {"vring-num": 0}
+        src = ["QEMU's x-query-virtio-vhost-queue-status (a vhost device: its ring is never queried with "
+               "x-query-virtio-queue-status, which would stop it)"]
+        if not vs.get("vhost-started"):
+            status["ring-state"] = "not-started"
+            status["x-qemu-vhost-started"] = False
+            return QueueSample(q, status, source=src)
+        vq = _safe(self.mon, "x-query-virtio-vhost-queue-status", {"path": path, "queue": q})
+        if not isinstance(vq, dict):
+            status["ring-state"] = "not-started"
+            return QueueSample(q, status, source=src)
+        num = _num(vq.get("num")) or 0
+        phys = tuple(_num(vq.get(k)) or 0 for k in ("desc-phys", "avail-phys", "used-phys"))
+        status.update({"vring-num": num, "vring-desc": phys[0], "vring-avail": phys[1], "vring-used": phys[2],
+                       "last-avail-idx": None, "x-qemu-vhost-started": True})
+        # (vq's kick and call fields are always 0 on QEMU 7.2: they say nothing about the fds)
+        if all(_num(vq.get(k)) is not None for k in ("desc", "avail", "used")):
+            status["x-user-addresses"] = [vq["desc"], vq["avail"], vq["used"]]
+        if phys[1] and phys[2] and num:
+            status.update(self._memory(phys, num))
+            status["ring-state"] = "started"
+        else:
+            status["ring-state"] = "not-set-up"
+        return QueueSample(q, status, source=src + ["guest memory through HMP xp"])

@@ -17,6 +17,14 @@ The rules follow the split ring's notification protocol (virtio 1.2, 2.7.7 and 2
   is corrupt; no single event fixes that.
 * nothing outstanding: idle.  Anything moving between samples: healthy.
 
+* a ring's lifecycle comes first: a ring the front-end stopped (GET_VRING_BASE), one not set up
+  or not started yet, a back-end with no front-end, a device the driver reset or has not made
+  ready, one that set DEVICE_NEEDS_RESET -- each is its own verdict, never a lost kick or call.
+* a request taken and not completed is judged by its age against ``--window``: "slow" while it is
+  younger (and when completions are seen to come, however late), "not processing" once older.
+  The age is the target's own (``oldest-inflight-ms``) where it has one, otherwise how long
+  diagnose has seen the queue stand still (a lower bound, and said so).
+
 A verdict other than healthy is only given when several samples, some time apart, are equal.
 Without EVENT_IDX the driver's consumption is invisible: a lost call on the last completion then
 looks idle, and the verdict says so.
@@ -24,23 +32,57 @@ looks idle, and the verdict says so.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from .sample import QueueSample, Sample
 
-__all__ = ["Verdict", "HEALTHY", "IDLE", "LOST_KICK", "LOST_CALL", "MASKED_PENDING", "NOT_PROCESSING",
-           "RING_CORRUPT", "PAUSED", "UNDECIDED", "judge", "judge_state", "PROBLEMS"]
+__all__ = ["Verdict", "VerdictKind", "Severity", "HEALTHY", "SLOW", "IDLE", "LOST_KICK", "LOST_CALL",
+           "MASKED_PENDING", "NOT_PROCESSING", "NOT_TAKEN", "STALLED", "RING_CORRUPT", "NEEDS_RESET", "STOPPED",
+           "DISABLED", "NOT_STARTED", "NOT_SET_UP", "NO_FRONT_END", "NO_KICK_FD", "NO_CALL_FD", "DEVICE_RESET",
+           "NOT_READY", "PAUSED", "UNDECIDED", "judge", "judge_state", "ring_facts", "DEFAULT_WINDOW"]
 
-HEALTHY = "healthy"
-IDLE = "idle"
-LOST_KICK = "lost kick"
-LOST_CALL = "lost call"
-MASKED_PENDING = "vector masked with an event pending"
-NOT_PROCESSING = "backend not processing"
-RING_CORRUPT = "ring corrupt"
-PAUSED = "paused"
-UNDECIDED = "undecided"
-PROBLEMS = (LOST_KICK, LOST_CALL, MASKED_PENDING, NOT_PROCESSING, RING_CORRUPT)
+DEFAULT_WINDOW = 5.0  # seconds a request may stay taken and not completed before "not processing"
+
+
+class VerdictKind(enum.StrEnum):
+    HEALTHY = "healthy"
+    SLOW = "slow"
+    IDLE = "idle"
+    LOST_KICK = "lost kick"
+    LOST_CALL = "lost call"
+    MASKED_PENDING = "vector masked with an event pending"
+    NOT_PROCESSING = "not processing"
+    NOT_TAKEN = "buffers not taken"  # lost kick or not processing: this target cannot tell which
+    STALLED = "stalled"  # requests outstanding past --window; whether the device took them is unknown
+    RING_CORRUPT = "ring corrupt"
+    NEEDS_RESET = "device needs reset"
+    STOPPED = "ring stopped"
+    DISABLED = "ring disabled"
+    NOT_STARTED = "ring not started"
+    NOT_SET_UP = "ring not set up"
+    NO_FRONT_END = "no front-end"
+    NO_KICK_FD = "no kick fd"
+    NO_CALL_FD = "no call fd"
+    DEVICE_RESET = "device reset"
+    NOT_READY = "driver not ready"
+    PAUSED = "paused"
+    UNDECIDED = "undecided"
+
+
+class Severity(enum.StrEnum):
+    OK = "ok"  # healthy, idle
+    INFO = "info"  # a state worth knowing, nothing stuck (not set up yet, slow, paused, ...)
+    PROBLEM = "problem"  # the guest waits for something that will not come
+
+
+(HEALTHY, SLOW, IDLE, LOST_KICK, LOST_CALL, MASKED_PENDING, NOT_PROCESSING, NOT_TAKEN, STALLED, RING_CORRUPT,
+ NEEDS_RESET, STOPPED, DISABLED, NOT_STARTED, NOT_SET_UP, NO_FRONT_END, NO_KICK_FD, NO_CALL_FD, DEVICE_RESET,
+ NOT_READY, PAUSED, UNDECIDED) = tuple(VerdictKind)
+
+_ALWAYS_PROBLEM = {LOST_KICK, LOST_CALL, MASKED_PENDING, NOT_PROCESSING, NOT_TAKEN, STALLED, RING_CORRUPT,
+                   NEEDS_RESET}
+_OK = {HEALTHY, IDLE}
 
 VRING_USED_F_NO_NOTIFY = 1
 VRING_AVAIL_F_NO_INTERRUPT = 1
@@ -48,19 +90,28 @@ VRING_AVAIL_F_NO_INTERRUPT = 1
 
 @dataclass
 class Verdict:
-    kind: str
+    kind: VerdictKind
     evidence: list[str] = field(default_factory=list)
     fix: str | None = None  # "kick" or "call": the single event that recovers the queue
     needs_force: bool = False  # the event would go through a vector the guest masked
     facts: dict = field(default_factory=dict)
+    severity: Severity | None = None  # None: from the kind (lifecycle kinds pass it: work outstanding or not)
+    final: bool = True  # False: sampling on may still change it (undecided, slow and still young)
+    unknown: list[str] = field(default_factory=list)  # what the target does not expose
+
+    def __post_init__(self) -> None:
+        if self.severity is None:
+            self.severity = (Severity.PROBLEM if self.kind in _ALWAYS_PROBLEM else
+                             Severity.OK if self.kind in _OK else Severity.INFO)
 
     @property
     def problem(self) -> bool:
-        return self.kind in PROBLEMS
+        return self.severity is Severity.PROBLEM
 
     def as_dict(self) -> dict:
-        return {"verdict": self.kind, "evidence": list(self.evidence), "fix": self.fix,
-                "needs-force": self.needs_force, "facts": dict(self.facts)}
+        return {"verdict": str(self.kind), "severity": str(self.severity), "evidence": list(self.evidence),
+                "fix": self.fix, "needs-force": self.needs_force, "facts": dict(self.facts),
+                "unknown": list(self.unknown)}
 
 
 def _in_window(x: int, start: int, end: int) -> bool:
@@ -72,8 +123,92 @@ def _num(v: object) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
-def judge_state(s: QueueSample, statuses: list[str], nsamples: int, span: float) -> Verdict:  # noqa: C901
-    """The verdict for a queue whose samples were all equal to *s* (no progress)."""
+def _ms_stats(v: object) -> str:
+    if not isinstance(v, dict) or not _num(v.get("count")):
+        return ""
+    p50, mx = v.get("p50"), v.get("max")
+    if not isinstance(p50, int | float) or not isinstance(mx, int | float):
+        return ""
+    return (f"this device's last {v.get('recent', v.get('count'))} completions took p50 {p50 / 1000:.3g} s, "
+            f"max {mx / 1000:.3g} s")
+
+
+def _lifecycle(s: QueueSample, statuses: list[str] | None, ev: list[str], facts: dict,
+               outstanding: int | None) -> Verdict | None:
+    """A verdict from the ring's (or the device's) lifecycle, before any index is read as a loss."""
+    st = s.status
+    rs = st.get("ring-state")
+    work = (f"{outstanding} request(s) published by the driver and not completed" if outstanding
+            else "nothing outstanding" if outstanding == 0 else "outstanding work unknown")
+    sev = (Severity.PROBLEM if outstanding else Severity.INFO)
+    gvb = _num(st.get("get-vring-base"))
+    fe = st.get("front-end")
+    if (statuses is not None and any("NEEDS_RESET" in x for x in statuses)) or st.get("needs-reset") is True:
+        return Verdict(NEEDS_RESET, ev + ["the device set DEVICE_NEEDS_RESET: it found the guest's ring invalid "
+                                          "and stopped the queue", "no single event recovers it: the driver must "
+                                          "reset the device"], facts=facts)
+    if rs == "no-front-end":
+        return Verdict(NO_FRONT_END, ev + ["no front-end is connected to this back-end (yet): nothing drives the "
+                                           "ring; a front-end (QEMU) connects when its device starts"],
+                       facts=facts, severity=Severity.INFO)
+    if statuses is not None and not statuses:
+        return Verdict(DEVICE_RESET, ev + ["the device status is 0: the driver reset the device, or has not "
+                                           "probed it yet"], facts=facts, severity=Severity.INFO)
+    if statuses is not None and not any("DRIVER_OK" in x for x in statuses):
+        return Verdict(NOT_READY, ev + ["the driver has not set DRIVER_OK: the device is being set up "
+                                        "(or the driver gave up: " + ", ".join(x.split(":")[0] for x in statuses)
+                                        + ")"], facts=facts, severity=Severity.INFO)
+    if rs == "not-set-up":
+        return Verdict(NOT_SET_UP, ev + ["the front-end (or driver) has not set this ring up: no ring addresses"
+                                         + (f" (front-end {fe})" if fe else "")], facts=facts, severity=Severity.INFO)
+    if rs == "not-started":
+        why = ("QEMU's vhost device is not started (the driver has not set DRIVER_OK, or the VM is stopping)"
+               if st.get("x-qemu-vhost-started") is False else
+               "the ring is set up but not started: it starts on its first kick (vhost-user), or its kick fd "
+               "has not been given")
+        return Verdict(NOT_STARTED, ev + [why, work], facts=facts, severity=Severity.INFO)
+    if rs == "stopped":
+        return Verdict(STOPPED, ev + [
+            "the front-end stopped this ring (GET_VRING_BASE" + (f", {gvb} so far" if gvb is not None else "")
+            + "): a back-end must not process a stopped ring until the front-end sets it up again", work],
+            facts=facts, severity=sev)
+    if rs == "disabled":
+        return Verdict(DISABLED, ev + ["the front-end disabled this ring (SET_VRING_ENABLE 0): the back-end does "
+                                       "not process it", work], facts=facts, severity=sev)
+    kfd = st.get("kick-fd")
+    if rs == "started" and _num(kfd) is not None and kfd < 0:
+        return Verdict(NO_KICK_FD, ev + ["the ring is started but has no kick fd: the driver's doorbell reaches "
+                                         "nobody", work], facts=facts, severity=sev)
+    return None
+
+
+def ring_facts(s: QueueSample) -> dict:
+    """The numbers of one sample that a report carries (JSON numbers; None where unknown)."""
+    st = s.status
+    u = _num(st.get("used-idx-ring"))
+    facts: dict = {"avail-idx": _num(st.get("avail-idx")), "last-avail-idx": _num(st.get("last-avail-idx")),
+                   "used-idx": u if u is not None else _num(st.get("used-idx")), "used-event": _num(st.get("used-event")),
+                   "avail-event": _num(st.get("avail-event")), "vring-num": _num(st.get("vring-num")) or 0,
+                   "event-idx": bool(st.get("event-idx"))}
+    for k in ("vring-desc", "vring-avail", "vring-used", "inuse", "kick-fd", "call-fd", "get-vring-base",
+              "oldest-inflight-ms"):
+        if _num(st.get(k)) is not None:
+            facts[k] = st[k]
+    if isinstance(st.get("ring-state"), str):
+        facts["ring-state"] = st["ring-state"]
+    a = s.ring_addresses()
+    if a is not None:
+        facts["user-addresses"] = list(a)
+    return facts
+
+
+def judge_state(s: QueueSample, statuses: list[str] | None, nsamples: int, span: float, *,  # noqa: C901
+                window: float = DEFAULT_WINDOW, age: float | None = None) -> Verdict:
+    """The verdict for a queue whose samples were all equal to *s* for *span* seconds.
+
+    *statuses* is the device's status bits (None: this target does not know them); *age* how long
+    diagnose has seen the queue stand still (default *span*), used when the target does not say
+    how old its oldest request is."""
     st = s.status
     a = _num(st.get("avail-idx"))
     last = _num(st.get("last-avail-idx"))
@@ -85,8 +220,7 @@ def judge_state(s: QueueSample, statuses: list[str], nsamples: int, span: float)
     num = _num(st.get("vring-num")) or 0
     event_idx = bool(st.get("event-idx"))
     stable = f"no progress in {nsamples} samples over {span:.1f} s"
-    facts = {"avail-idx": a, "last-avail-idx": last, "used-idx": u, "used-event": ue, "avail-event": ae,
-             "vring-num": num, "event-idx": event_idx}
+    facts = ring_facts(s)
     kick = s.notifier("host")
     call = s.notifier("guest")
     masked_n = s.notifier("masked")
@@ -95,56 +229,91 @@ def judge_state(s: QueueSample, statuses: list[str], nsamples: int, span: float)
     pba = None if ent is None else bool(ent.get("pending"))
     if ent is not None:
         facts.update({"vector": s.vector, "vector-masked": masked, "pba": pba})
-
-    if any("NEEDS_RESET" in x for x in statuses):
-        return Verdict(RING_CORRUPT, [f"the device set DEVICE_NEEDS_RESET: it found the guest's ring invalid "
-                                      f"and stopped the queue ({stable})",
-                                      "no single event recovers it: the driver must reset the device"], facts=facts)
-    if a is None or num == 0:
-        return Verdict(IDLE, ["the queue is not set up (no ring addresses)"], facts=facts)
-    ev = [f"{stable}: avail.idx {a}, device position {last if last is not None else '?'}, used.idx {u}"
+    unknown = list(s.unknown)
+    ev = [f"{stable}: avail.idx {a}, device position {last if last is not None else 'unknown'}, used.idx {u}"
           + (f", used_event {ue}, avail_event {ae}" if event_idx else "")]
+    outstanding = ((a - u) & 0xFFFF) if a is not None and u is not None else None
+    lc = _lifecycle(s, statuses, ev, facts, outstanding)
+    if lc is not None:
+        lc.unknown = unknown
+        return lc
+    if a is None or num == 0:
+        return Verdict(NOT_SET_UP, ev + ["the ring cannot be read (no ring addresses, or guest memory not readable)"],
+                       facts=facts, severity=Severity.INFO, unknown=unknown)
 
+    def v(kind: VerdictKind, lines: list[str], **kw) -> Verdict:
+        return Verdict(kind, lines, facts=facts, unknown=unknown, **kw)
+
+    own = _num(st.get("oldest-inflight-ms"))
+    if own is None and isinstance(st.get("oldest-inflight-ms"), float):
+        own = int(st["oldest-inflight-ms"])
+    req_age = own / 1000 if own is not None else (span if age is None else age)
+    age_src = ("the target's own clock" if own is not None else
+               "how long diagnose has seen the queue stand still: the request may be older")
+    stats = _ms_stats(st.get("completion-ms"))
+
+    def taken_verdict(n: int, known: bool) -> Verdict:
+        what = (f"{n} request(s) taken by the device and not completed" if known else
+                f"{n} request(s) outstanding; whether the device took them is unknown")
+        facts["oldest-request-s"] = round(req_age, 3)
+        lines = ev + [what, f"oldest request {req_age:.1f} s ({age_src})"] + ([stats] if stats else [])
+        if req_age >= window:
+            return v(NOT_PROCESSING if known else STALLED,
+                     lines + [f"older than --window {window:g} s: the device is not processing it"])
+        return v(SLOW, lines + [f"younger than --window {window:g} s: slow, not (yet) stuck"], final=False)
+
+    ahead = taken = 0
     if last is not None:
         ahead = (a - last) & 0xFFFF
         taken = ((last - u) & 0xFFFF) if u is not None else 0
         if ahead > num:
-            return Verdict(RING_CORRUPT, ev + [f"avail.idx is {ahead} entries past the device's position: more than "
-                                               f"the ring holds ({num})"], facts=facts)
+            return v(RING_CORRUPT, ev + [f"avail.idx is {ahead} entries past the device's position: more than "
+                                         f"the ring holds ({num})"])
         if taken > num:
-            return Verdict(RING_CORRUPT, ev + [f"the device's position is {taken} entries past used.idx: more than "
-                                               f"the ring holds ({num})"], facts=facts)
+            return v(RING_CORRUPT, ev + [f"the device's position is {taken} entries past used.idx: more than "
+                                         f"the ring holds ({num})"])
+    elif outstanding is not None and outstanding > num:
+        return v(RING_CORRUPT, ev + [f"avail.idx is {outstanding} entries past used.idx: more than the ring holds "
+                                     f"({num})"])
     kick_pending = _num(kick.get("pending")) if kick else None
     if kick_pending and kick_pending > 0:
         # a live device reads its kick fd at once: one that stays readable over every sample is unread
-        return Verdict(NOT_PROCESSING, ev + [f"the kick eventfd (fd {kick.get('fd')}) holds {kick_pending} unread "
-                                             f"in every sample: nobody reads it (the device or back-end is not "
-                                             "running its queue)"], facts=facts)
+        return v(NOT_PROCESSING, ev + [f"the kick eventfd (fd {kick.get('fd')}) holds {kick_pending} unread "
+                                       f"in every sample: nobody reads it (the device or back-end is not "
+                                       "running its queue)"])
+    if last is None and outstanding:
+        # a vhost ring seen from QEMU: the back-end's position is not exposed (asking would stop the ring)
+        ev.append("the back-end's position is not exposed by this target (QEMU would have to send "
+                  "GET_VRING_BASE, which stops the ring); give the back-end's monitor too (--qmp again) to know")
+        if event_idx and ae is not None and u is not None and _in_window(ae, u, a):
+            return v(NOT_TAKEN, ev + [
+                f"avail_event {ae} lies in [{u}, {a}): the back-end last looked at the ring at {ae} and asked to "
+                f"be kicked for more; {(a - ae) & 0xFFFF} buffer(s) published since then were not taken",
+                "either the kick was lost or the back-end is not processing: this target cannot tell which"])
+        return taken_verdict(outstanding, event_idx and ae == a)
     if last is not None:
         if ahead:
             ev.append(f"{ahead} buffer(s) made available and not taken by the device")
             if event_idx:
                 asked = ae is not None and _in_window(ae, last, a)
                 if not asked:
-                    return Verdict(NOT_PROCESSING, ev + [
+                    return v(NOT_PROCESSING, ev + [
                         f"avail_event {ae} is outside [{last}, {a}): the device suppressed kicks for these buffers "
-                        "(it promised to poll) and has not taken them"], facts=facts)
+                        "(it promised to poll) and has not taken them"])
                 ev.append(f"avail_event {ae} lies in [{last}, {a}): the driver had to kick after publishing them")
             else:
                 flags = _num(st.get("used-flags")) or 0
                 if flags & VRING_USED_F_NO_NOTIFY:
-                    return Verdict(NOT_PROCESSING, ev + [
+                    return v(NOT_PROCESSING, ev + [
                         "used.flags has NO_NOTIFY: the device suppressed kicks (it promised to poll) and has not "
-                        "taken them"], facts=facts)
+                        "taken them"])
                 ev.append("used.flags has no NO_NOTIFY: the driver had to kick after publishing them")
             if kick is not None:
                 ev.append(f"kick eventfd (fd {kick.get('fd')}): nothing pending" +
                           (f"; guest doorbell writes matched so far: {kick['writes']}" if "writes" in kick else ""))
-            return Verdict(LOST_KICK, ev + ["the kick never reached the device: inject one kick"], fix="kick",
-                           facts=facts)
+            return v(LOST_KICK, ev + ["the kick never reached the device: inject one kick"], fix="kick")
         if taken:
-            return Verdict(NOT_PROCESSING, ev + [f"{taken} request(s) taken by the device and never completed"],
-                           facts=facts)
+            return taken_verdict(taken, True)
 
     # the device side is done; did the driver see the completions?
     owed = False
@@ -160,21 +329,22 @@ def judge_state(s: QueueSample, statuses: list[str], nsamples: int, span: float)
     if not owed:
         note = [] if event_idx else ["without EVENT_IDX the driver's consumption is not visible: a lost call on "
                                      "the last completion would look the same"]
-        if last is None:
-            note.append("the device's position is unknown (a vhost ring without EVENT_IDX is never asked: "
-                        "GET_VRING_BASE would stop it)")
-        return Verdict(IDLE, ev + ["nothing outstanding"] + note, facts=facts)
+        return v(IDLE, ev + ["nothing outstanding"] + note)
+    cfd = st.get("call-fd")
+    if _num(cfd) is not None and cfd < 0:
+        return v(NO_CALL_FD, ev + ["the back-end has no call fd for this ring: it cannot signal the completion "
+                                   "(the front-end gave none, or took it away)"])
     if masked:
         why = "the function mask" if s.function_masked and not (ent or {}).get("masked") else "its vector mask"
         if pba:
-            return Verdict(MASKED_PENDING, ev + [
+            return v(MASKED_PENDING, ev + [
                 f"MSI-X vector {s.vector} is masked by the guest ({why}) and its PBA bit is set: the interrupt is "
                 "held until the guest unmasks it",
                 "kickcall never unmasks a vector the guest owns: --fix --force delivers one message past the mask"],
-                fix="call", needs_force=True, facts=facts)
+                fix="call", needs_force=True)
         ev.append(f"MSI-X vector {s.vector} is masked ({why}) and its PBA bit is clear: the call never reached it")
-        return Verdict(LOST_CALL, ev + ["a call now would only set the PBA bit: --fix --force delivers one"],
-                       fix="call", needs_force=True, facts=facts)
+        return v(LOST_CALL, ev + ["a call now would only set the PBA bit: --fix --force delivers one"],
+                 fix="call", needs_force=True)
     if call is not None and _num(call.get("pending")):
         ev.append(f"the call eventfd (fd {call.get('fd')}) holds {call['pending']} unread: nothing delivers it "
                   "(no irqfd bound, nobody polling)")
@@ -184,8 +354,7 @@ def judge_state(s: QueueSample, statuses: list[str], nsamples: int, span: float)
         ev.append(f"the masked notifier holds {masked_n['pending']} unread")
     if ent is not None:
         ev.append(f"MSI-X vector {s.vector}: unmasked, PBA clear")
-    return Verdict(LOST_CALL, ev + ["the interrupt never reached the driver: inject one call"], fix="call",
-                   facts=facts)
+    return v(LOST_CALL, ev + ["the interrupt never reached the driver: inject one call"], fix="call")
 
 
 def _moved(first: QueueSample, last: QueueSample) -> list[str]:
@@ -194,8 +363,10 @@ def _moved(first: QueueSample, last: QueueSample) -> list[str]:
         x, y = first.status.get(k), last.status.get(k)
         if isinstance(x, int) and isinstance(y, int) and x != y:
             out.append(f"{k} {x} -> {y}")
-    fn = {(n.get("role"), n.get("id")): n for n in first.notifiers}
+    fn = {(n.get("role"), n.get("id")): n for n in first.notifiers if isinstance(n, dict)}
     for n in last.notifiers:
+        if not isinstance(n, dict):
+            continue
         p = fn.get((n.get("role"), n.get("id")))
         if p is None:
             continue
@@ -205,8 +376,12 @@ def _moved(first: QueueSample, last: QueueSample) -> list[str]:
     return out
 
 
-def judge(samples: list[Sample], path: str, queue: int, stable_needed: int) -> Verdict:
-    """A verdict from consecutive samples: UNDECIDED until enough of the latest ones agree or moved."""
+def judge(samples: list[Sample], path: str, queue: int, stable_needed: int, *, window: float = DEFAULT_WINDOW,
+          out_of_time: bool = False) -> Verdict:
+    """A verdict from consecutive samples.  ``final`` is False while sampling on could change it:
+    UNDECIDED until enough of the latest samples agree or moved, SLOW while the oldest request is
+    younger than *window* and no completion has been seen to come.  With *out_of_time* the best
+    verdict so far is made final."""
     seq = []
     for s in samples:
         d = s.devices.get(path)
@@ -214,20 +389,55 @@ def judge(samples: list[Sample], path: str, queue: int, stable_needed: int) -> V
         if q is not None:
             seq.append((s, d, q))
     if not seq:
-        return Verdict(UNDECIDED, ["the queue was not seen"])
+        return Verdict(UNDECIDED, ["the queue was not seen"], final=out_of_time)
     if seq[-1][0].run_state not in ("running", "unknown"):
         return Verdict(PAUSED, [f"the target is {seq[-1][0].run_state}: a stopped machine makes no progress"])
+    keys = [q.key() for _s, _d, q in seq]
+    run = 1
+    while run < len(seq) and keys[-run - 1] == keys[-1]:
+        run += 1
+    # earlier stand-stills with requests in flight that then moved: the device is slow, not stuck
+    slow_seen = 0.0
+    i = 0
+    while i < len(seq) - run:
+        j = i
+        while j + 1 < len(seq) and keys[j + 1] == keys[i]:
+            j += 1
+        if j > i and j + 1 < len(seq):
+            s0, d0, q0 = seq[j]
+            w = judge_state(q0, d0.statuses, j - i + 1, seq[j][0].time - seq[i][0].time, window=window)
+            if w.kind == SLOW:
+                slow_seen = max(slow_seen, float(w.facts.get("oldest-request-s", 0.0)))
+        i = j + 1
+    if run >= stable_needed or (out_of_time and run >= 2):
+        s_last, d, q = seq[-1]
+        span = s_last.time - seq[-run][0].time
+        v = judge_state(q, d.statuses, run, span, window=window)
+        if v.kind == SLOW and (slow_seen or out_of_time):
+            if slow_seen:
+                v.evidence.append(f"requests were seen to complete after standing still (up to {slow_seen:.1f} s "
+                                  "old): the device is slow, not stuck")
+            v.final = True
+        return v
     tail = seq[-stable_needed:]
-    keys = [q.key() for _s, _d, q in tail]
-    if len(tail) >= stable_needed and all(k == keys[0] for k in keys):
-        s0, d, q = tail[-1]
-        return judge_state(q, d.statuses, len(tail), tail[-1][0].time - tail[0][0].time)
-    if len(seq) >= 2:
-        moved = _moved(seq[-2][2], seq[-1][2]) if keys[-1] != keys[-2] else []
-        if len(tail) >= stable_needed and all(keys[i] != keys[i + 1] for i in range(len(keys) - 1)):
-            span = tail[-1][0].time - tail[0][0].time
-            return Verdict(HEALTHY, [f"progress in every one of {len(tail) - 1} intervals over {span:.1f} s"]
-                           + _moved(tail[0][2], tail[-1][2]))
-        if moved:
-            return Verdict(UNDECIDED, ["moving: " + ", ".join(moved)])
-    return Verdict(UNDECIDED, ["not enough samples yet"])
+    tkeys = keys[-stable_needed:]
+    if len(tail) >= stable_needed and all(tkeys[i] != tkeys[i + 1] for i in range(len(tkeys) - 1)):
+        span = tail[-1][0].time - tail[0][0].time
+        return Verdict(HEALTHY, [f"progress in every one of {len(tail) - 1} intervals over {span:.1f} s"]
+                       + _moved(tail[0][2], tail[-1][2]), unknown=list(seq[-1][2].unknown),
+                       facts=ring_facts(seq[-1][2]))
+    moved = _moved(seq[-2][2], seq[-1][2]) if len(seq) >= 2 and keys[-1] != keys[-2] else []
+    if out_of_time:
+        if slow_seen:
+            return Verdict(SLOW, [f"requests in flight stood still for a while and then completed (up to "
+                                  f"{slow_seen:.1f} s old)"] + (["moving: " + ", ".join(moved)] if moved else []),
+                           unknown=list(seq[-1][2].unknown), facts=dict(ring_facts(seq[-1][2]),
+                                                                        **{"oldest-request-s": round(slow_seen, 3)}))
+        if len(seq) >= 2 and any(keys[i] != keys[i + 1] for i in range(len(keys) - 1)):
+            return Verdict(HEALTHY, ["intermittent progress: the queue moved and stood still in turns"]
+                           + (["moving: " + ", ".join(moved)] if moved else []), unknown=list(seq[-1][2].unknown),
+                           facts=ring_facts(seq[-1][2]))
+        return Verdict(UNDECIDED, ["not enough samples before --timeout"])
+    if moved:
+        return Verdict(UNDECIDED, ["moving: " + ", ".join(moved)], final=False, facts=ring_facts(seq[-1][2]))
+    return Verdict(UNDECIDED, ["not enough samples yet"], final=False)
