@@ -5,15 +5,35 @@ counters; the kick, call and err fds are listed with their eventfd counters (rea
 consuming).  A kick processes the queue as if its kick fd had fired; a call writes the call fd --
 the front-end's masking still applies (a back-end cannot force past it).  Faults act inside the
 back-end: a dropped kick is consumed and ignored, a dropped call is never written.
+
+Each queue's status carries its lifecycle (``ring-state``: no-front-end, not-set-up, not-started,
+started, disabled, stopped), the GET_VRING_BASE count (``get-vring-base``, since the back-end
+started), the front-end (``front-end``), its ``kick-fd`` and ``call-fd`` (-1: none), and how old the
+oldest request in flight is (``oldest-inflight-ms``) and how long requests have been taking
+(``completion-ms``).  A kick injection is refused where a back-end must not process the ring --
+above all one the front-end stopped with GET_VRING_BASE (``REFUSE_STOPPED_RING``) -- and a call
+injection where there is no call fd, each saying why.
+
+The ``complete`` fault path holds completions: a held request was taken (popped) and its I/O
+done, but it is never pushed to the used ring -- a back-end that never completes a request.
+``drop-next`` holds the next completion of the queue, ``drop-all`` every one until ``clear``.
+``clear`` completes the held requests (status written, used ring, call) if the ring is started,
+and otherwise discards them (the driver never sees them complete; they stay in the inflight
+region for a back-end that reconnects): the reply says how many went each way.
 """
 
 from __future__ import annotations
 
 from ..monitor.target import TargetError
-from ..vhost_user.backend import VhostUserBackend
+from ..vhost_user.backend import RingRefused, RingState, VhostUserBackend
+from ..virtio.device import DEVICE_NEEDS_RESET
 from ..virtio.ring import describe_chain
 
-__all__ = ["BackendTarget", "BackendDevice"]
+__all__ = ["BackendTarget", "BackendDevice", "REFUSE_STOPPED_RING"]
+
+# on by default; off: a kick injection marks the ring started and processes it whatever its state
+# -- a ring the front-end stopped with GET_VRING_BASE included (what the monitor did before)
+REFUSE_STOPPED_RING = True
 
 
 class _Faults:
@@ -52,6 +72,8 @@ class BackendDevice:
         self.faults = _Faults()
         backend.fault_hooks["kick"] = lambda v: not self.faults.take(v.index, "kick")
         backend.fault_hooks["call"] = lambda v: not self.faults.take(v.index, "call")
+        if hasattr(backend.device, "hold_completion"):  # a device that can hold its completions (blk)
+            backend.device.hold_completion = lambda vq: self.faults.take(vq.index, "complete")
 
     def _run(self, fn):
         return self.loop.run_sync(fn)
@@ -96,7 +118,15 @@ class BackendDevice:
                 "used-flags": self._u16(q.used) if mapped else None,
                 "event-idx": q.event_idx, "started": v.started, "enabled": v.enabled,
                 "kicks": v.kicks, "calls": v.calls, "calls-without-fd": v.calls_without_fd,
+                "ring-state": self.b.ring_state(queue).value,
+                "get-vring-base": v.get_vring_base,
+                "front-end": self.b.peer if self.b.conn is not None else "",
+                "kick-fd": v.kick.fd if v.kick is not None else -1,
+                "call-fd": v.call.fd if v.call is not None else -1,
+                "needs-reset": bool(self.b.device.status & DEVICE_NEEDS_RESET),
+                "device-resets": self.b.device_resets,
             })
+            d.update(q.timing())
             return d
 
         return self._run(f)
@@ -173,25 +203,34 @@ class BackendDevice:
             raise TargetError("a back-end cannot force a call past the front-end's mask: its call fd is all it has")
 
         def f() -> dict:
-            v = self.b.vrings[queue]
-            if v.addr is None:
-                raise TargetError(f"queue {queue} is not set up")
-            if event == "kick":
-                v.started = True
-                v.pending_kick = True
-                if v.enabled:
-                    self.b._process(v)
-                return {"path": "backend-process", "forced": False}
-            if v.call is None:
-                raise TargetError(f"queue {queue} has no call fd (the front-end polls it)")
-            v.call.set()
-            v.calls += 1
+            try:
+                if event == "kick":
+                    self.b.process_ring(queue, check=REFUSE_STOPPED_RING)
+                    return {"path": "backend-process", "forced": False}
+                self.b.call_ring(queue)
+            except RingRefused as e:
+                raise TargetError(e.why) from None
             return {"path": "call-fd", "forced": False}
 
         return self._run(f)
 
     def fault(self, queue: int, path: str, action: str) -> dict:
-        return self._run(lambda: self.faults.set(queue, path, action))
+        if path != "complete":
+            return self._run(lambda: self.faults.set(queue, path, action))
+        dev = self.b.device
+        if not hasattr(dev, "hold_completion"):
+            raise TargetError(f"a {dev.type_name} device cannot hold its completions")
+
+        def f() -> dict:
+            out = self.faults.set(queue, path, action)
+            if action == "clear":
+                started = self.b.ring_state(queue) == RingState.STARTED
+                done, gone = dev.release_held(queue, complete=started)
+                out.update({"completed": done, "discarded": gone})
+            out["held"] = dev.held(queue)
+            return out
+
+        return self._run(f)
 
 
 class BackendTarget:

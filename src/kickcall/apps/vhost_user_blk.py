@@ -3,6 +3,11 @@
 Follows the back-end program conventions of vhost-user.rst: ``--socket-path`` or ``--fd`` (an
 already listening socket), ``--print-capabilities``, and the block type's ``--blk-file`` and
 ``--read-only``.  ``--qmp PATH`` adds a QMP monitor (query-status, quit).
+
+Fault knobs for tests of slow and stuck back-ends: ``--io-delay-ms N`` stalls each I/O a random
+0..N ms, or exactly N ms with ``--io-delay-fixed``; a stall never delays the exit (SIGTERM, SIGINT
+or the monitor's quit end it at once: ``CANCEL_IO_DELAY_ON_STOP``).  The monitor's
+``x-debug-fault DEV QUEUE complete drop-all`` makes a back-end that never completes a request.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ log = logging.getLogger("kickcall.vhost-user-blk")
 
 CAPABILITIES = {"type": "block", "features": ["blk-file", "read-only"]}
 
+# on by default; off: a stopping back-end waits for every I/O stalled by --io-delay-ms to sleep its
+# full delay (a queue of them, a few at a time on the aio workers) before it exits
+CANCEL_IO_DELAY_ON_STOP = True
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
@@ -50,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="enable trace events (QEMU's names and globs: vhost_user_read, virtio_*); to stderr")
     p.add_argument("--io-delay-ms", type=float, default=0.0,
                    help="fault knob: stall each I/O a random 0..N ms (completions then come out of order)")
+    p.add_argument("--io-delay-fixed", action="store_true",
+                   help="with --io-delay-ms N: every I/O takes exactly N ms (a slow back-end)")
     p.add_argument("--no-self-kick", action="store_true",
                    help="fault knob: after a reconnect, do not kick a ring that shows work (a kick the "
                         "previous back-end consumed is then lost unless the front-end kicks)")
@@ -74,6 +85,9 @@ def main(a: argparse.Namespace) -> int:
     if not 1 <= a.num_queues <= 64 or a.max_queue_size & (a.max_queue_size - 1) or not 1 <= a.max_queue_size <= 1024:
         print(f"{PROG}: --num-queues must be 1..64 and --max-queue-size a power of two up to 1024",
               file=sys.stderr)
+        return 2
+    if a.io_delay_ms < 0 or a.io_delay_fixed and not a.io_delay_ms > 0:
+        print(f"{PROG}: --io-delay-ms must be >= 0, and > 0 with --io-delay-fixed", file=sys.stderr)
         return 2
     if a.qmp and a.socket_path and os.path.abspath(a.qmp) == os.path.abspath(a.socket_path):
         print(f"{PROG}: --qmp and --socket-path name the same path", file=sys.stderr)
@@ -109,7 +123,10 @@ def _serve(a: argparse.Namespace, sock_claim: SocketClaim | None, qmp_claim: Soc
     dev = VirtIOBlk("vhost-user-blk", image, num_queues=a.num_queues, queue_size=a.max_queue_size,
                     read_only=a.read_only, serial=a.serial or os.path.basename(a.blk_file)[:20], aio=a.aio,
                     loop=loop)
-    if a.io_delay_ms > 0:
+    if a.io_delay_ms > 0 and a.io_delay_fixed:
+        fixed = a.io_delay_ms / 1000.0
+        dev.io_delay = lambda: fixed
+    elif a.io_delay_ms > 0:
         rng = random.Random()
         dev.io_delay = lambda: rng.uniform(0, a.io_delay_ms) / 1000.0
     pf = DEFAULT_PROTOCOL_FEATURES
@@ -157,6 +174,8 @@ def _serve(a: argparse.Namespace, sock_claim: SocketClaim | None, qmp_claim: Soc
         while not done.wait(1.0):  # a timed wait, so that signals are handled promptly
             pass
     finally:
+        if CANCEL_IO_DELAY_ON_STOP:
+            dev.cancel_io_delays()  # requests sleeping in --io-delay-ms finish now: the drain is prompt
         backend.stop()
         loop.stop()
         dev.close()

@@ -64,6 +64,7 @@ class MachineDevice:
             d = q.status()
             vhost_running = self.vhost and self.p.vdev.started_backend
             ring = self._ring_fields(q)
+            timing = q.timing()
         d.update(ring)
         if ring.get("used-idx-ring") is not None:
             d["used-idx"] = ring["used-idx-ring"] if vhost_running else d["used-idx"]
@@ -82,6 +83,9 @@ class MachineDevice:
         d["event-idx"] = q.event_idx
         d["kicks"] = q.kicks  # kicks the VMM handled (0 while a vhost back-end owns the queue)
         d["calls"] = q.calls  # calls the device made (vhost: the back-end counts its own)
+        # requests the device took and completed, timed at pop and push (a vhost queue: the
+        # back-end pops and pushes, so nothing is timed here -- its own monitor has the times)
+        d.update(timing)
         return d
 
     def _ring_fields(self, q: VirtQueue) -> dict:
@@ -241,6 +245,9 @@ class MachineDevice:
             return {"path": "intx", "forced": False}
 
     def fault(self, queue: int, path: str, action: str) -> dict:
+        if path == "complete":
+            raise TargetError("the machine's faults act on the hypervisor's ioeventfds and irqfds (kick, call); "
+                              "holding completions is a vhost-user back-end's fault (kickcall vhost-user-blk)")
         p = self.p
         with self.m.bql:
             q = p.vdev.queues[queue]

@@ -242,7 +242,8 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
         Arg("queue", "int", **U16), Arg("force", "bool", optional=True),
         doc="kick or call a queue on purpose (a masked vector gets its PBA bit unless force)")
     add("x-debug-fault", x_debug_fault, Arg("dev", "str"), Arg("queue", "int", **U16),
-        Arg("path", "str", enum=("kick", "call")), Arg("action", "str", enum=("drop-next", "drop-all", "clear")),
+        Arg("path", "str", enum=("kick", "call", "complete")),
+        Arg("action", "str", enum=("drop-next", "drop-all", "clear")),
         doc="lose kicks or calls on purpose")
 
     # -- trace events ----------------------------------------------------------------------------------
@@ -310,7 +311,8 @@ HMP_COMMANDS = {
     "trace-event NAME on|off": "enable or disable trace events",
     "x-debug-device-event DEV kick|call QUEUE [force]": "kick or call a queue on purpose",
     "x-debug-device-notifier-write DEV ID": "write one notifier",
-    "x-debug-fault DEV QUEUE kick|call drop-next|drop-all|clear": "lose kicks or calls on purpose",
+    "x-debug-fault DEV QUEUE kick|call|complete drop-next|drop-all|clear":
+        "lose kicks or calls, or hold completions (a back-end's), on purpose",
     "stop": "pause (or s)", "cont": "resume (or c)", "system_reset": "reset",
     "quit": "the machine or back-end exits (or q)",
     "help": "this list",

@@ -37,10 +37,22 @@ Bounded against odd or hostile peers (issue 7), without ever blocking the loop:
 
 Each of these has a module-level switch (on by default) that the tests turn off to show what it
 prevents.
+
+Each ring has a lifecycle (``RingState``, ``ring_state()``), shown by the monitor: no front-end,
+not set up (no ring address since the front-end connected or reset the device), not started (set
+up, no kick yet: a ring starts on its first kick), started, disabled (SET_VRING_ENABLE 0), stopped
+(GET_VRING_BASE: the front-end stopped it; it is started again only through a new SET_VRING_KICK
+and a kick).  ``process_ring()`` and ``call_ring()`` -- what the monitor's injections use -- refuse
+a ring in a state where a back-end must not act, with the reason (``RingRefused``).  Nothing else
+processes a stopped ring either: GET_VRING_BASE takes the kick fd (and its handler) away and
+cancels the poll timer and any remembered kick; a self-kick after a reconnect goes through a new
+kick fd, which only the front-end hands over.  RESET_OWNER/RESET_DEVICE forget the rings' set-up
+(``FORGET_RINGS_ON_RESET``): a kick that comes after the reset finds no ring to process.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import os
@@ -88,7 +100,8 @@ from .protocol import (
     validate_frontend_request,
 )
 
-__all__ = ["VhostUserBackend", "VhostMemory", "BackendVring", "DEFAULT_PROTOCOL_FEATURES"]
+__all__ = ["VhostUserBackend", "VhostMemory", "BackendVring", "DEFAULT_PROTOCOL_FEATURES", "RingState",
+           "RingRefused"]
 
 log = logging.getLogger("kickcall.vhost_user.backend")
 _t_read = trace.event("vhost_user_read", "the back-end received a vhost-user request")
@@ -113,6 +126,8 @@ REFUSE_SEMAPHORE_KICK = True  # off: an EFD_SEMAPHORE kick fd is accepted
 BOUND_STUCK_KICK = True  # off: a kick fd that stays readable is served as fast as the loop turns
 CHECK_INFLIGHT_RING_SIZE = True  # off: a ring larger than the inflight region's queues is accepted
 RECOVER_AFTER_RING_REINIT = True  # off: after a ring error only a device reset makes it usable
+FORGET_RINGS_ON_RESET = True  # off: ring addresses survive RESET_OWNER/RESET_DEVICE (a later kick
+#   processes the reset queue: its ring addresses are 0, and its used flags are written at GPA 0)
 
 MESSAGE_DEADLINE = 10.0  # seconds from a message's first byte to its last
 BACKEND_REQ_TIMEOUT = 5.0  # seconds the front-end has to acknowledge a back-end request
@@ -123,6 +138,26 @@ KICK_STUCK_LIMIT = 64  # reads in a row after which a kick fd was still readable
 KICK_THROTTLE = 0.01  # seconds between polls of a stuck kick fd
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _REINIT_STEPS = frozenset({"num", "base", "addr", "kick", "call"})
+
+
+class RingState(enum.StrEnum):
+    """Where a ring is in its vhost-user lifecycle, as the back-end sees it (wire strings)."""
+
+    NO_FRONT_END = "no-front-end"  # no front-end is connected
+    NOT_SET_UP = "not-set-up"  # connected, no SET_VRING_ADDR since the connection or a device reset
+    NOT_STARTED = "not-started"  # set up, not started yet: no kick fd, or no kick on it yet
+    STARTED = "started"  # started (its first kick came) and enabled: the back-end processes it
+    STOPPED = "stopped"  # GET_VRING_BASE since it was last started: the front-end stopped it
+    DISABLED = "disabled"  # started, but SET_VRING_ENABLE 0 (or not enabled yet)
+
+
+class RingRefused(Exception):
+    """The back-end will not act on a ring in this state; ``state`` is the kind, the text says why."""
+
+    def __init__(self, state: RingState, why: str) -> None:
+        super().__init__(why)
+        self.state = state
+        self.why = why
 
 
 class VhostMemory(GuestMemory):
@@ -191,6 +226,9 @@ class BackendVring:
     started: bool = False
     enabled: bool = False
     pending_kick: bool = False
+    stopped: bool = False  # GET_VRING_BASE since the front-end last handed over a kick fd
+    get_vring_base: int = 0  # GET_VRING_BASE for this ring since the back-end started (all connections)
+    call_nofd: bool = False  # the front-end's last SET_VRING_CALL had no fd (VRING_NOFD: it polls)
     kicks: int = 0
     calls: int = 0
     calls_without_fd: int = 0
@@ -289,6 +327,7 @@ class VhostUserBackend:
         self.backend_req_dropped = ""  # why the last back-end request channel was given up
         self._recovery: dict[int, set[str]] | None = None  # rings stopped since the device broke
         self.recoveries = 0
+        self.device_resets = 0  # RESET_OWNER / RESET_DEVICE received (all connections)
         self.vrings = [BackendVring(i) for i in range(len(device.queues))]
         self.memory: VhostMemory | None = None
         self.inflight: InflightRegion | None = None
@@ -423,6 +462,8 @@ class VhostUserBackend:
             v.addr = None
             v.enabled = False
             v.pending_kick = False
+            v.stopped = False
+            v.call_nofd = False
         self.device.release_rings()
         for q in self.device.queues:
             q.inflight = None
@@ -565,7 +606,11 @@ class VhostUserBackend:
             for v in self.vrings:
                 self._stop_ring(v)
             self._recovery = None
+            self.device_resets += 1
             self.device.reset()
+            if FORGET_RINGS_ON_RESET:
+                for v in self.vrings:  # the queues were reset: set up again before any processing
+                    self._forget_ring(v)
             self.owner = r == FR.RESET_DEVICE and self.owner
             return None
         if r == FR.GET_PROTOCOL_FEATURES:
@@ -658,6 +703,8 @@ class VhostUserBackend:
             idx, _ = VRING_STATE.unpack(msg.payload)
             v = self._vring(idx)
             self._stop_ring(v)
+            v.stopped = True
+            v.get_vring_base += 1
             q = self.device.queues[idx]
             base = q.last_avail_idx if v.addr is not None else v.base
             for attr in ("kick", "call"):
@@ -692,7 +739,10 @@ class VhostUserBackend:
                     raise ProtocolError(f"queue {v.index}: the kick fd is an EFD_SEMAPHORE eventfd "
                                         f"(a read takes 1, so it would stay readable); refused")
             self._set_fd(v, attr, n)
+            if attr == "call":
+                v.call_nofd = n is None
             if attr == "kick":
+                v.stopped = False  # the front-end (re)starts the ring: it starts on a kick on this fd
                 self._kick_fd_set(v)
             if attr in ("kick", "call"):
                 self._reinit_step(v, attr)
@@ -909,7 +959,7 @@ class VhostUserBackend:
 
     def _poll(self, v: BackendVring) -> None:
         v.poll_timer = None
-        if self.conn is None or v.kick is not None:
+        if self.conn is None or v.kick is not None or v.stopped:
             return
         if v.addr is not None:
             q = self.device.queues[v.index]
@@ -1053,6 +1103,18 @@ class VhostUserBackend:
                 if w.enabled:
                     self._process(w)
 
+    def _forget_ring(self, v: BackendVring) -> None:
+        """A device reset: the ring is not set up any more.  Its kick fd goes (a front-end hands one
+        over each time it starts a ring); the call and err fds stay (QEMU hands them over once, at
+        realize)."""
+        self._set_fd(v, "kick", None)
+        v.num = v.base = 0
+        v.addr = None
+        v.enabled = False
+        v.started = False
+        v.pending_kick = False
+        v.stopped = False
+
     def _stop_ring(self, v: BackendVring, drain: bool = True) -> None:
         if drain:
             self.device.drain()
@@ -1181,6 +1243,95 @@ class VhostUserBackend:
             self.backend_req_dropped = why
             (log.info if quiet else log.warning)("%s: closing the back-end request channel: %s", self.name, why)
 
+    # -- lifecycle and what the monitor may do to a ring -------------------------------------------------
+    def ring_state(self, index: int) -> RingState:
+        """Where ring *index* is in its lifecycle (loop thread)."""
+        v = self.vrings[index]
+        if self.conn is None:
+            return RingState.NO_FRONT_END
+        if v.stopped:
+            return RingState.STOPPED
+        if v.addr is None:
+            return RingState.NOT_SET_UP
+        if not v.started:
+            return RingState.NOT_STARTED
+        if not v.enabled:
+            return RingState.DISABLED
+        return RingState.STARTED
+
+    def kick_refusal(self, index: int) -> RingRefused | None:
+        """Why the back-end must not process ring *index* now (None: it may).  A ring set up with a
+        kick fd and not kicked yet may: a kick is what starts it."""
+        v = self.vrings[index]
+        st = self.ring_state(index)
+        n = index
+        if st == RingState.NO_FRONT_END:
+            return RingRefused(st, f"no front-end is connected: queue {n} has no ring to process")
+        if st == RingState.STOPPED:
+            return RingRefused(st, f"the front-end stopped queue {n} with GET_VRING_BASE; a back-end must not "
+                                   f"process a stopped ring (vhost-user spec); the front-end restarts it")
+        if st == RingState.NOT_SET_UP:
+            return RingRefused(st, f"queue {n} is not set up: no SET_VRING_ADDR since the front-end connected"
+                                   + (" or reset the device" if self.device_resets else ""))
+        if st == RingState.NOT_STARTED and v.kick is None:
+            return RingRefused(st, f"queue {n} is not started: the front-end has not handed it a kick fd "
+                                   f"(SET_VRING_KICK), and a ring starts on its first kick")
+        if not v.enabled:
+            return RingRefused(RingState.DISABLED if st == RingState.DISABLED else st,
+                               f"queue {n} is disabled (SET_VRING_ENABLE 0, or not enabled yet): "
+                               f"a disabled ring is not processed")
+        if self.device.broken:
+            return RingRefused(st, f"the device needs a reset (DEVICE_NEEDS_RESET: {self.device.broken_reason}); "
+                                   f"it processes nothing until the front-end resets it or sets its rings up again")
+        return None
+
+    def call_refusal(self, index: int) -> RingRefused | None:
+        """Why the back-end cannot signal ring *index* now (None: its call fd is there)."""
+        v = self.vrings[index]
+        st = self.ring_state(index)
+        if v.call is not None:
+            return None
+        if st == RingState.NO_FRONT_END:
+            return RingRefused(st, f"no front-end is connected: queue {index} has no call fd")
+        if st == RingState.STOPPED:
+            return RingRefused(st, f"queue {index} has no call fd: the front-end stopped the ring with "
+                                   f"GET_VRING_BASE, which took its kick and call fds; nobody is polling it "
+                                   f"until the front-end restarts it")
+        if v.call_nofd:
+            return RingRefused(st, f"queue {index} has no call fd: the front-end set none (SET_VRING_CALL "
+                                   f"with VRING_NOFD), it polls the used ring")
+        return RingRefused(st, f"queue {index} has no call fd: the front-end has not handed one over "
+                               f"(SET_VRING_CALL)")
+
+    def process_ring(self, index: int, *, check: bool = True) -> RingState:
+        """Process ring *index* as if its kick fd had fired (the monitor's kick injection; loop
+        thread).  Raises ``RingRefused`` where a back-end must not (``kick_refusal``).  With
+        *check* False the ring is marked started and processed whatever its state, as the monitor
+        did before lifecycles were checked (tests show the harm with it)."""
+        v = self.vrings[index]
+        if check:
+            why = self.kick_refusal(index)
+            if why is not None:
+                raise why
+        elif v.addr is None:
+            raise RingRefused(self.ring_state(index), f"queue {index} is not set up")
+        v.started = True
+        v.pending_kick = True
+        if v.enabled:
+            self._process(v)
+        return self.ring_state(index)
+
+    def call_ring(self, index: int) -> None:
+        """Write ring *index*'s call fd (the monitor's call injection; loop thread); ``RingRefused``
+        when there is none, saying why."""
+        why = self.call_refusal(index)
+        if why is not None:
+            raise why
+        v = self.vrings[index]
+        assert v.call is not None
+        v.call.set()
+        v.calls += 1
+
     # -- introspection ----------------------------------------------------------------------------
     def status(self) -> dict:
         out = {"connected": self.conn is not None, "connections": self.connections,
@@ -1194,10 +1345,11 @@ class VhostUserBackend:
                                "dropped": self.backend_req_dropped},
                "broken": self.device.broken, "broken-reason": self.device.broken_reason,
                "needs-reset-count": self.device.needs_reset_count, "recoveries": self.recoveries,
-               "queues": []}
+               "device-resets": self.device_resets, "queues": []}
         for v in self.vrings:
             q = self.device.queues[v.index]
-            d = {"queue": v.index, "num": v.num, "started": v.started, "enabled": v.enabled,
+            d = {"queue": v.index, "num": v.num, "ring-state": self.ring_state(v.index).value,
+                 "get-vring-base": v.get_vring_base, "started": v.started, "enabled": v.enabled,
                  "kicks": v.kicks, "calls": v.calls, "self-kicks": v.self_kicks,
                  "kick-fd": v.kick.fd if v.kick else -1,
                  "call-fd": v.call.fd if v.call else -1, "err-fd": v.err.fd if v.err else -1,

@@ -5,6 +5,12 @@ le64 sector}``, the data (device-readable for a write, device-writable for a rea
 1-byte device-writable status.  A chain that does not have this shape is a driver bug: the device
 sets DEVICE_NEEDS_RESET rather than guess.  A request outside the disk or not a multiple of 512
 bytes completes with VIRTIO_BLK_S_IOERR; an unknown type with VIRTIO_BLK_S_UNSUPP.
+
+Two fault knobs for tests of slow and stuck devices: ``io_delay`` (seconds each I/O stalls on its
+worker thread, cut short by ``cancel_io_delays()`` so that a stopping process is not held by a
+sleeping request) and ``hold_completion`` (a request it says True for is taken and its I/O done,
+but it is never pushed to the used ring: a device that never completes a request, until
+``release_held()``).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import time
+import threading
 from typing import Callable
 
 from .device import SyncAio, ThreadPoolAio, VirtIODevice
@@ -100,8 +106,45 @@ class VirtIOBlk(VirtIODevice):
             self.aio = SyncAio()
         self.inline_ios = 0
         self.io_delay: Callable[[], float] | None = None  # fault knob: seconds to stall each I/O
+        self._delays_cancelled = threading.Event()  # set: stalls end at once (the process is stopping)
+        # fault knob: called with the queue when a request completes; True holds the completion
+        self.hold_completion: Callable[[VirtQueue], bool] | None = None
+        self._held: list[tuple[_Req, object]] = []  # (request, I/O result) taken and never pushed
         self.reads = self.writes = self.flushes = self.get_ids = self.ioerrs = self.unsupp = 0
         self.bytes_read = self.bytes_written = 0
+
+    def cancel_io_delays(self) -> None:
+        """End every ``io_delay`` stall now, and skip later ones: the process is stopping and a
+        request sleeping in the fault knob must not hold up the drain (any thread)."""
+        self._delays_cancelled.set()
+
+    def held(self, queue: int) -> int:
+        """Requests of *queue* whose completion ``hold_completion`` is holding."""
+        return sum(1 for r, _res in self._held if r.vq.index == queue and r.gen == self.generation)
+
+    def release_held(self, queue: int, complete: bool) -> tuple[int, int]:
+        """Let go of the held requests of *queue*: with *complete*, push them (status written, the
+        used ring updated, the driver notified) as if they had just finished; otherwise forget them
+        (``detach``: the driver never sees them complete, until it resets the device).  Returns
+        (completed, discarded).  Requests of an older device generation are dropped either way."""
+        keep, mine = [], []
+        for item in self._held:
+            (mine if item[0].vq.index == queue else keep).append(item)
+        self._held = keep
+        done = gone = 0
+        for r, res in mine:
+            if r.gen != self.generation:
+                continue
+            if complete:
+                self._finish(r, res)
+                done += 1
+            else:
+                r.vq.detach(r.elem)
+                gone += 1
+        return done, gone
+
+    def device_reset(self) -> None:
+        self._held = []  # the queues are reset: their in-flight requests are forgotten
 
     def close(self) -> None:
         self.aio.stop()
@@ -184,10 +227,11 @@ class VirtIOBlk(VirtIODevice):
             r.written = nbytes
 
         delay = self.io_delay
+        cancelled = self._delays_cancelled
 
         def work() -> int:
-            if delay is not None:
-                time.sleep(delay())
+            if delay is not None and not cancelled.is_set():
+                cancelled.wait(delay())
             views = [mem.view(g, n) for g, n in segs]
             try:
                 done = os.pwritev(fd, views, off) if write else os.preadv(fd, views, off)
@@ -221,6 +265,13 @@ class VirtIOBlk(VirtIODevice):
     def _complete(self, r: _Req, res: object) -> None:
         if r.gen != self.generation:
             return  # the device was reset while this request was in flight
+        hold = self.hold_completion
+        if hold is not None and hold(r.vq):
+            self._held.append((r, res))
+            return
+        self._finish(r, res)
+
+    def _finish(self, r: _Req, res: object) -> None:
         status = res if isinstance(res, int) else BLK_S_IOERR
         if not isinstance(res, int):
             log.warning("%s: I/O failed: %s", self.name, res)

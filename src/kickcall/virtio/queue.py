@@ -28,10 +28,18 @@ False`` in ``kickcall.memory`` restores the old rule (every buffer and table in 
 
 State and names follow QEMU's ``x-query-virtio-queue-status``: ``last_avail_idx``,
 ``shadow_avail_idx``, ``used_idx``, ``signalled_used``, ``signalled_used_valid``, ``inuse``.
+
+How long requests take (``timing()``): ``pop()`` stamps the element's head with the monotonic time
+in a per-queue array indexed by head, ``push()`` turns the stamp into a completion time kept in a
+ring of the last ``COMPLETION_WINDOW``; ``detach()`` and ``reset()`` forget stamps.  Nothing is
+allocated per request beyond the float ``time.monotonic()`` returns; the oldest request still in
+flight is found by a scan of the stamps when someone asks (a monitor query), never per request.
 """
 
 from __future__ import annotations
 
+import time
+from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -66,6 +74,9 @@ MAX_CHAIN_BYTES = 1 << 32
 #: Scatter-gather entries (device-readable + device-writable) one element may have once its
 #: buffers are split at RAM region seams.
 MAX_SG = VIRTQUEUE_MAX_SIZE
+#: Completions the queue remembers the duration of (``timing()``'s p50 and max); a power of two.
+COMPLETION_WINDOW = 64
+_monotonic = time.monotonic
 
 _t_pop = trace.event("virtqueue_pop", "the device took a chain from the avail ring")
 _t_flush = trace.event("virtqueue_flush", "the device published used elements")
@@ -146,6 +157,9 @@ class VirtQueue:
         self.vector = VIRTIO_NO_VECTOR
         self.inflight = None  # vhost-user inflight tracking (kickcall.vhost_user.inflight.InflightQueue)
         self.resubmit: list[int] = []  # heads to hand out again before new ones (after a reconnect)
+        self._pop_t = array("d", bytes(8 * num_max))  # per head: monotonic time it was popped, 0.0 if not
+        self._done_s = array("d", bytes(8 * COMPLETION_WINDOW))  # the last completions' durations (s)
+        self.completions = 0  # completions timed (monotonic across resets, as the other counters)
         self.reset()
         # counters (monotonic across resets)
         self.kicks = 0  # notifications the device saw, any path
@@ -174,6 +188,7 @@ class VirtQueue:
         self.pending_kick = False
         self.resubmit = []
         self.vector = VIRTIO_NO_VECTOR
+        self._pop_t = array("d", bytes(8 * self.num_max))  # what was in flight is forgotten
         self.unmap()
 
     def unmap(self) -> None:
@@ -276,6 +291,7 @@ class VirtQueue:
             elem = self._read_chain(head)
             self.inuse += 1
             self.popped += 1
+            self._pop_t[head] = _monotonic()
             return elem
         a16 = self._a16
         avail = a16[1]
@@ -291,6 +307,7 @@ class VirtQueue:
         self.last_avail_idx = (last + 1) & 0xFFFF
         self.inuse += 1
         self.popped += 1
+        self._pop_t[head] = _monotonic()
         if self.inflight is not None:
             self.inflight.mark_popped(head)
         if self.event_idx:
@@ -413,12 +430,18 @@ class VirtQueue:
             inflight.after_push(elem.index, self.used_idx)
         self.inuse -= 1
         self.pushed += 1
+        t0 = self._pop_t[elem.index]
+        if t0:
+            self._pop_t[elem.index] = 0.0
+            self._done_s[self.completions & (COMPLETION_WINDOW - 1)] = _monotonic() - t0
+            self.completions += 1
         if _t_flush.enabled:
             _t_flush.emit(vq=self.name, head=elem.index, len=length, used_idx=self.used_idx)
 
     def detach(self, elem: VirtQueueElement) -> None:
         """Forget a popped element without returning it (device reset)."""
         self.inuse -= 1
+        self._pop_t[elem.index] = 0.0
 
     # -- notification suppression ---------------------------------------------------------------------
     def set_notification(self, enable: bool) -> None:
@@ -475,6 +498,27 @@ class VirtQueue:
     def count_call(self, path: str) -> None:
         self.calls += 1
         self.calls_by_path[path] = self.calls_by_path.get(path, 0) + 1
+
+    def timing(self) -> dict:
+        """How old the oldest request in flight is and how long requests have been taking.
+
+        ``oldest-inflight-ms``: age of the oldest element popped and not yet pushed (None if
+        none); ``completion-ms``: ``count`` completions timed since the queue was created,
+        ``recent`` of them in the window (the last ``COMPLETION_WINDOW``), their median ``p50``
+        and ``max`` in ms (None when there are none)."""
+        now = _monotonic()
+        oldest = min((t for t in self._pop_t if t), default=None)
+        n = min(self.completions, COMPLETION_WINDOW)
+        recent = sorted(self._done_s[:n]) if n else []
+        return {
+            "oldest-inflight-ms": None if oldest is None else round((now - oldest) * 1000.0, 3),
+            "completion-ms": {
+                "count": self.completions,
+                "recent": n,
+                "p50": round(recent[(n - 1) // 2] * 1000.0, 3) if n else None,
+                "max": round(recent[-1] * 1000.0, 3) if n else None,
+            },
+        }
 
     def status(self) -> dict:
         """The fields of QEMU's VirtQueueStatus."""
