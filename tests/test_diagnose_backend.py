@@ -17,6 +17,7 @@ import pytest
 from helpers import kickcall_argv, spawn, start_vhost_user_blk, stop_process, wait_for
 from kickcall.monitor.client import QMPClient
 from kickcall.virtio.blk import make_image
+from qmp_proxy import RecordingProxy, check
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,9 @@ def test_no_front_end(workdir):
     be = start_vhost_user_blk(sock, img, "--qmp", qmp)
     try:
         wait_for(lambda: os.path.exists(qmp), 30, "the monitor")
-        rc, rep, err, _ = diagnose("--qmp", qmp, "--fix")
+        with RecordingProxy(os.path.join(workdir, "p.qmp"), qmp) as p:
+            rc, rep, err, _ = diagnose("--qmp", p.path, "--fix")
+        assert p.sent and check(p.sent, "kickcall-backend", fix=True) == []
         (q,) = rep["queues"]
         assert rc == 0 and q["verdict"] == "no front-end" and q["severity"] == "info", (err, q)
         assert rep["targets"][0]["kind"] == "kickcall-backend"
@@ -87,7 +90,9 @@ def test_backend_that_never_completes_is_not_processing(workdir):
             wait_for(lambda: (_queue(c).get("completion-ms") or {}).get("count", 0) > 50, 60, "I/O")
             c.execute("x-debug-fault", {"dev": dev["path"], "queue": 0, "path": "complete", "action": "drop-all"})
             wait_for(lambda: _queue(c).get("oldest-inflight-ms") is not None, 30, "a held request")
-            rc, rep, err, took = diagnose("--qmp", qmp, "--window", "2", "--timeout", "8", "--fix")
+            with RecordingProxy(os.path.join(workdir, "p.qmp"), qmp) as p:
+                rc, rep, err, took = diagnose("--qmp", p.path, "--window", "2", "--timeout", "8", "--fix")
+            assert check(p.sent, "kickcall-backend", fix=True) == []
             (q,) = rep["queues"]
             assert rc == 1 and q["verdict"] == "not processing", json.dumps(q, indent=1)
             assert q["facts"]["oldest-request-s"] >= 2 and "target's own clock" in " ".join(q["evidence"])

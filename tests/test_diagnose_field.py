@@ -234,3 +234,29 @@ def test_ring_stopped_behind_qemus_back(rig):
         assert any("GET_VRING_BASE" in e for e in q["evidence"])
         assert not q["fix-result"]["injected"] and "refused" in q["fix-result"]["reason"]
     assert rig.get_vring_base("vda") == base + 1  # diagnose itself sent nothing that stops a ring
+    # the advice diagnose gives is true: stop + cont on QEMU's monitor sets the ring up again
+    assert "`stop` then `cont`" in q["fix-result"]["reason"], q["fix-result"]
+    stalled = rig.rounds("vda")[0]
+    with QMPClient(rig.qmp).connect() as c:
+        c.execute("stop")
+        c.execute("cont")
+    rig.wait_rounds("vda", 2, 120)
+    assert rig.rounds("vda")[0] > stalled
+    rc, rep, err = diagnose("--qmp", rig.bqmp["vda"], "--interval", "0.2")
+    (q,) = rep["queues"]
+    assert q["verdict"] in ("healthy", "slow"), q
+
+
+def test_with_the_forbidden_query_allowed_the_first_item_fails(rig):
+    """The fix switched off (FORBID_VHOST_QUEUE_STATUS = False): diagnose queries the vhost device
+    as it used to; QEMU stops the ring, and the recording proxy flags the query."""
+    base = rig.get_vring_base("vdb")
+    prox = os.path.join(rig.d, "p2.qmp")
+    with RecordingProxy(prox, rig.qmp) as p:
+        diagnose("--qmp", prox, "--samples", "2", "--interval", "0.15", forbid=False)
+        bad = check(p.sent, "qemu")
+    assert rig.get_vring_base("vdb") > base, "the forbidden query stopped no ring?"
+    assert any(b.startswith("x-query-virtio-queue-status") for b in bad), bad
+    with QMPClient(rig.qmp).connect() as c:  # leave the guest running for the module's teardown
+        c.execute("stop")
+        c.execute("cont")

@@ -23,10 +23,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from . import targets
 from .targets import is_vhost_type
 
 __all__ = ["QueueSample", "DeviceSample", "Sample", "Sampler", "QemuSampler", "Monitor", "parse_xp",
-           "SampleError", "UnknownSelection"]
+           "SampleError", "UnknownSelection", "parse_mtree_ram"]
 
 
 class Monitor(Protocol):
@@ -198,6 +199,31 @@ def parse_xp(text: Any, count: int) -> list[int] | None:
     return vals[:count] if len(vals) >= count else None
 
 
+_MTREE_RANGE = re.compile(r"^\s*([0-9a-fA-F]+)-([0-9a-fA-F]+) \(prio -?\d+, ram\)")
+
+
+def parse_mtree_ram(text: Any) -> list[tuple[int, int]]:
+    """The RAM ranges ([start, end)) of the flat view of address space "memory" in HMP
+    ``info mtree -f`` output; empty when the text is not that."""
+    if not isinstance(text, str):
+        return []
+    out: list[tuple[int, int]] = []
+    for view in text.split("FlatView")[1:]:
+        lines = view.splitlines()
+        if not any(ln.strip().startswith('AS "memory"') for ln in lines):
+            continue
+        for ln in lines:
+            m = _MTREE_RANGE.match(ln)
+            if m:
+                lo, hi = int(m.group(1), 16), int(m.group(2), 16) + 1
+                if out and out[-1][1] == lo:
+                    out[-1] = (out[-1][0], hi)
+                else:
+                    out.append((lo, hi))
+        break
+    return out
+
+
 def _has_feature(vs: dict, name: str) -> bool | None:
     gf = vs.get("guest-features")
     if not isinstance(gf, dict):
@@ -222,6 +248,8 @@ class QemuSampler:
         self.dev = dev
         self.queue = queue
         self.types: dict[str, str] = {}  # path -> QOM type (learnt once: a device's type never changes)
+        self._ram: list[tuple[int, int]] | None = None
+        self.outside_ram = 0  # ring reads refused: the address was not guest RAM
         self.emulated_paths = emulated_paths if emulated_paths is not None else set()
 
     def _type(self, path: str) -> str:
@@ -232,8 +260,18 @@ class QemuSampler:
                 self.emulated_paths.add(path)
         return self.types[path]
 
+    def ram(self) -> list[tuple[int, int]]:
+        """Guest RAM as QEMU's flat memory map lists it ([start, end) ranges), read once."""
+        if self._ram is None:
+            self._ram = parse_mtree_ram(_safe(self.mon, "human-monitor-command", {"command-line": "info mtree -f"}))
+        return self._ram
+
     def _xp(self, addr: int, count: int) -> list[int] | None:
-        if not 0 <= addr < 1 << 64:
+        """*count* 16-bit words at guest-physical *addr* -- only inside guest RAM: xp on a device
+        register is a real MMIO read (it can clear an ISR), and a ring address is the guest's to set."""
+        end = addr + 2 * count
+        if not any(lo <= addr and end <= hi for lo, hi in self.ram()):
+            self.outside_ram += 1
             return None
         out = _safe(self.mon, "human-monitor-command", {"command-line": f"xp /{count}hx {addr:#x}"})
         return parse_xp(out, count)
@@ -247,8 +285,13 @@ class QemuSampler:
         ae = self._xp(used + 4 + 8 * num, 1) if num else None
         a = self._xp(avail, 2) or [None, None]
         ue = self._xp(avail + 4 + 2 * num, 1) if num else None
-        return {"avail-flags": a[0], "avail-idx": a[1], "used-flags": u[0], "used-idx-ring": u[1],
-                "used-event": ue[0] if ue else None, "avail-event": ae[0] if ae else None}
+        out = {"avail-flags": a[0], "avail-idx": a[1], "used-flags": u[0], "used-idx-ring": u[1],
+               "used-event": ue[0] if ue else None, "avail-event": ae[0] if ae else None}
+        if a[1] is None or u[1] is None:
+            out["x-unread-reason"] = ("QEMU's memory map could not be read, so guest memory is not read" if not self.ram()
+                                      else "the ring lies outside guest RAM: not read (xp there would be a device "
+                                      "access)")
+        return out
 
     def sample(self) -> Sample:
         st = self.mon.execute("query-status") or {}
@@ -256,7 +299,8 @@ class QemuSampler:
         for d in _select(self.mon.execute("x-query-virtio") or [], self.dev):
             path = d["path"]
             qtype = self._type(path)
-            vhost = is_vhost_type(qtype)
+            # (the switch off: every device is queried as if QEMU ran its ring -- what diagnose used to do)
+            vhost = is_vhost_type(qtype) and targets.FORBID_VHOST_QUEUE_STATUS
             vs = _safe(self.mon, "x-query-virtio-status", {"path": path}) or {}
             if not isinstance(vs, dict):
                 vs = {}

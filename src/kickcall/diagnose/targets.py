@@ -101,8 +101,11 @@ ALLOWED: dict[TargetKind, tuple[AllowedQuery, ...]] = {
         AllowedQuery("x-query-virtio-queue-status", "only on emulated devices (QOM type known to have no vhost "
                      "back-end): for a vhost device QEMU sends GET_VRING_BASE, which stops the ring",
                      emulated_only=True),
-        AllowedQuery("human-monitor-command", "only `xp /Nhx ADDR` (N <= 999): reads guest-physical memory (the "
-                     "rings' idx, flags, used_event and avail_event) without writing it", hmp=_XP),
+        AllowedQuery("human-monitor-command", "`info mtree -f`: prints QEMU's flat memory map, so that xp only "
+                     "ever reads guest RAM (xp on a device register is a real MMIO read: it can clear an ISR)",
+                     hmp=r"info mtree -f"),
+        AllowedQuery("human-monitor-command", "only `xp /Nhx ADDR` (N <= 999) inside guest RAM: reads the rings' "
+                     "idx, flags, used_event and avail_event without writing them", hmp=_XP),
     ),
     TargetKind.QEMU_WITHOUT_VIRTIO_QUERIES: (
         AllowedQuery("query-status", "the run state"),

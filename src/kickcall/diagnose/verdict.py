@@ -238,8 +238,9 @@ def judge_state(s: QueueSample, statuses: list[str] | None, nsamples: int, span:
         lc.unknown = unknown
         return lc
     if a is None or num == 0:
-        return Verdict(NOT_SET_UP, ev + ["the ring cannot be read (no ring addresses, or guest memory not readable)"],
-                       facts=facts, severity=Severity.INFO, unknown=unknown)
+        why = st.get("x-unread-reason") if isinstance(st.get("x-unread-reason"), str) else (
+            "the ring cannot be read (no ring addresses, or guest memory not readable)")
+        return Verdict(NOT_SET_UP, ev + [why], facts=facts, severity=Severity.INFO, unknown=unknown)
 
     def v(kind: VerdictKind, lines: list[str], **kw) -> Verdict:
         return Verdict(kind, lines, facts=facts, unknown=unknown, **kw)
