@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 
 import pytest
 
-from helpers import kickcall_argv
+from helpers import kickcall_argv, spawn, stop_process, wait_for
 from kickcall.peers.qtest import BlkRequest, HealthyWorkload, QtestVM, VirtioBlkQtestDriver
 from qmp_proxy import RecordingProxy, check
 
@@ -104,3 +105,44 @@ def test_completion_whose_interrupt_is_withheld_is_a_lost_call(emu):
     drv.consume(update_used_event=True)  # the driver catches up
     rc, rep = diagnose(proxy)
     assert rc == 0 and _blk(rep, vm)["verdict"] == "idle"
+
+
+def test_request_stuck_in_the_block_layer_is_not_processing(workdir):
+    """QEMU took the request (last-avail-idx moved) and its storage never answers: the disk is an
+    NBD export of qemu-storage-daemon, which is SIGSTOPped.  "not processing" once the request is
+    older than --window (diagnose's own observation: QEMU does not say when it took it)."""
+    img, nbd = os.path.join(workdir, "nbd.img"), os.path.join(workdir, "nbd.sock")
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    qsd = spawn(["qemu-storage-daemon", "--blockdev", f"driver=file,node-name=file0,filename={img}",
+                 "--blockdev", "driver=raw,node-name=disk0,file=file0",
+                 "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+                 "--export", "type=nbd,id=exp0,node-name=disk0,name=disk,writable=on"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    vm = None
+    try:
+        wait_for(lambda: os.path.exists(nbd) or qsd.poll() is not None, 30, "the NBD server")
+        assert qsd.poll() is None, qsd.stderr.read()
+        vm = QtestVM(workdir, blockdev=f"driver=nbd,node-name=disk0,server.type=unix,server.path={nbd},export=disk")
+        vm.start()
+        drv = VirtioBlkQtestDriver(vm.session, event_idx=True).setup()
+        drv.io([BlkRequest.write(8, _data("nbd"))])
+        drv.consume(update_used_event=True)
+        os.kill(qsd.pid, signal.SIGSTOP)
+        drv.publish([BlkRequest.read(8, 4096, _data("nbd"))], notify=True)
+        with RecordingProxy(os.path.join(workdir, "p.qmp"), vm.qmp_path) as proxy:
+            rc, rep = diagnose(proxy, "--window", "2", "--timeout", "10", "-v")
+            assert check(proxy.sent, "qemu") == []
+        q = _blk(rep, vm)
+        assert rc == 1 and q["verdict"] == "not processing", json.dumps(q, indent=1)
+        assert "1 request(s) taken by the device and not completed" in q["evidence"]
+        assert q["facts"]["oldest-request-s"] >= 2 and any("may be older" in e for e in q["evidence"])
+        os.kill(qsd.pid, signal.SIGCONT)
+        drv.wait_used(1)
+        (c,) = drv.consume()
+        assert c.status == 0 and c.data == _data("nbd")
+    finally:
+        os.kill(qsd.pid, signal.SIGCONT)
+        if vm is not None:
+            vm.stop()
+        stop_process(qsd)

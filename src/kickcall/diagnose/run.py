@@ -50,6 +50,7 @@ class TargetProblem(enum.StrEnum):
     NO_VIRTIO_QUERIES = "no virtio queries"
     NO_RING_STATE = "no ring state"
     UNKNOWN_MONITOR = "unknown monitor"
+    QUERY_FAILED = "query failed"
 
 
 _UNREACHABLE = {TargetProblem.NO_SOCKET, TargetProblem.REFUSED, TargetProblem.NOT_QMP, TargetProblem.BUSY,
@@ -212,6 +213,9 @@ class TargetSession:
             self._choose_sampler()
         except QMPConnectionError as e:
             self._fail(e, pid[0])
+        except QMPCommandError as e:
+            self.report.problem = TargetProblem.QUERY_FAILED
+            self.report.detail = f"the monitor refused x-query-virtio: {e.cls}: {e.desc}"
 
     def _choose_sampler(self) -> None:
         assert self.guard is not None and self.info is not None
@@ -257,8 +261,9 @@ class TargetSession:
         except QMPConnectionError as e:
             self._fail(e, self.report.pid)
             return
-        except QMPCommandError as e:
-            self._fail(QMPConnectionError(f"{e.cls}: {e.desc}", ConnectionProblem.OTHER), self.report.pid)
+        except QMPCommandError as e:  # query-status or x-query-virtio refused: nothing to sample
+            self.report.problem = TargetProblem.QUERY_FAILED
+            self.report.detail = f"the monitor refused a query every sample needs: {e.cls}: {e.desc}"
             return
         self.report.run_state = s.run_state
         self.history.append(s)

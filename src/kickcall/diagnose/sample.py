@@ -81,7 +81,9 @@ class QueueSample:
     def ring_addresses(self) -> tuple | None:
         """(desc, avail, used) as the front-end's user addresses (the vhost-user join key)."""
         a = self.status.get("x-user-addresses")
-        return tuple(a) if isinstance(a, list | tuple) and len(a) == 3 else None
+        if isinstance(a, list | tuple) and len(a) == 3 and all(_num(x) is not None for x in a):
+            return tuple(a)
+        return None
 
 
 @dataclass
@@ -145,7 +147,8 @@ class Sampler:
         out: dict[str, DeviceSample] = {}
         for d in self.devices():
             path = d["path"]
-            vs = _safe(self.mon, "x-query-virtio-status", {"path": path}) or {}
+            vs = _safe(self.mon, "x-query-virtio-status", {"path": path})
+            vs = vs if isinstance(vs, dict) else {}
             nvqs = _num(vs.get("num-vqs")) or 0
             statuses: list[str] | None = _statuses(vs)
             if self.addresses:  # a back-end sees no driver status (only what it set itself: NEEDS_RESET)
@@ -160,6 +163,7 @@ class Sampler:
                 qs = _safe(self.mon, "x-query-virtio-queue-status", {"path": path, "queue": q})
                 if not isinstance(qs, dict):
                     continue
+                qs = {k: v for k, v in qs.items() if not k.startswith("x-") or k == "x-injected"}
                 if self.addresses:
                     vq = _safe(self.mon, "x-query-virtio-vhost-queue-status", {"path": path, "queue": q})
                     if isinstance(vq, dict) and all(_num(vq.get(k)) is not None for k in ("desc", "avail", "used")):

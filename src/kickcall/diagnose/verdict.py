@@ -33,6 +33,7 @@ looks idle, and the verdict says so.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from .sample import QueueSample, Sample
@@ -127,7 +128,7 @@ def _ms_stats(v: object) -> str:
     if not isinstance(v, dict) or not _num(v.get("count")):
         return ""
     p50, mx = v.get("p50"), v.get("max")
-    if not isinstance(p50, int | float) or not isinstance(mx, int | float):
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in (p50, mx)):
         return ""
     return (f"this device's last {v.get('recent', v.get('count'))} completions took p50 {p50 / 1000:.3g} s, "
             f"max {mx / 1000:.3g} s")
@@ -246,7 +247,7 @@ def judge_state(s: QueueSample, statuses: list[str] | None, nsamples: int, span:
         return Verdict(kind, lines, facts=facts, unknown=unknown, **kw)
 
     own = _num(st.get("oldest-inflight-ms"))
-    if own is None and isinstance(st.get("oldest-inflight-ms"), float):
+    if own is None and isinstance(st.get("oldest-inflight-ms"), float) and math.isfinite(st["oldest-inflight-ms"]):
         own = int(st["oldest-inflight-ms"])
     req_age = own / 1000 if own is not None else (span if age is None else age)
     age_src = ("the target's own clock" if own is not None else

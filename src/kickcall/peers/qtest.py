@@ -248,7 +248,8 @@ class QtestVM(ManagedProcess):
 
     def __init__(self, workdir: str, *, disk_size: int = 16 << 20, mem_mb: int = 64, event_idx: bool = True,
                  blk_extra: str = "", qmp_sockets: int = 1, vhost_user_blk: Sequence[VhostUserBlk] = (),
-                 extra_args: Sequence[str] = (), binary: str = QEMU_BINARY, timeout: float = 30.0):
+                 extra_args: Sequence[str] = (), binary: str = QEMU_BINARY, timeout: float = 30.0,
+                 blockdev: str | None = None):
         super().__init__()
         if "," in workdir:
             raise ValueError(f"workdir {workdir!r} contains a comma (QEMU option syntax)")
@@ -258,6 +259,8 @@ class QtestVM(ManagedProcess):
         self.mem_mb = mem_mb
         self.event_idx = event_idx
         self.blk_extra = blk_extra
+        # the emulated disk's -blockdev (its node-name must be disk0); default: a raw file in workdir
+        self.blockdev = blockdev
         self.qtest_path = check_socket_path(os.path.join(workdir, "qtest.sock"))
         self.qmp_paths = [check_socket_path(os.path.join(workdir, f"qmp{i}.sock")) for i in range(max(1, qmp_sockets))]
         self.vhost_user_blk = list(vhost_user_blk)
@@ -285,7 +288,7 @@ class QtestVM(ManagedProcess):
                 "-qtest", f"unix:{self.qtest_path}", "-qtest-log", "none"]
         for p in self.qmp_paths:
             argv += ["-qmp", f"unix:{p},server=on,wait=off"]
-        argv += ["-blockdev", f"driver=file,filename={self.disk_path},node-name=disk0",
+        argv += ["-blockdev", self.blockdev or f"driver=file,filename={self.disk_path},node-name=disk0",
                  "-device", f"virtio-blk-pci,drive=disk0,id={self.BLK_ID},addr={self.BLK_SLOT:#x},num-queues=1,"
                             f"event_idx={'on' if self.event_idx else 'off'}{self.blk_extra}"]
         for i, d in enumerate(self.vhost_user_blk):
