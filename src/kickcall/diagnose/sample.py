@@ -61,7 +61,7 @@ class QueueSample:
     unknown: list[str] = field(default_factory=list)  # what this target does not expose
     source: list[str] = field(default_factory=list)  # where the fields came from (for the evidence)
 
-    def key(self) -> tuple:
+    def key(self) -> str:
         """Everything that moves when the queue makes progress (or its notifiers fire)."""
         ring = tuple(self.status.get(k) for k in STATE_FIELDS)
         nots = tuple(sorted((str(n.get("role")), str(n.get("id")), tuple(str(n.get(k)) for k in NOTIFIER_FIELDS))
@@ -280,16 +280,17 @@ class QemuSampler:
         out = _safe(self.mon, "human-monitor-command", {"command-line": f"xp /{count}hx {addr:#x}"})
         return parse_xp(out, count)
 
-    def _memory(self, desc_avail_used: tuple[int, int, int], num: int) -> dict:
+    def _memory(self, desc_avail_used: tuple[int, ...], num: int) -> dict:
         """The driver's and the device's indices in guest memory (None where unreadable)."""
         _desc, avail, used = desc_avail_used
         # the device's side first: read later, the driver's avail.idx is never behind the used.idx
         # read (the reads are separate HMP commands, and the rings move between them)
-        u = self._xp(used, 2) or [None, None]
+        none: list[int | None] = [None, None]
+        u: list[int] | list[int | None] = self._xp(used, 2) or none
         ae = self._xp(used + 4 + 8 * num, 1) if num else None
-        a = self._xp(avail, 2) or [None, None]
+        a: list[int] | list[int | None] = self._xp(avail, 2) or none
         ue = self._xp(avail + 4 + 2 * num, 1) if num else None
-        out = {"avail-flags": a[0], "avail-idx": a[1], "used-flags": u[0], "used-idx-ring": u[1],
+        out: dict[str, object] = {"avail-flags": a[0], "avail-idx": a[1], "used-flags": u[0], "used-idx-ring": u[1],
                "used-event": ue[0] if ue else None, "avail-event": ae[0] if ae else None}
         if a[1] is None or u[1] is None:
             out["x-unread-reason"] = ("QEMU's memory map could not be read, so guest memory is not read" if not self.ram()

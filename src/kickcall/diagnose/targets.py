@@ -139,8 +139,8 @@ class ForbiddenQuery(RuntimeError):
 def _version(v: Any) -> tuple[str, str, tuple[int, int] | None]:
     if not isinstance(v, dict):
         return "?", "", None
-    q = v.get("qemu") if isinstance(v.get("qemu"), dict) else {}
-    pkg = v.get("package") if isinstance(v.get("package"), str) else ""
+    q: dict = v["qemu"] if isinstance(v.get("qemu"), dict) else {}
+    pkg: str = v["package"] if isinstance(v.get("package"), str) else ""
     try:
         mm = (int(q["major"]), int(q["minor"]))
         ver = f"{q['major']}.{q['minor']}.{q.get('micro', 0)}"

@@ -36,7 +36,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from .sample import QueueSample, Sample
+from .sample import DeviceSample, QueueSample, Sample
 
 __all__ = ["Verdict", "VerdictKind", "Severity", "HEALTHY", "SLOW", "IDLE", "LOST_KICK", "LOST_CALL",
            "MASKED_PENDING", "NOT_PROCESSING", "NOT_TAKEN", "STALLED", "RING_CORRUPT", "NEEDS_RESET", "STOPPED",
@@ -128,7 +128,8 @@ def _ms_stats(v: object) -> str:
     if not isinstance(v, dict) or not _num(v.get("count")):
         return ""
     p50, mx = v.get("p50"), v.get("max")
-    if not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in (p50, mx)):
+    if not (isinstance(p50, int | float) and isinstance(mx, int | float) and math.isfinite(p50)
+            and math.isfinite(mx)):
         return ""
     return (f"this device's last {v.get('recent', v.get('count'))} completions took p50 {p50 / 1000:.3g} s, "
             f"max {mx / 1000:.3g} s")
@@ -176,8 +177,8 @@ def _lifecycle(s: QueueSample, statuses: list[str] | None, ev: list[str], facts:
     if rs == "disabled":
         return Verdict(DISABLED, ev + ["the front-end disabled this ring (SET_VRING_ENABLE 0): the back-end does "
                                        "not process it", work], facts=facts, severity=sev)
-    kfd = st.get("kick-fd")
-    if rs == "started" and _num(kfd) is not None and kfd < 0:
+    kfd = _num(st.get("kick-fd"))
+    if rs == "started" and kfd is not None and kfd < 0:
         return Verdict(NO_KICK_FD, ev + ["the ring is started but has no kick fd: the driver's doorbell reaches "
                                          "nobody", work], facts=facts, severity=sev)
     return None
@@ -239,8 +240,8 @@ def judge_state(s: QueueSample, statuses: list[str] | None, nsamples: int, span:
         lc.unknown = unknown
         return lc
     if a is None or num == 0:
-        why = st.get("x-unread-reason") if isinstance(st.get("x-unread-reason"), str) else (
-            "the ring cannot be read (no ring addresses, or guest memory not readable)")
+        why = str(st.get("x-unread-reason") or "the ring cannot be read (no ring addresses, or guest memory not "
+                  "readable)")
         return Verdict(NOT_SET_UP, ev + [why], facts=facts, severity=Severity.INFO, unknown=unknown)
 
     def v(kind: VerdictKind, lines: list[str], **kw) -> Verdict:
@@ -278,7 +279,7 @@ def judge_state(s: QueueSample, statuses: list[str] | None, nsamples: int, span:
         return v(RING_CORRUPT, ev + [f"avail.idx is {outstanding} entries past used.idx: more than the ring holds "
                                      f"({num})"])
     kick_pending = _num(kick.get("pending")) if kick else None
-    if kick_pending and kick_pending > 0:
+    if kick is not None and kick_pending and kick_pending > 0:
         # a live device reads its kick fd at once: one that stays readable over every sample is unread
         return v(NOT_PROCESSING, ev + [f"the kick eventfd (fd {kick.get('fd')}) holds {kick_pending} unread "
                                        f"in every sample: nobody reads it (the device or back-end is not "
@@ -332,8 +333,8 @@ def judge_state(s: QueueSample, statuses: list[str] | None, nsamples: int, span:
         note = [] if event_idx else ["without EVENT_IDX the driver's consumption is not visible: a lost call on "
                                      "the last completion would look the same"]
         return v(IDLE, ev + ["nothing outstanding"] + note)
-    cfd = st.get("call-fd")
-    if _num(cfd) is not None and cfd < 0:
+    cfd = _num(st.get("call-fd"))
+    if cfd is not None and cfd < 0:
         return v(NO_CALL_FD, ev + ["the back-end has no call fd for this ring: it cannot signal the completion "
                                    "(the front-end gave none, or took it away)"])
     if masked:
@@ -384,11 +385,11 @@ def judge(samples: list[Sample], path: str, queue: int, stable_needed: int, *, w
     UNDECIDED until enough of the latest samples agree or moved, SLOW while the oldest request is
     younger than *window* and no completion has been seen to come.  With *out_of_time* the best
     verdict so far is made final."""
-    seq = []
+    seq: list[tuple[Sample, DeviceSample, QueueSample]] = []
     for s in samples:
         d = s.devices.get(path)
         q = None if d is None else next((x for x in d.queues if x.queue == queue), None)
-        if q is not None:
+        if d is not None and q is not None:
             seq.append((s, d, q))
     if not seq:
         return Verdict(UNDECIDED, ["the queue was not seen"], final=out_of_time)
