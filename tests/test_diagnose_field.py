@@ -208,6 +208,12 @@ def test_joined_verdict_names_the_faulty_device_and_queue(rig):
     assert sorted((x["path"], x["queue"]) for x in rep["queues"]) == sorted((rig.paths[d], 0) for d in ("vda", "vdb"))
     (other,) = [x for x in rep["queues"] if x["path"] == rig.paths["vda"]]
     assert other["severity"] != "problem" and other["joined"]["target"] == rig.bqmp["vda"]
+    # QEMU's view alone names the same ring, says what QEMU does not expose, and does not act
+    rc, rep, err = diagnose("--qmp", rig.qmp, "--dev", "vdb-dev", "--interval", "0.3", "--fix")
+    (qq,) = rep["queues"]
+    assert rc == 1 and qq["verdict"] == "lost call" and qq["joined"] is None, qq
+    assert not qq["fix-result"]["injected"] and "no safe way" in qq["fix-result"]["reason"]
+    assert any("notifier counters" in u for u in qq["unknown"])
     stalled = rig.rounds("vdb")[0]
     # --fix: the joined queue's fix goes to its back-end
     rc, rep, err = diagnose(*args, "--fix", "--interval", "0.3")

@@ -307,3 +307,21 @@ def test_fleet_output_exit_statuses_and_ndjson(workdir):
             assert d.returncode == 130 and "Traceback" not in err, err
         finally:
             stop_process(d)
+
+
+@pytest.mark.slow
+def test_qemu_storage_daemon_is_named_and_left_alone(workdir):
+    """qemu-storage-daemon greets exactly as QEMU does; its command list tells them apart.  It has
+    no ring state to read: diagnose lists its exports, says so, and sends nothing else."""
+    from kickcall.peers.qsd import QSD
+
+    img = os.path.join(workdir, "q.img")
+    make_image(img, 1 << 20)
+    with QSD(img, os.path.join(workdir, "qsd.sock"), qmp_path=os.path.join(workdir, "qsd.qmp")) as qsd:
+        with RecordingProxy(os.path.join(workdir, "p.qmp"), qsd.qmp_path) as p:
+            r = run_diagnose("--qmp", p.path, "--json", "--timeout", "5")
+            assert check(p.sent, "qemu-storage-daemon") == [], check(p.sent, "qemu-storage-daemon")
+        assert r.returncode == 2, r.stderr
+        (t,) = json.loads(r.stdout)["targets"]
+        assert t["kind"] == "qemu-storage-daemon" and t["problem"] == "no ring state", t
+        assert "exp0 (vhost-user-blk" in t["detail"] and "front-end" in t["detail"], t
