@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from helpers import spawn, start_vhost_user_blk, stop_process, wait_for, wait_for_listener
+from helpers import spawn, start_vhost_user_blk, stop_process, wait_for
 from kickcall.monitor.client import QMPClient, QMPCommandError
 from kickcall.peers import require_peers
 from kickcall.peers.guest_image import build_initramfs, make_init
@@ -392,8 +392,10 @@ def test_qemu_storage_daemon_greets_like_qemu_and_is_told_apart_by_its_commands(
     p = spawn(["qemu-storage-daemon", "--chardev", f"socket,path={mon},server=on,wait=off,id=m",
                "--monitor", "chardev=m"])
     try:
-        wait_for_listener(mon, p, 30)
-        with QMPClient(mon, timeout=30).connect() as c:
+        # (no probe connection first: QSD's chardev may drop a client that connects while it is still
+        # tearing down the previous one; connect() retries while the socket refuses)
+        wait_for(lambda: os.path.exists(mon) or p.poll() is not None, 30, "the QSD monitor socket")
+        with QMPClient(mon, timeout=30).connect(wait=30) as c:
             g = c.greeting
             version = c.execute("query-version")
             names = {x["name"] for x in c.execute("query-commands")}

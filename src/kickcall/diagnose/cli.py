@@ -108,10 +108,7 @@ def main(a: argparse.Namespace) -> int:
     except UnknownSelection as e:
         print(f"kickcall diagnose: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("kickcall diagnose: interrupted", file=sys.stderr)
-        return 130
-    finally:
+    finally:  # (Ctrl-C: kickcall's entry point says "kickcall: interrupted" and exits 130)
         for s in sessions:
             s.close()
     return rc

@@ -180,7 +180,6 @@ class TargetSession:
 
     def open(self, deadline: float) -> None:
         """Connect, greet, identify -- all before *deadline*."""
-        remaining = max(0.05, deadline - time.monotonic())
         pid: list[int | None] = [None]
 
         def connected(sock: Any) -> None:
@@ -189,16 +188,26 @@ class TargetSession:
             if ps is not None and ps[0] in "Tt":  # no use waiting for a greeting
                 raise QMPConnectionError("stopped", ConnectionProblem.NO_GREETING)
 
-        self.client = QMPClient(self.socket, timeout=remaining)
-        try:
-            self.client.connect(greeting_timeout=min(remaining, GREETING_WAIT), on_connected=connected)
-        except QMPConnectionError as e:
-            self._fail(e, pid[0])
-            return
-        except OSError as e:
-            self._fail(QMPConnectionError(f"cannot connect to {self.socket}: {e}"), pid[0])
-            return
+        for attempt in range(3):
+            remaining = max(0.05, deadline - time.monotonic())
+            self.client = QMPClient(self.socket, timeout=remaining)
+            try:
+                self.client.connect(greeting_timeout=min(remaining, GREETING_WAIT), on_connected=connected)
+                break
+            except QMPConnectionError as e:
+                # a QEMU chardev finishing with its previous client can drop the next one before
+                # greeting it: try again while time remains
+                if e.kind is ConnectionProblem.CLOSED and attempt < 2 and deadline - time.monotonic() > 0.5:
+                    self.client.close()
+                    time.sleep(0.1)
+                    continue
+                self._fail(e, pid[0])
+                return
+            except OSError as e:
+                self._fail(QMPConnectionError(f"cannot connect to {self.socket}: {e}"), pid[0])
+                return
         self.report.pid = pid[0]
+        assert self.client is not None
         try:
             self.client.set_timeout(max(0.05, deadline - time.monotonic()))
             bare = GuardedMonitor(self.client, TargetKind.UNKNOWN)
