@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 
@@ -102,5 +103,29 @@ def test_backend_that_never_completes_is_not_processing(workdir):
         out, err = fe.communicate(timeout=120)
         assert fe.returncode == 0, err  # the held requests completed: nothing lost, data verified
     finally:
+        stop_process(fe)
+        stop_process(be)
+
+
+def test_front_end_that_stopped_reading_is_named(workdir):
+    """The back-end signalled; its front-end (SIGSTOPped) never reads the call fd.  Not a lost call
+    (another call would not help): the front-end is named with its pid and state."""
+    img, sock, qmp = (os.path.join(workdir, n) for n in ("d.img", "vb.sock", "be.qmp"))
+    make_image(img, 1 << 20)
+    be = start_vhost_user_blk(sock, img, "--qmp", qmp)
+    fe = spawn(kickcall_argv("vhost-user-test", "--socket", sock, "--depth", "1", "--blocks", "8",
+                             "--duration", "600"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with QMPClient(qmp).connect(wait=30) as c:
+            wait_for(lambda: (_queue(c).get("completion-ms") or {}).get("count", 0) > 50, 60, "I/O")
+            os.kill(fe.pid, signal.SIGSTOP)
+            wait_for(lambda: open(f"/proc/{fe.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T", 10, "SIGSTOP")
+        rc, rep, err, _ = diagnose("--qmp", qmp, "--fix")
+        (q,) = rep["queues"]
+        assert rc == 1 and q["verdict"] == "call not read", json.dumps(q, indent=1)
+        assert any(f"pid {fe.pid}, state T" in e for e in q["evidence"]), q["evidence"]
+        assert not q["fix-result"]["injected"]
+    finally:
+        os.kill(fe.pid, signal.SIGCONT)
         stop_process(fe)
         stop_process(be)

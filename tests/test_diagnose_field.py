@@ -184,6 +184,25 @@ def test_busy_qemu_monitor_is_named_with_qemus_pid(rig):
     assert "one QMP client at a time" in t["detail"]
 
 
+def test_paused_vm_is_paused_on_both_sides(rig):
+    """`stop` on QEMU stops its vhost rings (GET_VRING_BASE): from the back-ends' side that is a
+    stopped ring; with QEMU's monitor given too it is what it is, a paused VM."""
+    with QMPClient(rig.qmp).connect() as c:
+        c.execute("stop")
+    try:
+        rc, rep, err = diagnose("--qmp", rig.bqmp["vda"], "--qmp", rig.qmp, "--qmp", rig.bqmp["vdb"],
+                                "--interval", "0.2")
+        assert rc == 0, (err, json.dumps(rep, indent=1))
+        assert rep["queues"] and all(q["verdict"] == "paused" and q["severity"] == "info" for q in rep["queues"]), \
+            json.dumps(rep["queues"], indent=1)
+        backend_side = [q for q in rep["queues"] if q["target"] != rig.qmp]
+        assert len(backend_side) == 2 and all("is paused" in q["evidence"][0] for q in backend_side)
+    finally:
+        with QMPClient(rig.qmp).connect() as c:
+            c.execute("cont")
+    rig.wait_rounds("vdb", 1, 120)
+
+
 def test_joined_verdict_names_the_faulty_device_and_queue(rig):
     """Two back-ends, the sockets in shuffled order, a call lost on one back-end's queue."""
     rig.wait_rounds("vdb", 1, 60)

@@ -283,11 +283,12 @@ def test_fleet_output_exit_statuses_and_ndjson(workdir):
         assert r.returncode == 2 and "no queue 7" in r.stderr, r.stderr
         r = run_diagnose("--qmp", qmp, "--queue", "-1")
         assert r.returncode == 2 and "--queue" in r.stderr
-        # one line per queue, then a summary; -v adds the evidence
+        # a line per monitor, one per queue, then a summary; -v adds the evidence
         r = run_diagnose("--qmp", qmp, "--dev", "blk0")
         assert r.returncode == 0, r.stderr
         lines = r.stdout.strip().splitlines()
-        assert len(lines) == 2 and re.match(rf"{re.escape(qmp)}: \S+ queue 0: idle", lines[0]), r.stdout
+        assert len(lines) == 3 and lines[0] == f"{qmp}: kickcall-machine, running", r.stdout
+        assert lines[1] == "  blk0 q0: idle -- nothing outstanding" and lines[2].endswith("no stalled queue among 1")
         r = run_diagnose("--qmp", qmp, "--dev", "blk0", "-v")
         assert len(r.stdout.strip().splitlines()) > 3 and "    - " in r.stdout
         # --watch --json: NDJSON, a round and a timestamp per line, numbers as numbers
@@ -325,3 +326,72 @@ def test_qemu_storage_daemon_is_named_and_left_alone(workdir):
         (t,) = json.loads(r.stdout)["targets"]
         assert t["kind"] == "qemu-storage-daemon" and t["problem"] == "no ring state", t
         assert "exp0 (vhost-user-blk" in t["detail"] and "front-end" in t["detail"], t
+
+
+def test_paths_that_are_not_monitors(workdir):
+    f, d = os.path.join(workdir, "disk.img"), os.path.join(workdir, "adir")
+    open(f, "wb").close()
+    os.mkdir(d)
+    r = run_diagnose("--qmp", f, "--qmp", d, "--json", "--timeout", "3")
+    assert r.returncode == 2, r.stderr
+    ts = {t["socket"]: t for t in json.loads(r.stdout)["targets"]}
+    assert ts[f]["problem"] == "not a socket" and "a regular file" in ts[f]["detail"]
+    assert ts[d]["problem"] == "not a socket" and "a directory" in ts[d]["detail"]
+    assert os.path.getsize(f) == 0 and os.listdir(d) == []  # nothing touched
+    r = run_diagnose("--qmp", "")
+    assert r.returncode == 2 and "empty path" in r.stderr
+    r = run_diagnose("--qmp", "/tmp/" + "x" * 120)
+    assert r.returncode == 2 and "107 bytes" in r.stderr
+
+
+def test_full_backlog_is_busy_and_a_refused_handshake_is_not_qmp(workdir):
+    path = os.path.join(workdir, "full.qmp")
+    ls = socket.socket(socket.AF_UNIX)
+    ls.bind(path)
+    ls.listen(0)
+    waiting = []
+    try:
+        for _ in range(4):  # fill the backlog: the next connect() would block
+            c = socket.socket(socket.AF_UNIX)
+            c.setblocking(False)
+            try:
+                c.connect(path)
+                waiting.append(c)
+            except BlockingIOError:
+                c.close()
+                break
+        r = run_diagnose("--qmp", path, "--json", "--timeout", "3")
+        assert r.returncode == 2, r.stderr
+        (t,) = json.loads(r.stdout)["targets"]
+        assert t["problem"] == "busy" and "backlog is full" in t["detail"], t
+    finally:
+        for c in waiting:
+            c.close()
+        ls.close()
+    p2 = os.path.join(workdir, "rude.qmp")
+    g = {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}, "capabilities": []}
+    ls2, _t = _scripted(p2, g, {})  # every command, qmp_capabilities included, is CommandNotFound
+    try:
+        r = run_diagnose("--qmp", p2, "--json", "--timeout", "3")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        (t,) = json.loads(r.stdout)["targets"]
+        assert t["problem"] == "not a QMP monitor" and "qmp_capabilities" in t["detail"], t
+    finally:
+        ls2.close()
+
+
+@pytest.mark.slow
+def test_a_vhost_user_socket_given_as_the_monitor(workdir):
+    """An easy mix-up: the back-end's vhost-user socket instead of its monitor.  It never greets;
+    diagnose says it may not be a QMP socket, and the back-end is not disturbed."""
+    img, sock = os.path.join(workdir, "d.img"), os.path.join(workdir, "vb.sock")
+    make_image(img, 1 << 20)
+    be = start_vhost_user_blk(sock, img)
+    try:
+        r = run_diagnose("--qmp", sock, "--json", "--timeout", "2")
+        assert r.returncode == 2, r.stderr
+        (t,) = json.loads(r.stdout)["targets"]
+        assert t["problem"] == "busy" and "not a QMP socket" in t["detail"] and t["pid"] == be.pid, t
+        assert be.poll() is None
+    finally:
+        stop_process(be)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -42,8 +43,16 @@ def _int_range(lo: int, hi: int):
     return conv
 
 
+def _socket_path(v: str) -> str:
+    if not v:
+        raise argparse.ArgumentTypeError("an empty path")
+    if len(os.fsencode(v)) > 107:
+        raise argparse.ArgumentTypeError(f"{v!r} is longer than a Unix socket path can be (107 bytes)")
+    return v
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--qmp", required=True, action="append", metavar="PATH",
+    p.add_argument("--qmp", required=True, action="append", metavar="PATH", type=_socket_path,
                    help="a monitor socket: QEMU's (7.2+), a kickcall machine's or a `kickcall vhost-user-blk --qmp` "
                         "back-end's. Repeat it to diagnose several at once; a QEMU vhost device and its back-end's "
                         "monitor are joined into one verdict per queue")
@@ -90,7 +99,8 @@ def main(a: argparse.Namespace) -> int:
             rep = diagnose(sessions, samples=a.samples, interval=a.interval, window=a.window, dev=a.dev,
                            queue=a.queue, deadline=t_end)
             if a.fix:
-                apply_fixes(sessions, rep, force=a.force, log=lambda s: print(s, file=sys.stderr, flush=True))
+                apply_fixes(sessions, rep, force=a.force, confirm_timeout=min(10.0, a.timeout),
+                            log=lambda s: print(s, file=sys.stderr, flush=True))
             rounds += 1
             if a.json:
                 d = rep.as_dict()

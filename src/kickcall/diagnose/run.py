@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import datetime
 import enum
+import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,26 +23,22 @@ from ..monitor.client import (ConnectionProblem, QMPClient, QMPCommandError, QMP
                               process_state)
 from .sample import QemuSampler, Sample, Sampler, UnknownSelection
 from .targets import GuardedMonitor, TargetInfo, TargetKind, identify
-from .verdict import (DEFAULT_WINDOW, HEALTHY, IDLE, LOST_CALL, LOST_KICK, PAUSED, STOPPED, UNDECIDED, Severity,
-                      Verdict, judge)
+from .verdict import (DEFAULT_WINDOW, FAILED_RUN_STATES, HEALTHY, IDLE, LOST_CALL, LOST_KICK, MASKED_PENDING,
+                      NO_CALL_FD, NOT_STARTED, PAUSED, RESTART_ADVICE, STOPPED, UNDECIDED, Severity, Verdict, front_end_pid, judge)
 
 __all__ = ["TargetProblem", "TargetSession", "QueueReport", "TargetReport", "Report", "diagnose", "apply_fixes",
-           "format_report", "exit_status", "SCHEMA", "RESTART_ADVICE"]
+           "format_report", "exit_status", "SCHEMA"]
 
 SCHEMA = 1  # the JSON report's schema version
 
-# Verified on QEMU 7.2 (tests/test_qemu_query_safety.py, tests/test_diagnose_field.py): a vhost-user
-# ring stopped behind QEMU's back (GET_VRING_BASE) is set up again by `stop` then `cont` on QEMU's
-# monitor -- `stop` stops the rings, `cont` sends the full set-up (SET_VRING_NUM/BASE/ADDR/KICK/CALL)
-# -- and the request the guest published meanwhile completes.
-RESTART_ADVICE: str | None = ("on QEMU 7.2, `stop` then `cont` on QEMU's monitor sets the vhost rings up again "
-                              "(the guest pauses for the moment between them; verified with kickcall's back-end)")
-
 GREETING_WAIT = 5.0  # longest wait for a greeting (within --timeout): a healthy monitor greets at once
+QUERY_WAIT = 3.0  # longest wait for one reply (within --timeout): one silent monitor must not use up a
+                  # round that other monitors share (they are sampled one after the other)
 
 
 class TargetProblem(enum.StrEnum):
     NO_SOCKET = "no socket"
+    NOT_A_SOCKET = "not a socket"
     REFUSED = "refused"
     NOT_QMP = "not a QMP monitor"
     BUSY = "busy"
@@ -53,7 +51,7 @@ class TargetProblem(enum.StrEnum):
     QUERY_FAILED = "query failed"
 
 
-_UNREACHABLE = {TargetProblem.NO_SOCKET, TargetProblem.REFUSED, TargetProblem.NOT_QMP, TargetProblem.BUSY,
+_UNREACHABLE = {TargetProblem.NO_SOCKET, TargetProblem.NOT_A_SOCKET, TargetProblem.REFUSED, TargetProblem.NOT_QMP, TargetProblem.BUSY,
                 TargetProblem.PROCESS_STOPPED, TargetProblem.NOT_ANSWERING, TargetProblem.CLOSED}
 
 
@@ -158,12 +156,18 @@ class TargetSession:
             r.problem = TargetProblem.PROCESS_STOPPED
             r.detail = (f"the monitor's process, {_who(pid)}, is stopped (SIGSTOP, or a debugger holds it): it "
                         f"cannot answer. `kill -CONT {pid}` resumes it")
-        elif e.kind is ConnectionProblem.NO_GREETING:
+        elif e.kind in (ConnectionProblem.NO_GREETING, ConnectionProblem.BACKLOG_FULL):
             r.problem = TargetProblem.BUSY
-            r.detail = (f"the socket accepted the connection but the monitor never greeted ({_who(pid)}). QEMU "
-                        "serves one QMP client at a time: another client (libvirt, a script) holds this socket. "
-                        "Give QEMU a second monitor (-qmp unix:PATH,server=on,wait=off, or -chardev/-mon), or go "
-                        "through libvirt's passthrough (virsh qemu-monitor-command DOMAIN '{...}')")
+            first = ("its listen backlog is full: it serves one client and others wait already"
+                     if e.kind is ConnectionProblem.BACKLOG_FULL else
+                     f"the socket accepted the connection but the monitor never greeted ({_who(pid)})")
+            comm = (ps[1] if (ps := process_state(pid) if pid else None) else "")
+            r.detail = (f"{first}. QEMU serves one QMP client at a time: another client (libvirt, a script) holds "
+                        "this socket. Give QEMU a second monitor (-qmp unix:PATH,server=on,wait=off, or "
+                        "-chardev/-mon), or go through libvirt's passthrough (virsh qemu-monitor-command DOMAIN "
+                        "'{...}')" + ("" if comm.startswith("qemu") or e.kind is ConnectionProblem.BACKLOG_FULL
+                                      else ". Or this is not a QMP socket: a vhost-user socket, for one, waits "
+                                      "for its front-end to speak first"))
         elif e.kind is ConnectionProblem.NO_REPLY:
             r.problem = TargetProblem.NOT_ANSWERING
             r.detail = f"the monitor greeted, then did not answer a query in time ({_who(pid)}): {e}"
@@ -181,6 +185,19 @@ class TargetSession:
     def open(self, deadline: float) -> None:
         """Connect, greet, identify -- all before *deadline*."""
         pid: list[int | None] = [None]
+        try:
+            st = os.stat(self.socket)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            self.report.problem, self.report.detail = TargetProblem.NO_SOCKET, f"{self.socket}: {e.strerror}"
+            return
+        if st is not None and not stat.S_ISSOCK(st.st_mode):
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "a regular file" if stat.S_ISREG(
+                st.st_mode) else "not a socket"
+            self.report.problem = TargetProblem.NOT_A_SOCKET
+            self.report.detail = f"{self.socket} is {what}, not a QMP monitor socket: nothing was opened"
+            return
 
         def connected(sock: Any) -> None:
             pid[0] = peer_pid(sock)
@@ -203,8 +220,12 @@ class TargetSession:
                     continue
                 self._fail(e, pid[0])
                 return
+            except QMPCommandError as e:  # qmp_capabilities refused: whatever this is, it is not usable
+                self._fail(QMPConnectionError(f"the monitor refused qmp_capabilities: {e.cls}: {e.desc}",
+                                              ConnectionProblem.NOT_QMP), pid[0])
+                return
             except OSError as e:
-                self._fail(QMPConnectionError(f"cannot connect to {self.socket}: {e}"), pid[0])
+                self._fail(QMPConnectionError(f"cannot connect to {self.socket}: {e.strerror or e}"), pid[0])
                 return
         self.report.pid = pid[0]
         assert self.client is not None
@@ -265,7 +286,7 @@ class TargetSession:
             return
         assert self.client is not None and self.sampler is not None
         try:
-            self.client.set_timeout(max(0.05, deadline - time.monotonic()))
+            self.client.set_timeout(max(0.05, min(QUERY_WAIT, deadline - time.monotonic())))
             s = self.sampler.sample()
         except QMPConnectionError as e:
             self._fail(e, self.report.pid)
@@ -297,25 +318,51 @@ def _queue_keys(sess: TargetSession) -> list[tuple[str, int]]:
     return [(p, q.queue) for p, d in last.devices.items() for q in d.queues]
 
 
-def _joins(sessions: list[TargetSession]) -> dict[tuple[int, str, int], tuple[int, str, int]]:
-    """(qemu session, path, queue) -> (back-end session, path, queue), matched by ring address."""
-    by_addr: dict[tuple, tuple[int, str, int]] = {}
+def _backend_front_end(sess: TargetSession, path: str, queue: int) -> int | None:
+    """The front-end's pid as a back-end's queue names it."""
+    d = sess.history[-1].devices.get(path) if sess.history else None
+    q = next((x for x in d.queues if x.queue == queue), None) if d else None
+    return front_end_pid(q.status.get("front-end")) if q else None
+
+
+def _joins(sessions: list[TargetSession]) -> tuple[dict[tuple[int, str, int], tuple[int, str, int]], list[str]]:
+    """(qemu session, path, queue) -> (back-end session, path, queue): the same ring seen from both
+    sides, matched by its addresses (what QEMU sent in SET_VRING_ADDR) and, where both are known,
+    by QEMU's pid (the back-end's front-end).  Ambiguous matches are not joined; they are noted."""
+    by_addr: dict[tuple, list[tuple[int, str, int]]] = {}
     for i, s in enumerate(sessions):
         if s.report.kind is TargetKind.KICKCALL_BACKEND and s.history:
             for p, d in s.history[-1].devices.items():
                 for q in d.queues:
                     a = q.ring_addresses()
                     if a is not None:
-                        by_addr[a] = (i, p, q.queue)
-    out = {}
+                        by_addr.setdefault(a, []).append((i, p, q.queue))
+    out: dict[tuple[int, str, int], tuple[int, str, int]] = {}
+    notes: list[str] = []
     for i, s in enumerate(sessions):
-        if s.report.kind is TargetKind.QEMU and s.history:
-            for p, d in s.history[-1].devices.items():
-                for q in d.queues:
-                    a = q.ring_addresses()
-                    if a is not None and a in by_addr:
-                        out[(i, p, q.queue)] = by_addr[a]
-    return out
+        if s.report.kind is not TargetKind.QEMU or not s.history:
+            continue
+        for p, d in s.history[-1].devices.items():
+            for q in d.queues:
+                a = q.ring_addresses()
+                cands = list(by_addr.get(a, [])) if a is not None else []
+                pid = s.report.pid
+                cands = [c for c in cands if pid is None or _backend_front_end(sessions[c[0]], c[1], c[2]) in
+                         (None, pid)]
+                if len(cands) == 1:
+                    out[(i, p, q.queue)] = cands[0]
+                elif len(cands) > 1:
+                    notes.append(f"{s.socket} {p} queue {q.queue}: {len(cands)} back-end queues have its ring "
+                                 "addresses; not joined")
+    return out, notes
+
+
+def _qemu_of(sessions: list[TargetSession], pid: int | None) -> TargetSession | None:
+    """The QEMU session whose process is *pid* (a back-end's front-end)."""
+    if pid is None:
+        return None
+    return next((s for s in sessions if s.report.kind is TargetKind.QEMU and s.report.pid == pid and s.history),
+                None)
 
 
 def dev_matches(dev: str | None, path: str) -> bool:
@@ -367,7 +414,9 @@ def diagnose(sessions: list[TargetSession], *, samples: int = 4, interval: float
 def _report(sessions: list[TargetSession], verdicts: dict, *, samples: int, interval: float,
             window: float, dev: str | None = None) -> Report:
     rep = Report([s.report for s in sessions], samples, interval, window)
-    joins = _joins(sessions)
+    joins, notes = _joins(sessions)
+    for n in notes:
+        sessions[0].report.notes.append(n)
     joined_backend = set(joins.values())
     for (i, p, q), v in verdicts.items():
         s = sessions[i]
@@ -382,10 +431,27 @@ def _report(sessions: list[TargetSession], verdicts: dict, *, samples: int, inte
             rep.queues.append(QueueReport(s.socket, p, name, q, v, s.report.kind,
                                           {"target": sessions[j[0]].socket, "path": j[1], "queue": j[2]}))
             continue
-        if v.kind == UNDECIDED:
-            v = Verdict(HEALTHY, ["intermittent progress within the time allowed"] + v.evidence, unknown=v.unknown)
+        if s.report.kind is TargetKind.KICKCALL_BACKEND:
+            v = _with_front_end(v, sessions, s, p, q)
         rep.queues.append(QueueReport(s.socket, p, name, q, v, s.report.kind))
     return rep
+
+
+def _with_front_end(v: Verdict, sessions: list[TargetSession], s: TargetSession, path: str, queue: int) -> Verdict:
+    """A back-end's verdict, told what its front-end (QEMU, when its monitor was given) is doing."""
+    fe = _backend_front_end(s, path, queue)
+    qemu = _qemu_of(sessions, fe)
+    if qemu is None:
+        return v
+    rs = qemu.report.run_state
+    if rs != "running" and v.kind in (STOPPED, UNDECIDED, IDLE, NOT_STARTED):
+        return Verdict(PAUSED, [f"its front-end, QEMU pid {fe} ({qemu.socket}), is {rs}: QEMU stops the vhost rings "
+                                "while the VM does not run"] + v.evidence, facts=v.facts, summary=f"front-end {rs}",
+                       severity=Severity.PROBLEM if rs in FAILED_RUN_STATES else Severity.INFO)
+    if v.kind == STOPPED:
+        v.evidence.append(f"its front-end, QEMU pid {fe} ({qemu.socket}), runs and has not started this ring (or "
+                          "has it stopped): the driver reset the device, or is setting it up")
+    return v
 
 
 def _join(qv: Verdict, bv: Verdict, qs: TargetSession, bs: TargetSession, path: str, queue: int,
@@ -393,21 +459,25 @@ def _join(qv: Verdict, bv: Verdict, qs: TargetSession, bs: TargetSession, path: 
     """One verdict for a ring seen from QEMU (*qv*) and from its back-end (*bv*)."""
     qsample = next(q for q in qs.history[-1].devices[path].queues if q.queue == queue)
     st = qsample.status
-    qemu_line = (f"QEMU ({qs.socket}) sees this ring at guest-physical avail {st.get('vring-avail')}, used "
-                 f"{st.get('vring-used')}: avail.idx {st.get('avail-idx')}, used.idx {st.get('used-idx-ring')}, "
+
+    def h(x: object) -> str:
+        return f"{x:#x}" if isinstance(x, int) else "?"
+
+    qemu_line = (f"QEMU ({qs.socket}) sees this ring at guest-physical avail {h(st.get('vring-avail'))}, used "
+                 f"{h(st.get('vring-used'))}: avail.idx {st.get('avail-idx')}, used.idx {st.get('used-idx-ring')}, "
                  f"used_event {st.get('used-event')}, avail_event {st.get('avail-event')} (guest memory)")
     back_line = f"the back-end's monitor ({bs.socket}, {j[1]} queue {j[2]}) gives the device side:"
     if qv.kind == PAUSED:
-        return Verdict(PAUSED, qv.evidence + [qemu_line])
+        return Verdict(PAUSED, qv.evidence + [qemu_line], severity=qv.severity, summary=qv.summary)
     v = Verdict(bv.kind, [qemu_line, back_line] + bv.evidence, fix=bv.fix, needs_force=bv.needs_force,
-                facts=dict(bv.facts), severity=bv.severity, final=bv.final)
+                facts=dict(bv.facts), severity=bv.severity, final=bv.final, summary=bv.summary)
     v.facts.update({f"qemu-{k}": st.get(k) for k in ("avail-idx", "used-idx-ring", "used-event", "avail-event")})
     if bv.kind == STOPPED and st.get("x-qemu-vhost-started"):
         v.evidence.append("QEMU believes its vhost device is started: the ring was stopped behind QEMU's back "
-                          "(a GET_VRING_BASE QEMU did not pair with a restart, e.g. x-query-virtio-queue-status)")
+                          "(a GET_VRING_BASE QEMU did not pair with a restart, e.g. x-query-virtio-queue-status)"
+                          + (f"; {RESTART_ADVICE}" if RESTART_ADVICE else ""))
         v.severity = Severity.PROBLEM
-    if bv.kind == UNDECIDED:
-        v = Verdict(HEALTHY, ["intermittent progress within the time allowed"] + v.evidence)
+        v.summary = "stopped behind QEMU's back"
     return v
 
 
@@ -433,7 +503,7 @@ def apply_fixes(sessions: list[TargetSession], rep: Report, *, force: bool = Fal
     confirm the queue moved.  A masked vector is refused unless *force*; the guest's mask is never
     touched.  A stopped ring is never kicked."""
     by_socket = {s.socket: s for s in sessions}
-    for q in rep.problems:
+    for q in [q for q in rep.queues if q.verdict.problem or q.verdict.kind == STOPPED]:
         v = q.verdict
         fixer, path, queue = by_socket[q.target], q.path, q.queue
         if q.joined is not None:
@@ -487,62 +557,98 @@ def apply_fixes(sessions: list[TargetSession], rep: Report, *, force: bool = Fal
 # output
 # ---------------------------------------------------------------------------------------------------
 def _summary(v: Verdict) -> str:
-    age = v.facts.get("oldest-request-s")
-    if age is not None:
-        return f"oldest request {age:.1f} s"
-    if v.kind in (HEALTHY, IDLE, PAUSED, UNDECIDED):
-        return v.evidence[0] if v.evidence else ""
-    if v.kind in (LOST_KICK, LOST_CALL):
-        return v.evidence[-1] if v.evidence else ""
-    return next((e for e in reversed(v.evidence) if not e.startswith(("nothing outstanding", "outstanding work"))),
+    """A few words for the one-line report."""
+    f = v.facts
+    if v.summary:
+        return v.summary
+    if f.get("oldest-request-s") is not None:
+        return f"oldest request {f['oldest-request-s']:.1f} s"
+    if v.kind == HEALTHY:
+        return "progress in every interval"
+    if v.kind == IDLE:
+        return "nothing outstanding"
+    if v.kind == LOST_KICK:
+        return f"avail.idx {f.get('avail-idx')}, device at {f.get('last-avail-idx')}: no kick came"
+    if v.kind in (LOST_CALL, MASKED_PENDING, NO_CALL_FD):
+        return f"used.idx {f.get('used-idx')} past used_event {f.get('used-event')}, not consumed"
+    if v.kind == STOPPED:
+        return "stopped by its front-end (GET_VRING_BASE)"
+    line = next((e for e in v.evidence[1:] if not e.startswith(("nothing outstanding", "outstanding work"))),
                 v.evidence[-1] if v.evidence else "")
+    return line if len(line) <= 60 else line[:57] + "..."
+
+
+def short_path(path: str) -> str:
+    """A device as an operator names it: its qdev id (``/machine/peripheral/ID/virtio-backend``)."""
+    parts = path.strip("/").split("/")
+    if len(parts) >= 3 and parts[0] == "machine" and parts[-1] == "virtio-backend":
+        return parts[-2]
+    return path
 
 
 def format_report(rep: Report, *, verbose: bool = False) -> str:
+    """One header line per monitor, one line per queue (-v: the evidence), a summary line."""
     lines = []
+    by_target: dict[str, list[QueueReport]] = {}
+    for q in rep.queues:
+        by_target.setdefault(q.target, []).append(q)
     for t in rep.targets:
         if t.problem is not None:
-            lines.append(f"{t.socket}: {str(t.problem).upper()} -- {t.detail}")
-        elif verbose:
-            lines.append(f"# {t.socket}: {t.kind.value if t.kind else '?'} {t.version}, {_who(t.pid)}, {t.run_state}")
-    for q in rep.queues:
-        v = q.verdict
-        tag = str(v.kind).upper() if v.problem else str(v.kind)
-        if v.kind == "slow" and v.facts.get("oldest-request-s") is not None:
-            tag = f"slow (oldest request {v.facts['oldest-request-s']:.1f} s)"
-        head = f"{q.target}: {q.path} queue {q.queue}: {tag}"
-        if q.joined:
-            head += f" [joined with {q.joined['target']}]"
-        summ = _summary(v)
-        if not verbose and summ and not tag.startswith("slow ("):
-            head += f" -- {summ}"
-        lines.append(head)
-        if verbose:
-            for e in v.evidence:
-                lines.append(f"    - {e}")
-            for u in v.unknown:
-                lines.append(f"    - unknown: {u}")
-        if v.problem:
-            if q.fix_result is None:
-                if v.fix and q.target_kind in (TargetKind.KICKCALL_MACHINE, TargetKind.KICKCALL_BACKEND) or (
-                        v.fix and q.joined):
-                    lines.append(f"    fix: inject one {v.fix}" + (" (needs --force: masked vector)" if v.needs_force
-                                                                   else "") + " -- run with --fix")
-            elif q.fix_result.get("injected"):
-                r = q.fix_result
-                lines.append(f"    fixed: {r['event']} injected through {r['path']}"
-                             + (" (forced)" if r["forced"] else "")
-                             + ("; the queue moved" if r["moved"] else "; the queue did NOT move"))
-                if r.get("note"):
-                    lines.append(f"    - {r['note']}")
-            else:
-                lines.append(f"    not fixed: {q.fix_result['reason']}")
-    if not rep.queues and not any(t.problem for t in rep.targets):
-        lines.append("no virtio queues")
+            lines.append(f"{t.socket}: {str(t.problem).upper()}")
+            lines.append(f"    {t.detail}")
+            continue
+        lines.append(f"{t.socket}: {t.kind.value if t.kind else '?'} {t.version}, {_who(t.pid)}, {t.run_state}"
+                     if verbose else f"{t.socket}: {t.kind.value if t.kind else '?'}, {t.run_state}")
+        for n in t.notes:
+            lines.append(f"    note: {n}")
+        for q in by_target.get(t.socket, []):
+            v = q.verdict
+            tag = str(v.kind).upper() if v.problem else str(v.kind)
+            head = f"  {short_path(q.path)} q{q.queue}: {tag}"
+            summ = _summary(v)
+            if summ:
+                head += f" -- {summ}"
+            if q.joined:
+                head += " [+back-end]"
+            lines.append(head)
+            if verbose:
+                if q.path != short_path(q.path):
+                    lines.append(f"    - device {q.path}")
+                if q.joined:
+                    lines.append(f"    - joined with {q.joined['target']} ({q.joined['path']} queue "
+                                 f"{q.joined['queue']})")
+                for e in v.evidence:
+                    lines.append(f"    - {e}")
+                for u in v.unknown:
+                    lines.append(f"    - unknown: {u}")
+            if v.problem or v.kind == STOPPED:
+                if q.fix_result is None:
+                    if v.fix and (q.target_kind in (TargetKind.KICKCALL_MACHINE, TargetKind.KICKCALL_BACKEND)
+                                  or q.joined):
+                        lines.append(f"    fix: inject one {v.fix}" + (" (needs --force: masked vector)"
+                                                                       if v.needs_force else "") + " (--fix)")
+                elif q.fix_result.get("injected"):
+                    r = q.fix_result
+                    lines.append(f"    fixed: {r['event']} injected through {r['path']}"
+                                 + (" (forced)" if r["forced"] else "")
+                                 + ("; the queue moved" if r["moved"] else "; the queue did NOT move"))
+                    if r.get("note"):
+                        lines.append(f"    - {r['note']}")
+                else:
+                    lines.append(f"    not fixed: {q.fix_result['reason']}")
     bad = [t for t in rep.targets if t.problem is not None]
-    lines.append("kickcall diagnose: " + (f"{len(rep.problems)} stalled queue(s), {len(rep.unresolved())} unresolved"
-                                          if rep.problems else "no stalled queue")
-                 + (f"; {len(bad)} monitor(s) not diagnosed" if bad else ""))
+    undecided = [q for q in rep.queues if q.verdict.kind == UNDECIDED]
+    if rep.problems:
+        summary = f"{len(rep.problems)} stalled queue(s), {len(rep.unresolved())} unresolved"
+    elif not rep.queues:
+        summary = "nothing diagnosed" if bad else "no virtio queues"
+    else:
+        summary = f"no stalled queue among {len(rep.queues)}"
+    if undecided:
+        summary += f"; {len(undecided)} undecided"
+    if bad:
+        summary += f"; {len(bad)} monitor(s) not diagnosed"
+    lines.append("kickcall diagnose: " + summary)
     return "\n".join(lines)
 
 
@@ -551,7 +657,7 @@ def exit_status(rep: Report) -> int:
     rings); 0 otherwise."""
     if rep.unresolved():
         return 1
-    if any(t.problem is not None for t in rep.targets):
+    if any(t.problem is not None for t in rep.targets) or any(q.verdict.kind == UNDECIDED for q in rep.queues):
         return 2
     return 0
 

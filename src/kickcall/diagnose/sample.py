@@ -257,11 +257,15 @@ class QemuSampler:
         self.emulated_paths = emulated_paths if emulated_paths is not None else set()
 
     def _type(self, path: str) -> str:
-        if path not in self.types:
-            t = _safe(self.mon, "qom-get", {"path": path, "property": "type"})
-            self.types[path] = t if isinstance(t, str) else ""
-            if not is_vhost_type(self.types[path]):
-                self.emulated_paths.add(path)
+        """The device's QOM type, asked in every sample: a device can be unplugged and another plugged
+        under the same id between two rounds of --watch (and a cached "emulated" would then send
+        x-query-virtio-queue-status to a vhost device)."""
+        t = _safe(self.mon, "qom-get", {"path": path, "property": "type"})
+        self.types[path] = t if isinstance(t, str) else ""
+        if is_vhost_type(self.types[path]):
+            self.emulated_paths.discard(path)
+        else:
+            self.emulated_paths.add(path)
         return self.types[path]
 
     def ram(self) -> list[tuple[int, int]]:
@@ -301,7 +305,12 @@ class QemuSampler:
     def sample(self) -> Sample:
         st = self.mon.execute("query-status") or {}
         out: dict[str, DeviceSample] = {}
-        for d in _select(self.mon.execute("x-query-virtio") or [], self.dev):
+        devs = _select(self.mon.execute("x-query-virtio") or [], self.dev)
+        present = {d["path"] for d in devs}
+        for gone in set(self.types) - present:
+            del self.types[gone]
+            self.emulated_paths.discard(gone)
+        for d in devs:
             path = d["path"]
             qtype = self._type(path)
             # (the switch off: every device is queried as if QEMU ran its ring -- what diagnose used to do)
@@ -320,6 +329,9 @@ class QemuSampler:
                 if s is None:
                     continue
                 s.status["event-idx"] = bool(event_idx)
+                # a vhost-user back-end (libvhost-user, QEMU's, kickcall's) writes avail_event as it takes
+                # buffers; kernel vhost only when it re-enables notifications
+                s.status["x-avail-event-tracks"] = qtype.startswith("vhost-user-")
                 s.unknown = list(QEMU_UNKNOWN)
                 queues.append(s)
             out[path] = DeviceSample(path, str(d.get("name", "?")), statuses, queues, None, qtype, vhost)

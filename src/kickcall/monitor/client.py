@@ -36,6 +36,7 @@ class ConnectionProblem(enum.Enum):
     REFUSED = "refused"  # a socket nobody listens on
     NOT_QMP = "not-qmp"  # it answered, but not with a QMP greeting
     NO_GREETING = "no-greeting"  # accepted the connection and never greeted (busy, or not running)
+    BACKLOG_FULL = "backlog-full"  # the listener's backlog is full: connect() would block
     NO_REPLY = "no-reply"  # greeted, then did not answer a command in time
     CLOSED = "closed"  # the monitor closed the connection
     OTHER = "other"
@@ -96,6 +97,10 @@ class QMPClient:
             try:
                 s.connect(self.path)
                 break
+            except BlockingIOError:  # EAGAIN: a Unix listener whose backlog is full
+                s.close()
+                raise QMPConnectionError(f"cannot connect to {self.path}: its listen backlog is full",
+                                         ConnectionProblem.BACKLOG_FULL) from None
             except (FileNotFoundError, ConnectionRefusedError) as e:
                 s.close()
                 if time.monotonic() >= deadline:
