@@ -309,11 +309,17 @@ class QtestVM(ManagedProcess):
             raise
 
     def _start(self) -> QtestVM:
-        for p in (self.qtest_path, *self.qmp_paths):
-            if os.path.exists(p):
-                os.unlink(p)
-        with open(os.path.join(self.workdir, "qtest-halt.bin"), "wb") as f:
-            f.write(halt_firmware())
+        for p in (self.qtest_path, *self.qmp_paths):  # never remove what someone else made
+            if os.path.lexists(p):
+                raise QtestError(QtestErrorKind.USAGE, f"{p} already exists: give a workdir of your own")
+        fw, blob = os.path.join(self.workdir, "qtest-halt.bin"), halt_firmware()
+        if os.path.lexists(fw):  # another QtestVM in this workdir wrote it; anything else is not ours
+            with open(fw, "rb") as f:
+                if f.read() != blob:
+                    raise QtestError(QtestErrorKind.USAGE, f"{fw} exists and is not the halt firmware")
+        else:
+            with open(fw, "xb") as f:
+                f.write(blob)
         if not os.path.exists(self.disk_path):
             with open(self.disk_path, "wb") as f:
                 f.truncate(self.disk_size)
