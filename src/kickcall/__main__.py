@@ -1,6 +1,6 @@
 """``python -m kickcall``: the ``kickcall`` command."""
 
-import _signal  # the C module: importing it takes no time
+import _signal  # type: ignore[import-not-found]  # the C module (no stubs): importing it takes no time
 import os as _os
 
 

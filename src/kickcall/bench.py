@@ -500,6 +500,7 @@ def _start_backend(kind: str, img: str, sock: str, workdir: str, profile: str | 
 
         qsd = QSD(img, sock, num_queues=1, qmp_path=os.path.join(workdir, "qsd.qmp"))
         qsd.start()
+        assert qsd.pid is not None
         _pin_process(qsd.pid, VMM_CPU)
         return qsd.stop
     argv = [sys.executable, "-m", "kickcall", "vhost-user-blk", "--socket-path", sock, "--blk-file", img]
@@ -727,7 +728,8 @@ def run_monitor(quick: bool = False, log=print) -> dict:
             order = list(modes) if i % 2 == 0 else list(reversed(modes))
             for mode in order:
                 before = _kick_books(m)
-                w = _watcher(qmp, seconds, modes[mode]) if modes[mode] is not None else None
+                pace = modes[mode]
+                w = _watcher(qmp, seconds, pace) if pace is not None else None
                 r = measure_iops(m, seconds)
                 if w is not None:
                     out_w, _ = w.communicate(timeout=60)

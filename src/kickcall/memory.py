@@ -524,8 +524,8 @@ class AddressSpace:
             if old == base:
                 return
             end = base + region.size
-            for b, e, r in self._maps:
-                if r is not region and base < e and b < end:
+            for b, b_end, r in self._maps:
+                if r is not region and base < b_end and b < end:
                     raise ValueError(f"{self.name}: {region.name} at {base:#x} overlaps {r.name} at {b:#x}")
             if old is not None:
                 self.unmap(region)

@@ -24,8 +24,9 @@ region for a back-end that reconnects): the reply says how many went each way.
 
 from __future__ import annotations
 
-from ..monitor.target import TargetError
+from ..monitor.target import DeviceView, TargetError
 from ..vhost_user.backend import RingRefused, RingState, VhostUserBackend
+from ..virtio.blk import VirtIOBlk
 from ..virtio.device import DEVICE_NEEDS_RESET
 from ..virtio.ring import describe_chain
 
@@ -72,7 +73,7 @@ class BackendDevice:
         self.faults = _Faults()
         backend.fault_hooks["kick"] = lambda v: not self.faults.take(v.index, "kick")
         backend.fault_hooks["call"] = lambda v: not self.faults.take(v.index, "call")
-        if hasattr(backend.device, "hold_completion"):  # a device that can hold its completions (blk)
+        if isinstance(backend.device, VirtIOBlk):  # a device that can hold its completions
             backend.device.hold_completion = lambda vq: self.faults.take(vq.index, "complete")
 
     def _run(self, fn):
@@ -218,7 +219,7 @@ class BackendDevice:
         if path != "complete":
             return self._run(lambda: self.faults.set(queue, path, action))
         dev = self.b.device
-        if not hasattr(dev, "hold_completion"):
+        if not isinstance(dev, VirtIOBlk):  # the one device that can hold its completions
             raise TargetError(f"a {dev.type_name} device cannot hold its completions")
 
         def f() -> dict:
@@ -254,5 +255,5 @@ class BackendTarget:
     def quit(self) -> None:
         self._on_quit()
 
-    def devices(self) -> list[BackendDevice]:
+    def devices(self) -> list[DeviceView]:
         return [self._dev]

@@ -47,6 +47,6 @@ def main(a: argparse.Namespace) -> int:
         print(f"spurious calls {r['spurious_calls']}, out-of-order completions {r['out_of_order']}, "
               f"reconnects {r['reconnects']}")
         print(f"errors: {r['error_count']}")
-        for e in r["errors"]:
-            print(f"  {e}")
+        for err in r["errors"]:
+            print(f"  {err}")
     return 1 if r["error_count"] or r["ops"] == 0 else 0

@@ -52,7 +52,8 @@ class VirtioNetDriver:
         self.mac = cfg[:6]
         if v.has(NET_F_MQ):
             self.max_pairs = max(1, struct.unpack_from("<H", cfg, 8)[0])
-        names, cbs = [], []
+        names: list[str] = []
+        cbs: list[Callable[[Vring], None] | None] = []
         for p in range(self.max_pairs):
             names += [f"input.{p}", f"output.{p}"]
             cbs += [self._rx_done, self._tx_done]

@@ -140,7 +140,7 @@ class VirtioPciDevice:
     def find_vqs(self, names: list[str], callbacks: list[Callable[[Vring], None] | None],
                  sizes: list[int] | None = None, *, allow_msix: bool = True, per_vq: bool = True) -> list[Vring]:
         """vp_find_vqs: per-vq MSI-X vectors, else one shared vector, else INTx."""
-        attempts = []
+        attempts: list[tuple[str, bool | None]] = []
         if allow_msix and self.pci.msix_cap:
             if per_vq:
                 attempts.append(("msix-per-vq", True))

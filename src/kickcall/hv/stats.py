@@ -56,10 +56,10 @@ class HvStats:
 
     def __init__(self, fd: int | None = None) -> None:
         create = fd is None
-        if create:
+        if fd is None:
             fd = os.memfd_create("kickcall-hv-stats", os.MFD_CLOEXEC)
             os.ftruncate(fd, SIZE)
-        self.fd = fd
+        self.fd: int = fd
         self._mm = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.w = memoryview(self._mm).cast("Q")
         if create:

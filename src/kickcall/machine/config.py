@@ -33,6 +33,8 @@ Example::
 
 from __future__ import annotations
 
+import builtins
+
 import os
 import re
 import reprlib
@@ -137,7 +139,7 @@ _ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
 class _V:
     """Typed getters over one TOML table that report the full key path."""
 
-    def __init__(self, table: Any, path: str, source: str) -> None:
+    def __init__(self, table: Any, path: builtins.str, source: builtins.str) -> None:
         if not isinstance(table, dict):
             raise ConfigError(path, f"must be a table, not {type(table).__name__}", source)
         self.t = table
@@ -145,17 +147,17 @@ class _V:
         self.source = source
         self.used: set[str] = set()
 
-    def key(self, k: str) -> str:
+    def key(self, k: builtins.str) -> builtins.str:
         return f"{self.path}.{k}" if self.path else k
 
-    def err(self, k: str, problem: str) -> ConfigError:
+    def err(self, k: builtins.str, problem: builtins.str) -> ConfigError:
         return ConfigError(self.key(k), problem, self.source)
 
-    def get(self, k: str, default: Any) -> Any:
+    def get(self, k: builtins.str, default: Any) -> Any:
         self.used.add(k)
         return self.t.get(k, default)
 
-    def int(self, k: str, default: int, lo: int, hi: int) -> int:
+    def int(self, k: builtins.str, default: builtins.int, lo: builtins.int, hi: builtins.int) -> builtins.int:
         v = self.get(k, default)
         if isinstance(v, bool) or not isinstance(v, int):
             raise self.err(k, f"must be an integer, got {_show(v)}")
@@ -163,13 +165,13 @@ class _V:
             raise self.err(k, f"must be between {lo} and {hi}, got {v}")
         return v
 
-    def bool(self, k: str, default: bool) -> bool:
+    def bool(self, k: builtins.str, default: bool) -> bool:
         v = self.get(k, default)
         if not isinstance(v, bool):
             raise self.err(k, f"must be true or false, got {_show(v)}")
         return v
 
-    def str(self, k: str, default: str, choices: tuple[str, ...] | None = None) -> str:
+    def str(self, k: builtins.str, default: builtins.str, choices: tuple[builtins.str, ...] | None = None) -> builtins.str:
         v = self.get(k, default)
         if not isinstance(v, str):
             raise self.err(k, f"must be a string, got {_show(v)}")
@@ -177,7 +179,7 @@ class _V:
             raise self.err(k, f"must be one of {', '.join(repr(c) for c in choices)}, got {_show(v)}")
         return v
 
-    def float(self, k: str, default: float, lo: float, hi: float) -> float:
+    def float(self, k: builtins.str, default: builtins.float, lo: builtins.float, hi: builtins.float) -> builtins.float:
         v = self.get(k, default)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise self.err(k, f"must be a number, got {_show(v)}")
@@ -185,7 +187,7 @@ class _V:
             raise self.err(k, f"must be between {lo} and {hi}, got {v}")
         return float(v)
 
-    def size(self, k: str, default: int, lo: int, hi: int) -> int:
+    def size(self, k: builtins.str, default: builtins.int, lo: builtins.int, hi: builtins.int) -> builtins.int:
         v = self.get(k, default)
         try:
             n = parse_size(v)

@@ -15,6 +15,7 @@ but it is never pushed to the used ring: a device that never completes a request
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import struct
@@ -64,7 +65,16 @@ def blk_config(capacity_sectors: int, num_queues: int, seg_max: int = 126, blk_s
 
 
 class _Req:
+    """One virtio-blk request in flight: its queue and element, header fields, device generation."""
+
     __slots__ = ("vq", "elem", "type", "sector", "gen", "status", "written")
+    vq: VirtQueue
+    elem: VirtQueueElement
+    type: int
+    sector: int
+    gen: int
+    status: int
+    written: int
 
 
 class VirtIOBlk(VirtIODevice):
@@ -127,7 +137,8 @@ class VirtIOBlk(VirtIODevice):
         used ring updated, the driver notified) as if they had just finished; otherwise forget them
         (``detach``: the driver never sees them complete, until it resets the device).  Returns
         (completed, discarded).  Requests of an older device generation are dropped either way."""
-        keep, mine = [], []
+        keep: list[tuple[_Req, object]] = []
+        mine: list[tuple[_Req, object]] = []
         for item in self._held:
             (mine if item[0].vq.index == queue else keep).append(item)
         self._held = keep
@@ -192,7 +203,7 @@ class VirtIOBlk(VirtIODevice):
                 self.virtio_error(f"{vq.name}: flush request with data buffers")
                 return
             self.flushes += 1
-            self.aio.submit(self._do_flush, lambda res, r=r: self._complete(r, res))
+            self.aio.submit(self._do_flush, functools.partial(self._complete, r))
         elif rtype == BLK_T_GET_ID:
             if data_out:
                 self.virtio_error(f"{vq.name}: get-id request with device-readable data buffers")
@@ -256,7 +267,7 @@ class VirtIOBlk(VirtIODevice):
                 res = e
             self._complete(r, res)
             return
-        self.aio.submit(work, lambda res, r=r: self._complete(r, res))
+        self.aio.submit(work, functools.partial(self._complete, r))
 
     def _do_flush(self) -> int:
         os.fsync(self.fd)
