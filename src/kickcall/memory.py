@@ -25,6 +25,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
+from .notify import EventNotifierLike
+
 __all__ = [
     "GuestMemoryError",
     "RamBlock",
@@ -415,10 +417,10 @@ class EventfdListener(Protocol):
     """Told when an eventfd appears at or disappears from a guest address (the hypervisor)."""
 
     def eventfd_add(self, space: str, addr: int, length: int, datamatch: int | None,
-                    notifier: object) -> None: ...
+                    notifier: EventNotifierLike) -> None: ...
 
     def eventfd_del(self, space: str, addr: int, length: int, datamatch: int | None,
-                    notifier: object) -> None: ...
+                    notifier: EventNotifierLike) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -426,7 +428,7 @@ class _Eventfd:
     offset: int
     length: int
     datamatch: int | None
-    notifier: object
+    notifier: EventNotifierLike
 
 
 class IORegion:
@@ -455,7 +457,7 @@ class IORegion:
         if self._write is not None:
             self._write(offset, value, size)
 
-    def add_eventfd(self, offset: int, length: int, datamatch: int | None, notifier: object) -> None:
+    def add_eventfd(self, offset: int, length: int, datamatch: int | None, notifier: EventNotifierLike) -> None:
         """Bind *notifier* to writes at *offset* (``memory_region_add_eventfd``)."""
         e = _Eventfd(offset, length, datamatch, notifier)
         for sp in list(self._spaces):
@@ -464,7 +466,7 @@ class IORegion:
                 sp.listener_add(base + offset, e)
         self._eventfds.append(e)
 
-    def del_eventfd(self, offset: int, length: int, datamatch: int | None, notifier: object) -> None:
+    def del_eventfd(self, offset: int, length: int, datamatch: int | None, notifier: EventNotifierLike) -> None:
         e = _Eventfd(offset, length, datamatch, notifier)
         try:
             self._eventfds.remove(e)

@@ -21,7 +21,7 @@ import itertools
 import os
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Protocol
 
 __all__ = [
     "EventNotifier",
@@ -76,6 +76,16 @@ def peek_fd(fd: int, pid: int | None = None) -> int:
 
 
 _fallback_ids = itertools.count(1 << 40)
+
+
+class EventNotifierLike(Protocol):
+    """What the memory and hypervisor layers need of a notifier: its fd and a stable identity
+    (EventNotifier has both; KVM would take the fd)."""
+
+    def fileno(self) -> int: ...
+
+    @property
+    def ident(self) -> int: ...
 
 
 class EventNotifier:

@@ -20,25 +20,19 @@ import queue
 import socket
 import threading
 import time
-from typing import Callable, Protocol
+from typing import Callable
 
 from ..memory import GuestMemory
+from ..notify import EventNotifierLike
 from . import abi
 from .abi import EXIT, EXIT_REPLY, IRQ_LINE, MSI, REPLY_STATUS, ChannelClosed, HypervisorError
 from .channel import Channel
 from .routing import IrqchipRoute, MsiRoute, Route
 from .stats import HvStats
 
-__all__ = ["VM", "MsiRoutes", "ExitHandler", "EventNotifierLike"]
+__all__ = ["VM", "MsiRoutes", "ExitHandler"]
 
 log = logging.getLogger("kickcall.hv.vmm")
-
-
-class EventNotifierLike(Protocol):
-    def fileno(self) -> int: ...
-
-    @property
-    def ident(self) -> int: ...
 
 
 ExitHandler = Callable[[int, int, int, int, int], int]  # code, addr, value, size, vcpu -> value
@@ -46,6 +40,15 @@ ExitHandler = Callable[[int, int, int, int, int], int]  # code, addr, value, siz
 
 class _ExitRecord:
     __slots__ = ("seq", "code", "addr", "value", "size", "pid", "tid", "t_ns", "vcpu")
+    seq: int
+    code: int
+    addr: int
+    value: int
+    size: int
+    pid: int
+    tid: int
+    t_ns: int
+    vcpu: int
 
 
 class VM:

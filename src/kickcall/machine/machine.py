@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..child import start_helper
 from ..hv.abi import SPACE_MMIO, SPACE_PIO, ChannelClosed
@@ -38,6 +38,11 @@ from ..virtio.image import create_image, open_image
 from ..virtio.net import VirtIONet
 from ..virtio.pci import VirtIOPCIProxy
 from .config import DeviceConfig, MachineConfig, default_config
+
+if TYPE_CHECKING:
+    from ..guest.os import GuestOS
+    from ..monitor.qmp import QMPServer
+    from ..virtio.device import VirtIODevice
 
 __all__ = ["Machine", "MachineError"]
 
@@ -71,7 +76,7 @@ class Machine:
         self.blk_images: dict[str, dict] = {}  # per slot: what the guest's checker may assume of the image
         self.guest_proc: subprocess.Popen | None = None
         self.guest_hv: KernelHV | None = None
-        self.guest_os = None
+        self.guest_os: GuestOS | None = None
         self.guest_pid: int | None = None
         self.running = False
         self.started = False
@@ -79,7 +84,7 @@ class Machine:
         self._gone = threading.Event()
         self._stopped = False
         self.quit_requested = threading.Event()  # the monitor's quit
-        self.qmp = None
+        self.qmp: QMPServer | None = None
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="kickcall-", dir=temp_dir())
         self._built: list = []  # what to close, last first, if the build fails
@@ -130,16 +135,17 @@ class Machine:
                 fn()
             except Exception as e:
                 log.debug("close after a failed build: %s", e)
-        for e in self.registry.entries():
-            self.registry.unregister(e)
-            if not e.notifier.closed:
-                e.notifier.close()
+        for ent in self.registry.entries():
+            self.registry.unregister(ent)
+            if not ent.notifier.closed:
+                ent.notifier.close()
         self._stopped = True
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- devices ---------------------------------------------------------------------------------------
     def _add_device(self, dc: DeviceConfig) -> None:
+        vdev: VirtIODevice
         if dc.type == "virtio-blk" and dc.backend == "vhost-user":
             from ..vhost_user.device import VhostUserBlkDevice
 
@@ -300,10 +306,11 @@ class Machine:
         from .monitor import MachineTarget
 
         reg, attach = build_registry(MachineTarget(self))
-        self.qmp = QMPServer(reg, path=path, tcp=tcp, name=self.cfg.name, claim=claim)
-        attach(self.qmp)
-        self.qmp.start()
-        return self.qmp
+        server = QMPServer(reg, path=path, tcp=tcp, name=self.cfg.name, claim=claim)
+        self.qmp = server
+        attach(server)
+        server.start()
+        return server
 
     def start_workload(self, blk: dict | None = None, net: dict | None = None) -> dict:
         if blk is None and net is None:
@@ -369,10 +376,10 @@ class Machine:
         self.vm.close()
         # every notifier still registered is closed with the machine (when the VM went away first,
         # unbinding failed -- as with KVM, closing the VM dropped the bindings -- but the fds remain ours)
-        for e in self.registry.entries():
-            self.registry.unregister(e)
-            if not e.notifier.closed:
-                e.notifier.close()
+        for ent in self.registry.entries():
+            self.registry.unregister(ent)
+            if not ent.notifier.closed:
+                ent.notifier.close()
         self.memory.close()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)

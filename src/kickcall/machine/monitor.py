@@ -10,7 +10,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..hv.abi import HypervisorError
-from ..monitor.target import TargetError
+from ..monitor.target import DeviceView, TargetError
 from ..notify import Role
 from ..pci import regs as R
 from ..virtio.pci import QUEUE_MEM_MULT, VirtIOPCIProxy
@@ -293,5 +293,5 @@ class MachineTarget:
     def quit(self) -> None:
         self.m.quit_requested.set()
 
-    def devices(self) -> list[MachineDevice]:
+    def devices(self) -> list[DeviceView]:
         return list(self._devices)

@@ -28,7 +28,7 @@ class PCIBus:
 
     def __init__(self, memory: AddressSpace, io: AddressSpace, *,
                  irq_line: Callable[[int, int], None] | None = None,
-                 msi_sink: Callable[[int, int], None] | None = None) -> None:
+                 msi_sink: Callable[[int, int], object] | None = None) -> None:
         self.memory = memory
         self.io = io
         self.irq_line = irq_line
