@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from ..virtio.blk import BLK_F_BLK_SIZE, BLK_F_FLUSH, BLK_F_MQ, BLK_F_RO, BLK_F_SEG_MAX, BLK_T_FLUSH, \
     BLK_T_GET_ID, BLK_T_IN, BLK_T_OUT
@@ -40,8 +40,8 @@ class BlkRequest:
         self.status_val = -1
         self.t_submit = 0
         self.t_done = 0
-        self.owner = None
-        self.tag = None
+        self.owner: Any = None  # the caller's (a workload's per-vCPU context): opaque to the driver
+        self.tag: Any = None  # the caller's (what the request was for): opaque to the driver
         self.queue = 0
 
 

@@ -17,6 +17,7 @@ workload, which reports a stall error after ``stall_timeout`` instead of hanging
 
 from __future__ import annotations
 
+import functools
 import random
 import struct
 import threading
@@ -78,7 +79,7 @@ class BlkWorkload:
                for i in range(len(self.cpus))]
         for i, cpu in enumerate(self.cpus):
             if per[i]:
-                self.futures.append(self.k.run_on(cpu, lambda i=i, cpu=cpu, d=per[i]: self._run(i, cpu, d)))
+                self.futures.append(self.k.run_on(cpu, functools.partial(self._run, i, cpu, per[i])))
 
     def stop(self, timeout: float = 60.0) -> dict:
         self.stop_event.set()
@@ -235,7 +236,7 @@ class NetWorkload:
     def start(self) -> None:
         self.started_at = time.monotonic()
         for cpu in self.cpus:
-            self.futures.append(self.k.run_on(cpu, lambda cpu=cpu: self._run(cpu)))
+            self.futures.append(self.k.run_on(cpu, functools.partial(self._run, cpu)))
 
     def stop(self, timeout: float = 60.0) -> dict:
         self.stop_event.set()

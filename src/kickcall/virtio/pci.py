@@ -325,9 +325,10 @@ class VirtIOPCIProxy(PCIDevice):
                 raise
             q.host_notifier = n
             return n
-        n = q.host_notifier
-        if n is None:
+        old = q.host_notifier
+        if old is None:
             return None
+        n = old
         hook = self.hooks.get("before_deassign")
         if hook is not None:
             hook(q)
@@ -540,10 +541,10 @@ class VirtIOPCIProxy(PCIDevice):
         if n is None or q.index in self._polling:
             return
         self._polling.add(q.index)
-        if n is q.guest_notifier:
+        if q.guest_notifier is not None and n is q.guest_notifier:
             self.registry.update(n, note="masked: polled by the VMM into the PBA")
         if self.iothread is not None:
-            self.iothread.set_fd_handler(n.fileno(), lambda q=q, n=n: self._masked_read(q, n))
+            self.iothread.set_fd_handler(n.fileno(), functools.partial(self._masked_read, q, n))
 
     def _stop_polling(self, q: VirtQueue) -> None:
         if q.index not in self._polling:
@@ -551,7 +552,7 @@ class VirtIOPCIProxy(PCIDevice):
         self._polling.discard(q.index)
         n = self._poll_target(q)
         if n is not None:
-            if n is q.guest_notifier:
+            if q.guest_notifier is not None and n is q.guest_notifier:
                 self.registry.update(n, note="")
             if self.iothread is not None:
                 self.iothread.remove_fd_handler(n.fileno())
