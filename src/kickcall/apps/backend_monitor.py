@@ -28,6 +28,18 @@ from ..monitor.target import DeviceView, TargetError
 from ..vhost_user.backend import RingRefused, RingState, VhostUserBackend
 from ..virtio.blk import VirtIOBlk
 from ..virtio.device import DEVICE_NEEDS_RESET
+from ..virtio.layout import (
+    avail_event_addr,
+    avail_flags_addr,
+    avail_idx_addr,
+    avail_ring_addr,
+    avail_size,
+    desc_table_size,
+    used_event_addr,
+    used_flags_addr,
+    used_idx_addr,
+    used_size,
+)
 from ..virtio.ring import describe_chain
 
 __all__ = ["BackendTarget", "BackendDevice", "REFUSE_STOPPED_RING"]
@@ -111,12 +123,12 @@ class BackendDevice:
             mapped = v.addr is not None and self.b.memory is not None
             n = q.num
             d.update({
-                "avail-idx": self._u16(q.avail + 2) if mapped else None,
-                "used-idx-ring": self._u16(q.used + 2) if mapped else None,
-                "used-event": self._u16(q.avail + 4 + 2 * n) if mapped else None,
-                "avail-event": self._u16(q.used + 4 + 8 * n) if mapped else None,
-                "avail-flags": self._u16(q.avail) if mapped else None,
-                "used-flags": self._u16(q.used) if mapped else None,
+                "avail-idx": self._u16(avail_idx_addr(q.avail)) if mapped else None,
+                "used-idx-ring": self._u16(used_idx_addr(q.used)) if mapped else None,
+                "used-event": self._u16(used_event_addr(q.avail, n)) if mapped else None,
+                "avail-event": self._u16(avail_event_addr(q.used, n)) if mapped else None,
+                "avail-flags": self._u16(avail_flags_addr(q.avail)) if mapped else None,
+                "used-flags": self._u16(used_flags_addr(q.used)) if mapped else None,
                 "event-idx": q.event_idx, "started": v.started, "enabled": v.enabled,
                 "kicks": v.kicks, "calls": v.calls, "calls-without-fd": v.calls_without_fd,
                 "ring-state": self.b.ring_state(queue).value,
@@ -141,8 +153,9 @@ class BackendDevice:
             desc, used, avail = v.addr
             n = q.num
             return {"name": self.type_name, "kick": v.kick.fd if v.kick else -1, "call": v.call.fd if v.call else -1,
-                    "desc": desc, "avail": avail, "used": used, "num": n, "desc-phys": q.desc, "desc-size": 16 * n,
-                    "avail-phys": q.avail, "avail-size": 6 + 2 * n, "used-phys": q.used, "used-size": 6 + 8 * n}
+                    "desc": desc, "avail": avail, "used": used, "num": n, "desc-phys": q.desc,
+                    "desc-size": desc_table_size(n), "avail-phys": q.avail, "avail-size": avail_size(n),
+                    "used-phys": q.used, "used-size": used_size(n)}
 
         return self._run(f)
 
@@ -158,13 +171,15 @@ class BackendDevice:
                 raise TargetError(f"virtqueue {queue} is not set up")
             n = q.num
             slot = (q.last_avail_idx if index is None else index) % n
-            head = self._u16(q.avail + 4 + 2 * slot) or 0
+            head = self._u16(avail_ring_addr(q.avail, slot)) or 0
             if head >= n:
                 raise TargetError(f"avail ring slot {slot} holds descriptor {head}, out of range (queue size {n})")
             descs = describe_chain(mem, q.desc, n, head)
             return {"name": self.type_name, "index": head, "descs": descs,
-                    "avail": {"flags": self._u16(q.avail) or 0, "idx": self._u16(q.avail + 2) or 0, "ring": head},
-                    "used": {"flags": self._u16(q.used) or 0, "idx": self._u16(q.used + 2) or 0}}
+                    "avail": {"flags": self._u16(avail_flags_addr(q.avail)) or 0,
+                              "idx": self._u16(avail_idx_addr(q.avail)) or 0, "ring": head},
+                    "used": {"flags": self._u16(used_flags_addr(q.used)) or 0,
+                             "idx": self._u16(used_idx_addr(q.used)) or 0}}
 
         return self._run(f)
 

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..virtio.layout import avail_event_addr, used_event_addr
 from . import targets
 from .targets import is_vhost_type
 
@@ -291,9 +292,9 @@ class QemuSampler:
         # read (the reads are separate HMP commands, and the rings move between them)
         none: list[int | None] = [None, None]
         u: list[int] | list[int | None] = self._xp(used, 2) or none
-        ae = self._xp(used + 4 + 8 * num, 1) if num else None
+        ae = self._xp(avail_event_addr(used, num), 1) if num else None
         a: list[int] | list[int | None] = self._xp(avail, 2) or none
-        ue = self._xp(avail + 4 + 2 * num, 1) if num else None
+        ue = self._xp(used_event_addr(avail, num), 1) if num else None
         out: dict[str, object] = {"avail-flags": a[0], "avail-idx": a[1], "used-flags": u[0], "used-idx-ring": u[1],
                "used-event": ue[0] if ue else None, "avail-event": ae[0] if ae else None}
         if a[1] is None or u[1] is None:

@@ -14,18 +14,30 @@ import threading
 from typing import Any, Callable
 
 from ..memory import GuestMemory
-from ..virtio.ring import (
+from ..virtio.layout import (
+    AVAIL_FLAGS_U16,
+    AVAIL_IDX_U16,
+    AVAIL_RING_U16,
     DESC,
+    DESC_SIZE,
     USED_ELEM,
+    USED_ELEM_SIZE,
+    USED_FLAGS_U16,
+    USED_IDX_U16,
+    USED_RING,
+    avail_event_u16,
+    avail_size,
+    desc_table_size,
+    used_event_u16,
+    used_size,
+)
+from ..virtio.ring import (
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
-    avail_size,
-    desc_size,
     mb,
-    used_size,
     vring_need_event,
 )
 
@@ -46,24 +58,24 @@ class Vring:
         self.event_idx = event_idx
         self.use_indirect = indirect
         self.notify_fn = notify
-        self.desc = alloc(desc_size(num), 4096)
+        self.desc = alloc(desc_table_size(num), 4096)
         self.avail = alloc(avail_size(num), 4096)
         self.used = alloc(used_size(num), 4096)
-        self.indirect_tables = alloc(num * INDIRECT_MAX * 16, 4096) if indirect else 0
-        mem.fill(self.desc, desc_size(num))
+        self.indirect_tables = alloc(num * desc_table_size(INDIRECT_MAX), 4096) if indirect else 0
+        mem.fill(self.desc, desc_table_size(num))
         mem.fill(self.avail, avail_size(num))
         mem.fill(self.used, used_size(num))
-        self._dmm, self._doff = mem.translate(self.desc, desc_size(num))
+        self._dmm, self._doff = mem.translate(self.desc, desc_table_size(num))
         self._umm, self._uoff = mem.translate(self.used, used_size(num))
         # indices, flags and event fields: one 16-bit access each (never torn for the device)
         self._a16 = mem.view(self.avail, avail_size(num)).cast("H")
         self.released = False
         self._u16 = mem.view(self.used, used_size(num)).cast("H")
-        self._ae = 2 + 4 * num  # avail_event in the used ring
-        self._ue = 2 + num  # used_event in the avail ring
+        self._ae = avail_event_u16(num)  # avail_event in the used ring
+        self._ue = used_event_u16(num)  # used_event in the avail ring
         # free list threaded through desc.next
         for i in range(num):
-            DESC.pack_into(self._dmm, self._doff + 16 * i, 0, 0, 0, (i + 1) % num)
+            DESC.pack_into(self._dmm, self._doff + DESC_SIZE * i, 0, 0, 0, (i + 1) % num)
         self.free_head = 0
         self.num_free = num
         self.avail_idx_shadow = 0
@@ -96,32 +108,32 @@ class Vring:
         head = self.free_head
         dmm, doff = self._dmm, self._doff
         if use_ind:
-            tbl = self.indirect_tables + head * INDIRECT_MAX * 16
-            mm, off = self.mem.translate(tbl, total * 16)
+            tbl = self.indirect_tables + head * INDIRECT_MAX * DESC_SIZE
+            mm, off = self.mem.translate(tbl, total * DESC_SIZE)
             bufs = [(g, n, 0) for g, n in out] + [(g, n, VRING_DESC_F_WRITE) for g, n in inn]
             for i, (g, n, f) in enumerate(bufs):
                 last = i == total - 1
-                DESC.pack_into(mm, off + 16 * i, g, n, f | (0 if last else VRING_DESC_F_NEXT), 0 if last else i + 1)
-            nxt = DESC.unpack_from(dmm, doff + 16 * head)[3]
-            DESC.pack_into(dmm, doff + 16 * head, tbl, total * 16, VRING_DESC_F_INDIRECT, nxt)
+                DESC.pack_into(mm, off + DESC_SIZE * i, g, n, f | (0 if last else VRING_DESC_F_NEXT), 0 if last else i + 1)
+            nxt = DESC.unpack_from(dmm, doff + DESC_SIZE * head)[3]
+            DESC.pack_into(dmm, doff + DESC_SIZE * head, tbl, total * DESC_SIZE, VRING_DESC_F_INDIRECT, nxt)
             self.free_head = nxt
         else:
             i = head
             bufs = [(g, n, 0) for g, n in out] + [(g, n, VRING_DESC_F_WRITE) for g, n in inn]
             for j, (g, n, f) in enumerate(bufs):
-                nxt = DESC.unpack_from(dmm, doff + 16 * i)[3]
+                nxt = DESC.unpack_from(dmm, doff + DESC_SIZE * i)[3]
                 last = j == total - 1
-                DESC.pack_into(dmm, doff + 16 * i, g, n, f | (0 if last else VRING_DESC_F_NEXT), nxt)
+                DESC.pack_into(dmm, doff + DESC_SIZE * i, g, n, f | (0 if last else VRING_DESC_F_NEXT), nxt)
                 i = nxt
             self.free_head = i
         self.num_free -= need
         self.ndescs[head] = need
         self.data[head] = token
         a16 = self._a16
-        a16[2 + self.avail_idx_shadow % self.num] = head
+        a16[AVAIL_RING_U16 + self.avail_idx_shadow % self.num] = head
         # wmb(): ring entry before the index (x86 keeps store order)
         self.avail_idx_shadow = (self.avail_idx_shadow + 1) & 0xFFFF
-        a16[1] = self.avail_idx_shadow
+        a16[AVAIL_IDX_U16] = self.avail_idx_shadow
         self.num_added += 1
         self.added += 1
         return True
@@ -135,7 +147,7 @@ class Vring:
         if self.event_idx:
             needs = vring_need_event(self._u16[self._ae], new, old)
         else:
-            needs = not (self._u16[0] & VRING_USED_F_NO_NOTIFY)
+            needs = not (self._u16[USED_FLAGS_U16] & VRING_USED_F_NO_NOTIFY)
         if not needs:
             self.kicks_suppressed += 1
         return needs
@@ -153,7 +165,7 @@ class Vring:
 
     # -- completion ---------------------------------------------------------------------------------
     def used_idx(self) -> int:
-        return self._u16[1]
+        return self._u16[USED_IDX_U16]
 
     def more_used(self) -> bool:
         return self.last_used_idx != self.used_idx()
@@ -164,7 +176,7 @@ class Vring:
             return None
         # rmb(): used.idx before the element (x86 keeps load order)
         slot = self.last_used_idx % self.num
-        head, length = USED_ELEM.unpack_from(self._umm, self._uoff + 4 + 8 * slot)
+        head, length = USED_ELEM.unpack_from(self._umm, self._uoff + USED_RING + USED_ELEM_SIZE * slot)
         if head >= self.num or self.data[head] is None:
             self.broken = True
             raise RuntimeError(f"{self.name}: device returned bad id {head}")
@@ -183,23 +195,23 @@ class Vring:
         dmm, doff = self._dmm, self._doff
         i = head
         for _ in range(n - 1):
-            i = DESC.unpack_from(dmm, doff + 16 * i)[3]
-        addr, length, flags, _nxt = DESC.unpack_from(dmm, doff + 16 * i)
-        DESC.pack_into(dmm, doff + 16 * i, addr, length, flags, self.free_head)
+            i = DESC.unpack_from(dmm, doff + DESC_SIZE * i)[3]
+        addr, length, flags, _nxt = DESC.unpack_from(dmm, doff + DESC_SIZE * i)
+        DESC.pack_into(dmm, doff + DESC_SIZE * i, addr, length, flags, self.free_head)
         self.free_head = head
         self.num_free += n
 
     def disable_cb(self) -> None:
         if not self.event_idx and not self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
             self.avail_flags_shadow |= VRING_AVAIL_F_NO_INTERRUPT
-            self._a16[0] = self.avail_flags_shadow
+            self._a16[AVAIL_FLAGS_U16] = self.avail_flags_shadow
 
     def enable_cb(self) -> bool:
         """virtqueue_enable_cb: True if nothing is pending (safe to wait for the next interrupt)."""
         if self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
             self.avail_flags_shadow &= ~VRING_AVAIL_F_NO_INTERRUPT
             if not self.event_idx:
-                self._a16[0] = self.avail_flags_shadow
+                self._a16[AVAIL_FLAGS_U16] = self.avail_flags_shadow
         if self.event_idx:
             self._a16[self._ue] = self.last_used_idx
         mb()  # store used_event / flags -> load used.idx
@@ -233,8 +245,8 @@ class Vring:
         with self.lock:
             used = self.used_idx()
             avail = self.avail_idx_shadow
-            redo = [self._a16[2 + p % self.num] for p in range(used, used + ((avail - used) & 0xFFFF))]
-            returned = {USED_ELEM.unpack_from(self._umm, self._uoff + 4 + 8 * (p % self.num))[0]
+            redo = [self._a16[AVAIL_RING_U16 + p % self.num] for p in range(used, used + ((avail - used) & 0xFFFF))]
+            returned = {USED_ELEM.unpack_from(self._umm, self._uoff + USED_RING + USED_ELEM_SIZE * (p % self.num))[0]
                         for p in range(self.last_used_idx, self.last_used_idx + ((used - self.last_used_idx) & 0xFFFF))}
             outstanding = [h for h, d in enumerate(self.data) if d is not None and h not in returned]
         return {"used": used, "avail": avail, "redo": redo, "outstanding": outstanding,

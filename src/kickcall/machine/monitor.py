@@ -15,6 +15,18 @@ from ..notify import Role
 from ..pci import regs as R
 from ..virtio.pci import QUEUE_MEM_MULT, VirtIOPCIProxy
 from ..virtio.queue import VIRTIO_NO_VECTOR, VirtQueue
+from ..virtio.layout import (
+    avail_event_addr,
+    avail_flags_addr,
+    avail_idx_addr,
+    avail_ring_addr,
+    avail_size,
+    desc_table_size,
+    used_event_addr,
+    used_flags_addr,
+    used_idx_addr,
+    used_size,
+)
 from ..virtio.ring import describe_chain
 
 if TYPE_CHECKING:
@@ -94,12 +106,12 @@ class MachineDevice:
             return {"avail-idx": None, "used-idx-ring": None, "used-event": None, "avail-event": None}
         n = q.num
         return {
-            "avail-idx": self._u16(q.avail + 2),
-            "used-idx-ring": self._u16(q.used + 2),
-            "used-event": self._u16(q.avail + 4 + 2 * n),
-            "avail-event": self._u16(q.used + 4 + 8 * n),
-            "avail-flags": self._u16(q.avail),
-            "used-flags": self._u16(q.used),
+            "avail-idx": self._u16(avail_idx_addr(q.avail)),
+            "used-idx-ring": self._u16(used_idx_addr(q.used)),
+            "used-event": self._u16(used_event_addr(q.avail, n)),
+            "avail-event": self._u16(avail_event_addr(q.used, n)),
+            "avail-flags": self._u16(avail_flags_addr(q.avail)),
+            "used-flags": self._u16(used_flags_addr(q.used)),
         }
 
     def vhost_queue_status(self, queue: int) -> dict:
@@ -115,8 +127,8 @@ class MachineDevice:
                 "name": self.type_name, "kick": q.host_notifier.fd if q.host_notifier else -1,
                 "call": call if call else -1,
                 "desc": USER_BASE + q.desc, "avail": USER_BASE + q.avail, "used": USER_BASE + q.used, "num": n,
-                "desc-phys": q.desc, "desc-size": 16 * n, "avail-phys": q.avail, "avail-size": 6 + 2 * n,
-                "used-phys": q.used, "used-size": 6 + 8 * n,
+                "desc-phys": q.desc, "desc-size": desc_table_size(n), "avail-phys": q.avail,
+                "avail-size": avail_size(n), "used-phys": q.used, "used-size": used_size(n),
             }
 
     def queue_element(self, queue: int, index: int | None) -> dict:
@@ -130,14 +142,16 @@ class MachineDevice:
             n = q.num
             last = q.last_avail_idx
             if self.vhost and self.p.vdev.started_backend and q.event_idx:
-                last = self._u16(q.used + 4 + 8 * n) or 0  # the back-end's position, never GET_VRING_BASE
+                last = self._u16(avail_event_addr(q.used, n)) or 0  # the back-end's position, never GET_VRING_BASE
             slot = (last if index is None else index) % n
-            head = self._u16(q.avail + 4 + 2 * slot) or 0
+            head = self._u16(avail_ring_addr(q.avail, slot)) or 0
             if head >= n:
                 raise TargetError(f"avail ring slot {slot} holds descriptor {head}, out of range (queue size {n})")
             return {"name": self.type_name, "index": head, "descs": describe_chain(self.m.memory, q.desc, n, head),
-                    "avail": {"flags": self._u16(q.avail) or 0, "idx": self._u16(q.avail + 2) or 0, "ring": head},
-                    "used": {"flags": self._u16(q.used) or 0, "idx": self._u16(q.used + 2) or 0}}
+                    "avail": {"flags": self._u16(avail_flags_addr(q.avail)) or 0,
+                              "idx": self._u16(avail_idx_addr(q.avail)) or 0, "ring": head},
+                    "used": {"flags": self._u16(used_flags_addr(q.used)) or 0,
+                             "idx": self._u16(used_idx_addr(q.used)) or 0}}
 
     def pci_info(self) -> dict:
         p = self.p

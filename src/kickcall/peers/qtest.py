@@ -49,6 +49,22 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from ..virtio.layout import (
+    DESC,
+    USED_ELEM,
+    USED_ELEM_SIZE,
+    avail_event_addr,
+    avail_idx_addr,
+    avail_ring_addr,
+    avail_size,
+    desc_addr,
+    desc_table_size,
+    used_elem_addr,
+    used_event_addr,
+    used_flags_addr,
+    used_idx_addr,
+    used_size,
+)
 from .qemu import QEMU_BINARY, QMP, ManagedProcess, PeerError, VhostUserBlk, check_socket_path, qmp_quit
 
 __all__ = [
@@ -664,10 +680,10 @@ class VirtioBlkQtestDriver:
             raise QtestError(QtestErrorKind.USAGE, f"queue size {num} (device maximum {qmax}) is not a power of 2 >= 4")
         self.num = num
         self._cc_w(CC_Q_SIZE, num, 2)
-        self.desc = self.alloc(16 * num, 4096)
-        self.avail = self.alloc(6 + 2 * num, 4096)
-        self.used = self.alloc(6 + 8 * num, 4096)
-        for a, n in ((self.desc, 16 * num), (self.avail, 6 + 2 * num), (self.used, 6 + 8 * num)):
+        self.desc = self.alloc(desc_table_size(num), 4096)
+        self.avail = self.alloc(avail_size(num), 4096)
+        self.used = self.alloc(used_size(num), 4096)
+        for a, n in ((self.desc, desc_table_size(num)), (self.avail, avail_size(num)), (self.used, used_size(num))):
             self.qt.memwrite(a, bytes(n))
         for off, a in ((CC_Q_DESC, self.desc), (CC_Q_AVAIL, self.avail), (CC_Q_USED, self.used)):
             self._cc_w(off, a & 0xFFFF_FFFF, 4)
@@ -705,25 +721,25 @@ class VirtioBlkQtestDriver:
         return len(self._by_head) - len(self._free)
 
     def avail_idx_mem(self) -> int:
-        return self.qt.readw(self.avail + 2)
+        return self.qt.readw(avail_idx_addr(self.avail))
 
     def used_idx(self) -> int:
         """used.idx in guest memory (what the device has completed up to)."""
-        return self.qt.readw(self.used + 2)
+        return self.qt.readw(used_idx_addr(self.used))
 
     def used_flags(self) -> int:
-        return self.qt.readw(self.used)
+        return self.qt.readw(used_flags_addr(self.used))
 
     def used_event(self) -> int:
         """avail->ring[num]: the driver's used_event (meaningful with EVENT_IDX)."""
-        return self.qt.readw(self.avail + 4 + 2 * self.num)
+        return self.qt.readw(used_event_addr(self.avail, self.num))
 
     def set_used_event(self, value: int) -> None:
-        self.qt.writew(self.avail + 4 + 2 * self.num, value)
+        self.qt.writew(used_event_addr(self.avail, self.num), value)
 
     def avail_event(self) -> int:
         """used->ring[num]: the device's avail_event (QEMU writes it with EVENT_IDX)."""
-        return self.qt.readw(self.used + 4 + 8 * self.num)
+        return self.qt.readw(avail_event_addr(self.used, self.num))
 
     def interrupt_pending(self, vector: int = 1) -> bool:
         """Has an MSI-X message for *vector* (1: queue 0, 0: configuration) landed since the last ack?"""
@@ -794,13 +810,13 @@ class VirtioBlkQtestDriver:
                     self.qt.memwrite(s.buf, r.data)
                 self.qt.memwrite(s.hdr, struct.pack("<IIQB", r.op, 0, r.sector, STATUS_SENTINEL))
                 dflags = VRING_DESC_F_NEXT | (VRING_DESC_F_WRITE if r.op == VIRTIO_BLK_T_IN else 0)
-                chain = struct.pack("<QIHH", s.hdr, 16, VRING_DESC_F_NEXT, s.head + 1)
-                chain += struct.pack("<QIHH", s.buf, r.length, dflags, s.head + 2)
-                chain += struct.pack("<QIHH", s.hdr + 16, 1, VRING_DESC_F_WRITE, 0)
-                self.qt.memwrite(self.desc + 16 * s.head, chain)
-                self.qt.writew(self.avail + 4 + 2 * (idx % self.num), s.head)
+                chain = DESC.pack(s.hdr, 16, VRING_DESC_F_NEXT, s.head + 1)
+                chain += DESC.pack(s.buf, r.length, dflags, s.head + 2)
+                chain += DESC.pack(s.hdr + 16, 1, VRING_DESC_F_WRITE, 0)
+                self.qt.memwrite(desc_addr(self.desc, s.head), chain)
+                self.qt.writew(avail_ring_addr(self.avail, idx % self.num), s.head)
                 idx = (idx + 1) & 0xFFFF
-            self.qt.writew(self.avail + 2, idx)  # publishes the entries (qtest serialises: no barrier needed)
+            self.qt.writew(avail_idx_addr(self.avail), idx)  # publishes the entries (qtest serialises: no barrier needed)
             self._avail_idx = idx
             self._added_since_kick += len(reqs)
             if not notify:
@@ -853,11 +869,11 @@ class VirtioBlkQtestDriver:
             if pending:
                 start = self._last_used % self.num
                 first = min(pending, self.num - start)
-                raw = self.qt.memread(self.used + 4 + 8 * start, 8 * first)
+                raw = self.qt.memread(used_elem_addr(self.used, start), USED_ELEM_SIZE * first)
                 if pending > first:
-                    raw += self.qt.memread(self.used + 4, 8 * (pending - first))
+                    raw += self.qt.memread(used_elem_addr(self.used, 0), USED_ELEM_SIZE * (pending - first))
                 for i in range(pending):
-                    head, used_len = struct.unpack_from("<II", raw, 8 * i)
+                    head, used_len = USED_ELEM.unpack_from(raw, USED_ELEM_SIZE * i)
                     s = self._by_head.get(head)
                     if s is None or s.request is None:
                         raise QtestError(QtestErrorKind.RING, f"the device used id {head}, which is not an "

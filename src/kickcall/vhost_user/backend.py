@@ -71,6 +71,7 @@ from ..notify import EventNotifier, NotifierRegistry, Role
 from ..ownership import SocketClaim
 from ..virtio.device import DRIVER_OK, FEATURES_OK, VirtIODevice
 from ..virtio.queue import VirtQueue, VirtQueueError
+from ..virtio.layout import avail_size, desc_table_size, used_size
 from ..virtio.ring import VIRTIO_F_VERSION_1
 from .inflight import InflightRegion
 from .protocol import (
@@ -849,9 +850,9 @@ class VhostUserBackend:
         desc, used, avail = v.addr
         q = self.device.queues[v.index]
         n = q.num
-        gdesc = self.memory.uva_to_gpa(desc, 16 * n)
-        gavail = self.memory.uva_to_gpa(avail, 6 + 2 * n)
-        gused = self.memory.uva_to_gpa(used, 6 + 8 * n)
+        gdesc = self.memory.uva_to_gpa(desc, desc_table_size(n))
+        gavail = self.memory.uva_to_gpa(avail, avail_size(n))
+        gused = self.memory.uva_to_gpa(used, used_size(n))
         q.mem = self.memory
         q.set_rings(gdesc, gavail, gused)
         try:

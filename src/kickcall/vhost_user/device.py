@@ -38,6 +38,7 @@ from .. import trace
 from ..notify import EventNotifier, NotifierRegistry, Role
 from ..virtio.blk import BLK_CONFIG_SIZE, FEATURES as BLK_FEATURES
 from ..virtio.device import DRIVER_OK, VirtIODevice
+from ..virtio.layout import used_idx_addr
 from ..virtio.queue import VirtQueue
 from .frontend import BackendGone, InflightInfo, VhostUserFrontend
 from .protocol import VHOST_USER_F_PROTOCOL_FEATURES, MemRegion, ProtocolError, ProtocolFeature
@@ -201,7 +202,7 @@ class VhostUserBlkDevice(VirtIODevice):
 
     def _guest_used_idx(self, q: VirtQueue) -> int:
         assert self.mem is not None
-        return self.mem.read_u16(q.used + 2)
+        return self.mem.read_u16(used_idx_addr(q.used))
 
     def backend_stop(self) -> None:
         with self._mu:

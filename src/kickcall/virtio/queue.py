@@ -45,20 +45,35 @@ from typing import TYPE_CHECKING, Callable
 
 from ..memory import GuestMemory, GuestMemoryError
 from .. import trace
-from .ring import (
+from .layout import (
+    AVAIL_ALIGN,
+    AVAIL_FLAGS_U16,
+    AVAIL_IDX_U16,
+    AVAIL_RING_U16,
     DESC,
+    DESC_ALIGN,
+    DESC_SIZE,
+    USED_ALIGN,
     USED_ELEM,
+    USED_ELEM_SIZE,
+    USED_FLAGS_U16,
+    USED_IDX_U16,
+    USED_RING,
+    avail_event_u16,
+    avail_size,
+    desc_table_size,
+    used_event_u16,
+    used_size,
+)
+from .ring import (
     VIRTQUEUE_MAX_SIZE,
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
-    avail_size,
-    desc_size,
     mb,
     rmb,
-    used_size,
     vring_need_event,
     wmb,
 )
@@ -219,11 +234,11 @@ class VirtQueue:
         self.unmap()
         self.mem = mem
         n = self.num
-        if self.desc % 16 or self.avail % 2 or self.used % 4:
+        if self.desc % DESC_ALIGN or self.avail % AVAIL_ALIGN or self.used % USED_ALIGN:
             raise VirtQueueError(f"{self.name}: misaligned ring addresses")
         try:
             # each ring in one region: the device keeps live views into them
-            self._dmm, self._doff = mem.translate(self.desc, desc_size(n))
+            self._dmm, self._doff = mem.translate(self.desc, desc_table_size(n))
             amm, aoff = mem.translate(self.avail, avail_size(n, True))
             self._umm, self._uoff = mem.translate(self.used, used_size(n, True))
         except GuestMemoryError as e:
@@ -236,7 +251,8 @@ class VirtQueue:
         # torn value).
         self._a16 = memoryview(amm)[aoff:aoff + avail_size(n, True)].cast("H")
         self._u16 = memoryview(self._umm)[self._uoff:self._uoff + used_size(n, True)].cast("H")
-        self._ae = 2 + 4 * n  # avail_event, in u16 units of the used ring
+        self._ae = avail_event_u16(n)  # avail_event, in u16 units of the used ring
+        self._ue = used_event_u16(n)  # used_event, in u16 units of the avail ring
         self._mapped = True
 
     @property
@@ -252,17 +268,17 @@ class VirtQueue:
     # -- ring reads -------------------------------------------------------------------------------------
     def avail_idx(self) -> int:
         self._need_map()
-        v = self._a16[1]
+        v = self._a16[AVAIL_IDX_U16]
         self.shadow_avail_idx = v
         return v
 
     def avail_flags(self) -> int:
         self._need_map()
-        return self._a16[0]
+        return self._a16[AVAIL_FLAGS_U16]
 
     def used_event(self) -> int:
         self._need_map()
-        return self._a16[2 + self.num]
+        return self._a16[self._ue]
 
     def avail_event(self) -> int:
         self._need_map()
@@ -270,12 +286,12 @@ class VirtQueue:
 
     def guest_used_idx(self) -> int:
         self._need_map()
-        return self._u16[1]
+        return self._u16[USED_IDX_U16]
 
     def guest_avail_idx(self) -> int:
         """avail.idx as the driver last published it, without updating the shadow index."""
         self._need_map()
-        return self._a16[1]
+        return self._a16[AVAIL_IDX_U16]
 
     def is_empty(self) -> bool:
         if self.shadow_avail_idx != self.last_avail_idx:
@@ -294,7 +310,7 @@ class VirtQueue:
             self._pop_t[head] = _monotonic()
             return elem
         a16 = self._a16
-        avail = a16[1]
+        avail = a16[AVAIL_IDX_U16]
         self.shadow_avail_idx = avail
         last = self.last_avail_idx
         if avail == last:
@@ -302,7 +318,7 @@ class VirtQueue:
         if ((avail - last) & 0xFFFF) > self.num:
             raise VirtQueueError(f"{self.name}: avail.idx {avail} is more than {self.num} ahead of {last}")
         rmb()
-        head = a16[2 + last % self.num]
+        head = a16[AVAIL_RING_U16 + last % self.num]
         elem = self._read_chain(head)
         self.last_avail_idx = (last + 1) & 0xFFFF
         self.inuse += 1
@@ -339,7 +355,7 @@ class VirtQueue:
             seen += 1
             if seen > max_descs:
                 raise VirtQueueError(f"{self.name}: descriptor chain loops or exceeds {max_descs}")
-            addr, length, flags, nxt = DESC.unpack_from(tmm, toff + 16 * i)
+            addr, length, flags, nxt = DESC.unpack_from(tmm, toff + DESC_SIZE * i)
             if flags & VRING_DESC_F_INDIRECT:
                 if in_indirect:
                     raise VirtQueueError(f"{self.name}: nested indirect descriptor")
@@ -349,9 +365,9 @@ class VirtQueue:
                     raise VirtQueueError(f"{self.name}: indirect descriptor is not the chain's head")
                 if flags & VRING_DESC_F_NEXT:
                     raise VirtQueueError(f"{self.name}: indirect descriptor with NEXT set")
-                if length == 0 or length % 16:
+                if length == 0 or length % DESC_SIZE:
                     raise VirtQueueError(f"{self.name}: indirect table length {length} is not n*16")
-                n_ind = length // 16
+                n_ind = length // DESC_SIZE
                 if n_ind > VIRTQUEUE_MAX_SIZE:
                     raise VirtQueueError(f"{self.name}: indirect table of {n_ind} descriptors")
                 try:
@@ -422,10 +438,10 @@ class VirtQueue:
         if inflight is not None:
             inflight.before_push(elem.index)
         slot = self.used_idx % self.num
-        USED_ELEM.pack_into(self._umm, self._uoff + 4 + 8 * slot, elem.index, length)
+        USED_ELEM.pack_into(self._umm, self._uoff + USED_RING + USED_ELEM_SIZE * slot, elem.index, length)
         wmb()  # the element before the index
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self._u16[1] = self.used_idx
+        self._u16[USED_IDX_U16] = self.used_idx
         if inflight is not None:
             inflight.after_push(elem.index, self.used_idx)
         self.inuse -= 1
@@ -452,9 +468,9 @@ class VirtQueue:
             if enable:
                 self._u16[self._ae] = self.avail_idx()
         else:
-            flags = self._u16[0]
+            flags = self._u16[USED_FLAGS_U16]
             flags = flags & ~VRING_USED_F_NO_NOTIFY if enable else flags | VRING_USED_F_NO_NOTIFY
-            self._u16[0] = flags & 0xFFFF
+            self._u16[USED_FLAGS_U16] = flags & 0xFFFF
         if enable:
             mb()  # store avail_event / used.flags -> the caller re-reads avail.idx
 
@@ -464,7 +480,7 @@ class VirtQueue:
         self.calls_requested += 1
         mb()
         if not self.event_idx:
-            want = not (self._a16[0] & VRING_AVAIL_F_NO_INTERRUPT)
+            want = not (self._a16[AVAIL_FLAGS_U16] & VRING_AVAIL_F_NO_INTERRUPT)
         else:
             v = self.signalled_used_valid
             self.signalled_used_valid = True
@@ -484,12 +500,12 @@ class VirtQueue:
             self._need_map()
         except VirtQueueError:
             return None
-        return self._u16[0], self._u16[self._ae]
+        return self._u16[USED_FLAGS_U16], self._u16[self._ae]
 
     def restore_notify_fields(self, saved: tuple[int, int] | None) -> None:
         if saved is None or not self._mapped:
             return
-        self._u16[0], self._u16[self._ae] = saved
+        self._u16[USED_FLAGS_U16], self._u16[self._ae] = saved
 
     def count_kick(self, path: str) -> None:
         self.kicks += 1

@@ -1,10 +1,9 @@
-"""Split virtqueue layout, ``vring_need_event`` and the memory barriers of the notification paths.
+"""Split virtqueue flags and feature bits, ``vring_need_event`` and the memory barriers of the
+notification paths.
 
-Layout (virtio 1.x, little-endian)::
-
-    descriptor table  16 * N   {le64 addr; le32 len; le16 flags; le16 next}
-    available ring    6 + 2*N  {le16 flags; le16 idx; le16 ring[N]; le16 used_event}
-    used ring         6 + 8*N  {le16 flags; le16 idx; {le32 id; le32 len} ring[N]; le16 avail_event}
+The layout (where each field lies) is defined once, in :mod:`kickcall.virtio.layout`; ``DESC``,
+``USED_ELEM``, ``U16``, ``avail_size``, ``used_size`` and ``desc_size`` (``desc_table_size``) are
+re-exported here for existing importers.
 
 Barriers.  Python stores into guest RAM are plain stores; x86 keeps store->store and load->load
 order, so publishing a ring entry before its index needs no fence there (``wmb``/``rmb`` are
@@ -20,8 +19,10 @@ from __future__ import annotations
 
 import ctypes
 import platform
-import struct
 import threading
+
+from .layout import DESC, DESC_SIZE, U16, USED_ELEM, avail_size, desc_addr, used_size
+from .layout import desc_table_size as desc_size
 
 __all__ = [
     "describe_chain",
@@ -29,7 +30,7 @@ __all__ = [
     "VRING_AVAIL_F_NO_INTERRUPT", "VRING_USED_F_NO_NOTIFY",
     "VIRTIO_RING_F_INDIRECT_DESC", "VIRTIO_RING_F_EVENT_IDX", "VIRTIO_F_VERSION_1",
     "VIRTQUEUE_MAX_SIZE", "DESC", "USED_ELEM", "vring_need_event", "mb", "wmb", "rmb",
-    "desc_size", "avail_size", "used_size", "MB_KIND",
+    "desc_size", "avail_size", "used_size", "U16", "MB_KIND",
 ]
 
 VRING_DESC_F_NEXT = 1
@@ -46,23 +47,6 @@ VIRTIO_F_VERSION_1 = 32
 VIRTIO_F_ACCESS_PLATFORM = 33
 
 VIRTQUEUE_MAX_SIZE = 1024
-
-DESC = struct.Struct("<QIHH")
-USED_ELEM = struct.Struct("<II")
-U16 = struct.Struct("<H")
-
-
-def desc_size(num: int) -> int:
-    return 16 * num
-
-
-def avail_size(num: int, event_idx: bool = True) -> int:
-    return 4 + 2 * num + (2 if event_idx else 0)
-
-
-def used_size(num: int, event_idx: bool = True) -> int:
-    return 4 + 8 * num + (2 if event_idx else 0)
-
 
 def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
     """True if old <= event_idx < new (mod 2**16): the other side asked to be notified once the
@@ -121,14 +105,14 @@ def describe_chain(mem, desc: int, num: int, head: int, limit: int = 256) -> lis
     i, table, tlen = head, desc, num
     while len(descs) < limit:
         try:
-            addr, length, flags, nxt = DESC.unpack(mem.read(table + 16 * i, 16))
+            addr, length, flags, nxt = DESC.unpack(mem.read(desc_addr(table, i), DESC_SIZE))
         except ValueError:
             break
         names = [n for bit, n in ((VRING_DESC_F_NEXT, "next"), (VRING_DESC_F_WRITE, "write"),
                                   (VRING_DESC_F_INDIRECT, "indirect")) if flags & bit]
         descs.append({"addr": addr, "len": length, "flags": names})
-        if flags & VRING_DESC_F_INDIRECT and table == desc and length and length % 16 == 0:
-            table, tlen, i = addr, length // 16, 0
+        if flags & VRING_DESC_F_INDIRECT and table == desc and length and length % DESC_SIZE == 0:
+            table, tlen, i = addr, length // DESC_SIZE, 0
             continue
         if not flags & VRING_DESC_F_NEXT or nxt >= tlen:
             break
