@@ -376,7 +376,7 @@ class VhostUserBlkDriver:
         """(avail.idx, the back-end's avail_event, used.idx) read from the ring: with EVENT_IDX,
         avail_event - used.idx is what the back-end has taken and not completed."""
         vq = self.vqs[q]
-        return vq.avail_idx_shadow, vq._u16[vq._ae], vq.used_idx()
+        return vq.avail_idx_shadow, vq.avail_event(), vq.used_idx()
 
 
 class BlkVerifyWorkload:

@@ -164,6 +164,10 @@ class Vring:
             self.notify()
 
     # -- completion ---------------------------------------------------------------------------------
+    def avail_event(self) -> int:
+        """The device's avail_event (EVENT_IDX): where it asked to be kicked next."""
+        return self._u16[self._ae]
+
     def used_idx(self) -> int:
         return self._u16[USED_IDX_U16]
 
