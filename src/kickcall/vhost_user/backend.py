@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import logging
 import os
 import select
@@ -65,7 +66,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import trace
-from ..loop import IOThread
+from ..loop import IOThread, Timer
 from ..memory import GuestMemory, GuestMemoryError, RamBlock
 from ..notify import EventNotifier, NotifierRegistry, Role
 from ..ownership import SocketClaim
@@ -215,6 +216,9 @@ class VhostMemory(GuestMemory):
         raise ProtocolError(f"ring address {uva:#x}+{length:#x} is outside the memory table")
 
 
+_FD_ATTR: dict[FR, str] = {FR.SET_VRING_KICK: "kick", FR.SET_VRING_CALL: "call", FR.SET_VRING_ERR: "err"}
+
+
 @dataclass
 class BackendVring:
     index: int
@@ -235,11 +239,11 @@ class BackendVring:
     calls_without_fd: int = 0
     self_kicks: int = 0  # kicks the back-end gave itself after a reconnect
     errors: int = 0
-    poll_timer: object = None
+    poll_timer: Timer | None = None
     err_write_failures: int = 0  # ring errors whose err fd could not be written
     kick_stuck: int = 0  # reads in a row after which the kick fd was still readable
     kick_throttles: int = 0
-    kick_throttle_timer: object = None
+    kick_throttle_timer: Timer | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -316,13 +320,13 @@ class VhostUserBackend:
         self.peer = ""  # the front-end, as its credentials name it ("pid 123 uid 1000")
         self._reader = MessageReader()
         self._legacy_reads = False  # this connection is read the old way (PER_MESSAGE_DEADLINE off)
-        self._msg_timer = None
+        self._msg_timer: Timer | None = None
         self.slow_peers = 0  # connections closed because a message missed its deadline
         self.accept_pauses = 0
-        self._accept_timer = None
+        self._accept_timer: Timer | None = None
         self.backend_req: socket.socket | None = None
         self._req_reader = MessageReader()
-        self._req_pending: list[tuple[int, object]] = []  # (request, deadline timer), oldest first
+        self._req_pending: list[tuple[int, Timer]] = []  # (request, deadline timer), oldest first
         self.backend_reqs_sent = 0
         self.backend_reqs_acked = 0
         self.backend_req_dropped = ""  # why the last back-end request channel was given up
@@ -721,13 +725,13 @@ class VhostUserBackend:
             if val & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
                 raise ProtocolError(f"{msg.name()}: stray bits in {val:#x}")
             v = self._vring(val & VRING_IDX_MASK)
-            fd = msg.fds.pop() if msg.fds else None
-            attr = {FR.SET_VRING_KICK: "kick", FR.SET_VRING_CALL: "call", FR.SET_VRING_ERR: "err"}[r]
+            vfd = msg.fds.pop() if msg.fds else None
+            attr = _FD_ATTR[FR(r)]
             try:
-                n = EventNotifier.adopt(fd, f"{self.name}.vq{v.index}.{attr}") if fd is not None else None
+                n = EventNotifier.adopt(vfd, f"{self.name}.vq{v.index}.{attr}") if vfd is not None else None
             except Exception as e:
-                if fd is not None:
-                    os.close(fd)
+                if vfd is not None:
+                    os.close(vfd)
                 raise ProtocolError(f"{msg.name()}: not an eventfd: {e}") from None
             if n is not None and attr == "kick" and REFUSE_SEMAPHORE_KICK:
                 try:
@@ -783,7 +787,7 @@ class VhostUserBackend:
             if ASYNC_BACKEND_REQ_ACK:
                 s.setblocking(False)
                 self._req_reader = MessageReader()
-                self.loop.set_fd_handler(s.fileno(), lambda s=s: self._backend_req_readable(s))
+                self.loop.set_fd_handler(s.fileno(), functools.partial(self._backend_req_readable, s))
             else:
                 s.settimeout(self.backend_req_timeout)
             return None
@@ -922,12 +926,14 @@ class VhostUserBackend:
     def _kick_fd_set(self, v: BackendVring) -> None:
         q = self.device.queues[v.index]
         replay = False
-        if v.addr is not None and q.inflight is not None:
+        iq = self.inflight.queues[v.index] if self.inflight is not None and v.index < len(
+            self.inflight.queues) else None
+        if v.addr is not None and iq is not None:
             # a region that already carries state is a reconnect: the back-end before us may
             # have read the guest's last kick and died before acting on it
-            reconnect = q.inflight.version != 0
+            reconnect = iq.version != 0
             try:
-                q.resubmit = q.inflight.recover(q.guest_used_idx())
+                q.resubmit = iq.recover(q.guest_used_idx())
             except ValueError as e:
                 raise ProtocolError(str(e)) from None
             if reconnect and self.self_kick_after_reconnect:
@@ -939,7 +945,7 @@ class VhostUserBackend:
                 v.started = True
                 v.pending_kick = True
         if v.kick is not None:
-            self.loop.set_fd_handler(v.kick.fileno(), lambda v=v: self._kicked(v))
+            self.loop.set_fd_handler(v.kick.fileno(), functools.partial(self._kicked, v))
             if v.poll_timer is not None:
                 v.poll_timer.cancel()
                 v.poll_timer = None
@@ -1027,7 +1033,7 @@ class VhostUserBackend:
         v.kick_throttle_timer = None
         if v.kick is not kick or self.conn is None:
             return
-        self.loop.set_fd_handler(kick.fileno(), lambda v=v: self._kicked(v))
+        self.loop.set_fd_handler(kick.fileno(), functools.partial(self._kicked, v))
 
     def _enable(self, v: BackendVring, on: bool) -> None:
         v.enabled = on
@@ -1346,7 +1352,9 @@ class VhostUserBackend:
                                "dropped": self.backend_req_dropped},
                "broken": self.device.broken, "broken-reason": self.device.broken_reason,
                "needs-reset-count": self.device.needs_reset_count, "recoveries": self.recoveries,
-               "device-resets": self.device_resets, "queues": []}
+               "device-resets": self.device_resets}
+        queues: list[dict] = []
+        out["queues"] = queues
         for v in self.vrings:
             q = self.device.queues[v.index]
             d = {"queue": v.index, "num": v.num, "ring-state": self.ring_state(v.index).value,
@@ -1356,6 +1364,6 @@ class VhostUserBackend:
                  "call-fd": v.call.fd if v.call else -1, "err-fd": v.err.fd if v.err else -1,
                  "inuse": q.inuse, "last-avail-idx": q.last_avail_idx, "used-idx": q.used_idx,
                  "errors": v.errors, "err-write-failures": v.err_write_failures, "kick-throttles": v.kick_throttles}
-            out["queues"].append(d)
+            queues.append(d)
         return out
 

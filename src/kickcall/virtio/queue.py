@@ -38,10 +38,11 @@ flight is found by a scan of the stamps when someone asks (a monitor query), nev
 
 from __future__ import annotations
 
+import mmap
 import time
 from array import array
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from ..memory import GuestMemory, GuestMemoryError
 from .. import trace
@@ -96,6 +97,17 @@ _monotonic = time.monotonic
 _t_pop = trace.event("virtqueue_pop", "the device took a chain from the avail ring")
 _t_flush = trace.event("virtqueue_flush", "the device published used elements")
 _t_should = trace.event("virtio_notify_suppressed", "event idx / NO_INTERRUPT suppressed a call")
+
+
+class InflightTracker(Protocol):
+    """What a queue tells an inflight log (vhost-user's INFLIGHT_SHMFD: kickcall.vhost_user.inflight)
+    as requests are taken and completed, so a back-end that reconnects can resubmit them."""
+
+    def mark_popped(self, head: int) -> None: ...
+
+    def before_push(self, head: int) -> None: ...
+
+    def after_push(self, head: int, used_idx: int) -> None: ...
 
 
 class VirtQueueError(Exception):
@@ -170,7 +182,7 @@ class VirtQueue:
         self.host_notifier: EventNotifier | None = None
         self.guest_notifier: EventNotifier | None = None
         self.vector = VIRTIO_NO_VECTOR
-        self.inflight = None  # vhost-user inflight tracking (kickcall.vhost_user.inflight.InflightQueue)
+        self.inflight: InflightTracker | None = None  # vhost-user inflight tracking (InflightQueue)
         self.resubmit: list[int] = []  # heads to hand out again before new ones (after a reconnect)
         self._pop_t = array("d", bytes(8 * num_max))  # per head: monotonic time it was popped, 0.0 if not
         self._done_s = array("d", bytes(8 * COMPLETION_WINDOW))  # the last completions' durations (s)
@@ -214,7 +226,10 @@ class VirtQueue:
             if view is not None:
                 view.release()
             setattr(self, v, None)
-        self._dmm = self._umm = None
+        # (an empty buffer, not None: the rings are only touched after _need_map(), and the hot
+        # paths then need no Optional check)
+        self._dmm: mmap.mmap | bytearray = bytearray()
+        self._umm: mmap.mmap | bytearray = bytearray()
         self._doff = self._uoff = 0
 
     # -- setup ----------------------------------------------------------------------------------------
@@ -344,7 +359,8 @@ class VirtQueue:
         total = 0
         room = MAX_SG  # sg entries this element may still take
         # direct table
-        tmm, toff, tlen = self._dmm, self._doff, num
+        tmm: mmap.mmap | bytearray | bytes = self._dmm
+        toff, tlen = self._doff, num
         i = head
         seen = 0
         max_descs = num
