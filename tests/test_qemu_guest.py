@@ -10,9 +10,10 @@ import uuid
 import pytest
 
 from helpers import start_vhost_user_blk, stop_process
+from kickcall.monitor.client import QMPClient
 from kickcall.peers import require_peers
 from kickcall.peers.guest_image import build_initramfs, make_init
-from kickcall.peers.qemu import QMP, QemuVM, VhostUserBlk, kernel_cmdline
+from kickcall.peers.qemu import QemuVM, VhostUserBlk, kernel_cmdline
 from kickcall.virtio.blk import make_image
 
 pytestmark = pytest.mark.slow
@@ -76,7 +77,7 @@ def test_linux_guest_on_kickcall_backend_then_qemu_restarts(mem):
                 vm.stop()
             assert rc == 0, vm.describe()
             outs.append(list(vm.lines))
-        with QMP(qmp_path) as q:
+        with QMPClient(qmp_path, timeout=5.0).connect() as q:
             st = q.execute("x-query-vhost-user-backend")
             assert q.execute("query-status")["status"] == "running"
             q.execute("quit", allow_eof=True)

@@ -1,8 +1,10 @@
-"""A small synchronous QMP client (for ``kickcall diagnose`` and ``kickcall shell``).
+"""kickcall's one synchronous QMP client (``kickcall diagnose``, ``kickcall shell``, the test peers
+in :mod:`kickcall.peers`, ``bench``).
 
 It works with QEMU, qemu-storage-daemon and kickcall's own monitors: reads the greeting,
 negotiates, sends commands with ids, skips events while waiting for a reply (keeping them for
-``events()``), and turns error replies into ``QMPCommandError``.
+``events()``), and turns error replies into ``QMPCommandError``.  Nothing else in ``src/`` writes a
+QMP command on a socket (tests/test_one_of_each.py scans for a second client).
 """
 
 from __future__ import annotations
@@ -75,6 +77,11 @@ def process_state(pid: int) -> tuple[str, str] | None:
 
 
 class QMPClient:
+    """A synchronous QMP client on a Unix socket: ``QMPClient(path).connect()``, then ``execute()``.
+
+    Every read waits at most *timeout* seconds; connection failures raise QMPConnectionError with a
+    ConnectionProblem ``kind``.  kickcall has no other QMP client (tests/test_one_of_each.py)."""
+
     def __init__(self, path: str, *, timeout: float = 10.0) -> None:
         self.path = path
         self.timeout = timeout
@@ -166,6 +173,9 @@ class QMPClient:
             except TimeoutError:
                 raise QMPConnectionError(f"{self.path}: no answer within {self.timeout:g} s",
                                          ConnectionProblem.NO_REPLY) from None
+            except ConnectionResetError:  # the monitor closed with our request unread (ECONNRESET)
+                raise QMPConnectionError(f"{self.path}: the monitor reset the connection",
+                                         ConnectionProblem.CLOSED) from None
             except OSError as e:
                 raise QMPConnectionError(f"{self.path}: {e}") from None
             if not chunk:
@@ -174,7 +184,12 @@ class QMPClient:
             if len(self._buf) > MAX_REPLY:
                 raise QMPConnectionError(f"{self.path}: a reply larger than {MAX_REPLY} bytes", ConnectionProblem.NOT_QMP)
 
-    def execute(self, command: str, arguments: dict | None = None) -> object:
+    def execute(self, command: str, arguments: dict | None = None, *, allow_eof: bool = False) -> object:
+        """Run *command* and return its ``return`` value; an error reply raises QMPCommandError.
+
+        With *allow_eof*, a monitor that closes the connection (or resets it) before the reply
+        returns None instead of raising QMPConnectionError(CLOSED): QEMU and qemu-storage-daemon
+        may exit on ``quit`` before their reply reaches the client."""
         if self.sock is None:
             raise QMPConnectionError("not connected")
         rid = f"kc-{next(self._ids)}"
@@ -183,7 +198,12 @@ class QMPClient:
             msg["arguments"] = arguments
         self.sock.sendall(json.dumps(msg).encode() + b"\r\n")
         while True:
-            obj = self._read()
+            try:
+                obj = self._read()
+            except QMPConnectionError as e:
+                if allow_eof and e.kind is ConnectionProblem.CLOSED:
+                    return None
+                raise
             if not isinstance(obj, dict):
                 continue  # not a QMP message: skipped, as QEMU's own clients do
             if "event" in obj:

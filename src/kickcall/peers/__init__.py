@@ -20,13 +20,13 @@ from .guest_image import (
     make_init,
     parse_cpio,
 )
-from .qemu import QMP, PeerError, PeerTimeout, QemuVM, QMPError, VhostUserBlk, kernel_cmdline
+from .qemu import PeerError, PeerTimeout, QemuVM, VhostUserBlk, kernel_cmdline, open_qmp
 from .qsd import QSD
 
 __all__ = [
-    "GuestAssets", "PeerError", "PeerMissing", "PeerTimeout", "QMP", "QMPError", "QSD", "QemuVM",
+    "GuestAssets", "PeerError", "PeerMissing", "PeerTimeout", "QSD", "QemuVM",
     "STANDARD_INIT_EPILOGUE", "STANDARD_INIT_PRELUDE", "VIRTIO_BLK_MODULES", "VhostUserBlk",
-    "build_initramfs", "cache_root", "kernel_cmdline", "load_manifest", "make_init", "parse_cpio",
+    "build_initramfs", "cache_root", "kernel_cmdline", "load_manifest", "make_init", "open_qmp", "parse_cpio",
     "peers_available", "require_peers",
 ]
 

@@ -1,4 +1,5 @@
-"""Real QEMU (TCG) as a test peer, plus the process hygiene and QMP client the peers share.
+"""Real QEMU (TCG) as a test peer, plus the process hygiene the peers share and their way to open a
+QMP connection (with :class:`kickcall.monitor.client.QMPClient`, kickcall's one QMP client).
 
 Every process started here runs in its own session (hence process group), gets
 ``PR_SET_PDEATHSIG(SIGKILL)`` so it dies with the thread that started it, and is always stopped and
@@ -9,17 +10,17 @@ threads into lists of lines.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from ..monitor.client import ConnectionProblem, QMPClient, QMPCommandError, QMPConnectionError
 
 QEMU_BINARY = "qemu-system-x86_64"
 SUN_PATH_MAX = 107  # sizeof(sun_path) - 1 for the NUL
@@ -31,10 +32,6 @@ class PeerError(RuntimeError):
 
 class PeerTimeout(PeerError, TimeoutError):
     """Waiting for a real peer timed out."""
-
-
-class QMPError(PeerError):
-    """A QMP command returned an error."""
 
 
 def check_socket_path(path: str) -> str:
@@ -265,79 +262,42 @@ class ManagedProcess:
         raise NotImplementedError
 
 
-# --- a tiny QMP client ------------------------------------------------------------------------------
+# --- QMP: kickcall.monitor.client.QMPClient is the one client -------------------------------------
 
-class QMP:
-    """A minimal synchronous QMP client (greeting, qmp_capabilities, execute; events are kept aside)."""
+def open_qmp(path: str, timeout: float = 5.0, *, alive: Callable[[], bool] | None = None) -> QMPClient:
+    """A connected, negotiated QMPClient on the QMP socket at *path*; close it when done.
 
-    def __init__(self, path: str, timeout: float = 5.0):
-        self.path = check_socket_path(str(path))
-        self.timeout = timeout
-        self.events: list[dict] = []
-        self._buf = b""
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
+    While nothing listens yet (no socket, or connection refused) it retries for up to *timeout*
+    seconds, giving up at once when *alive* says the process that should listen has gone.
+    Raises QMPConnectionError (its ``kind`` says why) or QMPCommandError."""
+    client = QMPClient(check_socket_path(str(path)), timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            self.sock.connect(self.path)
-            self.greeting = self._read_message()
-            if "QMP" not in self.greeting:
-                raise PeerError(f"QMP {path}: unexpected greeting {self.greeting!r}")
-            self.execute("qmp_capabilities")
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def _read_message(self) -> dict:
-        while b"\n" not in self._buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(f"QMP {self.path}: connection closed")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def execute(self, command: str, arguments: dict | None = None, *, allow_eof: bool = False):
-        """Run *command*; its ``return`` value. Events that arrive first are stored in ``events``.
-        With *allow_eof* a connection closed before the reply (e.g. after ``quit``) returns None."""
-        msg: dict = {"execute": command}
-        if arguments:
-            msg["arguments"] = arguments
-        self.sock.sendall(json.dumps(msg).encode() + b"\r\n")
-        while True:
-            try:
-                reply = self._read_message()
-            except (EOFError, ConnectionResetError):
-                if allow_eof:
-                    return None
+            return client.connect()
+        except QMPConnectionError as e:
+            client.close()
+            if (e.kind not in (ConnectionProblem.NO_SOCKET, ConnectionProblem.REFUSED)
+                    or time.monotonic() > deadline or (alive is not None and not alive())):
                 raise
-            if "event" in reply:
-                self.events.append(reply)
-                continue
-            if "error" in reply:
-                err = reply["error"]
-                raise QMPError(f"QMP {command}: {err.get('class')}: {err.get('desc')}")
-            if "return" in reply:
-                return reply["return"]
-            raise PeerError(f"QMP {command}: unexpected message {reply!r}")
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+            time.sleep(0.02)
+        except BaseException:
+            client.close()
+            raise
 
 
 def qmp_quit(path: str, timeout: float = 5.0) -> bool:
-    """Send ``quit`` over the QMP socket at *path*; True when it was delivered."""
+    """Send ``quit`` over the QMP socket at *path*; True when it was delivered (a connection closed
+    before the reply counts: QEMU may exit first)."""
+    client = QMPClient(check_socket_path(str(path)), timeout=timeout)
     try:
-        with QMP(path, timeout=timeout) as q:
-            q.execute("quit", allow_eof=True)
+        client.connect()
+        client.execute("quit", allow_eof=True)
         return True
-    except (OSError, EOFError, ValueError, PeerError):
+    except (OSError, ValueError, QMPCommandError):  # QMPConnectionError is an OSError
         return False
+    finally:
+        client.close()
 
 
 # --- QEMU -------------------------------------------------------------------------------------------
@@ -417,18 +377,11 @@ class QemuVM(ManagedProcess):
         self._spawn(self.command())
         return self
 
-    def qmp(self, timeout: float = 5.0) -> QMP:
-        """A new QMP connection (one client at a time); close it when done."""
+    def qmp(self, timeout: float = 5.0) -> QMPClient:
+        """A new QMP connection (QEMU serves one client at a time); close it when done."""
         if not self.qmp_path:
             raise PeerError("this QemuVM has no QMP socket (pass qmp_path=)")
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return QMP(self.qmp_path, timeout=timeout)
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline or not self.running():
-                    raise
-                time.sleep(0.02)
+        return open_qmp(self.qmp_path, timeout, alive=self.running)
 
     def _polite_stop(self, timeout: float) -> bool:
         return bool(self.qmp_path) and os.path.exists(self.qmp_path) and qmp_quit(self.qmp_path, timeout)

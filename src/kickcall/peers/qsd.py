@@ -6,7 +6,8 @@ import os
 import time
 from collections.abc import Sequence
 
-from .qemu import QMP, ManagedProcess, PeerError, PeerTimeout, check_socket_path, qmp_quit
+from ..monitor.client import QMPClient
+from .qemu import ManagedProcess, PeerError, PeerTimeout, check_socket_path, open_qmp, qmp_quit
 
 QSD_BINARY = "qemu-storage-daemon"
 
@@ -77,9 +78,9 @@ class QSD(ManagedProcess):
             delay = min(delay * 2, 0.05)
         return time.monotonic() - self.started_at
 
-    def qmp(self, timeout: float = 5.0) -> QMP:
+    def qmp(self, timeout: float = 5.0) -> QMPClient:
         """A new QMP connection to the daemon (one client at a time); close it when done."""
-        return QMP(self.qmp_path, timeout=timeout)
+        return open_qmp(self.qmp_path, timeout, alive=self.running)
 
     def _polite_stop(self, timeout: float) -> bool:
         return os.path.exists(self.qmp_path) and qmp_quit(self.qmp_path, timeout)

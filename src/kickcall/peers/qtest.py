@@ -49,6 +49,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from ..monitor.client import QMPClient
 from ..virtio.layout import (
     DESC,
     USED_ELEM,
@@ -65,7 +66,7 @@ from ..virtio.layout import (
     used_idx_addr,
     used_size,
 )
-from .qemu import QEMU_BINARY, QMP, ManagedProcess, PeerError, VhostUserBlk, check_socket_path, qmp_quit
+from .qemu import QEMU_BINARY, ManagedProcess, PeerError, VhostUserBlk, check_socket_path, open_qmp, qmp_quit
 
 __all__ = [
     "BlkCompletion", "BlkRequest", "HealthyWorkload", "QtestError", "QtestErrorKind", "QtestSession",
@@ -364,16 +365,9 @@ class QtestVM(ManagedProcess):
         self.session = QtestSession(conn, timeout=self.timeout)
         return self
 
-    def qmp(self, index: int = 0, timeout: float = 5.0) -> QMP:
+    def qmp(self, index: int = 0, timeout: float = 5.0) -> QMPClient:
         """A new QMP connection on ``qmp_paths[index]`` (one client per socket); close it when done."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return QMP(self.qmp_paths[index], timeout=timeout)
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline or not self.running():
-                    raise
-                time.sleep(0.02)
+        return open_qmp(self.qmp_paths[index], timeout, alive=self.running)
 
     def _polite_stop(self, timeout: float) -> bool:
         for p in self.qmp_paths:  # a socket whose one client slot is taken never greets: try the next
