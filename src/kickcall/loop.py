@@ -21,6 +21,8 @@ import time
 from collections import deque
 from typing import Any, Callable
 
+from .threads import named_thread
+
 __all__ = ["IOThread", "Timer", "LoopStopped"]
 
 log = logging.getLogger("kickcall.loop")
@@ -52,8 +54,10 @@ class Timer:
 class IOThread:
     """An epoll loop on its own thread."""
 
-    def __init__(self, name: str = "iothread", lock: Any | None = None, profile_path: str | None = None) -> None:
+    def __init__(self, name: str = "iothread", lock: Any | None = None, profile_path: str | None = None,
+                 thread_name: str | None = None) -> None:
         self.name = name
+        self.thread_name = thread_name or name  # the loop thread's name (Python and kernel; docs/threads.md)
         self.profile_path = profile_path  # cProfile the loop thread, stats written here on stop
         self._ctx_lock = lock
         self._ep = select.epoll()
@@ -77,7 +81,7 @@ class IOThread:
     def start(self) -> "IOThread":
         if self._thread is not None:
             return self
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread = named_thread(self._run, self.thread_name)
         self._thread.start()
         return self
 

@@ -119,7 +119,7 @@ def main(a: argparse.Namespace) -> int:
 
 def _serve(a: argparse.Namespace, sock_claim: SocketClaim | None, qmp_claim: SocketClaim | None,
            image: ImageFile) -> int:
-    loop = IOThread("vhost-user-blk", profile_path=a.profile)
+    loop = IOThread("vhost-user-blk", profile_path=a.profile, thread_name="kc-loop")
     dev = VirtIOBlk("vhost-user-blk", image, num_queues=a.num_queues, queue_size=a.max_queue_size,
                     read_only=a.read_only, serial=a.serial or os.path.basename(a.blk_file)[:20], aio=a.aio,
                     loop=loop)

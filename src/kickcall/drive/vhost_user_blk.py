@@ -33,6 +33,7 @@ from ..virtio.blk import BLK_F_BLK_SIZE, BLK_F_FLUSH, BLK_F_MQ, BLK_F_RO, BLK_F_
 from ..virtio.ring import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from ..vhost_user.frontend import BackendGone, InflightInfo, VhostUserFrontend
 from ..vhost_user.protocol import VHOST_USER_F_PROTOCOL_FEATURES, MemRegion, ProtocolError, ProtocolFeature
+from ..threads import named_thread, start_thread
 
 __all__ = ["VhostUserBlkDriver", "DriverError", "run_test"]
 
@@ -184,7 +185,7 @@ class VhostUserBlkDriver:
                 self._ep.register(self.errs[i].fd, select.EPOLLIN)
             self._ep.register(self._wake.fd, select.EPOLLIN)
             self._watch_socket()
-            self._thread = threading.Thread(target=self._completions, name=f"{self.name}-completions", daemon=True)
+            self._thread = named_thread(self._completions, "kc-fe-compl")
             self._thread.start()
         else:
             self._start(first=False)
@@ -287,7 +288,7 @@ class VhostUserBlkDriver:
             self.error = self.error or "the back-end went away"
             return
         log.warning("%s: the back-end went away; waiting for it to come back", self.name)
-        threading.Thread(target=self._reconnect, name=f"{self.name}-reconnect", daemon=True).start()
+        start_thread(self._reconnect, "kc-reconnect")
 
     def _reconnect(self) -> None:
         deadline = time.monotonic() + self.reconnect_wait
@@ -419,7 +420,7 @@ class BlkVerifyWorkload:
         threads are told to abandon their requests and are joined before this returns, so that
         nobody touches the driver's memory after the caller closes it."""
         d = self.drv
-        threads = [threading.Thread(target=self._queue_loop, args=(q, duration), name=f"wl-q{q}", daemon=True)
+        threads = [named_thread(self._queue_loop, f"kc-wl-q{q}", args=(q, duration))
                    for q in range(d.num_queues)]
         t0 = time.monotonic()
         try:

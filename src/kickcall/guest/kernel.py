@@ -18,6 +18,7 @@ from typing import Callable
 from ..hv.kernel import KernelHV, Vcpu
 from ..hv.routing import msi_address
 from ..pci import regs as R
+from ..threads import named_thread
 
 __all__ = ["GuestKernel", "GuestPciDev", "IrqDesc", "PageAllocator", "IRQ_HANDLED", "IRQ_NONE"]
 
@@ -171,7 +172,7 @@ class GuestKernel:
                 with self._task_mu:
                     self._tasks.discard(threading.current_thread())
 
-        t = threading.Thread(target=body, name=f"vcpu{index}-task", daemon=True)
+        t = named_thread(body, f"kc-cpu{index}-task")
         with self._task_mu:
             self._tasks.add(t)
         t.start()

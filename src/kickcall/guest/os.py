@@ -20,6 +20,7 @@ from .virtio_blk import BlkRequest, VirtioBlkDriver
 from .virtio_net import VirtioNetDriver
 from .virtio_pci import VirtioPciDevice
 from .workload import BlkWorkload, NetWorkload
+from ..threads import start_thread
 
 __all__ = ["GuestOS"]
 
@@ -75,7 +76,7 @@ class GuestOS:
 
     # -- command dispatch -----------------------------------------------------------------------------
     def _on_command(self, seq: int, req: dict) -> None:
-        threading.Thread(target=self._run_command, args=(seq, req), name="guest-cmd", daemon=True).start()
+        start_thread(self._run_command, "kc-guest-cmd", args=(seq, req))
 
     def _run_command(self, seq: int, req: dict) -> None:
         name = str(req.get("cmd", ""))

@@ -15,6 +15,7 @@ import threading
 from typing import Callable
 
 from .abi import HDR, KIND_MSG, KIND_REPLY, KIND_REQ, ChannelClosed
+from ..threads import named_thread
 
 __all__ = ["Channel", "socketpair"]
 
@@ -66,7 +67,7 @@ class Channel:
         self.protocol_errors = 0
 
     def start(self) -> "Channel":
-        self._thread = threading.Thread(target=self._rx, name=f"{self.name}-rx", daemon=True)
+        self._thread = named_thread(self._rx, "kc-hvchan")
         self._thread.start()
         return self
 

@@ -45,6 +45,7 @@ from .channel import Channel
 from .ioeventfd import Ioeventfd, IoeventfdTable
 from .routing import BadMsi, GsiRouting, IrqchipRoute, MsiRoute, decode_msi, route_from_json
 from .stats import HvStats, MAX_VCPUS
+from ..threads import start_thread
 
 __all__ = ["KernelHV", "Vcpu", "Irqchip", "VcpuState"]
 
@@ -385,7 +386,7 @@ class KernelHV:
         self._irqfds: dict[int, _Irqfd] = {}
         self._irqfd_mu = threading.Lock()
         self._gsi_mu = threading.Lock()
-        self.irq_loop = IOThread(f"{name}-irq")
+        self.irq_loop = IOThread(f"{name}-irq", thread_name="kc-irq")
         self.irqchip: Irqchip = None  # type: ignore[assignment]
         self.vcpu_ctl = VcpuControl(self)
         self.ready = threading.Event()
@@ -510,7 +511,7 @@ class KernelHV:
             return self._fault(req)
         if code == abi.IOCTL_GUEST_CMD:
             if self.command_handler is None:  # the guest OS is still coming up
-                threading.Thread(target=self._deferred_cmd, args=(seq, req), daemon=True).start()
+                start_thread(self._deferred_cmd, "kc-hv-cmd", args=(seq, req))
             else:
                 self.command_handler(seq, req)
             return _DEFERRED
@@ -518,7 +519,7 @@ class KernelHV:
             self._reply_ok(seq, code, None)  # acknowledge first: the process exits right after
             self.shutdown_requested.set()
             if self.on_shutdown is not None:
-                threading.Thread(target=self.on_shutdown, name="guest-shutdown", daemon=True).start()
+                start_thread(self.on_shutdown, "kc-shutdown")
             return _DEFERRED
         raise HypervisorError(errno.ENOTTY, f"unknown ioctl {code}")
 

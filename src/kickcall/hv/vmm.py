@@ -29,6 +29,7 @@ from .abi import EXIT, EXIT_REPLY, IRQ_LINE, MSI, REPLY_STATUS, ChannelClosed, H
 from .channel import Channel
 from .routing import IrqchipRoute, MsiRoute, Route
 from .stats import HvStats
+from ..threads import named_thread
 
 __all__ = ["VM", "MsiRoutes", "ExitHandler"]
 
@@ -234,8 +235,7 @@ class VM:
                 w = self._workers.get(vcpu)
                 if w is None:
                     q: queue.SimpleQueue = queue.SimpleQueue()
-                    t = threading.Thread(target=self._worker, args=(vcpu, q), name=f"{self.name}-vcpu{vcpu}",
-                                         daemon=True)
+                    t = named_thread(self._worker, f"kc-vcpu{vcpu}", args=(vcpu, q))
                     w = self._workers[vcpu] = (q, t)
                     t.start()
         w[0].put(r)

@@ -99,7 +99,7 @@ class Machine:
         self._built.append(self.memory.close)
         self.mmio = AddressSpace(SPACE_MMIO)
         self.io = AddressSpace(SPACE_PIO)
-        self.iothread = IOThread("main-loop", lock=self.bql)
+        self.iothread = IOThread("main-loop", lock=self.bql, thread_name="kc-loop")
         self._vmm_sock, self._guest_sock = socketpair()
         self._built += [self._vmm_sock.close, self._guest_sock.close]
         self.vm = VM(self._vmm_sock, self.memory, self.cfg.vcpus, exit_handler=self._exit,

@@ -296,7 +296,7 @@ class VhostUserBackend:
         self.name = name
         self.registry = registry or NotifierRegistry()
         self.offered_protocol_features = protocol_features
-        self.loop = loop or IOThread(f"{name}-loop")
+        self.loop = loop or IOThread(f"{name}-loop", thread_name="kc-be-loop")
         self._own_loop = loop is None
         self.socket_path = socket_path
         self.claim: SocketClaim | None = None

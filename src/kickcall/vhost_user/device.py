@@ -42,6 +42,7 @@ from ..virtio.layout import used_idx_addr
 from ..virtio.queue import VirtQueue
 from .frontend import BackendGone, InflightInfo, VhostUserFrontend
 from .protocol import VHOST_USER_F_PROTOCOL_FEATURES, MemRegion, ProtocolError, ProtocolFeature
+from ..threads import start_thread
 
 __all__ = ["VhostUserBlkDevice", "USER_BASE"]
 
@@ -288,7 +289,7 @@ class VhostUserBlkDevice(VirtIODevice):
         self.fe.close()
         log.warning("%s: the vhost-user back-end went away", self.name)
         if self.reconnect_enabled:
-            threading.Thread(target=self._reconnect, name=f"{self.name}-reconnect", daemon=True).start()
+            start_thread(self._reconnect, "kc-reconnect")
 
     def _reconnect(self, wait: float = 300.0) -> None:
         deadline = time.monotonic() + wait

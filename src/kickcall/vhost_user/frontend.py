@@ -40,6 +40,7 @@ from .protocol import (
     send_message,
     validate_reply,
 )
+from ..threads import named_thread
 
 __all__ = ["VhostUserFrontend", "InflightInfo", "BackendGone"]
 
@@ -278,8 +279,7 @@ class VhostUserFrontend:
         finally:
             b.close()
         self._req_sock = a
-        self._req_thread = threading.Thread(target=self._serve_backend_requests, args=(a,),
-                                            name=f"{self.name}-backend-req", daemon=True)
+        self._req_thread = named_thread(self._serve_backend_requests, "kc-be-req", args=(a,))
         self._req_thread.start()
 
     def _serve_backend_requests(self, s: socket.socket) -> None:

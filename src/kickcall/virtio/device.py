@@ -16,6 +16,7 @@ from .. import trace
 from ..memory import GuestMemory
 from .queue import VirtQueue, VirtQueueError
 from .ring import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+from ..threads import named_thread
 
 if TYPE_CHECKING:
     from .pci import VirtIOPCIProxy
@@ -334,8 +335,7 @@ class ThreadPoolAio:
         self._bh_pending = False
         self.inflight = 0
         self.completed = 0
-        self._threads = [threading.Thread(target=self._worker, name=f"{name}-{i}", daemon=True)
-                         for i in range(workers)]
+        self._threads = [named_thread(self._worker, f"kc-aio{i}") for i in range(workers)]
         for t in self._threads:
             t.start()
 

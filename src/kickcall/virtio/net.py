@@ -19,10 +19,10 @@ import os
 import select
 import socket
 import struct
-import threading
 
 from .device import VirtIODevice
 from .queue import VirtQueue, VirtQueueElement, VirtQueueError, iov_from_buf, iov_size, iov_to_buf
+from ..threads import named_thread
 
 __all__ = ["VirtIONet", "LoopbackBackend", "SocketPairBackend", "VNET_HDR_SIZE", "NET_FEATURES"]
 
@@ -114,7 +114,7 @@ class SocketPairBackend(NetBackend):
         self.held: list[bytes | None] = [None] * pairs
         self._reading = [False] * pairs
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
-        self._peer = threading.Thread(target=self._echo_peer, name="net-echo-peer", daemon=True)
+        self._peer = named_thread(self._echo_peer, "kc-net-peer")
         self.echoed = 0
         self._peer.start()
 
