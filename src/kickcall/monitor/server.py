@@ -26,6 +26,9 @@ read, parsed and checked (and malformed input answered) while a handler runs.  T
 themselves run on a thread of their own, never on the server's event loop, so a slow one leaves
 the server reading (``SERIALIZE_DISPATCH`` / ``serialize=`` switch this off, for tests only).
 
+Threads (OS names, as ``/proc/<pid>/task/*/comm`` shows them): the server's asyncio loop thread
+is ``kc-qmp``, the executor workers that run the handlers ``kc-qmp-exec``.
+
 ``quit`` is QEMU's: its handler (or any handler, such as ``human-monitor-command "quit"``) calls
 ``request_quit``; the reply of the command that asked is sent, then the quit actions run (the
 owner winds the process down; its exit closes the connections).  From the moment quit is
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import ipaddress
 import itertools
 import logging
@@ -66,6 +70,23 @@ MAX_BACKLOG = 8 << 20  # unsent bytes (events) a client may leave unread before 
 # Handlers run one at a time across all clients of a server (QEMU: under the big lock).  The
 # default for ``QMPServer(serialize=None)``; False only in tests that show what it prevents.
 SERIALIZE_DISPATCH = True
+
+
+_PR_SET_NAME = 15  # <linux/prctl.h>
+_TASK_COMM_LEN = 16  # the kernel keeps 15 bytes of a thread's name, and a NUL
+
+
+def _name_this_thread(name: str) -> None:
+    """Give the calling thread an OS-level name (``prctl(PR_SET_NAME)``: what ``ps -L``, ``top -H``
+    and ``/proc/<pid>/task/<tid>/comm`` show), cut to the kernel's 15 bytes.  Best effort: where
+    prctl is missing (not Linux) the thread keeps its name; never raises, as it is also an
+    executor's initializer (an initializer that raises breaks the pool)."""
+    raw = name.encode("utf-8", "replace")[:_TASK_COMM_LEN - 1]
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _Quitting(Exception):
@@ -218,7 +239,9 @@ class QMPServer:
         self.commands_waiting = 0  # checked requests waiting for the handler running now to return
         # handlers run here, never on the event loop; one at a time when serialised
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8,
-                                                               thread_name_prefix=f"{name}-qmp-cmd")
+                                                               thread_name_prefix=f"{name}-qmp-cmd",
+                                                               initializer=_name_this_thread,
+                                                               initargs=("kc-qmp-exec",))
         self._quit_requested = False
         self._quit_actions: list[Callable[[], None]] = []
         self._quit_ran = False
@@ -377,6 +400,7 @@ class QMPServer:
         return self
 
     def _run(self) -> None:
+        _name_this_thread("kc-qmp")
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:
