@@ -25,8 +25,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kickcall.monitor.qmp import ERROR_CLASSES, MAX_BAD_INPUTS, MAX_MESSAGE, MAX_TOKENS, Arg, CommandRegistry, \
-    JSONStreamParser, QMPServer
+from kickcall.monitor.json_stream import MAX_MESSAGE, MAX_TOKENS, JSONStreamParser
+from kickcall.monitor.schema import ERROR_CLASSES, Arg, CommandRegistry
+from kickcall.monitor.server import MAX_BAD_INPUTS, QMPServer
 from kickcall.ownership import PathRefused, RefusalKind
 
 from test_qmp_wire import QEMU, TIMEOUT, Qemu, Raw, assert_one_of_several, qemu_like_registry

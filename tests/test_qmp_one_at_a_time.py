@@ -13,7 +13,7 @@ listens and counts the events.  Clients are ``qemu.qmp``'s (the synchronous lega
 the asynchronous one on an event loop), a raw socket where every byte matters, and ``kickcall
 shell`` on a pseudo-terminal.
 
-The switch: ``kickcall.monitor.qmp.SERIALIZE_DISPATCH`` (``QMPServer(serialize=...)``).  With it off
+The switch: ``kickcall.monitor.server.SERIALIZE_DISPATCH`` (``QMPServer(serialize=...)``).  With it off
 the duplicate events come back.  To make that reliable rather than likely, the processes of the
 "widened" variants are started through a small prelude that also sets the test-only hook
 ``kickcall.monitor.commands.TEST_RACE_WINDOW``: stop, cont and quit then wait that long between
@@ -42,7 +42,8 @@ from qemu.qmp import QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from helpers import SRC, _die_with_parent, kickcall_argv, spawn, stop_process, wait_for, wait_for_listener
-from kickcall.monitor.qmp import Arg, CommandRegistry, QMPServer
+from kickcall.monitor.schema import Arg, CommandRegistry
+from kickcall.monitor.server import QMPServer
 from kickcall.virtio.blk import make_image
 from test_shell import _Terminal
 
@@ -54,7 +55,7 @@ WINDOW = 0.1  # seconds: the widened race window (tests only; 0 in production)
 PRELUDE = """\
 import runpy
 import kickcall.monitor.commands as commands
-import kickcall.monitor.qmp as qmp
+import kickcall.monitor.server as qmp
 qmp.SERIALIZE_DISPATCH = {serialize}
 commands.TEST_RACE_WINDOW = {window}
 runpy.run_module("kickcall", run_name="__main__", alter_sys=True)

@@ -40,7 +40,8 @@ import time
 import pytest
 
 from helpers import _die_with_parent, wait_for, wait_for_listener
-from kickcall.monitor.qmp import Arg, CommandRegistry, QMPError, QMPServer
+from kickcall.monitor.schema import Arg, CommandRegistry, QMPError
+from kickcall.monitor.server import QMPServer
 
 QEMU = shutil.which("qemu-system-x86_64")
 QMP_SHELL = os.path.join(os.path.dirname(sys.executable), "qmp-shell")

@@ -302,7 +302,7 @@ class Machine:
         caller keeps it and releases it.  Without one, *path* is claimed here (a live socket or
         a file that is not ours is refused with ``PathRefused``)."""
         from ..monitor.commands import build_registry
-        from ..monitor.qmp import QMPServer
+        from ..monitor.server import QMPServer
         from .monitor import MachineTarget
 
         reg, attach = build_registry(MachineTarget(self))

@@ -16,7 +16,7 @@ commands, trace events, and the kick/call debug interface seed 000 asked for, do
 ``info virtio-queue-status``, ``info notifiers``, ``info msix``, the debug commands, ``stop``,
 ``cont``, ``quit``).
 
-Run state as QEMU 7.2 changes it: the server runs one handler at a time (``kickcall.monitor.qmp``),
+Run state as QEMU 7.2 changes it: the server runs one handler at a time (``kickcall.monitor.server``),
 so reading the state, changing it and emitting its event is one step.  ``stop`` on a running VM
 emits STOP, on a paused one nothing; ``cont`` on a paused VM emits RESUME, on a running one
 nothing; both reply ``{}`` either way.  ``quit`` (QMP, or HMP ``quit``/``q`` through
@@ -33,7 +33,8 @@ import time
 from typing import Callable
 
 from .. import trace
-from .qmp import Arg, CommandRegistry, QMPError, QMPServer
+from .schema import Arg, CommandRegistry, QMPError
+from .server import QMPServer
 from .target import DeviceView, Target, TargetError
 
 __all__ = ["build_registry", "HMP_COMMANDS"]
