@@ -7,7 +7,6 @@ import concurrent.futures
 import os
 import re
 import subprocess
-import sys
 import threading
 
 import pytest
@@ -17,17 +16,6 @@ from kickcall import threads
 from kickcall.monitor.client import QMPClient
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "threads.md")
-
-# The kernel name a thread gets when nothing names it: the name of the thread that started it,
-# here always the main thread's, i.e. the interpreter's.  monitor/qmp.py (being rewritten on
-# another branch) does not name its asyncio thread (to be "kc-qmp") and its executor workers (to
-# be "kc-qmp-exec<N>") yet, so they show up under this name.  Removed once monitor/qmp.py names
-# its threads.
-PENDING_QMP_NAMES = {os.path.basename(sys.executable)[:threads.COMM_MAX]}
-# Per monitor, with one client sending one request at a time: its asyncio thread and one executor
-# worker.  More unnamed threads than this means a thread other than the monitor's is unnamed.
-PENDING_QMP_THREADS_PER_MONITOR = 2
-
 
 def _own_comm(t: threading.Thread) -> str:
     with open(f"/proc/self/task/{t.native_id}/comm") as f:
@@ -139,18 +127,15 @@ def children(pid: int) -> list[int]:
     return kids
 
 
-def undocumented(pid: int, pats: list[re.Pattern[str]]) -> tuple[list[str], list[str]]:
-    """(names of threads other than the main thread that docs/threads.md does not list,
-    those of them that PENDING_QMP_NAMES accepts)."""
+def undocumented(pid: int, pats: list[re.Pattern[str]]) -> list[str]:
+    """Names of threads other than the main thread that docs/threads.md does not list."""
     bad: list[str] = []
-    pending: list[str] = []
     for tid, comm in sorted(task_comms(pid).items()):
         if tid == pid:  # the main thread keeps the process's name
             continue
-        if any(p.match(comm) for p in pats):
-            continue
-        (pending if comm in PENDING_QMP_NAMES else bad).append(comm)
-    return bad, pending
+        if not any(p.match(comm) for p in pats):
+            bad.append(comm)
+    return bad
 
 
 def test_every_thread_of_a_machine_and_a_backend_is_documented(workdir):
@@ -205,13 +190,12 @@ socket = "{sock}"
             for who, pid in [("VMM", vm.pid), ("back-end", be.pid)] + [("guest", g) for g in guests]:
                 comms = task_comms(pid)
                 seen[who] = sorted(comms.values())
-                bad, pending = undocumented(pid, pats)
+                bad = undocumented(pid, pats)
                 assert not bad, (f"{who} (pid {pid}) has threads docs/threads.md does not list: {bad}; "
                                  f"all: {seen[who]}")
-                limit = PENDING_QMP_THREADS_PER_MONITOR if who != "guest" else 0
-                assert len(pending) <= limit, (f"{who} (pid {pid}): {len(pending)} unnamed threads, only the "
-                                               f"monitor's {limit} may be: {seen[who]}")
             assert "kc-loop" in seen["VMM"] and "kc-loop" in seen["back-end"], seen
+            assert "kc-qmp" in seen["VMM"] and "kc-qmp" in seen["back-end"], seen  # both monitors served
+            assert any(c.startswith("kc-qmp-exec") for c in seen["VMM"] + seen["back-end"]), seen
             assert "kc-hvchan" in seen["VMM"] and any("kc-hvchan" in seen[w] for w in seen if w == "guest"), seen
             assert "kc-be-req" in seen["VMM"] and "kc-net-peer" in seen["VMM"], seen
             assert any(c.startswith("kc-aio") for c in seen["VMM"]), seen

@@ -41,7 +41,7 @@ from .config import DeviceConfig, MachineConfig, default_config
 
 if TYPE_CHECKING:
     from ..guest.os import GuestOS
-    from ..monitor.qmp import QMPServer
+    from ..monitor.server import QMPServer
     from ..virtio.device import VirtIODevice
 
 __all__ = ["Machine", "MachineError"]

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ctypes
 import ipaddress
 import itertools
 import logging
@@ -54,6 +53,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from ..threads import named_pool, named_thread
 from .. import __version__
 from ..ownership import SocketClaim
 from .encoder import dumps
@@ -70,23 +70,6 @@ MAX_BACKLOG = 8 << 20  # unsent bytes (events) a client may leave unread before 
 # Handlers run one at a time across all clients of a server (QEMU: under the big lock).  The
 # default for ``QMPServer(serialize=None)``; False only in tests that show what it prevents.
 SERIALIZE_DISPATCH = True
-
-
-_PR_SET_NAME = 15  # <linux/prctl.h>
-_TASK_COMM_LEN = 16  # the kernel keeps 15 bytes of a thread's name, and a NUL
-
-
-def _name_this_thread(name: str) -> None:
-    """Give the calling thread an OS-level name (``prctl(PR_SET_NAME)``: what ``ps -L``, ``top -H``
-    and ``/proc/<pid>/task/<tid>/comm`` show), cut to the kernel's 15 bytes.  Best effort: where
-    prctl is missing (not Linux) the thread keeps its name; never raises, as it is also an
-    executor's initializer (an initializer that raises breaks the pool)."""
-    raw = name.encode("utf-8", "replace")[:_TASK_COMM_LEN - 1]
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 class _Quitting(Exception):
@@ -238,10 +221,7 @@ class QMPServer:
         self._dispatch_lock = asyncio.Lock()
         self.commands_waiting = 0  # checked requests waiting for the handler running now to return
         # handlers run here, never on the event loop; one at a time when serialised
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8,
-                                                               thread_name_prefix=f"{name}-qmp-cmd",
-                                                               initializer=_name_this_thread,
-                                                               initargs=("kc-qmp-exec",))
+        self._executor = named_pool("kc-qmp-exec", 8)
         self._quit_requested = False
         self._quit_actions: list[Callable[[], None]] = []
         self._quit_ran = False
@@ -392,7 +372,7 @@ class QMPServer:
 
     # -- life cycle ----------------------------------------------------------------------------------
     def start(self) -> "QMPServer":
-        self._thread = threading.Thread(target=self._run, name=f"{self.name}-qmp", daemon=True)
+        self._thread = named_thread(self._run, "kc-qmp")
         self._thread.start()
         self._ready.wait(10)
         if self._error is not None:
@@ -400,7 +380,6 @@ class QMPServer:
         return self
 
     def _run(self) -> None:
-        _name_this_thread("kc-qmp")
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:

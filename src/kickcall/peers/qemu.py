@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..threads import named_thread
 from ..monitor.client import ConnectionProblem, QMPClient, QMPCommandError, QMPConnectionError
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -96,8 +97,7 @@ class ManagedProcess:
             start_new_session=True, preexec_fn=_make_preexec(os.getpid()), close_fds=True)
         for stream, sink, name in ((self.proc.stdout, self.lines, "out"),
                                    (self.proc.stderr, self.err_lines, "err")):
-            t = threading.Thread(target=self._reader, args=(stream, sink),
-                                 name=f"{self.kind}-{self.proc.pid}-{name}", daemon=True)
+            t = named_thread(self._reader, f"kc-qemu-{name}", args=(stream, sink))
             self._open_readers += 1
             t.start()
             self._threads.append(t)

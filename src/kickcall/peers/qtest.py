@@ -50,6 +50,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..monitor.client import QMPClient
+from ..threads import named_thread
 from ..virtio.layout import (
     DESC,
     USED_ELEM,
@@ -918,7 +919,7 @@ class HealthyWorkload:
     def start(self) -> HealthyWorkload:
         if self._thread is not None:
             raise QtestError(QtestErrorKind.USAGE, "workload already started")
-        self._thread = threading.Thread(target=self._run, name="qtest-healthy-workload", daemon=True)
+        self._thread = named_thread(self._run, "kc-qtest-wl")
         self._thread.start()
         return self
 
