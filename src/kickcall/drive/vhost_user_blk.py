@@ -13,6 +13,8 @@ contents the block may hold.  A block is never the target of two requests at onc
 
 from __future__ import annotations
 
+from typing import Any
+
 import logging
 import os
 import random
@@ -67,7 +69,7 @@ class Req:
     t_done: int = 0
     completions: int = 0
     seq: int = 0
-    tag: object = None
+    tag: Any = None  # the caller's (what the request was for): opaque to the driver
 
 
 class VhostUserBlkDriver:
@@ -484,7 +486,7 @@ class BlkVerifyWorkload:
                         return
                     continue
                 deadline = time.monotonic() + self.stall_timeout
-                got = []
+                got: list[Req] = []
                 while not got:
                     if self.aborted.is_set():
                         return

@@ -166,7 +166,7 @@ class GuestOS:
         status = d.vdev.get_status() if d.vdev is not None else -1
         if d.vdev is not None:
             d.vdev.forget()
-        out = {"status_after_flr": status}
+        out: dict[str, object] = {"status_after_flr": status}
         if reprobe:
             self._probe(d)
             out["device"] = d.describe()
@@ -178,6 +178,7 @@ class GuestOS:
         """*blk_images*: per PCI slot (a string key), what the VMM knows of the image's initial
         content (``blkverify.InitialContent``); a slot it says nothing of is ``unknown``."""
         started = []
+        w: BlkWorkload | NetWorkload
         for d in self.devs.values():
             if isinstance(d.driver, VirtioBlkDriver) and blk is not None:
                 initial = (blk_images or {}).get(str(d.slot))
@@ -230,7 +231,7 @@ class GuestOS:
                 self.k.memory.write(req.data, payload.ljust(nbytes, b"\0")[:nbytes])
             status = drv.sync_io(req, _BLK_OPS[op], sector, nbytes if op != "flush" else 0, q=queue,
                                  timeout=timeout)
-            out = {"status": status, "latency_us": (req.t_done - req.t_submit) / 1000}
+            out: dict[str, object] = {"status": status, "latency_us": (req.t_done - req.t_submit) / 1000}
             if op in ("read", "get-id") and status == 0:
                 buf = self.k.memory.read(req.data, nbytes)
                 out["crc32"] = zlib.crc32(buf)
@@ -285,8 +286,8 @@ class GuestOS:
     def cmd_vq_restart_view(self, slot: int, queue: int = 0) -> dict:
         """Would restarting the device's queue from used.idx be exact? (see ``Vring.restart_view``)"""
         drv = self._dev(slot).driver
-        if drv is None:
-            raise KeyError(f"no driver in slot {slot}")
+        if not isinstance(drv, VirtioBlkDriver):
+            raise KeyError(f"no virtio-blk driver in slot {slot}")
         return drv.vqs[int(queue)].restart_view()
 
     cmd_vq_restart_view.on_vcpu = False  # type: ignore[attr-defined]

@@ -19,6 +19,7 @@ to the VMM, no vCPU can still write the old eventfd.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -445,7 +446,8 @@ class KernelHV:
             self._reply_ok(seq, abi.IOCTL_GUEST_CMD, result)
 
     # -- ioctls ---------------------------------------------------------------------------------------
-    def _reply_ok(self, seq: int, code: int, result: dict | None = None) -> None:
+    def _reply_ok(self, seq: int, code: int, result: object = None) -> None:
+        """An ioctl's success, with its result (any JSON value) when it has one."""
         body = REPLY_STATUS.pack(0) + (json.dumps(result).encode() if result is not None else b"")
         self.channel.reply(seq, code, body)
 
@@ -606,7 +608,7 @@ class KernelHV:
             self._irqfds[ident] = i
         os.set_blocking(i.fd, False)
         # level-triggered: a value already pending in the eventfd is injected at once, as KVM does
-        self.irq_loop.set_fd_handler(i.fd, lambda i=i: self._irqfd_ready(i))
+        self.irq_loop.set_fd_handler(i.fd, functools.partial(self._irqfd_ready, i))
         return {"found": True}
 
     def _irqfd_ready(self, i: _Irqfd) -> None:

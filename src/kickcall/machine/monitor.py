@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from ..vhost_user.device import VhostUserBlkDevice
 from ..hv.abi import HypervisorError
 from ..monitor.target import DeviceView, TargetError
 from ..notify import Role
@@ -54,8 +55,18 @@ class MachineDevice:
         self.type_name = proxy.vdev.type_name
 
     @property
+    def vhost_dev(self) -> VhostUserBlkDevice | None:
+        """The device as a vhost-user front-end (None: the VMM emulates it)."""
+        v = self.p.vdev
+        return v if isinstance(v, VhostUserBlkDevice) else None
+
+    @property
     def vhost(self) -> bool:
-        return hasattr(self.p.vdev, "started_backend")
+        return self.vhost_dev is not None
+
+    def _vhost_started(self) -> bool:
+        v = self.vhost_dev
+        return v is not None and v.started_backend
 
     def num_queues(self) -> int:
         return len(self.p.vdev.queues)
@@ -74,7 +85,7 @@ class MachineDevice:
         with self.m.bql:
             q = self.p.vdev.queues[queue]
             d = q.status()
-            vhost_running = self.vhost and self.p.vdev.started_backend
+            vhost_running = self._vhost_started()
             ring = self._ring_fields(q)
             timing = q.timing()
         d.update(ring)
@@ -115,14 +126,15 @@ class MachineDevice:
         }
 
     def vhost_queue_status(self, queue: int) -> dict:
-        if not self.vhost or not self.p.vdev.started_backend:
+        v = self.vhost_dev
+        if v is None or not v.started_backend:
             raise TargetError("Error: vhost device has not started yet")
         from ..vhost_user.device import USER_BASE
 
         with self.m.bql:
             q = self.p.vdev.queues[queue]
             n = q.num
-            call = self.p.vdev._call_fd(q)
+            call = v.call_fd(q)
             return {
                 "name": self.type_name, "kick": q.host_notifier.fd if q.host_notifier else -1,
                 "call": call if call else -1,
@@ -141,7 +153,7 @@ class MachineDevice:
                 raise TargetError(f"virtqueue {queue} is not set up")
             n = q.num
             last = q.last_avail_idx
-            if self.vhost and self.p.vdev.started_backend and q.event_idx:
+            if self._vhost_started() and q.event_idx:
                 last = self._u16(avail_event_addr(q.used, n)) or 0  # the back-end's position, never GET_VRING_BASE
             slot = (last if index is None else index) % n
             head = self._u16(avail_ring_addr(q.avail, slot)) or 0
@@ -162,8 +174,10 @@ class MachineDevice:
                 "class_info": {"desc": _CLASS_DESC.get(cls, f"Class {cls:04x}"), "class": cls},
                 "id": {"device": p.get16(R.PCI_DEVICE_ID), "vendor": p.get16(R.PCI_VENDOR_ID),
                        "subsystem": p.get16(R.PCI_SUBSYSTEM_ID), "subsystem-vendor": p.get16(R.PCI_SUBSYSTEM_VENDOR_ID)},
-                "irq_pin": p.config[R.PCI_INTERRUPT_PIN], "qdev_id": self.id, "regions": [],
+                "irq_pin": p.config[R.PCI_INTERRUPT_PIN], "qdev_id": self.id,
             }
+            regions: list[dict] = []
+            info["regions"] = regions
             if p.config[R.PCI_INTERRUPT_PIN]:
                 info["irq"] = p.config[R.PCI_INTERRUPT_LINE]
             for b in p.bars:
@@ -174,7 +188,7 @@ class MachineDevice:
                 if not b.io:
                     reg["prefetch"] = b.prefetch
                     reg["mem_type_64"] = b.mem64
-                info["regions"].append(reg)
+                regions.append(reg)
         return info
 
     def msix(self) -> dict:

@@ -16,6 +16,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["QMPClient", "QMPCommandError", "QMPConnectionError", "ConnectionProblem", "peer_pid", "process_state"]
 
@@ -184,7 +185,7 @@ class QMPClient:
             if len(self._buf) > MAX_REPLY:
                 raise QMPConnectionError(f"{self.path}: a reply larger than {MAX_REPLY} bytes", ConnectionProblem.NOT_QMP)
 
-    def execute(self, command: str, arguments: dict | None = None, *, allow_eof: bool = False) -> object:
+    def execute(self, command: str, arguments: dict | None = None, *, allow_eof: bool = False) -> Any:
         """Run *command* and return its ``return`` value; an error reply raises QMPCommandError.
 
         With *allow_eof*, a monitor that closes the connection (or resets it) before the reply

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import shlex
 import time
-from typing import Callable
+from typing import TypedDict, Callable
 
 from .. import trace
 from .schema import Arg, CommandRegistry, QMPError
@@ -42,7 +42,12 @@ __all__ = ["build_registry", "HMP_COMMANDS"]
 log = logging.getLogger("kickcall.monitor")
 _t_inject = trace.event("x_debug_device_event", "the operator injected a kick, a call or a notifier write")
 
-U16 = dict(min=0, max=0xFFFF)
+class _Bounds(TypedDict):
+    min: int
+    max: int
+
+
+U16: _Bounds = {"min": 0, "max": 0xFFFF}
 
 # Test-only: seconds that stop, cont and quit wait between reading the run state and changing it
 # (quit: between announcing SHUTDOWN and requesting the quit); 0, no wait, in production.

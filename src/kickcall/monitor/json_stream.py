@@ -144,7 +144,8 @@ class _Tokenizer:
                 i += 1
                 continue
             if c == 0x22 or c == 0x27:
-                j = _STRING[c].match(buf, i).end()
+                m = _STRING[c].match(buf, i)
+                j = m.end() if m is not None else i  # (the pattern matches the empty string)
                 if j < n and buf[j] == c:
                     yield "s", text(i, j + 1)
                     i = j + 1
@@ -154,7 +155,8 @@ class _Tokenizer:
                     return
                 bad = j + 2 if buf[j] == 0x5C else j + 1  # a bad byte, or a backslash and a bad byte
             elif 0x61 <= c <= 0x7A:
-                j = _WORD.match(buf, i).end()
+                m = _WORD.match(buf, i)
+                j = m.end() if m is not None else i  # (the pattern matches the empty string)
                 if j == n:
                     self._keep(buf, i, lead, b"a")
                     return
@@ -162,7 +164,8 @@ class _Tokenizer:
                 i = j
                 continue
             elif c == 0x2D or 0x30 <= c <= 0x39:
-                j = _NUMBER.match(buf, i).end()
+                m = _NUMBER.match(buf, i)
+                j = m.end() if m is not None else i  # (the pattern matches the empty string)
                 if j == n:
                     self._keep(buf, i, lead, _LONG_DIGITS.sub(rb"\1", buf[i:]))
                     return

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 from .client import QMPClient, QMPCommandError, QMPConnectionError
 from .commands import HMP_COMMANDS
@@ -154,10 +154,10 @@ def main(path: str, *, stdin: TextIO | None = None) -> int:
     sh = Shell(client)
     interactive = stdin.isatty()
     hist = _history_path()
-    rl = None
+    rl: Any = None  # the readline module, when interactive and available
     if interactive:
         try:
-            import readline as rl  # type: ignore[no-redef]
+            import readline as rl
         except ImportError:
             rl = None
     if rl is not None:

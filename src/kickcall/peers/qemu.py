@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..threads import named_thread
 from ..monitor.client import ConnectionProblem, QMPClient, QMPCommandError, QMPConnectionError
@@ -45,6 +46,7 @@ def check_socket_path(path: str) -> str:
 # --- process hygiene --------------------------------------------------------------------------------
 
 _PR_SET_PDEATHSIG = 1
+_prctl: Any = None  # libc's prctl, where there is one
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
     _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
@@ -384,4 +386,5 @@ class QemuVM(ManagedProcess):
         return open_qmp(self.qmp_path, timeout, alive=self.running)
 
     def _polite_stop(self, timeout: float) -> bool:
-        return bool(self.qmp_path) and os.path.exists(self.qmp_path) and qmp_quit(self.qmp_path, timeout)
+        path = self.qmp_path
+        return path is not None and os.path.exists(path) and qmp_quit(path, timeout)

@@ -164,7 +164,9 @@ class VhostUserBlkDevice(VirtIODevice):
                 if self._call_state.get(q.index) is None and q.enabled:
                     self._fallback_poll(q, True)
 
-    def _call_fd(self, q: VirtQueue) -> int | None:
+    def call_fd(self, q: VirtQueue) -> int | None:
+        """The fd the back-end is given as *q*'s call: the guest notifier (irqfd) when the vector is
+        unmasked, else the masked notifier the VMM polls into the PBA."""
         state = self._call_state.get(q.index)
         if state is False and q.guest_notifier is not None:
             return q.guest_notifier.fd
@@ -197,7 +199,7 @@ class VhostUserBlkDevice(VirtIODevice):
                 if _t_start_kick.enabled:
                     _t_start_kick.emit(vdev=self.name, n=q.index, fd=kick.fd)
             fe.set_vring_kick(q.index, kick.fd if kick is not None else None)
-            fe.set_vring_call(q.index, self._call_fd(q))
+            fe.set_vring_call(q.index, self.call_fd(q))
         for q in active:
             fe.set_vring_enable(q.index, True)
 
@@ -262,7 +264,7 @@ class VhostUserBlkDevice(VirtIODevice):
             if not (self.started_backend and self.backend_up):
                 return
             try:
-                self.fe.set_vring_call(vq.index, self._call_fd(vq))
+                self.fe.set_vring_call(vq.index, self.call_fd(vq))
                 if not self.fe.has_pf(PF.REPLY_ACK):
                     self.fe.sync()
             except (BackendGone, ProtocolError, OSError) as e:

@@ -271,10 +271,10 @@ class VirtIODevice:
     def status_info(self) -> dict:
         t, d, u = feature_names(self.guest_features, self.feature_table)
         ht, hd, hu = feature_names(self.host_features, self.feature_table)
-        g = {"transports": t, "dev-features": d}
+        g: dict[str, object] = {"transports": t, "dev-features": d}
         if u:
             g["unknown-dev-features"] = u
-        h = {"transports": ht, "dev-features": hd}
+        h: dict[str, object] = {"transports": ht, "dev-features": hd}
         if hu:
             h["unknown-dev-features"] = hu
         return {

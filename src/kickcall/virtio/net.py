@@ -84,7 +84,7 @@ class LoopbackBackend(NetBackend):
 
     def __init__(self, pairs: int) -> None:
         super().__init__()
-        self.backlog = [collections.deque() for _ in range(pairs)]
+        self.backlog: list[collections.deque[bytes]] = [collections.deque() for _ in range(pairs)]
 
     def send(self, pair: int, pkt: bytes) -> None:
         self.sent += 1
@@ -309,16 +309,19 @@ class VirtIONet(VirtIODevice):
         except VirtQueueError as e:
             vq.errors += 1
             self.virtio_error(str(e))
-            self.restore_notify_on_error and vq.restore_notify_fields(saved)
+            if self.restore_notify_on_error:
+                vq.restore_notify_fields(saved)
             return True
         if elem.out_sg:
             self.virtio_error(f"{vq.name}: rx chain with device-readable buffers")
-            self.restore_notify_on_error and vq.restore_notify_fields(saved)
+            if self.restore_notify_on_error:
+                vq.restore_notify_fields(saved)
             return True
         need = VNET_HDR_SIZE + len(pkt)
         if iov_size(elem.in_sg) < need:
             self.virtio_error(f"{vq.name}: rx buffer of {iov_size(elem.in_sg)} bytes for a {need}-byte packet")
-            self.restore_notify_on_error and vq.restore_notify_fields(saved)
+            if self.restore_notify_on_error:
+                vq.restore_notify_fields(saved)
             return True
         iov_from_buf(mem, elem.in_sg, 0, VNET_HDR.pack(0, 0, 0, 0, 0, 0, 1) + pkt)
         vq.push(elem, need)
