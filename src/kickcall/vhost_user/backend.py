@@ -277,7 +277,8 @@ class VhostUserBackend:
     """Serve *device* (a kickcall VirtIODevice) on a Unix socket.
 
     ``protocol_features`` is what the back-end offers; ``on_connect``/``on_disconnect`` are told
-    of each front-end.  ``serve()`` runs in a thread of its own; ``stop()`` ends it.
+    of each front-end.  ``start()`` serves on the event loop (``loop``, its own ``kc-be-loop`` thread
+    when none is given); ``stop()`` ends it.
     ``message_deadline`` bounds each front-end message from its first byte to its last,
     ``backend_req_timeout`` the front-end's acknowledgement of a back-end request, and
     ``accept_pause`` how long the listener rests when accept() runs out of fds (seconds).
