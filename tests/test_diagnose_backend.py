@@ -112,14 +112,31 @@ def test_front_end_that_stopped_reading_is_named(workdir):
     (another call would not help): the front-end is named with its pid and state."""
     img, sock, qmp = (os.path.join(workdir, n) for n in ("d.img", "vb.sock", "be.qmp"))
     make_image(img, 1 << 20)
-    be = start_vhost_user_blk(sock, img, "--qmp", qmp)
-    fe = spawn(kickcall_argv("vhost-user-test", "--socket", sock, "--depth", "1", "--blocks", "8",
+    # every I/O takes 300 ms: the front-end is stopped while a request is in flight, so the back-end
+    # completes it and signals after the front-end stopped (under load, stopping it between a
+    # completion and its next request would leave nothing to signal: an idle queue)
+    be = start_vhost_user_blk(sock, img, "--qmp", qmp, "--io-delay-ms", "300", "--io-delay-fixed")
+    fe = spawn(kickcall_argv("vhost-user-test", "--socket", sock, "--depth", "1", "--blocks", "2",
                              "--duration", "600"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with QMPClient(qmp).connect(wait=30) as c:
-            wait_for(lambda: (_queue(c).get("completion-ms") or {}).get("count", 0) > 50, 60, "I/O")
-            os.kill(fe.pid, signal.SIGSTOP)
-            wait_for(lambda: open(f"/proc/{fe.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T", 10, "SIGSTOP")
+            wait_for(lambda: (_queue(c).get("completion-ms") or {}).get("count", 0) >= 3, 60, "I/O")
+            (dev,) = c.execute("x-query-virtio")
+
+            def call_pending() -> int:
+                ns = c.execute("x-query-device-notifiers", {"dev": dev["path"]})
+                return sum(n.get("pending", 0) for n in ns if n.get("role") == "guest" and n.get("queue") == 0)
+
+            for _attempt in range(10):  # stop it with a request in flight (rarely missed: then again)
+                wait_for(lambda: _queue(c).get("oldest-inflight-ms") is not None, 30, "a request in flight")
+                os.kill(fe.pid, signal.SIGSTOP)
+                wait_for(lambda: open(f"/proc/{fe.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T", 10,
+                         "SIGSTOP")
+                wait_for(lambda: _queue(c).get("inuse") == 0, 30, "the request to complete")
+                if call_pending():
+                    break
+                os.kill(fe.pid, signal.SIGCONT)
+            assert call_pending(), "never stopped the front-end with a request in flight"
         rc, rep, err, _ = diagnose("--qmp", qmp, "--fix")
         (q,) = rep["queues"]
         assert rc == 1 and q["verdict"] == "call not read", json.dumps(q, indent=1)
