@@ -29,13 +29,12 @@ from ..vhost_user.backend import RingRefused, RingState, VhostUserBackend
 from ..virtio.blk import VirtIOBlk
 from ..virtio.device import DEVICE_NEEDS_RESET
 from ..virtio.layout import (
-    avail_event_addr,
+    read_ring_fields,
     avail_flags_addr,
     avail_idx_addr,
     avail_ring_addr,
     avail_size,
     desc_table_size,
-    used_event_addr,
     used_flags_addr,
     used_idx_addr,
     used_size,
@@ -121,14 +120,8 @@ class BackendDevice:
             d["name"] = self.type_name  # QEMU: the VirtIODevice's name, not the queue's
             d["vring-num"] = v.num or q.num
             mapped = v.addr is not None and self.b.memory is not None
-            n = q.num
+            d.update(read_ring_fields(self._u16, q.avail, q.used, q.num, mapped=mapped))
             d.update({
-                "avail-idx": self._u16(avail_idx_addr(q.avail)) if mapped else None,
-                "used-idx-ring": self._u16(used_idx_addr(q.used)) if mapped else None,
-                "used-event": self._u16(used_event_addr(q.avail, n)) if mapped else None,
-                "avail-event": self._u16(avail_event_addr(q.used, n)) if mapped else None,
-                "avail-flags": self._u16(avail_flags_addr(q.avail)) if mapped else None,
-                "used-flags": self._u16(used_flags_addr(q.used)) if mapped else None,
                 "event-idx": q.event_idx, "started": v.started, "enabled": v.enabled,
                 "kicks": v.kicks, "calls": v.calls, "calls-without-fd": v.calls_without_fd,
                 "ring-state": self.b.ring_state(queue).value,

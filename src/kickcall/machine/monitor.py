@@ -17,13 +17,13 @@ from ..pci import regs as R
 from ..virtio.pci import QUEUE_MEM_MULT, VirtIOPCIProxy
 from ..virtio.queue import VIRTIO_NO_VECTOR, VirtQueue
 from ..virtio.layout import (
+    read_ring_fields,
     avail_event_addr,
     avail_flags_addr,
     avail_idx_addr,
     avail_ring_addr,
     avail_size,
     desc_table_size,
-    used_event_addr,
     used_flags_addr,
     used_idx_addr,
     used_size,
@@ -113,17 +113,7 @@ class MachineDevice:
 
     def _ring_fields(self, q: VirtQueue) -> dict:
         """What the rings in guest memory say now (None where the ring is not set up)."""
-        if not q.desc:
-            return {"avail-idx": None, "used-idx-ring": None, "used-event": None, "avail-event": None}
-        n = q.num
-        return {
-            "avail-idx": self._u16(avail_idx_addr(q.avail)),
-            "used-idx-ring": self._u16(used_idx_addr(q.used)),
-            "used-event": self._u16(used_event_addr(q.avail, n)),
-            "avail-event": self._u16(avail_event_addr(q.used, n)),
-            "avail-flags": self._u16(avail_flags_addr(q.avail)),
-            "used-flags": self._u16(used_flags_addr(q.used)),
-        }
+        return read_ring_fields(self._u16, q.avail, q.used, q.num, mapped=bool(q.desc))
 
     def vhost_queue_status(self, queue: int) -> dict:
         v = self.vhost_dev

@@ -27,9 +27,10 @@ Two views of the same layout:
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import Callable, Final
 
 __all__ = [
+    "read_ring_fields",
     "DESC", "USED_ELEM", "U16",
     "DESC_ALIGN", "AVAIL_ALIGN", "USED_ALIGN",
     "DESC_SIZE", "USED_ELEM_SIZE",
@@ -142,3 +143,18 @@ def used_event_u16(num: int) -> int:
 def avail_event_u16(num: int) -> int:
     """Index of avail_event in a 16-bit view of a used ring of *num* entries."""
     return avail_event_addr(0, num) // 2
+
+
+RING_FIELDS: Final = ("avail-idx", "used-idx-ring", "used-event", "avail-event", "avail-flags", "used-flags")
+
+
+def read_ring_fields(read_u16: Callable[[int], int | None], avail: int, used: int, num: int,
+                     mapped: bool = True) -> dict[str, int | None]:
+    """What a split ring in guest memory says now, as the monitors report it: the driver's avail
+    idx and flags and used_event, the device's used idx and flags and avail_event (each one 16-bit
+    read through *read_u16*; all None when the ring is not *mapped*)."""
+    if not mapped:
+        return dict.fromkeys(RING_FIELDS)
+    return {"avail-idx": read_u16(avail_idx_addr(avail)), "used-idx-ring": read_u16(used_idx_addr(used)),
+            "used-event": read_u16(used_event_addr(avail, num)), "avail-event": read_u16(avail_event_addr(used, num)),
+            "avail-flags": read_u16(avail_flags_addr(avail)), "used-flags": read_u16(used_flags_addr(used))}
