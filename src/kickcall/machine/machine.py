@@ -362,7 +362,7 @@ class Machine:
             for p in self.devices.values():
                 try:
                     p.stop_ioeventfd()
-                    p._set_guest_notifiers(False)
+                    p.set_guest_notifiers(False)
                 except Exception as e:  # the guest (and its hypervisor half) is gone: nothing left to unbind
                     log.debug("%s: teardown after the VM is gone: %s", p.name, e)
         self.vm.stop_workers()

@@ -258,10 +258,7 @@ def _peer_name(conn: socket.socket) -> str:
 
 
 class _BackendTransport:
-    """What the virtio device sees as its transport inside a back-end: calls go to the call fd."""
-
-    bus_master = True
-    queue_sel = 0
+    """The device's ``VirtioTransport`` inside a back-end: calls go to the front-end's call fd."""
 
     def __init__(self, backend: "VhostUserBackend") -> None:
         self.backend = backend
@@ -271,6 +268,12 @@ class _BackendTransport:
 
     def notify_config(self) -> None:
         self.backend.send_config_change()
+
+    def dma_enabled(self) -> bool:
+        return True  # the front-end stops a ring (GET_VRING_BASE) rather than the device's DMA
+
+    def queue_select(self) -> int | None:
+        return None  # vhost-user names every queue by index: there is no select register
 
 
 class VhostUserBackend:
@@ -351,7 +354,7 @@ class VhostUserBackend:
         self.fault_hooks: dict[str, Callable] = {}
         # after a reconnect with INFLIGHT_SHMFD, kick a ring that shows work (False: tests show the hang)
         self.self_kick_after_reconnect = True
-        device.transport = _BackendTransport(self)  # type: ignore[assignment]
+        device.transport = _BackendTransport(self)
         self._stopped = threading.Event()
 
     # -- sockets -----------------------------------------------------------------------------------
@@ -1050,7 +1053,7 @@ class VhostUserBackend:
             return  # a kick on a broken device waits: served if the front-end recovers the device
         v.pending_kick = False
         q = dev.queues[v.index]
-        dev._dispatch(q)
+        dev.process_queue(q)
         if dev.broken:
             v.errors += 1
             log.error("%s: queue %d: %s", self.name, v.index, dev.broken_reason)

@@ -40,6 +40,7 @@ from ..virtio.blk import BLK_CONFIG_SIZE, FEATURES as BLK_FEATURES
 from ..virtio.device import DRIVER_OK, VirtIODevice
 from ..virtio.layout import used_idx_addr
 from ..virtio.queue import VirtQueue
+from ..virtio.transport import VhostTransport
 from .frontend import BackendGone, InflightInfo, VhostUserFrontend
 from .protocol import VHOST_USER_F_PROTOCOL_FEATURES, MemRegion, ProtocolError, ProtocolFeature
 from ..threads import start_thread
@@ -147,7 +148,7 @@ class VhostUserBlkDevice(VirtIODevice):
         with self._mu:
             if self.started_backend or not self.backend_up:
                 return
-            t = self.transport
+            t = self.vhost_transport()
             assert t is not None and self.mem is not None
             t.grab_ioeventfd()
             try:
@@ -212,7 +213,7 @@ class VhostUserBlkDevice(VirtIODevice):
             if not self.started_backend:
                 return
             self.started_backend = False
-            t = self.transport
+            t = self.vhost_transport()
             if self.backend_up:
                 try:
                     active = [q for q in self.queues if q.enabled and q.desc]
@@ -228,6 +229,16 @@ class VhostUserBlkDevice(VirtIODevice):
                 for q in self.queues:
                     t.set_host_notifier(q, False)
                 t.release_ioeventfd()
+
+    def vhost_transport(self) -> VhostTransport | None:
+        """The transport as a ``VhostTransport`` (its notifiers go to the back-end); None before
+        the device is plugged.  A transport without host and guest notifiers cannot carry it."""
+        t = self.transport
+        if t is None:
+            return None
+        if not isinstance(t, VhostTransport):
+            raise TypeError(f"{self.name}: a vhost-user device needs a transport with host and guest notifiers")
+        return t
 
     def handle_output(self, vq: VirtQueue) -> None:
         """A kick the VMM saw itself (no back-end running the ring): start the back-end (start on kick)."""
@@ -252,9 +263,10 @@ class VhostUserBlkDevice(VirtIODevice):
             self.loop.remove_fd_handler(n.fd)
 
     def _fallback_read(self, q: VirtQueue, n: EventNotifier) -> None:
-        if n.test_and_clear() and self.transport is not None:
+        t = self.vhost_transport()
+        if n.test_and_clear() and t is not None:
             q.count_call("polled")
-            self.transport.notify_vector(q.vector)
+            t.notify_vector(q.vector)
 
     def guest_notifier_mask(self, vq: VirtQueue, masked: bool | None) -> None:
         with self._mu:

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Callable
+from abc import ABC, abstractmethod
+from typing import Callable
 
 from .. import trace
 from ..memory import GuestMemory
 from .queue import VirtQueue, VirtQueueError
 from .ring import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from ..threads import named_thread
-
-if TYPE_CHECKING:
-    from .pci import VirtIOPCIProxy
+from .transport import VirtioTransport
 
 __all__ = ["VirtIODevice", "STATUS", "status_names", "feature_names", "ThreadPoolAio", "SyncAio"]
 
@@ -74,8 +73,8 @@ def feature_names(features: int, device_names: dict[int, tuple[str, str]]) -> tu
     return transports, dev, unknown
 
 
-class VirtIODevice:
-    """Base class of kickcall's virtio devices."""
+class VirtIODevice(ABC):
+    """Base class of kickcall's virtio devices: a subclass provides ``handle_output``."""
 
     device_id = 0
     type_name = "virtio"
@@ -98,10 +97,10 @@ class VirtIODevice:
         # An invalid chain writes nothing: undo the notification fields the handler wrote before it
         # found the chain broken.  Switchable only to show, in tests, what it prevents.
         self.restore_notify_on_error = True
-        self.queues = [VirtQueue(i, n, self._dispatch, name=f"{name}.vq{i}")
+        self.queues = [VirtQueue(i, n, self.process_queue, name=f"{name}.vq{i}")
                        for i, n in enumerate(queue_sizes)]
         self.mem: GuestMemory | None = None
-        self.transport: VirtIOPCIProxy | None = None
+        self.transport: VirtioTransport | None = None
         self.lock: threading.RLock = threading.RLock()  # replaced by the machine's big lock
 
     # -- features & config -------------------------------------------------------------------------
@@ -121,13 +120,13 @@ class VirtIODevice:
         self.features_changed()
         return True
 
-    def features_changed(self) -> None:
+    def features_changed(self) -> None:  # noqa: B027  (an optional hook: a device overrides it when it needs it)
         pass
 
     def get_config(self) -> bytes:
         return b""
 
-    def set_config(self, offset: int, data: bytes) -> None:
+    def set_config(self, offset: int, data: bytes) -> None:  # noqa: B027  (an optional hook: a device overrides it when it needs it)
         pass
 
     def config_changed(self) -> None:
@@ -155,17 +154,17 @@ class VirtIODevice:
             q.event_idx = q.indirect = False
         self.device_reset()
 
-    def device_reset(self) -> None:
+    def device_reset(self) -> None:  # noqa: B027  (an optional hook: a device overrides it when it needs it)
         """Device-specific reset."""
 
     # -- hooks for devices whose queues a back-end serves (vhost); local devices do nothing ----------
-    def backend_start(self) -> None:
+    def backend_start(self) -> None:  # noqa: B027  (an optional hook: a device overrides it when it needs it)
         """DRIVER_OK: hand the queues to the back-end (after the transport set up its notifiers)."""
 
-    def backend_stop(self) -> None:
+    def backend_stop(self) -> None:  # noqa: B027  (an optional hook: a device overrides it when it needs it)
         """Leaving DRIVER_OK or reset: take the queues back from the back-end."""
 
-    def guest_notifier_mask(self, vq: VirtQueue, masked: bool | None) -> None:
+    def guest_notifier_mask(self, vq: VirtQueue, masked: bool | None) -> None:  # noqa: B027  (an optional hook: a device overrides it when it needs it)
         """The queue's vector was masked (True) or unmasked (False), or the guest notifier is going
         away (None): a vhost device switches the back-end's call fd accordingly (acknowledged)."""
 
@@ -178,7 +177,7 @@ class VirtIODevice:
         for q in self.queues:
             q.unmap()
 
-    def drain(self) -> None:
+    def drain(self) -> None:  # noqa: B027  (an optional hook: a device overrides it when it needs it)
         """Wait for in-flight requests (and complete them, if they are still current)."""
 
     def vm_state_change(self, running: bool) -> None:
@@ -216,7 +215,7 @@ class VirtIODevice:
 
     def can_process(self) -> bool:
         t = self.transport
-        return self.started and self.vm_running and (t is None or t.bus_master)
+        return self.started and self.vm_running and (t is None or t.dma_enabled())
 
     def handle_kick(self, vq: VirtQueue) -> None:
         """A kick reached the device (ioeventfd handler, heavyweight exit, or injection)."""
@@ -225,9 +224,12 @@ class VirtIODevice:
             return
         if not self.can_process() or not vq.ready:
             return
-        self._dispatch(vq)
+        self.process_queue(vq)
 
-    def _dispatch(self, vq: VirtQueue) -> None:
+    def process_queue(self, vq: VirtQueue) -> None:
+        """Run *vq*'s handler once (QEMU's virtio_queue_notify_vq), without the started/running
+        checks of ``handle_kick``: a ring error breaks the device and undoes the notification
+        fields the handler wrote (an invalid chain writes nothing)."""
         saved = vq.save_notify_fields()
         was_broken = self.broken
         try:
@@ -238,8 +240,9 @@ class VirtIODevice:
         if self.broken and not was_broken and self.restore_notify_on_error:
             vq.restore_notify_fields(saved)  # an invalid chain writes nothing
 
+    @abstractmethod
     def handle_output(self, vq: VirtQueue) -> None:
-        """Process the queue (the device's queue handler)."""
+        """Process the queue (the device's queue handler, QEMU's VirtQueue handle_output)."""
 
     def notify(self, vq: VirtQueue) -> None:
         """virtio_notify: signal *vq* if the driver wants it (event idx / NO_INTERRUPT)."""
@@ -288,10 +291,10 @@ class VirtIODevice:
             "num-vqs": len(self.queues),
             "status": {"statuses": status_names(self.status)},
             "isr": self.isr,
-            "queue-sel": self.transport.queue_sel if self.transport is not None else 0,
+            "queue-sel": (self.transport.queue_select() if self.transport is not None else None) or 0,
             "vm-running": self.vm_running,
             "broken": self.broken,
-            "disabled": self.transport is not None and not self.transport.bus_master,
+            "disabled": self.transport is not None and not self.transport.dma_enabled(),
             "use-started": True,
             "started": bool(self.status & DRIVER_OK),
             "start-on-kick": False,

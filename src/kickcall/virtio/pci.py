@@ -263,13 +263,13 @@ class VirtIOPCIProxy(PCIDevice):
         if not val & DRIVER_OK:
             v.backend_stop()  # a vhost device stops its back-end first (QEMU's vhost_dev_stop)
             self.stop_ioeventfd()
-            self._set_guest_notifiers(False)
+            self.set_guest_notifiers(False)
         if val & FEATURES_OK and not v.status & FEATURES_OK:
             if not v.set_features(self.guest_features_shadow):
                 val &= ~FEATURES_OK
         v.set_status(val)
         if val & DRIVER_OK and self.bus_master:
-            self._set_guest_notifiers(True)
+            self.set_guest_notifiers(True)
             v.backend_start()  # a vhost device hands its queues to the back-end (it grabs the notifiers)
             self.start_ioeventfd()
         if v.status == 0:
@@ -278,7 +278,7 @@ class VirtIOPCIProxy(PCIDevice):
     def virtio_reset(self) -> None:
         self.vdev.backend_stop()
         self.stop_ioeventfd()
-        self._set_guest_notifiers(False)
+        self.set_guest_notifiers(False)
         m = self.msix
         if m is not None:
             if self.config_vector != VIRTIO_NO_VECTOR:
@@ -297,12 +297,19 @@ class VirtIOPCIProxy(PCIDevice):
         """PCI reset / FLR: the virtio device goes back to status 0."""
         self.virtio_reset()
 
+    # -- VirtioTransport ----------------------------------------------------------------------------------
+    def dma_enabled(self) -> bool:
+        return self.bus_master
+
+    def queue_select(self) -> int | None:
+        return self.queue_sel
+
     def bus_master_changed(self, enabled: bool) -> None:
         if not enabled:
             # no more DMA: stop the host notifiers and clear DRIVER_OK (QEMU's virtio_write_config)
             self.vdev.backend_stop()
             self.stop_ioeventfd()
-            self._set_guest_notifiers(False)
+            self.set_guest_notifiers(False)
             if self.vdev.status & DRIVER_OK:
                 self.vdev.set_status(self.vdev.status & ~DRIVER_OK)
 
@@ -474,7 +481,7 @@ class VirtIOPCIProxy(PCIDevice):
             self.routes.release(ent[0])
             self.routes.commit()
 
-    def _set_guest_notifiers(self, on: bool) -> None:
+    def set_guest_notifiers(self, on: bool) -> None:
         m = self.msix
         if on:
             if self.guest_notifiers_on or not self.irqfd_enabled or m is None or not m.enabled:
@@ -662,9 +669,9 @@ class VirtIOPCIProxy(PCIDevice):
             return
         if self.vdev.status & DRIVER_OK:
             if m.enabled and not self.guest_notifiers_on and self.bus_master:
-                self._set_guest_notifiers(True)
+                self.set_guest_notifiers(True)
             elif not m.enabled and self.guest_notifiers_on:
-                self._set_guest_notifiers(False)
+                self.set_guest_notifiers(False)
 
     # -- VM run state ---------------------------------------------------------------------------------
     def vm_state_change(self, running: bool) -> None:
