@@ -167,6 +167,16 @@ class GuestMemory:
         if block not in self._blocks:
             self._blocks.append(block)
 
+    def remove_block(self, block: RamBlock) -> int:
+        """Unplug every region backed by *block* (vhost-user's REM_MEM_REG); returns how many.
+        The block itself stays open: its owner closes it."""
+        before = len(self._regions)
+        self._regions = [r for r in self._regions if r.block is not block]
+        self._starts = [r.gpa for r in self._regions]
+        self._blocks = [b for b in self._blocks if b is not block]
+        self._last = None
+        return before - len(self._regions)
+
     def layout(self) -> tuple[list[dict], list[int]]:
         """A description of the regions and the fds to send with it (SCM_RIGHTS)."""
         fds = [b.fd for b in self._blocks]

@@ -201,10 +201,7 @@ class VhostMemory(GuestMemory):
         for i, (have, blk) in enumerate(self.user_regions):
             if (have.guest_addr, have.size, have.user_addr) == (r.guest_addr, r.size, r.user_addr):
                 del self.user_regions[i]
-                self._regions = [x for x in self._regions if x.block is not blk]
-                self._starts = [x.gpa for x in self._regions]
-                self._blocks = [b for b in self._blocks if b is not blk]
-                self._last = None
+                self.remove_block(blk)
                 blk.close()
                 return
         raise ProtocolError(f"REM_MEM_REG: no region {r}")
