@@ -94,7 +94,7 @@ class _Rec:
 @pytest.mark.parametrize("forbid", [True, False])
 def test_guard_never_sends_queue_status_to_a_vhost_device(monkeypatch, forbid):
     """The switch of the fix: off, the guard lets x-query-virtio-queue-status reach a vhost device."""
-    monkeypatch.setattr(targets, "FORBID_VHOST_QUEUE_STATUS", forbid)
+    monkeypatch.setattr(targets.FORBID_VHOST_QUEUE_STATUS, "fix_on", forbid)
     rec = _Rec()
     g = GuardedMonitor(rec, TargetKind.QEMU)
     g.emulated_paths.add("/machine/peripheral/emu/virtio-backend")

@@ -241,7 +241,7 @@ def test_two_kickcall_users_of_one_image_for_writing_are_refused_and_the_switch_
         assert ei.value.kind is RefusalKind.IMAGE_LOCKED
         with pytest.raises(PathRefused):
             open_image(img, writable=False)  # a reader that refuses writers cannot join a writer either
-        monkeypatch.setattr(image_mod, "IMAGE_LOCKING", False)
+        monkeypatch.setattr(image_mod.IMAGE_LOCKING, "fix_on", False)
         open_image(img, writable=True).close()  # the fix switched off: both would write
 
 
