@@ -800,6 +800,18 @@ def test_machine_fault_registry(vm):
     mon("x-debug-device-event", dev="blk0", event="kick", queue=0)
     assert g.wait(r["id"])["completed"]
 
+    # lose-call by name: the device calls, the hypervisor's irqfd loses it
+    dropped0 = m.vm.stats.globals()["irqfd_dropped"]
+    assert mon("x-debug-fault", dev="blk0", fault="lose-call", action="drop-next", queue=0)["matched"] == 1
+    n0 = g.irqs()
+    r = g.submit()
+    wait_for(lambda: m.vm.stats.globals()["irqfd_dropped"] == dropped0 + 1, 20, "the call to be dropped")
+    assert not g.wait(r["id"], timeout=0.3)["completed"] and g.irqs() == n0
+    (lc,) = [f for f in mon("x-debug-fault", dev="blk0")["faults"] if f["name"] == "lose-call"]
+    assert lc["state"]["queues"] == [{"queue": 0, "drop-next": 0, "drop-all": False, "dropped": 1}]
+    mon("x-debug-device-event", dev="blk0", event="call", queue=0)
+    assert g.wait(r["id"])["completed"]
+
     # a fix switched off by name reaches the device's code, and back on
     sw = m.device("blk0").vdev.faults
     assert mon("x-debug-fault", dev="blk0", fault="deassign-test-and-clear", action="off")["fix"] == "off"
