@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers import start_vhost_user_blk, stop_process, wait_for
-from kickcall import memory
+from kickcall.faults import PROCESS
 from kickcall.memory import GuestMemory, GuestMemoryError, RamBlock
 from kickcall.virtio.blk import VirtIOBlk, make_image
 from kickcall.virtio.queue import MAX_SG, VirtQueueError
@@ -50,7 +50,7 @@ SWITCH = pytest.mark.parametrize("cross_region", [True, False], ids=["fix", "fix
 @pytest.fixture
 def cross_region_switch(monkeypatch):
     def set_(on: bool) -> None:
-        monkeypatch.setattr(memory.CROSS_REGION_BUFFERS, "fix_on", on)
+        monkeypatch.setattr(PROCESS.get("cross-region-buffers"), "fix_on", on)
     return set_
 
 
