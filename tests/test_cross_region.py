@@ -6,7 +6,7 @@ between two regions that are contiguous in guest-physical space; libvhost-user a
 vhost serve it as one iovec per region.  kickcall does the same (``GuestMemory.split``, the chain
 walker in ``VirtQueue._read_chain``), never through one merged mapping across fds, and still
 refuses a buffer that touches a hole or runs past RAM (DEVICE_NEEDS_RESET).  Rings must lie in one
-region.  ``kickcall.memory.CROSS_REGION_BUFFERS = False`` restores the old refusal; the "fix-off"
+region.  the ``cross-region-buffers`` fault (``kickcall.faults.PROCESS``) switched off restores the old refusal; the "fix-off"
 variants show it comes back.
 
 Levels: GuestMemory on its own (memfd RamBlocks), a virtio-blk device driven through its ring
@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers import start_vhost_user_blk, stop_process, wait_for
-from kickcall import memory
+from kickcall.faults import PROCESS
 from kickcall.memory import GuestMemory, GuestMemoryError, RamBlock
 from kickcall.virtio.blk import VirtIOBlk, make_image
 from kickcall.virtio.queue import MAX_SG, VirtQueueError
@@ -50,7 +50,7 @@ SWITCH = pytest.mark.parametrize("cross_region", [True, False], ids=["fix", "fix
 @pytest.fixture
 def cross_region_switch(monkeypatch):
     def set_(on: bool) -> None:
-        monkeypatch.setattr(memory, "CROSS_REGION_BUFFERS", on)
+        monkeypatch.setattr(PROCESS.get("cross-region-buffers"), "fix_on", on)
     return set_
 
 

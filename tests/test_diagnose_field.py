@@ -56,7 +56,8 @@ kill %1 %2 2>/dev/null
 echo "KC-DONE rounds=$n bad=$bad"
 """.replace("__STOP__", str(STOP_BLOCK))
 
-WRAP = ("import sys, kickcall.diagnose.targets as t, kickcall.cli; t.FORBID_VHOST_QUEUE_STATUS = {forbid}; "
+WRAP = ("import sys, kickcall.diagnose.targets, kickcall.cli; from kickcall.faults import PROCESS; "
+        "PROCESS.set_fix('forbid-vhost-queue-status', {forbid}); "
         "sys.exit(kickcall.cli.main(sys.argv[1:]))")
 
 

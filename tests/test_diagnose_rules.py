@@ -82,4 +82,4 @@ def test_the_device_kind_is_asked_again_in_every_sample():
     s.sample()
     assert [c for c, _ in mon.sent].count("qom-get") == 1
     assert "x-query-virtio-queue-status" not in [c for c, _ in mon.sent]
-    assert P not in g.emulated_paths and targets.FORBID_VHOST_QUEUE_STATUS
+    assert P not in g.emulated_paths and targets.FORBID_VHOST_QUEUE_STATUS.fix_on

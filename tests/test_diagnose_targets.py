@@ -18,6 +18,7 @@ import time
 import pytest
 
 from helpers import kickcall_argv, running_machine, spawn, start_vhost_user_blk, stop_process, wait_for
+from kickcall.faults import PROCESS
 from kickcall.diagnose import targets
 from kickcall.diagnose.sample import parse_xp
 from kickcall.diagnose.targets import GuardedMonitor, TargetKind, identify
@@ -94,7 +95,7 @@ class _Rec:
 @pytest.mark.parametrize("forbid", [True, False])
 def test_guard_never_sends_queue_status_to_a_vhost_device(monkeypatch, forbid):
     """The switch of the fix: off, the guard lets x-query-virtio-queue-status reach a vhost device."""
-    monkeypatch.setattr(targets, "FORBID_VHOST_QUEUE_STATUS", forbid)
+    monkeypatch.setattr(PROCESS.get("forbid-vhost-queue-status"), "fix_on", forbid)
     rec = _Rec()
     g = GuardedMonitor(rec, TargetKind.QEMU)
     g.emulated_paths.add("/machine/peripheral/emu/virtio-backend")

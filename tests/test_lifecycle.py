@@ -192,7 +192,7 @@ def test_deassign_race_kick_between_deassign_and_test_and_clear(fix):
         p = m.device("blk0")
         q = p.vdev.queues[0]
         slot = m.slot("blk0")
-        p.deassign_test_and_clear = fix
+        p.vdev.faults.set_fix("deassign-test-and-clear", fix)
         seen: dict = {}
 
         def after_deassign(qq):

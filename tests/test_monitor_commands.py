@@ -774,6 +774,77 @@ def test_machine_fault_injection(vm):
     g.io()
 
 
+MACHINE_BLK_FAULTS = {"restore-notify-on-error": "fix-off", "deassign-test-and-clear": "fix-off",
+                      "lose-kick": "injected", "lose-call": "injected"}
+
+
+def test_machine_fault_registry(vm):
+    """``x-debug-fault {dev}`` lists the device's registry; a fault named there acts as its path
+    form does (a kick lost in the hypervisor), its state is shown, and a fix switches off and on."""
+    m, mon, g = vm.m, vm.mon, vm.guest
+    g.io()
+    listed = mon("x-debug-fault", dev="blk0")
+    assert listed["dev"] == "blk0"
+    assert {f["name"]: f["kind"] for f in listed["faults"]} == MACHINE_BLK_FAULTS
+    assert all(f["effect"] and f["actions"] for f in listed["faults"])
+
+    # lose-kick by name: the doorbell write is matched and lost, the listing shows it dropped
+    out = mon("x-debug-fault", dev="blk0", fault="lose-kick", action="drop-next", queue=0)
+    assert out["matched"] == 1
+    r = g.submit()
+    assert r["kicked"]
+    q = vm.qs()
+    assert q["avail-idx"] == (q["last-avail-idx"] + 1) & 0xFFFF
+    (lk,) = [f for f in mon("x-debug-fault", dev="blk0")["faults"] if f["name"] == "lose-kick"]
+    assert lk["state"]["queues"] == [{"queue": 0, "drop-next": 0, "drop-all": False, "dropped": 1}]
+    mon("x-debug-device-event", dev="blk0", event="kick", queue=0)
+    assert g.wait(r["id"])["completed"]
+
+    # lose-call by name: the device calls, the hypervisor's irqfd loses it
+    dropped0 = m.vm.stats.globals()["irqfd_dropped"]
+    assert mon("x-debug-fault", dev="blk0", fault="lose-call", action="drop-next", queue=0)["matched"] == 1
+    n0 = g.irqs()
+    r = g.submit()
+    wait_for(lambda: m.vm.stats.globals()["irqfd_dropped"] == dropped0 + 1, 20, "the call to be dropped")
+    assert not g.wait(r["id"], timeout=0.3)["completed"] and g.irqs() == n0
+    (lc,) = [f for f in mon("x-debug-fault", dev="blk0")["faults"] if f["name"] == "lose-call"]
+    assert lc["state"]["queues"] == [{"queue": 0, "drop-next": 0, "drop-all": False, "dropped": 1}]
+    mon("x-debug-device-event", dev="blk0", event="call", queue=0)
+    assert g.wait(r["id"])["completed"]
+
+    # a fix switched off by name reaches the device's code, and back on
+    sw = m.device("blk0").vdev.faults
+    assert mon("x-debug-fault", dev="blk0", fault="deassign-test-and-clear", action="off")["fix"] == "off"
+    assert not sw.fix_on("deassign-test-and-clear")
+    (d,) = [f for f in mon("x-debug-fault", dev="blk0")["faults"] if f["name"] == "deassign-test-and-clear"]
+    assert d["state"] == {"fix": "off"}
+    mon("x-debug-fault", dev="blk0", fault="deassign-test-and-clear", action="on")
+    assert sw.fix_on("deassign-test-and-clear")
+
+    # refusals: unknown fault, an action the fault does not take, no queue for a per-queue fault,
+    # both forms at once; nothing changed by any of them
+    for args in ({"fault": "no-such-fault", "action": "off"},
+                 {"fault": "deassign-test-and-clear", "action": "drop-next"},
+                 {"fault": "lose-kick", "action": "drop-next"},
+                 {"fault": "lose-kick", "path": "kick", "queue": 0, "action": "drop-next"},
+                 {"path": "kick", "queue": 0, "action": "off"},
+                 {"queue": 0}):
+        e = mon.fails("x-debug-fault", dev="blk0", **args)
+        assert e.error_class == "GenericError", args
+    assert {f["name"]: f["state"] for f in mon("x-debug-fault", dev="blk0")["faults"]}["deassign-test-and-clear"] \
+        == {"fix": "on"}
+    r = g.submit()
+    assert r["kicked"] and g.wait(r["id"])["completed"]
+
+    # HMP: the listing, and a fault by name
+    text = mon.hmp("x-debug-fault blk0")
+    assert all(name in text for name in MACHINE_BLK_FAULTS)
+    assert "fix off" in mon.hmp("x-debug-fault blk0 restore-notify-on-error off")
+    assert "restore-notify-on-error (fix-off): fix off" in mon.hmp("x-debug-fault blk0")
+    mon.hmp("x-debug-fault blk0 restore-notify-on-error on")
+    assert sw.fix_on("restore-notify-on-error")
+
+
 def test_machine_queries_change_nothing(vm):
     """Snapshots of every notifier, the queue, MSI-X and the device around a burst of every query:
     nothing moves.  An eventfd count that nobody else can consume (the guest process, whose

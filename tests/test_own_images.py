@@ -16,9 +16,9 @@ import sys
 import pytest
 
 from helpers import SRC, spawn, stop_process, wait_for, wait_for_listener
+from kickcall.faults import PROCESS
 from kickcall.guest.blkverify import BHDR, BLK_MAGIC, BlockVerifier, InitialContent, block_content
 from kickcall.ownership import PathRefused, RefusalKind
-from kickcall.virtio import image as image_mod
 from kickcall.virtio.image import create_image, open_image
 
 pytestmark = pytest.mark.slow
@@ -241,7 +241,7 @@ def test_two_kickcall_users_of_one_image_for_writing_are_refused_and_the_switch_
         assert ei.value.kind is RefusalKind.IMAGE_LOCKED
         with pytest.raises(PathRefused):
             open_image(img, writable=False)  # a reader that refuses writers cannot join a writer either
-        monkeypatch.setattr(image_mod, "IMAGE_LOCKING", False)
+        monkeypatch.setattr(PROCESS.get("image-locking"), "fix_on", False)
         open_image(img, writable=True).close()  # the fix switched off: both would write
 
 

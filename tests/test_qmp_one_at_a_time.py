@@ -13,7 +13,7 @@ listens and counts the events.  Clients are ``qemu.qmp``'s (the synchronous lega
 the asynchronous one on an event loop), a raw socket where every byte matters, and ``kickcall
 shell`` on a pseudo-terminal.
 
-The switch: ``kickcall.monitor.server.SERIALIZE_DISPATCH`` (``QMPServer(serialize=...)``).  With it off
+The switch: the ``serialize-qmp-dispatch`` fault (``kickcall.faults.PROCESS``; ``QMPServer(serialize=...)``).  With it off
 the duplicate events come back.  To make that reliable rather than likely, the processes of the
 "widened" variants are started through a small prelude that also sets the test-only hook
 ``kickcall.monitor.commands.TEST_RACE_WINDOW``: stop, cont and quit then wait that long between
@@ -55,8 +55,9 @@ WINDOW = 0.1  # seconds: the widened race window (tests only; 0 in production)
 PRELUDE = """\
 import runpy
 import kickcall.monitor.commands as commands
-import kickcall.monitor.server as qmp
-qmp.SERIALIZE_DISPATCH = {serialize}
+import kickcall.monitor.server
+from kickcall.faults import PROCESS
+PROCESS.set_fix("serialize-qmp-dispatch", {serialize})
 commands.TEST_RACE_WINDOW = {window}
 runpy.run_module("kickcall", run_name="__main__", alter_sys=True)
 """

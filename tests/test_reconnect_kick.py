@@ -40,7 +40,7 @@ def test_a_kick_the_dead_backend_consumed_is_replayed_after_the_reconnect(workdi
         with running_machine(vhost_toml(sock)) as m:
             p = m.device("vblk")
             slot = m.slot("vblk")
-            p.vdev.kick_on_start = front
+            p.vdev.faults.set_fix("kick-on-start", front)
             assert m.guest_cmd({"cmd": "blk-io", "slot": slot, "op": "write", "sector": 8, "fill": 0x5A})["status"] == 0
             kicks = _backend_queue(qmp)["kicks"]
             with QMPClient(qmp).connect() as c:  # the back-end will read the next kick and not act on it

@@ -1075,7 +1075,7 @@ def test_invalid_chain_leaves_used_flags_untouched(rig_no_event_idx, fix):
     off, the flag stays set.
     """
     r = rig_no_event_idx
-    r.dev.restore_notify_on_error = fix
+    r.dev.faults.set_fix("restore-notify-on-error", fix)
     head = _loop(r)
     before, after = expect_rejected(r, head)
     f = used_layout(r.qsize)["flags"][0]
@@ -1094,7 +1094,7 @@ def test_blk_invalid_chain_leaves_avail_event_untouched(rig, fix):
     virtio-blk then rejects the request's shape and the device restores the field.  With the restore
     switched off, avail_event has moved.
     """
-    rig.dev.restore_notify_on_error = fix
+    rig.dev.faults.set_fix("restore-notify-on-error", fix)
     head = _read_with_readable_data(rig)
     before, after = expect_rejected(rig, head)
     ae = used_layout(rig.qsize)["avail_event"][0]

@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from helpers import kickcall_argv, spawn, start_vhost_user_blk, stop_process, wait_for, wait_for_listener
+from kickcall.faults import PROCESS
 from kickcall import threads
 from kickcall.monitor.client import QMPClient
 
@@ -25,7 +26,7 @@ def _own_comm(t: threading.Thread) -> str:
 @pytest.mark.parametrize("set_os_name", [True, False])
 def test_a_named_thread_has_its_name_in_the_kernel(monkeypatch, set_os_name):
     """Python's threading.Thread(name=...) leaves the kernel name unset; kickcall.threads sets it."""
-    monkeypatch.setattr(threads, "SET_OS_NAME", set_os_name)
+    monkeypatch.setattr(PROCESS.get("name-os-threads"), "fix_on", set_os_name)
     seen: dict[str, str] = {}
     go = threading.Event()
 
@@ -48,7 +49,7 @@ def test_a_named_thread_has_its_name_in_the_kernel(monkeypatch, set_os_name):
 
 @pytest.mark.parametrize("set_os_name", [True, False])
 def test_pool_workers_are_named(monkeypatch, set_os_name):
-    monkeypatch.setattr(threads, "SET_OS_NAME", set_os_name)
+    monkeypatch.setattr(PROCESS.get("name-os-threads"), "fix_on", set_os_name)
     barrier = threading.Barrier(3, timeout=30)
 
     def work() -> tuple[str, str]:

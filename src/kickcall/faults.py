@@ -26,7 +26,7 @@ from enum import StrEnum
 from typing import Iterator
 
 __all__ = ["FaultKind", "FaultAction", "FaultError", "FaultErrorKind", "Fault", "Switch", "QueueDrop",
-           "FaultRegistry"]
+           "FaultRegistry", "PROCESS"]
 
 _NAME = re.compile(r"[a-z][a-z0-9-]{1,40}\Z")
 
@@ -228,3 +228,10 @@ class FaultRegistry:
     def describe(self) -> list[dict]:
         """Every fault with its kind, effect, actions and state (the monitor's listing)."""
         return [f.describe() for f in self]
+
+
+# The fixes that belong to no one device but to a part every device of the process shares (guest
+# memory, the monitor server, thread naming, diagnose's query guard, image locking).  Each module
+# registers its switch here at import; tests turn one off through it (``PROCESS.set_fix``, or
+# ``monkeypatch.setattr(PROCESS.get(NAME), "fix_on", False)``), never by patching a module global.
+PROCESS = FaultRegistry("process")

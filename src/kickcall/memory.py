@@ -8,7 +8,7 @@
   backends or NUMA nodes; a vhost-user memory table of several regions, each its own fd): a
   range across such a seam is served region by region (``split()``; ``read``/``write``/``fill``),
   never through one merged mapping; ``translate``/``view`` and the typed accessors still map one
-  region only.  ``CROSS_REGION_BUFFERS = False`` restores "one region per access" everywhere.
+  region only.  The ``cross-region-buffers`` fault switched off restores "one region per access" everywhere.
 * ``IORegion`` / ``AddressSpace``: emulated MMIO or PIO ranges (QEMU ``MemoryRegion`` with ops)
   mapped at guest addresses, with ``add_eventfd`` as in QEMU: a region's eventfds follow it when
   it is mapped, moved or unmapped, and are synced to the hypervisor through a listener.
@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
+from .faults import PROCESS
 from .notify import EventNotifierLike
 
 __all__ = [
@@ -47,10 +48,12 @@ U64_MAX = (1 << 64) - 1
 
 #: Serve a guest-physical range that spans RAM regions contiguous in guest-physical space, one
 #: piece per region (what libvhost-user's ``virtqueue_map_desc`` and the kernel's vhost
-#: ``translate_desc`` do).  False restores the old rule: every access lies in one region, and a
+#: ``translate_desc`` do).  Off restores the old rule: every access lies in one region, and a
 #: buffer across a seam is refused as if it ran past the end of RAM (kept to show, in tests, what
 #: the rule refused).
-CROSS_REGION_BUFFERS = True
+CROSS_REGION_BUFFERS = PROCESS.switch(
+    "cross-region-buffers", "off: a buffer across two RAM regions contiguous in guest-physical space is refused "
+    "as if it ran past the end of RAM")
 
 
 class GuestMemoryError(ValueError):
@@ -266,7 +269,7 @@ class GuestMemory:
                 if len(out) == 1:
                     self._last = r
                 return out
-            if not CROSS_REGION_BUFFERS:
+            if not CROSS_REGION_BUFFERS.fix_on:
                 raise GuestMemoryError(
                     f"guest access {gpa:#x}+{length:#x} runs past the end of RAM region "
                     f"{r.gpa:#x}+{r.size:#x}", "region-end"
@@ -332,7 +335,7 @@ class GuestMemory:
         try:
             mm, off = self.translate(gpa, length)
         except GuestMemoryError as e:
-            if e.kind != "region-end" or not CROSS_REGION_BUFFERS:
+            if e.kind != "region-end" or not CROSS_REGION_BUFFERS.fix_on:
                 raise
             return b"".join(r.block.mm[r.block_offset + (g - r.gpa):r.block_offset + (g - r.gpa) + n]
                             for r, g, n in self._pieces(gpa, length, None))
@@ -344,7 +347,7 @@ class GuestMemory:
         try:
             mm, off = self.translate(gpa, n)
         except GuestMemoryError as e:
-            if e.kind != "region-end" or not CROSS_REGION_BUFFERS:
+            if e.kind != "region-end" or not CROSS_REGION_BUFFERS.fix_on:
                 raise
             pieces = self._pieces(gpa, n, None)
             src = memoryview(data).cast("B")
@@ -364,7 +367,7 @@ class GuestMemory:
         try:
             pieces = [(self._find(gpa, length), gpa, length)]
         except GuestMemoryError as e:
-            if e.kind != "region-end" or not CROSS_REGION_BUFFERS:
+            if e.kind != "region-end" or not CROSS_REGION_BUFFERS.fix_on:
                 raise
             pieces = self._pieces(gpa, length, None)
         for r, g, k in pieces:

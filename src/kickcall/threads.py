@@ -26,6 +26,8 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from .faults import PROCESS
+
 __all__ = ["COMM_MAX", "PREFIX", "SET_OS_NAME", "ThreadNameError", "NamedThread", "check_name",
            "set_os_thread_name", "name_current_thread", "named_thread", "start_thread", "pool_initializer",
            "named_pool"]
@@ -37,7 +39,8 @@ PREFIX = "kc-"  # every thread kickcall starts; the main thread keeps the proces
 _PR_SET_NAME = 15  # linux/prctl.h
 # Test switch: False leaves the kernel's task name as Python leaves it (inherited from the thread
 # that started the thread); tests/test_threads.py turns it off to show the names come back unset.
-SET_OS_NAME = True
+SET_OS_NAME = PROCESS.switch("name-os-threads", "off: threads keep the kernel task name they inherit, so "
+                             "/proc/PID/task/*/comm no longer says which thread is which")
 
 _prctl: Callable[..., int] | None = None
 _prctl_looked_up = False
@@ -75,7 +78,7 @@ def set_os_thread_name(name: str) -> bool:
     """Set the calling thread's kernel task name (``prctl(PR_SET_NAME)``); False if the platform
     has no such call or the kernel refused (the Python name is unaffected)."""
     raw = check_name(name).encode("ascii")
-    fn = _lookup_prctl() if SET_OS_NAME else None
+    fn = _lookup_prctl() if SET_OS_NAME.fix_on else None
     if fn is None:
         return False
     if fn(_PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0) != 0:

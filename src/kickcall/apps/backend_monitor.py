@@ -29,12 +29,12 @@ from ..vhost_user.backend import RingRefused, RingState, VhostUserBackend
 from ..virtio.blk import VirtIOBlk
 from ..virtio.device import DEVICE_NEEDS_RESET
 from ..virtio.layout import (
-    read_ring_fields,
     avail_flags_addr,
     avail_idx_addr,
     avail_ring_addr,
     avail_size,
     desc_table_size,
+    read_ring_fields,
     used_flags_addr,
     used_idx_addr,
     used_size,
@@ -81,11 +81,11 @@ class BackendDevice:
         self.loop = backend.loop
         self.id = backend.name
         self.path = f"/{backend.name}"
-        self.faults = _Faults()
-        backend.fault_hooks["kick"] = lambda v: not self.faults.take(v.index, "kick")
-        backend.fault_hooks["call"] = lambda v: not self.faults.take(v.index, "call")
+        self.drops = _Faults()
+        backend.fault_hooks["kick"] = lambda v: not self.drops.take(v.index, "kick")
+        backend.fault_hooks["call"] = lambda v: not self.drops.take(v.index, "call")
         if isinstance(backend.device, VirtIOBlk):  # a device that can hold its completions
-            backend.device.hold_completion = lambda vq: self.faults.take(vq.index, "complete")
+            backend.device.hold_completion = lambda vq: self.drops.take(vq.index, "complete")
 
     def _run(self, fn):
         return self.loop.run_sync(fn)
@@ -225,13 +225,13 @@ class BackendDevice:
 
     def fault(self, queue: int, path: str, action: str) -> dict:
         if path != "complete":
-            return self._run(lambda: self.faults.set(queue, path, action))
+            return self._run(lambda: self.drops.set(queue, path, action))
         dev = self.b.device
         if not isinstance(dev, VirtIOBlk):  # the one device that can hold its completions
             raise TargetError(f"a {dev.type_name} device cannot hold its completions")
 
         def f() -> dict:
-            out = self.faults.set(queue, path, action)
+            out = self.drops.set(queue, path, action)
             if action == "clear":
                 started = self.b.ring_state(queue) == RingState.STARTED
                 done, gone = dev.release_held(queue, complete=started)
@@ -240,6 +240,13 @@ class BackendDevice:
             return out
 
         return self._run(f)
+
+
+    def faults(self) -> list[dict]:  # TEMPORARY until the back-end's registry lands (wt-vu)
+        return []
+
+    def set_fault(self, name: str, action: str, queue: int | None) -> dict:
+        raise TargetError(f"the back-end has no fault {name!r}")
 
 
 class BackendTarget:

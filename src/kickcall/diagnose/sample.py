@@ -315,7 +315,7 @@ class QemuSampler:
             path = d["path"]
             qtype = self._type(path)
             # (the switch off: every device is queried as if QEMU ran its ring -- what diagnose used to do)
-            vhost = is_vhost_type(qtype) and targets.FORBID_VHOST_QUEUE_STATUS
+            vhost = is_vhost_type(qtype) and targets.FORBID_VHOST_QUEUE_STATUS.fix_on
             vs = _safe(self.mon, "x-query-virtio-status", {"path": path}) or {}
             if not isinstance(vs, dict):
                 vs = {}

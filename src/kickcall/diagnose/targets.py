@@ -21,13 +21,17 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..faults import PROCESS
+
 __all__ = ["TargetKind", "TargetInfo", "AllowedQuery", "ALLOWED", "HANDSHAKE", "EMULATED_ONLY_TYPES",
            "is_vhost_type", "identify", "GuardedMonitor", "ForbiddenQuery", "allowed_table",
            "FORBID_VHOST_QUEUE_STATUS"]
 
 # the fix of issue 8: never x-query-virtio-queue-status on a QEMU vhost device.  Off (tests only):
 # diagnose queries every device the same way again, as it used to -- and stops vhost rings.
-FORBID_VHOST_QUEUE_STATUS = True
+FORBID_VHOST_QUEUE_STATUS = PROCESS.switch(
+    "forbid-vhost-queue-status", "off: diagnose sends x-query-virtio-queue-status to QEMU's vhost devices too, "
+    "which stops their vhost rings")
 
 
 class TargetKind(enum.Enum):
@@ -188,7 +192,7 @@ class GuardedMonitor:
                 continue
             if q.hmp is not None and not re.fullmatch(q.hmp, str(args.get("command-line", ""))):
                 continue
-            if q.emulated_only and FORBID_VHOST_QUEUE_STATUS and args.get("path") not in self.emulated_paths:
+            if q.emulated_only and FORBID_VHOST_QUEUE_STATUS.fix_on and args.get("path") not in self.emulated_paths:
                 continue
             return q
         return None

@@ -646,7 +646,7 @@ class KernelHV:
         target = req.get("target")
         action = req.get("action")
         ident = int(req.get("ident", -1))
-        if action not in ("drop-next", "drop-all", "clear"):
+        if action not in ("drop-next", "drop-all", "clear", "query"):
             raise HypervisorError(errno.EINVAL, f"unknown fault action {action!r}")
         objs: list = []
         if target == "ioeventfd":
@@ -658,6 +658,9 @@ class KernelHV:
             raise HypervisorError(errno.EINVAL, f"unknown fault target {target!r}")
         if not objs:
             raise HypervisorError(errno.ENOENT, f"no {target} for eventfd {ident}")
+        if action == "query":  # read the drop state without changing it (the monitor's fault listing)
+            return {"matched": len(objs), "dropped": sum(o.dropped for o in objs),
+                    "drop-next": sum(o.drop_next for o in objs), "drop-all": any(o.drop_all for o in objs)}
         for o in objs:
             if action == "drop-next":
                 o.drop_next += 1

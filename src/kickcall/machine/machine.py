@@ -38,6 +38,7 @@ from ..virtio.image import create_image, open_image
 from ..virtio.net import VirtIONet
 from ..virtio.pci import VirtIOPCIProxy
 from .config import DeviceConfig, MachineConfig, default_config
+from .faults import register_machine_faults
 
 if TYPE_CHECKING:
     from ..guest.os import GuestOS
@@ -188,6 +189,7 @@ class Machine:
                                    msix_vectors=None if dc.msix else 0, class_code=class_code)
             assert dc.slot is not None
             self.bus.add_device(proxy, dc.slot)
+            register_machine_faults(self.vm, proxy, self.bql)
         except BaseException:
             close = getattr(vdev, "close", None)
             if close is not None:

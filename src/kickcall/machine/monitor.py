@@ -10,7 +10,6 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..vhost_user.device import VhostUserBlkDevice
-from ..hv.abi import HypervisorError
 from ..monitor.target import DeviceView, TargetError
 from ..notify import Role
 from ..pci import regs as R
@@ -29,6 +28,7 @@ from ..virtio.layout import (
     used_size,
 )
 from ..virtio.ring import describe_chain
+from ..faults import FaultError
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -266,24 +266,19 @@ class MachineDevice:
         if path == "complete":
             raise TargetError("the machine's faults act on the hypervisor's ioeventfds and irqfds (kick, call); "
                               "holding completions is a vhost-user back-end's fault (kickcall vhost-user-blk)")
-        p = self.p
-        with self.m.bql:
-            q = p.vdev.queues[queue]
-            if path == "kick":
-                n = q.host_notifier
-                if n is None:
-                    raise TargetError(f"queue {queue} has no ioeventfd now: its kicks are heavyweight exits")
-                target = "ioeventfd"
-            else:
-                n = q.guest_notifier
-                if n is None or q.index not in p._irqfd_on:
-                    raise TargetError(f"queue {queue} has no irqfd now (no vector, masked, or irqfd off)")
-                target = "irqfd"
-        try:
-            res = self.m.vm.fault(target, n, action)
-        except HypervisorError as e:
-            raise TargetError(str(e)) from None
+        res = self.set_fault("lose-kick" if path == "kick" else "lose-call", action, queue)
         return {"path": path, "action": action, "matched": res.get("matched", 0)}
+
+    def faults(self) -> list[dict]:
+        return self.p.vdev.faults.describe()
+
+    def set_fault(self, name: str, action: str, queue: int | None) -> dict:
+        if queue is not None and not 0 <= queue < len(self.p.vdev.queues):
+            raise TargetError(f"{self.id} has no queue {queue}")
+        try:
+            return self.p.vdev.faults.arm(name, action, queue)
+        except FaultError as e:
+            raise TargetError(str(e)) from None
 
 
 class MachineTarget:

@@ -10,7 +10,11 @@ commands, trace events, and the kick/call debug interface seed 000 asked for, do
   gets its PBA bit, unless ``force``; every injection is counted, logged and announced
   (``X_DEVICE_EVENT_INJECTED``);
 * ``x-debug-device-notifier-write {dev, id}`` -- EventNotifier level, as proposed in the thread;
-* ``x-debug-fault {dev, queue, path, action}`` -- lose a kick or a call on purpose.
+* ``x-debug-fault {dev, *queue, *path, *action, *fault}`` -- the device's fault registry
+  (``kickcall.faults``): with ``dev`` alone, list every fault (name, kind, effect, actions,
+  state); ``queue``, ``path`` (kick|call|complete) and ``action`` lose kicks, calls or
+  completions on purpose; ``fault`` names any registered fault (``action``: drop-next, drop-all,
+  clear for a lost event, off or on for a fix; ``queue`` when the fault is per queue).
 
 ``human-monitor-command`` runs the same handlers as text commands (``info pci``, ``info virtio``,
 ``info virtio-queue-status``, ``info notifiers``, ``info msix``, the debug commands, ``stop``,
@@ -30,9 +34,10 @@ from __future__ import annotations
 import logging
 import shlex
 import time
-from typing import TypedDict, Callable
+from typing import Callable, TypedDict
 
 from .. import trace
+from ..faults import FaultAction
 from .schema import Arg, CommandRegistry, QMPError
 from .server import QMPServer
 from .target import DeviceView, Target, TargetError
@@ -48,6 +53,7 @@ class _Bounds(TypedDict):
 
 
 U16: _Bounds = {"min": 0, "max": 0xFFFF}
+PATH_ACTIONS = ("drop-next", "drop-all", "clear")  # x-debug-fault's actions for a queue's path
 
 # Test-only: seconds that stop, cont and quit wait between reading the run state and changing it
 # (quit: between announcing SHUTDOWN and requesting the quit); 0, no wait, in production.
@@ -231,11 +237,30 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
                                            "forced": bool(out.get("forced")), "path": out["path"]})
         return out
 
-    def x_debug_fault(dev: str, queue: int, path: str, action: str) -> dict:
+    def x_debug_fault(dev: str, queue: int | None = None, path: str | None = None, action: str | None = None,
+                      fault: str | None = None) -> dict:
         d = c.by_dev(dev)
-        c.queue(d, queue)
-        out = d.fault(queue, path, action)
-        log.warning("monitor: fault %s on the %s path of %s queue %d", action, path, d.id, queue)
+        if path is None and fault is None and action is None and queue is None:
+            return {"dev": d.id, "faults": d.faults()}
+        if path is not None and fault is not None:
+            raise QMPError("give either 'path' or 'fault', not both")
+        if action is None:
+            raise QMPError("Parameter 'action' is missing")
+        if path is not None:
+            if queue is None:
+                raise QMPError("Parameter 'queue' is missing")
+            if action not in PATH_ACTIONS:
+                raise QMPError(f"Parameter 'action' does not accept value '{action}' with 'path'")
+            c.queue(d, queue)
+            out = d.fault(queue, path, action)
+            log.warning("monitor: fault %s on the %s path of %s queue %d", action, path, d.id, queue)
+            return out
+        if fault is None:
+            raise QMPError("Parameter 'path' or 'fault' is missing")
+        if queue is not None:
+            c.queue(d, queue)
+        out = d.set_fault(fault, action, queue)
+        log.warning("monitor: fault %s %s on %s%s", fault, action, d.id, "" if queue is None else f" queue {queue}")
         return out
 
     add("x-query-pci-msix", x_query_pci_msix, Arg("dev", "str"),
@@ -247,10 +272,11 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
     add("x-debug-device-event", x_debug_device_event, Arg("dev", "str"), Arg("event", "str", enum=("kick", "call")),
         Arg("queue", "int", **U16), Arg("force", "bool", optional=True),
         doc="kick or call a queue on purpose (a masked vector gets its PBA bit unless force)")
-    add("x-debug-fault", x_debug_fault, Arg("dev", "str"), Arg("queue", "int", **U16),
-        Arg("path", "str", enum=("kick", "call", "complete")),
-        Arg("action", "str", enum=("drop-next", "drop-all", "clear")),
-        doc="lose kicks or calls on purpose")
+    add("x-debug-fault", x_debug_fault, Arg("dev", "str"), Arg("queue", "int", optional=True, **U16),
+        Arg("path", "str", optional=True, enum=("kick", "call", "complete")),
+        Arg("action", "str", optional=True, enum=tuple(a.value for a in FaultAction)),
+        Arg("fault", "str", optional=True),
+        doc="list the device's faults, or switch one (lose kicks, calls or completions; turn a fix off)")
 
     # -- trace events ----------------------------------------------------------------------------------
     def _trace_list(pattern: str | None) -> list:
@@ -319,10 +345,27 @@ HMP_COMMANDS = {
     "x-debug-device-notifier-write DEV ID": "write one notifier",
     "x-debug-fault DEV QUEUE kick|call|complete drop-next|drop-all|clear":
         "lose kicks or calls, or hold completions (a back-end's), on purpose",
+    "x-debug-fault DEV": "list the device's faults and their state",
+    "x-debug-fault DEV FAULT on|off|drop-next|drop-all|clear [QUEUE]": "switch a registered fault",
     "stop": "pause (or s)", "cont": "resume (or c)", "system_reset": "reset",
     "quit": "the machine or back-end exits (or q)",
     "help": "this list",
 }
+
+
+def _format_faults(faults: list[dict]) -> str:
+    """HMP's listing of a device's faults: one line each, then its per-queue state."""
+    lines = []
+    for f in faults:
+        st = f.get("state", {})
+        if "fix" in st:
+            now = f"fix {st['fix']}"
+        else:
+            qs = st.get("queues", [])
+            now = ", ".join(f"q{q['queue']}: next {q.get('drop-next', 0)}{' all' if q.get('drop-all') else ''}"
+                            f" dropped {q.get('dropped', 0)}" for q in qs) or "not armed"
+        lines.append(f"{f['name']} ({f['kind']}): {now}\r\n    {f['effect']}")
+    return "".join(x + "\r\n" for x in lines) or "no faults\r\n"
 
 
 _HMP_ALIASES = {"s": "stop", "c": "cont", "q": "quit"}  # QEMU's HMP short names
@@ -433,9 +476,18 @@ def _hmp(r: CommandRegistry, line: str) -> str:  # noqa: C901 - one dispatch tab
     if w == "x-debug-device-notifier-write" and len(a) == 2:
         res = _call(r, "x-debug-device-notifier-write", dev=a[0], id=_int(a[1], "id"))
         return f"notifier {a[1]} ({res.get('role', '?')}) written\r\n"
-    if w == "x-debug-fault" and len(a) == 4:
+    if w == "x-debug-fault" and len(a) == 4 and a[2] in ("kick", "call", "complete"):
         res = _call(r, "x-debug-fault", dev=a[0], queue=_int(a[1], "queue"), path=a[2], action=a[3])
         return f"fault {a[3]} on the {a[2]} path of queue {a[1]}: {res}\r\n"
+    if w == "x-debug-fault" and len(a) == 1:
+        res = _call(r, "x-debug-fault", dev=a[0])
+        return _format_faults(res["faults"])
+    if w == "x-debug-fault" and len(a) in (3, 4):
+        qa = {"queue": _int(a[3], "queue")} if len(a) == 4 else {}
+        res = _call(r, "x-debug-fault", dev=a[0], fault=a[1], action=a[2], **qa)
+        if "fix" in res:
+            return f"fault {a[1]}: fix {res['fix']}\r\n"
+        return f"fault {a[1]} {a[2]} on queue {a[3]}: dropped so far {res.get('dropped-so-far', 0)}\r\n"
     w = _HMP_ALIASES.get(w, w)
     if w in ("stop", "cont", "system_reset", "quit") and not a:
         _call(r, w)

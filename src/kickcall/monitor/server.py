@@ -59,6 +59,7 @@ from ..ownership import SocketClaim
 from .encoder import dumps
 from .json_stream import MAX_MESSAGE, MAX_TOKENS, JSONStreamParser
 from .schema import CommandRegistry, QMPError, check_capabilities_args
+from ..faults import PROCESS
 
 __all__ = ["QMPServer", "SERIALIZE_DISPATCH", "MAX_BAD_INPUTS", "MAX_BACKLOG"]
 
@@ -69,7 +70,8 @@ MAX_BACKLOG = 8 << 20  # unsent bytes (events) a client may leave unread before 
 
 # Handlers run one at a time across all clients of a server (QEMU: under the big lock).  The
 # default for ``QMPServer(serialize=None)``; False only in tests that show what it prevents.
-SERIALIZE_DISPATCH = True
+SERIALIZE_DISPATCH = PROCESS.switch("serialize-qmp-dispatch", "off: monitor handlers of different clients run "
+                                    "at once, so a stop and a cont can interleave their reads and writes of the run state")
 
 
 class _Quitting(Exception):
@@ -216,7 +218,7 @@ class QMPServer:
         self.tcp_port: int | None = None
         self.on_quit: Callable[[], None] | None = None
         self.commands_run = 0
-        self.serialize = SERIALIZE_DISPATCH if serialize is None else serialize
+        self.serialize = SERIALIZE_DISPATCH.fix_on if serialize is None else serialize
         # held from a handler's start to its return (not to its reply), in the order requests came
         self._dispatch_lock = asyncio.Lock()
         self.commands_waiting = 0  # checked requests waiting for the handler running now to return

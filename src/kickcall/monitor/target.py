@@ -3,8 +3,9 @@
 The monitor never reaches into device internals; a machine (``kickcall.machine.monitor``) and the
 vhost-user back-end program (``kickcall.apps.vhost_user_blk``) each implement these.  Every query
 must be read-only -- in particular nothing here may consume an eventfd or stop a vhost ring.
-Nothing here exposes the fault injector's state (``kickcall diagnose`` must find faults from
-their effects, as it would a real bug).
+The fault registry (``faults``) is listed only for the operator's ``x-debug-fault``:
+``kickcall diagnose`` never asks for it (its allowlist, docs/diagnose.md) and must find faults
+from their effects, as it would a real bug.
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ class DeviceView(Protocol):
 
     def inject(self, event: str, queue: int, force: bool) -> dict: ...  # {"path": ..., "forced": ...}
 
-    def fault(self, queue: int, path: str, action: str) -> dict: ...
+    def fault(self, queue: int, path: str, action: str) -> dict: ...  # lose a kick/call/completion
+
+    def faults(self) -> list[dict]: ...  # the device's FaultRegistry.describe()
+
+    def set_fault(self, name: str, action: str, queue: int | None) -> dict: ...  # FaultRegistry.arm
 
 
 class Target(Protocol):

@@ -23,7 +23,7 @@ No kick is lost across a ring start: a back-end that died may have read the gues
 again -- ``avail_event`` says it already did.  So the kick fd is handed over already signalled
 on every ring start, a reconnect included (QEMU kicks a queue "right away to begin processing
 requests already in vring" when it starts its host notifiers); a spurious kick costs the
-back-end one look at an empty ring.  ``kick_on_start = False`` switches this off (tests).
+back-end one look at an empty ring.  The ``kick-on-start`` fault switches this off (tests, x-debug-fault).
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ class VhostUserBlkDevice(VirtIODevice):
         self.reconnects = 0
         self.disconnects = 0
         self.vring_errors = 0
-        self.kick_on_start = True  # hand the kick fd over signalled on every ring start (see above)
+        self.kick_on_start = self.faults.switch(
+            "kick-on-start", "off: a ring start hands the back-end its kick fd unsignalled, so a kick a dead "
+            "back-end consumed before it took the request is lost across the reconnect")
         self.keep_inflight_on_reset = False  # True: reuse the inflight region across a device reset
         self.start_kicks = 0
         self._mu = threading.RLock()
@@ -194,7 +196,7 @@ class VhostUserBlkDevice(VirtIODevice):
             fe.set_vring_base(q.index, base)
             fe.set_vring_addr(q.index, USER_BASE + q.desc, USER_BASE + q.used, USER_BASE + q.avail)
             kick = q.host_notifier
-            if kick is not None and self.kick_on_start:
+            if kick is not None and self.kick_on_start.fix_on:
                 kick.set()  # a kick the previous back-end read and never acted on is not lost
                 self.start_kicks += 1
                 if _t_start_kick.enabled:

@@ -19,6 +19,7 @@ from .queue import VirtQueue, VirtQueueError
 from .ring import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from ..threads import named_thread
 from .transport import VirtioTransport
+from ..faults import FaultRegistry
 
 __all__ = ["VirtIODevice", "STATUS", "status_names", "feature_names", "ThreadPoolAio", "SyncAio"]
 
@@ -94,9 +95,11 @@ class VirtIODevice(ABC):
         self.needs_reset_count = 0
         self.vm_running = True
         self.generation = 0  # bumped on every reset: completions of older requests are dropped
-        # An invalid chain writes nothing: undo the notification fields the handler wrote before it
-        # found the chain broken.  Switchable only to show, in tests, what it prevents.
-        self.restore_notify_on_error = True
+        # every switchable failure and every "fix off" switch of this device (x-debug-fault lists them)
+        self.faults = FaultRegistry(name)
+        self.restore_notify = self.faults.switch(
+            "restore-notify-on-error", "off: a chain found invalid leaves the notification fields (used.flags, "
+            "avail_event) the handler wrote before it found the chain broken")
         self.queues = [VirtQueue(i, n, self.process_queue, name=f"{name}.vq{i}")
                        for i, n in enumerate(queue_sizes)]
         self.mem: GuestMemory | None = None
@@ -237,7 +240,7 @@ class VirtIODevice(ABC):
         except VirtQueueError as e:
             vq.errors += 1
             self.virtio_error(str(e))
-        if self.broken and not was_broken and self.restore_notify_on_error:
+        if self.broken and not was_broken and self.restore_notify.fix_on:
             vq.restore_notify_fields(saved)  # an invalid chain writes nothing
 
     @abstractmethod

@@ -29,6 +29,7 @@ import os
 import stat
 import struct
 
+from ..faults import PROCESS
 from ..ownership import PathRefused, RefusalKind
 
 __all__ = ["ImageFile", "open_image", "create_image", "sector_label", "SECTOR",
@@ -42,7 +43,8 @@ PERM_WRITE = 1
 _FLOCK = struct.Struct("hh4xqqi4x")  # struct flock on x86-64/aarch64 Linux: type, whence, start, len, pid
 
 #: the switch for the image-locking fix (tests turn it off to show the unlocked sharing)
-IMAGE_LOCKING = True
+IMAGE_LOCKING = PROCESS.switch("image-locking", "off: images are opened without QEMU's OFD byte-range locks, "
+                               "so two writers can share one image unnoticed")
 
 
 def sector_label(sector: int) -> bytes:
@@ -135,7 +137,7 @@ def open_image(path: str, *, writable: bool, lock: bool | None = None) -> ImageF
             raise PathRefused(path, RefusalKind.NOT_REGULAR, f"is {kind}, not a disk image")
         fl = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~os.O_NONBLOCK)
-        do_lock = IMAGE_LOCKING if lock is None else lock
+        do_lock = IMAGE_LOCKING.fix_on if lock is None else lock
         if do_lock:
             _lock(fd, path, writable)
     except BaseException:

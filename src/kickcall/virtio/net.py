@@ -309,18 +309,18 @@ class VirtIONet(VirtIODevice):
         except VirtQueueError as e:
             vq.errors += 1
             self.virtio_error(str(e))
-            if self.restore_notify_on_error:
+            if self.restore_notify.fix_on:
                 vq.restore_notify_fields(saved)
             return True
         if elem.out_sg:
             self.virtio_error(f"{vq.name}: rx chain with device-readable buffers")
-            if self.restore_notify_on_error:
+            if self.restore_notify.fix_on:
                 vq.restore_notify_fields(saved)
             return True
         need = VNET_HDR_SIZE + len(pkt)
         if iov_size(elem.in_sg) < need:
             self.virtio_error(f"{vq.name}: rx buffer of {iov_size(elem.in_sg)} bytes for a {need}-byte packet")
-            if self.restore_notify_on_error:
+            if self.restore_notify.fix_on:
                 vq.restore_notify_fields(saved)
             return True
         iov_from_buf(mem, elem.in_sg, 0, VNET_HDR.pack(0, 0, 0, 0, 0, 0, 1) + pkt)
