@@ -27,7 +27,8 @@ def _masked_call_then_unmask(m, *, function_mask: bool, deliver_fix: bool = True
         m.guest_cmd({"cmd": "msix-mask", "slot": slot, "entry": v, "masked": True})
     assert p.msix.is_masked(v)
     if p.irqfd_enabled:
-        assert q.index not in p._irqfd_on and q.index in p._polling  # irqfd off, the VMM polls
+        st = p.queue_state(q.index)
+        assert not st.irqfd and st.polled and st.gsi is not None  # irqfd off, the VMM polls
     rep = m.guest_cmd({"cmd": "blk-submit", "slot": slot, "op": "read", "sector": 2, "nbytes": 512})
     wait_for(lambda: p.msix.is_pending(v), what="the masked call to set the PBA bit")
     pba = m.guest_cmd({"cmd": "read-pba", "slot": slot})["pba"]
@@ -49,7 +50,8 @@ def _masked_call_then_unmask(m, *, function_mask: bool, deliver_fix: bool = True
     assert not p.msix.is_pending(v)
     assert p.msix.sent[v] == sent0 + 1 and p.msix.unmask_delivered[v] >= 1
     if p.irqfd_enabled:
-        assert q.index in p._irqfd_on and q.index not in p._polling
+        st = p.queue_state(q.index)
+        assert st.irqfd and not st.polled and st.gsi is not None
     # and the queue works normally again
     r = m.guest_cmd({"cmd": "blk-io", "slot": slot, "op": "read", "sector": 1, "nbytes": 512})
     assert r["status"] == 0 and bytes.fromhex(r["data"]).startswith(b"SECTOR0000000001")

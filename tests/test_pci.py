@@ -9,6 +9,7 @@ import pytest
 from kickcall.memory import AddressSpace, IORegion
 from kickcall.pci import MSIX, PCIBus, PCIDevice, PCIHost
 from kickcall.pci import regs as R
+from kickcall.pci.msix import MsixNotifyOutcome as O
 
 VENDOR = 0x1AF4
 DEVICE = 0x1041
@@ -355,8 +356,8 @@ def test_msix_pending_on_masked_vector_then_unmask_delivers_once(mx, rig):
     m = mx
     m.program(0, data=0x41)
     assert m.msix.vector_use(0)
-    assert m.msix.notify(0) == "pended"
-    assert m.msix.notify(0) == "pended"  # still one pending bit
+    assert m.msix.notify(0) is O.PENDED
+    assert m.msix.notify(0) is O.PENDED  # still one pending bit
     assert rig.msis == []
     assert m.msix.is_pending(0)
     m.events.clear()
@@ -370,13 +371,13 @@ def test_msix_pending_on_masked_vector_then_unmask_delivers_once(mx, rig):
     assert m.events[0] == ("unmask", 0, MSI_ADDR, 0x41)
     assert m.msix.unmask_delivered[0] == 1
     # unmasked now: notify sends directly
-    assert m.msix.notify(0) == "sent"
+    assert m.msix.notify(0) is O.SENT
     assert rig.msis == [(MSI_ADDR, 0x41), (MSI_ADDR, 0x41)]
     # masking again: the mask notifier runs, and a notify pends
     m.events.clear()
     m.mask(0)
     assert m.events == [("mask", 0)]
-    assert m.msix.notify(0) == "pended"
+    assert m.msix.notify(0) is O.PENDED
     assert len(rig.msis) == 2
 
 
@@ -389,7 +390,7 @@ def test_msix_upper_address_and_64bit_entry_write(mx, rig):
     assert m.msix.get_message(2) == (0x1_FEE0_2000, 0x99)
     assert rig.memory.read(m.entry_addr(2, 0), 8) == 0x1_FEE0_2000
     m.unmask(2)
-    assert m.msix.notify(2) == "sent"
+    assert m.msix.notify(2) is O.SENT
     assert rig.msis == [(0x1_FEE0_2000, 0x99)]
 
 
@@ -397,13 +398,13 @@ def test_msix_unmask_with_bus_master_off_sends_nothing(rig):
     m = MsixRig(rig, master=False)
     m.program(1, data=0x51)
     m.msix.vector_use(1)
-    assert m.msix.notify(1) == "pended"
+    assert m.msix.notify(1) is O.PENDED
     m.unmask(1)
     assert rig.msis == []
     assert rig.bus.msi_sent == 0
     # with bus master on, a notify on the (now unmasked) vector goes out
     cmd(rig, m.dev, R.PCI_COMMAND_MEMORY | R.PCI_COMMAND_MASTER)
-    assert m.msix.notify(1) == "sent"
+    assert m.msix.notify(1) is O.SENT
     assert rig.msis == [(MSI_ADDR, 0x51)]
     assert rig.bus.msi_sent == 1
 
@@ -417,9 +418,9 @@ def test_msix_function_mask_pends_and_clearing_delivers_once(mx, rig):
     m.events.clear()
     m.control(R.PCI_MSIX_FLAGS_ENABLE | R.PCI_MSIX_FLAGS_MASKALL)
     assert sorted(m.events) == [("mask", 0), ("mask", 3)]  # only used vectors are told
-    assert m.msix.notify(3) == "pended"
-    assert m.msix.notify(3) == "pended"
-    assert m.msix.notify(1) == "unused"
+    assert m.msix.notify(3) is O.PENDED
+    assert m.msix.notify(3) is O.PENDED
+    assert m.msix.notify(1) is O.UNUSED
     assert rig.msis == []
     assert m.pba() == 0b1000
     m.events.clear()
@@ -433,21 +434,21 @@ def test_msix_function_mask_pends_and_clearing_delivers_once(mx, rig):
 def test_msix_unused_vector_does_nothing(mx, rig):
     m = mx
     m.program(2, masked=False)
-    assert m.msix.notify(2) == "unused"
+    assert m.msix.notify(2) is O.UNUSED
     m.mask(2)
-    assert m.msix.notify(2) == "unused"
+    assert m.msix.notify(2) is O.UNUSED
     assert not m.msix.is_pending(2)
     assert rig.msis == []
     assert m.msix.unused_drops == 2
-    assert m.msix.notify(4) == "invalid"
-    assert m.msix.notify(-1) == "invalid"
+    assert m.msix.notify(4) is O.INVALID
+    assert m.msix.notify(-1) is O.INVALID
 
 
 def test_msix_vector_unuse_of_last_user_clears_pending(mx):
     m = mx
     m.msix.vector_use(1)
     m.msix.vector_use(1)
-    assert m.msix.notify(1) == "pended"
+    assert m.msix.notify(1) is O.PENDED
     m.msix.vector_unuse(1)
     assert m.msix.is_pending(1)  # one user left
     m.msix.vector_unuse(1)
@@ -461,7 +462,7 @@ def test_msix_vector_unuse_of_last_user_clears_pending(mx):
 def test_msix_disabled_notify(rig):
     m = MsixRig(rig, enable=False)
     m.msix.vector_use(0)
-    assert m.msix.notify(0) == "disabled"
+    assert m.msix.notify(0) is O.DISABLED
     assert not m.msix.is_pending(0)
     assert m.msix.disabled_drops == 1
     assert rig.msis == []
@@ -500,7 +501,7 @@ def test_msix_reset_masks_everything_and_clears_pba(mx, rig):
     m.msix.vector_use(0)
     m.msix.vector_use(1)
     m.mask(1)
-    assert m.msix.notify(1) == "pended"
+    assert m.msix.notify(1) is O.PENDED
     m.events.clear()
     m.msix.reset()
     assert m.events == [("mask", 0)]  # vector 0 was used and unmasked

@@ -218,7 +218,7 @@ def measure_calls(m, n: int) -> list[int]:
     """The device writes the queue's guest notifier (irqfd) -> the guest's interrupt handler."""
     p = m.device("blk0")
     q = p.vdev.queues[0]
-    assert q.guest_notifier is not None and q.index in p._irqfd_on, "queue 0 is not on an irqfd"
+    assert q.guest_notifier is not None and p.queue_state(q.index).irqfd, "queue 0 is not on an irqfd"
     st = m.memory.view(STAMP_GPA, 16).cast("Q")
     st[1] = 0
     m.guest_cmd({"cmd": "bench-irq-start", "slot": m.slot("blk0"), "entry": q.vector, "stamp_gpa": STAMP_GPA})

@@ -99,17 +99,17 @@ def _parser() -> argparse.ArgumentParser:
     bm.add_argument("--quick", action="store_true", help="shorter runs (a smoke run)")
     c = sub.add_parser("config", help="print the built-in default machine config")
     c.add_argument("--check", metavar="FILE", help="validate a config file and exit")
-    _add_version(ap)
+    # every parser add_subparsers made, from the groups themselves: argparse has no public list of
+    # a parser's subcommands (a new group of subcommands goes here too)
+    _add_version([ap, *sub.choices.values(), *bs.choices.values()])
     return ap
 
 
-def _add_version(p: argparse.ArgumentParser) -> None:
-    """``--version`` on the command and on every subcommand."""
-    p.add_argument("--version", action="version", version=f"kickcall {__version__}")
-    for act in p._actions:  # argparse keeps its subparsers there; there is no public accessor
-        if isinstance(act, argparse._SubParsersAction):
-            for sp in set(act.choices.values()):
-                _add_version(sp)
+def _add_version(parsers: list[argparse.ArgumentParser]) -> None:
+    """``--version`` on the command and on every subcommand (each parser once: an alias maps to
+    the same parser)."""
+    for p in dict.fromkeys(parsers):
+        p.add_argument("--version", action="version", version=f"kickcall {__version__}")
 
 
 # -- exit statuses (README, "Exit status") ------------------------------------------------------------

@@ -494,6 +494,17 @@ class IORegion:
     def eventfds(self) -> list[_Eventfd]:
         return list(self._eventfds)
 
+    def space_mapped(self, space: "AddressSpace") -> None:
+        """*space* mapped this region (``AddressSpace.map``, with the space's lock held): eventfds
+        added from now on are forwarded to it as well."""
+        if space not in self._spaces:
+            self._spaces.append(space)
+
+    def space_unmapped(self, space: "AddressSpace") -> None:
+        """*space* unmapped this region (``AddressSpace.unmap``, with the space's lock held)."""
+        if space in self._spaces:
+            self._spaces.remove(space)
+
 
 class AddressSpace:
     """A guest address space of emulated regions ("memory" for MMIO, "io" for port I/O)."""
@@ -545,8 +556,7 @@ class AddressSpace:
             if old is not None:
                 self.unmap(region)
             bisect.insort(self._maps, (base, end, region), key=lambda t: t[0])
-            if self not in region._spaces:
-                region._spaces.append(self)
+            region.space_mapped(self)
             for e in region.eventfds:
                 self.listener_add(base + e.offset, e)
 
@@ -557,8 +567,7 @@ class AddressSpace:
                     del self._maps[i]
                     for e in region.eventfds:
                         self.listener_del(b + e.offset, e)
-                    if self in region._spaces:
-                        region._spaces.remove(self)
+                    region.space_unmapped(self)
                     return
 
     def lookup(self, addr: int, size: int) -> tuple[IORegion, int] | None:

@@ -260,7 +260,7 @@ class EventNotifier:
         with self._mu:
             fd, self._fd = self._fd, -1
             info_fd, self._info_fd = self._info_fd, None
-            pin, self._pin = getattr(self, "_pin", -1), -1
+            pin, self._pin = self._pin, -1
         if info_fd is not None:
             os.close(info_fd)
         if fd >= 0:

@@ -269,7 +269,7 @@ class GuestKernel:
         if first and irq < 24:
             self.hv.irqchip.program(irq, d.vector, dest=0, masked=False, level=True)
         for dev in self.pci_devices:
-            dev._irq_requested(irq)
+            dev.irq_startup(irq)
 
     def free_irq(self, irq: int, handler: Callable[[int], bool] | None = None) -> None:
         d = self.irqs.get(irq)
@@ -280,7 +280,7 @@ class GuestKernel:
             if irq < 24:
                 self.hv.irqchip.program(irq, d.vector, dest=0, masked=True, level=True)
             for dev in self.pci_devices:
-                dev._irq_freed(irq)
+                dev.irq_shutdown(irq)
 
     def do_irq(self, cpu: int, vector: int) -> None:
         """Interrupt entry (runs in interrupt context)."""
@@ -533,12 +533,16 @@ class GuestPciDev:
                 return i
         return None
 
-    def _irq_requested(self, irq: int) -> None:
+    def irq_startup(self, irq: int) -> None:
+        """The IRQ core started *irq* (its first handler was requested): unmask the MSI-X entry
+        behind it, if it is one of ours (Linux: ``irq_startup`` -> ``pci_msi_unmask_irq``)."""
         i = self._entry_for_irq(irq)
         if i is not None:
             self.msix_mask(i, False)
 
-    def _irq_freed(self, irq: int) -> None:
+    def irq_shutdown(self, irq: int) -> None:
+        """The IRQ core shut *irq* down (its last handler was freed): mask the MSI-X entry behind
+        it, if it is one of ours (Linux: ``irq_shutdown`` -> ``pci_msi_mask_irq``)."""
         i = self._entry_for_irq(irq)
         if i is not None:
             self.msix_mask(i, True)

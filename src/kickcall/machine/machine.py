@@ -95,6 +95,12 @@ class Machine:
             self._abort_build()
             raise
 
+    @property
+    def stopped(self) -> bool:
+        """``stop()`` has begun (or the build failed): the machine is shut down for good (QMP's
+        run state ``shutdown``).  Set on the thread that stops the machine; a plain read."""
+        return self._stopped
+
     def _build(self) -> None:
         self.memory = GuestMemory.create(self.cfg.ram, f"{self.cfg.name}-ram")
         self._built.append(self.memory.close)

@@ -13,6 +13,8 @@ from ..vhost_user.device import VhostUserBlkDevice
 from ..monitor.target import DeviceView, TargetError
 from ..notify import Role
 from ..pci import regs as R
+from ..pci.msix import MsixNotifyOutcome
+from ..virtio.paths import CallPath, KickPath
 from ..virtio.pci import QUEUE_MEM_MULT, VirtIOPCIProxy
 from ..virtio.queue import VIRTIO_NO_VECTOR, VirtQueue
 from ..virtio.layout import (
@@ -40,9 +42,9 @@ log = logging.getLogger("kickcall.machine.monitor")
 _CLASS_DESC = {0x0100: "SCSI controller", 0x0200: "Ethernet controller", 0xFF00: "Class ff00"}
 
 
-def _delivered(outcome: str, v: int) -> None:
+def _delivered(outcome: MsixNotifyOutcome, v: int) -> None:
     """msix_notify's outcome: anything but sent or pended means the call went nowhere -- say so."""
-    if outcome not in ("sent", "pended"):
+    if not outcome.delivered:
         raise TargetError(f"vector {v}: the call was dropped ({outcome})")
 
 
@@ -194,8 +196,8 @@ class MachineDevice:
             for q in p.vdev.queues:
                 if q.vector == VIRTIO_NO_VECTOR or q.vector >= p.msix.nvectors:
                     continue
-                b = {"queue": q.index, "role": "guest", "irqfd": q.index in p._irqfd_on,
-                     "polled": q.index in p._polling}
+                st = p.queue_state(q.index)
+                b = {"queue": q.index, "role": "guest", "irqfd": st.irqfd, "polled": st.polled}
                 if q.guest_notifier is not None:
                     b["fd"] = q.guest_notifier.fd
                 d["entries"][q.vector]["notifiers"].append(b)
@@ -235,10 +237,10 @@ class MachineDevice:
             if event == "kick":
                 if q.host_notifier is not None:
                     q.host_notifier.set()  # what the ioeventfd would do (a vhost back-end's kick fd too)
-                    path = "vhost-kick" if p.ioeventfd_grabbed else "ioeventfd"
+                    path = KickPath.VHOST if p.ioeventfd_grabbed else KickPath.IOEVENTFD
                 else:
-                    p._notify_write(q.index * QUEUE_MEM_MULT, q.index, 2)  # the heavyweight exit's handler
-                    path = "mmio"
+                    p.notify_write(q.index * QUEUE_MEM_MULT, q.index, 2)  # the heavyweight exit's handler
+                    path = KickPath.MMIO
                 return {"path": path, "forced": False}
             m = p.msix
             if m is not None and m.enabled:
@@ -250,17 +252,17 @@ class MachineDevice:
                         addr, data = m.get_message(v)
                         p.msi_send(addr, data)
                         m.sent[v] += 1
-                        return {"path": "msi-forced", "forced": True}
+                        return {"path": CallPath.MSI_FORCED, "forced": True}
                     _delivered(m.notify(v), v)
-                    return {"path": "pba", "forced": False}
-                if q.guest_notifier is not None and q.index in p._irqfd_on:
+                    return {"path": CallPath.PBA, "forced": False}
+                if q.guest_notifier is not None and p.queue_state(q.index).irqfd:
                     q.guest_notifier.set()
-                    return {"path": "irqfd", "forced": False}
+                    return {"path": CallPath.IRQFD, "forced": False}
                 _delivered(m.notify(v), v)
-                return {"path": "msi", "forced": False}
+                return {"path": CallPath.MSI, "forced": False}
             p.vdev.isr |= 1
             p.set_irq(1)
-            return {"path": "intx", "forced": False}
+            return {"path": CallPath.INTX, "forced": False}
 
     def fault(self, queue: int, path: str, action: str) -> dict:
         if path == "complete":
@@ -288,7 +290,7 @@ class MachineTarget:
         self._devices = [MachineDevice(machine, p) for p in machine.devices.values()]
 
     def run_state(self) -> str:
-        if self.m._stopped:
+        if self.m.stopped:
             return "shutdown"
         if not self.m.started:
             return "prelaunch"

@@ -87,7 +87,7 @@ class _Client:
         self.negotiated = False
         self.parser = JSONStreamParser(server.max_message, server.max_tokens)
         self.bad = 0
-        self.id = next(server._ids)
+        self.id = server.next_client_id()
         self.closing = False
         self.quit_after_reply = False
 
@@ -175,7 +175,7 @@ class _Client:
         finally:
             if self.quit_after_reply:  # QEMU replies to quit, then exits
                 self.quit_after_reply = False
-                self.server._quit()
+                self.server.run_quit_actions()
 
 
 def _is_loopback(host: str) -> bool:
@@ -237,6 +237,11 @@ class QMPServer:
             major, minor, micro = (int(x) for x in (__version__.split(".") + ["0", "0"])[:3])
             r.add("query-version", lambda: {"qemu": {"micro": micro, "minor": minor, "major": major},
                                             "package": f"kickcall {__version__}"})
+
+    def next_client_id(self) -> int:
+        """A new client's id (1, 2, ...: QEMU numbers its monitor connections the same way).  On the
+        server's event loop thread (``kc-qmp``)."""
+        return next(self._ids)
 
     def greeting(self) -> dict:
         v = self.registry.commands["query-version"].handler()
@@ -330,10 +335,11 @@ class QMPServer:
             self._quit_actions.append(action)
         return True
 
-    def _quit(self) -> None:
+    def run_quit_actions(self) -> None:
         """Once the reply of the command that requested quit is on its way (no timer): the quit
         actions, then on_quit.  Connections stay open until the owner stops the server (the process
-        exits), so a client still sees every event sent meanwhile; requests get no reply."""
+        exits), so a client still sees every event sent meanwhile; requests get no reply.  On the
+        server's event loop thread (``kc-qmp``), by the client that sent that reply."""
         if self._quit_ran:
             return
         self._quit_ran = True

@@ -5,7 +5,7 @@ Semantics (PCI spec, as QEMU's hw/pci/msix.c implements them):
 * a vector is masked when MSI-X is disabled, the function is masked (MASKALL), or its entry's
   Vector Control mask bit is set; all vectors come out of reset masked;
 * ``notify(v)`` (``msix_notify``) on a masked vector sets its PBA bit and sends nothing;
-  on an unmasked vector it sends the entry's message;
+  on an unmasked vector it sends the entry's message; it says which (``MsixNotifyOutcome``);
 * unmasking a vector whose PBA bit is set sends exactly one message and clears the bit;
 * the PBA is read-only to the guest; reading it first runs the *poll* notifier so that calls
   parked in eventfds (irqfd masked) show up as pending bits;
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from enum import StrEnum
 from typing import TYPE_CHECKING, Callable
 
 from ..memory import IORegion
@@ -28,7 +29,7 @@ from . import regs as R
 if TYPE_CHECKING:
     from .device import PCIDevice
 
-__all__ = ["MSIX"]
+__all__ = ["MSIX", "MsixNotifyOutcome"]
 
 log = logging.getLogger("kickcall.pci.msix")
 
@@ -37,6 +38,26 @@ _t_pend = trace.event("msix_set_pending", "a call on a masked vector set its PBA
 _t_unmask_deliver = trace.event("msix_unmask_deliver_pending", "unmask delivered a pending vector")
 _t_mask = trace.event("msix_mask_update", "a vector's effective mask changed")
 _t_write = trace.event("msix_write_config", "MSI-X control written")
+
+
+class MsixNotifyOutcome(StrEnum):
+    """What ``MSIX.notify`` (QEMU's ``msix_notify``) did with a call.
+
+    Only ``SENT`` and ``PENDED`` keep the call: the message went out, or its pending bit waits for
+    the unmask.  The others drop it, as ``msix_notify`` does (a vector out of range or not in use,
+    MSI-X disabled).  A ``SENT`` message still goes through the bus, which drops it while Bus Master
+    is off (``PCIBus.msi_send``; in QEMU the write to the disabled bus-master address space)."""
+
+    SENT = "sent"
+    PENDED = "pended"
+    UNUSED = "unused"
+    DISABLED = "disabled"
+    INVALID = "invalid"
+
+    @property
+    def delivered(self) -> bool:
+        """The call is not lost: sent, or parked in the PBA."""
+        return self in (MsixNotifyOutcome.SENT, MsixNotifyOutcome.PENDED)
 
 
 class MSIX:
@@ -150,27 +171,28 @@ class MSIX:
         self._unmask_cb, self._mask_cb, self._poll_cb = unmask, mask, poll
 
     # -- signalling -----------------------------------------------------------------------------
-    def notify(self, v: int) -> str:
-        """msix_notify: send vector *v*, or set its pending bit if masked.  Returns what happened."""
+    def notify(self, v: int) -> MsixNotifyOutcome:
+        """msix_notify: send vector *v*, or set its pending bit if masked.  Returns what happened.
+        Big lock held (VMM)."""
         if not 0 <= v < self.nvectors:
-            return "invalid"
+            return MsixNotifyOutcome.INVALID
         self.notifies[v] += 1
         if _t_notify.enabled:
             _t_notify.emit(dev=self.dev.name, vector=v, masked=self.is_masked(v))
         if not self.enabled:
             self.disabled_drops += 1
-            return "disabled"
+            return MsixNotifyOutcome.DISABLED
         if not self.use_count[v]:
             self.unused_drops += 1
-            return "unused"
+            return MsixNotifyOutcome.UNUSED
         if self.is_masked(v):
             self._set_pending(v)
             self.pended[v] += 1
             if _t_pend.enabled:
                 _t_pend.emit(dev=self.dev.name, vector=v)
-            return "pended"
+            return MsixNotifyOutcome.PENDED
         self._send(v)
-        return "sent"
+        return MsixNotifyOutcome.SENT
 
     def _send(self, v: int) -> None:
         addr, data = self.get_message(v)

@@ -14,7 +14,7 @@ Kick path (seed 002, as QEMU refined it):
   is cleared (which also clears DRIVER_OK) and when the VM is paused: the handler is removed, the
   ioeventfd deassigned (acknowledged by the hypervisor), the notifier *tested and cleared* -- a
   kick that landed just before the deassign is processed, not lost -- and closed;
-* with ``ioeventfd=off`` (or while stopped) every kick is a heavyweight exit into ``_notify_write``;
+* with ``ioeventfd=off`` (or while stopped) every kick is a heavyweight exit into ``notify_write``;
 * ``grab_ioeventfd``/``release_ioeventfd``: the host-notifier hand-off to vhost, a refcount; while
   grabbed the device's own handler leaves the queues alone; on release it takes them back and
   scans each ring once.
@@ -25,13 +25,24 @@ irqfd is deassigned (acknowledged) and the VMM polls the guest notifier instead,
 PBA bits; on unmask the irqfd comes back and a pending bit is delivered exactly once.  Without
 irqfd the device sends MSI messages through the hypervisor (``msix_notify``); without MSI-X it
 raises INTx and sets the ISR, which the driver reads to clear.
+
+What the proxy knows about each queue beyond the ``VirtQueue`` (the GSI its guest notifier is
+routed to, whether the irqfd is assigned, whether the VMM polls it) is a ``VirtIOPCIQueue`` record
+the proxy owns (QEMU's ``VirtIOPCIQueue`` in ``proxy->vqs[n]``), one per queue, created with the
+proxy; ``queue_state(n)`` gives a copy to readers (the monitor, the benchmarks).  Per vector, the
+GSI route and its users are a ``VirtIOIRQFD`` record (QEMU's ``proxy->vector_irqfd[vector]``).
+
+Locking: every method runs with the machine's big lock held (an MMIO exit on ``kc-vcpu<N>``, a
+handler on the main loop, a QMP handler that took it); see docs/threads.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import struct
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from .. import trace
@@ -42,13 +53,14 @@ from ..pci.device import PCIDevice
 from ..pci.msix import MSIX
 from ..pci import regs as R
 from .device import DRIVER_OK, FEATURES_OK, VirtIODevice
+from .paths import CallPath, KickPath
 from .queue import VIRTIO_NO_VECTOR, VirtQueue
 
 if TYPE_CHECKING:
     from ..hv.vmm import VM, MsiRoutes
     from ..loop import IOThread
 
-__all__ = ["VirtIOPCIProxy", "QUEUE_MEM_MULT", "VIRTIO_PCI_VENDOR_ID", "CFG_TYPE"]
+__all__ = ["VirtIOPCIProxy", "VirtIOPCIQueue", "VirtIOIRQFD", "QUEUE_MEM_MULT", "VIRTIO_PCI_VENDOR_ID", "CFG_TYPE"]
 
 log = logging.getLogger("kickcall.virtio.pci")
 
@@ -71,6 +83,30 @@ _t_queue_notify = trace.event("virtio_queue_notify", "a kick reached a virtqueue
 _t_notify_irqfd = trace.event("virtio_notify_irqfd", "a call was written to the queue's guest notifier")
 _t_ioeventfd = trace.event("virtio_pci_ioeventfd", "host notifiers started or stopped")
 _t_vector = trace.event("virtio_pci_vector_mask", "a queue's vector was masked or unmasked")
+
+
+@dataclass
+class VirtIOPCIQueue:
+    """The transport's own state of one queue (QEMU's ``VirtIOPCIQueue``): the call-path half
+    that the ``VirtQueue`` does not know about."""
+
+    index: int
+    gsi: int | None = None
+    """The GSI (KVM's virq) of the queue's vector while its guest notifier is bound, else None."""
+    irqfd: bool = False
+    """The guest notifier is assigned to ``gsi`` as an irqfd (vector unmasked)."""
+    polled: bool = False
+    """The VMM polls the queue's notifier (the guest notifier, or a vhost device's masked notifier)
+    into the vector's PBA bit (vector masked)."""
+
+
+@dataclass
+class VirtIOIRQFD:
+    """One MSI-X vector's route (QEMU's ``VirtIOIRQFD``): its GSI and how many bound guest
+    notifiers use it; the route is released with its last user."""
+
+    gsi: int
+    users: int = 0
 
 
 class VirtIOPCIProxy(PCIDevice):
@@ -106,9 +142,8 @@ class VirtIOPCIProxy(PCIDevice):
         self.guest_features_shadow = 0
         self.config_vector = VIRTIO_NO_VECTOR
         self.guest_notifiers_on = False
-        self._vec_gsi: dict[int, list[int]] = {}  # vector -> [gsi, refs]
-        self._polling: set[int] = set()  # queue indices whose guest notifier the VMM polls
-        self._irqfd_on: set[int] = set()
+        self._vector_irqfd: dict[int, VirtIOIRQFD] = {}  # per vector in use by a guest notifier
+        self._vqs = [VirtIOPCIQueue(q.index) for q in vdev.queues]  # proxy->vqs[n]
         self.kicks_while_grabbed = 0
         self.kicks_while_stopped = 0
         self.mask_windows: list[tuple[int, bool]] = []  # (queue, a call landed while masked), per unmask
@@ -132,6 +167,17 @@ class VirtIOPCIProxy(PCIDevice):
     @property
     def path(self) -> str:
         return self.vdev.path
+
+    def queue_state(self, index: int) -> VirtIOPCIQueue:
+        """A copy of the proxy's record of queue *index* (GSI, irqfd assigned, polled).  Read it
+        with the big lock held to see one consistent state."""
+        return dataclasses.replace(self._vqs[index])
+
+    @property
+    def _irqfd_on(self) -> set[int]:
+        """Deprecated: the queues whose irqfd is assigned, for ``MachineDevice.fault`` until it reads
+        ``queue_state(n).irqfd`` (it is being rewritten elsewhere); remove with that change."""
+        return {r.index for r in self._vqs if r.irqfd}
 
     def _add_virtio_cap(self, cfg_type: int, bar: int, offset: int, length: int, extra: bytes = b"") -> int:
         size = 16 + len(extra)
@@ -161,7 +207,7 @@ class VirtIOPCIProxy(PCIDevice):
         elif OFF_DEVICE <= off < OFF_DEVICE + REGION_SIZE:
             self.vdev.set_config(off - OFF_DEVICE, value.to_bytes(size, "little"))
         elif OFF_NOTIFY <= off < OFF_NOTIFY + REGION_SIZE:
-            self._notify_write(off - OFF_NOTIFY, value, size)
+            self.notify_write(off - OFF_NOTIFY, value, size)
 
     # -- common config ----------------------------------------------------------------------------------
     def _sel_queue(self) -> VirtQueue | None:
@@ -353,7 +399,7 @@ class VirtIOPCIProxy(PCIDevice):
         if self.deassign_test_and_clear.fix_on and n.test_and_clear():
             # the guest kicked, and the notifier was deassigned before the kick was handled
             self.deassign_hits += 1
-            self.kick(q, "ioeventfd")
+            self.kick(q, KickPath.IOEVENTFD)
         self.registry.unregister(n)
         n.close()
         return None
@@ -361,7 +407,7 @@ class VirtIOPCIProxy(PCIDevice):
     def _host_notifier_read(self, q: VirtQueue) -> None:
         n = q.host_notifier
         if n is not None and n.test_and_clear():
-            self.kick(q, "ioeventfd")
+            self.kick(q, KickPath.IOEVENTFD)
 
     def _active_queues(self) -> list[VirtQueue]:
         return [q for q in self.vdev.queues if q.enabled and q.num]
@@ -429,10 +475,14 @@ class VirtIOPCIProxy(PCIDevice):
         if self.ioeventfd_started:
             self._start_ioeventfd_impl()
         for q in self._active_queues():
-            self.kick(q, "release-scan")
+            self.kick(q, KickPath.RELEASE_SCAN)
 
-    def _notify_write(self, off: int, value: int, size: int) -> None:
-        """A heavyweight kick: the guest's notify write reached the VMM."""
+    def notify_write(self, off: int, value: int, size: int) -> None:
+        """The notify region's write handler (QEMU's ``virtio_pci_notify_write``): a heavyweight
+        kick, the guest's doorbell write at *off* (``QUEUE_MEM_MULT`` * queue) of the notify area
+        reached the VMM.  With a host notifier bound it is signalled (its owner handles the kick),
+        else the kick is delivered here.  Big lock held (a ``kc-vcpu<N>`` exit, or a QMP handler
+        injecting a kick)."""
         idx = off // QUEUE_MEM_MULT
         if not 0 <= idx < len(self.vdev.queues):
             return
@@ -443,19 +493,18 @@ class VirtIOPCIProxy(PCIDevice):
         if self.ioeventfd_grabbed:
             self.kicks_while_grabbed += 1
             return
-        self.kick(q, "mmio")
+        self.kick(q, KickPath.MMIO)
 
-    def kick(self, q: VirtQueue, path: str) -> None:
-        """Deliver a kick to the device (counts it, then runs or defers the queue handler)."""
-        q.kicks += 1
-        by = q.kicks_by_path
-        by[path] = by.get(path, 0) + 1
+    def kick(self, q: VirtQueue, path: KickPath) -> None:
+        """Deliver a kick to the device (counts it, then runs or defers the queue handler).  Big
+        lock held."""
+        q.count_kick(path)
         hook = self.hooks.get("kick")
         if hook is not None:
             hook(q)
         if _t_queue_notify.enabled:
             _t_queue_notify.emit(vdev=self.vdev.name, n=q.index, path=path)
-        if self.ioeventfd_grabbed and path != "release-scan":
+        if self.ioeventfd_grabbed and path != KickPath.RELEASE_SCAN:
             self.kicks_while_grabbed += 1
             return
         self.vdev.handle_kick(q)
@@ -466,25 +515,25 @@ class VirtIOPCIProxy(PCIDevice):
 
     # -- guest notifiers (call) ----------------------------------------------------------------------
     def _vector_gsi(self, vector: int) -> int:
-        ent = self._vec_gsi.get(vector)
+        ent = self._vector_irqfd.get(vector)
         if ent is None:
             assert self.routes is not None and self.msix is not None
             addr, data = self.msix.get_message(vector)
             gsi = self.routes.add(addr, data)
             self.routes.commit()
-            ent = self._vec_gsi[vector] = [gsi, 0]
-        ent[1] += 1
-        return ent[0]
+            ent = self._vector_irqfd[vector] = VirtIOIRQFD(gsi)
+        ent.users += 1
+        return ent.gsi
 
     def _vector_put(self, vector: int) -> None:
-        ent = self._vec_gsi.get(vector)
+        ent = self._vector_irqfd.get(vector)
         if ent is None:
             return
-        ent[1] -= 1
-        if ent[1] <= 0:
-            del self._vec_gsi[vector]
+        ent.users -= 1
+        if ent.users <= 0:
+            del self._vector_irqfd[vector]
             assert self.routes is not None
-            self.routes.release(ent[0])
+            self.routes.release(ent.gsi)
             self.routes.commit()
 
     def set_guest_notifiers(self, on: bool) -> None:
@@ -518,26 +567,29 @@ class VirtIOPCIProxy(PCIDevice):
         n = EventNotifier(f"{self.vdev.name}.vq{q.index}.guest")
         self.registry.register(n, self.path, Role.GUEST, queue=q.index, vector=v)
         q.guest_notifier = n
-        q._gsi = gsi  # type: ignore[attr-defined]
+        rec = self._vqs[q.index]
+        rec.gsi = gsi
         if self.msix.is_masked(v):
             self.vdev.guest_notifier_mask(q, True)
             self._start_polling(q)
         else:
             self.vm.irqfd(n, gsi)
-            self._irqfd_on.add(q.index)
+            rec.irqfd = True
             self.vdev.guest_notifier_mask(q, False)
 
     def _unbind_guest_notifier(self, q: VirtQueue) -> None:
         n = q.guest_notifier
         if n is None:
             return
-        if q.index in self._irqfd_on:
-            assert self.vm is not None
-            self.vm.irqfd(n, q._gsi, deassign=True)  # type: ignore[attr-defined]
-            self._irqfd_on.discard(q.index)
+        rec = self._vqs[q.index]
+        if rec.irqfd:
+            assert self.vm is not None and rec.gsi is not None
+            self.vm.irqfd(n, rec.gsi, deassign=True)
+            rec.irqfd = False
         self._stop_polling(q)
         self.vdev.guest_notifier_mask(q, None)  # a back-end gets the polled fallback notifier
         q.guest_notifier = None
+        rec.gsi = None
         if n.test_and_clear():  # a call made just before the teardown: deliver it the slow way
             self.notify_vector(q.vector)
         self.registry.unregister(n)
@@ -551,18 +603,20 @@ class VirtIOPCIProxy(PCIDevice):
 
     def _start_polling(self, q: VirtQueue) -> None:
         n = self._poll_target(q)
-        if n is None or q.index in self._polling:
+        rec = self._vqs[q.index]
+        if n is None or rec.polled:
             return
-        self._polling.add(q.index)
+        rec.polled = True
         if q.guest_notifier is not None and n is q.guest_notifier:
             self.registry.update(n, note="masked: polled by the VMM into the PBA")
         if self.iothread is not None:
             self.iothread.set_fd_handler(n.fileno(), functools.partial(self._masked_read, q, n))
 
     def _stop_polling(self, q: VirtQueue) -> None:
-        if q.index not in self._polling:
+        rec = self._vqs[q.index]
+        if not rec.polled:
             return
-        self._polling.discard(q.index)
+        rec.polled = False
         n = self._poll_target(q)
         if n is not None:
             if q.guest_notifier is not None and n is q.guest_notifier:
@@ -578,8 +632,8 @@ class VirtIOPCIProxy(PCIDevice):
         return [q for q in self.vdev.queues if q.vector == v and q.guest_notifier is not None]
 
     def _vector_unmask(self, v: int, address: int, data: int) -> None:
-        ent = self._vec_gsi.get(v)
-        if ent is not None and self.routes is not None and self.routes.update(ent[0], address, data):
+        ent = self._vector_irqfd.get(v)
+        if ent is not None and self.routes is not None and self.routes.update(ent.gsi, address, data):
             self.routes.commit()
         for q in self._queues_on_vector(v):
             if _t_vector.enabled:
@@ -593,20 +647,22 @@ class VirtIOPCIProxy(PCIDevice):
                 saw = True
                 if self.msix is not None:
                     self.msix.set_pending(v)  # delivered once by the unmask, below us
-            if q.index not in self._irqfd_on:
-                assert self.vm is not None and q.guest_notifier is not None
-                self.vm.irqfd(q.guest_notifier, q._gsi)  # type: ignore[attr-defined]
-                self._irqfd_on.add(q.index)
+            rec = self._vqs[q.index]
+            if not rec.irqfd:
+                assert self.vm is not None and q.guest_notifier is not None and rec.gsi is not None
+                self.vm.irqfd(q.guest_notifier, rec.gsi)
+                rec.irqfd = True
             self.mask_windows.append((q.index, saw))
 
     def _vector_mask(self, v: int) -> None:
         for q in self._queues_on_vector(v):
             if _t_vector.enabled:
                 _t_vector.emit(dev=self.name, queue=q.index, vector=v, masked=True)
-            if q.index in self._irqfd_on:
-                assert self.vm is not None and q.guest_notifier is not None
-                self.vm.irqfd(q.guest_notifier, q._gsi, deassign=True)  # type: ignore[attr-defined]
-                self._irqfd_on.discard(q.index)
+            rec = self._vqs[q.index]
+            if rec.irqfd:
+                assert self.vm is not None and q.guest_notifier is not None and rec.gsi is not None
+                self.vm.irqfd(q.guest_notifier, rec.gsi, deassign=True)
+                rec.irqfd = False
             self.vdev.guest_notifier_mask(q, True)  # a back-end now calls the masked notifier (acknowledged)
             self._start_polling(q)
 
@@ -639,15 +695,15 @@ class VirtIOPCIProxy(PCIDevice):
                 return
             n = q.guest_notifier
             if n is not None:
-                q.count_call("masked-poll" if q.index in self._polling else "irqfd")
+                q.count_call(CallPath.MASKED_POLL if self._vqs[q.index].polled else CallPath.IRQFD)
                 if _t_notify_irqfd.enabled:
                     _t_notify_irqfd.emit(vdev=self.vdev.name, vq=q.index, vector=q.vector)
                 n.set()
                 return
-            q.count_call("msi" if not m.is_masked(q.vector) else "pba")
+            q.count_call(CallPath.MSI if not m.is_masked(q.vector) else CallPath.PBA)
             m.notify(q.vector)
             return
-        q.count_call("intx")
+        q.count_call(CallPath.INTX)
         self.vdev.isr |= 1
         self.intx_calls += 1
         self.set_irq(1)
@@ -713,6 +769,6 @@ class VirtIOPCIProxy(PCIDevice):
             "inuse": q.inuse,
             "host-notifier": q.host_notifier is not None,
             "guest-notifier": q.guest_notifier is not None,
-            "irqfd": q.index in self._irqfd_on,
-            "polled": q.index in self._polling,
+            "irqfd": self._vqs[q.index].irqfd,
+            "polled": self._vqs[q.index].polled,
         }
