@@ -53,9 +53,6 @@ PENDING_ELSEWHERE: tuple[Allowed, ...] = (
             "half-built object; being fixed with the one virtio-blk request path"),
     Allowed("virtio/ring.py", "mb._held", "the ring's mapping helper reads a memory block's hold count; "
             "being fixed with the one chain walker"),
-    Allowed("machine/monitor.py", "p._irqfd_on", "MachineDevice.fault (rewritten with the fault registry) "
-            "reads it; it becomes p.queue_state(q.index).irqfd there, and VirtIOPCIProxy's deprecated "
-            "_irqfd_on property goes with it"),
 )
 
 _ATTR_BUILTINS = {"getattr", "setattr", "hasattr", "delattr", "attrgetter"}

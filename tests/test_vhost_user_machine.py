@@ -40,7 +40,7 @@ def test_machine_blk_served_by_qemu_storage_daemon_several_queues(workdir):
             for q in p.vdev.queues:
                 st = m.vm.ioeventfd_stats("memory", notify + 4 * q.index, 0, None, q.host_notifier)
                 assert st["hits"] > 0 and st["last_pid"] == m.guest_pid  # guest doorbell -> QSD's eventfd
-                assert q.guest_notifier is not None and q.index in p._irqfd_on
+                assert q.guest_notifier is not None and p.queue_state(q.index).irqfd
             assert sum(q.kicks for q in p.vdev.queues) == 0  # the VMM never handled a kick itself
             assert "SET_VRING_ENABLE" in p.vdev.fe.sent
         assert qsd.stop() == 0

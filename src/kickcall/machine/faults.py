@@ -89,7 +89,7 @@ def register_machine_faults(vm: VM, proxy: "VirtIOPCIProxy", lock: threading.RLo
 
     def call_notifier(i: int) -> EventNotifierLike | None:
         q = queue(i)
-        return q.guest_notifier if proxy.irqfd_active(i) else None
+        return q.guest_notifier if proxy.queue_state(i).irqfd else None
 
     reg = proxy.vdev.faults
     reg.add(NotifierDrop("lose-kick", "drop the queue's doorbell writes in the hypervisor's ioeventfd: the "

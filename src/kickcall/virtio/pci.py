@@ -173,12 +173,6 @@ class VirtIOPCIProxy(PCIDevice):
         with the big lock held to see one consistent state."""
         return dataclasses.replace(self._vqs[index])
 
-    @property
-    def _irqfd_on(self) -> set[int]:
-        """Deprecated: the queues whose irqfd is assigned, for ``MachineDevice.fault`` until it reads
-        ``queue_state(n).irqfd`` (it is being rewritten elsewhere); remove with that change."""
-        return {r.index for r in self._vqs if r.irqfd}
-
     def _add_virtio_cap(self, cfg_type: int, bar: int, offset: int, length: int, extra: bytes = b"") -> int:
         size = 16 + len(extra)
         off = self.add_capability(R.PCI_CAP_ID_VNDR, size)
@@ -344,10 +338,6 @@ class VirtIOPCIProxy(PCIDevice):
     def device_reset(self) -> None:
         """PCI reset / FLR: the virtio device goes back to status 0."""
         self.virtio_reset()
-
-    def irqfd_active(self, index: int) -> bool:
-        """Is queue *index*'s guest notifier wired to its vector's irqfd now?  (Big lock held.)"""
-        return index in self._irqfd_on
 
     # -- VirtioTransport ----------------------------------------------------------------------------------
     def dma_enabled(self) -> bool:
