@@ -2,9 +2,9 @@
 
 It plays QEMU's part with a memfd for RAM, driver-side split rings (kickcall.guest.virtio_ring),
 an eventfd kick and call per queue, and the message order QEMU 7.2 uses.  Its requests are the
-guest driver's: one request type and one request path (kickcall.guest.blk_request).  Completions are taken
-only when the call eventfd fires (the used index decides: a spurious call is counted and
-ignored).  When the back-end dies, the driver waits for the socket, negotiates again, hands the
+guest driver's: one request type and one request path (kickcall.guest.blk_request).
+Completions are taken only when the call eventfd fires (the used index decides: a spurious call
+is counted and ignored).  When the back-end dies, the driver waits for the socket, negotiates again, hands the
 inflight region back (INFLIGHT_SHMFD) and the back-end resubmits what was in flight.
 
 The workload verifies data: every block it uses is first written with a known content (block
