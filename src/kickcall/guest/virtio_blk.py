@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import struct
-import threading
-import time
-from typing import Any, Callable
 
 from ..virtio.blk import BLK_F_BLK_SIZE, BLK_F_FLUSH, BLK_F_MQ, BLK_F_RO, BLK_F_SEG_MAX, BLK_T_FLUSH, \
     BLK_T_GET_ID, BLK_T_IN, BLK_T_OUT
 from ..virtio.ring import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+from .blk_request import BlkItem, BlkRequest, complete_requests, submit_requests
 from .kernel import GuestKernel
 from .virtio_pci import VirtioPciDevice
 from .virtio_ring import Vring
@@ -19,30 +17,6 @@ __all__ = ["VirtioBlkDriver", "BlkRequest", "BLK_WANTED"]
 BLK_WANTED = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
               | (1 << BLK_F_FLUSH) | (1 << BLK_F_BLK_SIZE) | (1 << BLK_F_SEG_MAX) | (1 << BLK_F_MQ)
               | (1 << BLK_F_RO))
-HDR = struct.Struct("<IIQ")
-
-
-class BlkRequest:
-    """A request with its own header/status page and data buffer in guest RAM."""
-
-    __slots__ = ("type", "sector", "nbytes", "hdr", "data", "status", "done_cb", "done", "status_val",
-                 "t_submit", "t_done", "owner", "tag", "queue")
-
-    def __init__(self, kernel: GuestKernel, max_bytes: int) -> None:
-        self.hdr = kernel.pages.alloc(4096)
-        self.status = self.hdr + 2048
-        self.data = kernel.pages.alloc(max(max_bytes, 1)) if max_bytes else 0
-        self.type = BLK_T_IN
-        self.sector = 0
-        self.nbytes = 0
-        self.done_cb: Callable[["BlkRequest"], None] | None = None
-        self.done = threading.Event()
-        self.status_val = -1
-        self.t_submit = 0
-        self.t_done = 0
-        self.owner: Any = None  # the caller's (a workload's per-vCPU context): opaque to the driver
-        self.tag: Any = None  # the caller's (what the request was for): opaque to the driver
-        self.queue = 0
 
 
 class VirtioBlkDriver:
@@ -79,67 +53,27 @@ class VirtioBlkDriver:
         self.vdev.teardown()
         self.vqs = []
 
-    # -- I/O -------------------------------------------------------------------------------------------
+    # -- I/O (the shared request path: kickcall.guest.blk_request) ------------------------------------
     def prepare(self, req: BlkRequest, rtype: int, sector: int, nbytes: int) -> tuple[list, list]:
-        req.type, req.sector, req.nbytes = rtype, sector, nbytes
-        req.status_val = -1
-        req.done.clear()
-        mem = self.k.memory
-        mem.write(req.hdr, HDR.pack(rtype, 0, sector))
-        mem.write(req.status, b"\xff")
-        out = [(req.hdr, HDR.size)]
-        inn = []
-        if rtype == BLK_T_OUT:
-            out.append((req.data, nbytes))
-        elif rtype in (BLK_T_IN, BLK_T_GET_ID):
-            inn.append((req.data, nbytes))
-        inn.append((req.status, 1))
-        return out, inn
+        """Write *req*'s header and unset status into guest RAM; returns its chain (out, in) for a
+        caller that adds it to a ring itself."""
+        return req.prepare(self.k.memory, rtype, sector, nbytes)
 
-    def queue_reqs(self, q: int, reqs: list[tuple[BlkRequest, list, list]]) -> int:
-        """Add requests to queue *q* and kick once; returns how many went in."""
-        vq = self.vqs[q]
-        n = 0
-        with vq.lock:
-            for req, out, inn in reqs:
-                req.t_submit = time.monotonic_ns()
-                req.queue = q
-                if not vq.add(out, inn, req):
-                    break
-                n += 1
-            needs = vq.kick_prepare() if n else False
-        if needs:
-            vq.notify()
-        return n
+    def submit_batch(self, q: int, items: list[BlkItem]) -> int:
+        """Add (request, type, sector, nbytes) items to queue *q* and kick once; returns how many went in."""
+        return submit_requests(self.vqs[q], self.k.memory, items, q)
 
     def submit(self, q: int, req: BlkRequest, rtype: int, sector: int, nbytes: int) -> bool:
-        out, inn = self.prepare(req, rtype, sector, nbytes)
-        return self.queue_reqs(q, [(req, out, inn)]) == 1
+        return submit_requests(self.vqs[q], self.k.memory, [(req, rtype, sector, nbytes)], q) == 1
 
     def _vq_done(self, vq: Vring) -> None:
-        """The queue's interrupt handler: complete everything used, re-enable, re-check."""
-        mem = self.k.memory
-        while True:
-            with vq.lock:
-                vq.disable_cb()
-                done = []
-                while True:
-                    got = vq.get_buf()
-                    if got is None:
-                        break
-                    done.append(got[0])
-                again = not vq.enable_cb()
-            for req in done:
-                req.status_val = mem.read(req.status, 1)[0]
-                req.t_done = time.monotonic_ns()
-                self.completed += 1
-                if req.status_val != 0:
-                    self.errors += 1
-                req.done.set()
-                if req.done_cb is not None:
-                    req.done_cb(req)
-            if not again:
-                return
+        """The queue's interrupt handler (``virtblk_done``): complete everything used, re-enable, re-check."""
+        complete_requests(vq, self.k.memory, self._account)
+
+    def _account(self, req: BlkRequest) -> None:
+        self.completed += 1
+        if req.status_val != 0:
+            self.errors += 1
 
     def sync_io(self, req: BlkRequest, rtype: int, sector: int, nbytes: int, q: int = 0,
                 timeout: float = 30.0) -> int:

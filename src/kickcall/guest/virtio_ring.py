@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-from ..memory import GuestMemory
+from ..memory import GuestMemory, GuestMemoryError
 from ..virtio.layout import (
     AVAIL_FLAGS_U16,
     AVAIL_IDX_U16,
@@ -62,6 +62,14 @@ class Vring:
         self.avail = alloc(avail_size(num), 4096)
         self.used = alloc(used_size(num), 4096)
         self.indirect_tables = alloc(num * desc_table_size(INDIRECT_MAX), 4096) if indirect else 0
+        # the indirect tables mapped once (None: they cross a seam between RAM regions; each add
+        # then maps its own table)
+        self._imap: tuple[Any, int] | None = None
+        if indirect:
+            try:
+                self._imap = mem.translate(self.indirect_tables, num * desc_table_size(INDIRECT_MAX))
+            except GuestMemoryError:
+                pass
         mem.fill(self.desc, desc_table_size(num))
         mem.fill(self.avail, avail_size(num))
         mem.fill(self.used, used_size(num))
@@ -109,11 +117,25 @@ class Vring:
         dmm, doff = self._dmm, self._doff
         if use_ind:
             tbl = self.indirect_tables + head * INDIRECT_MAX * DESC_SIZE
-            mm, off = self.mem.translate(tbl, total * DESC_SIZE)
-            bufs = [(g, n, 0) for g, n in out] + [(g, n, VRING_DESC_F_WRITE) for g, n in inn]
-            for i, (g, n, f) in enumerate(bufs):
-                last = i == total - 1
-                DESC.pack_into(mm, off + DESC_SIZE * i, g, n, f | (0 if last else VRING_DESC_F_NEXT), 0 if last else i + 1)
+            if self._imap is not None:
+                mm, off = self._imap[0], self._imap[1] + head * INDIRECT_MAX * DESC_SIZE
+            else:
+                mm, off = self.mem.translate(tbl, total * DESC_SIZE)
+            # entries 0..total-2 chain to the next; the last one ends the table
+            i = 0
+            last = total - 1
+            for g, n in out:
+                if i == last:
+                    DESC.pack_into(mm, off + DESC_SIZE * i, g, n, 0, 0)
+                else:
+                    DESC.pack_into(mm, off + DESC_SIZE * i, g, n, VRING_DESC_F_NEXT, i + 1)
+                i += 1
+            for g, n in inn:
+                if i == last:
+                    DESC.pack_into(mm, off + DESC_SIZE * i, g, n, VRING_DESC_F_WRITE, 0)
+                else:
+                    DESC.pack_into(mm, off + DESC_SIZE * i, g, n, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, i + 1)
+                i += 1
             nxt = DESC.unpack_from(dmm, doff + DESC_SIZE * head)[3]
             DESC.pack_into(dmm, doff + DESC_SIZE * head, tbl, total * DESC_SIZE, VRING_DESC_F_INDIRECT, nxt)
             self.free_head = nxt

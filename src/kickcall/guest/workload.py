@@ -147,20 +147,19 @@ class BlkWorkload:
                     req = free.pop()
                     busy_blocks.add(b)
                     if read:
-                        out, inn = self.drv.prepare(req, BLK_T_IN, b * self.bs // SECTOR, self.bs)
                         req.tag = (b, None, to_verify is not None)
+                        batch.append((req, BLK_T_IN, b * self.bs // SECTOR, self.bs))
                     else:
                         with self._gen_mu:
                             gen = self.next_gen
                             self.next_gen += 1
                         self.k.memory.write(req.data, block_content(b, gen, self.bs))
                         self.verifier.write_submitted(b, gen)
-                        out, inn = self.drv.prepare(req, BLK_T_OUT, b * self.bs // SECTOR, self.bs)
                         req.tag = (b, gen, False)
-                    batch.append((req, out, inn))
-                n = self.drv.queue_reqs(q, batch)
+                        batch.append((req, BLK_T_OUT, b * self.bs // SECTOR, self.bs))
+                n = self.drv.submit_batch(q, batch)
                 inflight += n
-                for req, _o, _i in batch[n:]:  # ring full: put back
+                for req, *_ in batch[n:]:  # ring full: put back
                     busy_blocks.discard(req.tag[0])
                     free.append(req)
                     if to_verify is not None:
