@@ -569,10 +569,10 @@ def _two_memfd_driver(sock: str):
 
 
 def _do_io(drv, rtype: int, sector: int, data_gpa: int, nbytes: int, timeout: float):
-    from kickcall.drive.vhost_user_blk import Req
+    from kickcall.guest.blk_request import BlkRequest
 
     hdr = drv.pages.alloc(PAGE)
-    r = Req(rtype, sector, nbytes, hdr, data_gpa, hdr + 2048)
+    r = BlkRequest.at(hdr, data_gpa, nbytes)
     try:
         assert drv.submit(0, [(r, rtype, sector, nbytes)]) == 1
         ok = r.done.wait(timeout)

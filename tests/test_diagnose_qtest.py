@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from helpers import kickcall_argv, spawn, stop_process, wait_for
-from kickcall.peers.qtest import BlkRequest, HealthyWorkload, QtestVM, VirtioBlkQtestDriver
+from kickcall.peers.qtest import QtestBlkIo, HealthyWorkload, QtestVM, VirtioBlkQtestDriver
 from qmp_proxy import RecordingProxy, check
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
@@ -31,7 +31,7 @@ def emu(workdir):
     vm.start()
     try:
         drv = VirtioBlkQtestDriver(vm.session, event_idx=True).setup()
-        drv.io([BlkRequest.write(8, _data("warm"))])  # one round trip: QEMU's avail_event and used_event set
+        drv.io([QtestBlkIo.write(8, _data("warm"))])  # one round trip: QEMU's avail_event and used_event set
         drv.consume(update_used_event=True)
         with RecordingProxy(os.path.join(workdir, "p.qmp"), vm.qmp_path) as proxy:
             yield vm, drv, proxy
@@ -73,7 +73,7 @@ def test_idle_and_healthy(emu):
 
 def test_published_buffer_without_a_notify_is_a_lost_kick(emu):
     vm, drv, proxy = emu
-    drv.publish([BlkRequest.write(16, _data("k"))], notify=False)
+    drv.publish([QtestBlkIo.write(16, _data("k"))], notify=False)
     rc, rep = diagnose(proxy, "-v", "--fix")
     q = _blk(rep, vm)
     assert rc == 1 and q["verdict"] == "lost kick", json.dumps(q, indent=1)
@@ -95,7 +95,7 @@ def test_completion_whose_interrupt_is_withheld_is_a_lost_call(emu):
     vm, drv, proxy = emu
     drv.ack_interrupt()
     before = drv.used_idx()
-    drv.publish([BlkRequest.write(24, _data("c"))], notify=True)
+    drv.publish([QtestBlkIo.write(24, _data("c"))], notify=True)
     drv.wait_used(1)  # QEMU completed it and signalled; the driver never acts on the interrupt
     rc, rep = diagnose(proxy, "-v")
     q = _blk(rep, vm)
@@ -126,10 +126,10 @@ def test_request_stuck_in_the_block_layer_is_not_processing(workdir):
         vm = QtestVM(workdir, blockdev=f"driver=nbd,node-name=disk0,server.type=unix,server.path={nbd},export=disk")
         vm.start()
         drv = VirtioBlkQtestDriver(vm.session, event_idx=True).setup()
-        drv.io([BlkRequest.write(8, _data("nbd"))])
+        drv.io([QtestBlkIo.write(8, _data("nbd"))])
         drv.consume(update_used_event=True)
         os.kill(qsd.pid, signal.SIGSTOP)
-        drv.publish([BlkRequest.read(8, 4096, _data("nbd"))], notify=True)
+        drv.publish([QtestBlkIo.read(8, 4096, _data("nbd"))], notify=True)
         with RecordingProxy(os.path.join(workdir, "p.qmp"), vm.qmp_path) as proxy:
             rc, rep = diagnose(proxy, "--window", "2", "--timeout", "10", "-v")
             assert check(proxy.sent, "qemu") == []

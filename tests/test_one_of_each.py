@@ -271,8 +271,8 @@ BLK_PATH = ("BlkRequest", "submit_requests", "complete_requests")
 BLK_HEADER_KNOWN = {
     "kickcall.peers.qtest.VirtioBlkQtestDriver":
         "drives QEMU's virtio-blk over qtest: guest RAM is reached by qtest memwrite, not mapped, so "
-        "the shared path's Vring cannot serve it; it still packs its own '<IIQB' header (its owner "
-        "should take kickcall.virtio.blk.HDR)",
+        "the shared path's Vring cannot serve it; it packs kickcall.virtio.blk.HDR itself into a "
+        "qtest write",
 }
 
 _STRUCT_CALLS = {"Struct", "pack", "pack_into", "calcsize", "unpack", "unpack_from", "iter_unpack"}

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import wait_for
 from kickcall.peers.qtest import (
-    BlkRequest,
+    QtestBlkIo,
     HealthyWorkload,
     QtestError,
     QtestErrorKind,
@@ -80,19 +80,19 @@ def test_data_written_through_the_driver_reads_back(vm_factory, event_idx):
     drv = _driver(vm)
     assert drv.event_idx is event_idx
     assert drv.capacity == vm.disk_size // 512
-    writes = [BlkRequest.write(64 + 8 * i, _data(f"w{i}")) for i in range(4)]
+    writes = [QtestBlkIo.write(64 + 8 * i, _data(f"w{i}")) for i in range(4)]
     done = drv.io(writes)
     assert [c.status for c in done] == [0] * 4 and all(c.used_len == 1 for c in done)
     with open(vm.disk_path, "rb") as f:  # what QEMU wrote to the image file, read independently
         for r in writes:
             f.seek(r.sector * 512)
             assert f.read(len(r.data)) == r.data
-    done = drv.io([BlkRequest.read(r.sector, len(r.data), r.data) for r in writes])
+    done = drv.io([QtestBlkIo.read(r.sector, len(r.data), r.data) for r in writes])
     assert [c.data for c in done] == [r.data for r in writes]
     assert all(c.used_len == 4096 + 1 for c in done)  # data + status byte
     # a read that does not match is reported as such
     with pytest.raises(QtestError) as ei:
-        drv.io([BlkRequest.read(64, 4096, _data("other"))])
+        drv.io([QtestBlkIo.read(64, 4096, _data("other"))])
     assert ei.value.kind is QtestErrorKind.DATA
     st = drv.state()
     assert st["used_idx"] == st["avail_idx"] == st["last_used"] == 9 and st["in_flight"] == 0
@@ -107,8 +107,8 @@ def test_published_request_waits_for_the_notify(vm_factory, event_idx, notify):
     (The ``notify`` variant shows the observation can tell the two apart.)"""
     vm = vm_factory(event_idx=event_idx)
     drv = _driver(vm)
-    drv.io([BlkRequest.write(8, _data("before"))])
-    kicked = drv.publish([BlkRequest.read(8, 4096, _data("before"))], notify=notify)
+    drv.io([QtestBlkIo.write(8, _data("before"))])
+    kicked = drv.publish([QtestBlkIo.read(8, 4096, _data("before"))], notify=notify)
     assert kicked is notify
     if notify:
         wait_for(lambda: _queue_status(vm)["used-idx"] == 2, 30, "the kicked request to complete")
@@ -133,14 +133,14 @@ def test_avail_event_tracks_with_event_idx(vm_factory):
     vm = vm_factory(event_idx=True)
     drv = _driver(vm)
     for n in range(1, 6):
-        assert drv.publish([BlkRequest.write(8 * n, _data(f"e{n}"))] * 1, notify=True)
+        assert drv.publish([QtestBlkIo.write(8 * n, _data(f"e{n}"))] * 1, notify=True)
         drv.wait_used(1)
         assert drv.avail_event() == drv.avail_idx == n  # QEMU took everything up to avail.idx
         drv.consume(update_used_event=True)
         assert drv.used_event() == n
     # two un-notified requests: QEMU's avail_event stays where it was; one kick covers both
-    drv.publish([BlkRequest.write(100, _data("a"))], notify=False)
-    drv.publish([BlkRequest.write(108, _data("b"))], notify=False)
+    drv.publish([QtestBlkIo.write(100, _data("a"))], notify=False)
+    drv.publish([QtestBlkIo.write(108, _data("b"))], notify=False)
     assert drv.avail_event() == 5
     assert drv.kick()
     drv.wait_used(2)
@@ -152,7 +152,7 @@ def test_without_event_idx_qemu_leaves_the_event_fields_alone(vm_factory):
     vm = vm_factory(event_idx=False)
     drv = _driver(vm)
     for n in range(3):
-        drv.io([BlkRequest.write(8 * n, _data(f"n{n}"))])
+        drv.io([QtestBlkIo.write(8 * n, _data(f"n{n}"))])
     assert drv.avail_event() == 0 and drv.used_event() == 0 and drv.used_flags() == 0
     st = _queue_status(vm)
     assert st["signalled-used-valid"] is False and st["used-idx"] == 3
@@ -161,8 +161,8 @@ def test_without_event_idx_qemu_leaves_the_event_fields_alone(vm_factory):
 def test_qmp_queue_status_agrees_with_guest_memory(vm_factory):
     vm = vm_factory(event_idx=True)
     drv = _driver(vm, queue_size=32)
-    drv.io([BlkRequest.write(8 * i, _data(f"q{i}")) for i in range(3)])
-    drv.publish([BlkRequest.read(0, 4096)], notify=False)
+    drv.io([QtestBlkIo.write(8 * i, _data(f"q{i}")) for i in range(3)])
+    drv.publish([QtestBlkIo.read(0, 4096)], notify=False)
     st = _queue_status(vm)
     assert (st["vring-desc"], st["vring-avail"], st["vring-used"]) == (drv.desc, drv.avail, drv.used)
     assert st["vring-num"] == drv.num == 32 and st["vring-num-default"] == 256
@@ -204,7 +204,7 @@ def test_masked_vector_holds_the_interrupt_in_the_pba(vm_factory):
     drv = _driver(vm)
     drv.ack_interrupt()
     drv.set_vector_masked(1, True)
-    drv.publish([BlkRequest.write(8, _data("m"))])
+    drv.publish([QtestBlkIo.write(8, _data("m"))])
     drv.wait_used(1)
     assert drv.vector_pending(1) and not drv.interrupt_pending(1)
     assert _queue_status(vm)["signalled-used"] == 1  # QEMU counts it as signalled all the same
@@ -245,10 +245,10 @@ def test_session_errors_carry_a_kind(vm_factory):
     assert ei.value.kind is QtestErrorKind.NOT_FOUND
     drv = _driver(vm)
     with pytest.raises(QtestError) as ei:
-        drv.publish([BlkRequest.write(drv.capacity, _data("x"))])
+        drv.publish([QtestBlkIo.write(drv.capacity, _data("x"))])
     assert ei.value.kind is QtestErrorKind.USAGE
     with pytest.raises(QtestError) as ei:
-        drv.publish([BlkRequest.write(0, _data("x"))] * (drv.num // 3 + 1), notify=False)
+        drv.publish([QtestBlkIo.write(0, _data("x"))] * (drv.num // 3 + 1), notify=False)
     assert ei.value.kind is QtestErrorKind.RING
     with pytest.raises(QtestError) as ei:
         drv.wait_used(1, timeout=0.2)

@@ -43,7 +43,6 @@ import base64
 import enum
 import os
 import socket
-import struct
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -51,6 +50,12 @@ from dataclasses import dataclass, field
 
 from ..monitor.client import QMPClient
 from ..threads import named_thread
+from ..virtio.blk import BLK_S_OK as VIRTIO_BLK_S_OK
+from ..virtio.blk import BLK_T_IN as VIRTIO_BLK_T_IN
+from ..virtio.blk import BLK_T_OUT as VIRTIO_BLK_T_OUT
+from ..virtio.blk import HDR as BLK_HDR
+from ..virtio.blk import SECTOR
+from ..virtio.ring import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY, vring_need_event
 from ..virtio.layout import (
     DESC,
     USED_ELEM,
@@ -70,7 +75,7 @@ from ..virtio.layout import (
 from .qemu import QEMU_BINARY, ManagedProcess, PeerError, VhostUserBlk, check_socket_path, open_qmp, qmp_quit
 
 __all__ = [
-    "BlkCompletion", "BlkRequest", "HealthyWorkload", "QtestError", "QtestErrorKind", "QtestSession",
+    "BlkCompletion", "QtestBlkIo", "HealthyWorkload", "QtestError", "QtestErrorKind", "QtestSession",
     "QtestVM", "VirtioBlkQtestDriver", "halt_firmware", "vring_need_event",
 ]
 
@@ -403,21 +408,11 @@ CC_MSIX_CONFIG, CC_NUM_QUEUES, CC_STATUS = 0x10, 0x12, 0x14
 CC_Q_SELECT, CC_Q_SIZE, CC_Q_MSIX, CC_Q_ENABLE, CC_Q_NOFF = 0x16, 0x18, 0x1A, 0x1C, 0x1E
 CC_Q_DESC, CC_Q_AVAIL, CC_Q_USED = 0x20, 0x28, 0x30
 
-VRING_DESC_F_NEXT, VRING_DESC_F_WRITE = 1, 2
-VRING_USED_F_NO_NOTIFY = 1
-VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT = 0, 1
-VIRTIO_BLK_S_OK = 0
-SECTOR = 512
 STATUS_SENTINEL = 0xA5  # written into the status byte at publish; the device overwrites it
 
 
-def vring_need_event(event: int, new: int, old: int) -> bool:
-    """The virtio spec's ``vring_need_event``: did the index move past *event* going old -> new?"""
-    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-
-
 @dataclass(frozen=True)
-class BlkRequest:
+class QtestBlkIo:
     """One virtio-blk request: a write of *data* at *sector*, or a read of *length* bytes (whose
     result, when *expect* is given, must equal it)."""
     op: int
@@ -427,18 +422,18 @@ class BlkRequest:
     expect: bytes | None = field(default=None, repr=False)
 
     @classmethod
-    def write(cls, sector: int, data: bytes) -> BlkRequest:
+    def write(cls, sector: int, data: bytes) -> QtestBlkIo:
         return cls(VIRTIO_BLK_T_OUT, sector, bytes(data), len(data))
 
     @classmethod
-    def read(cls, sector: int, length: int, expect: bytes | None = None) -> BlkRequest:
+    def read(cls, sector: int, length: int, expect: bytes | None = None) -> QtestBlkIo:
         return cls(VIRTIO_BLK_T_IN, sector, b"", length, expect)
 
 
 @dataclass
 class BlkCompletion:
     """A reaped used entry: its request, the device's status byte and used length, the data read."""
-    request: BlkRequest
+    request: QtestBlkIo
     head: int
     status: int
     used_len: int
@@ -458,7 +453,7 @@ class _Slot:
     head: int
     hdr: int  # 16-byte header, then the status byte at hdr + 16
     buf: int
-    request: BlkRequest | None = None
+    request: QtestBlkIo | None = None
     published_at: float = 0.0
 
 
@@ -773,7 +768,7 @@ class VirtioBlkQtestDriver:
             }
 
     # -- requests
-    def _check(self, r: BlkRequest) -> None:
+    def _check(self, r: QtestBlkIo) -> None:
         if r.op not in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT):
             raise QtestError(QtestErrorKind.USAGE, f"request type {r.op} is not a read or a write")
         if r.length <= 0 or r.length % SECTOR or r.length > self.max_request_bytes:
@@ -785,7 +780,7 @@ class VirtioBlkQtestDriver:
         if r.expect is not None and len(r.expect) != r.length:
             raise QtestError(QtestErrorKind.USAGE, "expected data length differs from the read length")
 
-    def publish(self, requests: Iterable[BlkRequest], notify: bool = True) -> bool:
+    def publish(self, requests: Iterable[QtestBlkIo], notify: bool = True) -> bool:
         """Put *requests* on the avail ring and bump avail.idx once. With *notify*, decide like Linux's
         ``virtqueue_kick_prepare`` (EVENT_IDX: ``vring_need_event(avail_event, new, old)`` over
         everything added since the last decision; otherwise ``!(used.flags & NO_NOTIFY)``) and notify
@@ -803,7 +798,7 @@ class VirtioBlkQtestDriver:
                 s.request, s.published_at = r, time.monotonic()
                 if r.op == VIRTIO_BLK_T_OUT:
                     self.qt.memwrite(s.buf, r.data)
-                self.qt.memwrite(s.hdr, struct.pack("<IIQB", r.op, 0, r.sector, STATUS_SENTINEL))
+                self.qt.memwrite(s.hdr, BLK_HDR.pack(r.op, 0, r.sector) + bytes([STATUS_SENTINEL]))
                 dflags = VRING_DESC_F_NEXT | (VRING_DESC_F_WRITE if r.op == VIRTIO_BLK_T_IN else 0)
                 chain = DESC.pack(s.hdr, 16, VRING_DESC_F_NEXT, s.head + 1)
                 chain += DESC.pack(s.buf, r.length, dflags, s.head + 2)
@@ -892,7 +887,7 @@ class VirtioBlkQtestDriver:
                 self.set_used_event(self._last_used)
         return out
 
-    def io(self, requests: Sequence[BlkRequest], timeout: float | None = None) -> list[BlkCompletion]:
+    def io(self, requests: Sequence[QtestBlkIo], timeout: float | None = None) -> list[BlkCompletion]:
         """Publish with a kick, wait for all of them, consume: synchronous I/O."""
         with self._lock:
             self.publish(requests, notify=True)
@@ -930,8 +925,8 @@ class HealthyWorkload:
             while not self._stop.is_set():
                 secs = [self.first + ((n * self.depth + i) * step) % self.span for i in range(self.depth)]
                 datas = [(f"kc-healthy-{n}-{s}-".encode() * (self.size // 8 + 1))[:self.size] for s in secs]
-                self.driver.io([BlkRequest.write(s, d) for s, d in zip(secs, datas, strict=True)], self.timeout)
-                self.driver.io([BlkRequest.read(s, self.size, d) for s, d in zip(secs, datas, strict=True)], self.timeout)
+                self.driver.io([QtestBlkIo.write(s, d) for s, d in zip(secs, datas, strict=True)], self.timeout)
+                self.driver.io([QtestBlkIo.read(s, self.size, d) for s, d in zip(secs, datas, strict=True)], self.timeout)
                 n += 1
                 with self._cond:
                     self.rounds = n
