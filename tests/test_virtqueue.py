@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from kickcall.memory import GuestMemory
 from kickcall.virtio import ring
+from kickcall.virtio.queue import RingErrorKind as K
 from kickcall.virtio.queue import VirtQueue, VirtQueueElement, VirtQueueError
 from kickcall.virtio.ring import mb, vring_need_event
 
@@ -167,8 +168,9 @@ def test_avail_idx_more_than_queue_size_ahead_raises(r, last):
         r.set_avail_slot(k, 0)
     r.set_avail_idx(last + r.num + 1)
     before = r.ram()
-    with pytest.raises(VirtQueueError):
+    with pytest.raises(VirtQueueError) as ei:
         r.q.pop()
+    assert ei.value.kind is K.BAD_AVAIL_IDX
     assert r.q.last_avail_idx == last and r.q.inuse == 0
     assert r.ram() == before
     # exactly queue-size ahead is fine
@@ -212,28 +214,33 @@ def test_invalid_chain_is_not_consumed(rei):
     rei.desc(0, BUF, 16, F_NEXT, 0)  # loops on itself
     rei.offer(0)
     before = rei.ram()
-    with pytest.raises(VirtQueueError):
+    with pytest.raises(VirtQueueError) as ei:
         rei.q.pop()
+    assert ei.value.kind is K.CHAIN_LOOP
     assert rei.q.last_avail_idx == 0 and rei.q.inuse == 0
     assert rei.ram() == before
 
 
-@pytest.mark.parametrize("rings", [
-    (RAM_SIZE, AVAIL_GPA, USED_GPA),  # descriptor table past the end of RAM
-    (RAM_SIZE - 64, AVAIL_GPA, USED_GPA),  # ... straddling the end
-    (DESC_GPA, RAM_SIZE - 4, USED_GPA),  # avail ring straddling the end
-    (DESC_GPA, AVAIL_GPA, RAM_SIZE + 0x1000),  # used ring outside RAM
-    (DESC_GPA, AVAIL_GPA, (1 << 64) - 64),  # ... near 2**64
-    (DESC_GPA + 8, AVAIL_GPA, USED_GPA),  # misaligned descriptor table
-    (DESC_GPA, AVAIL_GPA + 1, USED_GPA),  # misaligned avail ring
-    (DESC_GPA, AVAIL_GPA, USED_GPA + 2),  # misaligned used ring
+@pytest.mark.parametrize("rings,kind", [
+    ((RAM_SIZE, AVAIL_GPA, USED_GPA), K.RING_OUTSIDE_RAM),  # descriptor table past the end of RAM
+    ((RAM_SIZE - 64, AVAIL_GPA, USED_GPA), K.RING_OUTSIDE_RAM),  # ... straddling the end
+    ((DESC_GPA, RAM_SIZE - 4, USED_GPA), K.RING_OUTSIDE_RAM),  # avail ring straddling the end
+    ((DESC_GPA, AVAIL_GPA, RAM_SIZE + 0x1000), K.RING_OUTSIDE_RAM),  # used ring outside RAM
+    ((DESC_GPA, AVAIL_GPA, (1 << 64) - 64), K.RING_OUTSIDE_RAM),  # ... near 2**64
+    ((DESC_GPA + 8, AVAIL_GPA, USED_GPA), K.RING_MISALIGNED),  # misaligned descriptor table
+    ((DESC_GPA, AVAIL_GPA + 1, USED_GPA), K.RING_MISALIGNED),  # misaligned avail ring
+    ((DESC_GPA, AVAIL_GPA, USED_GPA + 2), K.RING_MISALIGNED),  # misaligned used ring
 ])
-def test_rings_outside_ram_or_misaligned_make_pop_raise(r, rings):
+def test_rings_outside_ram_or_misaligned_make_pop_raise(r, rings, kind):
     r.q.set_rings(*rings)
-    with pytest.raises(VirtQueueError):
+    with pytest.raises(VirtQueueError) as ei:
         r.q.pop()
-    with pytest.raises(VirtQueueError):
+    assert ei.value.kind is kind
+    with pytest.raises(VirtQueueError) as ei:
         r.q.push(VirtQueueElement(0), 0)
+    assert ei.value.kind is kind
+    # the monitors' description says the same, without raising
+    assert r.q.describe_chain(0).fault.kind is kind
 
 
 def test_queue_size_must_be_a_power_of_two():
@@ -380,7 +387,8 @@ def test_status_has_qemus_fields(r):
     r.offer(0)
     r.q.pop()
     st_ = r.q.status()
-    assert set(st_) == QEMU_STATUS_FIELDS
+    assert set(st_) == QEMU_STATUS_FIELDS | {"errors", "errors-by-kind"}  # QEMU's, and the ring error counts
+    assert st_["errors"] == 0 and st_["errors-by-kind"] == {}
     assert st_["name"] == "t.vq3" and st_["queue-index"] == 3
     assert st_["vring-num"] == 8 and st_["vring-num-default"] == 8 and st_["vring-align"] == 4096
     assert (st_["vring-desc"], st_["vring-avail"], st_["vring-used"]) == (DESC_GPA, AVAIL_GPA, USED_GPA)
