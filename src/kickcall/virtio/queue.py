@@ -111,6 +111,12 @@ class InflightTracker(Protocol):
     def after_push(self, head: int, used_idx: int) -> None: ...
 
 
+#: ``describe_chain`` reports an invalid chain's fault (kind and failing descriptor).  False only
+#: to show, in tests, what the monitors did before they used the device's walker: they showed a
+#: chain the device refuses as if it were fine.
+DESCRIBE_FAULTS = True
+
+
 class RingErrorKind(StrEnum):
     """Why the device refused a ring or a descriptor chain: one value per rule ``pop()`` (and
     ``map()``) enforces.  Named after the reasons QEMU's ``virtqueue_pop``/``virtqueue_map_desc``
@@ -177,11 +183,14 @@ class RingErrorKind(StrEnum):
 class VirtQueueError(Exception):
     """The guest put something invalid in the ring; the device must be marked broken.
 
-    ``kind`` says which rule was broken (code decides on it); the message is for operators."""
+    ``kind`` says which rule was broken (code decides on it); the message is for operators;
+    ``fault`` is the walker's verdict when there is one (the failing descriptor), as
+    ``VirtQueue.describe_chain`` reports it."""
 
-    def __init__(self, kind: RingErrorKind, msg: str) -> None:
+    def __init__(self, kind: RingErrorKind, msg: str, fault: ChainFault | None = None) -> None:
         super().__init__(msg)
         self.kind = kind
+        self.fault = fault
 
 
 @dataclass(slots=True)
@@ -531,7 +540,7 @@ class VirtQueue:
         n = self.num
         rings = map_rings(mem, self.desc, self.avail, self.used, n)
         if isinstance(rings, ChainFault):
-            raise VirtQueueError(rings.kind, f"{self.name}: {rings.message}")
+            raise VirtQueueError(rings.kind, f"{self.name}: {rings.message}", rings)
         (self._dmm, self._doff), (amm, aoff), (self._umm, self._uoff) = rings
         # Indices and flags are shared with the other side: each is read and written with one
         # 16-bit access (struct would move them byte by byte and the other process could see a
@@ -549,7 +558,8 @@ class VirtQueue:
     def _need_map(self) -> None:
         if not self._mapped:
             if self.mem is None:
-                raise VirtQueueError(RingErrorKind.RING_NOT_MAPPED, f"{self.name}: no guest memory")
+                fault = ChainFault(RingErrorKind.RING_NOT_MAPPED, "no guest memory")
+                raise VirtQueueError(fault.kind, f"{self.name}: {fault.message}", fault)
             self.map(self.mem)
 
     # -- ring reads -------------------------------------------------------------------------------------
@@ -655,7 +665,7 @@ class VirtQueue:
         assert mem is not None  # mapped
         walked = walk_chain(mem, self._dmm, self._doff, self.num, head, self.indirect)  # (_read_chain, inlined)
         if not isinstance(walked, VirtQueueElement):
-            raise VirtQueueError(walked.kind, f"{self.name}: {walked.message}")
+            raise VirtQueueError(walked.kind, f"{self.name}: {walked.message}", walked)
         elem = walked
         self.last_avail_idx = (last + 1) & 0xFFFF
         self.inuse += 1
@@ -675,7 +685,7 @@ class VirtQueue:
         assert mem is not None
         r = walk_chain(mem, self._dmm, self._doff, self.num, head, self.indirect)
         if isinstance(r, ChainFault):
-            raise VirtQueueError(r.kind, f"{self.name}: {r.message}")
+            raise VirtQueueError(r.kind, f"{self.name}: {r.message}", r)
         return r
 
     def describe_chain(self, head: int, limit: int = 256, mem: GuestMemory | None = None) -> ChainDescription:
@@ -687,16 +697,18 @@ class VirtQueue:
         (the whole chain is still validated)."""
         mem = self.mem if mem is None else mem
         if mem is None:
-            return ChainDescription(head, [], ChainFault(RingErrorKind.RING_NOT_MAPPED, "no guest memory"))
+            return ChainDescription(head, [], ChainFault(RingErrorKind.RING_NOT_MAPPED, "no guest memory")
+                                    if DESCRIBE_FAULTS else None)
         rings = map_rings(mem, self.desc, self.avail, self.used, self.num)
         if isinstance(rings, ChainFault):
-            return ChainDescription(head, [], rings)
+            return ChainDescription(head, [], rings if DESCRIBE_FAULTS else None)
         (dmm, doff), _a, _u = rings
         trail: list[WalkedDesc] = []
         r = walk_chain(mem, dmm, doff, self.num, head, self.indirect, trail)
         d = ChainDescription(head, trail[:limit], truncated=len(trail) > limit)
         if isinstance(r, ChainFault):
-            d.fault = r
+            if DESCRIBE_FAULTS:
+                d.fault = r
         else:
             d.element = r
         return d
