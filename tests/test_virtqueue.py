@@ -450,3 +450,51 @@ def test_restart_view_is_exact_only_when_the_completions_are_a_prefix(order):
         q.unmap()
         drv.release()
         mem.close()
+
+
+# -- the public index operations (what vhost and the monitors use) -------------------------------------------
+
+def test_last_avail_idx_get_set_and_restore(r):
+    simple_chain(r)
+    assert r.q.get_last_avail_idx() == 0
+    r.q.set_last_avail_idx(0xFFFF)  # SET_VRING_BASE: pop resumes there, the shadow with it
+    assert r.q.get_last_avail_idx() == 0xFFFF and r.q.shadow_avail_idx == 0xFFFF
+    r.set_avail_idx(0xFFFF)
+    r.offer(0)
+    assert r.q.pop().index == 0 and r.q.get_last_avail_idx() == 0
+    for bad in (-1, 0x10000):
+        with pytest.raises(ValueError):
+            r.q.set_last_avail_idx(bad)
+    assert r.q.get_last_avail_idx() == 0
+    r.q.set_used_idx(0xFFFE)
+    r.q.restore_last_avail_idx()  # forget what was popped: resume at the used index
+    assert r.q.get_last_avail_idx() == 0xFFFE and r.q.shadow_avail_idx == 0xFFFE
+
+
+def test_used_idx_get_set_and_update_from_the_ring(r):
+    r.q.set_used_idx(5)
+    assert r.q.get_used_idx() == 5
+    r.q.push(VirtQueueElement(0), 1)
+    assert r.used_idx() == 6 and r.used_elem(5) == (0, 1)
+    with pytest.raises(ValueError):
+        r.q.set_used_idx(0x10000)
+    r.mem.write(USED_GPA + 2, U16.pack(0x1234))  # someone else (a vhost back-end) pushed meanwhile
+    r.q.update_used_idx()
+    assert r.q.get_used_idx() == 0x1234
+    r.q.push(VirtQueueElement(2), 0)
+    assert r.used_idx() == 0x1235
+
+
+def test_invalidate_signalled_used_makes_the_next_should_notify_true(rei):
+    rei.set_used_event(0x7777)
+    assert rei.q.should_notify()  # the first one always signals
+    assert not rei.q.should_notify()
+    rei.q.invalidate_signalled_used()
+    assert rei.q.should_notify()
+
+
+def test_update_used_idx_on_rings_outside_ram_raises_with_a_kind(r):
+    r.q.set_rings(DESC_GPA, AVAIL_GPA, RAM_SIZE)
+    with pytest.raises(VirtQueueError) as ei:
+        r.q.update_used_idx()
+    assert ei.value.kind is K.RING_OUTSIDE_RAM
