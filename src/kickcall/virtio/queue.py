@@ -4,8 +4,15 @@ Guest ring contents are untrusted.  ``pop()`` validates a whole descriptor chain
 touches anything: a loop, a chain longer than the ring, an index out of range, an address or a
 length outside RAM (or wrapping), a zero-length buffer, a device-readable descriptor after a
 writable one, an indirect table that is nested, misaligned, oversized or not negotiated -- each is
-a ``VirtQueueError`` and nothing has been written.  The device then marks itself broken
-(DEVICE_NEEDS_RESET) instead of hanging or scribbling on guest memory.
+a ``VirtQueueError`` whose ``kind`` (a ``RingErrorKind``) names the rule, and nothing has been
+written.  The device then marks itself broken (DEVICE_NEEDS_RESET) instead of hanging or
+scribbling on guest memory, and counts the error by kind on the queue (``errors_by_kind``, shown as
+``errors-by-kind`` in ``status()``).
+
+One chain walker, ``walk_chain``: ``pop()`` takes its element or raises from its verdict, and
+``describe_chain()`` (what the monitors' ``x-query-virtio-queue-element`` shows) returns the same
+verdict without raising -- the valid prefix, the failing descriptor and the kind -- so a monitor
+never shows as fine a chain the device refuses.
 
 Guest RAM may be several regions contiguous in guest-physical space (QEMU with several memory
 backends, a vhost-user memory table of several fds).  What may cross a seam between them:
