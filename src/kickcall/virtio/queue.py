@@ -345,39 +345,40 @@ def walk_chain(mem: GuestMemory, table: mmap.mmap | bytearray | bytes, toff: int
                               i, in_indirect, DESC.unpack_from(tmm, toff + DESC_SIZE * i))
         addr, length, flags, nxt = DESC.unpack_from(tmm, toff + DESC_SIZE * i)
         if flags & VRING_DESC_F_INDIRECT:
-            kind: RingErrorKind | None = None
             if in_indirect:
-                kind, msg = RingErrorKind.INDIRECT_NESTED, "nested indirect descriptor"
-            elif not indirect_ok:
-                kind, msg = RingErrorKind.INDIRECT_NOT_NEGOTIATED, "indirect descriptor without INDIRECT_DESC"
-            elif seen != 1:
-                kind, msg = RingErrorKind.INDIRECT_NOT_HEAD, "indirect descriptor is not the chain's head"
-            elif flags & VRING_DESC_F_NEXT:
-                kind, msg = RingErrorKind.INDIRECT_WITH_NEXT, "indirect descriptor with NEXT set"
-            elif length == 0 or length % DESC_SIZE:
-                kind, msg = RingErrorKind.INDIRECT_BAD_LENGTH, f"indirect table length {length} is not n*16"
-            elif length // DESC_SIZE > VIRTQUEUE_MAX_SIZE:
-                kind, msg = RingErrorKind.INDIRECT_TOO_BIG, f"indirect table of {length // DESC_SIZE} descriptors"
-            else:
-                new_tmm: mmap.mmap | bytes
+                return ChainFault(RingErrorKind.INDIRECT_NESTED, "nested indirect descriptor",
+                                  i, in_indirect, (addr, length, flags, nxt))
+            if not indirect_ok:
+                return ChainFault(RingErrorKind.INDIRECT_NOT_NEGOTIATED, "indirect descriptor without INDIRECT_DESC",
+                                  i, in_indirect, (addr, length, flags, nxt))
+            if seen != 1:
+                return ChainFault(RingErrorKind.INDIRECT_NOT_HEAD, "indirect descriptor is not the chain's head",
+                                  i, in_indirect, (addr, length, flags, nxt))
+            if flags & VRING_DESC_F_NEXT:
+                return ChainFault(RingErrorKind.INDIRECT_WITH_NEXT, "indirect descriptor with NEXT set",
+                                  i, in_indirect, (addr, length, flags, nxt))
+            if length == 0 or length % DESC_SIZE:
+                return ChainFault(RingErrorKind.INDIRECT_BAD_LENGTH, f"indirect table length {length} is not n*16",
+                                  i, in_indirect, (addr, length, flags, nxt))
+            n_ind = length // DESC_SIZE
+            if n_ind > VIRTQUEUE_MAX_SIZE:
+                return ChainFault(RingErrorKind.INDIRECT_TOO_BIG, f"indirect table of {n_ind} descriptors",
+                                  i, in_indirect, (addr, length, flags, nxt))
+            try:
+                tmm, toff = mem.translate(addr, length)
+            except GuestMemoryError as e:
+                # across a seam: walk a copy (read() refuses a hole, or any seam when
+                # CROSS_REGION_BUFFERS is off)
                 try:
-                    new_tmm, new_toff = mem.translate(addr, length)
-                except GuestMemoryError as e:
                     if e.kind != "region-end":
-                        kind, msg = RingErrorKind.INDIRECT_OUTSIDE_RAM, f"indirect table outside RAM: {e}"
-                    else:
-                        # across a seam: walk a copy (read() refuses a hole, or any seam when
-                        # CROSS_REGION_BUFFERS is off)
-                        try:
-                            new_tmm, new_toff = mem.read(addr, length), 0
-                        except GuestMemoryError as e2:
-                            kind, msg = RingErrorKind.INDIRECT_OUTSIDE_RAM, f"indirect table outside RAM: {e2}"
-            if kind is not None:
-                return ChainFault(kind, msg, i, in_indirect, (addr, length, flags, nxt))
+                        raise
+                    tmm, toff = mem.read(addr, length), 0
+                except GuestMemoryError as e2:
+                    return ChainFault(RingErrorKind.INDIRECT_OUTSIDE_RAM, f"indirect table outside RAM: {e2}",
+                                      i, in_indirect, (addr, length, flags, nxt))
             if trail is not None:
                 trail.append((in_indirect, i, addr, length, flags, nxt))
-            tmm, toff = new_tmm, new_toff
-            tlen = max_descs = length // DESC_SIZE
+            tlen = max_descs = n_ind
             seen = 0
             in_indirect = True
             elem.indirect = True
