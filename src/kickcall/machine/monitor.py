@@ -141,7 +141,7 @@ class MachineDevice:
             if not q.desc:
                 raise TargetError(f"virtqueue {queue} is not set up")
             n = q.num
-            last = q.last_avail_idx
+            last = q.get_last_avail_idx()
             if self._vhost_started() and q.event_idx:
                 last = self._u16(avail_event_addr(q.used, n)) or 0  # the back-end's position, never GET_VRING_BASE
             slot = (last if index is None else index) % n
