@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from kickcall.memory import GuestMemory
 from kickcall.virtio.blk import VirtIOBlk, make_image
+from kickcall.virtio.queue import RingErrorKind as K
 from kickcall.virtio.ring import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 
 # -- the test machine's layout ------------------------------------------------------------------------
@@ -701,6 +702,11 @@ def _run(rig: Rig, sc: Scenario) -> None:
     assert rig.needs_reset == (not v.valid), label
     assert rig.dev.broken == (not v.valid), label
 
+    if not v.valid and v.structural:
+        # the device counted one ring error, of the kind its walker describes the chain with
+        assert rig.q.errors == 1 and set(rig.q.errors_by_kind) == {rig.q.describe_chain(sc.head).fault.kind}
+    else:
+        assert rig.q.errors == 0  # a blk request of the wrong shape is the device's rule, not the ring's
     if not v.valid:
         # (b) nothing changed: RAM (used ring included), image, device-side used index
         changed = _changed(before, after)
@@ -928,36 +934,45 @@ def _indirect_loop(rig):
     return h
 
 
+# each rule, and the RingErrorKind the device counts it under
 STRUCTURAL_RULES = {
-    "loop": _loop,
-    "self-loop": _self_loop,
-    "next index out of range": _next_out_of_range,
-    "head index out of range": _head_out_of_range,
-    "address past the end of RAM": _buffer_past_ram,
-    "buffer straddles the end of RAM": _buffer_straddles_ram_end,
-    "addr+len overflows 2**64": _length_wraps_2_64,
-    "readable after writable": _readable_after_writable,
-    "zero length": _zero_length,
-    "nested indirect": _nested_indirect,
-    "indirect with NEXT": _indirect_with_next,
-    "indirect not on the head": _indirect_not_head,
-    "indirect table length 0": _indirect_len_zero,
-    "indirect table length not n*16": _indirect_len_not_n16,
-    "indirect table of 1025 entries": _indirect_1025_entries,
-    "indirect table outside RAM": _indirect_table_outside_ram,
-    "indirect table straddles the end of RAM": _indirect_table_straddles,
-    "indirect table wraps 2**64": _indirect_table_wraps,
-    "next out of range inside an indirect table": _indirect_next_out_of_range,
-    "loop inside an indirect table": _indirect_loop,
+    "loop": (_loop, K.CHAIN_LOOP),
+    "self-loop": (_self_loop, K.CHAIN_LOOP),
+    "next index out of range": (_next_out_of_range, K.DESC_OUT_OF_RANGE),
+    "head index out of range": (_head_out_of_range, K.HEAD_OUT_OF_RANGE),
+    "address past the end of RAM": (_buffer_past_ram, K.BUFFER_OUTSIDE_RAM),
+    "buffer straddles the end of RAM": (_buffer_straddles_ram_end, K.BUFFER_IN_HOLE),
+    "addr+len overflows 2**64": (_length_wraps_2_64, K.ADDRESS_OVERFLOW),
+    "readable after writable": (_readable_after_writable, K.READABLE_AFTER_WRITABLE),
+    "zero length": (_zero_length, K.ZERO_LENGTH),
+    "nested indirect": (_nested_indirect, K.INDIRECT_NESTED),
+    "indirect with NEXT": (_indirect_with_next, K.INDIRECT_WITH_NEXT),
+    "indirect not on the head": (_indirect_not_head, K.INDIRECT_NOT_HEAD),
+    "indirect table length 0": (_indirect_len_zero, K.INDIRECT_BAD_LENGTH),
+    "indirect table length not n*16": (_indirect_len_not_n16, K.INDIRECT_BAD_LENGTH),
+    "indirect table of 1025 entries": (_indirect_1025_entries, K.INDIRECT_TOO_BIG),
+    "indirect table outside RAM": (_indirect_table_outside_ram, K.INDIRECT_OUTSIDE_RAM),
+    "indirect table straddles the end of RAM": (_indirect_table_straddles, K.INDIRECT_OUTSIDE_RAM),
+    "indirect table wraps 2**64": (_indirect_table_wraps, K.INDIRECT_OUTSIDE_RAM),
+    "next out of range inside an indirect table": (_indirect_next_out_of_range, K.DESC_OUT_OF_RANGE),
+    "loop inside an indirect table": (_indirect_loop, K.CHAIN_LOOP),
 }
+
+
+def assert_counted(rig: Rig, kind: K) -> None:
+    """The device counted exactly one ring error, of *kind*, on the queue."""
+    assert rig.q.errors == 1 and rig.q.errors_by_kind == {kind: 1}, rig.q.errors_by_kind
 
 
 @pytest.mark.parametrize("rule", list(STRUCTURAL_RULES))
 def test_structural_rule_sets_needs_reset_and_writes_nothing(rig, rule):
-    head = STRUCTURAL_RULES[rule](rig)
+    build, kind = STRUCTURAL_RULES[rule]
+    head = build(rig)
     assert not reference_verdict(rig_ram_with_head(rig, head), rig.qsize, head, True).valid
+    assert rig.q.describe_chain(head).fault.kind is kind  # what a monitor shows before the kick
     before, after = expect_rejected(rig, head)
     assert _changed(before, after) == []  # with EVENT_IDX, not one byte (used ring included)
+    assert_counted(rig, kind)
 
 
 def test_indirect_without_the_feature_sets_needs_reset(workdir):
@@ -966,6 +981,7 @@ def test_indirect_without_the_feature_sets_needs_reset(workdir):
         head = _indirect_head(r)
         before, after = expect_rejected(r, head)
         assert _changed(before, after) == []
+        assert_counted(r, K.INDIRECT_NOT_NEGOTIATED)
     finally:
         r.close()
 
@@ -978,6 +994,7 @@ def test_avail_idx_too_far_ahead_sets_needs_reset(rig):
     rig.kick()
     assert rig.needs_reset and rig.dev.broken
     assert _changed(before, rig.ram()) == []
+    assert_counted(rig, K.BAD_AVAIL_IDX)
 
 
 def rig_ram_with_head(rig: Rig, head: int) -> bytes:

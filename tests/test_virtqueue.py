@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from kickcall.memory import GuestMemory
 from kickcall.virtio import ring
+from kickcall.virtio.queue import RingErrorKind as K
 from kickcall.virtio.queue import VirtQueue, VirtQueueElement, VirtQueueError
 from kickcall.virtio.ring import mb, vring_need_event
 
@@ -167,8 +168,9 @@ def test_avail_idx_more_than_queue_size_ahead_raises(r, last):
         r.set_avail_slot(k, 0)
     r.set_avail_idx(last + r.num + 1)
     before = r.ram()
-    with pytest.raises(VirtQueueError):
+    with pytest.raises(VirtQueueError) as ei:
         r.q.pop()
+    assert ei.value.kind is K.BAD_AVAIL_IDX
     assert r.q.last_avail_idx == last and r.q.inuse == 0
     assert r.ram() == before
     # exactly queue-size ahead is fine
@@ -212,28 +214,33 @@ def test_invalid_chain_is_not_consumed(rei):
     rei.desc(0, BUF, 16, F_NEXT, 0)  # loops on itself
     rei.offer(0)
     before = rei.ram()
-    with pytest.raises(VirtQueueError):
+    with pytest.raises(VirtQueueError) as ei:
         rei.q.pop()
+    assert ei.value.kind is K.CHAIN_LOOP
     assert rei.q.last_avail_idx == 0 and rei.q.inuse == 0
     assert rei.ram() == before
 
 
-@pytest.mark.parametrize("rings", [
-    (RAM_SIZE, AVAIL_GPA, USED_GPA),  # descriptor table past the end of RAM
-    (RAM_SIZE - 64, AVAIL_GPA, USED_GPA),  # ... straddling the end
-    (DESC_GPA, RAM_SIZE - 4, USED_GPA),  # avail ring straddling the end
-    (DESC_GPA, AVAIL_GPA, RAM_SIZE + 0x1000),  # used ring outside RAM
-    (DESC_GPA, AVAIL_GPA, (1 << 64) - 64),  # ... near 2**64
-    (DESC_GPA + 8, AVAIL_GPA, USED_GPA),  # misaligned descriptor table
-    (DESC_GPA, AVAIL_GPA + 1, USED_GPA),  # misaligned avail ring
-    (DESC_GPA, AVAIL_GPA, USED_GPA + 2),  # misaligned used ring
+@pytest.mark.parametrize("rings,kind", [
+    ((RAM_SIZE, AVAIL_GPA, USED_GPA), K.RING_OUTSIDE_RAM),  # descriptor table past the end of RAM
+    ((RAM_SIZE - 64, AVAIL_GPA, USED_GPA), K.RING_OUTSIDE_RAM),  # ... straddling the end
+    ((DESC_GPA, RAM_SIZE - 4, USED_GPA), K.RING_OUTSIDE_RAM),  # avail ring straddling the end
+    ((DESC_GPA, AVAIL_GPA, RAM_SIZE + 0x1000), K.RING_OUTSIDE_RAM),  # used ring outside RAM
+    ((DESC_GPA, AVAIL_GPA, (1 << 64) - 64), K.RING_OUTSIDE_RAM),  # ... near 2**64
+    ((DESC_GPA + 8, AVAIL_GPA, USED_GPA), K.RING_MISALIGNED),  # misaligned descriptor table
+    ((DESC_GPA, AVAIL_GPA + 1, USED_GPA), K.RING_MISALIGNED),  # misaligned avail ring
+    ((DESC_GPA, AVAIL_GPA, USED_GPA + 2), K.RING_MISALIGNED),  # misaligned used ring
 ])
-def test_rings_outside_ram_or_misaligned_make_pop_raise(r, rings):
+def test_rings_outside_ram_or_misaligned_make_pop_raise(r, rings, kind):
     r.q.set_rings(*rings)
-    with pytest.raises(VirtQueueError):
+    with pytest.raises(VirtQueueError) as ei:
         r.q.pop()
-    with pytest.raises(VirtQueueError):
+    assert ei.value.kind is kind
+    with pytest.raises(VirtQueueError) as ei:
         r.q.push(VirtQueueElement(0), 0)
+    assert ei.value.kind is kind
+    # the monitors' description says the same, without raising
+    assert r.q.describe_chain(0).fault.kind is kind
 
 
 def test_queue_size_must_be_a_power_of_two():
@@ -380,7 +387,8 @@ def test_status_has_qemus_fields(r):
     r.offer(0)
     r.q.pop()
     st_ = r.q.status()
-    assert set(st_) == QEMU_STATUS_FIELDS
+    assert set(st_) == QEMU_STATUS_FIELDS | {"errors", "errors-by-kind"}  # QEMU's, and the ring error counts
+    assert st_["errors"] == 0 and st_["errors-by-kind"] == {}
     assert st_["name"] == "t.vq3" and st_["queue-index"] == 3
     assert st_["vring-num"] == 8 and st_["vring-num-default"] == 8 and st_["vring-align"] == 4096
     assert (st_["vring-desc"], st_["vring-avail"], st_["vring-used"]) == (DESC_GPA, AVAIL_GPA, USED_GPA)
@@ -442,3 +450,51 @@ def test_restart_view_is_exact_only_when_the_completions_are_a_prefix(order):
         q.unmap()
         drv.release()
         mem.close()
+
+
+# -- the public index operations (what vhost and the monitors use) -------------------------------------------
+
+def test_last_avail_idx_get_set_and_restore(r):
+    simple_chain(r)
+    assert r.q.get_last_avail_idx() == 0
+    r.q.set_last_avail_idx(0xFFFF)  # SET_VRING_BASE: pop resumes there, the shadow with it
+    assert r.q.get_last_avail_idx() == 0xFFFF and r.q.shadow_avail_idx == 0xFFFF
+    r.set_avail_idx(0xFFFF)
+    r.offer(0)
+    assert r.q.pop().index == 0 and r.q.get_last_avail_idx() == 0
+    for bad in (-1, 0x10000):
+        with pytest.raises(ValueError):
+            r.q.set_last_avail_idx(bad)
+    assert r.q.get_last_avail_idx() == 0
+    r.q.set_used_idx(0xFFFE)
+    r.q.restore_last_avail_idx()  # forget what was popped: resume at the used index
+    assert r.q.get_last_avail_idx() == 0xFFFE and r.q.shadow_avail_idx == 0xFFFE
+
+
+def test_used_idx_get_set_and_update_from_the_ring(r):
+    r.q.set_used_idx(5)
+    assert r.q.get_used_idx() == 5
+    r.q.push(VirtQueueElement(0), 1)
+    assert r.used_idx() == 6 and r.used_elem(5) == (0, 1)
+    with pytest.raises(ValueError):
+        r.q.set_used_idx(0x10000)
+    r.mem.write(USED_GPA + 2, U16.pack(0x1234))  # someone else (a vhost back-end) pushed meanwhile
+    r.q.update_used_idx()
+    assert r.q.get_used_idx() == 0x1234
+    r.q.push(VirtQueueElement(2), 0)
+    assert r.used_idx() == 0x1235
+
+
+def test_invalidate_signalled_used_makes_the_next_should_notify_true(rei):
+    rei.set_used_event(0x7777)
+    assert rei.q.should_notify()  # the first one always signals
+    assert not rei.q.should_notify()
+    rei.q.invalidate_signalled_used()
+    assert rei.q.should_notify()
+
+
+def test_update_used_idx_on_rings_outside_ram_raises_with_a_kind(r):
+    r.q.set_rings(DESC_GPA, AVAIL_GPA, RAM_SIZE)
+    with pytest.raises(VirtQueueError) as ei:
+        r.q.update_used_idx()
+    assert ei.value.kind is K.RING_OUTSIDE_RAM

@@ -39,7 +39,6 @@ from ..virtio.layout import (
     used_idx_addr,
     used_size,
 )
-from ..virtio.ring import describe_chain
 
 __all__ = ["BackendTarget", "BackendDevice", "REFUSE_STOPPED_RING"]
 
@@ -167,12 +166,15 @@ class BackendDevice:
             head = self._u16(avail_ring_addr(q.avail, slot)) or 0
             if head >= n:
                 raise TargetError(f"avail ring slot {slot} holds descriptor {head}, out of range (queue size {n})")
-            descs = describe_chain(mem, q.desc, n, head)
-            return {"name": self.type_name, "index": head, "descs": descs,
-                    "avail": {"flags": self._u16(avail_flags_addr(q.avail)) or 0,
-                              "idx": self._u16(avail_idx_addr(q.avail)) or 0, "ring": head},
-                    "used": {"flags": self._u16(used_flags_addr(q.used)) or 0,
-                             "idx": self._u16(used_idx_addr(q.used)) or 0}}
+            chain = q.describe_chain(head, mem=mem)  # the device's own walker
+            el = {"name": self.type_name, "index": head, "descs": chain.qmp_descs(),
+                  "avail": {"flags": self._u16(avail_flags_addr(q.avail)) or 0,
+                            "idx": self._u16(avail_idx_addr(q.avail)) or 0, "ring": head},
+                  "used": {"flags": self._u16(used_flags_addr(q.used)) or 0,
+                           "idx": self._u16(used_idx_addr(q.used)) or 0}}
+            if chain.fault is not None:
+                el["error"] = chain.fault.describe()  # what the device refuses, and where
+            return el
 
         return self._run(f)
 

@@ -29,7 +29,6 @@ from ..virtio.layout import (
     used_idx_addr,
     used_size,
 )
-from ..virtio.ring import describe_chain
 from ..faults import FaultError
 
 if TYPE_CHECKING:
@@ -144,18 +143,24 @@ class MachineDevice:
             if not q.desc:
                 raise TargetError(f"virtqueue {queue} is not set up")
             n = q.num
-            last = q.last_avail_idx
+            last = q.get_last_avail_idx()
             if self._vhost_started() and q.event_idx:
                 last = self._u16(avail_event_addr(q.used, n)) or 0  # the back-end's position, never GET_VRING_BASE
             slot = (last if index is None else index) % n
             head = self._u16(avail_ring_addr(q.avail, slot)) or 0
             if head >= n:
                 raise TargetError(f"avail ring slot {slot} holds descriptor {head}, out of range (queue size {n})")
-            return {"name": self.type_name, "index": head, "descs": describe_chain(self.m.memory, q.desc, n, head),
-                    "avail": {"flags": self._u16(avail_flags_addr(q.avail)) or 0,
-                              "idx": self._u16(avail_idx_addr(q.avail)) or 0, "ring": head},
-                    "used": {"flags": self._u16(used_flags_addr(q.used)) or 0,
-                             "idx": self._u16(used_idx_addr(q.used)) or 0}}
+            # the device's own walker: a chain the device would refuse shows as its valid prefix
+            # and an "error" (the RingErrorKind and the failing descriptor)
+            chain = q.describe_chain(head, mem=self.m.memory)
+            el = {"name": self.type_name, "index": head, "descs": chain.qmp_descs(),
+                  "avail": {"flags": self._u16(avail_flags_addr(q.avail)) or 0,
+                            "idx": self._u16(avail_idx_addr(q.avail)) or 0, "ring": head},
+                  "used": {"flags": self._u16(used_flags_addr(q.used)) or 0,
+                           "idx": self._u16(used_idx_addr(q.used)) or 0}}
+            if chain.fault is not None:
+                el["error"] = chain.fault.describe()
+            return el
 
     def pci_info(self) -> dict:
         p = self.p

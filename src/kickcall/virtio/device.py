@@ -231,14 +231,15 @@ class VirtIODevice(ABC):
 
     def process_queue(self, vq: VirtQueue) -> None:
         """Run *vq*'s handler once (QEMU's virtio_queue_notify_vq), without the started/running
-        checks of ``handle_kick``: a ring error breaks the device and undoes the notification
-        fields the handler wrote (an invalid chain writes nothing)."""
+        checks of ``handle_kick``: a ring error is counted by its kind on the queue, breaks the
+        device and undoes the notification fields the handler wrote (an invalid chain writes
+        nothing)."""
         saved = vq.save_notify_fields()
         was_broken = self.broken
         try:
             self.handle_output(vq)
         except VirtQueueError as e:
-            vq.errors += 1
+            vq.count_error(e.kind)  # per RingErrorKind: the queue's status shows errors-by-kind
             self.virtio_error(str(e))
         if self.broken and not was_broken and self.restore_notify.fix_on:
             vq.restore_notify_fields(saved)  # an invalid chain writes nothing

@@ -307,7 +307,7 @@ class VirtIONet(VirtIODevice):
                     self.rx_no_buffer += 1
                     return False
         except VirtQueueError as e:
-            vq.errors += 1
+            vq.count_error(e.kind)
             self.virtio_error(str(e))
             if self.restore_notify.fix_on:
                 vq.restore_notify_fields(saved)

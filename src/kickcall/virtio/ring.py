@@ -20,12 +20,12 @@ from __future__ import annotations
 import ctypes
 import platform
 import threading
+import weakref
 
-from .layout import DESC, DESC_SIZE, U16, USED_ELEM, avail_size, desc_addr, used_size
+from .layout import DESC, U16, USED_ELEM, avail_size, used_size
 from .layout import desc_table_size as desc_size
 
 __all__ = [
-    "describe_chain",
     "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE", "VRING_DESC_F_INDIRECT",
     "VRING_AVAIL_F_NO_INTERRUPT", "VRING_USED_F_NO_NOTIFY",
     "VIRTIO_RING_F_INDIRECT_DESC", "VIRTIO_RING_F_EVENT_IDX", "VIRTIO_F_VERSION_1",
@@ -54,6 +54,11 @@ def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old) & 0xFFFF)
 
 
+def _release_spinlock(held: ctypes.c_int) -> None:
+    """Called with the barrier's spinlock when the barrier is collected: nothing to undo (a held
+    spinlock needs no unlock; its memory goes with the last reference, which this call drops)."""
+
+
 def _make_mb():
     if platform.machine() in ("x86_64", "AMD64", "i686", "i386"):
         try:
@@ -72,7 +77,8 @@ def _make_mb():
                 """Full memory barrier (a locked cmpxchg)."""
                 trylock(addr)
 
-            mb._held = held  # type: ignore[attr-defined]  # keep the lock alive
+            # the spinlock must live as long as the barrier: the finalizer holds it until mb goes
+            weakref.finalize(mb, _release_spinlock, held)
             return mb, "lock-cmpxchg"
         except (OSError, AttributeError):
             pass
@@ -95,26 +101,3 @@ def wmb() -> None:
 
 def rmb() -> None:
     """Load->load barrier: x86 keeps load order."""
-
-
-def describe_chain(mem, desc: int, num: int, head: int, limit: int = 256) -> list[dict]:
-    """The descriptor chain from *head* as a monitor shows it, read without popping it: an indirect
-    table is followed once (from the main table only), loops end at *limit* entries, and an address
-    outside guest memory ends the walk.  Nothing is validated or written: this is for inspection."""
-    descs: list[dict] = []
-    i, table, tlen = head, desc, num
-    while len(descs) < limit:
-        try:
-            addr, length, flags, nxt = DESC.unpack(mem.read(desc_addr(table, i), DESC_SIZE))
-        except ValueError:
-            break
-        names = [n for bit, n in ((VRING_DESC_F_NEXT, "next"), (VRING_DESC_F_WRITE, "write"),
-                                  (VRING_DESC_F_INDIRECT, "indirect")) if flags & bit]
-        descs.append({"addr": addr, "len": length, "flags": names})
-        if flags & VRING_DESC_F_INDIRECT and table == desc and length and length % DESC_SIZE == 0:
-            table, tlen, i = addr, length // DESC_SIZE, 0
-            continue
-        if not flags & VRING_DESC_F_NEXT or nxt >= tlen:
-            break
-        i = nxt
-    return descs
