@@ -49,10 +49,6 @@ ALLOWLIST: tuple[Allowed, ...] = ()
 PENDING_ELSEWHERE: tuple[Allowed, ...] = (
     Allowed("vhost_user/backend.py", "self.backend._call", "the back-end's transport calls its private call "
             "injection; being made public with the back-end's dispatch rework"),
-    Allowed("drive/vhost_user_blk.py", "getattr(self, '_sock_fd', -1)", "the front-end's close() on a "
-            "half-built object; being fixed with the one virtio-blk request path"),
-    Allowed("virtio/ring.py", "mb._held", "the ring's mapping helper reads a memory block's hold count; "
-            "being fixed with the one chain walker"),
 )
 
 _ATTR_BUILTINS = {"getattr", "setattr", "hasattr", "delattr", "attrgetter"}

@@ -34,6 +34,7 @@ import time
 import timeit
 
 from .child import start_helper
+from .virtio.paths import KickPath
 
 __all__ = ["bench_main", "run_notify"]
 
@@ -335,8 +336,8 @@ def run_notify(quick: bool = False, log=print) -> dict:
                               "kick_over_floor": _pct(k_r, 0.5) / fp, "kick_over_separate_floor": _pct(k_r, 0.5) / sp,
                               "heavy_over_floor": _pct(h_r, 0.5) / fp, "call_over_floor": _pct(c_r, 0.5) / fp,
                               "call_over_separate_floor": _pct(c_r, 0.5) / sp})
-        assert m_on.device("blk0").vdev.queues[0].kicks_by_path.get("mmio", 0) == 0
-        assert m_off.device("blk0").vdev.queues[0].kicks_by_path.get("ioeventfd", 0) == 0
+        assert m_on.device("blk0").vdev.queues[0].kicks_by_path.get(KickPath.MMIO, 0) == 0
+        assert m_off.device("blk0").vdev.queues[0].kicks_by_path.get(KickPath.IOEVENTFD, 0) == 0
         for r in range(2):
             log(f"virtio-blk 4 KiB random reads, depth 16, 2 vCPUs: ioeventfd on/off, {secs:.0f} s each, pass {r + 1}/2")
             on_runs.append(measure_iops(m_on, secs))

@@ -40,6 +40,7 @@ from ..virtio.blk import BLK_CONFIG_SIZE, FEATURES as BLK_FEATURES
 from ..virtio.device import DRIVER_OK, VirtIODevice
 from ..virtio.layout import used_idx_addr
 from ..virtio.queue import VirtQueue
+from ..virtio.paths import CallPath
 from ..virtio.transport import VhostTransport
 from .frontend import BackendGone, InflightInfo, VhostUserFrontend
 from .protocol import VHOST_USER_F_PROTOCOL_FEATURES, MemRegion, ProtocolError, ProtocolFeature
@@ -267,7 +268,7 @@ class VhostUserBlkDevice(VirtIODevice):
     def _fallback_read(self, q: VirtQueue, n: EventNotifier) -> None:
         t = self.vhost_transport()
         if n.test_and_clear() and t is not None:
-            q.count_call("polled")
+            q.count_call(CallPath.POLLED)
             t.notify_vector(q.vector)
 
     def guest_notifier_mask(self, vq: VirtQueue, masked: bool | None) -> None:

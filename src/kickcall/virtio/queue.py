@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 from ..memory import GuestMemory, GuestMemoryError
 from .. import trace
+from .paths import CallPath, KickPath
 from .layout import (
     AVAIL_ALIGN,
     AVAIL_FLAGS_U16,
@@ -486,13 +487,13 @@ class VirtQueue:
         self.reset()
         # counters (monotonic across resets)
         self.kicks = 0  # notifications the device saw, any path
-        self.kicks_by_path: dict[str, int] = {}
+        self.kicks_by_path: dict[KickPath, int] = {}
         self.popped = 0
         self.pushed = 0
         self.calls_requested = 0  # the device asked should_notify
         self.calls_suppressed = 0  # ... and event idx / NO_INTERRUPT said no
         self.calls = 0  # signalled (through irqfd, MSI, masked->PBA or INTx)
-        self.calls_by_path: dict[str, int] = {}
+        self.calls_by_path: dict[CallPath, int] = {}
         self.errors = 0  # ring errors (VirtQueueError) the device met on this queue
         self.errors_by_kind: dict[RingErrorKind, int] = {}  # ... by RingErrorKind
 
@@ -798,11 +799,11 @@ class VirtQueue:
             return
         self._u16[USED_FLAGS_U16], self._u16[self._ae] = saved
 
-    def count_kick(self, path: str) -> None:
+    def count_kick(self, path: KickPath) -> None:
         self.kicks += 1
         self.kicks_by_path[path] = self.kicks_by_path.get(path, 0) + 1
 
-    def count_call(self, path: str) -> None:
+    def count_call(self, path: CallPath) -> None:
         self.calls += 1
         self.calls_by_path[path] = self.calls_by_path.get(path, 0) + 1
 
