@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from helpers import blk, machine_toml, running_machine, wait_for
+from kickcall.virtio.pci import ProxyHook
 
 pytestmark = pytest.mark.slow
 
@@ -199,7 +200,7 @@ def test_deassign_race_kick_between_deassign_and_test_and_clear(fix):
             if qq is q:
                 seen["pending"] = qq.host_notifier.peek()
 
-        p.hooks["after_deassign"] = after_deassign
+        p.hooks[ProxyHook.AFTER_DEASSIGN] = after_deassign
         hits0 = p.deassign_hits
         with m.bql:  # the main loop cannot run the notifier's handler while we hold the big lock
             rep = m.guest_cmd({"cmd": "blk-submit", "slot": slot, "op": "read", "sector": 9, "nbytes": 512,

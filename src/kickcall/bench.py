@@ -35,6 +35,7 @@ import timeit
 
 from .child import start_helper
 from .virtio.paths import KickPath
+from .virtio.pci import ProxyHook
 
 __all__ = ["bench_main", "run_notify"]
 
@@ -168,14 +169,14 @@ def measure_kicks(m, n: int) -> list[int]:
         if qq is q:
             st[1] += 1
 
-    p.hooks["kick"] = hook
-    p.hooks["kick-done"] = done
+    p.hooks[ProxyHook.KICK] = hook
+    p.hooks[ProxyHook.KICK_DONE] = done
     try:
         m.guest_cmd({"cmd": "bench-kick", "slot": m.slot("blk0"), "queue": 0, "n": n, "stamp_gpa": STAMP_GPA,
                      "cpu": 0}, timeout=300)
     finally:
-        p.hooks.pop("kick", None)
-        p.hooks.pop("kick-done", None)
+        p.hooks.pop(ProxyHook.KICK, None)
+        p.hooks.pop(ProxyHook.KICK_DONE, None)
         st.release()
     return lat
 

@@ -39,6 +39,7 @@ handler on the main loop, a QMP handler that took it); see docs/threads.md.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import logging
 import struct
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from ..hv.vmm import VM, MsiRoutes
     from ..loop import IOThread
 
-__all__ = ["VirtIOPCIProxy", "VirtIOPCIQueue", "VirtIOIRQFD", "QUEUE_MEM_MULT", "VIRTIO_PCI_VENDOR_ID", "CFG_TYPE"]
+__all__ = ["VirtIOPCIProxy", "ProxyHook", "VirtIOPCIQueue", "VirtIOIRQFD", "QUEUE_MEM_MULT", "VIRTIO_PCI_VENDOR_ID", "CFG_TYPE"]
 
 log = logging.getLogger("kickcall.virtio.pci")
 
@@ -109,6 +110,15 @@ class VirtIOIRQFD:
     users: int = 0
 
 
+class ProxyHook(enum.Enum):
+    """Where a test or the bench may watch the proxy's kick path (``VirtIOPCIProxy.hooks``)."""
+
+    AFTER_DEASSIGN = "after-deassign"  # a host notifier was just removed from the ioeventfd table,
+    # before its test-and-clear (the seed-002 race window)
+    KICK = "kick"  # a kick reached the device (counted, before the queue handler runs)
+    KICK_DONE = "kick-done"  # the device's queue handler returned for that kick
+
+
 class VirtIOPCIProxy(PCIDevice):
     """A virtio device on PCI (modern, VERSION_1 only)."""
 
@@ -132,9 +142,8 @@ class VirtIOPCIProxy(PCIDevice):
         self.deassign_test_and_clear = vdev.faults.switch(
             "deassign-test-and-clear", "off: a kick that reached the ioeventfd but was not handled when the "
             "notifier was deassigned is lost with it (the seed-002 race)")
-        # test and bench hooks: before_deassign / after_deassign, kick (the kick reached the device),
-        # kick-done (the device finished with it)
-        self.hooks: dict[str, Callable[[VirtQueue], None]] = {}
+        # observation points for tests and the bench (not faults: they change nothing by themselves)
+        self.hooks: dict[ProxyHook, Callable[[VirtQueue], None]] = {}
         self.deassign_hits = 0  # kicks found in a notifier after its deassign
         self.queue_sel = 0
         self.dfselect = 0
@@ -378,11 +387,8 @@ class VirtIOPCIProxy(PCIDevice):
         if old is None:
             return None
         n = old
-        hook = self.hooks.get("before_deassign")
-        if hook is not None:
-            hook(q)
         self.notify_region.del_eventfd(self._notify_offset(q), 0, None, n)
-        hook = self.hooks.get("after_deassign")
+        hook = self.hooks.get(ProxyHook.AFTER_DEASSIGN)
         if hook is not None:
             hook(q)
         q.host_notifier = None
@@ -489,7 +495,7 @@ class VirtIOPCIProxy(PCIDevice):
         """Deliver a kick to the device (counts it, then runs or defers the queue handler).  Big
         lock held."""
         q.count_kick(path)
-        hook = self.hooks.get("kick")
+        hook = self.hooks.get(ProxyHook.KICK)
         if hook is not None:
             hook(q)
         if _t_queue_notify.enabled:
@@ -499,7 +505,7 @@ class VirtIOPCIProxy(PCIDevice):
             return
         self.vdev.handle_kick(q)
         if hook is not None:
-            done = self.hooks.get("kick-done")
+            done = self.hooks.get(ProxyHook.KICK_DONE)
             if done is not None:
                 done(q)
 
