@@ -242,7 +242,7 @@ class BackendDevice:
             out = self.b.faults.arm(f.name, action, queue)
         except FaultError as e:
             raise TargetError(str(e)) from None
-        return {"path": path, **out}
+        return {"path": path, "action": out["action"], "dropped-so-far": out["dropped-so-far"]}
 
     def fault(self, queue: int, path: str, action: str) -> dict:
         """x-debug-fault: lose (kick, call) or hold (complete) the next or every event of *path* on
