@@ -168,6 +168,7 @@ MESSAGES_PER_EVENT = 16  # front-end messages handled per readable event (then t
 MAX_PENDING_BACKEND_REQS = 64  # unacknowledged back-end requests before the channel is dropped
 KICK_STUCK_LIMIT = 64  # reads in a row after which a kick fd was still readable: it is stuck
 KICK_THROTTLE = 0.01  # seconds between polls of a stuck kick fd
+MAX_CRASH_REPORTS = 10  # internal errors written to a crash report (the rest are counted and logged)
 _KNOWN_REQUESTS = frozenset(int(r) for r in FrontendReq)
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _REINIT_STEPS = frozenset({"num", "base", "addr", "kick", "call"})
@@ -272,6 +273,7 @@ class BackendVring:
     calls_without_fd: int = 0
     self_kicks: int = 0  # kicks the back-end gave itself after a reconnect
     errors: int = 0
+    polls: int = 0  # times the back-end polled the ring (no kick fd: VRING_NOFD)
     poll_errors: int = 0  # ring errors met while polling a ring without a kick fd
     poll_timer: Timer | None = None
     err_write_failures: int = 0  # ring errors whose err fd could not be written
@@ -697,18 +699,21 @@ class VhostUserBackend:
         log.error("%s: closing the connection: %s", self.name, what)
         self._disconnect(what)
 
-    def _internal_error(self, what: str, exc: BaseException) -> None:
+    def _internal_error(self, what: str, exc: BaseException, *, close: bool = True) -> None:
         """A Python exception the back-end did not expect (a bug here or in the device, never the
         front-end's doing): counted apart from protocol errors, the traceback written to a crash
-        report (``kickcall.crash``), one log line; the connection is closed, as its state is
-        unknown."""
+        report (``kickcall.crash``), one log line.  With *close* (a message's handler failed:
+        what the connection set up is unknown) the connection is closed, as before; a device
+        handler that failed on a kick leaves it open (the loop went on before too)."""
         self.internal_errors += 1
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        path = crash_report(f"{self.name}: internal error {what}", text)
+        path = ""
+        if self.internal_errors <= MAX_CRASH_REPORTS:  # a bug met on every kick writes a few, not thousands
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            path = crash_report(f"{self.name}: internal error {what}", text)
         line = f"internal error {what}: {type(exc).__name__}: {exc}"
         self.last_internal_error = line
         log.error("%s: %s%s", self.name, line, f" (crash report: {path})" if path else "")
-        if self.conn is not None:
+        if close and self.conn is not None:
             self._disconnect(line)
 
     def _vring(self, index: int) -> BackendVring:
@@ -1128,6 +1133,7 @@ class VhostUserBackend:
             return
         if v.addr is not None:
             q = self.device.queues[v.index]
+            v.polls += 1
             try:
                 if not q.is_empty():
                     self._ring_kicked(v)
@@ -1218,7 +1224,11 @@ class VhostUserBackend:
             return  # a kick on a broken device waits: served if the front-end recovers the device
         v.pending_kick = False
         q = dev.queues[v.index]
-        dev.process_queue(q)
+        try:
+            dev.process_queue(q)
+        except Exception as e:  # a bug in the device's handler (ring errors are caught inside)
+            self._internal_error(f"processing queue {v.index}", e, close=False)
+            return
         if dev.broken:
             self._ring_broke(v)
 
@@ -1541,7 +1551,7 @@ class VhostUserBackend:
                  "kick-fd": v.kick.fd if v.kick else -1,
                  "call-fd": v.call.fd if v.call else -1, "err-fd": v.err.fd if v.err else -1,
                  "inuse": q.inuse, "last-avail-idx": q.last_avail_idx, "used-idx": q.used_idx,
-                 "errors": v.errors, "poll-errors": v.poll_errors, "err-write-failures": v.err_write_failures, "kick-throttles": v.kick_throttles}
+                 "errors": v.errors, "polls": v.polls, "poll-errors": v.poll_errors, "err-write-failures": v.err_write_failures, "kick-throttles": v.kick_throttles}
             queues.append(d)
         return out
 
