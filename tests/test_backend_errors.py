@@ -489,6 +489,29 @@ def test_inflight_region_whose_state_cannot_be_recovered(workdir, memfd):
             kick.close()
 
 
+def test_ring_that_cannot_be_read_at_set_vring_kick_is_a_protocol_error(workdir, memfd):
+    """With an inflight region, SET_VRING_KICK reads the ring's used index.  A ring that fitted at
+    SET_VRING_ADDR and no longer does after a larger SET_VRING_NUM cannot be mapped: a protocol
+    error (``ring-not-mappable``, the queue's VirtQueueError translated), not a bug."""
+    region = os.memfd_create("inflight", os.MFD_CLOEXEC)
+    os.ftruncate(region, 8192)
+    kick = EventNotifier("kick")
+    with served(workdir) as sv:
+        s = negotiated(sv, memfd)
+        try:
+            assert ack(s, FR.SET_INFLIGHT_FD, INFLIGHT.pack(8192, 0, 1, 256), [region]) == 0
+            end = RAM - 16 * 16  # a table of 16 ends at the end of RAM
+            assert ack(s, FR.SET_VRING_ADDR, VRING_ADDR.pack(0, 0, USER_BASE + end, USER_BASE + USED0,
+                                                           USER_BASE + AVAIL0, 0)) == 0
+            assert ack(s, FR.SET_VRING_NUM, VRING_STATE.pack(0, 256)) == 0
+            send(s, FR.SET_VRING_KICK, U64.pack(0), [kick.fd])
+            refused(sv, s, K.RING_NOT_MAPPABLE, 0)
+        finally:
+            s.close()
+            os.close(region)
+            kick.close()
+
+
 def test_front_end_that_does_not_read_its_replies(workdir):
     """Thousands of GET_FEATURES, no reply read: once the socket is full the back-end gives up on
     the front-end (``peer-not-reading``) instead of blocking."""

@@ -11,7 +11,7 @@ started, disabled, stopped), the GET_VRING_BASE count (``get-vring-base``, since
 started), the front-end (``front-end``), its ``kick-fd`` and ``call-fd`` (-1: none), and how old the
 oldest request in flight is (``oldest-inflight-ms``) and how long requests have been taking
 (``completion-ms``).  A kick injection is refused where a back-end must not process the ring --
-above all one the front-end stopped with GET_VRING_BASE (``REFUSE_STOPPED_RING``) -- and a call
+above all one the front-end stopped with GET_VRING_BASE (the ``refuse-stopped-ring`` fix) -- and a call
 injection where there is no call fd, each saying why.
 
 Faults live in the back-end's registry (``VhostUserBackend.faults``): the monitor's

@@ -639,6 +639,12 @@ class VhostUserBackend:
             msg.close_fds()
             self._protocol_error(ProtocolErrorKind.OS_ERROR, f"{name}: {e}")
             return
+        except VirtQueueError as e:  # a ring the front-end set up cannot be read (SET_VRING_KICK's
+            msg.close_fds()          # inflight recovery reads its indices): its kind stays in the text
+            ring_kind = getattr(e, "kind", None)
+            self._protocol_error(ProtocolErrorKind.RING_NOT_MAPPABLE,
+                                 f"{name}: {e}" + (f" ({ring_kind})" if ring_kind is not None else ""))
+            return
         except Exception as e:  # a bug in the back-end or its device: never the front-end's fault
             msg.close_fds()
             self._internal_error(f"handling {name}", e)
