@@ -1,7 +1,8 @@
 """kickcall's vhost-user back-end, bounded against odd or hostile front-ends (issue 7).
 
-Each test is named after what it protects and is parametrized over its fix's switch (a module
-flag of kickcall.vhost_user.backend): with the switch off the harm comes back.
+Each test is named after what it protects and is parametrized over its fix's switch (a ``Switch``
+in the back-end's fault registry, ``VhostUserBackend.faults``; ``--x-fix-off NAME`` for a back-end
+in another process): with the switch off the harm comes back.
 
 * a front-end that dribbles a message byte by byte cannot hold the loop, extend the message's
   deadline, or delay SIGTERM;
@@ -22,7 +23,6 @@ import resource
 import signal
 import socket
 import struct
-import sys
 import termios
 import threading
 import time
@@ -56,6 +56,7 @@ from kickcall.vhost_user.protocol import (
     MemRegion,
     Message,
     ProtocolError,
+    ProtocolErrorKind,
     ProtocolFeature,
 )
 from kickcall.virtio.blk import BLK_T_GET_ID, VirtIOBlk, make_image
@@ -87,7 +88,9 @@ class Served:
 
 
 @contextmanager
-def served(workdir: str, *, queues: int = 1, queue_size: int = 256, name: str = "bb", **kw) -> Iterator[Served]:
+def served(workdir: str, *, queues: int = 1, queue_size: int = 256, name: str = "bb",
+           fixes: dict[str, bool] | None = None, **kw) -> Iterator[Served]:
+    """An in-process back-end; *fixes* switches some of its fixes (registry names) before it starts."""
     img = os.path.join(workdir, "d.img")
     make_image(img, 4 << 20)
     loop = IOThread(f"{name}-loop")
@@ -95,6 +98,8 @@ def served(workdir: str, *, queues: int = 1, queue_size: int = 256, name: str = 
                     serial=SERIAL.decode())
     sock = os.path.join(workdir, "s")
     be = VhostUserBackend(dev, socket_path=sock, loop=loop, name=name, **kw)
+    for fix_name, on in (fixes or {}).items():
+        be.faults.set_fix(fix_name, on)
     loop.start()
     be.start()
     try:
@@ -381,12 +386,11 @@ def posted_request_stays_pending(sv: Served, d: RingDriver, q: int, head: int) -
 
 # == 1. per-message deadlines =========================================================================
 @ON_OFF
-def test_dribbling_frontend_does_not_hold_the_loop(workdir, monkeypatch, fix):
+def test_dribbling_frontend_does_not_hold_the_loop(workdir, fix):
     """A front-end sends a message one byte every 0.2 s.  The back-end's loop answers meanwhile
     and ``stop()`` returns at once.  Off: the loop sits in a blocking recv whose timeout restarts
     on every byte -- the status query times out and stop() cannot get in."""
-    monkeypatch.setattr(bmod, "PER_MESSAGE_DEADLINE", fix)
-    with served(workdir, message_deadline=60.0) as sv:
+    with served(workdir, fixes={"per-message-deadline": fix}, message_deadline=60.0) as sv:
         s = raw_connect(sv)
         drib = Dribbler(s, dribbled_get_config(), 0.2)
         drib.start()
@@ -417,14 +421,13 @@ def test_dribbling_frontend_does_not_hold_the_loop(workdir, monkeypatch, fix):
 
 
 @ON_OFF
-def test_dribbled_message_is_cut_off_at_its_deadline(workdir, monkeypatch, caplog, fix):
+def test_dribbled_message_is_cut_off_at_its_deadline(workdir, caplog, fix):
     """A 32-byte GET_CONFIG dribbled one byte every 0.15 s (about 4.8 s in all, every gap far
     below the 1.5 s deadline): the back-end closes the connection 1.5 s after the first byte,
     with a log line naming the peer as too slow.  Off: each byte restarts the timeout and the
     message is answered, 3 times later than the deadline allowed."""
-    monkeypatch.setattr(bmod, "PER_MESSAGE_DEADLINE", fix)
     caplog.set_level(logging.ERROR, logger="kickcall.vhost_user.backend")
-    with served(workdir, message_deadline=1.5) as sv:
+    with served(workdir, fixes={"per-message-deadline": fix}, message_deadline=1.5) as sv:
         s = raw_connect(sv)
         send(s, FR.SET_PROTOCOL_FEATURES, U64.pack(1 << PF.CONFIG))
         drib = Dribbler(s, dribbled_get_config(8), 0.15)
@@ -440,7 +443,8 @@ def test_dribbled_message_is_cut_off_at_its_deadline(workdir, monkeypatch, caplo
             assert sent_at_close < 32, "the whole message went through"
             wait_for(lambda: not sv.be.conn, CEILING, "the back-end to drop the connection")
             assert sv.be.slow_peers == 1
-            assert "too slow" in sv.be.last_error and f"pid {os.getpid()}" in sv.be.last_error
+            assert sv.be.last_error_kind is ProtocolErrorKind.MESSAGE_DEADLINE
+            assert f"pid {os.getpid()}" in sv.be.last_error  # the peer, named
             lines = [r.getMessage() for r in caplog.records if "too slow" in r.getMessage()]
             assert len(lines) == 1 and f"pid {os.getpid()}" in lines[0], lines
         else:
@@ -473,13 +477,9 @@ def leave(s: socket.socket) -> None:
 
 
 def _backend_argv(sock: str, img: str, off: tuple[str, ...] = (), *extra: str) -> list[str]:
-    """``kickcall vhost-user-blk``, or with some of the back-end's switches off (``-c``)."""
-    args = ["vhost-user-blk", "--socket-path", sock, "--blk-file", img, *extra]
-    if not off:
-        return kickcall_argv(*args)
-    code = ("import sys\nimport kickcall.vhost_user.backend as b\n" + "".join(f"b.{f} = False\n" for f in off)
-            + "from kickcall.cli import main\nsys.exit(main(sys.argv[1:]))\n")
-    return [sys.executable, "-c", code, *args]
+    """``kickcall vhost-user-blk``, with some of the back-end's fixes off (``--x-fix-off NAME``)."""
+    return kickcall_argv("vhost-user-blk", "--socket-path", sock, "--blk-file", img,
+                         *(a for name in off for a in ("--x-fix-off", name)), *extra)
 
 
 @pytest.mark.parametrize("fix", [True, pytest.param(False, marks=pytest.mark.crash_reports_expected)],
@@ -497,7 +497,7 @@ def test_sigterm_while_a_frontend_dribbles_exits_at_once_without_a_traceback(wor
     qmp = os.path.join(workdir, "q")
     errpath = os.path.join(workdir, "stderr")
     with open(errpath, "wb") as err:
-        p = spawn(_backend_argv(sock, img, () if fix else ("PER_MESSAGE_DEADLINE",), "--qmp", qmp), stderr=err)
+        p = spawn(_backend_argv(sock, img, () if fix else ("per-message-deadline",), "--qmp", qmp), stderr=err)
     drib = None
     s = None
     try:
@@ -566,7 +566,7 @@ def test_listener_out_of_fds_leaves_the_cpu_idle_and_resumes(workdir, fix):
     sock = os.path.join(workdir, "s")
     errpath = os.path.join(workdir, "stderr")
     with open(errpath, "wb") as err:
-        p = spawn(_backend_argv(sock, img, () if fix else ("PAUSE_LISTENER_ON_EMFILE",)), stderr=err)
+        p = spawn(_backend_argv(sock, img, () if fix else ("pause-listener-on-emfile",)), stderr=err)
     b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     b.settimeout(CEILING)
     try:
@@ -623,12 +623,11 @@ def _negotiate_backend_req(s: socket.socket, sv: Served) -> socket.socket:
 
 
 @ON_OFF
-def test_frontend_that_never_answers_a_backend_request_does_not_stall_the_loop(workdir, monkeypatch, fix):
+def test_frontend_that_never_answers_a_backend_request_does_not_stall_the_loop(workdir, fix):
     """A config change is sent to a front-end that never acknowledges it (REPLY_ACK): the loop
     goes on at once and the acknowledgement is awaited in the background.  Off: the loop blocks
     in recv() for the acknowledgement, for the whole timeout."""
-    monkeypatch.setattr(bmod, "ASYNC_BACKEND_REQ_ACK", fix)
-    with served(workdir, backend_req_timeout=60.0) as sv:
+    with served(workdir, fixes={"async-backend-req-ack": fix}, backend_req_timeout=60.0) as sv:
         s = raw_connect(sv)
         chan = _negotiate_backend_req(s, sv)
         chan.settimeout(CEILING)
@@ -651,13 +650,12 @@ def test_frontend_that_never_answers_a_backend_request_does_not_stall_the_loop(w
 
 
 @ON_OFF
-def test_unanswered_backend_request_gives_the_channel_up_with_one_log_line(workdir, monkeypatch, caplog, fix):
+def test_unanswered_backend_request_gives_the_channel_up_with_one_log_line(workdir, caplog, fix):
     """Three config changes to a front-end that never acknowledges: once the first is 1 s
     overdue, the channel is closed with one log line, and later changes are not sent.  Off:
     each change waits out the timeout in the loop and logs a failure, and the channel stays."""
-    monkeypatch.setattr(bmod, "ASYNC_BACKEND_REQ_ACK", fix)
     caplog.set_level(logging.WARNING, logger="kickcall.vhost_user.backend")
-    with served(workdir, backend_req_timeout=1.0) as sv:
+    with served(workdir, fixes={"async-backend-req-ack": fix}, backend_req_timeout=1.0) as sv:
         s = raw_connect(sv)
         chan = _negotiate_backend_req(s, sv)
         try:
@@ -705,13 +703,12 @@ def test_backend_request_acknowledged_by_kickcalls_frontend(workdir):
 
 # == 4. eventfds in odd states ==========================================================================
 @ON_OFF
-def test_ring_error_with_the_err_fd_at_its_maximum_still_stops_the_ring(workdir, monkeypatch, fix):
+def test_ring_error_with_the_err_fd_at_its_maximum_still_stops_the_ring(workdir, fix):
     """The front-end's err eventfd holds its maximum count, so writing it fails (EAGAIN).  A
     descriptor loop: the ring is stopped, the device recorded as broken, the failed write
     counted, and nothing raises in the loop.  Off: BlockingIOError escapes into the loop and the
     ring keeps running."""
-    monkeypatch.setattr(bmod, "GUARD_ERR_SIGNAL", fix)
-    with served(workdir) as sv:
+    with served(workdir, fixes={"guard-err-signal": fix}) as sv:
         d = RingDriver(sv.sock, err_at_max=True)
         try:
             d.connect()
@@ -746,17 +743,17 @@ def _kernel_shows_semaphore() -> bool:
 
 @pytest.mark.skipif(not _kernel_shows_semaphore(), reason="this kernel's fdinfo does not show eventfd-semaphore")
 @ON_OFF
-def test_semaphore_kick_fd_is_refused(workdir, monkeypatch, fix):
+def test_semaphore_kick_fd_is_refused(workdir, fix):
     """SET_VRING_KICK with an EFD_SEMAPHORE eventfd: refused, the error naming it.  Off: taken."""
-    monkeypatch.setattr(bmod, "REFUSE_SEMAPHORE_KICK", fix)
-    with served(workdir) as sv:
+    with served(workdir, fixes={"refuse-semaphore-kick": fix}) as sv:
         d = RingDriver(sv.sock, kick_semaphore=True)
         try:
             d.connect()
             if fix:
                 with pytest.raises((BackendGone, ProtocolError)):
                     d.start()
-                assert "EFD_SEMAPHORE" in sv.be.last_error and "SET_VRING_KICK" in sv.be.last_error
+                assert sv.be.last_error_kind is ProtocolErrorKind.SEMAPHORE_KICK_FD
+                assert sv.be.trace[-1] == "SET_VRING_KICK"
             else:
                 d.start()
                 assert sv.be.protocol_errors == 0
@@ -772,14 +769,12 @@ def _thread_cpu_seconds(name: str) -> float:
 
 
 @ON_OFF
-def test_kick_fd_that_stays_readable_does_not_make_the_loop_spin(workdir, monkeypatch, fix):
+def test_kick_fd_that_stays_readable_does_not_make_the_loop_spin(workdir, fix):
     """A kick fd that is an EFD_SEMAPHORE eventfd near its maximum (accepted here: the refusal is
     switched off, as on a kernel whose fdinfo does not say) stays readable after every read.
     Over a 2 s window the loop thread uses well under 30% of a core and takes at most a few
     hundred kicks, and the ring is still served.  Off: the loop reads it as fast as it turns."""
-    monkeypatch.setattr(bmod, "REFUSE_SEMAPHORE_KICK", False)
-    monkeypatch.setattr(bmod, "BOUND_STUCK_KICK", fix)
-    with served(workdir, name="semkick") as sv:
+    with served(workdir, fixes={"refuse-semaphore-kick": False, "bound-stuck-kick": fix}, name="semkick") as sv:
         d = RingDriver(sv.sock, kick_semaphore=True)
         try:
             d.connect()
@@ -809,13 +804,12 @@ ORDERS = ["get-inflight-then-num", "num-then-get-inflight", "num-then-set-inflig
 
 @pytest.mark.parametrize("order", ORDERS)
 @ON_OFF
-def test_inflight_region_smaller_than_the_ring_cannot_overwrite_another_queue(workdir, monkeypatch, order, fix):
+def test_inflight_region_smaller_than_the_ring_cannot_overwrite_another_queue(workdir, order, fix):
     """An inflight region of 2 queues of 64 entries, a ring of 128 on queue 0 (or of the queue's
     maximum, 256, when SET_VRING_NUM never comes), in either order: whichever message makes them
     inconsistent is refused.  Off: a request at head 67 of queue 0 marks its inflight slot at
     16 + 16*67 = 1088 bytes, which is queue 1's header: queue 1's state is overwritten."""
-    monkeypatch.setattr(bmod, "CHECK_INFLIGHT_RING_SIZE", fix)
-    with served(workdir, queues=2, queue_size=256) as sv:
+    with served(workdir, fixes={"check-inflight-ring-size": fix}, queues=2, queue_size=256) as sv:
         d = RingDriver(sv.sock, queues=2, num=128, inflight=True)
         own_region = None
         try:
@@ -855,7 +849,7 @@ def test_inflight_region_smaller_than_the_ring_cannot_overwrite_another_queue(wo
                 fe.set_vring_enable(0, True)
             except (BackendGone, ProtocolError):
                 assert fix, f"refused with the check off: {sv.be.last_error}"
-                assert "queue size 64" in sv.be.last_error or "inflight region (queue size 64)" in sv.be.last_error
+                assert sv.be.last_error_kind is ProtocolErrorKind.INFLIGHT_MISMATCH, sv.be.last_error
                 return
             assert not fix, "the inconsistent inflight region was accepted"
             q1_header = queue_region_size(64)
@@ -874,13 +868,12 @@ def test_inflight_region_smaller_than_the_ring_cannot_overwrite_another_queue(wo
 
 # == 6. recovery after a ring error ============================================================================
 @ON_OFF
-def test_guest_reset_after_a_ring_error_makes_the_disk_usable_again(workdir, monkeypatch, fix):
+def test_guest_reset_after_a_ring_error_makes_the_disk_usable_again(workdir, fix):
     """A descriptor loop breaks the device (NEEDS_RESET, err fd).  The guest resets the device,
     which QEMU turns into GET_VRING_BASE and a full ring set-up: I/O on the fresh ring completes.
     Presenting the hostile ring again (set up at its old place, from the base where it broke)
     breaks the device again and writes the err fd again.  Off: the disk stays dead."""
-    monkeypatch.setattr(bmod, "RECOVER_AFTER_RING_REINIT", fix)
-    with served(workdir) as sv:
+    with served(workdir, fixes={"recover-after-ring-reinit": fix}) as sv:
         d = RingDriver(sv.sock)
         try:
             d.connect()
@@ -911,12 +904,11 @@ def test_guest_reset_after_a_ring_error_makes_the_disk_usable_again(workdir, mon
 
 
 @ON_OFF
-def test_ring_left_running_keeps_the_device_broken_until_it_is_stopped_too(workdir, monkeypatch, fix):
+def test_ring_left_running_keeps_the_device_broken_until_it_is_stopped_too(workdir, fix):
     """Two queues; queue 0 breaks.  Queue 0 alone stopped and set up again: still broken (queue
     1 still runs as it did).  Once queue 1 is stopped too (and not set up again), the device is
     usable: the request already kicked on queue 0 completes.  Off: it never does."""
-    monkeypatch.setattr(bmod, "RECOVER_AFTER_RING_REINIT", fix)
-    with served(workdir, queues=2) as sv:
+    with served(workdir, fixes={"recover-after-ring-reinit": fix}, queues=2) as sv:
         d = RingDriver(sv.sock, queues=2)
         try:
             d.connect()
@@ -1001,8 +993,9 @@ def test_message_reader_closes_the_fds_of_a_message_that_never_finishes():
         assert r.feed(b) is None and r.started and r.received == 14 and r.expected == 20
         assert len(_open_fds() - before) == 1  # the fd that came with it
         a.close()
-        with pytest.raises(ProtocolError, match="in the middle of a message"):
+        with pytest.raises(ProtocolError) as ei:
             r.feed(b)
+        assert ei.value.kind is ProtocolErrorKind.PARTIAL_MESSAGE
         assert _open_fds() - before == set() and not r.started
     finally:
         os.close(efd)
@@ -1016,8 +1009,9 @@ def test_message_reader_closes_the_fds_of_a_message_that_never_finishes():
         socket.send_fds(a, [msg[:6]], fds)
         assert r.feed(b) is None
         socket.send_fds(a, [msg[6:]], fds[:1])
-        with pytest.raises(ProtocolError, match="more than"):
+        with pytest.raises(ProtocolError) as ei:
             r.feed(b)
+        assert ei.value.kind is ProtocolErrorKind.BAD_FD_COUNT
         assert _open_fds() - before == set()
         # a whole message after an error: the reader starts afresh
         a.sendall(HDR.pack(FR.GET_FEATURES, VERSION, 0))

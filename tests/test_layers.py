@@ -107,8 +107,8 @@ def test_every_package_is_in_a_layer_and_the_doc_lists_the_same_order():
     # the doc's layer table lists every package under its kickcall.NAME, in this order
     named = [u for names in LAYERS for u in names if not u.startswith("__")]
     positions = [doc.find(f"`kickcall.{u}`") for u in named]
-    assert all(p >= 0 for p in positions), [u for u, p in zip(named, positions) if p < 0]
-    ranks_in_doc = [RANK[u] for _, u in sorted(zip(positions, named))]
+    assert all(p >= 0 for p in positions), [u for u, p in zip(named, positions, strict=True) if p < 0]
+    ranks_in_doc = [RANK[u] for _, u in sorted(zip(positions, named, strict=True))]
     assert ranks_in_doc == sorted(ranks_in_doc), "docs/architecture.md lists the layers in another order"
 
 

@@ -5,11 +5,11 @@ Against a real ``kickcall vhost-user-blk --qmp`` process, driven by raw vhost-us
 state (no-front-end, not-set-up, not-started, started, disabled, stopped) is reached for real and
 read back through ``x-query-virtio-queue-status``; kick and call injections are refused per state
 with the reason; a ring the front-end stopped with GET_VRING_BASE is never processed
-(``backend_monitor.REFUSE_STOPPED_RING`` off brings that back); request times
+(``--x-fix-off refuse-stopped-ring`` brings that back); request times
 (``oldest-inflight-ms``, ``completion-ms``) with ``--io-delay-ms 300 --io-delay-fixed``; the
 ``complete`` fault (a back-end that never completes a request); a stopping back-end is not held by
-a request sleeping in ``--io-delay-ms`` (``vhost_user_blk.CANCEL_IO_DELAY_ON_STOP``); a device
-reset forgets the rings (``backend.FORGET_RINGS_ON_RESET``).
+a request sleeping in ``--io-delay-ms`` (the ``cancel-io-delay-on-stop`` fix); a device
+reset forgets the rings (the back-end's ``forget-rings-on-reset`` fix).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
@@ -42,20 +41,17 @@ STOPPED_TEXT = ("the front-end stopped queue 0 with GET_VRING_BASE; a back-end m
                 "(vhost-user spec); the front-end restarts it")
 
 
-def _argv(sock: str, img: str, qmp: str, *extra: str, off: tuple[tuple[str, str], ...] = ()) -> list[str]:
-    """``kickcall vhost-user-blk``, or with some switches off: (module, name) pairs."""
+def _argv(sock: str, img: str, qmp: str, *extra: str, off: tuple[str, ...] = ()) -> list[str]:
+    """``kickcall vhost-user-blk``, with some of its fixes off (``--x-fix-off NAME``: the back-end's
+    fault registry)."""
     args = ["vhost-user-blk", "--socket-path", sock, "--blk-file", img, "--qmp", qmp, *extra]
-    if not off:
-        return kickcall_argv(*args)
-    code = "import sys, importlib\n" + "".join(f"importlib.import_module({m!r}).{n} = False\n" for m, n in off) + \
-        "from kickcall.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    return [sys.executable, "-c", code, *args]
+    return kickcall_argv(*args, *(a for name in off for a in ("--x-fix-off", name)))
 
 
 class Backend:
     """A ``kickcall vhost-user-blk --qmp`` process and its monitor."""
 
-    def __init__(self, workdir: str, *extra: str, off: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(self, workdir: str, *extra: str, off: tuple[str, ...] = ()) -> None:
         self.img = os.path.join(workdir, "d.img")
         make_image(self.img, 4 << 20)
         self.sock = os.path.join(workdir, "vu.sock")
@@ -100,7 +96,7 @@ class Backend:
 def backend_factory(workdir):
     made: list[Backend] = []
 
-    def make(*extra: str, off: tuple[tuple[str, str], ...] = ()) -> Backend:
+    def make(*extra: str, off: tuple[str, ...] = ()) -> Backend:
         b = Backend(workdir, *extra, off=off)
         made.append(b)
         return b
@@ -253,7 +249,7 @@ def test_a_ring_the_front_end_stopped_is_never_processed(backend_factory, refuse
     SET_VRING_ENABLE 0): the ring stays enabled, its kick and call fds go.  A request published
     after that must not be taken by the back-end, whoever asks.  Off: the monitor's kick injection
     processes the stopped ring (it pops the request and writes the used ring)."""
-    off = () if refuse else (("kickcall.apps.backend_monitor", "REFUSE_STOPPED_RING"),)
+    off = () if refuse else ("refuse-stopped-ring",)
     b = backend_factory(off=off)
     drv = _driver(b)
     try:
@@ -365,7 +361,7 @@ def test_sigterm_is_not_held_by_a_request_sleeping_in_the_io_delay(backend_facto
     """Every I/O sleeps 40 s (``--io-delay-ms 40000 --io-delay-fixed``); with one asleep, SIGTERM
     ends the back-end at once (the drain is not held by the sleep).  Off: it is still running 8 s
     later (its stop waits for the sleeping request)."""
-    off = () if cancel else (("kickcall.apps.vhost_user_blk", "CANCEL_IO_DELAY_ON_STOP"),)
+    off = () if cancel else ("cancel-io-delay-on-stop",)
     b = backend_factory("--io-delay-ms", "40000", "--io-delay-fixed", off=off)
     drv = _driver(b)
     try:
@@ -389,7 +385,7 @@ def test_a_kick_after_a_device_reset_touches_nothing(backend_factory, forget):
     set up any more and their kick fds are gone: a kick reaches nothing.  Off, the old kick fd is
     still watched and the ring still looks set up: a kick processes the reset queue, which writes
     its used flags (VRING_USED_F_NO_NOTIFY) at GPA 0."""
-    off = () if forget else (("kickcall.vhost_user.backend", "FORGET_RINGS_ON_RESET"),)
+    off = () if forget else ("forget-rings-on-reset",)
     b = backend_factory(off=off)
     raw = RawFrontend(b.sock)
     try:

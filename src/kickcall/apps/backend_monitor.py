@@ -11,8 +11,14 @@ started, disabled, stopped), the GET_VRING_BASE count (``get-vring-base``, since
 started), the front-end (``front-end``), its ``kick-fd`` and ``call-fd`` (-1: none), and how old the
 oldest request in flight is (``oldest-inflight-ms``) and how long requests have been taking
 (``completion-ms``).  A kick injection is refused where a back-end must not process the ring --
-above all one the front-end stopped with GET_VRING_BASE (``REFUSE_STOPPED_RING``) -- and a call
+above all one the front-end stopped with GET_VRING_BASE (the ``refuse-stopped-ring`` fix) -- and a call
 injection where there is no call fd, each saying why.
+
+Faults live in the back-end's registry (``VhostUserBackend.faults``): the monitor's
+``x-debug-fault DEV QUEUE PATH ACTION`` arms ``lose-kick`` (path ``kick``), ``lose-call``
+(``call``) or ``hold-completion`` (``complete``); ``faults()`` lists every fault of the registry
+with its effect and state, fixes (``refuse-stopped-ring`` and the back-end's own) included, and
+``set_fault`` arms or switches any of them by name.
 
 The ``complete`` fault path holds completions: a held request was taken (popped) and its I/O
 done, but it is never pushed to the used ring -- a back-end that never completes a request.
@@ -24,6 +30,7 @@ region for a back-end that reconnects): the reply says how many went each way.
 
 from __future__ import annotations
 
+from ..faults import FaultError, QueueDrop
 from ..monitor.target import DeviceView, TargetError
 from ..vhost_user.backend import RingRefused, RingState, VhostUserBackend
 from ..virtio.blk import VirtIOBlk
@@ -40,36 +47,15 @@ from ..virtio.layout import (
     used_size,
 )
 
-__all__ = ["BackendTarget", "BackendDevice", "REFUSE_STOPPED_RING"]
+__all__ = ["BackendTarget", "BackendDevice", "REFUSE_STOPPED_RING", "FAULT_PATHS"]
 
-# on by default; off: a kick injection marks the ring started and processes it whatever its state
-# -- a ring the front-end stopped with GET_VRING_BASE included (what the monitor did before)
-REFUSE_STOPPED_RING = True
+# a fix of the monitor, in the back-end's registry; off: a kick injection marks the ring started
+# and processes it whatever its state -- a ring the front-end stopped with GET_VRING_BASE included
+# (what the monitor did before)
+REFUSE_STOPPED_RING = "refuse-stopped-ring"
 
-
-class _Faults:
-    def __init__(self) -> None:
-        self.state: dict[tuple[int, str], list] = {}  # (queue, path) -> [drop_next, drop_all, dropped]
-
-    def set(self, queue: int, path: str, action: str) -> dict:
-        st = self.state.setdefault((queue, path), [0, False, 0])
-        if action == "drop-next":
-            st[0] += 1
-        elif action == "drop-all":
-            st[1] = True
-        else:
-            st[0], st[1] = 0, False
-        return {"path": path, "action": action, "dropped-so-far": st[2]}
-
-    def take(self, queue: int, path: str) -> bool:
-        """True if this event must be dropped."""
-        st = self.state.get((queue, path))
-        if st is None or not (st[1] or st[0]):
-            return False
-        if st[0]:
-            st[0] -= 1
-        st[2] += 1
-        return True
+# x-debug-fault's paths -> the back-end's faults that lose (or hold) that path's events
+FAULT_PATHS = {"kick": "lose-kick", "call": "lose-call", "complete": "hold-completion"}
 
 
 class BackendDevice:
@@ -80,11 +66,15 @@ class BackendDevice:
         self.loop = backend.loop
         self.id = backend.name
         self.path = f"/{backend.name}"
-        self.drops = _Faults()
-        backend.fault_hooks["kick"] = lambda v: not self.drops.take(v.index, "kick")
-        backend.fault_hooks["call"] = lambda v: not self.drops.take(v.index, "call")
-        if isinstance(backend.device, VirtIOBlk):  # a device that can hold its completions
-            backend.device.hold_completion = lambda vq: self.drops.take(vq.index, "complete")
+        reg = backend.faults
+        if REFUSE_STOPPED_RING not in reg:  # (a second monitor of the same back-end shares it)
+            reg.switch(REFUSE_STOPPED_RING, "off: a kick injection processes a ring whatever its state, one "
+                       "the front-end stopped with GET_VRING_BASE included")
+        dev = backend.device
+        if isinstance(dev, VirtIOBlk) and "hold-completion" not in reg:  # a device that can hold completions
+            hold = reg.queue_drop("hold-completion", "a request whose I/O is done is never pushed to the used "
+                                  "ring (a back-end that never completes it); clear completes or discards them")
+            dev.hold_completion = lambda vq: hold.take(vq.index)
 
     def _run(self, fn):
         return self.loop.run_sync(fn)
@@ -216,7 +206,7 @@ class BackendDevice:
         def f() -> dict:
             try:
                 if event == "kick":
-                    self.b.process_ring(queue, check=REFUSE_STOPPED_RING)
+                    self.b.process_ring(queue, check=self.b.faults.fix_on(REFUSE_STOPPED_RING))
                     return {"path": "backend-process", "forced": False}
                 self.b.call_ring(queue)
             except RingRefused as e:
@@ -225,15 +215,48 @@ class BackendDevice:
 
         return self._run(f)
 
-    def fault(self, queue: int, path: str, action: str) -> dict:
-        if path != "complete":
-            return self._run(lambda: self.drops.set(queue, path, action))
-        dev = self.b.device
-        if not isinstance(dev, VirtIOBlk):  # the one device that can hold its completions
-            raise TargetError(f"a {dev.type_name} device cannot hold its completions")
+    def faults(self) -> list[dict]:
+        """Every fault of the back-end's registry: name, kind, effect, actions, state."""
+        return self.b.faults.describe()
 
-        def f() -> dict:
-            out = self.drops.set(queue, path, action)
+    def set_fault(self, name: str, action: str, queue: int | None) -> dict:
+        """Arm, clear or switch the back-end's fault *name* (``FaultRegistry.arm``)."""
+        if name == "hold-completion" and action == "clear" and queue is not None:
+            return self.fault(queue, "complete", action)  # held requests are completed or discarded too
+        try:
+            return self.b.faults.arm(name, action, queue)
+        except FaultError as e:
+            raise TargetError(str(e)) from None
+
+    def _drop_fault(self, path: str) -> QueueDrop:
+        name = FAULT_PATHS.get(path)
+        if name is None:
+            raise TargetError(f"no fault path {path!r} (kick, call or complete)")
+        try:
+            f = self.b.faults.get(name)
+        except FaultError:
+            raise TargetError(f"a {self.b.device.type_name} device cannot hold its completions") from None
+        assert isinstance(f, QueueDrop)
+        return f
+
+    def _arm(self, f: QueueDrop, path: str, queue: int, action: str) -> dict:
+        try:
+            out = self.b.faults.arm(f.name, action, queue)
+        except FaultError as e:
+            raise TargetError(str(e)) from None
+        return {"path": path, "action": out["action"], "dropped-so-far": out["dropped-so-far"]}
+
+    def fault(self, queue: int, path: str, action: str) -> dict:
+        """x-debug-fault: lose (kick, call) or hold (complete) the next or every event of *path* on
+        *queue*, or stop (clear)."""
+        f = self._drop_fault(path)
+        if path != "complete":
+            return self._arm(f, path, queue, action)
+        dev = self.b.device
+        assert isinstance(dev, VirtIOBlk)  # the one device that can hold its completions
+
+        def g() -> dict:
+            out = self._arm(f, path, queue, action)
             if action == "clear":
                 started = self.b.ring_state(queue) == RingState.STARTED
                 done, gone = dev.release_held(queue, complete=started)
@@ -241,14 +264,7 @@ class BackendDevice:
             out["held"] = dev.held(queue)
             return out
 
-        return self._run(f)
-
-
-    def faults(self) -> list[dict]:  # TEMPORARY until the back-end's registry lands (wt-vu)
-        return []
-
-    def set_fault(self, name: str, action: str, queue: int | None) -> dict:
-        raise TargetError(f"the back-end has no fault {name!r}")
+        return self._run(g)
 
 
 class BackendTarget:

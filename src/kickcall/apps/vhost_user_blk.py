@@ -6,8 +6,13 @@ already listening socket), ``--print-capabilities``, and the block type's ``--bl
 
 Fault knobs for tests of slow and stuck back-ends: ``--io-delay-ms N`` stalls each I/O a random
 0..N ms, or exactly N ms with ``--io-delay-fixed``; a stall never delays the exit (SIGTERM, SIGINT
-or the monitor's quit end it at once: ``CANCEL_IO_DELAY_ON_STOP``).  The monitor's
+or the monitor's quit end it at once: the ``cancel-io-delay-on-stop`` fix).  The monitor's
 ``x-debug-fault DEV QUEUE complete drop-all`` makes a back-end that never completes a request.
+
+``--x-fix-off NAME`` (repeatable; for tests and demonstrations, not in the main help) starts the
+back-end with one of its fixes switched off -- a ``Switch`` of the back-end's fault registry
+(``VhostUserBackend.faults``: the back-end's own, ``refuse-stopped-ring`` with ``--qmp``, and
+``cancel-io-delay-on-stop``).  An unknown name is refused (exit 2), naming the ones there are.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import signal
 import sys
 import threading
 
+from ..faults import FaultError
 from ..loop import IOThread
 from ..monitor import QMPServer
 from ..vhost_user.backend import DEFAULT_PROTOCOL_FEATURES, VhostUserBackend
@@ -33,9 +39,10 @@ log = logging.getLogger("kickcall.vhost-user-blk")
 
 CAPABILITIES = {"type": "block", "features": ["blk-file", "read-only"]}
 
-# on by default; off: a stopping back-end waits for every I/O stalled by --io-delay-ms to sleep its
-# full delay (a queue of them, a few at a time on the aio workers) before it exits
-CANCEL_IO_DELAY_ON_STOP = True
+# a fix in the back-end's fault registry, on by default; off: a stopping back-end waits for every I/O
+# stalled by --io-delay-ms to sleep its full delay (a queue of them, a few at a time on the aio
+# workers) before it exits
+CANCEL_IO_DELAY_ON_STOP = "cancel-io-delay-on-stop"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,6 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-self-kick", action="store_true",
                    help="fault knob: after a reconnect, do not kick a ring that shows work (a kick the "
                         "previous back-end consumed is then lost unless the front-end kicks)")
+    # for tests and demonstrations: hidden from the help
+    p.add_argument("--x-fix-off", action="append", default=[], metavar="NAME", help=argparse.SUPPRESS)
 
 
 PROG = "kickcall vhost-user-blk"
@@ -152,17 +161,30 @@ def _serve(a: argparse.Namespace, sock_claim: SocketClaim | None, qmp_claim: Soc
         dev.close()
         return 2
     backend.self_kick_after_reconnect = not a.no_self_kick
+    cancel_io_delay = backend.faults.switch(
+        CANCEL_IO_DELAY_ON_STOP, "off: a stopping back-end waits for every I/O stalled by --io-delay-ms to sleep "
+        "its full delay before it exits")
     if a.trace:
         trace.add_sink(lambda rec: print(trace.format_record(rec), file=sys.stderr, flush=True))
     qmp = None
+    target = None
+    if qmp_claim is not None:
+        from .backend_monitor import BackendTarget
+
+        target = BackendTarget(backend, done.set)  # registers the monitor's faults
     loop.start()
     try:
+        for name in a.x_fix_off:  # before start(): no front-end is served with the fix still on
+            try:
+                backend.faults.set_fix(name, False)
+            except FaultError as e:
+                print(f"{PROG}: --x-fix-off {name}: {e}", file=sys.stderr)
+                return 2
         backend.start()
-        if qmp_claim is not None:
+        if target is not None:
             from ..monitor.commands import build_registry
-            from .backend_monitor import BackendTarget
 
-            reg, attach = build_registry(BackendTarget(backend, done.set), extra={
+            reg, attach = build_registry(target, extra={
                 "x-query-vhost-user-backend": (lambda: loop.run_sync(
                     lambda: dict(backend.status(), messages=dict(backend.message_counts))), []),
             })
@@ -174,7 +196,7 @@ def _serve(a: argparse.Namespace, sock_claim: SocketClaim | None, qmp_claim: Soc
         while not done.wait(1.0):  # a timed wait, so that signals are handled promptly
             pass
     finally:
-        if CANCEL_IO_DELAY_ON_STOP:
+        if cancel_io_delay.fix_on:
             dev.cancel_io_delays()  # requests sleeping in --io-delay-ms finish now: the drain is prompt
         backend.stop()
         loop.stop()

@@ -43,7 +43,7 @@ from ..virtio.queue import VirtQueue
 from ..virtio.paths import CallPath
 from ..virtio.transport import VhostTransport
 from .frontend import BackendGone, InflightInfo, VhostUserFrontend
-from .protocol import VHOST_USER_F_PROTOCOL_FEATURES, MemRegion, ProtocolError, ProtocolFeature
+from .protocol import VHOST_USER_F_PROTOCOL_FEATURES, MemRegion, ProtocolError, ProtocolErrorKind, ProtocolFeature
 from ..threads import start_thread
 
 __all__ = ["VhostUserBlkDevice", "USER_BASE"]
@@ -104,14 +104,16 @@ class VhostUserBlkDevice(VirtIODevice):
         fe.connect(wait=wait)
         offered = fe.get_features()
         if not offered >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
-            raise ProtocolError(f"{self.name}: the back-end lacks VHOST_USER_F_PROTOCOL_FEATURES")
+            raise ProtocolError(ProtocolErrorKind.FEATURE_MISMATCH,
+                                f"{self.name}: the back-end lacks VHOST_USER_F_PROTOCOL_FEATURES")
         pf = fe.get_protocol_features() & PF_WANTED
         if not self.use_inflight:
             pf &= ~(1 << PF.INFLIGHT_SHMFD)
         fe.set_protocol_features(pf)
         nq = fe.get_queue_num() if pf >> PF.MQ & 1 else 1
         if nq < len(self.queues):
-            raise ProtocolError(f"{self.name}: the back-end has {nq} queues, {len(self.queues)} configured")
+            raise ProtocolError(ProtocolErrorKind.TOO_FEW_QUEUES,
+                                f"{self.name}: the back-end has {nq} queues, {len(self.queues)} configured")
         if pf >> PF.BACKEND_REQ & 1:
             fe.set_backend_req_fd()
         fe.set_owner()

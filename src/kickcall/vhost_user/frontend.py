@@ -34,6 +34,7 @@ from .protocol import (
     MemRegion,
     Message,
     ProtocolError,
+    ProtocolErrorKind,
     ProtocolFeature,
     pack_regions,
     recv_message,
@@ -157,7 +158,7 @@ class VhostUserFrontend:
                 raise BackendGone(f"{self.name}: {FR(req).name}: {e}") from None
             except ProtocolError as e:
                 self._drop()
-                raise ProtocolError(f"{self.name}: {FR(req).name}: {e}") from None
+                raise ProtocolError(e.kind, f"{self.name}: {FR(req).name}: {e}") from None
         try:
             validate_reply(req, rep)
         except ProtocolError as e:
@@ -168,15 +169,15 @@ class VhostUserFrontend:
         if want_ack and req not in _HAS_REPLY:
             status = rep.u64()
             if status != 0:
-                self._fail(f"{FR(req).name} failed in the back-end (status {status})")
+                self._fail(ProtocolErrorKind.REQUEST_FAILED, f"{FR(req).name} failed in the back-end (status {status})")
         return rep
 
-    def _fail(self, what: str) -> None:
+    def _fail(self, kind: ProtocolErrorKind, what: str) -> None:
         """Any protocol failure ends the connection (the device's reconnect logic takes over)."""
         with self._mu:
             self._drop()
         log.error("%s: closing the connection: %s", self.name, what)
-        raise ProtocolError(f"{self.name}: {what}")
+        raise ProtocolError(kind, f"{self.name}: {what}")
 
     def _drop(self) -> None:
         s, self.sock = self.sock, None
@@ -249,7 +250,7 @@ class VhostUserFrontend:
         assert rep is not None
         ridx, num = VRING_STATE.unpack(rep.payload)
         if ridx != idx:
-            self._fail(f"GET_VRING_BASE reply for queue {ridx}, asked {idx}")
+            self._fail(ProtocolErrorKind.BAD_REPLY, f"GET_VRING_BASE reply for queue {ridx}, asked {idx}")
         return num
 
     def get_config(self, offset: int, size: int) -> bytes:
@@ -258,7 +259,7 @@ class VhostUserFrontend:
         off, rsize, _flags = CONFIG_HDR.unpack_from(rep.payload)
         data = rep.payload[CONFIG_HDR.size:]
         if off != offset or rsize != size or len(data) != size:
-            self._fail(f"GET_CONFIG reply ({off}, {rsize}, {len(data)} bytes) for ({offset}, {size})")
+            self._fail(ProtocolErrorKind.BAD_REPLY, f"GET_CONFIG reply ({off}, {rsize}, {len(data)} bytes) for ({offset}, {size})")
         return data
 
     def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightInfo:
