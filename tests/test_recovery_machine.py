@@ -6,7 +6,6 @@ breaks it again."""
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
@@ -38,7 +37,7 @@ def _break_the_ring(m, slot: int) -> None:
 
 @pytest.mark.parametrize("fix", [True, False], ids=["fix-on", "fix-off"])
 def test_a_guests_disk_works_again_after_a_reset_following_a_ring_error(workdir, fix):
-    """fix-off: the back-end's RECOVER_AFTER_RING_REINIT switched off -- the device stays broken
+    """fix-off: the back-end's recover-after-ring-reinit fault switched off -- the device stays broken
     through the guest's reset (GET_VRING_BASE, then the rings set up again), and the disk is dead."""
     img = os.path.join(workdir, "d.img")
     make_image(img, 8 << 20)
@@ -49,9 +48,7 @@ def test_a_guests_disk_works_again_after_a_reset_following_a_ring_error(workdir,
 
     log = open(os.path.join(workdir, "be.log"), "w+")
     args = ["--log-level", "INFO", "vhost-user-blk", "--socket-path", sock, "--blk-file", img]
-    argv = kickcall_argv(*args) if fix else [
-        sys.executable, "-c", "import sys\nimport kickcall.vhost_user.backend as b\nb.RECOVER_AFTER_RING_REINIT = False\n"
-        "from kickcall.cli import main\nsys.exit(main(sys.argv[1:]))\n", *args]
+    argv = kickcall_argv(*args, *(() if fix else ("--x-fix-off", "recover-after-ring-reinit")))
     be = spawn(argv, stderr=log, stdout=subprocess.DEVNULL)
     try:
         wait_for_listener(sock, be)
