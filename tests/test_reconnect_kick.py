@@ -32,7 +32,7 @@ def test_a_kick_the_dead_backend_consumed_is_replayed_after_the_reconnect(workdi
     make_image(img, 8 << 20)
     sock = os.path.join(workdir, "s")
     qmp = os.path.join(workdir, "be.qmp")
-    knobs = () if back else ("--no-self-kick",)
+    knobs = () if back else ("--x-fix-off", "self-kick-after-reconnect")
     be = start_vhost_user_blk(sock, img, "--qmp", qmp, *knobs)
     be2 = None
     try:

@@ -334,6 +334,13 @@ def test_get_vring_base_reply_for_another_queue(sock_path):
         fails_and_drops(fe, lambda: fe.get_vring_base(0), K.BAD_REPLY)
 
 
+def test_get_vring_base_reply_that_is_not_a_ring_index(sock_path):
+    """A ring index is 16 bits: a larger base would be set as the device's next avail index."""
+    with session(sock_path, {FR.GET_VRING_BASE: wire(FR.GET_VRING_BASE, VRING_STATE.pack(0, 0x10000))}) as (_, fe):
+        handshake(fe)
+        fails_and_drops(fe, lambda: fe.get_vring_base(0), K.BAD_REPLY)
+
+
 @pytest.mark.parametrize("how", ["offset", "size", "truncated", "longer", "no-config-header"])
 def test_get_config_reply_that_does_not_match_the_request(sock_path, how):
     payload = {

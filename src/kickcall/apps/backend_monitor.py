@@ -152,7 +152,7 @@ class BackendDevice:
             if v.addr is None or mem is None:
                 raise TargetError(f"virtqueue {queue} is not set up")
             n = q.num
-            slot = (q.last_avail_idx if index is None else index) % n
+            slot = (q.get_last_avail_idx() if index is None else index) % n
             head = self._u16(avail_ring_addr(q.avail, slot)) or 0
             if head >= n:
                 raise TargetError(f"avail ring slot {slot} holds descriptor {head}, out of range (queue size {n})")

@@ -160,7 +160,8 @@ def _serve(a: argparse.Namespace, sock_claim: SocketClaim | None, qmp_claim: Soc
         print(f"{PROG}: cannot listen: {e}", file=sys.stderr)
         dev.close()
         return 2
-    backend.self_kick_after_reconnect = not a.no_self_kick
+    if a.no_self_kick:  # (the same as --x-fix-off self-kick-after-reconnect)
+        backend.faults.set_fix("self-kick-after-reconnect", False)
     cancel_io_delay = backend.faults.switch(
         CANCEL_IO_DELAY_ON_STOP, "off: a stopping back-end waits for every I/O stalled by --io-delay-ms to sleep "
         "its full delay before it exits")

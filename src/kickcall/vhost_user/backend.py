@@ -157,6 +157,8 @@ FIXES: dict[str, str] = {
                              "reset queue: its ring addresses are 0, and its used flags are written at GPA 0)",
     "validate-messages": "off: SET_VRING_ADDR flags other than VHOST_VRING_F_LOG, misaligned ring addresses and "
                          "header flags other than NEED_REPLY are accepted (rust-vmm's is_valid refuses them)",
+    "self-kick-after-reconnect": "off: after a reconnect with INFLIGHT_SHMFD a ring that shows work is not kicked "
+                                 "(a kick the previous back-end consumed is then lost unless the front-end kicks)",
     "report-poll-errors": "off: a ring error met while polling a ring that has no kick fd is swallowed (the "
                           "ring is polled on, the device is not marked broken, the err fd is not written)",
 }
@@ -430,8 +432,7 @@ class VhostUserBackend:
             "lose-kick", "a kick that reached the back-end's kick fd is consumed and ignored (the ring is not processed)")
         self._lose_call = self.faults.queue_drop(
             "lose-call", "a call the device asked for is never written to the queue's call fd")
-        # after a reconnect with INFLIGHT_SHMFD, kick a ring that shows work (False: tests show the hang)
-        self.self_kick_after_reconnect = True
+        self._self_kick_after_reconnect = fix["self-kick-after-reconnect"]
         device.transport = _BackendTransport(self)
         self._stopped = threading.Event()
 
@@ -864,8 +865,7 @@ class VhostUserBackend:
         if num > 0xFFFF:
             raise ProtocolError(ProtocolErrorKind.BAD_RING_BASE, f"queue {idx}: base {num} is not a 16-bit index")
         v.base = num
-        self.device.queues[idx].last_avail_idx = num
-        self.device.queues[idx].shadow_avail_idx = num
+        self.device.queues[idx].set_last_avail_idx(num)
         self._reinit_step(v, "base")
         return None
 
@@ -876,7 +876,7 @@ class VhostUserBackend:
         v.stopped = True
         v.get_vring_base += 1
         q = self.device.queues[idx]
-        base = q.last_avail_idx if v.addr is not None else v.base
+        base = q.get_last_avail_idx() if v.addr is not None else v.base
         for attr in ("kick", "call"):
             self._set_fd(v, attr, None)
         if self.device.broken and self._recover_after_ring_reinit.fix_on:
@@ -1032,8 +1032,8 @@ class VhostUserBackend:
                                 f"{e}" + (f" ({ring_kind})" if ring_kind is not None else "")) from None
         if read_used:
             # the used index lives in guest memory: a stale copy across a reset would corrupt the ring
-            q.used_idx = q.guest_used_idx()
-            q.signalled_used_valid = False
+            q.update_used_idx()
+            q.invalidate_signalled_used()
         q.enabled = True
 
     def _ring_size(self, v: BackendVring) -> int | None:
@@ -1105,11 +1105,10 @@ class VhostUserBackend:
                 q.resubmit = iq.recover(q.guest_used_idx())
             except ValueError as e:
                 raise ProtocolError(ProtocolErrorKind.INFLIGHT_CORRUPT, str(e)) from None
-            if reconnect and self.self_kick_after_reconnect:
+            if reconnect and self._self_kick_after_reconnect.fix_on:
                 replay = bool(q.resubmit) or q.guest_avail_idx() != q.guest_used_idx()
             if q.resubmit:
-                q.last_avail_idx = (q.guest_used_idx() + len(q.resubmit)) & 0xFFFF
-                q.shadow_avail_idx = q.last_avail_idx
+                q.set_last_avail_idx((q.guest_used_idx() + len(q.resubmit)) & 0xFFFF)
                 log.info("%s: queue %d: resubmitting %d in-flight requests", self.name, v.index, len(q.resubmit))
                 v.started = True
                 v.pending_kick = True

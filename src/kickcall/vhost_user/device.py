@@ -195,7 +195,7 @@ class VhostUserBlkDevice(VirtIODevice):
             fe.set_vring_num(q.index, q.num)
             # first start: where the guest's driver left it (0 after a reset); after a back-end
             # crash: the used index (the back-end resubmits whatever else it had taken)
-            base = q.last_avail_idx if first else self._guest_used_idx(q)
+            base = q.get_last_avail_idx() if first else self._guest_used_idx(q)
             fe.set_vring_base(q.index, base)
             fe.set_vring_addr(q.index, USER_BASE + q.desc, USER_BASE + q.used, USER_BASE + q.avail)
             kick = q.host_notifier
@@ -225,7 +225,7 @@ class VhostUserBlkDevice(VirtIODevice):
                     for q in active:
                         self.fe.set_vring_enable(q.index, False)
                     for q in active:
-                        q.last_avail_idx = self.fe.get_vring_base(q.index)
+                        q.set_last_avail_idx(self.fe.get_vring_base(q.index))
                 except (BackendGone, ProtocolError, OSError) as e:
                     log.warning("%s: stopping the back-end: %s", self.name, e)
             for q in self.queues:

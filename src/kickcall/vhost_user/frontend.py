@@ -251,6 +251,8 @@ class VhostUserFrontend:
         ridx, num = VRING_STATE.unpack(rep.payload)
         if ridx != idx:
             self._fail(ProtocolErrorKind.BAD_REPLY, f"GET_VRING_BASE reply for queue {ridx}, asked {idx}")
+        if num > 0xFFFF:  # a ring index is 16 bits: a back-end that says otherwise is broken or hostile
+            self._fail(ProtocolErrorKind.BAD_REPLY, f"GET_VRING_BASE reply {num} for queue {idx} is not a 16-bit index")
         return num
 
     def get_config(self, offset: int, size: int) -> bytes:
