@@ -31,6 +31,7 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient
 from helpers import (blk, guest_irq_count, guest_vector_of, machine_toml, running_machine, spawn, start_vhost_user_blk,
                      stop_process, wait_for, wait_for_listener)
 from kickcall import trace
+from kickcall.faults import FaultError, FaultErrorKind
 from kickcall.monitor.commands import HMP_COMMANDS
 from kickcall.virtio.blk import make_image
 
@@ -835,6 +836,19 @@ def test_machine_fault_registry(vm):
         == {"fix": "on"}
     r = g.submit()
     assert r["kicked"] and g.wait(r["id"])["completed"]
+
+    # a fault that cannot act now says so by kind: a masked vector has no irqfd to drop calls on
+    g.mask(True)
+    try:
+        with pytest.raises(FaultError) as ei:
+            sw.arm("lose-call", "drop-next", 0)
+        assert ei.value.kind is FaultErrorKind.UNSUPPORTED
+        with pytest.raises(FaultError) as ei:
+            sw.arm("lose-call", "drop-next", 7)
+        assert ei.value.kind is FaultErrorKind.BAD_QUEUE
+    finally:
+        g.mask(False)
+    g.io()
 
     # HMP: the listing, and a fault by name
     text = mon.hmp("x-debug-fault blk0")
