@@ -382,7 +382,7 @@ def test_both_blk_front_ends_use_one_request_class_at_run_time():
     from kickcall.guest import blk_request, virtio_blk
 
     assert virtio_blk.BlkRequest is blk_request.BlkRequest is vhost_user_blk.BlkRequest
-    assert type(vhost_user_blk.Req(0, 0, 0, 0x1000, 0, 0x1800)) is blk_request.BlkRequest
+    assert not hasattr(vhost_user_blk, "Req")  # the front-end's own request record is gone
     import kickcall.virtio.blk as device
 
     assert blk_request.BLK_OUTHDR is device.HDR

@@ -21,7 +21,8 @@ import subprocess
 import pytest
 
 from helpers import kickcall_argv, spawn, stop_process, wait_for, wait_for_listener
-from kickcall.drive.vhost_user_blk import Req, VhostUserBlkDriver
+from kickcall.drive.vhost_user_blk import VhostUserBlkDriver
+from kickcall.guest.blk_request import BlkRequest
 from kickcall.memory import GuestMemory
 from kickcall.monitor.client import QMPClient, QMPCommandError
 from kickcall.notify import EventNotifier
@@ -237,7 +238,7 @@ def _driver(b: Backend, **kw) -> VhostUserBlkDriver:
     return drv
 
 
-def _submit_read(drv: VhostUserBlkDriver, sector: int = 0) -> Req:
+def _submit_read(drv: VhostUserBlkDriver, sector: int = 0) -> BlkRequest:
     r = drv.new_req(4096)
     assert drv.submit(0, [(r, BLK_T_IN, sector, 4096)]) == 1
     return r

@@ -52,15 +52,6 @@ class DriverError(RuntimeError):
     pass
 
 
-def Req(rtype: int, sector: int, nbytes: int, hdr: int, data: int, status: int) -> BlkRequest:
-    """A request over buffers the caller placed (``BlkRequest.at``), in the argument order of the
-    request dataclass this module had before the request type was shared with the guest driver.
-    Kept for tests/test_cross_region.py, which puts a request's data across two memfds."""
-    r = BlkRequest.at(hdr, data, nbytes, status)
-    r.type, r.sector, r.nbytes = rtype, sector, nbytes
-    return r
-
-
 class VhostUserBlkDriver:
     """Drive a vhost-user-blk back-end on *socket_path*."""
 

@@ -110,7 +110,7 @@ class VirtIOIRQFD:
     users: int = 0
 
 
-class ProxyHook(enum.Enum):
+class ProxyHook(enum.StrEnum):
     """Where a test or the bench may watch the proxy's kick path (``VirtIOPCIProxy.hooks``)."""
 
     AFTER_DEASSIGN = "after-deassign"  # a host notifier was just removed from the ioeventfd table,
