@@ -144,6 +144,27 @@ def test_pop_returns_the_chain(r):
     assert r.q.pop() is None
 
 
+def test_queue_element_shows_the_chain_a_slot_holds_and_changes_nothing(r):
+    """QEMU's VirtioQueueElement for the monitors: the chain at an avail slot, the ring fields, and
+    nothing written; a slot holding a head beyond the queue, or a queue with no size, is refused."""
+    r.desc(5, BUF, 16, F_NEXT, 2)
+    r.desc(2, BUF + 0x400, 1, F_WRITE)
+    r.offer(5)
+    before = r.ram()
+    el = r.q.queue_element(0, r.mem, "virtio-blk")
+    assert el["index"] == 5 and el["name"] == "virtio-blk" and "error" not in el
+    assert [(d["addr"], d["len"]) for d in el["descs"]] == [(BUF, 16), (BUF + 0x400, 1)]
+    assert el["avail"] == {"flags": 0, "idx": 1, "ring": 5} and el["used"] == {"flags": 0, "idx": 0}
+    assert r.ram() == before and r.q.get_last_avail_idx() == 0
+    r.set_avail_slot(1, r.q.num)  # a head one past the last descriptor
+    with pytest.raises(ValueError):
+        r.q.queue_element(1, r.mem, "virtio-blk")
+    empty = VirtQueue(0, 8, name="t.vq0")
+    empty.num = 0  # a driver or front-end that never set the size
+    with pytest.raises(ValueError):
+        empty.queue_element(0, r.mem, "virtio-blk")
+
+
 def test_pop_through_an_indirect_table():
     rg = Ring(indirect=True)
     try:

@@ -36,14 +36,9 @@ from ..vhost_user.backend import RingRefused, RingState, VhostUserBackend
 from ..virtio.blk import VirtIOBlk
 from ..virtio.device import DEVICE_NEEDS_RESET
 from ..virtio.layout import (
-    avail_flags_addr,
-    avail_idx_addr,
-    avail_ring_addr,
     avail_size,
     desc_table_size,
     read_ring_fields,
-    used_flags_addr,
-    used_idx_addr,
     used_size,
 )
 
@@ -151,20 +146,10 @@ class BackendDevice:
             mem = self.b.memory
             if v.addr is None or mem is None:
                 raise TargetError(f"virtqueue {queue} is not set up")
-            n = q.num
-            slot = (q.get_last_avail_idx() if index is None else index) % n
-            head = self._u16(avail_ring_addr(q.avail, slot)) or 0
-            if head >= n:
-                raise TargetError(f"avail ring slot {slot} holds descriptor {head}, out of range (queue size {n})")
-            chain = q.describe_chain(head, mem=mem)  # the device's own walker
-            el = {"name": self.type_name, "index": head, "descs": chain.qmp_descs(),
-                  "avail": {"flags": self._u16(avail_flags_addr(q.avail)) or 0,
-                            "idx": self._u16(avail_idx_addr(q.avail)) or 0, "ring": head},
-                  "used": {"flags": self._u16(used_flags_addr(q.used)) or 0,
-                           "idx": self._u16(used_idx_addr(q.used)) or 0}}
-            if chain.fault is not None:
-                el["error"] = chain.fault.describe()  # what the device refuses, and where
-            return el
+            try:  # the device's own walker: a chain it would refuse shows its valid prefix and an "error"
+                return q.queue_element(q.get_last_avail_idx() if index is None else index, mem, self.type_name)
+            except ValueError as e:
+                raise TargetError(str(e)) from None
 
         return self._run(f)
 

@@ -20,13 +20,8 @@ from ..virtio.queue import VIRTIO_NO_VECTOR, VirtQueue
 from ..virtio.layout import (
     read_ring_fields,
     avail_event_addr,
-    avail_flags_addr,
-    avail_idx_addr,
-    avail_ring_addr,
     avail_size,
     desc_table_size,
-    used_flags_addr,
-    used_idx_addr,
     used_size,
 )
 from ..faults import FaultError
@@ -146,21 +141,10 @@ class MachineDevice:
             last = q.get_last_avail_idx()
             if self._vhost_started() and q.event_idx:
                 last = self._u16(avail_event_addr(q.used, n)) or 0  # the back-end's position, never GET_VRING_BASE
-            slot = (last if index is None else index) % n
-            head = self._u16(avail_ring_addr(q.avail, slot)) or 0
-            if head >= n:
-                raise TargetError(f"avail ring slot {slot} holds descriptor {head}, out of range (queue size {n})")
-            # the device's own walker: a chain the device would refuse shows as its valid prefix
-            # and an "error" (the RingErrorKind and the failing descriptor)
-            chain = q.describe_chain(head, mem=self.m.memory)
-            el = {"name": self.type_name, "index": head, "descs": chain.qmp_descs(),
-                  "avail": {"flags": self._u16(avail_flags_addr(q.avail)) or 0,
-                            "idx": self._u16(avail_idx_addr(q.avail)) or 0, "ring": head},
-                  "used": {"flags": self._u16(used_flags_addr(q.used)) or 0,
-                           "idx": self._u16(used_idx_addr(q.used)) or 0}}
-            if chain.fault is not None:
-                el["error"] = chain.fault.describe()
-            return el
+            try:  # the device's own walker: a chain it would refuse shows its valid prefix and an "error"
+                return q.queue_element(last if index is None else index, self.m.memory, self.type_name)
+            except ValueError as e:
+                raise TargetError(str(e)) from None
 
     def pci_info(self) -> dict:
         p = self.p

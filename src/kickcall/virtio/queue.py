@@ -70,9 +70,14 @@ from .layout import (
     USED_IDX_U16,
     USED_RING,
     avail_event_u16,
+    avail_flags_addr,
+    avail_idx_addr,
+    avail_ring_addr,
     avail_size,
     desc_table_size,
     used_event_u16,
+    used_flags_addr,
+    used_idx_addr,
     used_size,
 )
 from .ring import (
@@ -721,6 +726,34 @@ class VirtQueue:
         else:
             d.element = r
         return d
+
+    def queue_element(self, slot: int, mem: GuestMemory, type_name: str) -> dict:
+        """QEMU's ``VirtioQueueElement`` (``x-query-virtio-queue-element``): the chain whose head
+        avail ring slot *slot* (modulo the queue size) holds, walked by ``describe_chain`` -- a chain
+        the device would refuse shows its valid prefix and an ``error`` (its ``RingErrorKind`` and
+        the failing descriptor).  The ring fields are read from guest memory (0 where unreadable);
+        nothing is changed.  ValueError if the slot holds a head beyond the queue."""
+        def u16(gpa: int) -> int:
+            try:
+                return mem.read_u16_atomic(gpa)
+            except ValueError:
+                return 0
+
+        n = self.num
+        if not n:
+            raise ValueError("the virtqueue has no size (VIRTIO_PCI_QUEUE_NUM / SET_VRING_NUM never set)")
+        slot %= n
+        head = u16(avail_ring_addr(self.avail, slot))
+        if head >= n:
+            raise ValueError(f"avail ring slot {slot} holds descriptor {head}, out of range (queue size {n})")
+        chain = self.describe_chain(head, mem=mem)
+        el: dict = {"name": type_name, "index": head, "descs": chain.qmp_descs(),
+                    "avail": {"flags": u16(avail_flags_addr(self.avail)), "idx": u16(avail_idx_addr(self.avail)),
+                              "ring": head},
+                    "used": {"flags": u16(used_flags_addr(self.used)), "idx": u16(used_idx_addr(self.used))}}
+        if chain.fault is not None:
+            el["error"] = chain.fault.describe()  # what the device refuses, and where
+        return el
 
     # -- push --------------------------------------------------------------------------------------------
     def push(self, elem: VirtQueueElement, length: int) -> None:
