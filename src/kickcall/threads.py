@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
-import ctypes.util
 import itertools
 import logging
 import threading
@@ -66,7 +65,11 @@ def _lookup_prctl() -> Callable[..., int] | None:
         if not _prctl_looked_up:
             _prctl_looked_up = True
             try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+                # dlopen(NULL): the symbols the process already has, libc's among them.  Not
+                # ctypes.util.find_library("c"): it runs /sbin/ldconfig, and a Ctrl-C that kills
+                # ldconfig sends it on to gcc with a NamedTemporaryFile in $TMPDIR, which a process
+                # interrupted at that moment leaves behind (tests/test_signals.py saw it)
+                libc = ctypes.CDLL(None, use_errno=True)
                 _prctl = libc.prctl
             except (OSError, AttributeError) as e:  # not Linux/glibc: Python names only
                 log.debug("no prctl(): thread names stay Python-only (%s)", e)
