@@ -32,6 +32,7 @@ from typing import Iterator
 
 import pytest
 
+from vu_raw import raw_connect, read_message, send
 from helpers import kickcall_argv, spawn, stop_process, wait_for, wait_for_listener
 from kickcall.drive.vhost_user_blk import run_test
 from kickcall.loop import IOThread
@@ -54,7 +55,6 @@ from kickcall.vhost_user.protocol import (
     BackendReq,
     FrontendReq,
     MemRegion,
-    Message,
     ProtocolError,
     ProtocolErrorKind,
     ProtocolFeature,
@@ -115,44 +115,10 @@ def _unread(s: socket.socket) -> int:
     return struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
 
 
-def raw_connect(sv: Served) -> socket.socket:
-    """A raw connection, once the back-end serves it."""
-    n = sv.be.connections
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(CEILING)
-    s.connect(sv.sock)
-    wait_for(lambda: sv.be.connections == n + 1, CEILING, "the back-end to accept the connection")
-    return s
 
 
-def send(s: socket.socket, req: int, payload: bytes = b"", fds: list[int] | tuple[int, ...] = (),
-         flags: int = VERSION) -> None:
-    data = HDR.pack(req, flags, len(payload)) + payload
-    if fds:
-        socket.send_fds(s, [data], list(fds))
-    else:
-        s.sendall(data)
 
 
-def read_message(s: socket.socket) -> Message | None:
-    """One whole message (blocking, with the socket's timeout), or None when the peer closed."""
-    hdr = b""
-    while len(hdr) < HDR.size:
-        try:
-            chunk = s.recv(HDR.size - len(hdr))
-        except ConnectionResetError:
-            return None
-        if not chunk:
-            assert not hdr, "closed in the middle of a header"
-            return None
-        hdr += chunk
-    req, flags, size = HDR.unpack(hdr)
-    payload = b""
-    while len(payload) < size:
-        chunk = s.recv(size - len(payload))
-        assert chunk, "closed in the middle of a payload"
-        payload += chunk
-    return Message(req, flags, payload)
 
 
 class Dribbler(threading.Thread):

@@ -24,6 +24,7 @@ from typing import Iterator
 
 import pytest
 
+from vu_raw import raw_connect, read_message, send
 from helpers import kickcall_argv, spawn, stop_process, wait_for
 from kickcall.apps.backend_monitor import BackendDevice
 from kickcall.guest.virtio_ring import Vring
@@ -208,43 +209,7 @@ class MiniDriver:
         self.mem.close()
 
 
-# -- a raw front-end ------------------------------------------------------------------------------------------
-def raw_connect(sv: Served) -> socket.socket:
-    n = sv.be.connections
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(CEILING)
-    s.connect(sv.sock)
-    wait_for(lambda: sv.be.connections == n + 1, CEILING, "the back-end to accept the connection")
-    return s
-
-
-def send(s: socket.socket, req: int, payload: bytes = b"", fds: list[int] | tuple[int, ...] = (),
-         flags: int = VERSION) -> None:
-    data = HDR.pack(req, flags, len(payload)) + payload
-    if fds:
-        socket.send_fds(s, [data], list(fds))
-    else:
-        s.sendall(data)
-
-
-def read_message(s: socket.socket) -> Message | None:
-    """One whole reply, or None once the back-end closed the connection."""
-    buf = b""
-    while len(buf) < HDR.size:
-        try:
-            chunk = s.recv(HDR.size - len(buf))
-        except ConnectionResetError:
-            return None
-        if not chunk:
-            return None
-        buf += chunk
-    req, flags, size = HDR.unpack(buf)
-    payload = b""
-    while len(payload) < size:
-        chunk = s.recv(size - len(payload))
-        assert chunk, "closed in the middle of a reply"
-        payload += chunk
-    return Message(req, flags, payload)
+# -- a raw front-end: tests/vu_raw.py (raw_connect, send, read_message) ----------------------------
 
 
 def ack(s: socket.socket, req: int, payload: bytes = b"", fds: list[int] | tuple[int, ...] = ()) -> int | None:
