@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pci",),
     ("virtio",),
     ("vhost_user",),
+    ("vfio",),
     ("guest",),
     ("drive",),
     ("monitor",),
