@@ -41,6 +41,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -728,3 +729,46 @@ def test_user_flr_restores_host_msix(rig: Rig) -> None:
     rig.setup_queue(0, 0)
     rig.doorbell(0)
     wait_for(lambda: peek_fd(fd) == 1, what="the interrupt after the FLR")
+
+
+def test_failed_block_is_rolled_back_as_vfio_pci_does(rig: Rig) -> None:
+    """vfio_msi_set_block: a vector that fails de-assigns every vector of the call up to and
+    including it (their old triggers are gone too); the vectors after it are not touched."""
+    old = [rig.efd() for _ in range(3)]
+    rig.set_irqs(MSIX, TRIG_EFD, 0, 3, old)
+    rd, wr = os.pipe()
+    rig.efds += [rd, wr]
+    with pytest.raises(VfioError) as ei:
+        rig.set_irqs(MSIX, TRIG_EFD, 0, 2, [rig.efd(), rd])
+    assert ei.value.errno == errno.EINVAL
+    trig = {v["vector"]: v["trigger-fd"] for v in rig.dev.describe()["vectors"]}
+    assert trig[0] is None and trig[1] is None and trig[2] is not None
+    assert rig.pool.allocated == 3  # host vectors stay cached until the index is disabled
+    rig.set_irqs(MSIX, F.DATA_NONE | F.ACTION_TRIGGER, 0, 3)
+    assert [consume(fd) for fd in old] == [0, 0, 1]
+
+
+def _thread_cpu_ticks(native_id: int) -> int:
+    with open(f"/proc/self/task/{native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_engine_idles_without_cpu(rig: Rig) -> None:
+    """A queue waiting on a full ring and a paused DMA space: the engine sleeps on its condition
+    variable (a polling loop would burn a whole core; we allow 30% of the window)."""
+    rig.start_device()
+    rig.set_irqs(MSIX, TRIG_EFD, 0, 1, [rig.efd()])
+    rig.setup_queue(0, 0, size=4)
+    rig.doorbell(0, 100)
+    wait_for(lambda: rig.nic.queues[0].ring_full_waits == 1, what="the full ring")
+    rig.setup_queue(1, 0)
+    rig.nic.set_dma(None)
+    rig.doorbell(1, 5)
+    engine = next(t for t in threading.enumerate() if t.name == "kc-nic-engine")
+    assert engine.native_id is not None
+    t0, c0 = time.monotonic(), _thread_cpu_ticks(engine.native_id)
+    time.sleep(0.5)  # the measurement window, not a wait for an event
+    dt, dc = time.monotonic() - t0, _thread_cpu_ticks(engine.native_id) - c0
+    hz = os.sysconf("SC_CLK_TCK")
+    assert dc / hz < 0.3 * dt, f"engine used {dc / hz:.3f}s of CPU in {dt:.3f}s idle"
