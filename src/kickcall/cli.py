@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     vhost_user_blk.add_arguments(vb)
     vt = sub.add_parser("vhost-user-test", help="a data-verified workload against any vhost-user-blk back-end")
     vhost_user_test.add_arguments(vt)
+    from .apps import vfio_user_server
+
+    vs = sub.add_parser("vfio-user-server", help="a host PCIe function behind vfio-pci's rules, served over vfio-user")
+    vfio_user_server.add_arguments(vs)
     bv = bs.add_parser("vhost-user", help="kickcall's front-end against qemu-storage-daemon and kickcall's back-end")
     bv.add_argument("--json", action="store_true")
     bv.add_argument("--write", metavar="FILE", help="update the vhost-user section of this BENCHMARKS.md")
@@ -210,6 +214,10 @@ def _main(argv: list[str] | None = None) -> int:
         from .apps import vhost_user_blk
 
         return vhost_user_blk.main(a)
+    if a.cmd == "vfio-user-server":
+        from .apps import vfio_user_server
+
+        return vfio_user_server.run(a)
     if a.cmd == "vhost-user-test":
         from .apps import vhost_user_test
 

@@ -156,6 +156,9 @@ class BackendDevice:
     def pci_info(self) -> None:
         return None
 
+    def vfio(self) -> dict:
+        raise TargetError(f"{self.id} is not a passthrough (vfio) device")
+
     def msix(self) -> dict:
         raise TargetError("a vhost-user back-end has no MSI-X: the front-end owns the vectors")
 

@@ -172,6 +172,9 @@ class MachineDevice:
                 regions.append(reg)
         return info
 
+    def vfio(self) -> dict:
+        raise TargetError(f"{self.id} is not a passthrough (vfio) device")
+
     def msix(self) -> dict:
         p = self.p
         with self.m.bql:

@@ -212,6 +212,9 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
     def x_query_pci_msix(dev: str) -> dict:
         return c.by_dev(dev).msix()
 
+    def x_query_vfio(dev: str) -> dict:
+        return c.by_dev(dev).vfio()
+
     def x_query_device_notifiers(dev: str) -> list:
         return c.by_dev(dev).notifiers()
 
@@ -265,6 +268,8 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
 
     add("x-query-pci-msix", x_query_pci_msix, Arg("dev", "str"),
         doc="MSI-X table entries, function and vector masks, PBA, vector use, bound notifiers")
+    add("x-query-vfio", x_query_vfio, Arg("dev", "str"),
+        doc="a passthrough device: IRQ indexes, vector wiring, SET_IRQS counts, the MSI-X path, the host pool")
     add("x-query-device-notifiers", x_query_device_notifiers, Arg("dev", "str"),
         doc="every notifier of a device, counters read without consuming")
     add("x-debug-device-notifier-write", x_debug_device_notifier_write, Arg("dev", "str"), Arg("id", "int", min=0,

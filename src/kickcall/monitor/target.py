@@ -43,6 +43,8 @@ class DeviceView(Protocol):
 
     def msix(self) -> dict: ...  # x-query-pci-msix
 
+    def vfio(self) -> dict: ...  # x-query-vfio (TargetError: not a passthrough device)
+
     def notifiers(self) -> list[dict]: ...  # x-query-device-notifiers
 
     def notifier_write(self, id: int) -> dict: ...

@@ -821,6 +821,11 @@ class VfioPciDevice:
         self._close(cur)
         setattr(self, attr, new)
 
+    def set_dma(self, space: DmaSpace | None) -> None:
+        """The client's DMA windows changed (mapped, or gone with the client): the function's
+        queues reach memory through *space* from now on; None pauses them (nothing is lost)."""
+        self.nic.set_dma(space)
+
     def request_release(self) -> bool:
         """Ask the user to release the device (REQ, ``vfio_pci_core_request``).  False: no REQ trigger."""
         with self.lock:

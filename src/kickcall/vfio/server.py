@@ -41,9 +41,10 @@ from .protocol import (
     VfioUserError, VFIO_USER_F_TYPE_COMMAND, decode_dma_write_reply, send_message, MAX_MSG_FDS_LIMIT,
     DEFAULT_MAX_DATA_XFER_SIZE,
 )
+from .host import DmaSpace, VfioError
 from .uapi import VfioDeviceInfo, VfioIrqInfo, VfioIrqSet, VfioIrqSetFlag, VfioRegionInfo, UapiError
 
-__all__ = ["VfioHostDevice", "DmaSpace", "DmaMapTable", "VfioUserServer", "ServerStats", "DEFAULT_SERVER_MAX_MSG_FDS"]
+__all__ = ["VfioHostDevice", "DmaMapTable", "VfioUserServer", "ServerStats", "DEFAULT_SERVER_MAX_MSG_FDS"]
 
 log = logging.getLogger("kickcall.vfio.server")
 
@@ -55,14 +56,6 @@ _t_dma = trace.event("vfio_user_server_dma", "the vfio-user server accessed clie
 DEFAULT_SERVER_MAX_MSG_FDS = 16
 #: how long a DMA_READ / DMA_WRITE waits for the client's reply before it fails (EIO)
 DMA_REPLY_TIMEOUT = 10.0
-
-
-class DmaSpace(Protocol):
-    """How a host function reaches the client's memory (``VFIO_USER_DMA_MAP``'d IOVAs)."""
-
-    def dma_write(self, iova: int, data: bytes) -> None: ...
-
-    def dma_read(self, iova: int, n: int) -> bytes: ...
 
 
 class VfioHostDevice(Protocol):
@@ -157,12 +150,33 @@ class DmaMapTable:
     def find(self, iova: int, n: int, write: bool) -> tuple[_Mapping, int]:
         """The mapping that holds [iova, iova+n) and the offset in it; EFAULT otherwise."""
         with self._mu:
-            for x in self._maps:
-                if x.iova <= iova and iova + n <= x.iova + x.size:
-                    if not x.flags & (DmaMapFlag.WRITE if write else DmaMapFlag.READ):
-                        raise PayloadError(errno.EFAULT, f"DMA window {x.iova:#x} is not {'writable' if write else 'readable'}")
-                    return x, iova - x.iova
+            return self._find_locked(iova, n, write)
+
+    def _find_locked(self, iova: int, n: int, write: bool) -> tuple[_Mapping, int]:
+        for x in self._maps:
+            if x.iova <= iova and iova + n <= x.iova + x.size:
+                if not x.flags & (DmaMapFlag.WRITE if write else DmaMapFlag.READ):
+                    raise PayloadError(errno.EFAULT, f"DMA window {x.iova:#x} is not {'writable' if write else 'readable'}")
+                return x, iova - x.iova
         raise PayloadError(errno.EFAULT, f"IOVA {iova:#x}+{n} is not in a DMA window")
+
+    def copy_in_mapped(self, iova: int, data: bytes) -> bool:
+        """Write *data* at *iova* if its window is mmapped (under the table's lock, so an unmap
+        waits for an access in flight, as the specification asks); False for a window reached by
+        messages."""
+        with self._mu:
+            x, off = self._find_locked(iova, len(data), True)
+            if x.mm is None:
+                return False
+            x.mm[off:off + len(data)] = data
+            return True
+
+    def copy_out_mapped(self, iova: int, n: int) -> bytes | None:
+        with self._mu:
+            x, off = self._find_locked(iova, n, False)
+            if x.mm is None:
+                return None
+            return bytes(x.mm[off:off + n])
 
     def describe(self) -> list[dict]:
         with self._mu:
@@ -206,13 +220,11 @@ class _Connection:
     # -- DmaSpace --------------------------------------------------------------------------------------
     def dma_write(self, iova: int, data: bytes) -> None:
         try:
-            x, off = self.dma.find(iova, len(data), True)
+            if self.dma.copy_in_mapped(iova, data):
+                self.server.stats.dma_mapped_accesses += 1
+                return
         except PayloadError as e:
-            raise _Errno(e.errno, str(e)) from None
-        if x.mm is not None:
-            x.mm[off:off + len(data)] = data
-            self.server.stats.dma_mapped_accesses += 1
-            return
+            raise VfioError(e.errno, str(e)) from None
         step = max(1, self.caps.max_data_xfer_size)
         for pos in range(0, len(data), step):
             chunk = data[pos:pos + step]
@@ -220,16 +232,16 @@ class _Connection:
             try:
                 decode_dma_write_reply(rep.payload)
             except PayloadError as e:
-                raise _Errno(errno.EIO, f"DMA_WRITE reply: {e}") from None
+                raise VfioError(errno.EIO, f"DMA_WRITE reply: {e}") from None
 
     def dma_read(self, iova: int, n: int) -> bytes:
         try:
-            x, off = self.dma.find(iova, n, False)
+            got = self.dma.copy_out_mapped(iova, n)
         except PayloadError as e:
-            raise _Errno(e.errno, str(e)) from None
-        if x.mm is not None:
+            raise VfioError(e.errno, str(e)) from None
+        if got is not None:
             self.server.stats.dma_mapped_accesses += 1
-            return bytes(x.mm[off:off + n])
+            return got
         out = bytearray()
         step = max(1, self.caps.max_data_xfer_size)
         for pos in range(0, n, step):
@@ -238,16 +250,16 @@ class _Connection:
             try:
                 acc = DmaAccess.decode(rep.payload, with_data=True)
             except PayloadError as e:
-                raise _Errno(errno.EIO, f"DMA_READ reply: {e}") from None
+                raise VfioError(errno.EIO, f"DMA_READ reply: {e}") from None
             if acc.count != cnt:
-                raise _Errno(errno.EIO, f"DMA_READ reply carries {acc.count} bytes, asked {cnt}")
+                raise VfioError(errno.EIO, f"DMA_READ reply carries {acc.count} bytes, asked {cnt}")
             out += acc.data
         return bytes(out)
 
     def _request(self, cmd: VfioUserCommand, payload: bytes) -> Message:
         """Send a server->client command and wait for its reply (twin socket if negotiated)."""
         if self.closed.is_set():
-            raise _Errno(errno.ENODEV, "the client is gone")
+            raise VfioError(errno.ENODEV, "the client is gone")
         self.server.stats.dma_messages += 1
         if _t_dma.enabled:
             _t_dma.emit(command=cmd.name, size=len(payload))
@@ -259,12 +271,12 @@ class _Connection:
                     self.twin.settimeout(DMA_REPLY_TIMEOUT)
                     rep = MessageReader().feed(self.twin)
                 except (OSError, EOFError, VfioUserError) as e:
-                    raise _Errno(errno.EIO, f"{cmd.name} on the twin socket: {e}") from None
+                    raise VfioError(errno.EIO, f"{cmd.name} on the twin socket: {e}") from None
                 if rep is None or not rep.is_reply or rep.msg_id != mid or rep.command != cmd:
-                    raise _Errno(errno.EIO, f"{cmd.name}: no matching reply on the twin socket")
+                    raise VfioError(errno.EIO, f"{cmd.name}: no matching reply on the twin socket")
                 rep.close_fds()
                 if rep.is_error:
-                    raise _Errno(rep.error or errno.EIO, f"{cmd.name}: the client answered errno {rep.error}")
+                    raise VfioError(rep.error or errno.EIO, f"{cmd.name}: the client answered errno {rep.error}")
                 return rep
         slot: list[Any] = [threading.Event(), None]
         with self._wait_mu:
@@ -273,13 +285,13 @@ class _Connection:
         try:
             self.send(Message(mid, cmd, VFIO_USER_F_TYPE_COMMAND, 0, payload))
             if not slot[0].wait(DMA_REPLY_TIMEOUT) or slot[1] is None:
-                raise _Errno(errno.EIO, f"{cmd.name}: no reply from the client")
+                raise VfioError(errno.EIO, f"{cmd.name}: no reply from the client")
         finally:
             with self._wait_mu:
                 self._waiters.pop(mid, None)
         rep = slot[1]
         if rep.is_error:
-            raise _Errno(rep.error or errno.EIO, f"{cmd.name}: the client answered errno {rep.error}")
+            raise VfioError(rep.error or errno.EIO, f"{cmd.name}: the client answered errno {rep.error}")
         return rep
 
     def _alloc_id(self) -> int:
@@ -313,14 +325,6 @@ class _Connection:
             self.sock.close()
         except OSError:
             pass
-
-
-class _Errno(Exception):
-    """An errno-carrying failure the host device sees (``errno`` attribute, as VfioError has)."""
-
-    def __init__(self, err: int, msg: str) -> None:
-        super().__init__(msg)
-        self.errno = err
 
 
 def _errno_of(e: BaseException) -> int | None:

@@ -1,0 +1,132 @@
+"""``kickcall vfio-user-server``: a host PCIe function (kickcall-nic) behind vfio-pci's rules, served
+over vfio-user to one client (a VMM) at a time.
+
+The function and the host kernel model run in this process: ``kickcall.vfio.nic.NicFunction``
+(config space, BARs, completion queues that write records by DMA and raise their interrupts),
+``kickcall.vfio.host.VfioPciDevice`` (vfio-pci's GET_IRQ_INFO, SET_IRQS, reset and release rules)
+with a finite pool of host interrupt vectors (``--host-irqs``), and
+``kickcall.vfio.server.VfioUserServer`` on the socket (mode 0600; an existing live socket or a
+file kickcall did not create is refused).
+
+``--qmp PATH`` adds a monitor with the host's side: ``x-query-vfio``, ``x-query-pci-msix`` (the
+function's own table, PBA and enable bits as the host kernel programmed them),
+``x-query-device-notifiers`` (the trigger eventfds the client passed, counters read without
+consuming), ``x-debug-device-event {dev, event: call, queue}`` (the queue's vector is raised: a host
+interrupt, delivered by whatever the host's state says),
+``x-debug-fault`` (``fire-in-msix-disable-window``), ``x-vfio-request-release`` (REQ: ask the
+client to let go of the device), ``quit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from ..ownership import PathRefused, SocketClaim
+
+log = logging.getLogger("kickcall.vfio-user-server")
+
+PROG = "kickcall vfio-user-server"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", required=True, metavar="PATH", help="listen on this Unix socket (created mode 0600)")
+    p.add_argument("--device", choices=("nic",), default="nic", help="the host function (default nic: kickcall-nic)")
+    p.add_argument("--queues", type=int, default=4, help="completion queues of the function (1..32, default 4)")
+    p.add_argument("--vectors", type=int, default=16, help="MSI-X table size (1..2048, default 16)")
+    p.add_argument("--msi-vectors", type=int, default=32, help="MSI Multiple Message Capable (1..32, default 32)")
+    p.add_argument("--host-irqs", type=int, default=256,
+                   help="host interrupt vectors available to the function (default 256; fewer than "
+                        "--vectors to show exhaustion)")
+    p.add_argument("--no-dynamic-msix", action="store_true",
+                   help="report MSI-X with NORESIZE (a host before Linux 6.5): vectors cannot be added in place")
+    p.add_argument("--no-pcie", action="store_true", help="a conventional PCI function (no ERR index, no FLR)")
+    p.add_argument("--reset-on-disconnect", action="store_true",
+                   help="vfio-pci's release rule: reset the function and free its vectors before the next client")
+    p.add_argument("--max-msg-fds", type=int, default=16,
+                   help="fds the server takes with one message (1..253, default 16): the client splits larger "
+                        "SET_IRQS eventfd arrays")
+    p.add_argument("--no-twin-socket", action="store_true", help="do not offer a twin socket for DMA_READ/DMA_WRITE")
+    p.add_argument("--qmp", metavar="PATH", help="a QMP monitor (the host's side) on this Unix socket")
+    p.add_argument("--trace", action="append", default=[], metavar="PATTERN",
+                   help="enable trace events (vfio_user_*, msix_*); to stderr")
+
+
+def _check(a: argparse.Namespace) -> str | None:
+    if not 1 <= a.queues <= 32:
+        return "--queues must be 1..32"
+    if not 1 <= a.vectors <= 2048:
+        return "--vectors must be 1..2048"
+    if a.msi_vectors not in (1, 2, 4, 8, 16, 32):
+        return "--msi-vectors must be 1, 2, 4, 8, 16 or 32"
+    if not 1 <= a.host_irqs <= 65536:
+        return "--host-irqs must be 1..65536"
+    if not 1 <= a.max_msg_fds <= 253:
+        return "--max-msg-fds must be 1..253"
+    return None
+
+
+def run(a: argparse.Namespace) -> int:
+    from .. import trace
+    from ..vfio.host import HostIrqPool, VfioPciDevice
+    from ..vfio.nic import NicFunction
+    from ..vfio.server import VfioUserServer
+
+    bad = _check(a)
+    if bad:
+        print(f"{PROG}: {bad}", file=sys.stderr)
+        return 2
+    for pat in a.trace:
+        if not trace.set_state(pat, True):
+            print(f"{PROG}: --trace {pat}: no such trace event", file=sys.stderr)
+            return 2
+    if a.trace:
+        trace.add_sink(lambda rec: print(trace.format_record(rec), file=sys.stderr, flush=True))
+    claims: list[SocketClaim] = []
+    try:
+        claim = SocketClaim(a.socket)
+        claims.append(claim)
+        qclaim = SocketClaim(a.qmp) if a.qmp else None
+        if qclaim is not None:
+            claims.append(qclaim)
+    except PathRefused as e:
+        for c in claims:
+            c.release()
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    nic = NicFunction("kickcall-nic", queues=a.queues, vectors=a.vectors, msi_vectors=a.msi_vectors,
+                      pcie=not a.no_pcie)
+    host = VfioPciDevice(nic, HostIrqPool(a.host_irqs), dynamic_msix=not a.no_dynamic_msix, name="nic0")
+    server = VfioUserServer(a.socket, host, reset_on_disconnect=a.reset_on_disconnect, max_msg_fds=a.max_msg_fds,
+                            offer_twin_socket=not a.no_twin_socket, claim=claim)
+    done = threading.Event()
+    qmp = None
+    try:
+        server.start()
+        if qclaim is not None:
+            from ..monitor import QMPServer
+            from ..monitor.commands import build_registry
+            from .vfio_host_monitor import HostTarget, extra_commands
+
+            target = HostTarget(host, server, on_quit=done.set)
+            reg, attach = build_registry(target, extra=extra_commands(target))
+            qmp = QMPServer(reg, path=a.qmp, name="vfio-user-server", claim=qclaim)
+            attach(qmp)
+            qmp.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
+        print(json.dumps({"ready": True, "socket": a.socket, "qmp": a.qmp, "pid": __import__("os").getpid(),
+                          "dynamic-msix": not a.no_dynamic_msix, "host-irqs": a.host_irqs}), flush=True)
+        done.wait()
+    finally:
+        if qmp is not None:
+            qmp.stop()
+        server.stop()
+        host.close()
+        for c in claims:
+            c.release()
+    return 0
