@@ -284,7 +284,8 @@ class VfioUserClient:
         the caller)."""
         argsz = VfioRegionInfo.STRUCT.size
         for _ in range(2):
-            rep = self.request(VfioUserCommand.DEVICE_GET_REGION_INFO, VfioRegionInfo(argsz=argsz, index=index).pack())
+            req = VfioRegionInfo.STRUCT.pack(argsz, 0, index, 0, 0, 0)  # argsz: the reply size we take
+            rep = self.request(VfioUserCommand.DEVICE_GET_REGION_INFO, req)
             fds = rep.take_fds()
             info = VfioRegionInfo.unpack(rep.payload)
             if info.argsz > argsz and len(rep.payload) < info.argsz:
