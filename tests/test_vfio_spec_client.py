@@ -207,6 +207,7 @@ def fake_server(handler: Callable[[Client], None], dma_write_reply: str = "spec"
             handler(server)
         except BaseException as e:  # noqa: B036 -- re-raised in the test's thread
             failure.append(e)
+            b.shutdown(socket.SHUT_RDWR)  # the client sees a close now, not after its timeout
 
     t = threading.Thread(target=run, name="fake-vfio-user-server", daemon=True)
     t.start()
@@ -217,9 +218,9 @@ def fake_server(handler: Callable[[Client], None], dma_write_reply: str = "spec"
         c.close()
         t.join(30)
         server.close()
-    assert not t.is_alive(), "the fake server thread did not finish"
-    if failure:
-        raise failure[0]
+        assert not t.is_alive(), "the fake server thread did not finish"
+        if failure:  # the server side's failure is the cause of whatever the client then saw
+            raise failure[0]
 
 
 def reply_to_version(payload_of: Callable[[Message], bytes] | None = None, *, msg_id_delta: int = 0,
@@ -392,3 +393,43 @@ def test_set_irqs_sends_the_vfio_irq_set_and_the_fds() -> None:
     assert seen[1].fds == []
     for fd in seen[0].fds:
         os.close(fd)
+
+
+def test_region_info_asks_again_with_the_argsz_the_server_needs() -> None:
+    """§Message sizes: a reply's argsz larger than the request's means "the full payload is not
+    included"; region_info() asks again with that argsz and parses the capability chain."""
+    cap = tables.encode("vfio_region_info_cap_sparse_mmap", id=vc.VFIO_REGION_INFO_CAP_SPARSE_MMAP, version=1,
+                        nr_areas=1, areas=tables.encode("vfio_region_sparse_mmap_area", offset=0x2000, size=0x2000))
+    asked: list[int] = []
+
+    def handler(s: Client) -> None:
+        for _ in range(2):
+            m = s.read_message()
+            assert m is not None and m.command == vc.VFIO_USER_DEVICE_GET_REGION_INFO
+            req = tables.decode("VFIO_USER_DEVICE_GET_REGION_INFO.request", m.payload)
+            asked.append(int(req["argsz"]))
+            full = tables.encode("vfio_region_info", argsz=32 + len(cap), flags=0xF, index=req["index"],
+                                 cap_offset=32, size=0x4000) + cap
+            s.send_message(m.command, full[:int(req["argsz"])], msg_id=m.msg_id, flags=vc.TYPE_REPLY)
+        s.read_message()
+
+    with fake_server(handler) as c:
+        info, fds = c.region_info(vc.VFIO_PCI_BAR0_REGION_INDEX + 2)
+    assert asked == [32, 32 + len(cap)]
+    assert (info.index, info.size, info.sparse_areas, fds) == (2, 0x4000, [(0x2000, 0x2000)], [])
+
+
+def test_serve_until_answers_server_commands_with_no_request_pending() -> None:
+    """A DMA_WRITE with No_reply is applied and not answered; one without is answered."""
+    def handler(s: Client) -> None:
+        s.send_message(vc.VFIO_USER_DMA_WRITE, vc.DMA_ACCESS.pack(0x2000, 2) + b"hi", flags=vc.FLAG_NO_REPLY)
+        s.send_message(vc.VFIO_USER_DMA_WRITE, vc.DMA_ACCESS.pack(0x2002, 2) + b"yo", msg_id=9)
+        r = s.read_message()
+        assert r is not None and (r.msg_id, r.type, r.payload) == (9, vc.TYPE_REPLY, vc.DMA_WRITE_REPLY["spec"].pack(0x2002, 2))
+        s.read_message()
+
+    with fake_server(handler) as c:
+        mem = bytearray(4)
+        c.add_memory(0x2000, mem)
+        c.serve_until(lambda: mem == b"hiyo")
+        assert c.violations == []
