@@ -90,6 +90,10 @@ VFIO_USER_REGION_WRITE = 10
 VFIO_USER_DMA_READ = 11  # server -> client
 VFIO_USER_DMA_WRITE = 12  # server -> client
 VFIO_USER_DEVICE_RESET = 13
+VFIO_USER_REGION_WRITE_MULTI = 15  # §Commands (14 is not assigned)
+VFIO_USER_DEVICE_FEATURE = 16
+VFIO_USER_MIG_DATA_READ = 17
+VFIO_USER_MIG_DATA_WRITE = 18
 
 # -- §Header: 16 bytes, Message ID u16 @0, Command u16 @2, Message size u32 @4 (the entire message,
 #    header included), Flags u32 @8, Error u32 @12
