@@ -292,8 +292,14 @@ class Capabilities:
     write_multiple: bool = False
     #: kickcall's extensions a peer announced (names outside the specification, ``kickcall.*``)
     extensions: dict[str, Any] = field(default_factory=dict)
+    #: the capability names the peer's JSON carried (a reply may only carry names that were proposed)
+    proposed: frozenset[str] = frozenset()
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, only: frozenset[str] | None = None) -> dict[str, Any]:
+        """The capabilities object; with *only*, just those names ("The capability list must be a
+        subset of those proposed", the server's reply rule)."""
+        if only is not None:
+            return {k: v for k, v in self.to_json().items() if k in only}
         caps: dict[str, Any] = {"max_msg_fds": self.max_msg_fds, "max_data_xfer_size": self.max_data_xfer_size,
                                 "max_dma_maps": self.max_dma_maps, "pgsizes": self.pgsizes}
         if self.twin_socket:
@@ -348,6 +354,7 @@ class Capabilities:
                 raise PayloadError(errno.EINVAL, "write_multiple is not a boolean")
             out.write_multiple = wm
         out.extensions = {k: v for k, v in caps.items() if isinstance(k, str) and k.startswith("kickcall.")}
+        out.proposed = frozenset(k for k in caps if isinstance(k, str))
         return out
 
 
@@ -365,8 +372,9 @@ class Version:
     minor: int = VFIO_USER_MINOR
     caps: Capabilities = field(default_factory=Capabilities)
 
-    def encode(self) -> bytes:
-        js = json.dumps({"capabilities": self.caps.to_json()}, separators=(",", ":")).encode()
+    def encode(self, only: frozenset[str] | None = None) -> bytes:
+        """The payload; *only*: the capability names the reply may carry (those proposed)."""
+        js = json.dumps({"capabilities": self.caps.to_json(only)}, separators=(",", ":")).encode()
         return _VERSION_HDR.pack(self.major, self.minor) + js + b"\0"
 
     @classmethod

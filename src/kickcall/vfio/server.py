@@ -400,6 +400,12 @@ class VfioUserServer:
                 time.sleep(0.5)
                 continue
             with self._mu:
+                cur = self._conn
+            if cur is not None and _hung_up(cur.sock):
+                # the previous client has closed and is being cleaned up: the new one waits for that
+                # (a client that closes and reconnects at once is not refused)
+                self.client_gone.wait(10)
+            with self._mu:
                 busy = self._conn is not None
             if busy:
                 # one client per connection and one connection at a time (the specification's
@@ -572,7 +578,9 @@ class VfioUserServer:
             ours.twin_socket, ours.twin_fd_index = True, 0
         conn.negotiated = True
         minor = min(v.minor, VFIO_USER_MINOR)
-        return Version(VFIO_USER_MAJOR, minor, ours).encode(), fds
+        # the reply's capabilities are a subset of those proposed (the specification's rule): a
+        # capability the client did not name takes its default on the client's side
+        return Version(VFIO_USER_MAJOR, minor, ours).encode(only=v.caps.proposed), fds
 
     # -- what the monitor shows -------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -589,6 +597,18 @@ class VfioUserServer:
                 "dma": conn.dma.describe(), "commands": dict(conn.cmd_counts),
             }
         return out
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """The peer has closed its end (POLLRDHUP/POLLHUP), or the socket is gone."""
+    import select
+
+    try:
+        p = select.poll()
+        p.register(sock, select.POLLRDHUP)
+        return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL) for _fd, ev in p.poll(0))
+    except (OSError, ValueError):
+        return True
 
 
 def _argsz(payload: bytes, minsz: int, what: str) -> int:
