@@ -113,6 +113,7 @@ CLIENT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     from vfio_env import NicRegs
     c = VfioUserClient(sys.argv[1])
+    _info, bar4 = c.get_region_info(4)  # the BAR4 memfd comes with it (a dup the server must not keep)
     mem = os.memfd_create("guest-ram"); os.ftruncate(mem, 1 << 20)
     c.dma_map(0x100000, 1 << 20, mem, 0)
     regs = NicRegs(c)

@@ -492,9 +492,9 @@ class VfioUserServer:
         except OSError as e:
             log.info("vfio-user: reply to %s not sent: %s", name, e)
         finally:
-            if msg.command == VfioUserCommand.VERSION:
-                for fd in reply.fds:  # the twin socket's client end: the client has its own copy now
-                    os.close(fd)
+            # a reply's fds are the server's copies (a region's fd dup, the twin socket's client
+            # end): the client has its own once the reply is sent
+            reply.close_fds()
 
     def _run(self, conn: _Connection, msg: Message) -> tuple[bytes, list[int]]:
         cmd = msg.command
