@@ -23,6 +23,7 @@ from kickcall.faults import (PROCESS, FaultAction, FaultError, FaultErrorKind, F
                              Switch)
 from kickcall.monitor.client import QMPClient
 from kickcall.virtio.blk import make_image
+from vfio_env import vfio_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "faults.md"
@@ -114,6 +115,10 @@ def code_rows(workdir: str) -> set[tuple[str, str, str, str]]:
                     out.add(("back-end", f["name"], f["kind"], f["effect"]))
     finally:
         stop_process(be)
+    with vfio_server(workdir) as (_p, _sock, vqmp):
+        with QMPClient(vqmp).connect(wait=30) as c:
+            for f in c.execute("x-debug-fault", {"dev": "nic0"})["faults"]:
+                out.add(("vfio-user server", f["name"], f["kind"], f["effect"]))
     return out
 
 

@@ -449,7 +449,7 @@ def test_growth_beyond_the_set(rig_factory: Callable[..., Rig], dynamic: bool) -
 
 @pytest.mark.parametrize("fault", [True, False], ids=["fault-on", "fault-off"])
 def test_noresize_window_loses_interrupts(rig_factory: Callable[..., Rig], fault: bool) -> None:
-    """The NORESIZE path's disable -> re-enable: with the fault on, every active queue writes a
+    """The NORESIZE path's disable -> re-enable: with the fault on (``fire-in-msix-disable-window``), every active queue writes a
     record inside the window; its interrupt goes to the unhandled INTx and never reaches a vector."""
     r = rig_factory(queues=4, vectors=8, dynamic=False)
     r.start_device()
