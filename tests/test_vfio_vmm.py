@@ -17,6 +17,7 @@ import pytest
 
 from kickcall.guest.kernel import IRQ_HANDLED, PCI_IRQ_MSIX, GuestPciDev
 from kickcall.machine import Machine, parse_config
+from kickcall.monitor.client import QMPClient
 from kickcall.vfio import pci as vfio_pci
 from kickcall.vfio.server import VfioUserServer
 from kickcall.vfio.uapi import VfioIrqSetFlag as F
@@ -197,12 +198,26 @@ def test_host_exhaustion_on_unmask_stops_the_vm(workdir: str, noresize: bool) ->
     """SET_IRQS answered ENOSPC on a guest's unmask: the VM stops, the QMP event names the device
     and the vector, x-query-vfio says why, and the guest's access returned (nothing hangs)."""
     with vfio_machine(workdir, host=FakeHost(noresize=noresize, host_irqs=2)) as r:
+        r.m.start_monitor(os.path.join(workdir, "qmp.sock"))
+        qmp = QMPClient(os.path.join(workdir, "qmp.sock")).connect(wait=30)
         r.enable_msix()
         r.request(0)
         r.request(1)
         assert r.m.running and r.dev.fatal is None
         fut = r.request_async(2)  # the exit returns: the stop is handed to another thread
         wait_for(lambda: not r.m.running, what="the VM to stop")
+        seen: list[dict] = []
+
+        def qmp_event() -> bool:
+            assert qmp.execute("query-status")["status"] == "paused"
+            seen.extend(qmp.events())
+            return any(e["event"] == "X_VFIO_IRQ_FATAL" for e in seen)
+
+        wait_for(qmp_event, what="the QMP event")
+        data = next(e for e in seen if e["event"] == "X_VFIO_IRQ_FATAL")["data"]
+        assert (data["device"], data["vector"]) == ("nic0", 2)
+        assert "STOP" in [e["event"] for e in seen]
+        qmp.close()
         r.m.resume()
         fut.result(60)
         wait_for(lambda: any(e["event"] == "X_VFIO_IRQ_FATAL" for e in r.m.events), what="the fatal event")
@@ -251,6 +266,23 @@ def test_masked_vector_pends_and_unmask_delivers_once(workdir: str, emulate: boo
         assert r.dev.msix.describe()["entries"][1]["unmask-delivered"] == 1
 
 
+def test_function_mask_switches_every_wired_vector(workdir: str) -> None:
+    """The MSI-X Function Mask masks every vector: each wired one goes to the VMM's eventfd, a host
+    interrupt meanwhile pends, and clearing the mask switches back and delivers it once."""
+    with vfio_machine(workdir) as r:
+        r.enable_msix()
+        r.request(0)
+        r.request(2)
+        r.guest(lambda: r.pci.msix_function_mask(True))
+        assert r.dev.set_irqs_counts["vector-switch-to-userspace"] == 2
+        r.host.fire(2)
+        wait_for(lambda: r.dev.msix.is_pending(2), what="the PBA bit under the function mask")
+        assert r.count(2) == 0
+        r.guest(lambda: r.pci.msix_function_mask(False))
+        wait_for(lambda: r.count(2) == 1, what="the pending interrupt")
+        assert r.dev.set_irqs_counts["vector-switch-to-irqfd"] == 2 and r.count(0) == 0
+
+
 def test_signal_left_in_userspace_eventfd_is_delivered_on_unmask(workdir: str) -> None:
     """A host interrupt that reached the VMM's eventfd but was not yet read when the guest unmasks
     becomes a pending bit and is delivered once (the main loop is held off to make it certain)."""
@@ -263,12 +295,16 @@ def test_signal_left_in_userspace_eventfd_is_delivered_on_unmask(workdir: str) -
         with r.m.bql:  # the loop handler cannot run: the signal stays in the eventfd
             r.host.fire(0)
             wait_for(lambda: vec.interrupt is not None and vec.interrupt.peek() == 1, what="the parked signal")
+            host_view = {h["vector"]: h for h in r.dev.query_pci_msix()["host"]["vectors"]}[0]
+            assert host_view["trigger"] == "interrupt" and host_view["interrupt"]["pending"] == 1
+            assert vec.interrupt.peek() == 1  # the view read the counter without consuming it
             # the guest's unmask arrives as an exit on another thread; it waits for the lock we hold
             fut = r.k.run_on(0, lambda: r.pci.msix_mask(0, False))
         fut.result(60)
         wait_for(lambda: r.count(0) == 1, what="exactly one delivery")
-        assert r.dev.msix.describe()["entries"][0]["unmask-delivered"] + r.dev.msix.sent[0] >= 1
-        assert not r.dev.msix.is_pending(0)
+        assert r.dev.msix.describe()["entries"][0]["unmask-delivered"] == 1
+        # nothing left anywhere that could deliver a second one
+        assert not r.dev.msix.is_pending(0) and vec.interrupt.peek() == 0 and r.dev.msix.sent[0] == 1
 
 
 @pytest.mark.parametrize("dma", ["fd", "message"])

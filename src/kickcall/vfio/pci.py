@@ -908,7 +908,7 @@ class VFIOPCIDevice(PCIDevice):
     # -- what the monitor shows -------------------------------------------------------------------------
     @property
     def path(self) -> str:
-        """``dma`` / ``noresize`` wording used in the views."""
+        """The MSI-X path: ``"dynamic"`` (QEMU 8.2) or ``"noresize"`` (the old one)."""
         return "noresize" if self.noresize else "dynamic"
 
     @staticmethod
