@@ -23,6 +23,13 @@ Example::
     backend = "loopback"     # or "socketpair"
     queue-pairs = 2
 
+    [[device]]
+    type = "vfio-user"       # a passthrough PCI function behind a vfio-user server
+    id = "nic0"
+    socket = "/run/nic0.sock"
+    dma = "fd"               # or "message": no fd, the server uses DMA_READ/DMA_WRITE
+    x-msix-noresize = false  # true: the old MSI-X path (disable + re-enable per new vector)
+
     [workload.blk]
     depth = 16
     read-ratio = 0.5
@@ -109,6 +116,10 @@ class DeviceConfig:
     queue_pairs: int = 1
     socket: str = ""  # virtio-blk with backend = "vhost-user": the back-end's socket
     inflight: bool = True  # vhost-user: negotiate INFLIGHT_SHMFD when the back-end offers it
+    # vfio-user: how guest RAM reaches the server ("fd": DMA_MAP with the memfd; "message":
+    # DMA_READ/DMA_WRITE), and the switch that forces the old NORESIZE MSI-X path
+    dma: str = "fd"
+    x_msix_noresize: bool = False
 
 
 @dataclass
@@ -226,8 +237,8 @@ def parse_config(text: str, source: str = "<config>") -> MachineConfig:
     slots: set[int] = set()
     for i, raw in enumerate(devs):
         d = _V(raw, f"device[{i}]", source)
-        t = d.str("type", "", ("virtio-blk", "virtio-net"))
-        dc = DeviceConfig(type=t, id=d.str("id", f"{t.split('-')[1]}{i}"))
+        t = d.str("type", "", ("virtio-blk", "virtio-net", "vfio-user"))
+        dc = DeviceConfig(type=t, id=d.str("id", f"vfio{i}" if t == "vfio-user" else f"{t.split('-')[1]}{i}"))
         if not _ID.match(dc.id):
             raise d.err("id", f"must be a letter followed by letters, digits, '_', '.' or '-', got {dc.id!r}")
         if dc.id in ids:
@@ -238,6 +249,18 @@ def parse_config(text: str, source: str = "<config>") -> MachineConfig:
             if dc.slot in slots:
                 raise d.err("slot", f"slot {dc.slot} is already used")
             slots.add(dc.slot)
+        if t == "vfio-user":
+            dc.socket = d.str("socket", "")
+            if not dc.socket:
+                raise d.err("socket", "a vfio-user device needs the path of its server's socket")
+            if len(dc.socket.encode()) > 107:
+                raise d.err("socket", "Unix socket paths must be shorter than 108 bytes")
+            dc.dma = d.str("dma", "fd", ("fd", "message"))
+            dc.x_msix_noresize = d.bool("x-msix-noresize", False)
+            dc.irqfd = d.bool("irqfd", True)
+            d.done()
+            cfg.devices.append(dc)
+            continue
         dc.ioeventfd = d.bool("ioeventfd", True)
         dc.irqfd = d.bool("irqfd", True)
         dc.msix = d.bool("msix", True)

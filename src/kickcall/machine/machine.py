@@ -32,11 +32,13 @@ from ..loop import IOThread
 from ..memory import AddressSpace, GuestMemory
 from ..notify import NotifierRegistry
 from ..pci.bus import PCIBus, PCIHost
+from ..threads import start_thread
 from ..ownership import PathRefused, SocketClaim, temp_dir
 from ..virtio.blk import VirtIOBlk
 from ..virtio.image import create_image, open_image
 from ..virtio.net import VirtIONet
 from ..virtio.pci import VirtIOPCIProxy
+from ..vfio.pci import VFIOPCIDevice
 from .config import DeviceConfig, MachineConfig, default_config
 from .faults import register_machine_faults
 
@@ -72,6 +74,9 @@ class Machine:
         self.guest_log_level = guest_log_level
         self.guest_events: list[dict] = []
         self.devices: dict[str, VirtIOPCIProxy] = {}
+        # passthrough (vfio-user) functions: kept apart, the rest of the machine assumes devices are virtio
+        self.passthrough: dict[str, VFIOPCIDevice] = {}
+        self.events: list[dict] = []  # every event the machine emitted itself (emit_event), oldest first
         self.device_cfg: dict[str, DeviceConfig] = {}
         self.temp_images: list[str] = []
         self.blk_images: dict[str, dict] = {}  # per slot: what the guest's checker may assume of the image
@@ -130,6 +135,11 @@ class Machine:
 
     def _abort_build(self) -> None:
         """Undo a partial build: devices, VM, sockets, RAM, notifiers, and our temporary directory."""
+        for vp in self.passthrough.values():
+            try:
+                vp.close()
+            except Exception as e:
+                log.debug("%s: close after a failed build: %s", vp.name, e)
         for p in self.devices.values():
             close = getattr(p.vdev, "close", None)
             try:
@@ -152,6 +162,9 @@ class Machine:
 
     # -- devices ---------------------------------------------------------------------------------------
     def _add_device(self, dc: DeviceConfig) -> None:
+        if dc.type == "vfio-user":
+            self._add_passthrough(dc)
+            return
         vdev: VirtIODevice
         if dc.type == "virtio-blk" and dc.backend == "vhost-user":
             from ..vhost_user.device import VhostUserBlkDevice
@@ -203,6 +216,49 @@ class Machine:
             raise
         self.devices[dc.id] = proxy
         self.device_cfg[dc.id] = dc
+
+    def _add_passthrough(self, dc: DeviceConfig) -> None:
+        """A vfio-user passthrough function: connect, realize, put it on the bus."""
+        from ..vfio.pci import VfioDeviceError
+
+        try:
+            dev = VFIOPCIDevice(dc.id, dc.socket, memory=self.memory, vm=self.vm, routes=self.routes,
+                                iothread=self.iothread, registry=self.registry, dma=dc.dma,
+                                x_msix_noresize=dc.x_msix_noresize, irqfd=dc.irqfd, on_fatal=self._passthrough_fatal)
+        except VfioDeviceError as e:
+            raise MachineError(f"device {dc.id}: {e}") from None
+        try:
+            assert dc.slot is not None
+            self.bus.add_device(dev, dc.slot)
+        except BaseException:
+            dev.close()
+            raise
+        self.passthrough[dc.id] = dev
+        self.device_cfg[dc.id] = dc
+
+    def _passthrough_fatal(self, event: dict) -> None:
+        """A passthrough device could not wire a host interrupt: stop the VM and say why.
+
+        Called inside a vCPU's heavyweight exit with the big lock held: pausing the vCPUs from
+        there would wait for the very exit we are in, so the stop runs on its own thread."""
+        start_thread(self._stop_for_passthrough, "kc-vfio-stop", args=(dict(event),))
+
+    def _stop_for_passthrough(self, event: dict) -> None:
+        try:
+            if self.running and not self._stopped:
+                self.pause()
+                self.emit_event("STOP", {})
+        except Exception as e:  # the guest went away meanwhile: the event still says why
+            log.warning("%s: stopping the VM for %s: %s", self.cfg.name, event.get("device"), e)
+        self.emit_event("X_VFIO_IRQ_FATAL", event)
+
+    def emit_event(self, event: str, data: dict | None = None) -> None:
+        """Record an event the machine raised itself and send it to the QMP clients, if a monitor
+        runs (from any thread)."""
+        self.events.append({"event": event, "data": dict(data or {}), "time": time.time()})
+        qmp = self.qmp
+        if qmp is not None:
+            qmp.emit(event, data or None)
 
     def device(self, dev_id: str) -> VirtIOPCIProxy:
         try:
@@ -298,6 +354,8 @@ class Machine:
         with self.bql:
             for p in self.devices.values():
                 p.reset()
+            for vp in self.passthrough.values():
+                vp.reset()
         if was_running:
             self.vm.resume_vcpus()
         self.boot_info = self.guest_cmd({"cmd": "reboot", "cpu": 0}, timeout=60)
@@ -373,6 +431,11 @@ class Machine:
                     p.set_guest_notifiers(False)
                 except Exception as e:  # the guest (and its hypervisor half) is gone: nothing left to unbind
                     log.debug("%s: teardown after the VM is gone: %s", p.name, e)
+            for vp in self.passthrough.values():
+                try:
+                    vp.close()
+                except Exception as e:
+                    log.debug("%s: close: %s", vp.name, e)
         self.vm.stop_workers()
         if self.iothread.running:
             self.iothread.stop()

@@ -1,0 +1,973 @@
+"""The passthrough device in the VMM: a PCI function whose device is behind a vfio-user server
+(QEMU's ``hw/vfio/pci.c`` semantics, in kickcall's own code).
+
+``VFIOPCIDevice`` realizes over a ``VfioUserClient``: DEVICE_GET_INFO, the region infos (CONFIG
+and the BARs; the sparse mmap areas a server offers are mapped and the guest's accesses there are
+served from the mapping), GET_IRQ_INFO for INTx, MSI and MSI-X, and the config space read from the
+server's CONFIG region.
+
+What the VMM emulates and what it forwards (as QEMU does):
+
+* config space: reads and writes go to the server, except the BAR and ROM registers, the
+  interrupt line, and the MSI-X and MSI capabilities, which the VMM emulates (the guest's view
+  lives in ``PCIDevice.config``; the host's MSI-X is driven by SET_IRQS, never by config writes);
+* BARs: every access is trapped and forwarded with REGION_READ / REGION_WRITE, except the MSI-X
+  table and PBA, which ``kickcall.pci.msix.MSIX`` emulates, and the sparse mmap areas;
+* DMA: the guest's RAM is mapped to the server with DMA_MAP and the memfd (``dma = "fd"``), or
+  without an fd (``dma = "message"``), in which case the server reaches it with DMA_READ /
+  DMA_WRITE messages that the client serves from guest memory (``GuestRamDma``).
+
+MSI-X, QEMU 8.2's design:
+
+* the guest's MSI-X enable with every vector masked enables host MSI-X with no vector wired:
+  SET_IRQS(MSIX, start=0, count=1, DATA_EVENTFD|ACTION_TRIGGER) with no fd (QEMU's fd -1;
+  over vfio-user, "no fd" de-assigns);
+* a vector's first unmask (``vfio_msix_vector_do_use``) on the dynamic path sends exactly
+  SET_IRQS(start=v, count=1, EVENTFD|TRIGGER) with the vector's irqfd-bound eventfd (an
+  ``EventNotifier`` bound by the hypervisor as an irqfd on the vector's MSI route); no other
+  vector is touched;
+* when the host reports NORESIZE on the MSI-X index (or ``x_msix_noresize`` forces the old
+  behaviour), a vector v >= nr_vectors is added the old way: the index is disabled
+  (DATA_NONE|TRIGGER, count 0) and re-enabled with v+1 vectors in one SET_IRQS.  vfio-user cannot
+  carry -1 holes inside an fd array (a message's fds are all valid), so every vector 0..v gets an
+  eventfd: the irqfd eventfd for an unmasked vector, the VMM's own "interrupt" eventfd for a masked
+  or unused one.  One message carries at most the server's ``max_msg_fds`` fds (253 at most):
+  past that the old path stops with a clear error (``NORESIZE_LIMIT``), its documented limit;
+* vfio cannot mask a vector in the host (vfio-pci has no MSI-X MASK action), so on the guest's
+  mask the vector's trigger is switched to the VMM's interrupt eventfd
+  (``vfio_msix_vector_release``), which the main loop reads and turns into ``msix_notify`` (the
+  PBA bit); on unmask the trigger goes back to the irqfd eventfd and a signal left in the
+  interrupt eventfd becomes a pending bit first, so the MSI-X core delivers exactly one interrupt
+  for it;
+* every SET_IRQS is counted by kind (``SetIrqsKind``).
+
+Host exhaustion (SET_IRQS answered ENOSPC, or any refusal, when a vector is being wired) is never
+a silent loss and never a hang: the device records why (``fatal``: vector, errno, path) and calls
+``on_fatal(event)``, which the machine turns into a VM stop and a QMP event.  The callback runs
+inside a vCPU's heavyweight exit with the big lock held: it must hand the stop to another thread.
+
+INTx: SET_IRQS(INTX, EVENTFD|TRIGGER) with an eventfd the main loop reads; it asserts the guest's
+INTx line.  vfio-pci automasks the line; as QEMU does, the guest's next BAR access while INTx is
+asserted is the end of interrupt: the line is deasserted and the host unmasked (SET_IRQS INTX
+DATA_NONE|UNMASK).
+
+Not done: MSI (not MSI-X) passthrough.  The MSI capability is emulated with its Enable bit
+read-only, so a guest driver falls back to MSI-X or INTx; the ROM BAR reads as absent.
+
+Locking: every method runs with the machine's big lock held (a vCPU's exit, a main-loop handler, a
+QMP handler that took it), as ``VirtIOPCIProxy``'s do.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import functools
+import logging
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from .. import trace
+from ..hv.abi import HypervisorError
+from ..memory import GuestMemory, GuestMemoryError, IORegion
+from ..notify import EventNotifier, NotifierRegistry, Role
+from ..pci import regs as R
+from ..pci.device import PCIDevice
+from ..pci.msix import MSIX
+from .client import VfioRequestError, VfioUserClient
+from .protocol import MAX_MSG_FDS_LIMIT, PayloadError, VfioUserCommand
+from .uapi import (
+    UapiError, VfioIrqInfo, VfioIrqInfoFlag, VfioIrqSetFlag, VfioPciIrqIndex, VfioPciRegion, VfioRegionInfo,
+    VfioRegionInfoFlag,
+)
+
+if TYPE_CHECKING:
+    from ..hv.vmm import VM, MsiRoutes
+    from ..loop import IOThread
+
+__all__ = ["VFIOPCIDevice", "SetIrqsKind", "HostTrigger", "VFIOMSIVector", "GuestRamDma", "DmaMode",
+           "VfioDeviceError", "NORESIZE_LIMIT"]
+
+log = logging.getLogger("kickcall.vfio.pci")
+
+_t_vector = trace.event("vfio_msix_vector", "the passthrough device rewired an MSI-X vector's host trigger")
+_t_fatal = trace.event("vfio_fatal", "the passthrough device could not wire a host interrupt")
+
+#: Test switch: False leaves a masked vector's host trigger on the irqfd (no userspace mask
+#: emulation), so the host's interrupts reach the guest while the guest has the vector masked.
+EMULATE_MSIX_MASK = True
+
+#: the most vectors the NORESIZE path can enable: one SET_IRQS carries every fd (Linux's SCM_MAX_FD)
+NORESIZE_LIMIT = MAX_MSG_FDS_LIMIT
+
+_EVENTFD_TRIGGER = VfioIrqSetFlag.DATA_EVENTFD | VfioIrqSetFlag.ACTION_TRIGGER
+_NONE_TRIGGER = VfioIrqSetFlag.DATA_NONE | VfioIrqSetFlag.ACTION_TRIGGER
+_NONE_UNMASK = VfioIrqSetFlag.DATA_NONE | VfioIrqSetFlag.ACTION_UNMASK
+
+PCI_ROM_ADDRESS = 0x30
+PCI_MSI_FLAGS = 2
+PCI_MSI_FLAGS_64BIT = 0x0080
+PCI_MSI_FLAGS_MASKBIT = 0x0100
+
+
+class DmaMode(enum.StrEnum):
+    """How the guest's RAM reaches the server: DMA_MAP with the memfd, or by messages."""
+
+    FD = "fd"
+    MESSAGE = "message"
+
+
+class SetIrqsKind(enum.StrEnum):
+    """What a SET_IRQS the device sent was for (counted per kind)."""
+
+    ENABLE_NO_VECTOR = "enable-no-vector"  # MSI-X on, nothing wired (start 0, count 1, no fd)
+    VECTOR_ADD = "vector-add"  # dynamic path: a vector wired for the first time (start v, count 1)
+    VECTOR_SWITCH_TO_IRQFD = "vector-switch-to-irqfd"  # unmask: the trigger back to the irqfd eventfd
+    VECTOR_SWITCH_TO_USERSPACE = "vector-switch-to-userspace"  # mask: the trigger to the VMM's eventfd
+    INDEX_DISABLE = "index-disable"  # MSI-X index off (DATA_NONE|TRIGGER, count 0)
+    INDEX_ENABLE_ALL = "index-enable-all"  # NORESIZE path: the index re-enabled with v+1 vectors
+    INTX_ENABLE = "intx-enable"
+    INTX_UNMASK = "intx-unmask"
+    INTX_DISABLE = "intx-disable"
+
+
+class HostTrigger(enum.StrEnum):
+    """Which eventfd the host's trigger for a vector points at."""
+
+    NONE = "none"
+    IRQFD = "irqfd"  # the irqfd-bound eventfd: the hypervisor injects the MSI
+    USERSPACE = "interrupt"  # the VMM's own eventfd, read by the main loop (msix_notify)
+
+
+class VfioDeviceError(RuntimeError):
+    """The passthrough device could not be realized; ``kind`` says which step failed."""
+
+    def __init__(self, kind: str, msg: str) -> None:
+        super().__init__(msg)
+        self.kind = kind
+
+
+class _Fatal(Exception):
+    """A vector could not be wired in the host: the VM must stop."""
+
+    def __init__(self, err: int, kind: str, msg: str) -> None:
+        super().__init__(msg)
+        self.errno = err
+        self.kind = kind
+
+
+@dataclass
+class VFIOMSIVector:
+    """One MSI-X vector's host side (QEMU's ``VFIOMSIVector``)."""
+
+    nr: int
+    use: bool = False
+    interrupt: EventNotifier | None = None
+    """The VMM's own eventfd (``vector->interrupt``): the host's trigger while the vector is masked
+    (or has no irqfd); the main loop reads it into ``msix_notify``."""
+    kvm_interrupt: EventNotifier | None = None
+    """The irqfd-bound eventfd (``vector->kvm_interrupt``), bound to ``gsi``."""
+    gsi: int | None = None
+    trigger: HostTrigger = HostTrigger.NONE
+    userspace_interrupts: int = 0  # signals the main loop read from ``interrupt``
+
+
+class GuestRamDma:
+    """The ``ClientMemory`` a vfio-user server reaches by DMA_READ / DMA_WRITE: guest RAM by
+    guest-physical address (IOVA = GPA), refusing anything outside RAM (EFAULT)."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+        self.reads = 0
+        self.writes = 0
+
+    def read(self, addr: int, n: int) -> bytes:
+        try:
+            data = self.memory.read(addr, n)
+        except GuestMemoryError as e:
+            raise PayloadError(errno.EFAULT, f"DMA_READ {addr:#x}+{n}: {e}") from None
+        self.reads += 1
+        return data
+
+    def write(self, addr: int, data: bytes) -> None:
+        try:
+            self.memory.write(addr, data)
+        except GuestMemoryError as e:
+            raise PayloadError(errno.EFAULT, f"DMA_WRITE {addr:#x}+{len(data)}: {e}") from None
+        self.writes += 1
+
+
+def _irq_flags(flags: int) -> list[str]:
+    return [f.name for f in VfioIrqInfoFlag if flags & f and f.name]
+
+
+class VFIOPCIDevice(PCIDevice):
+    """A vfio-user passthrough PCI function (QEMU's ``vfio-pci`` over a vfio-user socket).
+
+    *socket_path*: the server's socket.  *memory*: guest RAM, DMA-mapped to the server.  *vm*,
+    *routes*, *iothread*, *registry*: the machine's hypervisor handle, MSI route allocator, main
+    loop and notifier registry (without *vm*/*routes* the vectors use the userspace path only).
+    *dma*: ``"fd"`` or ``"message"``.  *x_msix_noresize*: force the old NORESIZE path even when
+    the host allows dynamic MSI-X (QEMU before 8.2).  *on_fatal*: called with an event dict when
+    a host interrupt cannot be wired (big lock held, inside a vCPU exit: hand the stop to another
+    thread)."""
+
+    def __init__(self, name: str, socket_path: str, *, memory: GuestMemory, vm: "VM | None" = None,
+                 routes: "MsiRoutes | None" = None, iothread: "IOThread | None" = None,
+                 registry: NotifierRegistry | None = None, dma: str = DmaMode.FD, x_msix_noresize: bool = False,
+                 on_fatal: Callable[[dict], None] | None = None, twin_socket: bool = True,
+                 irqfd: bool = True) -> None:
+        self.socket_path = socket_path
+        self.dma_mode = DmaMode(dma)
+        self.memory = memory
+        self.ram_dma = GuestRamDma(memory)
+        self.vm = vm
+        self.routes = routes
+        self.iothread = iothread
+        self.registry = registry if registry is not None else NotifierRegistry()
+        self.irqfd_enabled = irqfd and vm is not None and routes is not None
+        self.x_msix_noresize = x_msix_noresize
+        self.on_fatal = on_fatal
+        self.fatal: dict | None = None
+        self.fatal_events: list[dict] = []
+        self.errors: list[dict] = []  # non-fatal SET_IRQS refusals (a mask switch the host refused)
+        self.set_irqs_counts: dict[str, int] = {k.value: 0 for k in SetIrqsKind}
+        self.vectors: list[VFIOMSIVector] = []
+        self.nr_vectors = 0  # QEMU's vdev->nr_vectors: the highest vector wired + 1
+        self.msix_host_on = False
+        self.intx_on = False
+        self.intx_pending = False
+        self.intx_interrupts = 0
+        self.intx_eois = 0
+        self._intx: EventNotifier | None = None
+        self._sparse: dict[int, list[tuple[int, int, mmap.mmap]]] = {}
+        self._regions: dict[int, VfioRegionInfo] = {}
+        self._emulated = bytearray()
+        self._msix_bar = -1
+        self.irq_info: dict[int, VfioIrqInfo] = {}
+        self._closed = False
+        self._dma_maps: list[tuple[int, int]] = []
+        try:
+            self.client = VfioUserClient(socket_path, memory=self.ram_dma, twin_socket=twin_socket, name=name)
+        except (OSError, VfioRequestError) as e:
+            raise VfioDeviceError("connect", f"{name}: cannot connect to the vfio-user server at {socket_path}: {e}") \
+                from None
+        except Exception as e:  # framing or negotiation (VfioUserError)
+            raise VfioDeviceError("negotiate", f"{name}: vfio-user negotiation with {socket_path} failed: {e}") \
+                from None
+        try:
+            self._realize(name)
+        except BaseException:
+            self._release_all()
+            raise
+
+    # -- realize ---------------------------------------------------------------------------------------
+    def _realize(self, name: str) -> None:
+        c = self.client
+        try:
+            info = c.get_device_info()
+            cfg_info, cfg_fd = self._get_region_info(VfioPciRegion.CONFIG)
+            if cfg_fd is not None:
+                os.close(cfg_fd)
+            if cfg_info.size not in (256, 4096):
+                raise VfioDeviceError("config", f"{name}: CONFIG region of {cfg_info.size} bytes (256 or 4096 expected)")
+            config = c.region_read(VfioPciRegion.CONFIG, 0, cfg_info.size)
+        except VfioRequestError as e:
+            raise VfioDeviceError("realize", f"{name}: {e}") from None
+        self.device_info = info
+        vendor, device = struct.unpack_from("<HH", config, 0)
+        class_code = config[R.PCI_CLASS_PROG] | (struct.unpack_from("<H", config, R.PCI_CLASS_DEVICE)[0] << 8)
+        super().__init__(name, vendor_id=vendor, device_id=device, class_code=class_code,
+                         revision=config[R.PCI_REVISION_ID], interrupt_pin=config[R.PCI_INTERRUPT_PIN])
+        if cfg_info.size != self.config_size:
+            self.config_size = cfg_info.size
+            self.wmask = self.wmask + bytearray(cfg_info.size - len(self.wmask))
+            self.w1cmask = self.w1cmask + bytearray(cfg_info.size - len(self.w1cmask))
+        self.config = bytearray(config)
+        self._emulated = bytearray(self.config_size)
+        self._emulate(R.PCI_BASE_ADDRESS_0, 24)
+        self._emulate(PCI_ROM_ADDRESS, 4)
+        self._emulate(R.PCI_INTERRUPT_LINE, 1)
+        struct.pack_into("<I", self.config, PCI_ROM_ADDRESS, 0)  # no ROM BAR (not passed through)
+        for idx in VfioPciIrqIndex:
+            if idx < info.num_irqs:
+                try:
+                    self.irq_info[idx] = c.get_irq_info(idx)
+                except VfioRequestError:
+                    self.irq_info[idx] = VfioIrqInfo(index=idx)
+        # MSI: emulated, Enable read-only (MSI passthrough is not done)
+        msi = self.find_capability(R.PCI_CAP_ID_MSI)
+        if msi:
+            flags = self.get16(msi + PCI_MSI_FLAGS)
+            size = 10 + (4 if flags & PCI_MSI_FLAGS_64BIT else 0) + (10 if flags & PCI_MSI_FLAGS_MASKBIT else 0)
+            self._emulate(msi, size)
+            self.set_config(msi + PCI_MSI_FLAGS, flags & ~0x0071, 2, wmask=0)
+        # MSI-X: the guest's view, emulated by MSIX on this function's own capability
+        cap = self.find_capability(R.PCI_CAP_ID_MSIX)
+        msix_info = self.irq_info.get(VfioPciIrqIndex.MSIX)
+        if cap and msix_info is not None and msix_info.count:
+            ctl = self.get16(cap + R.PCI_MSIX_FLAGS)
+            tbl = self.get32(cap + R.PCI_MSIX_TABLE)
+            pba = self.get32(cap + R.PCI_MSIX_PBA)
+            if tbl & 7 != pba & 7:
+                raise VfioDeviceError("msix", f"{name}: MSI-X table and PBA in different BARs are not supported")
+            n = (ctl & R.PCI_MSIX_FLAGS_QSIZE) + 1
+            self._emulate(cap, R.PCI_CAP_MSIX_SIZEOF)
+            try:
+                MSIX(self, n, tbl & 7, table_offset=tbl & ~7, pba_offset=pba & ~7)
+            except ValueError as e:
+                raise VfioDeviceError("msix", f"{name}: MSI-X capability: {e}") from None
+            assert self.msix is not None
+            self._msix_bar = tbl & 7
+            self.vectors = [VFIOMSIVector(v) for v in range(n)]
+            for v in range(n):  # every vector is the device's to use (QEMU: vfio uses them all)
+                self.msix.vector_use(v)
+        # PCIe FLR: the guest's Initiate FLR becomes DEVICE_RESET (never forwarded as a config write)
+        exp = self.find_capability(R.PCI_CAP_ID_EXP)
+        if exp:
+            self.exp_cap = exp
+            self.wmask[exp + R.PCI_EXP_DEVCTL + 1] |= R.PCI_EXP_DEVCTL_BCR_FLR >> 8
+        self._realize_bars(name)
+        self._dma_map_ram()
+        self._enable_intx()
+
+    def _emulate(self, off: int, size: int) -> None:
+        for i in range(off, min(off + size, self.config_size)):
+            self._emulated[i] = 1
+
+    def add_capability(self, cap_id: int, size: int) -> int:
+        """The device's capabilities come from the server's config space: MSIX's setup finds the
+        existing capability instead of appending one."""
+        off = self.find_capability(cap_id)
+        if not off:
+            raise ValueError(f"{self.name}: the device has no capability {cap_id:#x}")
+        return off
+
+    def _realize_bars(self, name: str) -> None:
+        i = 0
+        while i < R.PCI_NUM_BARS:
+            reg = self.get32(R.PCI_BASE_ADDRESS_0 + 4 * i)
+            io = bool(reg & R.PCI_BASE_ADDRESS_SPACE_IO)
+            mem64 = not io and reg & 0x6 == R.PCI_BASE_ADDRESS_MEM_TYPE_64
+            prefetch = not io and bool(reg & R.PCI_BASE_ADDRESS_MEM_PREFETCH)
+            try:
+                info, fd = self._get_region_info(i)
+            except VfioRequestError:
+                info, fd = VfioRegionInfo(index=i), None
+            if info.size:
+                self._regions[i] = info
+                region = IORegion(f"{name}-bar{i}", info.size, functools.partial(self._bar_read, i),
+                                  functools.partial(self._bar_write, i))
+                try:
+                    self.register_bar(i, region, io=io, mem64=mem64, prefetch=prefetch)
+                except ValueError as e:
+                    if fd is not None:
+                        os.close(fd)
+                    raise VfioDeviceError("bar", f"{name}: BAR{i}: {e}") from None
+                if fd is not None:
+                    self._map_sparse(i, info, fd)
+            elif fd is not None:
+                os.close(fd)
+            i += 2 if mem64 else 1
+
+    def _get_region_info(self, index: int) -> tuple[VfioRegionInfo, int | None]:
+        """DEVICE_GET_REGION_INFO with the capability chain: asked with the 32-byte argsz, then
+        again with the argsz the server says it needs.  (``VfioUserClient.get_region_info`` sends
+        ``VfioRegionInfo.pack()``, which always writes the fixed size as argsz, so it never gets
+        the sparse mmap capability; this builds the request itself.)"""
+        argsz = VfioRegionInfo.STRUCT.size
+        for _ in range(2):
+            req = VfioRegionInfo.STRUCT.pack(argsz, 0, index, 0, 0, 0)
+            rep = self.client.request(VfioUserCommand.DEVICE_GET_REGION_INFO, req)
+            fds = rep.take_fds()
+            try:
+                info = VfioRegionInfo.unpack(rep.payload)
+            except UapiError as e:
+                for fd in fds:
+                    os.close(fd)
+                raise VfioRequestError("DEVICE_GET_REGION_INFO", errno.EPROTO, f"region {index}: {e}") from None
+            if info.argsz > argsz and len(rep.payload) < info.argsz:
+                for fd in fds:
+                    os.close(fd)
+                argsz = min(info.argsz, 1 << 16)
+                continue
+            for fd in fds[1:]:
+                os.close(fd)
+            return info, (fds[0] if fds else None)
+        raise VfioRequestError("DEVICE_GET_REGION_INFO", errno.EPROTO, f"region {index}: the info kept growing")
+
+    def _map_sparse(self, index: int, info: VfioRegionInfo, fd: int) -> None:
+        """mmap the areas the server offers (REGION_INFO_CAP_SPARSE_MMAP) and close the fd."""
+        areas = []
+        try:
+            if info.flags & VfioRegionInfoFlag.MMAP:
+                wanted = info.sparse if info.sparse is not None else []
+                for a in wanted:
+                    if not a.size or a.offset + a.size > info.size:
+                        continue
+                    try:
+                        mm = mmap.mmap(fd, a.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                                       offset=info.offset + a.offset)
+                    except (OSError, ValueError, OverflowError) as e:
+                        log.warning("%s: BAR%d area %#x+%#x not mapped (trapped instead): %s", self.name, index,
+                                    a.offset, a.size, e)
+                        continue
+                    areas.append((a.offset, a.size, mm))
+        finally:
+            os.close(fd)
+        if areas:
+            self._sparse[index] = areas
+
+    def _dma_map_ram(self) -> None:
+        regions, fds = self.memory.layout()
+        for r in regions:
+            gpa, size = int(r["gpa"]), int(r["size"])
+            try:
+                if self.dma_mode == DmaMode.FD:
+                    self.client.dma_map(gpa, size, fds[int(r["block"])], int(r["block_offset"]))
+                else:
+                    self.client.dma_map(gpa, size, None)
+            except VfioRequestError as e:
+                raise VfioDeviceError("dma-map", f"{self.name}: DMA_MAP {gpa:#x}+{size:#x}: {e}") from None
+            self._dma_maps.append((gpa, size))
+
+    # -- config space ---------------------------------------------------------------------------------
+    def config_read(self, addr: int, size: int) -> int:
+        if addr < 0 or addr + size > self.config_size or size not in (1, 2, 4):
+            return (1 << (8 * size)) - 1
+        local = super().config_read(addr, size)
+        if all(self._emulated[addr:addr + size]):
+            return local
+        try:
+            dev = self.client.region_read(VfioPciRegion.CONFIG, addr, size)
+        except VfioRequestError as e:
+            log.warning("%s: config read at %#x: %s", self.name, addr, e)
+            return (1 << (8 * size)) - 1
+        lb = local.to_bytes(size, "little")
+        out = bytes(lb[i] if self._emulated[addr + i] else dev[i] for i in range(size))
+        return int.from_bytes(out, "little")
+
+    def config_write(self, addr: int, value: int, size: int) -> None:
+        if addr < 0 or addr + size > self.config_size or size not in (1, 2, 4):
+            return
+        data = bytearray(value.to_bytes(size, "little"))
+        if self.exp_cap:  # Initiate FLR is ours to act on (DEVICE_RESET), never a raw config write
+            hi = self.exp_cap + R.PCI_EXP_DEVCTL + 1
+            if addr <= hi < addr + size:
+                data[hi - addr] &= ~(R.PCI_EXP_DEVCTL_BCR_FLR >> 8) & 0xFF
+        i = 0
+        while i < size:  # forward the runs of bytes the VMM does not emulate
+            if self._emulated[addr + i]:
+                i += 1
+                continue
+            j = i
+            while j < size and not self._emulated[addr + j]:
+                j += 1
+            try:
+                self.client.region_write(VfioPciRegion.CONFIG, addr + i, bytes(data[i:j]))
+            except VfioRequestError as e:
+                log.warning("%s: config write at %#x: %s", self.name, addr + i, e)
+            i = j
+        super().config_write(addr, value, size)
+
+    def write_config_hook(self, addr: int, value: int, size: int) -> None:
+        m = self.msix
+        if m is None or not (addr < m.cap + R.PCI_CAP_MSIX_SIZEOF and m.cap < addr + size):
+            return
+        if m.enabled and not self.msix_host_on:
+            self._msix_enable()
+        elif not m.enabled and (self.msix_host_on or any(v.use for v in self.vectors)):
+            self._msix_disable()
+            self._enable_intx()
+
+    # -- BARs -------------------------------------------------------------------------------------------
+    def _in_msix(self, index: int, off: int, size: int) -> bool:
+        m = self.msix
+        if m is None or self._msix_bar != index:
+            return False
+        t0, t1 = m.table_offset, m.table_offset + len(m.table)
+        p0, p1 = m.pba_offset, m.pba_offset + len(m.pba)
+        return (t0 <= off and off + size <= t1) or (p0 <= off and off + size <= p1)
+
+    def _sparse_area(self, index: int, off: int, size: int) -> tuple[mmap.mmap, int] | None:
+        for a_off, a_size, mm in self._sparse.get(index, ()):
+            if a_off <= off and off + size <= a_off + a_size:
+                return mm, off - a_off
+        return None
+
+    def _bar_read(self, index: int, off: int, size: int) -> int:
+        if self.intx_pending:
+            self._intx_eoi()
+        if self._in_msix(index, off, size):
+            assert self.msix is not None
+            return self.msix.region.read(off, size)
+        hit = self._sparse_area(index, off, size)
+        if hit is not None:
+            mm, o = hit
+            return int.from_bytes(mm[o:o + size], "little")
+        try:
+            return int.from_bytes(self.client.region_read(index, off, size), "little")
+        except VfioRequestError as e:
+            log.warning("%s: BAR%d read at %#x: %s", self.name, index, off, e)
+            return (1 << (8 * size)) - 1
+
+    def _bar_write(self, index: int, off: int, value: int, size: int) -> None:
+        if self.intx_pending:
+            self._intx_eoi()
+        if self._in_msix(index, off, size):
+            assert self.msix is not None
+            self.msix.region.write(off, value, size)
+            return
+        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        hit = self._sparse_area(index, off, size)
+        if hit is not None:
+            mm, o = hit
+            mm[o:o + size] = data
+            return
+        try:
+            self.client.region_write(index, off, data)
+        except VfioRequestError as e:
+            log.warning("%s: BAR%d write at %#x: %s", self.name, index, off, e)
+
+    # -- SET_IRQS ---------------------------------------------------------------------------------------
+    @property
+    def noresize(self) -> bool:
+        """The old path: the host says NORESIZE on MSI-X, or ``x_msix_noresize`` forces it."""
+        info = self.irq_info.get(VfioPciIrqIndex.MSIX)
+        host = info is not None and bool(info.flags & VfioIrqInfoFlag.NORESIZE)
+        return host or self.x_msix_noresize
+
+    @property
+    def noresize_reason(self) -> str | None:
+        info = self.irq_info.get(VfioPciIrqIndex.MSIX)
+        if info is not None and info.flags & VfioIrqInfoFlag.NORESIZE:
+            return "host-flag"
+        if self.x_msix_noresize:
+            return "x-msix-noresize"
+        return None
+
+    def _set_irqs(self, kind: SetIrqsKind, index: int, flags: int, start: int, count: int,
+                  fds: list[int] | None = None) -> None:
+        self.client.set_irqs(index, flags, start, count, fds=fds)
+        self.set_irqs_counts[kind.value] += 1
+        if _t_vector.enabled and index == VfioPciIrqIndex.MSIX:
+            _t_vector.emit(dev=self.name, kind=kind.value, start=start, count=count)
+
+    def _fail(self, vector: int, e: VfioRequestError | _Fatal, kind: SetIrqsKind | str) -> None:
+        """A vector could not be wired: record why and have the machine stop the VM."""
+        err = e.errno
+        ev = {"device": self.name, "vector": vector, "errno": err, "error": errno.errorcode.get(err, str(err)),
+              "path": "noresize" if self.noresize else "dynamic", "kind": str(kind), "reason": str(e)}
+        if self.fatal is None:
+            self.fatal = ev
+        self.fatal_events.append(ev)
+        log.error("%s: MSI-X vector %d cannot be wired in the host (%s): %s", self.name, vector, ev["error"], e)
+        if _t_fatal.enabled:
+            _t_fatal.emit(dev=self.name, vector=vector, errno=err)
+        if self.on_fatal is not None:
+            try:
+                self.on_fatal(dict(ev))
+            except Exception:  # noqa: BLE001 -- the guest's access must still complete
+                log.exception("%s: on_fatal failed", self.name)
+
+    # -- MSI-X ------------------------------------------------------------------------------------------
+    def _msix_enable(self) -> None:
+        """The guest enabled MSI-X (``vfio_msix_enable``): INTx off, host MSI-X on with no vector
+        wired, then the vectors the guest already unmasked."""
+        m = self.msix
+        assert m is not None
+        self._disable_intx()
+        m.set_vector_notifiers(self._vector_use, self._vector_release, self._vector_poll)
+        if not self._enable_no_vec():
+            return
+        for v in range(m.nvectors):
+            if not m.is_masked(v):
+                addr, data = m.get_message(v)
+                self._vector_use(v, addr, data)
+
+    def _enable_no_vec(self) -> bool:
+        try:
+            self._set_irqs(SetIrqsKind.ENABLE_NO_VECTOR, VfioPciIrqIndex.MSIX, _EVENTFD_TRIGGER, 0, 1, fds=[-1])
+        except VfioRequestError as e:
+            self._fail(0, e, SetIrqsKind.ENABLE_NO_VECTOR)
+            return False
+        self.msix_host_on = True
+        return True
+
+    def _msix_disable(self) -> None:
+        """The guest disabled MSI-X (or a reset): the index off, every vector released."""
+        m = self.msix
+        if m is not None:
+            m.set_vector_notifiers(None, None, None)
+        if self.msix_host_on:
+            self.msix_host_on = False
+            try:
+                self._set_irqs(SetIrqsKind.INDEX_DISABLE, VfioPciIrqIndex.MSIX, _NONE_TRIGGER, 0, 0)
+            except VfioRequestError as e:
+                log.warning("%s: disabling MSI-X in the host: %s", self.name, e)
+        for vec in self.vectors:
+            self._free_vector(vec)
+        self.nr_vectors = 0
+
+    def _ensure_interrupt(self, vec: VFIOMSIVector) -> EventNotifier:
+        if vec.interrupt is None:
+            n = EventNotifier(f"{self.name}.msix{vec.nr}.interrupt")
+            self.registry.register(n, self.name, Role.MASKED, vector=vec.nr,
+                                   note="VFIO userspace trigger: read by the VMM into msix_notify")
+            vec.interrupt = n
+            if self.iothread is not None:
+                self.iothread.set_fd_handler(n.fileno(), functools.partial(self._msix_interrupt, vec.nr))
+        return vec.interrupt
+
+    def _ensure_irqfd(self, vec: VFIOMSIVector, address: int, data: int) -> None:
+        if vec.kvm_interrupt is not None:
+            assert self.routes is not None and vec.gsi is not None
+            if self.routes.update(vec.gsi, address, data):
+                self.routes.commit()
+            return
+        if not self.irqfd_enabled:
+            return
+        assert self.routes is not None and self.vm is not None
+        try:
+            gsi = self.routes.add(address, data)
+            self.routes.commit()
+        except HypervisorError as e:
+            log.warning("%s: vector %d falls back to the userspace path: %s", self.name, vec.nr, e)
+            return
+        n = EventNotifier(f"{self.name}.msix{vec.nr}.irqfd")
+        try:
+            self.vm.irqfd(n, gsi)
+        except HypervisorError as e:
+            log.warning("%s: vector %d: irqfd refused, userspace path: %s", self.name, vec.nr, e)
+            n.close()
+            self.routes.release(gsi)
+            self.routes.commit()
+            return
+        self.registry.register(n, self.name, Role.GUEST, vector=vec.nr, note=f"irqfd on GSI {gsi}")
+        vec.kvm_interrupt, vec.gsi = n, gsi
+
+    def _free_vector(self, vec: VFIOMSIVector) -> None:
+        if vec.kvm_interrupt is not None:
+            n, gsi = vec.kvm_interrupt, vec.gsi
+            vec.kvm_interrupt, vec.gsi = None, None
+            if self.vm is not None and gsi is not None:
+                try:
+                    self.vm.irqfd(n, gsi, deassign=True)
+                except Exception as e:  # noqa: BLE001 -- the VM is gone: its bindings went with it
+                    log.debug("%s: irqfd deassign: %s", self.name, e)
+            if self.routes is not None and gsi is not None:
+                self.routes.release(gsi)
+                try:
+                    self.routes.commit()
+                except Exception as e:  # noqa: BLE001 -- the VM is gone
+                    log.debug("%s: route commit: %s", self.name, e)
+            self.registry.unregister(n)
+            n.close()
+        if vec.interrupt is not None:
+            n = vec.interrupt
+            vec.interrupt = None
+            if self.iothread is not None:
+                self.iothread.remove_fd_handler(n.fileno())
+            self.registry.unregister(n)
+            n.close()
+        vec.use = False
+        vec.trigger = HostTrigger.NONE
+
+    def _vector_use(self, v: int, address: int, data: int) -> None:
+        """The guest unmasked vector *v* (``vfio_msix_vector_do_use``)."""
+        m = self.msix
+        if m is None or not m.enabled:
+            return
+        vec = self.vectors[v]
+        vec.use = True
+        self._ensure_interrupt(vec)
+        self._ensure_irqfd(vec, address, data)
+        target = HostTrigger.IRQFD if vec.kvm_interrupt is not None else HostTrigger.USERSPACE
+        try:
+            if not self.msix_host_on and not self._enable_no_vec():
+                return
+            resizing = self.nr_vectors < v + 1
+            if self.noresize and resizing:
+                self._noresize_grow(v)
+            elif vec.trigger != target:
+                fd = vec.kvm_interrupt if target == HostTrigger.IRQFD else vec.interrupt
+                assert fd is not None
+                kind = SetIrqsKind.VECTOR_ADD if vec.trigger == HostTrigger.NONE else SetIrqsKind.VECTOR_SWITCH_TO_IRQFD
+                try:
+                    self._set_irqs(kind, VfioPciIrqIndex.MSIX, _EVENTFD_TRIGGER, v, 1, fds=[fd.fileno()])
+                except VfioRequestError as e:
+                    self._fail(v, e, kind)
+                    return
+                vec.trigger = target
+            if resizing:
+                self.nr_vectors = v + 1
+        finally:
+            # a signal left in the userspace eventfd becomes a pending bit: the MSI-X core
+            # delivers it exactly once, right after this notifier returns
+            assert vec.interrupt is not None
+            if vec.interrupt.test_and_clear():
+                vec.userspace_interrupts += 1
+                m.set_pending(v)
+
+    def _noresize_grow(self, v: int) -> None:
+        """The old path: disable the index, re-enable it with v+1 vectors in one SET_IRQS."""
+        n = v + 1
+        limit = min(max(1, self.client.server_caps.max_msg_fds), NORESIZE_LIMIT)
+        if n > limit:
+            self._fail(v, _Fatal(errno.E2BIG, "noresize-limit",
+                                 f"the NORESIZE path re-enables MSI-X with {n} vectors in one SET_IRQS, which "
+                                 f"needs {n} fds; the server takes at most {limit} per message (max_msg_fds)"),
+                       SetIrqsKind.INDEX_ENABLE_ALL)
+            return
+        m = self.msix
+        assert m is not None
+        if self.msix_host_on:
+            try:
+                self._set_irqs(SetIrqsKind.INDEX_DISABLE, VfioPciIrqIndex.MSIX, _NONE_TRIGGER, 0, 0)
+            except VfioRequestError as e:
+                self._fail(v, e, SetIrqsKind.INDEX_DISABLE)
+                return
+            self.msix_host_on = False
+            for vec in self.vectors:
+                vec.trigger = HostTrigger.NONE
+        fds: list[int] = []
+        targets: list[HostTrigger] = []
+        for i in range(n):
+            vec = self.vectors[i]
+            intr = self._ensure_interrupt(vec)
+            if vec.use and vec.kvm_interrupt is not None and (i == v or not m.is_masked(i)):
+                fds.append(vec.kvm_interrupt.fileno())
+                targets.append(HostTrigger.IRQFD)
+            else:
+                fds.append(intr.fileno())
+                targets.append(HostTrigger.USERSPACE)
+        try:
+            self._set_irqs(SetIrqsKind.INDEX_ENABLE_ALL, VfioPciIrqIndex.MSIX, _EVENTFD_TRIGGER, 0, n, fds=fds)
+        except VfioRequestError as e:
+            self._fail(v, e, SetIrqsKind.INDEX_ENABLE_ALL)
+            return
+        self.msix_host_on = True
+        for i, t in enumerate(targets):
+            self.vectors[i].trigger = t
+
+    def _vector_release(self, v: int) -> None:
+        """The guest masked vector *v* (``vfio_msix_vector_release``): the host's trigger goes to
+        the VMM's interrupt eventfd, which the main loop turns into PBA bits."""
+        m = self.msix
+        if m is None or not m.enabled or not self.msix_host_on:
+            return  # MSI-X is going away: the index is disabled next
+        vec = self.vectors[v]
+        if vec.trigger != HostTrigger.IRQFD or not EMULATE_MSIX_MASK:
+            return
+        intr = self._ensure_interrupt(vec)
+        try:
+            self._set_irqs(SetIrqsKind.VECTOR_SWITCH_TO_USERSPACE, VfioPciIrqIndex.MSIX, _EVENTFD_TRIGGER, v, 1,
+                           fds=[intr.fileno()])
+        except VfioRequestError as e:
+            # the trigger still points at the irqfd: interrupts arrive while masked (no loss)
+            self.errors.append({"vector": v, "kind": SetIrqsKind.VECTOR_SWITCH_TO_USERSPACE.value,
+                                "errno": e.errno, "reason": str(e)})
+            log.warning("%s: masking vector %d in the host: %s", self.name, v, e)
+            return
+        vec.trigger = HostTrigger.USERSPACE
+
+    def _vector_poll(self, first: int, end: int) -> None:
+        """The guest reads the PBA: signals parked in the userspace eventfds become pending bits."""
+        m = self.msix
+        assert m is not None
+        for v in range(first, min(end, len(self.vectors))):
+            n = self.vectors[v].interrupt
+            if n is not None and m.is_masked(v) and n.test_and_clear():
+                self.vectors[v].userspace_interrupts += 1
+                m.notify(v)
+
+    def _msix_interrupt(self, v: int) -> None:
+        """Main loop: the host signalled vector *v*'s userspace eventfd (``vfio_msi_interrupt``)."""
+        vec = self.vectors[v]
+        n = vec.interrupt
+        if n is None or n.closed:
+            return
+        if n.test_and_clear():
+            vec.userspace_interrupts += 1
+            if self.msix is not None:
+                self.msix.notify(v)
+
+    # -- INTx ---------------------------------------------------------------------------------------
+    def _enable_intx(self) -> None:
+        info = self.irq_info.get(VfioPciIrqIndex.INTX)
+        if self.intx_on or info is None or not info.count or not self.config[R.PCI_INTERRUPT_PIN]:
+            return
+        n = EventNotifier(f"{self.name}.intx")
+        try:
+            self._set_irqs(SetIrqsKind.INTX_ENABLE, VfioPciIrqIndex.INTX, _EVENTFD_TRIGGER, 0, 1, fds=[n.fileno()])
+        except VfioRequestError as e:
+            log.warning("%s: INTx not enabled in the host: %s", self.name, e)
+            n.close()
+            return
+        self.registry.register(n, self.name, Role.GUEST, note="INTx trigger: read by the VMM into the INTx line")
+        self._intx = n
+        self.intx_on = True
+        if self.iothread is not None:
+            self.iothread.set_fd_handler(n.fileno(), self._intx_interrupt)
+
+    def _disable_intx(self) -> None:
+        if not self.intx_on:
+            return
+        self.intx_on = False
+        try:
+            self._set_irqs(SetIrqsKind.INTX_DISABLE, VfioPciIrqIndex.INTX, _NONE_TRIGGER, 0, 0)
+        except VfioRequestError as e:
+            log.warning("%s: disabling INTx in the host: %s", self.name, e)
+        n, self._intx = self._intx, None
+        if n is not None:
+            if self.iothread is not None:
+                self.iothread.remove_fd_handler(n.fileno())
+            self.registry.unregister(n)
+            n.close()
+        if self.intx_pending:
+            self.intx_pending = False
+            self.set_irq(0)
+
+    def _intx_interrupt(self) -> None:
+        """Main loop: the host raised INTx (and automasked it)."""
+        n = self._intx
+        if n is None or n.closed or not n.test_and_clear():
+            return
+        self.intx_interrupts += 1
+        self.intx_pending = True
+        self.set_irq(1)
+
+    def _intx_eoi(self) -> None:
+        """QEMU's userspace EOI: the guest touched the device while INTx was asserted."""
+        self.intx_pending = False
+        self.intx_eois += 1
+        self.set_irq(0)
+        if not self.intx_on:
+            return
+        try:
+            self._set_irqs(SetIrqsKind.INTX_UNMASK, VfioPciIrqIndex.INTX, _NONE_UNMASK, 0, 1)
+        except VfioRequestError as e:
+            log.warning("%s: INTx unmask: %s", self.name, e)
+
+    # -- reset and close --------------------------------------------------------------------------------
+    def _disable_interrupts(self) -> None:
+        if self.msix is not None:
+            self._msix_disable()
+        self._disable_intx()
+
+    def device_reset(self) -> None:
+        """System reset or the guest's FLR (``vfio_pci_reset``): interrupts off, then DEVICE_RESET."""
+        if self._closed:
+            return
+        self._disable_interrupts()
+        try:
+            self.client.reset()
+        except VfioRequestError as e:
+            log.warning("%s: DEVICE_RESET: %s", self.name, e)
+
+    def reset(self) -> None:
+        super().reset()
+        if not self._closed:
+            self._enable_intx()  # vfio_pci_post_reset
+
+    def close(self) -> None:
+        """Release everything: interrupts disabled in the host, notifiers and mappings closed, the
+        connection closed.  Idempotent."""
+        if self._closed:
+            return
+        if not self.client.closed.is_set():
+            self._disable_interrupts()
+        self._release_all()
+
+    def _release_all(self) -> None:
+        self._closed = True
+        m = getattr(self, "msix", None)
+        if m is not None:
+            m.set_vector_notifiers(None, None, None)
+        for vec in self.vectors:
+            self._free_vector(vec)
+        self.msix_host_on = False
+        n, self._intx = self._intx, None
+        if n is not None:
+            if self.iothread is not None:
+                self.iothread.remove_fd_handler(n.fileno())
+            self.registry.unregister(n)
+            n.close()
+        self.intx_on = False
+        for areas in self._sparse.values():
+            for _o, _s, mm in areas:
+                mm.close()
+        self._sparse = {}
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+
+    # -- what the monitor shows -------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        """The MSI-X path: ``"dynamic"`` (QEMU 8.2) or ``"noresize"`` (the old one)."""
+        return "noresize" if self.noresize else "dynamic"
+
+    @staticmethod
+    def _counters(n: EventNotifier | None) -> dict | None:
+        if n is None or n.closed:
+            return None
+        d = n.counters()  # peek: read without consuming
+        d["fd"] = n.fd
+        return d
+
+    def query_pci_msix(self) -> dict:
+        """``x-query-pci-msix``: the guest's view (table, masks, PBA) and the host's (per vector:
+        where the host trigger points, both eventfds' counters read without consuming, the GSI)."""
+        m = self.msix
+        out: dict[str, Any] = {"device": self.name, "passthrough": True,
+                               "guest": m.describe() if m is not None else None}
+        host_vectors = []
+        for vec in self.vectors:
+            if not vec.use and vec.interrupt is None and vec.trigger == HostTrigger.NONE:
+                continue
+            trig = {HostTrigger.IRQFD: vec.kvm_interrupt, HostTrigger.USERSPACE: vec.interrupt}.get(vec.trigger)
+            host_vectors.append({
+                "vector": vec.nr, "use": vec.use, "trigger": vec.trigger.value,
+                "trigger-fd": trig.fd if trig is not None and not trig.closed else -1,
+                "gsi": -1 if vec.gsi is None else vec.gsi,
+                "irqfd": self._counters(vec.kvm_interrupt), "interrupt": self._counters(vec.interrupt),
+                "userspace-interrupts": vec.userspace_interrupts,
+            })
+        out["host"] = {"enabled": self.msix_host_on, "path": self.path, "nr-vectors": self.nr_vectors,
+                       "vectors": host_vectors}
+        return out
+
+    def query_vfio(self) -> dict:
+        """``x-query-vfio``: IRQ info per index, SET_IRQS counts by kind, the path and why, the
+        negotiated vfio-user limits, the fatal error if any."""
+        caps = self.client.server_caps
+        irqs = {}
+        for idx, info in self.irq_info.items():
+            irqs[VfioPciIrqIndex(idx).name.lower()] = {"count": info.count, "flags": _irq_flags(info.flags)}
+        return {
+            "device": self.name, "socket": self.socket_path, "connected": not self.client.closed.is_set(),
+            "irq-info": irqs, "set-irqs": dict(self.set_irqs_counts),
+            "set-irqs-messages": self.client.stats.get("set-irqs-messages", 0),
+            "path": self.path, "noresize-reason": self.noresize_reason,
+            "msix-enabled": self.msix_host_on, "nr-vectors": self.nr_vectors,
+            "intx": {"enabled": self.intx_on, "asserted": self.intx_pending, "interrupts": self.intx_interrupts,
+                     "eois": self.intx_eois, "eventfd": self._counters(self._intx)},
+            "max-msg-fds": caps.max_msg_fds, "max-data-xfer-size": caps.max_data_xfer_size,
+            "twin-socket": self.client.twin is not None, "dma": self.dma_mode.value,
+            "dma-maps": [{"iova": a, "size": s} for a, s in self._dma_maps],
+            "dma-messages": {"read": self.ram_dma.reads, "write": self.ram_dma.writes},
+            "regions": [{"index": i, "size": r.size, "flags": r.flags,
+                         "mmapped": [{"offset": o, "size": s} for o, s, _ in self._sparse.get(i, [])]}
+                        for i, r in sorted(self._regions.items())],
+            "fatal": self.fatal, "errors": list(self.errors),
+        }
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["vfio"] = self.query_vfio()
+        d["msix"] = self.query_pci_msix()
+        return d
