@@ -401,6 +401,9 @@ class GuestPciDev:
         self._saved: bytes = b""
         self._msix_table = 0
         self._msix_pba = 0
+        #: MSI-X entries brought up one at a time after a masked enable (``msix_enable_masked``):
+        #: entry -> the irq behind it (several entries may share one irq)
+        self.late_vectors: dict[int, IrqDesc] = {}
 
     def __repr__(self) -> str:
         return f"<pci {self.devfn >> 3:02x}.{self.devfn & 7} {self.vendor:04x}:{self.device:04x}>"
@@ -518,7 +521,10 @@ class GuestPciDev:
             self.write_config(cap + R.PCI_MSIX_FLAGS, ctl & ~R.PCI_MSIX_FLAGS_ENABLE, 2)
             for d in self.vectors:
                 self.k.release_irq(d.irq)
+            for d in {x.irq: x for x in self.late_vectors.values()}.values():
+                self.k.release_irq(d.irq)
         self.vectors = []
+        self.late_vectors = {}
         self.irq_mode = 0
 
     def irq_vector(self, nr: int) -> int:
@@ -531,7 +537,60 @@ class GuestPciDev:
         for i, d in enumerate(self.vectors):
             if d.irq == irq:
                 return i
+        for i, d in self.late_vectors.items():
+            if d.irq == irq:
+                return i
         return None
+
+    def msix_enable_masked(self) -> int:
+        """Enable MSI-X with every entry masked and no vector set up, as Linux does before a
+        driver requests its first interrupt (``msix_capability_init``: Function Mask set, entries
+        masked, Enable, Function Mask cleared).  Vectors then come one at a time
+        (``msix_setup_vector``).  Returns the table size."""
+        cap = self.msix_cap
+        if not cap:
+            raise RuntimeError(f"{self!r}: no MSI-X capability")
+        tbl = self.read_config(cap + R.PCI_MSIX_TABLE, 4)
+        pba = self.read_config(cap + R.PCI_MSIX_PBA, 4)
+        self._msix_table = self.bar_addr(tbl & 7) + (tbl & ~7)
+        self._msix_pba = self.bar_addr(pba & 7) + (pba & ~7)
+        ctl = self.read_config(cap + R.PCI_MSIX_FLAGS, 2)
+        n = (ctl & R.PCI_MSIX_FLAGS_QSIZE) + 1
+        self.write_config(cap + R.PCI_MSIX_FLAGS, ctl | R.PCI_MSIX_FLAGS_ENABLE | R.PCI_MSIX_FLAGS_MASKALL, 2)
+        for i in range(n):
+            self.k.writel(self._msix_table + 16 * i + R.PCI_MSIX_ENTRY_VECTOR_CTRL, R.PCI_MSIX_ENTRY_CTRL_MASKBIT)
+        ctl = self.read_config(cap + R.PCI_MSIX_FLAGS, 2)
+        self.write_config(cap + R.PCI_MSIX_FLAGS, ctl & ~R.PCI_MSIX_FLAGS_MASKALL, 2)
+        self.irq_mode = PCI_IRQ_MSIX
+        self.vectors = []
+        self.late_vectors = {}
+        self.write_config(R.PCI_COMMAND, self.read_config(R.PCI_COMMAND, 2) | R.PCI_COMMAND_INTX_DISABLE, 2)
+        return n
+
+    def msix_setup_vector(self, entry: int, desc: IrqDesc | None = None, name: str = "") -> IrqDesc:
+        """Bring MSI-X entry *entry* up after a masked enable (``pci_msix_alloc_irq_at``): a new irq
+        (or *desc*, shared), the entry's address and data written while it is masked.  The entry
+        is unmasked when the irq's first handler is requested (``irq_startup``), or by
+        ``msix_mask(entry, False)`` for a shared irq."""
+        d = desc if desc is not None else self.k.alloc_irq(name or f"msix{entry}")
+        e = self._msix_table + 16 * entry
+        self.k.writel(e + R.PCI_MSIX_ENTRY_VECTOR_CTRL, R.PCI_MSIX_ENTRY_CTRL_MASKBIT)
+        addr = msi_address(d.cpu)
+        self.k.writel(e + R.PCI_MSIX_ENTRY_LOWER_ADDR, addr & 0xFFFFFFFF)
+        self.k.writel(e + R.PCI_MSIX_ENTRY_UPPER_ADDR, addr >> 32)
+        self.k.writel(e + R.PCI_MSIX_ENTRY_DATA, d.vector)
+        self.late_vectors[entry] = d
+        return d
+
+    def msix_release_vector(self, entry: int) -> None:
+        """Mask a late entry and forget it (``pci_msix_free_irq``); its irq is released unless
+        another entry shares it."""
+        d = self.late_vectors.pop(entry, None)
+        if d is None:
+            return
+        self.msix_mask(entry, True)
+        if all(x.irq != d.irq for x in self.late_vectors.values()):
+            self.k.release_irq(d.irq)
 
     def irq_startup(self, irq: int) -> None:
         """The IRQ core started *irq* (its first handler was requested): unmask the MSI-X entry
@@ -559,7 +618,7 @@ class GuestPciDev:
         self.write_config(cap + R.PCI_MSIX_FLAGS, ctl, 2)
 
     def read_pba(self) -> int:
-        n = len(self.vectors) or 1
+        n = max(len(self.vectors), max(self.late_vectors, default=-1) + 1, 1)
         v = 0
         for q in range((n + 63) // 64):
             lo = self.k.readl(self._msix_pba + 8 * q)

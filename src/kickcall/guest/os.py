@@ -16,6 +16,7 @@ import zlib
 from ..hv.kernel import KernelHV
 from ..virtio.blk import BLK_T_FLUSH, BLK_T_GET_ID, BLK_T_IN, BLK_T_OUT
 from .kernel import GuestKernel, GuestPciDev
+from .nic import NicDriver, is_kickcall_nic
 from .virtio_blk import BlkRequest, VirtioBlkDriver
 from .virtio_net import VirtioNetDriver
 from .virtio_pci import VirtioPciDevice
@@ -34,7 +35,7 @@ class _Dev:
         self.pci = pci
         self.slot = pci.devfn >> 3
         self.vdev: VirtioPciDevice | None = None
-        self.driver: VirtioBlkDriver | VirtioNetDriver | None = None
+        self.driver: VirtioBlkDriver | VirtioNetDriver | NicDriver | None = None
         self.kind = "unknown"
 
     def describe(self) -> dict:
@@ -44,6 +45,8 @@ class _Dev:
             d.update(capacity=drv.capacity, queues=len(drv.vqs), completed=drv.completed, errors=drv.errors)
         elif isinstance(drv, VirtioNetDriver):
             d.update(pairs=drv.pairs, rx=drv.rx_packets, tx=drv.tx_packets)
+        elif isinstance(drv, NicDriver):
+            d.update(mode=drv.mode, queues=len(drv.queues), table_size=drv.table_size)
         if self.vdev is not None:
             d["irq_mode"] = {0: "none", 1: "intx", 4: "msix"}.get(self.vdev.irq_mode, "?")
             d["vqs"] = [{"index": v.index, "kicks": v.kicks, "kicks_suppressed": v.kicks_suppressed,
@@ -59,6 +62,7 @@ class GuestOS:
         self.devs: dict[int, _Dev] = {}
         self.workloads: list = []
         self.queue_size = queue_size
+        self.nic_ring_size = 256
         self._reqs: dict[int, BlkRequest] = {}
         self._req_ids = 0
         self._mu = threading.Lock()
@@ -115,6 +119,9 @@ class GuestOS:
         for pci in self.k.pci_enumerate():
             d = _Dev(pci)
             self.devs[d.slot] = d
+            if is_kickcall_nic(pci):
+                self._probe_nic(d, msix)
+                continue
             if pci.vendor != 0x1AF4:
                 continue
             self._probe(d, msix)
@@ -132,6 +139,58 @@ class GuestOS:
             return
         d.driver.probe()
         self.k.printk(f"{d.kind} at slot {d.slot}: {d.describe()}")
+
+    def _probe_nic(self, d: _Dev, msix: bool = True) -> None:
+        drv = NicDriver(self.k, d.pci, ring_size=self.nic_ring_size, allow_msix=msix)
+        d.kind = "kickcall-nic"
+        d.driver = drv
+        drv.probe()
+        self.k.printk(f"kickcall-nic at slot {d.slot}: {d.describe()}")
+
+    def _nic(self, slot: int) -> NicDriver:
+        drv = self._dev(slot).driver
+        if not isinstance(drv, NicDriver):
+            raise TypeError(f"slot {slot} is not a kickcall-nic")
+        return drv
+
+    # -- kickcall-nic (the passthrough function) ----------------------------------------------------------
+    def cmd_nic_request_irq(self, slot: int, queue: int, enable: bool = True) -> dict:
+        """Bring queue *queue*'s MSI-X vector up now (request_irq), then enable the queue."""
+        drv = self._nic(slot)
+        irq = drv.request_queue_irq(queue)
+        if enable:
+            drv.enable_queue(queue)
+        return {"irq": irq}
+
+    def cmd_nic_free_irq(self, slot: int, queue: int) -> dict:
+        drv = self._nic(slot)
+        drv.free_queue_irq(queue)
+        return {}
+
+    def cmd_nic_enable(self, slot: int, queue: int, on: bool = True) -> dict:
+        drv = self._nic(slot)
+        drv.enable_queue(queue, on)
+        return {}
+
+    def cmd_nic_generate(self, slot: int, queue: int, n: int = 1, rate: int | None = None) -> dict:
+        """Ask the device for *n* records now (DOORBELL) and/or set its rate (records/s)."""
+        drv = self._nic(slot)
+        if n:
+            drv.generate(queue, n)
+        if rate is not None:
+            drv.set_rate(queue, rate)
+        return {}
+
+    def cmd_nic_mask(self, slot: int, entry: int, masked: bool) -> dict:
+        d = self._dev(slot)
+        d.pci.msix_mask(entry, masked)
+        return {}
+
+    def cmd_nic_stats(self, slot: int) -> dict:
+        return self._nic(slot).stats()
+
+    def cmd_nic_unconsumed(self, slot: int) -> dict:
+        return {"queues": self._nic(slot).unconsumed()}
 
     def cmd_reboot(self, msix: bool = True) -> dict:
         """After a platform reset: workloads stop, drivers forget their devices, boot again."""
