@@ -80,6 +80,8 @@ class NicDriver:
         self.intx_interrupts = 0
         self.intx_unexpected = 0
         self._intx: IrqDesc | None = None
+        self._spare: IrqDesc | None = None
+        self.spare_interrupts = 0
 
     # -- probe ------------------------------------------------------------------------------------------
     def probe(self) -> None:
@@ -136,6 +138,26 @@ class NicDriver:
             return self._msix_handler(q, entry)
         self.k.request_irq(d.irq, handler, f"kickcall-nic-q{q}")
         return d.irq
+
+    def bring_up_entries(self, first: int, count: int) -> int:
+        """Bring MSI-X entries [first, first+count) up one at a time, all on one shared irq
+        ("kickcall-nic-spare", its handler counts what arrives there): a driver growing its vector
+        set while its queues run.  Each entry is written while masked, then unmasked -- one
+        vector at a time, as ``request_irq`` on a fresh vector would.  Returns the spare irq."""
+        if self.mode != "msix":
+            raise RuntimeError("the driver is not using MSI-X")
+        if self._spare is None:
+            d = self.k.alloc_irq("kickcall-nic-spare")
+            self.k.request_irq(d.irq, self._spare_handler, "kickcall-nic-spare")
+            self._spare = d
+        for e in range(first, first + count):
+            self.pci.msix_setup_vector(e, desc=self._spare)
+            self.pci.msix_mask(e, False)
+        return self._spare.irq
+
+    def _spare_handler(self, _irq: int) -> bool:
+        self.spare_interrupts += 1
+        return True
 
     def free_queue_irq(self, q: int) -> None:
         qu = self.queues[q]
@@ -220,6 +242,7 @@ class NicDriver:
                     "interrupts": {str(k): v for k, v in sorted(self.interrupts.items())},
                     "empty-interrupts": {str(k): v for k, v in sorted(self.empty.items())},
                     "intx-interrupts": self.intx_interrupts, "intx-unexpected": self.intx_unexpected,
+                    "spare-interrupts": self.spare_interrupts,
                     "pba": self.pci.read_pba() if self.mode == "msix" else 0}
 
     def teardown(self) -> None:

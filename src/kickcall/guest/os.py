@@ -162,6 +162,10 @@ class GuestOS:
             drv.enable_queue(queue)
         return {"irq": irq}
 
+    def cmd_nic_bring_up(self, slot: int, first: int, count: int) -> dict:
+        """Bring MSI-X entries [first, first+count) up one by one on a shared spare irq."""
+        return {"irq": self._nic(slot).bring_up_entries(first, count)}
+
     def cmd_nic_free_irq(self, slot: int, queue: int) -> dict:
         drv = self._nic(slot)
         drv.free_queue_irq(queue)
