@@ -106,6 +106,7 @@ NORESIZE_LIMIT = MAX_MSG_FDS_LIMIT
 _EVENTFD_TRIGGER = VfioIrqSetFlag.DATA_EVENTFD | VfioIrqSetFlag.ACTION_TRIGGER
 _NONE_TRIGGER = VfioIrqSetFlag.DATA_NONE | VfioIrqSetFlag.ACTION_TRIGGER
 _NONE_UNMASK = VfioIrqSetFlag.DATA_NONE | VfioIrqSetFlag.ACTION_UNMASK
+_EVENTFD_UNMASK = VfioIrqSetFlag.DATA_EVENTFD | VfioIrqSetFlag.ACTION_UNMASK
 
 PCI_ROM_ADDRESS = 0x30
 PCI_MSI_FLAGS = 2
@@ -131,6 +132,7 @@ class SetIrqsKind(enum.StrEnum):
     INDEX_ENABLE_ALL = "index-enable-all"  # NORESIZE path: the index re-enabled with v+1 vectors
     INTX_ENABLE = "intx-enable"
     INTX_UNMASK = "intx-unmask"
+    INTX_UNMASK_FD = "intx-unmask-eventfd"
     INTX_DISABLE = "intx-disable"
 
 
@@ -243,6 +245,8 @@ class VFIOPCIDevice(PCIDevice):
         self.intx_interrupts = 0
         self.intx_eois = 0
         self._intx: EventNotifier | None = None
+        self._intx_unmask: EventNotifier | None = None
+        self.intx_unmask_writes = 0
         self._sparse: dict[int, list[tuple[int, int, mmap.mmap]]] = {}
         self._regions: dict[int, VfioRegionInfo] = {}
         self._emulated = bytearray()
@@ -810,6 +814,17 @@ class VFIOPCIDevice(PCIDevice):
         self.registry.register(n, self.name, Role.GUEST, note="INTx trigger: read by the VMM into the INTx line")
         self._intx = n
         self.intx_on = True
+        # the unmask eventfd (vfio's virqfd; KVM's resamplefd in QEMU): the EOI writes it and the
+        # host unmasks the line without a message round trip.  Without it, EOI sends SET_IRQS UNMASK.
+        u = EventNotifier(f"{self.name}.intx-unmask")
+        try:
+            self._set_irqs(SetIrqsKind.INTX_UNMASK_FD, VfioPciIrqIndex.INTX, _EVENTFD_UNMASK, 0, 1, fds=[u.fileno()])
+        except VfioRequestError as e:
+            log.info("%s: no INTx unmask eventfd (%s): EOI will send SET_IRQS UNMASK", self.name, e)
+            u.close()
+        else:
+            self.registry.register(u, self.name, Role.HOST, note="INTx unmask (resample): written by the VMM at EOI")
+            self._intx_unmask = u
         if self.iothread is not None:
             self.iothread.set_fd_handler(n.fileno(), self._intx_interrupt)
 
@@ -827,6 +842,10 @@ class VFIOPCIDevice(PCIDevice):
                 self.iothread.remove_fd_handler(n.fileno())
             self.registry.unregister(n)
             n.close()
+        u, self._intx_unmask = self._intx_unmask, None
+        if u is not None:
+            self.registry.unregister(u)
+            u.close()
         if self.intx_pending:
             self.intx_pending = False
             self.set_irq(0)
@@ -846,6 +865,10 @@ class VFIOPCIDevice(PCIDevice):
         self.intx_eois += 1
         self.set_irq(0)
         if not self.intx_on:
+            return
+        if self._intx_unmask is not None:
+            self._intx_unmask.set()
+            self.intx_unmask_writes += 1
             return
         try:
             self._set_irqs(SetIrqsKind.INTX_UNMASK, VfioPciIrqIndex.INTX, _NONE_UNMASK, 0, 1)
@@ -896,6 +919,10 @@ class VFIOPCIDevice(PCIDevice):
                 self.iothread.remove_fd_handler(n.fileno())
             self.registry.unregister(n)
             n.close()
+        u, self._intx_unmask = self._intx_unmask, None
+        if u is not None:
+            self.registry.unregister(u)
+            u.close()
         self.intx_on = False
         for areas in self._sparse.values():
             for _o, _s, mm in areas:
@@ -955,7 +982,8 @@ class VFIOPCIDevice(PCIDevice):
             "path": self.path, "noresize-reason": self.noresize_reason,
             "msix-enabled": self.msix_host_on, "nr-vectors": self.nr_vectors,
             "intx": {"enabled": self.intx_on, "asserted": self.intx_pending, "interrupts": self.intx_interrupts,
-                     "eois": self.intx_eois, "eventfd": self._counters(self._intx)},
+                     "eois": self.intx_eois, "eventfd": self._counters(self._intx),
+                     "unmask-eventfd": self._counters(self._intx_unmask), "unmask-writes": self.intx_unmask_writes},
             "max-msg-fds": caps.max_msg_fds, "max-data-xfer-size": caps.max_data_xfer_size,
             "twin-socket": self.client.twin is not None, "dma": self.dma_mode.value,
             "dma-maps": [{"iova": a, "size": s} for a, s in self._dma_maps],
