@@ -138,7 +138,7 @@ def test_growth_to_2048_vectors_on_the_dynamic_path(workdir):
         for q in range(4):
             r.g("nic-request-irq", queue=q)
         for q in range(4):
-            r.g("nic-generate", queue=q, n=0, rate=2000)
+            r.g("nic-generate", queue=q, n=0, rate=500)
         step = 64
         for e in range(4, n, step):
             r.g("nic-bring-up", first=e, count=min(step, n - e))

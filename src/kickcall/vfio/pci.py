@@ -48,8 +48,9 @@ inside a vCPU's heavyweight exit with the big lock held: it must hand the stop t
 
 INTx: SET_IRQS(INTX, EVENTFD|TRIGGER) with an eventfd the main loop reads; it asserts the guest's
 INTx line.  vfio-pci automasks the line; as QEMU does, the guest's next BAR access while INTx is
-asserted is the end of interrupt: the line is deasserted and the host unmasked (SET_IRQS INTX
-DATA_NONE|UNMASK).
+asserted is the end of interrupt: the line is deasserted and the host unmasked by writing the
+unmask eventfd registered with SET_IRQS(INTX, EVENTFD|UNMASK) (vfio's virqfd; the role KVM's
+resamplefd plays in QEMU), or with SET_IRQS(INTX, DATA_NONE|UNMASK) when the host refuses one.
 
 Not done: MSI (not MSI-X) passthrough.  The MSI capability is emulated with its Enable bit
 read-only, so a guest driver falls back to MSI-X or INTx; the ROM BAR reads as absent.
