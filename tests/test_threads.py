@@ -144,8 +144,9 @@ def test_every_thread_of_a_machine_and_a_backend_is_documented(workdir):
     virtio-net (echo peer) and a vhost-user disk served by `kickcall vhost-user-blk --qmp`; both
     monitors connected and used; then every thread of the VMM, its guest process and the back-end
     must carry a name the threads document lists."""
-    img, sock, be_qmp, m_qmp, cfg = (os.path.join(workdir, n) for n in
-                                     ("disk.img", "vblk.sock", "be.qmp", "m.qmp", "m.toml"))
+    img, sock, be_qmp, m_qmp, cfg, vsock, v_qmp = (os.path.join(workdir, n) for n in
+                                                   ("disk.img", "vblk.sock", "be.qmp", "m.qmp", "m.toml", "nic.sock",
+                                                    "nic.qmp"))
     with open(img, "wb") as f:
         f.truncate(4 << 20)
     with open(cfg, "w") as f:
@@ -168,13 +169,19 @@ type = "virtio-blk"
 id = "vblk"
 backend = "vhost-user"
 socket = "{sock}"
+[[device]]
+type = "vfio-user"
+id = "nic0"
+socket = "{vsock}"
 """)
     pats = documented_names()
     be_log, vm_log = open(os.path.join(workdir, "be.log"), "wb"), open(os.path.join(workdir, "vm.log"), "wb")
     be = start_vhost_user_blk(sock, img, "--qmp", be_qmp, stdout=be_log, stderr=subprocess.STDOUT)
+    vfu = spawn(kickcall_argv("vfio-user-server", "--socket", vsock, "--qmp", v_qmp), stdout=subprocess.DEVNULL)
     vm = None
     try:
         wait_for_listener(be_qmp, be)
+        wait_for_listener(v_qmp, vfu)
         vm = spawn(kickcall_argv("run", cfg, "--plain", "--duration", "300", "--qmp", m_qmp),
                    stdout=vm_log, stderr=subprocess.STDOUT)
         wait_for_listener(m_qmp, vm, 120)
@@ -188,7 +195,10 @@ socket = "{sock}"
             wait_for(lambda: any(re.fullmatch(r"kc-vcpu[0-9]+", c) for c in task_comms(vm.pid).values()), 120,
                      "a VMM vCPU thread")
             seen: dict[str, list[str]] = {}
-            for who, pid in [("VMM", vm.pid), ("back-end", be.pid)] + [("guest", g) for g in guests]:
+            with QMPClient(v_qmp).connect() as cv:  # the server's monitor in use too
+                cv.execute("x-query-vfio", {"dev": "nic0"})
+            for who, pid in [("VMM", vm.pid), ("back-end", be.pid), ("vfio-user server", vfu.pid)] + \
+                    [("guest", g) for g in guests]:
                 comms = task_comms(pid)
                 seen[who] = sorted(comms.values())
                 bad = undocumented(pid, pats)
@@ -200,9 +210,12 @@ socket = "{sock}"
             assert "kc-hvchan" in seen["VMM"] and any("kc-hvchan" in seen[w] for w in seen if w == "guest"), seen
             assert "kc-be-req" in seen["VMM"] and "kc-net-peer" in seen["VMM"], seen
             assert any(c.startswith("kc-aio") for c in seen["VMM"]), seen
+            assert "kc-vfu-client" in seen["VMM"] and "kc-vfu-twin" in seen["VMM"], seen
+            assert {"kc-vfu-accept", "kc-vfu-conn", "kc-nic-engine", "kc-qmp"} <= set(seen["vfio-user server"]), seen
     finally:
         if vm is not None:
             stop_process(vm, 30)
         stop_process(be, 30)
+        stop_process(vfu, 30)
         be_log.close()
         vm_log.close()
