@@ -196,3 +196,44 @@ def test_one_client_at_a_time(workdir):
             wait_for(lambda: host_view(qmp)["server"]["stats"]["refused_clients"] == 1, 30, "the refusal counted")
         finally:
             c.close()
+
+
+def test_the_servers_monitor_shows_the_host_side_and_injects(workdir):
+    """x-query-vfio and x-query-pci-msix show the host's side; x-debug-device-event raises a
+    queue's interrupt on its vector (to the client's eventfd, or the PBA of a vector with no
+    trigger); x-vfio-request-release signals REQ; virtio queries are refused clearly."""
+    from kickcall.monitor.client import QMPCommandError
+    from vfio_env import monitor
+
+    with vfio_server(workdir, "--vectors", "4") as (_p, sock, qmp):
+        c = VfioUserClient(sock)
+        efd, req = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+        try:
+            regs = NicRegs(c)
+            regs.w32(regs.q(1, N.Q_VECTOR), 2)
+            c.set_irqs(IX.MSIX, TRIGGER, 2, 1, fds=[efd])  # enables MSI-X with 3 vectors, vector 2 wired
+            c.set_irqs(IX.REQ, TRIGGER, 0, 1, fds=[req])
+            with monitor(qmp) as mon:
+                v = mon.execute("x-query-vfio", {"dev": "nic0"})
+                assert v["host"]["irq-type"] == "MSIX" and v["host"]["path"] == "dynamic"
+                wired = {x["vector"]: x for x in v["host"]["vectors"]}
+                assert wired[2]["trigger-fd"] is not None and wired[2]["eventfd-count"] == 0
+                assert v["server"]["client"]["negotiated"] and v["server"]["client"]["twin-socket"]
+                out = mon.execute("x-debug-device-event", {"dev": "nic0", "event": "call", "queue": 1})
+                assert out["vector"] == 2
+                wait_for(lambda: mon.execute("x-query-vfio", {"dev": "nic0"})["host"]["vectors"][2]["eventfd-count"] == 1,
+                         30, "the injected interrupt in the client's eventfd (read without consuming it)")
+                assert os.eventfd_read(efd) == 1
+                regs.w32(regs.q(0, N.Q_VECTOR), 0)  # vector 0: allocated by the enable, no trigger
+                mon.execute("x-debug-device-event", {"dev": "nic0", "event": "call", "queue": 0})
+                mx = mon.execute("x-query-pci-msix", {"dev": "nic0"})
+                assert mx["view"] == "host" and mx["enabled"] and mx["entries"][0]["pending"]  # latched
+                assert mon.execute("x-vfio-request-release", {"dev": "nic0"}) == {"signalled": True}
+                assert os.eventfd_read(req) == 1
+                with pytest.raises(QMPCommandError) as ei:
+                    mon.execute("x-query-virtio-status", {"path": "/machine/host/nic0"})
+                assert "not a VirtIODevice" in str(ei.value)
+        finally:
+            c.close()
+            os.close(efd)
+            os.close(req)
