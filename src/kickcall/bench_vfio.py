@@ -198,6 +198,7 @@ def _device_counts(h: dict, queues: range = range(QUEUES)) -> dict:
             "to_intx": sum(q["to-intx"] for q in qs), "intx_disabled": sum(q["intx-disabled"] for q in qs),
             "sent": sum(vec[q["vector"]]["sent"] for q in qs),
             "pended": sum(vec[q["vector"]]["pended"] for q in qs),
+            "delivered_on_unmask": sum(vec[q["vector"]]["delivered-on-unmask"] for q in qs),
             "lost_on_disable": sum(vec[q["vector"]]["lost-on-disable"] for q in qs),
             "backlog": sum(q["backlog"] for q in qs)}
 
@@ -380,7 +381,8 @@ def measure_growth(rig: _Rig, target: int, rate: int, log: Log) -> dict:
         "records_written": d["written"], "records_consumed": consumed,
         "records_lost": d["written"] - consumed,
         "unconsumed_in_rings": sum(u["unconsumed"] for u in unconsumed),
-        "interrupts_raised": d["raised"], "interrupts_sent": d["sent"],
+        "interrupts_raised": d["raised"], "interrupts_sent": d["sent"], "interrupts_pended": d["pended"],
+        "interrupts_delivered_on_unmask": d["delivered_on_unmask"],
         "interrupts_to_intx": d["to_intx"], "interrupts_dropped_intx_disabled": d["intx_disabled"],
         "interrupts_lost_on_disable": d["lost_on_disable"],
         "host_intx_unhandled": h1["host"]["intx-unhandled"] - h0["host"]["intx-unhandled"],
@@ -401,21 +403,27 @@ def _fault_state(h: dict) -> Any:
 
 def _attempt_past_limit(rig: _Rig, entry: int) -> dict:
     """Bring entry *entry* up past the NORESIZE ceiling: the VMM refuses to send the SET_IRQS and
-    stops the VM (``X_VFIO_IRQ_FATAL``); resume it so the guest's access completes."""
+    stops the VM (``X_VFIO_IRQ_FATAL``, emitted once the vCPUs are paused); resume it so the
+    guest's access completes.  The stop runs on its own thread and may land after the guest's
+    command returned: the event, not the command, says when the stop is done."""
     m = rig.m
     n_events = len(m.events)
+
+    def fatal_event() -> dict | None:
+        return next((e["data"] for e in m.events[n_events:] if e["event"] == "X_VFIO_IRQ_FATAL"), None)
+
     with concurrent.futures.ThreadPoolExecutor(1) as ex:
         fut = ex.submit(rig.cmd, "nic-bring-up", 60.0, first=entry, count=1)
-        _wait(lambda: not m.running or fut.done(), "the VM to stop or the vector to come up", 60)
-        if not fut.done():
-            _wait(lambda: any(e["event"] == "X_VFIO_IRQ_FATAL" for e in m.events[n_events:]), "the fatal event", 60)
+        _wait(lambda: fut.done() or fatal_event() is not None, "the vector to come up or the VM to stop", 60)
+        if rig.dev.fatal is not None or fatal_event() is not None:
+            _wait(lambda: fatal_event() is not None, "the fatal event", 60)
             m.resume()
         fut.result(60)
-    ev = next((e["data"] for e in m.events[n_events:] if e["event"] == "X_VFIO_IRQ_FATAL"), None)
+    ev = fatal_event()
     if ev is None:
         return {"vector": entry, "reason": "no stop: the vector came up", "errno": None, "error": None}
     return {"vector": ev["vector"], "errno": ev["errno"], "error": ev["error"], "reason": ev["reason"],
-            "event": "X_VFIO_IRQ_FATAL"}
+            "event": "X_VFIO_IRQ_FATAL", "vm_running_after_resume": bool(m.running)}
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -525,7 +533,8 @@ def _growth_rows(g: dict) -> list[tuple[str, str]]:
          + (f"; refused {g['set_irqs_host_errors']}" if g["set_irqs_host_errors"] else "")),
         ("host MSI-X disables", str(g["host_msix_disables"])),
         ("records written / consumed / lost", f"{g['records_written']} / {g['records_consumed']} / {g['records_lost']}"),
-        ("interrupts to INTx / dropped (DisINTx)", f"{g['interrupts_to_intx']} / {g['interrupts_dropped_intx_disabled']}"),
+        ("interrupts raised / with host MSI-X off", f"{g['interrupts_raised']} / {g['interrupts_to_intx']}"
+         + (f" ({g['interrupts_dropped_intx_disabled']} with DisINTx)" if g["interrupts_dropped_intx_disabled"] else "")),
         ("host: INTx with no trigger (unhandled)", str(g["host_intx_unhandled"])),
         ("guest: unexpected INTx", str(g["guest_intx_unexpected"])),
     ]
