@@ -467,6 +467,15 @@ def bench_main(a: argparse.Namespace) -> int:
             write_block(a.write, render_monitor(r), MON_BLOCK_START, MON_BLOCK_END)
             log(f"updated {a.write}")
         return 0 if r["errors"] == 0 and r["kicks_matched_consumed"] else 1
+    if a.bench == "vfio":
+        from .bench_vfio import VFIO_BLOCK_END, VFIO_BLOCK_START, render_vfio, render_vfio_markdown, run_vfio
+
+        rv = run_vfio(quick=a.quick, log=log)
+        print(json.dumps(rv, indent=1) if a.json else render_vfio(rv).rstrip("\n"))
+        if a.write:
+            write_block(a.write, render_vfio_markdown(rv), VFIO_BLOCK_START, VFIO_BLOCK_END)
+            log(f"updated {a.write}")
+        return 0
     if a.bench == "vhost-user":
         r = run_vhost_user(quick=a.quick, log=log)
         print(json.dumps(r, indent=1) if a.json else render_vhost_user(r))

@@ -101,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     bm.add_argument("--json", action="store_true")
     bm.add_argument("--write", metavar="FILE", help="update the monitor section of this BENCHMARKS.md")
     bm.add_argument("--quick", action="store_true", help="shorter runs (a smoke run)")
+    bf = bs.add_parser("vfio", help="passthrough interrupts over vfio-user: irqfd throughput and latency, "
+                                    "MSI-X growth on the dynamic and the NORESIZE path")
+    bf.add_argument("--json", action="store_true")
+    bf.add_argument("--write", metavar="FILE", help="update the vfio section of this BENCHMARKS.md")
+    bf.add_argument("--quick", action="store_true", help="fewer samples, growth to 256 vectors (a smoke run)")
     c = sub.add_parser("config", help="print the built-in default machine config")
     c.add_argument("--check", metavar="FILE", help="validate a config file and exit")
     # every parser add_subparsers made, from the groups themselves: argparse has no public list of

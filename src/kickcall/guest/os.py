@@ -461,6 +461,39 @@ class GuestOS:
         self.k.request_irq(irq, handler, "bench")
         return {"irq": irq}
 
+    def cmd_nic_bench_irq_start(self, slot: int, queue: int, stamp_gpa: int) -> dict:
+        """``kickcall bench vfio``: time arrivals on kickcall-nic queue *queue*'s irq.  A stamping
+        handler goes first on the irq (it records now - stamp[0]), ahead of the driver's handler,
+        so the figure is the arrival, not the driver's work; an acknowledging handler goes last
+        (it bumps stamp[1]), after the driver consumed the record and wrote CONSUMER, so the next
+        round starts with the device and the VMM idle.  Stop with ``nic-bench-irq-stop``."""
+        d = self._nic(slot).queues[queue].irq
+        if d is None:
+            raise RuntimeError(f"kickcall-nic queue {queue} has no irq (nic-request-irq first)")
+        st = self.k.memory.view(stamp_gpa, 16).cast("Q")
+        lat: list[int] = []
+
+        def stamp(_irq: int) -> bool:
+            lat.append(time.monotonic_ns() - st[0])
+            return True
+
+        def ack(_irq: int) -> bool:
+            st[1] += 1
+            return True
+
+        self.k.request_irq(d.irq, stamp, "bench-stamp")
+        d.handlers.insert(0, d.handlers.pop())  # first: the IRQ core runs a shared irq's handlers in order
+        self.k.request_irq(d.irq, ack, "bench-ack")
+        self._nic_bench_irq = (d.irq, (stamp, ack), st, lat)
+        return {"irq": d.irq}
+
+    def cmd_nic_bench_irq_stop(self) -> dict:
+        irq, handlers, st, lat = self._nic_bench_irq
+        for h in handlers:
+            self.k.free_irq(irq, h)
+        st.release()
+        return {"latencies_ns": lat}
+
     def cmd_bench_irq_stop(self) -> dict:
         irq, handler, st, lat = self._bench_irq
         self.k.free_irq(irq, handler)
