@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("diagnose",),
     ("machine",),
     ("apps",),
-    ("bench",),
+    ("bench", "bench_vfio"),
     ("cli",),
     ("__main__",),
 ]

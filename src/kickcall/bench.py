@@ -43,7 +43,7 @@ STAMP_GPA = 0x8000  # a page of low guest memory the guest kernel does not alloc
 GUEST_CPU, VMM_CPU = 0, 1  # placement: the writer side on one core, the consumer on the other
 
 
-def _pin_process(pid: int, cpu: int) -> None:
+def pin_process(pid: int, cpu: int) -> None:
     """Pin every thread of *pid* (threads it creates later inherit it)."""
     if (os.cpu_count() or 1) < 2:
         return
@@ -56,13 +56,13 @@ BLOCK_START = "<!-- bench notify: begin -->"
 BLOCK_END = "<!-- bench notify: end -->"
 
 
-def _pct(xs: list[int], p: float) -> float:
+def pct(xs: list[int], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(p * len(s)))] / 1000.0 if s else 0.0
 
 
-def _summary(xs: list[int]) -> dict:
-    return {"n": len(xs), "p50_us": _pct(xs, 0.5), "p99_us": _pct(xs, 0.99),
+def latency_summary(xs: list[int]) -> dict:
+    return {"n": len(xs), "p50_us": pct(xs, 0.5), "p99_us": pct(xs, 0.99),
             "mean_us": statistics.fmean(xs) / 1000.0 if xs else 0.0}
 
 
@@ -103,7 +103,7 @@ def measure_floor(n: int) -> list[int]:
     child = start_helper([sys.executable, "-c",
                               f"from kickcall.bench import _floor_child; _floor_child({efd}, {memfd}, {n})"],
                              pass_fds=[efd, memfd], env=env)
-    _pin_process(child.pid, GUEST_CPU)
+    pin_process(child.pid, GUEST_CPU)
     try:
         while len(lat) < n:
             if not ep.poll(5):
@@ -144,7 +144,7 @@ ioeventfd = {str(ioeventfd).lower()}
     try:
         m.start()
         if m.guest_pid:
-            _pin_process(m.guest_pid, GUEST_CPU)
+            pin_process(m.guest_pid, GUEST_CPU)
     except BaseException:  # Ctrl-C during the boot included: nothing of the machine is left behind
         m.stop()
         raise
@@ -305,7 +305,7 @@ def run_notify(quick: bool = False, log=print) -> dict:
     saved_affinity = os.sched_getaffinity(0)
     pinned = (os.cpu_count() or 1) >= 2
     if pinned:
-        _pin_process(os.getpid(), VMM_CPU)
+        pin_process(os.getpid(), VMM_CPU)
     out["placement"] = (f"guest vCPUs and the floor's writer on CPU {GUEST_CPU}, the VMM and the floor's reader on "
                         f"CPU {VMM_CPU}" if pinned else "unpinned (one CPU)")
     machines = []
@@ -331,12 +331,12 @@ def run_notify(quick: bool = False, log=print) -> dict:
             kicks += k_r
             heavy += h_r
             calls += c_r
-            fp = _pct(g_r, 0.5)
-            sp = _pct(f_r, 0.5)
+            fp = pct(g_r, 0.5)
+            sp = pct(f_r, 0.5)
             per_round.append({"floor_p50_us": fp, "separate_floor_p50_us": sp,
-                              "kick_over_floor": _pct(k_r, 0.5) / fp, "kick_over_separate_floor": _pct(k_r, 0.5) / sp,
-                              "heavy_over_floor": _pct(h_r, 0.5) / fp, "call_over_floor": _pct(c_r, 0.5) / fp,
-                              "call_over_separate_floor": _pct(c_r, 0.5) / sp})
+                              "kick_over_floor": pct(k_r, 0.5) / fp, "kick_over_separate_floor": pct(k_r, 0.5) / sp,
+                              "heavy_over_floor": pct(h_r, 0.5) / fp, "call_over_floor": pct(c_r, 0.5) / fp,
+                              "call_over_separate_floor": pct(c_r, 0.5) / sp})
         assert m_on.device("blk0").vdev.queues[0].kicks_by_path.get(KickPath.MMIO, 0) == 0
         assert m_off.device("blk0").vdev.queues[0].kicks_by_path.get(KickPath.IOEVENTFD, 0) == 0
         for r in range(2):
@@ -353,11 +353,11 @@ def run_notify(quick: bool = False, log=print) -> dict:
                 except OSError:
                     pass
     out["per_round"] = per_round
-    out["floor_separate_processes"] = _summary(floor)
-    out["floor"] = _summary(gfloor)
-    out["kick_ioeventfd"] = _summary(kicks)
-    out["kick_heavyweight"] = _summary(heavy)
-    out["call_irqfd"] = _summary(calls)
+    out["floor_separate_processes"] = latency_summary(floor)
+    out["floor"] = latency_summary(gfloor)
+    out["kick_ioeventfd"] = latency_summary(kicks)
+    out["kick_heavyweight"] = latency_summary(heavy)
+    out["call_irqfd"] = latency_summary(calls)
     out["iops_ioeventfd_on"] = _merge_iops(on_runs)
     out["iops_ioeventfd_off"] = _merge_iops(off_runs)
     out["mb"] = measure_mb(20000 if quick else 200000)
@@ -512,7 +512,7 @@ def _start_backend(kind: str, img: str, sock: str, workdir: str, profile: str | 
         qsd = QSD(img, sock, num_queues=1, qmp_path=os.path.join(workdir, "qsd.qmp"))
         qsd.start()
         assert qsd.pid is not None
-        _pin_process(qsd.pid, VMM_CPU)
+        pin_process(qsd.pid, VMM_CPU)
         return qsd.stop
     argv = [sys.executable, "-m", "kickcall", "vhost-user-blk", "--socket-path", sock, "--blk-file", img]
     if profile:
@@ -523,7 +523,7 @@ def _start_backend(kind: str, img: str, sock: str, workdir: str, profile: str | 
         if p.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError("kickcall vhost-user-blk did not start")
         time.sleep(0.01)
-    _pin_process(p.pid, VMM_CPU)
+    pin_process(p.pid, VMM_CPU)
 
     def stop() -> int:
         import signal as _signal
@@ -561,7 +561,7 @@ def run_vhost_user(quick: bool = False, log=print) -> dict:
     saved = os.sched_getaffinity(0)
     pinned = (os.cpu_count() or 1) >= 2
     if pinned:
-        _pin_process(os.getpid(), GUEST_CPU)
+        pin_process(os.getpid(), GUEST_CPU)
     out["placement"] = (f"front-end on CPU {GUEST_CPU}, back-end process on CPU {VMM_CPU}" if pinned else "unpinned")
     from .ownership import temp_dir
 

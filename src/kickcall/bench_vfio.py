@@ -55,7 +55,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from .bench import GUEST_CPU, STAMP_GPA, VMM_CPU, _pct, _pin_process, _summary, machine_description, measure_floor
+from .bench import GUEST_CPU, STAMP_GPA, VMM_CPU, pct, pin_process, latency_summary, machine_description, measure_floor
 from .child import start_helper
 
 __all__ = ["run_vfio", "render_vfio", "render_vfio_markdown", "VFIO_BLOCK_START", "VFIO_BLOCK_END"]
@@ -110,7 +110,7 @@ class _Rig:
             ready = False
         if not ready:
             raise BenchError("server", f"kickcall vfio-user-server did not start: {self._server_err()}")
-        _pin_process(self.server.pid, VMM_CPU)
+        pin_process(self.server.pid, VMM_CPU)
         from .machine import Machine, parse_config
 
         toml = f"""
@@ -126,7 +126,7 @@ socket = "{self.sock}"
         self.m = Machine(parse_config(toml, "<bench vfio>"))
         self.m.start()
         if self.m.guest_pid:
-            _pin_process(self.m.guest_pid, GUEST_CPU)
+            pin_process(self.m.guest_pid, GUEST_CPU)
         self.slot = self.dev.devfn >> 3
         for q in range(QUEUES):
             self.cmd("nic-request-irq", queue=q)
@@ -441,7 +441,7 @@ def run_vfio(quick: bool = False, log: Log = print) -> dict:
     saved = os.sched_getaffinity(0)
     pinned = (os.cpu_count() or 1) >= 2
     if pinned:
-        _pin_process(os.getpid(), VMM_CPU)
+        pin_process(os.getpid(), VMM_CPU)
     out["placement"] = (f"guest vCPUs and the floor's writer on CPU {GUEST_CPU}; the VMM (this process), the "
                         f"vfio-user server and the floor's reader on CPU {VMM_CPU}" if pinned else "unpinned (one CPU)")
     hi = str(2 * MAX_VECTORS)
@@ -469,13 +469,13 @@ def run_vfio(quick: bool = False, log: Log = print) -> dict:
             irqfd += res[1]
             irqfd_idle += res[2]
             raise_ += res[3]
-            fp = _pct(res[0], 0.5)
-            per_round.append({"floor_p50_us": fp, "irqfd_over_floor": _pct(res[1], 0.5) / fp if fp else None,
-                              "irqfd_idle_over_floor": _pct(res[2], 0.5) / fp if fp else None,
-                              "server_over_floor": _pct(res[3], 0.5) / fp if fp else None})
-        lat: dict = {"rounds": rounds, "iterations": per * rounds, "floor": _summary(floor),
-                     "irqfd": _summary(irqfd), "irqfd_vmm_idle": _summary(irqfd_idle),
-                     "server_raise": _summary(raise_), "per_round": per_round}
+            fp = pct(res[0], 0.5)
+            per_round.append({"floor_p50_us": fp, "irqfd_over_floor": pct(res[1], 0.5) / fp if fp else None,
+                              "irqfd_idle_over_floor": pct(res[2], 0.5) / fp if fp else None,
+                              "server_over_floor": pct(res[3], 0.5) / fp if fp else None})
+        lat: dict = {"rounds": rounds, "iterations": per * rounds, "floor": latency_summary(floor),
+                     "irqfd": latency_summary(irqfd), "irqfd_vmm_idle": latency_summary(irqfd_idle),
+                     "server_raise": latency_summary(raise_), "per_round": per_round}
         f = lat["floor"]["p50_us"]
         lat["ratios"] = {"irqfd_over_floor_p50": lat["irqfd"]["p50_us"] / f if f else None,
                          "irqfd_vmm_idle_over_floor_p50": lat["irqfd_vmm_idle"]["p50_us"] / f if f else None,
