@@ -178,15 +178,16 @@ class EventNotifier:
     # -- the doorbell -----------------------------------------------------------------------
     def set(self, value: int = 1) -> None:
         """Ring the doorbell (``event_notifier_set``)."""
-        fd = self._fd
-        if fd < 0:
-            raise NotifierError(f"notifier {self.name!r} is closed")
-        os.eventfd_write(fd, value)
-        mu = self._mu
-        mu.acquire()
-        self.sets += 1
-        self.set_value += value
-        mu.release()
+        # the write happens under the lock close() takes to retire the fd: a set racing a close
+        # either writes the live eventfd or finds it closed -- never writes a closed fd number,
+        # which the kernel may already have given to another file
+        with self._mu:
+            fd = self._fd
+            if fd < 0:
+                raise NotifierError(f"notifier {self.name!r} is closed")
+            os.eventfd_write(fd, value)
+            self.sets += 1
+            self.set_value += value
 
     def test_and_clear(self) -> int:
         """Consume the counter; return the value consumed (0 when it was not set)."""

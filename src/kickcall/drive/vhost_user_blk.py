@@ -28,7 +28,7 @@ from ..guest.kernel import PageAllocator
 from ..guest.virtio_ring import Vring
 from ..guest.blkverify import BlockVerifier, InitialContent, block_content
 from ..memory import GuestMemory
-from ..notify import EventNotifier
+from ..notify import EventNotifier, NotifierError
 from ..virtio.blk import BLK_F_BLK_SIZE, BLK_F_FLUSH, BLK_F_MQ, BLK_F_RO, BLK_F_SEG_MAX, BLK_T_FLUSH, \
     BLK_T_GET_ID, BLK_T_IN, BLK_T_OUT
 from ..virtio.ring import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
@@ -415,7 +415,12 @@ class BlkVerifyWorkload:
                             self.verifier.write_submitted(b, g)
                             r.tag = (b, g)
                             batch.append((r, BLK_T_OUT, b * self.bs // 512, self.bs))
-                    n = d.submit(q, batch)
+                    try:
+                        n = d.submit(q, batch)
+                    except NotifierError as e:  # the driver was closed under us (an interrupted run)
+                        if not (self.aborted.is_set() or self.stop_event.is_set()):
+                            self.errors.append(f"queue {q}: the driver went away: {e}")
+                        return
                     for r, *_ in batch[:n]:
                         inflight.add(r)
                     for r, *_ in batch[n:]:
