@@ -274,3 +274,23 @@ def test_intx_passthrough_level_automask_unmask_eventfd_no_storm(workdir):
         assert vmm["unmask-writes"] == vmm["eois"] >= 1
         assert 1 <= h["counts"]["intx-unmask-eventfd"] <= vmm["unmask-writes"]  # eventfd writes may coalesce
         assert r.lost() == 0
+
+
+def test_req_the_host_asks_for_the_device_back(workdir):
+    """vfio-pci's REQ: the server signals it; the VMM asks the guest to unplug the function (its
+    driver lets go), then closes its vfio-user connection and takes the function off the bus;
+    DEVICE_DELETED says so, and the server is free for the next client."""
+    with passthrough(workdir, "--vectors", "8") as r:
+        r.g("nic-request-irq", queue=0)
+        assert r.dev.query_vfio()["req"]["registered"]
+        with monitor(r.qmp) as mon:
+            assert mon.execute("x-vfio-request-release", {"dev": "nic0"}) == {"signalled": True}
+        wait_for(lambda: any(e["event"] == "DEVICE_DELETED" for e in r.m.events), 60, "DEVICE_DELETED")
+        ev = next(e for e in r.m.events if e["event"] == "DEVICE_DELETED")
+        assert ev["data"]["device"] == "nic0"
+        assert "nic0" not in r.m.passthrough and r.m.bus.find("nic0") is None
+        wait_for(lambda: not r.host()["server"]["connected"], 30, "the VMM to let go")
+        h = r.host()["host"]
+        assert h["req"]["requests"] == 1 and h["vectors"] == [] and h["pool"]["free"] == h["pool"]["size"]
+        devs = r.m.guest_cmd({"cmd": "stats"}, timeout=60)
+        assert all(d.get("kind") != "kickcall-nic" for d in devs.get("devices", [])), devs

@@ -254,5 +254,8 @@ class NicDriver:
         if self._intx is not None:
             self.k.free_irq(self._intx.irq, self._intx_handler)
             self._intx = None
+        if self._spare is not None:
+            self.k.free_irq(self._spare.irq, self._spare_handler)
+            self._spare = None
         self.pci.free_irq_vectors()
         self.pci.write_config(R.PCI_COMMAND, self.pci.read_config(R.PCI_COMMAND, 2) & ~R.PCI_COMMAND_MASTER, 2)

@@ -190,6 +190,21 @@ class GuestOS:
         d.pci.msix_mask(entry, masked)
         return {}
 
+    def cmd_pci_unplug(self, slot: int) -> dict:
+        """The platform asks to remove the function in *slot* (an attention button, an ACPI eject):
+        its driver lets go of it (queues off, interrupts freed, bus mastering off) and the OS
+        forgets it."""
+        d = self._dev(slot)
+        drv = d.driver
+        if isinstance(drv, NicDriver):
+            drv.teardown()
+        elif d.vdev is not None:
+            d.vdev.teardown()
+        self.devs.pop(d.slot, None)
+        self.k.pci_devices = [p for p in self.k.pci_devices if p is not d.pci]
+        self.k.printk(f"pci {d.slot:02x}.0: removed")
+        return {"slot": d.slot, "kind": d.kind}
+
     def cmd_nic_stats(self, slot: int) -> dict:
         return self._nic(slot).stats()
 

@@ -55,6 +55,9 @@ log = logging.getLogger("kickcall.machine")
 #: a temporary image carries kickcall's sector labels this far; beyond, it is sparse and reads as zeros
 LABELLED_BYTES = 64 << 20
 
+#: how long the guest has to let go of a passthrough function the host asked back (REQ)
+UNPLUG_TIMEOUT = 30.0
+
 
 class MachineError(RuntimeError):
     pass
@@ -76,6 +79,8 @@ class Machine:
         self.devices: dict[str, VirtIOPCIProxy] = {}
         # passthrough (vfio-user) functions: kept apart, the rest of the machine assumes devices are virtio
         self.passthrough: dict[str, VFIOPCIDevice] = {}
+        self._req_mu = threading.Lock()
+        self._releasing: set[str] = set()  # passthrough devices being handed back to the host (REQ)
         self.events: list[dict] = []  # every event the machine emitted itself (emit_event), oldest first
         self.device_cfg: dict[str, DeviceConfig] = {}
         self.temp_images: list[str] = []
@@ -224,7 +229,8 @@ class Machine:
         try:
             dev = VFIOPCIDevice(dc.id, dc.socket, memory=self.memory, vm=self.vm, routes=self.routes,
                                 iothread=self.iothread, registry=self.registry, dma=dc.dma,
-                                x_msix_noresize=dc.x_msix_noresize, irqfd=dc.irqfd, on_fatal=self._passthrough_fatal)
+                                x_msix_noresize=dc.x_msix_noresize, irqfd=dc.irqfd, on_fatal=self._passthrough_fatal,
+                                on_request=self._passthrough_release_request)
         except VfioDeviceError as e:
             raise MachineError(f"device {dc.id}: {e}") from None
         try:
@@ -251,6 +257,42 @@ class Machine:
         except Exception as e:  # the guest went away meanwhile: the event still says why
             log.warning("%s: stopping the VM for %s: %s", self.cfg.name, event.get("device"), e)
         self.emit_event("X_VFIO_IRQ_FATAL", event)
+
+    def _passthrough_release_request(self, event: dict) -> None:
+        """The host asks for a passthrough function back (vfio-pci's REQ).  As QEMU does
+        (``vfio_req_notifier_handler`` -> ``qdev_unplug``), the guest is asked to let go of the
+        function first -- its driver is torn down -- and then the VMM lets go: its vfio-user
+        connection closes, the function leaves the bus, and ``DEVICE_DELETED`` is emitted.  A guest
+        that does not let go within UNPLUG_TIMEOUT keeps the device (QEMU cannot force it either);
+        ``X_VFIO_RELEASE_REFUSED`` says so.  Called on the main loop: the work runs on its own
+        thread, since the guest's unplug needs the main loop."""
+        dev_id = str(event.get("device"))
+        with self._req_mu:
+            if dev_id in self._releasing:
+                return
+            self._releasing.add(dev_id)
+        start_thread(self._release_passthrough, "kc-vfio-req", args=(dev_id,))
+
+    def _release_passthrough(self, dev_id: str) -> None:
+        try:
+            dev = self.passthrough.get(dev_id)
+            if dev is None or self._stopped:
+                return
+            slot = dev.devfn >> 3
+            try:
+                self.guest_cmd({"cmd": "pci-unplug", "slot": slot}, timeout=UNPLUG_TIMEOUT)
+            except Exception as e:  # the guest did not let go: the device stays
+                log.warning("%s: the guest did not release %s: %s", self.cfg.name, dev_id, e)
+                self.emit_event("X_VFIO_RELEASE_REFUSED", {"device": dev_id, "reason": str(e)})
+                return
+            with self.bql:
+                self.bus.remove_device(dev)
+                self.passthrough.pop(dev_id, None)
+                dev.close()
+            self.emit_event("DEVICE_DELETED", {"device": dev_id, "path": f"/machine/peripheral/{dev_id}"})
+        finally:
+            with self._req_mu:
+                self._releasing.discard(dev_id)
 
     def emit_event(self, event: str, data: dict | None = None) -> None:
         """Record an event the machine raised itself and send it to the QMP clients, if a monitor

@@ -50,6 +50,17 @@ class PCIBus:
             dev.config[R.PCI_INTERRUPT_LINE] = self.intx_gsi(slot, pin)
         self.devices[devfn] = dev
 
+    def remove_device(self, dev: PCIDevice) -> None:
+        """Unplug *dev*: its BARs leave the address spaces, its INTx line is dropped, its slot
+        reads as empty (vendor 0xffff) from now on."""
+        if self.devices.get(dev.devfn) is not dev:
+            return
+        dev.unmap_bars()
+        if dev.config[R.PCI_INTERRUPT_PIN]:
+            self.set_irq(dev, 0)
+        del self.devices[dev.devfn]
+        dev.bus = None
+
     def find(self, name: str) -> PCIDevice | None:
         for d in self.devices.values():
             if d.name == name:

@@ -202,6 +202,15 @@ class PCIDevice:
                 except ValueError as e:
                     log.warning("%s: BAR%d not mapped: %s", self.name, bar.index, e)
 
+    def unmap_bars(self) -> None:
+        """Take every BAR out of the address spaces (the function is being unplugged)."""
+        if self.bus is None:
+            return
+        for bar in self.bars:
+            if bar is not None and bar.mapped_at is not None:
+                (self.bus.io if bar.io else self.bus.memory).unmap(bar.region)
+                bar.mapped_at = None
+
     # -- config access from the guest ---------------------------------------------------------------
     def config_read(self, addr: int, size: int) -> int:
         if addr < 0 or addr + size > self.config_size:

@@ -134,6 +134,7 @@ class SetIrqsKind(enum.StrEnum):
     INTX_ENABLE = "intx-enable"
     INTX_UNMASK = "intx-unmask"
     INTX_UNMASK_FD = "intx-unmask-eventfd"
+    REQ_ENABLE = "req-enable"
     INTX_DISABLE = "intx-disable"
 
 
@@ -222,7 +223,7 @@ class VFIOPCIDevice(PCIDevice):
                  routes: "MsiRoutes | None" = None, iothread: "IOThread | None" = None,
                  registry: NotifierRegistry | None = None, dma: str = DmaMode.FD, x_msix_noresize: bool = False,
                  on_fatal: Callable[[dict], None] | None = None, twin_socket: bool = True,
-                 irqfd: bool = True) -> None:
+                 irqfd: bool = True, on_request: Callable[[dict], None] | None = None) -> None:
         self.socket_path = socket_path
         self.dma_mode = DmaMode(dma)
         self.memory = memory
@@ -234,6 +235,9 @@ class VFIOPCIDevice(PCIDevice):
         self.irqfd_enabled = irqfd and vm is not None and routes is not None
         self.x_msix_noresize = x_msix_noresize
         self.on_fatal = on_fatal
+        self.on_request = on_request
+        self._req: EventNotifier | None = None
+        self.req_requests = 0
         self.fatal: dict | None = None
         self.fatal_events: list[dict] = []
         self.errors: list[dict] = []  # non-fatal SET_IRQS refusals (a mask switch the host refused)
@@ -338,6 +342,7 @@ class VFIOPCIDevice(PCIDevice):
         self._realize_bars(name)
         self._dma_map_ram()
         self._enable_intx()
+        self._enable_req()
 
     def _emulate(self, off: int, size: int) -> None:
         for i in range(off, min(off + size, self.config_size)):
@@ -829,6 +834,42 @@ class VFIOPCIDevice(PCIDevice):
         if self.iothread is not None:
             self.iothread.set_fd_handler(n.fileno(), self._intx_interrupt)
 
+    def _enable_req(self) -> None:
+        """The host's request to release the device (vfio-pci's REQ, ``vfio_req_notifier_handler``):
+        an eventfd the main loop reads; each signal calls ``on_request``, which asks the guest to
+        unplug the function and then lets go of it."""
+        info = self.irq_info.get(VfioPciIrqIndex.REQ)
+        if info is None or not info.count or self.on_request is None:
+            return
+        n = EventNotifier(f"{self.name}.req")
+        try:
+            self._set_irqs(SetIrqsKind.REQ_ENABLE, VfioPciIrqIndex.REQ, _EVENTFD_TRIGGER, 0, 1, fds=[n.fileno()])
+        except VfioRequestError as e:
+            log.info("%s: no REQ notifier: %s", self.name, e)
+            n.close()
+            return
+        self.registry.register(n, self.name, Role.REQ, note="the host asks the VMM to release the device")
+        self._req = n
+        if self.iothread is not None:
+            self.iothread.set_fd_handler(n.fileno(), self._req_interrupt)
+
+    def _req_interrupt(self) -> None:
+        n = self._req
+        if n is None or n.closed or not n.test_and_clear():
+            return
+        self.req_requests += 1
+        log.warning("%s: the host asks for the device back (REQ)", self.name)
+        if self.on_request is not None:
+            self.on_request({"device": self.name, "requests": self.req_requests})
+
+    def _close_req(self) -> None:
+        n, self._req = self._req, None
+        if n is not None:
+            if self.iothread is not None:
+                self.iothread.remove_fd_handler(n.fileno())
+            self.registry.unregister(n)
+            n.close()
+
     def _disable_intx(self) -> None:
         if not self.intx_on:
             return
@@ -924,6 +965,7 @@ class VFIOPCIDevice(PCIDevice):
         if u is not None:
             self.registry.unregister(u)
             u.close()
+        self._close_req()
         self.intx_on = False
         for areas in self._sparse.values():
             for _o, _s, mm in areas:
@@ -985,6 +1027,7 @@ class VFIOPCIDevice(PCIDevice):
             "intx": {"enabled": self.intx_on, "asserted": self.intx_pending, "interrupts": self.intx_interrupts,
                      "eois": self.intx_eois, "eventfd": self._counters(self._intx),
                      "unmask-eventfd": self._counters(self._intx_unmask), "unmask-writes": self.intx_unmask_writes},
+            "req": {"registered": self._req is not None, "requests": self.req_requests},
             "max-msg-fds": caps.max_msg_fds, "max-data-xfer-size": caps.max_data_xfer_size,
             "twin-socket": self.client.twin is not None, "dma": self.dma_mode.value,
             "dma-maps": [{"iova": a, "size": s} for a, s in self._dma_maps],
