@@ -206,3 +206,63 @@ def test_injected_host_interrupt_reaches_an_unmasked_vector_and_pends_on_a_maske
         assert "not wired in the host" in str(e)
         e = r.mon.fails("x-debug-device-event", dev=DEV, event="kick", queue=0)
         assert "passthrough" in str(e)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2 + 3. lose-host-interrupt, and kickcall diagnose naming the vector
+# ---------------------------------------------------------------------------------------------------
+def diagnose(qmp: str, *args: str) -> tuple[int, Any]:
+    p = subprocess.run(kickcall_argv("diagnose", "--qmp", qmp, "--interval", "0.25", *args),
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src")))
+    assert p.returncode in (0, 1), p.stderr
+    assert "Traceback" not in p.stderr
+    return p.returncode, json.loads(p.stdout) if "--json" in args else p.stdout
+
+
+def hv_counts(r: Rig, vector: int) -> dict:
+    (v,) = [v for v in r.mon("x-query-pci-msix", dev=DEV)["host"]["vectors"] if v["vector"] == vector]
+    return dict(v["hypervisor"])
+
+
+@pytest.mark.parametrize("armed", [True, False], ids=["lose-host-interrupt", "fault-off"])
+def test_lost_host_interrupt_is_named_by_diagnose(workdir: str, armed: bool) -> None:
+    """The guest brings queue 0's vector up and the device writes one record and raises it.  With
+    ``lose-host-interrupt`` armed the hypervisor drops the irqfd injection: the record stays
+    unconsumed, and ``kickcall diagnose`` names nic0's vector 0 (exit 1) without changing anything.
+    With the fault off the same run is healthy (exit 0)."""
+    with rig(workdir) as r:
+        r.guest("nic-request-irq", queue=0)
+        if armed:
+            out = r.mon("x-debug-fault", dev=DEV, fault="lose-host-interrupt", queue=0, action="drop-all")
+            assert out["matched"] == 1
+        r.guest("nic-generate", queue=0, n=1)
+        if armed:
+            wait_for(lambda: hv_counts(r, 0)["dropped"] == 1, what="the hypervisor's drop")
+            assert r.unconsumed(0) == 1 and r.records(0) == 0 and r.interrupts(0) == 0
+        else:
+            wait_for(lambda: r.records(0) == 1, what="the record consumed by the guest's handler")
+            assert r.unconsumed(0) == 0
+        before = (r.mon("x-query-vfio", dev=DEV)["set-irqs"], r.guest("nic-stats"), hv_counts(r, 0))
+        rc, rep = diagnose(r.qmp, "--json")
+        rc_text, text = diagnose(r.qmp)
+        assert (r.mon("x-query-vfio", dev=DEV)["set-irqs"], r.guest("nic-stats"), hv_counts(r, 0)) == before, \
+            "diagnose changed something"
+        (v0,) = [q for q in rep["queues"] if q["path"] == DEV and q.get("vector") == 0]
+        if not armed:
+            assert (rc, rc_text) == (0, 0) and v0["verdict"] == "healthy", v0
+            assert f"{DEV} v0: healthy" in text
+            return
+        assert (rc, rc_text) == (1, 1)
+        assert v0["verdict"] == "host interrupt not delivered" and v0["severity"] == "problem", v0
+        assert v0["facts"]["dropped"] == 1 and v0["facts"]["trigger"] == "irqfd"
+        assert any("dropped 1 injection" in e for e in v0["evidence"])
+        assert any("consumer register" in u for u in v0["unknown"])  # what it cannot see, said
+        assert f"{DEV} v0: HOST INTERRUPT NOT DELIVERED" in text
+        # the operator's side: the fault's listing shows the drop; cleared, one host interrupt recovers
+        (f,) = [f for f in r.mon("x-debug-fault", dev=DEV)["faults"] if f["name"] == "lose-host-interrupt"]
+        assert f["state"]["queues"] == [{"queue": 0, "drop-next": 0, "drop-all": True, "dropped": 1}]
+        r.mon("x-debug-fault", dev=DEV, fault="lose-host-interrupt", queue=0, action="clear")
+        r.mon("x-debug-device-event", dev=DEV, event="call", queue=0)
+        wait_for(lambda: r.records(0) == 1, what="the record, after one injected host interrupt")
+        assert r.unconsumed(0) == 0
