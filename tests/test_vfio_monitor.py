@@ -266,3 +266,91 @@ def test_lost_host_interrupt_is_named_by_diagnose(workdir: str, armed: bool) -> 
         r.mon("x-debug-device-event", dev=DEV, event="call", queue=0)
         wait_for(lambda: r.records(0) == 1, what="the record, after one injected host interrupt")
         assert r.unconsumed(0) == 0
+
+
+@pytest.mark.parametrize("emulate", [True, False], ids=["mask-emulated", "emulate-msix-mask-off"])
+def test_masked_vector_with_a_host_interrupt_pending_is_named_by_diagnose(workdir: str, emulate: bool) -> None:
+    """The guest masks queue 0's vector and the device raises it: the VMM's mask emulation keeps
+    the interrupt in the PBA, and diagnose says the vector is masked with an event pending.  With
+    the device's ``emulate-msix-mask`` fix off the interrupt reaches the masked vector, and diagnose
+    names the mask the host's trigger ignores."""
+    with rig(workdir) as r:
+        r.mon("x-debug-fault", dev=DEV, fault="emulate-msix-mask", action="on" if emulate else "off")
+        r.guest("nic-request-irq", queue=0)
+        r.guest("nic-mask", entry=0, masked=True)
+        r.guest("nic-generate", queue=0, n=1)
+        if emulate:
+            wait_for(lambda: r.mon("x-query-pci-msix", dev=DEV)["entries"][0]["pending"], what="the PBA bit")
+            assert r.unconsumed(0) == 1 and r.interrupts(0) == 0
+        else:
+            wait_for(lambda: r.interrupts(0) == 1, what="the interrupt, past the guest's mask")
+            assert not r.mon("x-query-pci-msix", dev=DEV)["entries"][0]["pending"]
+        rc, rep = diagnose(r.qmp, "--json")
+        (v0,) = [q for q in rep["queues"] if q["path"] == DEV and q.get("vector") == 0]
+        assert rc == 1 and v0["severity"] == "problem"
+        if emulate:
+            assert v0["verdict"] == "vector masked with an event pending" and v0["facts"]["trigger"] == "interrupt"
+            assert v0["facts"]["pending"] is True
+        else:
+            assert v0["verdict"] == "vector mask not honoured" and v0["facts"]["trigger"] == "irqfd"
+
+
+def test_lose_host_interrupt_from_the_monitor_drops_exactly_what_it_was_armed_for(workdir: str) -> None:
+    """``x-debug-fault`` on the passthrough function: the listing has both faults; the path form
+    (``path: call``) arms ``lose-host-interrupt``; drop-next loses one host interrupt in the
+    hypervisor and the next gets through; a vector with no irqfd, and the kick path, are refused."""
+    with rig(workdir) as r:
+        names = {f["name"]: f for f in r.mon("x-debug-fault", dev=DEV)["faults"]}
+        assert names["emulate-msix-mask"]["kind"] == "fix-off" and names["emulate-msix-mask"]["state"] == {"fix": "on"}
+        assert names["lose-host-interrupt"]["kind"] == "injected" and names["lose-host-interrupt"]["per-queue"]
+        r.guest("nic-request-irq", queue=2)
+        assert r.mon("x-debug-fault", dev=DEV, queue=2, path="call", action="drop-next")["matched"] == 1
+        r.mon("x-debug-device-event", dev=DEV, event="call", queue=2)
+        wait_for(lambda: hv_counts(r, 2)["dropped"] == 1, what="the dropped injection")
+        assert r.interrupts(2) == 0
+        assert "through irqfd" in r.mon.hmp(f"x-debug-device-event {DEV} call 2")
+        wait_for(lambda: r.interrupts(2) == 1, what="the next host interrupt")
+        assert hv_counts(r, 2) == {"gsi": hv_counts(r, 2)["gsi"], "injections": 1, "dropped": 1}
+        assert "q2: next 0 dropped 1" in r.mon.hmp(f"x-debug-fault {DEV}")
+        e = r.mon.fails("x-debug-fault", dev=DEV, fault="lose-host-interrupt", queue=3, action="drop-all")
+        assert "has no irqfd now" in str(e)
+        e = r.mon.fails("x-debug-fault", dev=DEV, queue=2, path="kick", action="drop-all")
+        assert "lose-host-interrupt" in str(e)
+        e = r.mon.fails("x-debug-fault", dev=DEV, fault="lose-host-interrupt", queue=8, action="drop-all")
+        assert "Invalid virtqueue number 8" in str(e)  # (the monitor's range check: 8 vectors)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the vector rules on their own
+# ---------------------------------------------------------------------------------------------------
+BASE = {"guest-msix-enabled": True, "host-msix-enabled": True, "use": True, "trigger": "irqfd", "gsi": 24,
+        "masked": False, "function-masked": False, "pending": False, "irqfd-pending": 0, "interrupt-pending": 0,
+        "userspace-interrupts": 0, "injections": 5, "dropped": 0, "fatal": None, "path": "dynamic"}
+
+
+@pytest.mark.parametrize("change,first,verdict", [
+    ({}, {}, "healthy"),
+    ({"dropped": 2}, {"dropped": 2}, "host interrupt not delivered"),  # dropped before, nothing delivered since
+    ({"dropped": 2, "injections": 9}, {"dropped": 2}, "healthy"),  # dropped before, delivered since
+    ({"dropped": 3}, {"dropped": 2, "injections": 4}, "host interrupt not delivered"),  # dropped while watched
+    ({"irqfd-pending": 1}, {}, "host interrupt not delivered"),  # nobody reads the irqfd
+    ({"trigger": "interrupt", "masked": True, "interrupt-pending": 2}, {}, "host interrupt not delivered"),
+    ({"trigger": "interrupt", "masked": True, "pending": True}, {}, "vector masked with an event pending"),
+    ({"trigger": "interrupt", "function-masked": True, "pending": True}, {}, "vector masked with an event pending"),
+    ({"trigger": "irqfd", "masked": True}, {}, "vector mask not honoured"),
+    ({"trigger": "none", "masked": False}, {}, "host interrupt not delivered"),  # unmasked, not wired
+    ({"trigger": "none", "masked": True}, {}, "ring not set up"),
+    ({"fatal": {"vector": 0, "error": "ENOSPC", "reason": "no host vector"}}, {}, "host interrupt not delivered"),
+    ({"host-msix-enabled": False}, {}, "ring not set up"),
+    ({"injections": None, "dropped": None, "trigger": "interrupt"}, {}, "healthy"),
+], ids=["healthy", "dropped-before", "dropped-then-delivered", "dropped-while-watched", "irqfd-unread",
+        "vmm-eventfd-unread", "masked-pba", "function-masked-pba", "mask-not-honoured", "unmasked-not-wired",
+        "masked-not-wired", "fatal", "host-msix-off", "no-irqfd"])
+def test_vector_rules(change: dict, first: dict, verdict: str) -> None:
+    from kickcall.diagnose.sample import VectorSample
+    from kickcall.diagnose.verdict import judge_vector_state
+
+    last = VectorSample(0, dict(BASE, **change), unknown=["x"])
+    v = judge_vector_state(last, VectorSample(0, dict(BASE, **first)), 2.0, stable=True)
+    assert str(v.kind) == verdict, v.evidence
+    assert v.fix is None and v.unknown == ["x"] and v.evidence[0].startswith("MSI-X vector 0")

@@ -48,7 +48,7 @@ from .sample import DeviceSample, QueueSample, Sample
 __all__ = ["Verdict", "VerdictKind", "Severity", "HEALTHY", "SLOW", "IDLE", "LOST_KICK", "LOST_CALL",
            "MASKED_PENDING", "NOT_PROCESSING", "NOT_TAKEN", "STALLED", "RING_CORRUPT", "NEEDS_RESET", "STOPPED",
            "DISABLED", "NOT_STARTED", "NOT_SET_UP", "NO_FRONT_END", "NO_KICK_FD", "NO_CALL_FD", "DEVICE_RESET",
-           "NOT_READY", "PAUSED", "UNDECIDED", "CALL_NOT_READ", "HOST_IRQ_LOST", "judge", "judge_state",
+           "NOT_READY", "PAUSED", "UNDECIDED", "CALL_NOT_READ", "HOST_IRQ_LOST", "MASK_NOT_HONOURED", "judge", "judge_state",
            "judge_vector_state", "ring_facts",
            "DEFAULT_WINDOW", "FAILED_RUN_STATES", "front_end_pid", "RESTART_ADVICE"]
 
@@ -80,6 +80,7 @@ class VerdictKind(enum.StrEnum):
     PAUSED = "paused"
     UNDECIDED = "undecided"
     HOST_IRQ_LOST = "host interrupt not delivered"  # a passthrough vector: the host signalled, the guest never got it
+    MASK_NOT_HONOURED = "vector mask not honoured"  # a passthrough vector the guest masked still goes to the irqfd
 
 
 class Severity(enum.StrEnum):
@@ -90,10 +91,10 @@ class Severity(enum.StrEnum):
 
 (HEALTHY, SLOW, IDLE, LOST_KICK, LOST_CALL, MASKED_PENDING, NOT_PROCESSING, NOT_TAKEN, STALLED, RING_CORRUPT,
  NEEDS_RESET, STOPPED, DISABLED, NOT_STARTED, NOT_SET_UP, NO_FRONT_END, NO_KICK_FD, NO_CALL_FD, CALL_NOT_READ,
- DEVICE_RESET, NOT_READY, PAUSED, UNDECIDED, HOST_IRQ_LOST) = tuple(VerdictKind)
+ DEVICE_RESET, NOT_READY, PAUSED, UNDECIDED, HOST_IRQ_LOST, MASK_NOT_HONOURED) = tuple(VerdictKind)
 
 _ALWAYS_PROBLEM = {LOST_KICK, LOST_CALL, MASKED_PENDING, NOT_PROCESSING, NOT_TAKEN, STALLED, RING_CORRUPT,
-                   NEEDS_RESET, CALL_NOT_READ, HOST_IRQ_LOST}
+                   NEEDS_RESET, CALL_NOT_READ, HOST_IRQ_LOST, MASK_NOT_HONOURED}
 
 # QEMU run states in which the VM stopped by itself: a hung VM, not an operator's pause
 FAILED_RUN_STATES = frozenset({"io-error", "internal-error", "guest-panicked", "watchdog", "shutdown"})
@@ -609,6 +610,12 @@ def judge_vector_state(s: QueueSample, first: QueueSample | None = None, span: f
             f"the VMM's eventfd holds {st['interrupt-pending']} unread in every sample: the host signalled and the "
             "VMM's main loop does not turn it into " + ("the PBA bit" if masked else "an interrupt")],
             summary=f"vector {v}: host interrupt unread by the VMM")
+    if masked and trig == "irqfd":
+        return verdict(MASK_NOT_HONOURED, [
+            "the guest masked the vector and the host's trigger still points at the irqfd: the host's interrupts "
+            "reach the guest past its mask, and none is kept in the PBA (the VMM's masked-vector emulation is off, "
+            "or the host refused the switch: x-query-vfio's errors)"],
+            summary=f"vector {v}: masked, host trigger still on the irqfd")
     if masked and pba:
         return verdict(MASKED_PENDING, [
             f"the guest masked MSI-X vector {v} ({why_mask}) and its PBA bit is set: a host interrupt is held until "
