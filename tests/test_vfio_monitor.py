@@ -27,7 +27,7 @@ from qemu.qmp import ExecuteError, QMPClient
 from helpers import kickcall_argv, machine_toml, wait_for
 from kickcall.machine import Machine, parse_config
 from kickcall.vfio import nic as N
-from vfio_env import vfio_server
+from vfio_env import host_view, vfio_server
 
 pytestmark = pytest.mark.slow
 
@@ -164,6 +164,7 @@ def test_notifiers_list_every_eventfd_and_queries_consume_nothing(workdir: str) 
         r.m.guest_proc.send_signal(signal.SIGSTOP)
         try:
             r.mon("x-debug-device-event", dev=DEV, event="call", queue=0)
+            sent = server_commands(r)
             for _ in range(3):
                 for cmd in ("query-pci", "x-query-pci-msix", "x-query-vfio", "x-query-device-notifiers",
                             "x-debug-fault"):
@@ -175,6 +176,7 @@ def test_notifiers_list_every_eventfd_and_queries_consume_nothing(workdir: str) 
             assert irqfd["pending"] == 1 and irqfd["injections"] == 0
             (hv0,) = [v for v in r.mon("x-query-pci-msix", dev=DEV)["host"]["vectors"] if v["vector"] == 0]
             assert hv0["irqfd"]["pending"] == 1
+            assert server_commands(r) == sent, "a query sent the vfio-user server a message"
         finally:
             r.m.guest_proc.send_signal(signal.SIGCONT)
         wait_for(lambda: r.interrupts(0) == before + 1, what="the interrupt, once the hypervisor runs")
@@ -220,6 +222,11 @@ def diagnose(qmp: str, *args: str) -> tuple[int, Any]:
     return p.returncode, json.loads(p.stdout) if "--json" in args else p.stdout
 
 
+def server_commands(r: Rig) -> int:
+    """Commands the vfio-user server has received from the VMM (its own monitor says)."""
+    return int(host_view(r.host_qmp)["server"]["stats"]["commands"])
+
+
 def hv_counts(r: Rig, vector: int) -> dict:
     (v,) = [v for v in r.mon("x-query-pci-msix", dev=DEV)["host"]["vectors"] if v["vector"] == vector]
     return dict(v["hypervisor"])
@@ -243,10 +250,12 @@ def test_lost_host_interrupt_is_named_by_diagnose(workdir: str, armed: bool) -> 
         else:
             wait_for(lambda: r.records(0) == 1, what="the record consumed by the guest's handler")
             assert r.unconsumed(0) == 0
-        before = (r.mon("x-query-vfio", dev=DEV)["set-irqs"], r.guest("nic-stats"), hv_counts(r, 0))
+        before = (r.mon("x-query-vfio", dev=DEV)["set-irqs"], r.guest("nic-stats"), hv_counts(r, 0),
+                  server_commands(r))
         rc, rep = diagnose(r.qmp, "--json")
         rc_text, text = diagnose(r.qmp)
-        assert (r.mon("x-query-vfio", dev=DEV)["set-irqs"], r.guest("nic-stats"), hv_counts(r, 0)) == before, \
+        assert (r.mon("x-query-vfio", dev=DEV)["set-irqs"], r.guest("nic-stats"), hv_counts(r, 0),
+                server_commands(r)) == before, \
             "diagnose changed something"
         (v0,) = [q for q in rep["queues"] if q["path"] == DEV and q.get("vector") == 0]
         if not armed:
