@@ -1,6 +1,6 @@
 """Fault injection in one place (``kickcall.faults``): the registry's own rules, and docs/faults.md
-checked against every registry the product has -- each device kind of a machine and the vhost-user
-back-end, listed through their real monitors (``x-debug-fault {dev}``), and the process-wide one.
+checked against every registry the product has -- each device kind of a machine (a passthrough
+vfio-user function included) and the vhost-user back-end, listed through their real monitors (``x-debug-fault {dev}``), and the process-wide one.
 Every fault the documentation lists names the test that shows its effect; this file checks that
 test exists and is about that fault."""
 
@@ -115,10 +115,17 @@ def code_rows(workdir: str) -> set[tuple[str, str, str, str]]:
                     out.add(("back-end", f["name"], f["kind"], f["effect"]))
     finally:
         stop_process(be)
-    with vfio_server(workdir) as (_p, _sock, vqmp):
+    with vfio_server(workdir) as (_p, vsock, vqmp):
         with QMPClient(vqmp).connect(wait=30) as c:
             for f in c.execute("x-debug-fault", {"dev": "nic0"})["faults"]:
                 out.add(("vfio-user server", f["name"], f["kind"], f["effect"]))
+        # the machine's passthrough function (type "vfio-user"), served by that server
+        toml = machine_toml(devices=f'[[device]]\ntype = "vfio-user"\nid = "pt0"\nsocket = "{vsock}"\n')
+        with running_machine(toml, boot=False) as m:
+            m.start_monitor(os.path.join(workdir, "pt.qmp"))
+            with QMPClient(os.path.join(workdir, "pt.qmp")).connect(wait=30) as c:
+                for f in c.execute("x-debug-fault", {"dev": "pt0"})["faults"]:
+                    out.add(("vfio-user", f["name"], f["kind"], f["effect"]))
     return out
 
 

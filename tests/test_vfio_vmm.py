@@ -230,14 +230,14 @@ def test_host_exhaustion_on_unmask_stops_the_vm(workdir: str, noresize: bool) ->
         assert q["fatal"]["errno"] == errno.ENOSPC and q["fatal"]["error"] == "ENOSPC"
 
 
-@pytest.mark.parametrize("emulate", [True, False], ids=["mask-emulated", "EMULATE_MSIX_MASK-off"])
-def test_masked_vector_pends_and_unmask_delivers_once(workdir: str, emulate: bool,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("emulate", [True, False], ids=["mask-emulated", "emulate-msix-mask-off"])
+def test_masked_vector_pends_and_unmask_delivers_once(workdir: str, emulate: bool) -> None:
     """vfio cannot mask in the host: on mask the trigger is switched to the VMM's eventfd; a host
     interrupt while masked sets the PBA bit and delivers nothing; unmask switches back and delivers
-    exactly one.  With the emulation switched off the interrupt reaches the masked guest vector."""
-    monkeypatch.setattr(vfio_pci, "EMULATE_MSIX_MASK", emulate)
+    exactly one.  With the emulation switched off (the device's ``emulate-msix-mask`` fix) the
+    interrupt reaches the masked guest vector."""
     with vfio_machine(workdir) as r:
+        r.dev.faults.set_fix(vfio_pci.MASK_EMULATION_FIX, emulate)
         r.enable_msix()
         r.request(1)
         before = len(r.host.msix_calls())

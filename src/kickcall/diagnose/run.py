@@ -82,10 +82,13 @@ class QueueReport:
     target_kind: TargetKind | None = None
     joined: dict | None = None  # {"target", "path", "queue"} of the back-end's view of the same ring
     fix_result: dict | None = None
+    vector: bool = False  # a passthrough function's MSI-X vector (``queue`` is the vector number)
 
     def as_dict(self) -> dict:
         d: dict[str, Any] = {"target": self.target, "target-kind": self.target_kind.value if self.target_kind else None,
                              "path": self.path, "name": self.name, "queue": self.queue}
+        if self.vector:
+            d["vector"] = self.queue
         d.update(self.verdict.as_dict())
         d["joined"] = self.joined
         if self.fix_result is not None:
@@ -433,7 +436,8 @@ def _report(sessions: list[TargetSession], verdicts: dict, *, samples: int, inte
             continue
         if s.report.kind is TargetKind.KICKCALL_BACKEND:
             v = _with_front_end(v, sessions, s, p, q)
-        rep.queues.append(QueueReport(s.socket, p, name, q, v, s.report.kind))
+        rep.queues.append(QueueReport(s.socket, p, name, q, v, s.report.kind,
+                                      vector=s.history[-1].devices[p].passthrough))
     return rep
 
 
@@ -604,7 +608,7 @@ def format_report(rep: Report, *, verbose: bool = False) -> str:
         for q in by_target.get(t.socket, []):
             v = q.verdict
             tag = str(v.kind).upper() if v.problem else str(v.kind)
-            head = f"  {short_path(q.path)} q{q.queue}: {tag}"
+            head = f"  {short_path(q.path)} {'v' if q.vector else 'q'}{q.queue}: {tag}"
             summ = _summary(v)
             if summ:
                 head += f" -- {summ}"

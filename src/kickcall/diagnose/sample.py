@@ -5,6 +5,10 @@ Two samplers fill the same :class:`QueueSample` fields, so one set of rules judg
 * :class:`Sampler` (a kickcall machine or back-end): ``x-query-virtio-queue-status`` carries the
   ring as read from guest memory, the device's position and the ring's lifecycle;
   ``x-query-device-notifiers`` the eventfd counters; ``x-query-pci-msix`` (a machine) the vector.
+  A machine's passthrough (vfio-user) functions, found with ``query-pci`` and ``x-query-vfio``, are
+  sampled per MSI-X vector (:class:`VectorSample`): where the host's trigger points, both eventfds'
+  counters (peeked), the guest's mask and PBA bit, and the hypervisor's injection and drop counts
+  for the vector's irqfd -- all from ``x-query-pci-msix``.
 * :class:`QemuSampler` (QEMU 7.2 and later): the device's QOM type decides how a queue is read.
   An emulated device answers ``x-query-virtio-queue-status`` (QEMU's own ring state); a vhost
   device never gets that query (it would stop the ring) -- its ring addresses come from
@@ -27,7 +31,7 @@ from ..virtio.layout import avail_event_addr, used_event_addr
 from . import targets
 from .targets import is_vhost_type
 
-__all__ = ["QueueSample", "DeviceSample", "Sample", "Sampler", "QemuSampler", "Monitor", "parse_xp",
+__all__ = ["QueueSample", "VectorSample", "DeviceSample", "Sample", "Sampler", "QemuSampler", "Monitor", "parse_xp",
            "SampleError", "UnknownSelection", "parse_mtree_ram"]
 
 
@@ -87,15 +91,31 @@ class QueueSample:
         return None
 
 
+# a passthrough vector's fields (VectorSample.status): where it stands; any change is movement
+VECTOR_FIELDS = ("guest-msix-enabled", "host-msix-enabled", "use", "trigger", "gsi", "masked", "function-masked",
+                 "pending", "irqfd-pending", "interrupt-pending", "userspace-interrupts", "injections", "dropped",
+                 "fatal")
+
+
+@dataclass
+class VectorSample(QueueSample):
+    """One MSI-X vector of a passthrough function (``queue`` is the vector number; ``status``
+    holds :data:`VECTOR_FIELDS`)."""
+
+    def key(self) -> str:
+        return repr(tuple(repr(self.status.get(k)) for k in VECTOR_FIELDS))
+
+
 @dataclass
 class DeviceSample:
     path: str
     name: str
     statuses: list[str] | None  # None: this target does not know the driver's status
-    queues: list[QueueSample]
+    queues: list[QueueSample]  # a passthrough function: its MSI-X vectors (VectorSample)
     msix_enabled: bool | None = None
     qom_type: str = ""
     vhost: bool = False
+    passthrough: bool = False  # a vfio-user function (its "queues" are MSI-X vectors)
 
 
 @dataclass
@@ -143,11 +163,69 @@ class Sampler:
     def devices(self) -> list[dict]:
         return _select(self.mon.execute("x-query-virtio") or [], self.dev)
 
+    def passthrough(self) -> dict[str, DeviceSample]:
+        """The machine's passthrough functions (the PCI devices that answer ``x-query-vfio``), one
+        :class:`VectorSample` per MSI-X vector the guest or the host has used."""
+        out: dict[str, DeviceSample] = {}
+        pci = _safe(self.mon, "query-pci")
+        ids = [d.get("qdev_id") for bus in pci if isinstance(bus, dict) and isinstance(bus.get("devices"), list)
+               for d in bus["devices"] if isinstance(d, dict)] if isinstance(pci, list) else []
+        for dev in ids:
+            if not isinstance(dev, str) or not dev:
+                continue
+            vf = _safe(self.mon, "x-query-vfio", {"dev": dev})
+            if not isinstance(vf, dict):
+                continue  # not a passthrough function
+            msix = _safe(self.mon, "x-query-pci-msix", {"dev": dev})
+            out[dev] = DeviceSample(dev, "vfio-user-pci", None, self._vectors(vf, msix),
+                                    bool(msix.get("enabled")) if isinstance(msix, dict) else None, passthrough=True)
+        return out
+
+    def _vectors(self, vf: dict, msix: Any) -> list[QueueSample]:
+        if not isinstance(msix, dict) or not isinstance(msix.get("host"), dict):
+            return []
+        host = msix["host"]
+        ents = msix.get("entries")
+        entries: list = ents if isinstance(ents, list) else []
+        fatal = vf.get("fatal") if isinstance(vf.get("fatal"), dict) else None
+        out: list[QueueSample] = []
+        for hv in host.get("vectors") or []:
+            if not isinstance(hv, dict) or _num(hv.get("vector")) is None:
+                continue
+            v = hv["vector"]
+            if self.queue is not None and v != self.queue:
+                continue
+            e = entries[v] if v < len(entries) and isinstance(entries[v], dict) else {}
+            irqfd: dict = hv["irqfd"] if isinstance(hv.get("irqfd"), dict) else {}
+            intr: dict = hv["interrupt"] if isinstance(hv.get("interrupt"), dict) else {}
+            hyp = hv.get("hypervisor") if isinstance(hv.get("hypervisor"), dict) else None
+            st = {"guest-msix-enabled": msix.get("enabled"), "host-msix-enabled": host.get("enabled"),
+                  "use": hv.get("use"), "trigger": hv.get("trigger"), "gsi": hv.get("gsi"),
+                  "masked": e.get("masked"), "function-masked": msix.get("function-masked"),
+                  "pending": e.get("pending"), "irqfd-pending": irqfd.get("pending"),
+                  "interrupt-pending": intr.get("pending"), "userspace-interrupts": hv.get("userspace-interrupts"),
+                  "injections": hyp.get("injections") if hyp else None,
+                  "dropped": hyp.get("dropped") if hyp else None,
+                  "fatal": fatal if fatal is not None and fatal.get("vector") == v else None,
+                  "path": host.get("path")}
+            unknown = ["whether the guest's driver has work waiting on this vector (device-specific: the records in "
+                       "guest memory and the device's consumer register, which diagnose does not read)",
+                       "the host function's side (which interrupts it raised): the vfio-user server's own monitor has "
+                       "it, diagnose does not join it"]
+            if hyp is None:
+                unknown.append("the hypervisor's injection and drop counts for this vector (no irqfd bound to it)")
+            out.append(VectorSample(v, st, unknown=unknown, source=[
+                "the machine's x-query-pci-msix (the guest's table and PBA, the host's trigger, eventfd counters "
+                "peeked, the hypervisor's per-GSI counts) and x-query-vfio"]))
+        return out
+
     def sample(self) -> Sample:
         st = self.mon.execute("query-status") or {}
-        out: dict[str, DeviceSample] = {}
+        out: dict[str, DeviceSample] = {} if self.addresses else self.passthrough()
         for d in self.devices():
             path = d["path"]
+            if path.strip("/").split("/")[-1] in out:
+                continue  # a passthrough function (listed by a monitor that lists every device)
             vs = _safe(self.mon, "x-query-virtio-status", {"path": path})
             vs = vs if isinstance(vs, dict) else {}
             nvqs = _num(vs.get("num-vqs")) or 0

@@ -87,7 +87,13 @@ _KICKCALL_COMMON = (
 
 ALLOWED: dict[TargetKind, tuple[AllowedQuery, ...]] = {
     TargetKind.KICKCALL_MACHINE: _KICKCALL_COMMON + (
-        AllowedQuery("x-query-pci-msix", "the MSI-X table, masks and PBA as the device model holds them"),
+        AllowedQuery("x-query-pci-msix", "the MSI-X table, masks and PBA as the device model holds them; for a "
+                     "passthrough function also the host's view: its triggers, eventfd counters read from fdinfo, the "
+                     "hypervisor's per-GSI counts read from its stats page"),
+        AllowedQuery("query-pci", "lists the PCI functions from the device models' copies of their config space (no "
+                     "config cycle reaches a device or a vfio-user server)"),
+        AllowedQuery("x-query-vfio", "a passthrough function's IRQ wiring, SET_IRQS counts and limits, from fields "
+                     "the VMM keeps (no message to the vfio-user server)"),
     ),
     TargetKind.KICKCALL_BACKEND: _KICKCALL_COMMON + (
         AllowedQuery("x-query-virtio-vhost-queue-status", "the ring addresses the front-end sent (to join a "

@@ -25,6 +25,13 @@ The rules follow the split ring's notification protocol (virtio 1.2, 2.7.7 and 2
   The age is the target's own (``oldest-inflight-ms``) where it has one, otherwise how long
   diagnose has seen the queue stand still (a lower bound, and said so).
 
+A passthrough (vfio-user) function is judged per MSI-X vector (``judge_vector_state``): the host
+signals the eventfd its trigger points at -- the irqfd while the guest has the vector unmasked,
+the VMM's own eventfd while it is masked (vfio cannot mask in the host; the VMM sets the PBA bit).
+Injections the hypervisor dropped, or an eventfd that stays readable in every sample, are host
+interrupts that never reached the guest; a masked vector with its PBA bit set is one the guest's
+mask holds.
+
 A verdict other than healthy is only given when several samples, some time apart, are equal.
 Without EVENT_IDX the driver's consumption is invisible: a lost call on the last completion then
 looks idle, and the verdict says so.
@@ -41,7 +48,8 @@ from .sample import DeviceSample, QueueSample, Sample
 __all__ = ["Verdict", "VerdictKind", "Severity", "HEALTHY", "SLOW", "IDLE", "LOST_KICK", "LOST_CALL",
            "MASKED_PENDING", "NOT_PROCESSING", "NOT_TAKEN", "STALLED", "RING_CORRUPT", "NEEDS_RESET", "STOPPED",
            "DISABLED", "NOT_STARTED", "NOT_SET_UP", "NO_FRONT_END", "NO_KICK_FD", "NO_CALL_FD", "DEVICE_RESET",
-           "NOT_READY", "PAUSED", "UNDECIDED", "CALL_NOT_READ", "judge", "judge_state", "ring_facts",
+           "NOT_READY", "PAUSED", "UNDECIDED", "CALL_NOT_READ", "HOST_IRQ_LOST", "MASK_NOT_HONOURED", "judge", "judge_state",
+           "judge_vector_state", "ring_facts",
            "DEFAULT_WINDOW", "FAILED_RUN_STATES", "front_end_pid", "RESTART_ADVICE"]
 
 DEFAULT_WINDOW = 5.0  # seconds a request may stay taken and not completed before "not processing"
@@ -71,6 +79,8 @@ class VerdictKind(enum.StrEnum):
     NOT_READY = "driver not ready"
     PAUSED = "paused"
     UNDECIDED = "undecided"
+    HOST_IRQ_LOST = "host interrupt not delivered"  # a passthrough vector: the host signalled, the guest never got it
+    MASK_NOT_HONOURED = "vector mask not honoured"  # a passthrough vector the guest masked still goes to the irqfd
 
 
 class Severity(enum.StrEnum):
@@ -81,10 +91,10 @@ class Severity(enum.StrEnum):
 
 (HEALTHY, SLOW, IDLE, LOST_KICK, LOST_CALL, MASKED_PENDING, NOT_PROCESSING, NOT_TAKEN, STALLED, RING_CORRUPT,
  NEEDS_RESET, STOPPED, DISABLED, NOT_STARTED, NOT_SET_UP, NO_FRONT_END, NO_KICK_FD, NO_CALL_FD, CALL_NOT_READ,
- DEVICE_RESET, NOT_READY, PAUSED, UNDECIDED) = tuple(VerdictKind)
+ DEVICE_RESET, NOT_READY, PAUSED, UNDECIDED, HOST_IRQ_LOST, MASK_NOT_HONOURED) = tuple(VerdictKind)
 
 _ALWAYS_PROBLEM = {LOST_KICK, LOST_CALL, MASKED_PENDING, NOT_PROCESSING, NOT_TAKEN, STALLED, RING_CORRUPT,
-                   NEEDS_RESET, CALL_NOT_READ}
+                   NEEDS_RESET, CALL_NOT_READ, HOST_IRQ_LOST, MASK_NOT_HONOURED}
 
 # QEMU run states in which the VM stopped by itself: a hung VM, not an operator's pause
 FAILED_RUN_STATES = frozenset({"io-error", "internal-error", "guest-panicked", "watchdog", "shutdown"})
@@ -453,6 +463,8 @@ def judge(samples: list[Sample], path: str, queue: int, stable_needed: int, *, w
                 "`cont`)" if rs == "io-error" else ""), "nothing moves until the VM runs again"],
                 severity=Severity.PROBLEM, summary=f"VM stopped: {rs}")
         return Verdict(PAUSED, [f"the target is {rs}: a stopped machine makes no progress"], summary=rs)
+    if seq[-1][1].passthrough:
+        return _judge_vector(seq, stable_needed, out_of_time)
     keys = [q.key() for _s, _d, q in seq]
     run = 1
     while run < len(seq) and keys[-run - 1] == keys[-1]:
@@ -505,3 +517,118 @@ def judge(samples: list[Sample], path: str, queue: int, stable_needed: int, *, w
     if moved:
         return Verdict(UNDECIDED, ["moving: " + ", ".join(moved)], final=False, facts=ring_facts(seq[-1][2]))
     return Verdict(UNDECIDED, ["not enough samples yet"], final=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# passthrough (vfio-user) MSI-X vectors
+# ---------------------------------------------------------------------------------------------------
+def _judge_vector(seq: list[tuple[Sample, DeviceSample, QueueSample]], stable_needed: int,
+                  out_of_time: bool) -> Verdict:
+    """A passthrough vector's verdict: from its state once enough samples agree, or -- while it
+    moves (interrupts flowing) -- from what moved."""
+    keys = [q.key() for _s, _d, q in seq]
+    run = 1
+    while run < len(seq) and keys[-run - 1] == keys[-1]:
+        run += 1
+    first, last = seq[0][2], seq[-1][2]
+    span = seq[-1][0].time - seq[0][0].time
+    if run >= stable_needed:
+        return judge_vector_state(last, first, span, stable=True)
+    tail = keys[-stable_needed:]
+    moving = len(tail) >= stable_needed and all(tail[i] != tail[i + 1] for i in range(len(tail) - 1))
+    if moving or out_of_time:
+        return judge_vector_state(last, first, span, stable=False)
+    return Verdict(UNDECIDED, ["not enough samples yet"], final=False)
+
+
+def judge_vector_state(s: QueueSample, first: QueueSample | None = None, span: float = 0.0, *,
+                       stable: bool = True) -> Verdict:
+    """One MSI-X vector of a passthrough function, from its latest sample (*s*) and the first one
+    of the run (*first*: what changed while diagnose watched).  *stable*: the latest samples agree
+    (an eventfd readable in each of them is one nobody reads)."""
+    st = s.status
+    v = s.queue
+    f0 = first.status if first is not None else {}
+    unknown = list(s.unknown)
+    trig = st.get("trigger")
+    masked = bool(st.get("masked")) or bool(st.get("function-masked"))
+    pba = bool(st.get("pending"))
+    inj, drop = _num(st.get("injections")), _num(st.get("dropped"))
+    inj0, drop0 = _num(f0.get("injections")), _num(f0.get("dropped"))
+    facts = {k: st.get(k) for k in ("trigger", "gsi", "masked", "pending", "irqfd-pending", "interrupt-pending",
+                                   "injections", "dropped", "path")}
+    facts["vector"] = v
+    why_mask = "the function mask" if st.get("function-masked") and not st.get("masked") else "its vector mask"
+    ev = [f"MSI-X vector {v}: the guest has it {'masked (' + why_mask + ')' if masked else 'unmasked'}, PBA "
+          f"{'set' if pba else 'clear'}; the host's trigger points at "
+          + {"irqfd": "the irqfd-bound eventfd (the hypervisor injects the MSI)",
+             "interrupt": "the VMM's own eventfd (the VMM turns it into msix_notify: the PBA bit while masked)",
+             "none": "nothing (vfio-pci drops the vector's interrupts)"}.get(str(trig), f"{trig!r}")]
+    if inj is not None and drop is not None:
+        ev.append(f"the hypervisor injected {inj} and dropped {drop} of this vector's irqfd signals (GSI "
+                  f"{st.get('gsi')}; counted since the GSI was first used)")
+
+    def verdict(kind: VerdictKind, lines: list[str], **kw) -> Verdict:
+        return Verdict(kind, ev + lines, facts=facts, unknown=unknown, **kw)
+
+    if not st.get("guest-msix-enabled") or not st.get("host-msix-enabled"):
+        return verdict(NOT_SET_UP, ["MSI-X is not enabled " + ("in the guest" if not st.get("guest-msix-enabled")
+                                                              else "in the host") + ": no vector carries interrupts"],
+                       severity=Severity.INFO, summary=f"vector {v}: MSI-X off")
+    fatal = st.get("fatal")
+    if isinstance(fatal, dict):
+        return verdict(HOST_IRQ_LOST, [f"the VMM could not wire this vector in the host ({fatal.get('error')}: "
+                                       f"{fatal.get('reason')}): its interrupts go nowhere"],
+                       summary=f"vector {v}: not wired in the host ({fatal.get('error')})")
+    if trig == "none":
+        if st.get("use") and not masked:
+            return verdict(HOST_IRQ_LOST, ["the guest unmasked it, and it is not wired in the host: the host's "
+                                           "interrupts for it are dropped by vfio-pci"],
+                           summary=f"vector {v}: unmasked, not wired in the host")
+        return verdict(NOT_SET_UP, ["not wired in the host: the guest has not brought it up"],
+                       severity=Severity.INFO, summary=f"vector {v}: not wired")
+    if drop:
+        seen_drop = drop0 is not None and drop > drop0
+        seen_inj = inj is not None and inj0 is not None and inj > inj0
+        if seen_drop or not seen_inj:
+            when = (f"{drop - (drop0 or 0)} of them while diagnose watched ({span:.1f} s)" if seen_drop else
+                    "before diagnose began, and none delivered since")
+            return verdict(HOST_IRQ_LOST, [
+                f"the host signalled and the hypervisor dropped {drop} injection(s) of this vector's irqfd ({when}): "
+                "those interrupts never reached the guest, and work the host raised them for may wait unconsumed",
+                "a later interrupt on the vector would deliver again (if the drops stop): no single injection is "
+                "safe to make from here"],
+                summary=f"vector {v}: {drop} host interrupt(s) dropped by the hypervisor")
+        ev.append(f"{drop} injection(s) were dropped before diagnose began; interrupts were delivered since")
+    if stable and trig == "irqfd" and _num(st.get("irqfd-pending")):
+        return verdict(HOST_IRQ_LOST, [
+            f"the irqfd eventfd holds {st['irqfd-pending']} unread in every sample: the host signalled and the "
+            "hypervisor does not read it (the irqfd is not bound, or the hypervisor is not running)"],
+            summary=f"vector {v}: host interrupt unread in the irqfd")
+    if stable and _num(st.get("interrupt-pending")):
+        return verdict(HOST_IRQ_LOST, [
+            f"the VMM's eventfd holds {st['interrupt-pending']} unread in every sample: the host signalled and the "
+            "VMM's main loop does not turn it into " + ("the PBA bit" if masked else "an interrupt")],
+            summary=f"vector {v}: host interrupt unread by the VMM")
+    if masked and trig == "irqfd":
+        return verdict(MASK_NOT_HONOURED, [
+            "the guest masked the vector and the host's trigger still points at the irqfd: the host's interrupts "
+            "reach the guest past its mask, and none is kept in the PBA (the VMM's masked-vector emulation is off, "
+            "or the host refused the switch: x-query-vfio's errors)"],
+            summary=f"vector {v}: masked, host trigger still on the irqfd")
+    if masked and pba:
+        return verdict(MASKED_PENDING, [
+            f"the guest masked MSI-X vector {v} ({why_mask}) and its PBA bit is set: a host interrupt is held until "
+            "the guest unmasks it (kickcall never unmasks a vector the guest owns)"],
+            summary=f"vector {v}: masked, PBA set")
+    if trig == "interrupt" and not masked:
+        ev.append("the trigger points at the VMM's eventfd while the guest has the vector unmasked: each interrupt "
+                  "goes through the VMM (msix_notify), not the irqfd (irqfd off, or a switch the host refused)")
+    if not stable:
+        moved = [f"{k} {f0.get(k)} -> {st.get(k)}" for k in ("injections", "userspace-interrupts")
+                 if _num(f0.get(k)) is not None and _num(st.get(k)) is not None and st[k] != f0[k]]
+        return verdict(HEALTHY, ["host interrupts flowing" + (": " + ", ".join(moved) if moved else "")],
+                       summary=f"vector {v}: interrupts flowing")
+    return verdict(HEALTHY, ["nothing held: no injection dropped, no eventfd left unread" +
+                             ("" if masked else ", nothing pending")],
+                   summary=f"vector {v}: host interrupts delivered" + (f" ({inj} injected)" if inj is not None else ""))

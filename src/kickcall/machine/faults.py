@@ -2,7 +2,9 @@
 
 ``lose-kick`` drops a queue's doorbell writes in the hypervisor's ioeventfd (the write is matched
 and swallowed, as a kernel that lost the eventfd signal would); ``lose-call`` drops its irqfd's
-injections (the device signalled, the guest never gets the interrupt).  The drop counts live in
+injections (the device signalled, the guest never gets the interrupt); ``lose-host-interrupt`` does
+the same to a passthrough (vfio-user) function's MSI-X vector: the irqfd-bound eventfd the host's
+trigger points at (the host signalled, the guest never gets it).  The drop counts live in
 the hypervisor process (``kickcall.hv.kernel``); this fault forwards each action there and asks it
 for the state when the monitor lists the device's faults.  Registered on the device's
 ``FaultRegistry`` by the machine when it plugs the device.
@@ -19,13 +21,17 @@ from ..notify import EventNotifierLike
 from ..virtio.queue import VirtQueue
 
 if TYPE_CHECKING:
+    from ..vfio.pci import VFIOPCIDevice
     from ..virtio.pci import VirtIOPCIProxy
 
-__all__ = ["NotifierDrop", "register_machine_faults"]
+__all__ = ["NotifierDrop", "register_machine_faults", "register_passthrough_faults", "LOSE_HOST_INTERRUPT"]
+
+LOSE_HOST_INTERRUPT = "lose-host-interrupt"
 
 
 class NotifierDrop(Fault):
-    """Lose a queue's kicks (``target="ioeventfd"``) or calls (``"irqfd"``) in the hypervisor."""
+    """Lose a queue's kicks (``target="ioeventfd"``) or calls (``"irqfd"``) in the hypervisor (for a
+    passthrough function, "queue" is an MSI-X vector)."""
 
     kind = FaultKind.INJECTED
     actions = (FaultAction.DROP_NEXT, FaultAction.DROP_ALL, FaultAction.CLEAR)
@@ -98,3 +104,23 @@ def register_machine_faults(vm: VM, proxy: "VirtIOPCIProxy", lock: threading.RLo
     reg.add(NotifierDrop("lose-call", "drop the queue's irqfd injections in the hypervisor: the device "
                          "signalled, the guest never gets the interrupt", vm, "irqfd", lock, call_notifier,
                          "no vector, masked, or irqfd off"))
+
+
+def register_passthrough_faults(vm: VM, dev: "VFIOPCIDevice", lock: threading.RLock) -> None:
+    """Register ``lose-host-interrupt`` on a passthrough function's ``FaultRegistry`` (once: a
+    second call does nothing).  Per MSI-X vector: the hypervisor drops the injections of the
+    vector's irqfd -- the eventfd the host's trigger points at while the guest has the vector
+    unmasked.  The drop state lives on the hypervisor's irqfd: a vector whose irqfd is released
+    (MSI-X disabled) and wired again starts clean."""
+    if LOSE_HOST_INTERRUPT in dev.faults:
+        return
+
+    def irqfd_notifier(v: int) -> EventNotifierLike | None:
+        if not 0 <= v < len(dev.vectors):
+            raise FaultError(FaultErrorKind.BAD_QUEUE, f"{dev.name} has no MSI-X vector {v}")
+        return dev.vectors[v].kvm_interrupt
+
+    dev.faults.add(NotifierDrop(LOSE_HOST_INTERRUPT, "drop the vector's irqfd injections in the hypervisor: the "
+                                "host signalled, the guest never gets the interrupt", vm, "irqfd", lock,
+                                irqfd_notifier, "the guest has not unmasked it yet, or irqfd is off (the "
+                                "vector's interrupts go through the VMM's eventfd)"))

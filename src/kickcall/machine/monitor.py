@@ -7,12 +7,14 @@ is consumed, no vhost ring is stopped.  The fault injector's state is not shown 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING
 
 from ..vhost_user.device import VhostUserBlkDevice
 from ..monitor.target import DeviceView, TargetError
 from ..notify import Role
 from ..pci import regs as R
+from ..pci.device import PCIDevice
 from ..pci.msix import MsixNotifyOutcome
 from ..virtio.paths import CallPath, KickPath
 from ..virtio.pci import QUEUE_MEM_MULT, VirtIOPCIProxy
@@ -25,11 +27,13 @@ from ..virtio.layout import (
     used_size,
 )
 from ..faults import FaultError
+from ..vfio.pci import HostTrigger, VFIOPCIDevice, VfioDeviceError
+from .faults import LOSE_HOST_INTERRUPT, register_passthrough_faults
 
 if TYPE_CHECKING:
     from .machine import Machine
 
-__all__ = ["MachineTarget", "MachineDevice"]
+__all__ = ["MachineTarget", "MachineDevice", "PassthroughDevice"]
 
 log = logging.getLogger("kickcall.machine.monitor")
 
@@ -40,6 +44,34 @@ def _delivered(outcome: MsixNotifyOutcome, v: int) -> None:
     """msix_notify's outcome: anything but sent or pended means the call went nowhere -- say so."""
     if not outcome.delivered:
         raise TargetError(f"vector {v}: the call was dropped ({outcome})")
+
+
+def _pci_info(p: PCIDevice, qdev_id: str, lock: threading.RLock) -> dict:
+    """QEMU's PciDeviceInfo, from the device model's own copy of its config space (no config
+    cycle reaches a passthrough function's server)."""
+    with lock:
+        cls = p.get16(R.PCI_CLASS_DEVICE)
+        info = {
+            "bus": 0, "slot": p.devfn >> 3, "function": p.devfn & 7,
+            "class_info": {"desc": _CLASS_DESC.get(cls, f"Class {cls:04x}"), "class": cls},
+            "id": {"device": p.get16(R.PCI_DEVICE_ID), "vendor": p.get16(R.PCI_VENDOR_ID),
+                   "subsystem": p.get16(R.PCI_SUBSYSTEM_ID), "subsystem-vendor": p.get16(R.PCI_SUBSYSTEM_VENDOR_ID)},
+            "irq_pin": p.config[R.PCI_INTERRUPT_PIN], "qdev_id": qdev_id,
+        }
+        regions: list[dict] = []
+        info["regions"] = regions
+        if p.config[R.PCI_INTERRUPT_PIN]:
+            info["irq"] = p.config[R.PCI_INTERRUPT_LINE]
+        for b in p.bars:
+            if b is None:
+                continue
+            reg = {"bar": b.index, "type": "io" if b.io else "memory",
+                   "address": -1 if b.mapped_at is None else b.mapped_at, "size": b.size}
+            if not b.io:
+                reg["prefetch"] = b.prefetch
+                reg["mem_type_64"] = b.mem64
+            regions.append(reg)
+    return info
 
 
 class MachineDevice:
@@ -147,30 +179,7 @@ class MachineDevice:
                 raise TargetError(str(e)) from None
 
     def pci_info(self) -> dict:
-        p = self.p
-        with self.m.bql:
-            cls = p.get16(R.PCI_CLASS_DEVICE)
-            info = {
-                "bus": 0, "slot": p.devfn >> 3, "function": p.devfn & 7,
-                "class_info": {"desc": _CLASS_DESC.get(cls, f"Class {cls:04x}"), "class": cls},
-                "id": {"device": p.get16(R.PCI_DEVICE_ID), "vendor": p.get16(R.PCI_VENDOR_ID),
-                       "subsystem": p.get16(R.PCI_SUBSYSTEM_ID), "subsystem-vendor": p.get16(R.PCI_SUBSYSTEM_VENDOR_ID)},
-                "irq_pin": p.config[R.PCI_INTERRUPT_PIN], "qdev_id": self.id,
-            }
-            regions: list[dict] = []
-            info["regions"] = regions
-            if p.config[R.PCI_INTERRUPT_PIN]:
-                info["irq"] = p.config[R.PCI_INTERRUPT_LINE]
-            for b in p.bars:
-                if b is None:
-                    continue
-                reg = {"bar": b.index, "type": "io" if b.io else "memory",
-                       "address": -1 if b.mapped_at is None else b.mapped_at, "size": b.size}
-                if not b.io:
-                    reg["prefetch"] = b.prefetch
-                    reg["mem_type_64"] = b.mem64
-                regions.append(reg)
-        return info
+        return _pci_info(self.p, self.id, self.m.bql)
 
     def vfio(self) -> dict:
         raise TargetError(f"{self.id} is not a passthrough (vfio) device")
@@ -275,11 +284,170 @@ class MachineDevice:
             raise TargetError(str(e)) from None
 
 
+class PassthroughDevice:
+    """A passthrough (vfio-user) function as the monitor sees it: PCI, both MSI-X views, the
+    vfio state, its eventfds, host-interrupt injection and its faults.  It is not a VirtIODevice:
+    every virtio query names it as such.  "Queue" arguments (``x-debug-device-event``,
+    ``x-debug-fault``) are MSI-X vectors here (vector 0 is INTx on a function without MSI-X).
+
+    Read without disturbing anything: eventfd counters are peeked (fdinfo), the hypervisor's
+    per-GSI injection and drop counts come from its shared stats page, the guest's MSI-X view from
+    the VMM's emulation, and no message goes to the vfio-user server."""
+
+    type_name = "vfio-user-pci"
+
+    def __init__(self, machine: "Machine", dev: VFIOPCIDevice) -> None:
+        self.m = machine
+        self.d = dev
+        self.id = dev.name
+        self.path = f"/machine/peripheral/{dev.name}"  # the function's QOM path (it has no virtio-backend)
+
+    def _not_virtio(self) -> TargetError:
+        return TargetError(f"Path {self.path} is not a VirtIODevice (a vfio-user passthrough function: see "
+                           f"x-query-vfio and x-query-pci-msix {{'dev': '{self.id}'}})")
+
+    def num_queues(self) -> int:
+        """The "queues" injection and faults take: the MSI-X vectors (INTx alone: one)."""
+        return len(self.d.vectors) or 1
+
+    def virtio_status(self) -> dict:
+        raise self._not_virtio()
+
+    def queue_status(self, queue: int) -> dict:
+        raise self._not_virtio()
+
+    def vhost_queue_status(self, queue: int) -> dict:
+        raise self._not_virtio()
+
+    def queue_element(self, queue: int, index: int | None) -> dict:
+        raise self._not_virtio()
+
+    def pci_info(self) -> dict:
+        return _pci_info(self.d, self.id, self.m.bql)
+
+    def vfio(self) -> dict:
+        with self.m.bql:
+            out = self.d.query_vfio()
+        out["dev"] = self.id
+        return out
+
+    def _hv_gsi(self, gsi: int | None) -> dict | None:
+        """The hypervisor's counts for *gsi* (its irqfd's injections and drops), from the shared
+        stats page: read, never asked for."""
+        if gsi is None:
+            return None
+        try:
+            st = self.m.vm.stats.gsi(gsi)
+        except (IndexError, TypeError, ValueError):  # out of the page, or the page is closed (VM gone)
+            return None
+        return {"gsi": gsi, "injections": st["injections"], "dropped": st["dropped"]}
+
+    def msix(self) -> dict:
+        """Both views.  At the top level the guest's, in the shape every device has (table, masks,
+        PBA: ``MSIX.describe``); under ``host`` the host's, per vector: where the host trigger
+        points, the irqfd-bound and the VMM's "interrupt" eventfd with counters read without
+        consuming, the GSI and the hypervisor's injection and drop counts for it."""
+        with self.m.bql:
+            if self.d.msix is None:
+                raise TargetError(f"Device '{self.id}' has no MSI-X capability")
+            q = self.d.query_pci_msix()
+            gsis = {v.nr: v.gsi for v in self.d.vectors}
+        d = dict(q["guest"])
+        d["dev"] = self.id
+        d["passthrough"] = True
+        host = q["host"]
+        for hv in host["vectors"]:
+            hv["hypervisor"] = self._hv_gsi(gsis.get(hv["vector"]))
+        d["host"] = host
+        return d
+
+    def notifiers(self) -> list[dict]:
+        """Every eventfd of the function: per MSI-X vector the irqfd-bound one (role guest) and the
+        VMM's "interrupt" one (role masked), with ``host-trigger`` true on the one the host's
+        trigger points at now; the INTx trigger.  (INTx unmask has no eventfd here: the VMM sends
+        SET_IRQS DATA_NONE|ACTION_UNMASK.)"""
+        out = []
+        with self.m.bql:
+            for e in self.m.registry.entries(self.id):
+                d = e.describe()
+                if e.vector is not None and 0 <= e.vector < len(self.d.vectors):
+                    vec = self.d.vectors[e.vector]
+                    irqfd = e.notifier is vec.kvm_interrupt
+                    d["host-trigger"] = (vec.trigger == HostTrigger.IRQFD and irqfd) or \
+                        (vec.trigger == HostTrigger.USERSPACE and e.notifier is vec.interrupt)
+                    if irqfd:
+                        hv = self._hv_gsi(vec.gsi)
+                        if hv is not None:
+                            d["injections"], d["dropped"] = hv["injections"], hv["dropped"]
+                            d["gsi"] = hv["gsi"]
+                elif e.vector is None:
+                    where, n = self.d.host_trigger(0)
+                    d["host-trigger"] = where == "intx" and n is e.notifier
+                out.append(d)
+        return sorted(out, key=lambda d: d["id"])
+
+    def notifier_write(self, id: int) -> dict:
+        e = self.m.registry.get(id)
+        if e is None or e.owner != self.id:
+            raise TargetError(f"device '{self.id}' has no notifier {id}")
+        with self.m.bql:
+            if e.notifier.closed:
+                raise TargetError(f"notifier {id} is closed")
+            e.notifier.set()
+        return {"id": id, "role": e.role.value, "queue": -1 if e.vector is None else e.vector}
+
+    def inject(self, event: str, queue: int, force: bool) -> dict:
+        """A host interrupt on vector *queue*: the eventfd the host's trigger points at is written,
+        as the host would (masked: the VMM's eventfd, so the PBA bit; unmasked: the irqfd).  With
+        *force* on a masked vector, the guest's MSI-X message is sent past the mask instead."""
+        if event != "call":
+            raise TargetError(f"{self.id} is a passthrough function: its doorbells are the device's own registers "
+                              "(BAR writes forwarded to the vfio-user server); kickcall injects only a host "
+                              "interrupt (event 'call') on it")
+        with self.m.bql:
+            m = self.d.msix
+            if force and m is not None and m.enabled and 0 <= queue < m.nvectors and m.is_masked(queue):
+                addr, data = m.get_message(queue)
+                self.d.msi_send(addr, data)
+                m.sent[queue] += 1
+                return {"path": CallPath.MSI_FORCED, "forced": True}
+            try:
+                where = self.d.inject_host_interrupt(queue)
+            except VfioDeviceError as e:
+                raise TargetError(str(e)) from None
+            masked = m is not None and m.enabled and m.is_masked(queue)
+        path = {"irqfd": CallPath.IRQFD, "intx": CallPath.INTX}.get(where, CallPath.PBA if masked else CallPath.MSI)
+        return {"path": path, "forced": False, "host-trigger": where}
+
+    def fault(self, queue: int, path: str, action: str) -> dict:
+        if path != "call":
+            raise TargetError(f"{self.id} is a passthrough function: its faults act on its host interrupts "
+                              f"(path 'call', fault {LOSE_HOST_INTERRUPT})")
+        res = self.set_fault(LOSE_HOST_INTERRUPT, action, queue)
+        return {"path": path, "action": action, "matched": res.get("matched", 0)}
+
+    def faults(self) -> list[dict]:
+        return self.d.faults.describe()
+
+    def set_fault(self, name: str, action: str, queue: int | None) -> dict:
+        if queue is not None and not 0 <= queue < self.num_queues():
+            raise TargetError(f"{self.id} has no MSI-X vector {queue}")
+        try:
+            return self.d.faults.arm(name, action, queue)
+        except FaultError as e:
+            raise TargetError(str(e)) from None
+
+
 class MachineTarget:
     def __init__(self, machine: "Machine") -> None:
         self.m = machine
         self.name = machine.cfg.name
-        self._devices = [MachineDevice(machine, p) for p in machine.devices.values()]
+        self._devices: list[DeviceView] = [MachineDevice(machine, p) for p in machine.devices.values()]
+        for dev in machine.passthrough.values():
+            # (the machine plugs its passthrough functions without their hypervisor faults: registered
+            # here, once, until Machine._add_passthrough does it as it does register_machine_faults)
+            register_passthrough_faults(machine.vm, dev, machine.bql)
+            self._devices.append(PassthroughDevice(machine, dev))
 
     def run_state(self) -> str:
         if self.m.stopped:

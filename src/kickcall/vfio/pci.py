@@ -72,6 +72,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import trace
+from ..faults import FaultRegistry
 from ..hv.abi import HypervisorError
 from ..memory import GuestMemory, GuestMemoryError, IORegion
 from ..notify import EventNotifier, NotifierRegistry, Role
@@ -90,16 +91,17 @@ if TYPE_CHECKING:
     from ..loop import IOThread
 
 __all__ = ["VFIOPCIDevice", "SetIrqsKind", "HostTrigger", "VFIOMSIVector", "GuestRamDma", "DmaMode",
-           "VfioDeviceError", "NORESIZE_LIMIT"]
+           "VfioDeviceError", "NORESIZE_LIMIT", "MASK_EMULATION_FIX"]
 
 log = logging.getLogger("kickcall.vfio.pci")
 
 _t_vector = trace.event("vfio_msix_vector", "the passthrough device rewired an MSI-X vector's host trigger")
 _t_fatal = trace.event("vfio_fatal", "the passthrough device could not wire a host interrupt")
 
-#: Test switch: False leaves a masked vector's host trigger on the irqfd (no userspace mask
-#: emulation), so the host's interrupts reach the guest while the guest has the vector masked.
-EMULATE_MSIX_MASK = True
+#: The per-device fix (``VFIOPCIDevice.faults``) that switches a masked vector's host trigger to the
+#: VMM's eventfd (QEMU's masked-vector emulation).  Off, the trigger stays on the irqfd, so the
+#: host's interrupts reach the guest while the guest has the vector masked.
+MASK_EMULATION_FIX = "emulate-msix-mask"
 
 #: the most vectors the NORESIZE path can enable: one SET_IRQS carries every fd (Linux's SCM_MAX_FD)
 NORESIZE_LIMIT = MAX_MSG_FDS_LIMIT
@@ -225,6 +227,11 @@ class VFIOPCIDevice(PCIDevice):
                  on_fatal: Callable[[dict], None] | None = None, twin_socket: bool = True,
                  irqfd: bool = True, on_request: Callable[[dict], None] | None = None) -> None:
         self.socket_path = socket_path
+        self.faults = FaultRegistry(name)
+        """The device's faults (docs/faults.md): its fixes, and what the machine registers."""
+        self.faults.switch(MASK_EMULATION_FIX, "off: a masked vector's host trigger stays on the irqfd (no "
+                           "userspace mask emulation), so the host's interrupts reach the guest while the guest has "
+                           "the vector masked")
         self.dma_mode = DmaMode(dma)
         self.memory = memory
         self.ram_dma = GuestRamDma(memory)
@@ -770,7 +777,7 @@ class VFIOPCIDevice(PCIDevice):
         if m is None or not m.enabled or not self.msix_host_on:
             return  # MSI-X is going away: the index is disabled next
         vec = self.vectors[v]
-        if vec.trigger != HostTrigger.IRQFD or not EMULATE_MSIX_MASK:
+        if vec.trigger != HostTrigger.IRQFD or not self.faults.fix_on(MASK_EMULATION_FIX):
             return
         intr = self._ensure_interrupt(vec)
         try:
@@ -1037,6 +1044,38 @@ class VFIOPCIDevice(PCIDevice):
                         for i, r in sorted(self._regions.items())],
             "fatal": self.fatal, "errors": list(self.errors),
         }
+
+    def host_trigger(self, vector: int) -> tuple[str, EventNotifier | None]:
+        """Where a host interrupt of MSI-X *vector* goes now, routed as vfio-pci routes it: while
+        host MSI-X is on, the vector's trigger (``"irqfd"`` or ``"interrupt"``, the VMM's eventfd;
+        ``"none"`` when the vector is not wired: vfio-pci drops the interrupt); while host MSI-X is
+        off, the INTx trigger (``"intx"``) if INTx is on, otherwise ``"none"``."""
+        if self.msix_host_on:
+            if not 0 <= vector < len(self.vectors):
+                return HostTrigger.NONE.value, None
+            vec = self.vectors[vector]
+            n = {HostTrigger.IRQFD: vec.kvm_interrupt, HostTrigger.USERSPACE: vec.interrupt}.get(vec.trigger)
+            if n is None or n.closed:
+                return HostTrigger.NONE.value, None
+            return vec.trigger.value, n
+        n = self._intx
+        if self.intx_on and n is not None and not n.closed:
+            return "intx", n
+        return HostTrigger.NONE.value, None
+
+    def inject_host_interrupt(self, vector: int) -> str:
+        """Raise a host interrupt on *vector* as the host function would (``x-debug-device-event``):
+        signal the eventfd the host trigger points at now (``host_trigger``), so a masked vector
+        gets its PBA bit through the VMM's eventfd and an unmasked one reaches the guest through
+        its irqfd.  Returns where it went; ``VfioDeviceError`` (kind ``not-wired``) when the host
+        would drop it."""
+        where, n = self.host_trigger(vector)
+        if n is None:
+            what = (f"MSI-X vector {vector} is not wired in the host" if self.msix_host_on else
+                    "neither MSI-X nor INTx is enabled in the host")
+            raise VfioDeviceError("not-wired", f"{self.name}: {what}: vfio-pci would drop the interrupt")
+        n.set()
+        return where
 
     def describe(self) -> dict:
         d = super().describe()
