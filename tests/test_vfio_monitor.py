@@ -122,6 +122,7 @@ def test_query_pci_and_info_pci_list_the_passthrough_function_with_its_bars(work
         text = r.mon.hmp("info pci")
         assert f'id "{DEV}"' in text and "MSI-X: enabled" in text
         assert f"PCI device {N.NIC_VENDOR_ID:04x}:{N.NIC_DEVICE_ID:04x}" in text
+        assert all(v["name"] != "vfio-user-pci" for v in r.mon("x-query-virtio"))  # QEMU lists VirtIODevices only
 
 
 def test_msix_and_vfio_queries_give_both_views(workdir: str) -> None:

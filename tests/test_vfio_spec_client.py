@@ -73,7 +73,9 @@ def test_every_table_has_a_stated_size() -> None:
 
 
 def test_every_command_has_a_request_and_a_reply_table() -> None:
-    names = [n for n in dir(vc) if n.startswith("VFIO_USER_")]
+    # the 13 commands this client speaks; REGION_WRITE_MULTI, DEVICE_FEATURE and the migration
+    # commands (15-18) are only named, for a server's "not supported" answer to be checked
+    names = [n for n in dir(vc) if n.startswith("VFIO_USER_") and getattr(vc, n) <= 13]
     assert len(names) == 13
     for n in names:
         assert f"{n}.request" in tables.LAYOUTS and f"{n}.reply" in tables.LAYOUTS, n

@@ -55,6 +55,7 @@ FAULT_PATHS = {"kick": "lose-kick", "call": "lose-call", "complete": "hold-compl
 
 class BackendDevice:
     type_name = "vhost-user-blk"
+    virtio = True
 
     def __init__(self, backend: VhostUserBackend) -> None:
         self.b = backend

@@ -31,6 +31,7 @@ class HostDeviceView:
     """The host function as the monitor sees it (``DeviceView``; virtio queries are refused)."""
 
     type_name = "vfio-pci"
+    virtio = False
 
     def __init__(self, host: VfioPciDevice, server: VfioUserServer) -> None:
         self.host = host

@@ -40,7 +40,7 @@ from ..virtio.net import VirtIONet
 from ..virtio.pci import VirtIOPCIProxy
 from ..vfio.pci import VFIOPCIDevice
 from .config import DeviceConfig, MachineConfig, default_config
-from .faults import register_machine_faults
+from .faults import register_machine_faults, register_passthrough_faults
 
 if TYPE_CHECKING:
     from ..guest.os import GuestOS
@@ -241,6 +241,7 @@ class Machine:
             raise
         self.passthrough[dc.id] = dev
         self.device_cfg[dc.id] = dc
+        register_passthrough_faults(self.vm, dev, self.bql)
 
     def _passthrough_fatal(self, event: dict) -> None:
         """A passthrough device could not wire a host interrupt: stop the VM and say why.

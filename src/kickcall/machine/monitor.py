@@ -75,6 +75,8 @@ def _pci_info(p: PCIDevice, qdev_id: str, lock: threading.RLock) -> dict:
 
 
 class MachineDevice:
+    virtio = True
+
     def __init__(self, machine: "Machine", proxy: VirtIOPCIProxy) -> None:
         self.m = machine
         self.p = proxy
@@ -295,6 +297,7 @@ class PassthroughDevice:
     the VMM's emulation, and no message goes to the vfio-user server."""
 
     type_name = "vfio-user-pci"
+    virtio = False
 
     def __init__(self, machine: "Machine", dev: VFIOPCIDevice) -> None:
         self.m = machine

@@ -175,7 +175,7 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
         return [{"bus": 0, "devices": sorted(devs, key=lambda x: (x["slot"], x["function"]))}]
 
     def x_query_virtio() -> list:
-        return [{"path": d.path, "name": d.type_name} for d in target.devices()]
+        return [{"path": d.path, "name": d.type_name} for d in target.devices() if d.virtio]
 
     def x_query_virtio_status(path: str) -> dict:
         return c.by_path(path).virtio_status()

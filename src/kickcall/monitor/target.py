@@ -28,6 +28,7 @@ class DeviceView(Protocol):
     id: str  # qdev id ("blk0")
     path: str  # QOM path of the VirtIODevice ("/machine/peripheral/blk0/virtio-backend")
     type_name: str  # "virtio-blk", "vhost-user-blk", ...
+    virtio: bool  # a VirtIODevice (x-query-virtio lists it); False: a passthrough function
 
     def num_queues(self) -> int: ...
 
