@@ -43,6 +43,15 @@ STAMP_GPA = 0x8000  # a page of low guest memory the guest kernel does not alloc
 GUEST_CPU, VMM_CPU = 0, 1  # placement: the writer side on one core, the consumer on the other
 
 
+def restore_affinity(cpus: set[int]) -> None:
+    """Give every thread of this process the CPU set *cpus* again (after a pinned measurement)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:
+            pass
+
+
 def pin_process(pid: int, cpu: int) -> None:
     """Pin every thread of *pid* (threads it creates later inherit it)."""
     if (os.cpu_count() or 1) < 2:
@@ -347,11 +356,7 @@ def run_notify(quick: bool = False, log=print) -> dict:
         for m in machines:
             m.stop()
         if pinned:
-            for tid in os.listdir("/proc/self/task"):
-                try:
-                    os.sched_setaffinity(int(tid), saved_affinity)
-                except OSError:
-                    pass
+            restore_affinity(saved_affinity)
     out["per_round"] = per_round
     out["floor_separate_processes"] = latency_summary(floor)
     out["floor"] = latency_summary(gfloor)
@@ -593,11 +598,7 @@ def run_vhost_user(quick: bool = False, log=print) -> dict:
         out["profile"] = _profile_top(prof)
     finally:
         if pinned:
-            for tid in os.listdir("/proc/self/task"):
-                try:
-                    os.sched_setaffinity(int(tid), saved)
-                except OSError:
-                    pass
+            restore_affinity(saved)
         shutil.rmtree(workdir, ignore_errors=True)
     summary = {}
     for key, runs in out["runs"].items():

@@ -55,7 +55,8 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from .bench import GUEST_CPU, STAMP_GPA, VMM_CPU, pct, pin_process, latency_summary, machine_description, measure_floor
+from .bench import (GUEST_CPU, STAMP_GPA, VMM_CPU, latency_summary, machine_description, measure_floor, pct,
+                    pin_process, restore_affinity)
 from .child import start_helper
 
 __all__ = ["run_vfio", "render_vfio", "render_vfio_markdown", "VFIO_BLOCK_START", "VFIO_BLOCK_END"]
@@ -501,11 +502,7 @@ def run_vfio(quick: bool = False, log: Log = print) -> dict:
         for rig in rigs:
             rig.stop()
         if pinned:
-            for tid in os.listdir("/proc/self/task"):
-                try:
-                    os.sched_setaffinity(int(tid), saved)
-                except OSError:
-                    pass
+            restore_affinity(saved)
         shutil.rmtree(workdir, ignore_errors=True)
     return out
 

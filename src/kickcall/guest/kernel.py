@@ -502,12 +502,7 @@ class GuestPciDev:
         for i in range(n):
             d = self.k.alloc_irq(f"msix{i}")
             self.vectors.append(d)
-            e = self._msix_table + 16 * i
-            self.k.writel(e + R.PCI_MSIX_ENTRY_VECTOR_CTRL, R.PCI_MSIX_ENTRY_CTRL_MASKBIT)
-            addr = msi_address(d.cpu)
-            self.k.writel(e + R.PCI_MSIX_ENTRY_LOWER_ADDR, addr & 0xFFFFFFFF)
-            self.k.writel(e + R.PCI_MSIX_ENTRY_UPPER_ADDR, addr >> 32)
-            self.k.writel(e + R.PCI_MSIX_ENTRY_DATA, d.vector)
+            self._write_msix_entry(i, d)
         ctl = self.read_config(cap + R.PCI_MSIX_FLAGS, 2)
         self.write_config(cap + R.PCI_MSIX_FLAGS, ctl & ~R.PCI_MSIX_FLAGS_MASKALL, 2)
         self.irq_mode = PCI_IRQ_MSIX
@@ -573,14 +568,18 @@ class GuestPciDev:
         is unmasked when the irq's first handler is requested (``irq_startup``), or by
         ``msix_mask(entry, False)`` for a shared irq."""
         d = desc if desc is not None else self.k.alloc_irq(name or f"msix{entry}")
+        self._write_msix_entry(entry, d)
+        self.late_vectors[entry] = d
+        return d
+
+    def _write_msix_entry(self, entry: int, d: IrqDesc) -> None:
+        """Mask MSI-X entry *entry*, then write the message that reaches irq *d* (``pci_write_msi_msg``)."""
         e = self._msix_table + 16 * entry
         self.k.writel(e + R.PCI_MSIX_ENTRY_VECTOR_CTRL, R.PCI_MSIX_ENTRY_CTRL_MASKBIT)
         addr = msi_address(d.cpu)
         self.k.writel(e + R.PCI_MSIX_ENTRY_LOWER_ADDR, addr & 0xFFFFFFFF)
         self.k.writel(e + R.PCI_MSIX_ENTRY_UPPER_ADDR, addr >> 32)
         self.k.writel(e + R.PCI_MSIX_ENTRY_DATA, d.vector)
-        self.late_vectors[entry] = d
-        return d
 
     def msix_release_vector(self, entry: int) -> None:
         """Mask a late entry and forget it (``pci_msix_free_irq``); its irq is released unless

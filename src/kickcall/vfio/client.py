@@ -27,7 +27,7 @@ from .protocol import (
     RegionAccess, Version, VfioUserCommand, VfioUserError, VfioUserErrorKind, VFIO_USER_F_TYPE_COMMAND,
     send_message, MAX_MSG_FDS_LIMIT,
 )
-from .uapi import VfioDeviceInfo, VfioIrqInfo, VfioIrqSet, VfioIrqSetFlag, VfioRegionInfo
+from .uapi import UapiError, VfioDeviceInfo, VfioIrqInfo, VfioIrqSet, VfioIrqSetFlag, VfioRegionInfo
 
 __all__ = ["VfioUserClient", "VfioRequestError", "ClientMemory", "split_eventfds"]
 
@@ -287,7 +287,12 @@ class VfioUserClient:
             req = VfioRegionInfo.STRUCT.pack(argsz, 0, index, 0, 0, 0)  # argsz: the reply size we take
             rep = self.request(VfioUserCommand.DEVICE_GET_REGION_INFO, req)
             fds = rep.take_fds()
-            info = VfioRegionInfo.unpack(rep.payload)
+            try:
+                info = VfioRegionInfo.unpack(rep.payload)
+            except UapiError as e:  # a server's reply that does not decode: its capability chain, its size
+                for fd in fds:
+                    os.close(fd)
+                raise VfioRequestError("DEVICE_GET_REGION_INFO", errno.EPROTO, f"region {index}: {e}") from None
             if info.argsz > argsz and len(rep.payload) < info.argsz:
                 for fd in fds:
                     os.close(fd)
@@ -296,7 +301,7 @@ class VfioUserClient:
             for fd in fds[1:]:
                 os.close(fd)
             return info, (fds[0] if fds else None)
-        raise VfioRequestError("DEVICE_GET_REGION_INFO", errno.EPROTO, "the region info kept growing")
+        raise VfioRequestError("DEVICE_GET_REGION_INFO", errno.EPROTO, f"region {index}: the info kept growing")
 
     def get_irq_info(self, index: int) -> VfioIrqInfo:
         rep = self.request(VfioUserCommand.DEVICE_GET_IRQ_INFO, VfioIrqInfo(index=index).pack())

@@ -80,9 +80,9 @@ from ..pci import regs as R
 from ..pci.device import PCIDevice
 from ..pci.msix import MSIX
 from .client import VfioRequestError, VfioUserClient
-from .protocol import MAX_MSG_FDS_LIMIT, PayloadError, VfioUserCommand
+from .protocol import MAX_MSG_FDS_LIMIT, PayloadError
 from .uapi import (
-    UapiError, VfioIrqInfo, VfioIrqInfoFlag, VfioIrqSetFlag, VfioPciIrqIndex, VfioPciRegion, VfioRegionInfo,
+    VfioIrqInfo, VfioIrqInfoFlag, VfioIrqSetFlag, VfioPciIrqIndex, VfioPciRegion, VfioRegionInfo,
     VfioRegionInfoFlag,
 )
 
@@ -285,7 +285,7 @@ class VFIOPCIDevice(PCIDevice):
         c = self.client
         try:
             info = c.get_device_info()
-            cfg_info, cfg_fd = self._get_region_info(VfioPciRegion.CONFIG)
+            cfg_info, cfg_fd = self.client.get_region_info(VfioPciRegion.CONFIG)
             if cfg_fd is not None:
                 os.close(cfg_fd)
             if cfg_info.size not in (256, 4096):
@@ -371,7 +371,7 @@ class VFIOPCIDevice(PCIDevice):
             mem64 = not io and reg & 0x6 == R.PCI_BASE_ADDRESS_MEM_TYPE_64
             prefetch = not io and bool(reg & R.PCI_BASE_ADDRESS_MEM_PREFETCH)
             try:
-                info, fd = self._get_region_info(i)
+                info, fd = self.client.get_region_info(i)
             except VfioRequestError:
                 info, fd = VfioRegionInfo(index=i), None
             if info.size:
@@ -389,32 +389,6 @@ class VFIOPCIDevice(PCIDevice):
             elif fd is not None:
                 os.close(fd)
             i += 2 if mem64 else 1
-
-    def _get_region_info(self, index: int) -> tuple[VfioRegionInfo, int | None]:
-        """DEVICE_GET_REGION_INFO with the capability chain: asked with the 32-byte argsz, then
-        again with the argsz the server says it needs.  (``VfioUserClient.get_region_info`` sends
-        ``VfioRegionInfo.pack()``, which always writes the fixed size as argsz, so it never gets
-        the sparse mmap capability; this builds the request itself.)"""
-        argsz = VfioRegionInfo.STRUCT.size
-        for _ in range(2):
-            req = VfioRegionInfo.STRUCT.pack(argsz, 0, index, 0, 0, 0)
-            rep = self.client.request(VfioUserCommand.DEVICE_GET_REGION_INFO, req)
-            fds = rep.take_fds()
-            try:
-                info = VfioRegionInfo.unpack(rep.payload)
-            except UapiError as e:
-                for fd in fds:
-                    os.close(fd)
-                raise VfioRequestError("DEVICE_GET_REGION_INFO", errno.EPROTO, f"region {index}: {e}") from None
-            if info.argsz > argsz and len(rep.payload) < info.argsz:
-                for fd in fds:
-                    os.close(fd)
-                argsz = min(info.argsz, 1 << 16)
-                continue
-            for fd in fds[1:]:
-                os.close(fd)
-            return info, (fds[0] if fds else None)
-        raise VfioRequestError("DEVICE_GET_REGION_INFO", errno.EPROTO, f"region {index}: the info kept growing")
 
     def _map_sparse(self, index: int, info: VfioRegionInfo, fd: int) -> None:
         """mmap the areas the server offers (REGION_INFO_CAP_SPARSE_MMAP) and close the fd."""
