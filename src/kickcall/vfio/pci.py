@@ -787,31 +787,44 @@ class VFIOPCIDevice(PCIDevice):
                 self.msix.notify(v)
 
     # -- INTx ---------------------------------------------------------------------------------------
+    def _bind_eventfd(self, kind: SetIrqsKind, index: VfioPciIrqIndex, flags: int, label: str, role: Role,
+                      note: str) -> EventNotifier | None:
+        """A new eventfd given to the host with SET_IRQS(index, start 0, count 1, *flags*) and
+        registered with the machine's notifiers; None (logged) when the host refuses it."""
+        n = EventNotifier(f"{self.name}.{label}")
+        try:
+            self._set_irqs(kind, index, flags, 0, 1, fds=[n.fileno()])
+        except VfioRequestError as e:
+            log.info("%s: the host refused the %s eventfd: %s", self.name, label, e)
+            n.close()
+            return None
+        self.registry.register(n, self.name, role, note=note)
+        return n
+
+    def _drop_eventfd(self, n: EventNotifier | None) -> None:
+        """Forget an eventfd bound with ``_bind_eventfd``: its main-loop handler, its registry entry, the fd."""
+        if n is None:
+            return
+        if self.iothread is not None:
+            self.iothread.remove_fd_handler(n.fileno())
+        self.registry.unregister(n)
+        n.close()
+
     def _enable_intx(self) -> None:
         info = self.irq_info.get(VfioPciIrqIndex.INTX)
         if self.intx_on or info is None or not info.count or not self.config[R.PCI_INTERRUPT_PIN]:
             return
-        n = EventNotifier(f"{self.name}.intx")
-        try:
-            self._set_irqs(SetIrqsKind.INTX_ENABLE, VfioPciIrqIndex.INTX, _EVENTFD_TRIGGER, 0, 1, fds=[n.fileno()])
-        except VfioRequestError as e:
-            log.warning("%s: INTx not enabled in the host: %s", self.name, e)
-            n.close()
+        n = self._bind_eventfd(SetIrqsKind.INTX_ENABLE, VfioPciIrqIndex.INTX, _EVENTFD_TRIGGER, "intx", Role.GUEST,
+                               "INTx trigger: read by the VMM into the INTx line")
+        if n is None:
             return
-        self.registry.register(n, self.name, Role.GUEST, note="INTx trigger: read by the VMM into the INTx line")
         self._intx = n
         self.intx_on = True
         # the unmask eventfd (vfio's virqfd; KVM's resamplefd in QEMU): the EOI writes it and the
         # host unmasks the line without a message round trip.  Without it, EOI sends SET_IRQS UNMASK.
-        u = EventNotifier(f"{self.name}.intx-unmask")
-        try:
-            self._set_irqs(SetIrqsKind.INTX_UNMASK_FD, VfioPciIrqIndex.INTX, _EVENTFD_UNMASK, 0, 1, fds=[u.fileno()])
-        except VfioRequestError as e:
-            log.info("%s: no INTx unmask eventfd (%s): EOI will send SET_IRQS UNMASK", self.name, e)
-            u.close()
-        else:
-            self.registry.register(u, self.name, Role.HOST, note="INTx unmask (resample): written by the VMM at EOI")
-            self._intx_unmask = u
+        self._intx_unmask = self._bind_eventfd(SetIrqsKind.INTX_UNMASK_FD, VfioPciIrqIndex.INTX, _EVENTFD_UNMASK,
+                                               "intx-unmask", Role.HOST,
+                                               "INTx unmask (resample): written by the VMM at EOI")
         if self.iothread is not None:
             self.iothread.set_fd_handler(n.fileno(), self._intx_interrupt)
 
@@ -822,16 +835,10 @@ class VFIOPCIDevice(PCIDevice):
         info = self.irq_info.get(VfioPciIrqIndex.REQ)
         if info is None or not info.count or self.on_request is None:
             return
-        n = EventNotifier(f"{self.name}.req")
-        try:
-            self._set_irqs(SetIrqsKind.REQ_ENABLE, VfioPciIrqIndex.REQ, _EVENTFD_TRIGGER, 0, 1, fds=[n.fileno()])
-        except VfioRequestError as e:
-            log.info("%s: no REQ notifier: %s", self.name, e)
-            n.close()
-            return
-        self.registry.register(n, self.name, Role.REQ, note="the host asks the VMM to release the device")
+        n = self._bind_eventfd(SetIrqsKind.REQ_ENABLE, VfioPciIrqIndex.REQ, _EVENTFD_TRIGGER, "req", Role.REQ,
+                               "the host asks the VMM to release the device")
         self._req = n
-        if self.iothread is not None:
+        if n is not None and self.iothread is not None:
             self.iothread.set_fd_handler(n.fileno(), self._req_interrupt)
 
     def _req_interrupt(self) -> None:
@@ -845,11 +852,7 @@ class VFIOPCIDevice(PCIDevice):
 
     def _close_req(self) -> None:
         n, self._req = self._req, None
-        if n is not None:
-            if self.iothread is not None:
-                self.iothread.remove_fd_handler(n.fileno())
-            self.registry.unregister(n)
-            n.close()
+        self._drop_eventfd(n)
 
     def _disable_intx(self) -> None:
         if not self.intx_on:
@@ -860,15 +863,9 @@ class VFIOPCIDevice(PCIDevice):
         except VfioRequestError as e:
             log.warning("%s: disabling INTx in the host: %s", self.name, e)
         n, self._intx = self._intx, None
-        if n is not None:
-            if self.iothread is not None:
-                self.iothread.remove_fd_handler(n.fileno())
-            self.registry.unregister(n)
-            n.close()
+        self._drop_eventfd(n)
         u, self._intx_unmask = self._intx_unmask, None
-        if u is not None:
-            self.registry.unregister(u)
-            u.close()
+        self._drop_eventfd(u)  # (no handler: removing none is a no-op)
         if self.intx_pending:
             self.intx_pending = False
             self.set_irq(0)
@@ -937,15 +934,9 @@ class VFIOPCIDevice(PCIDevice):
             self._free_vector(vec)
         self.msix_host_on = False
         n, self._intx = self._intx, None
-        if n is not None:
-            if self.iothread is not None:
-                self.iothread.remove_fd_handler(n.fileno())
-            self.registry.unregister(n)
-            n.close()
+        self._drop_eventfd(n)
         u, self._intx_unmask = self._intx_unmask, None
-        if u is not None:
-            self.registry.unregister(u)
-            u.close()
+        self._drop_eventfd(u)  # (no handler: removing none is a no-op)
         self._close_req()
         self.intx_on = False
         for areas in self._sparse.values():
