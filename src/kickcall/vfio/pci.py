@@ -103,7 +103,7 @@ if TYPE_CHECKING:
     from ..loop import IOThread
 
 __all__ = ["VFIOPCIDevice", "SetIrqsKind", "HostTrigger", "VFIOMSIVector", "GuestRamDma", "DmaMode",
-           "VfioDeviceError", "NORESIZE_LIMIT", "MASK_EMULATION_FIX"]
+           "VfioDeviceError", "NORESIZE_LIMIT", "MASK_EMULATION_FIX", "MSI_PASSTHROUGH"]
 
 log = logging.getLogger("kickcall.vfio.pci")
 
@@ -115,6 +115,11 @@ _t_fatal = trace.event("vfio_fatal", "the passthrough device could not wire a ho
 #: trigger stays on the irqfd, so the host's interrupts reach the guest while the guest has the
 #: vector masked.
 MASK_EMULATION_FIX = "emulate-msix-mask"
+
+#: MSI passthrough (read when a device is realized).  Off: the old behaviour, the MSI capability
+#: with a read-only Enable bit, so a guest's MSI enable does not stick and its interrupts come on
+#: INTx (or nowhere).
+MSI_PASSTHROUGH = True
 
 #: the most vectors the NORESIZE path can enable: one SET_IRQS carries every fd (Linux's SCM_MAX_FD)
 NORESIZE_LIMIT = MAX_MSG_FDS_LIMIT
@@ -392,7 +397,7 @@ class VFIOPCIDevice(PCIDevice):
         self._msi_size = 10 + (4 if self._msi_64 else 0) + (10 if self._msi_maskbit else 0)
         self._emulate(msi, self._msi_size)
         info = self.irq_info.get(VfioPciIrqIndex.MSI)
-        if info is None or not info.count:
+        if info is None or not info.count or not MSI_PASSTHROUGH:
             self.set_config(msi + PCI_MSI_FLAGS, flags & ~(PCI_MSI_FLAGS_ENABLE | PCI_MSI_FLAGS_QSIZE), 2, wmask=0)
             return
         self.msi_cap = msi
