@@ -1076,6 +1076,8 @@ class VFIOPCIDevice(PCIDevice):
         info = self.irq_info.get(VfioPciIrqIndex.INTX)
         if self.intx_on or info is None or not info.count or not self.config[R.PCI_INTERRUPT_PIN]:
             return
+        if self.msi_host_on or self.msix_host_on:  # one of INTx/MSI/MSI-X at a time
+            return
         n = self._bind_eventfd(SetIrqsKind.INTX_ENABLE, VfioPciIrqIndex.INTX, _EVENTFD_TRIGGER, "intx", Role.GUEST,
                                "INTx trigger: read by the VMM into the INTx line")
         if n is None:
