@@ -1,8 +1,11 @@
-"""The guest kernel model: CPUs, interrupts, memory, and the PCI core with MSI-X and INTx.
+"""The guest kernel model: CPUs, interrupts, memory, and the PCI core with MSI-X, MSI and INTx.
 
 Names follow Linux: ``request_irq``/``free_irq``, ``pci_alloc_irq_vectors``, ``pci_irq_vector``,
 ``pci_set_master``, the MSI-X enable sequence (ENABLE|MASKALL, program the table with every entry
-masked, clear MASKALL, unmask each entry when its irq is requested).  Guest code runs on vCPU
+masked, clear MASKALL, unmask each entry when its irq is requested), and MSI's
+(``msi_capability_init``: every vector masked through the mask bits, address and data written
+with the base of a block of ``2**MME`` CPU vectors aligned to its size, MME, INTx off, Enable;
+a vector unmasked when its irq is requested).  Guest code runs on vCPU
 threads; MMIO and port I/O go through the current vCPU (``this_cpu()``), so every access really
 leaves through the hypervisor: an ioeventfd or a heavyweight exit.
 """
@@ -33,6 +36,18 @@ MMIO32_BASE, MMIO32_END = 0xE0000000, 0xFEC00000
 MMIO64_BASE = 0x80_0000_0000
 IO_BASE, IO_END = 0xC000, 0x10000
 PCI_IRQ_INTX, PCI_IRQ_MSI, PCI_IRQ_MSIX = 1, 2, 4
+# MSI capability (Linux pci_regs.h)
+PCI_MSI_FLAGS = 2
+PCI_MSI_FLAGS_ENABLE = 0x0001
+PCI_MSI_FLAGS_QMASK = 0x000E  # Multiple Message Capable
+PCI_MSI_FLAGS_QSIZE = 0x0070  # Multiple Message Enable
+PCI_MSI_FLAGS_64BIT = 0x0080
+PCI_MSI_FLAGS_MASKBIT = 0x0100
+PCI_MSI_ADDRESS_LO = 4
+PCI_MSI_ADDRESS_HI = 8
+PCI_MSI_DATA_32, PCI_MSI_DATA_64 = 8, 12
+PCI_MSI_MASK_32, PCI_MSI_MASK_64 = 12, 16
+PCI_MSI_PENDING_32, PCI_MSI_PENDING_64 = 16, 20
 
 
 class PageAllocator:
@@ -243,6 +258,29 @@ class GuestKernel:
             self._vector_to_irq[vec] = irq
             return d
 
+    def alloc_irq_block(self, n: int, name: str = "") -> list[IrqDesc]:
+        """*n* irqs (a power of two) on *n* consecutive CPU vectors aligned to *n*, all on one CPU:
+        multi-message MSI, whose vector *i* is the data's low bits (``irq_alloc_descs`` with the
+        x86 vector domain's alignment for multi-MSI)."""
+        if n <= 0 or n & (n - 1):
+            raise ValueError("a multi-MSI block is a power of two")
+        with self._irq_mu:
+            used = set(self._vector_to_irq)
+            base = next((b for b in range((FIRST_DEVICE_VECTOR + n - 1) // n * n, LAST_DEVICE_VECTOR + 2 - n, n)
+                         if not used & set(range(b, b + n))), None)
+            if base is None:
+                raise RuntimeError(f"no block of {n} free interrupt vectors")
+            cpu = self._next_vector_cpu % self.ncpus
+            self._next_vector_cpu += 1
+            out = []
+            for i in range(n):
+                d = IrqDesc(self._next_virq, base + i, f"{name}{i}", counts=[0] * self.ncpus, cpu=cpu)
+                self._next_virq += 1
+                self.irqs[d.irq] = d
+                self._vector_to_irq[d.vector] = d.irq
+                out.append(d)
+            return out
+
     def release_irq(self, irq: int) -> None:
         with self._irq_mu:
             d = self.irqs.pop(irq, None)
@@ -385,7 +423,7 @@ class GuestKernel:
 
 
 class GuestPciDev:
-    """The guest's struct pci_dev: config accessors, BARs, MSI-X / INTx vectors, FLR."""
+    """The guest's struct pci_dev: config accessors, BARs, MSI-X / MSI / INTx vectors, FLR."""
 
     def __init__(self, kernel: GuestKernel, devfn: int) -> None:
         self.k = kernel
@@ -397,6 +435,7 @@ class GuestPciDev:
         self.irq_mode = 0
         self.vectors: list[IrqDesc] = []
         self.msix_cap = self.find_capability(R.PCI_CAP_ID_MSIX)
+        self.msi_cap = self.find_capability(R.PCI_CAP_ID_MSI)
         self.exp_cap = self.find_capability(R.PCI_CAP_ID_EXP)
         self._saved: bytes = b""
         self._msix_table = 0
@@ -467,7 +506,7 @@ class GuestPciDev:
         for d in self.vectors:
             for h, _n in list(d.handlers):
                 self.k.free_irq(d.irq, h)
-            if self.irq_mode == PCI_IRQ_MSIX:
+            if self.irq_mode in (PCI_IRQ_MSIX, PCI_IRQ_MSI):
                 self.k.release_irq(d.irq)
         self.vectors = []
         self.irq_mode = 0
@@ -475,13 +514,21 @@ class GuestPciDev:
 
     # -- vectors ------------------------------------------------------------------------------------
     def alloc_irq_vectors(self, min_vecs: int, max_vecs: int, flags: int) -> int:
-        """pci_alloc_irq_vectors: MSI-X if allowed and available, else INTx."""
+        """pci_alloc_irq_vectors: MSI-X if allowed and available, else MSI (a power of two
+        vectors, at most what the capability can do), else INTx."""
         if flags & PCI_IRQ_MSIX and self.msix_cap:
             ctl = self.read_config(self.msix_cap + R.PCI_MSIX_FLAGS, 2)
             table_size = (ctl & R.PCI_MSIX_FLAGS_QSIZE) + 1
             if table_size >= min_vecs:
                 n = min(max_vecs, table_size)
                 self._enable_msix(n)
+                return n
+        if flags & PCI_IRQ_MSI and self.msi_cap:
+            ctl = self.read_config(self.msi_cap + PCI_MSI_FLAGS, 2)
+            n = min(max_vecs, 1 << ((ctl & PCI_MSI_FLAGS_QMASK) >> 1))
+            n = 1 << (n.bit_length() - 1) if n > 0 else 0  # rounded down to a power of two
+            if n >= max(1, min_vecs):
+                self._enable_msi(n)
                 return n
         if flags & PCI_IRQ_INTX and self.irq_line and min_vecs <= 1:
             self.vectors = [self.k.gsi_irq(self.irq_line)]
@@ -509,7 +556,67 @@ class GuestPciDev:
         # INTx off while MSI-X is on
         self.write_config(R.PCI_COMMAND, self.read_config(R.PCI_COMMAND, 2) | R.PCI_COMMAND_INTX_DISABLE, 2)
 
+    # -- MSI --------------------------------------------------------------------------------------------
+    def _msi_regs(self) -> tuple[int, bool, bool]:
+        """(Message Control, 64-bit, per-vector masking) of the MSI capability."""
+        ctl = self.read_config(self.msi_cap + PCI_MSI_FLAGS, 2)
+        return ctl, bool(ctl & PCI_MSI_FLAGS_64BIT), bool(ctl & PCI_MSI_FLAGS_MASKBIT)
+
+    def _msi_mask_off(self) -> int:
+        _ctl, is64, maskbit = self._msi_regs()
+        return (self.msi_cap + (PCI_MSI_MASK_64 if is64 else PCI_MSI_MASK_32)) if maskbit else 0
+
+    def _enable_msi(self, n: int) -> None:
+        """``msi_capability_init``: every vector masked, the message written (address of the block's
+        CPU, data = the block's first CPU vector), MME = log2(n), INTx off, then Enable."""
+        cap = self.msi_cap
+        ctl, is64, maskbit = self._msi_regs()
+        descs = self.k.alloc_irq_block(n, "msi")
+        if maskbit:  # "All MSIs are unmasked by default; mask them all" (msi_multi_mask)
+            self.write_config(self._msi_mask_off(), (1 << (1 << ((ctl & PCI_MSI_FLAGS_QMASK) >> 1))) - 1, 4)
+        addr = msi_address(descs[0].cpu)
+        self.write_config(cap + PCI_MSI_ADDRESS_LO, addr & 0xFFFFFFFF, 4)
+        if is64:
+            self.write_config(cap + PCI_MSI_ADDRESS_HI, addr >> 32, 4)
+        self.write_config(cap + (PCI_MSI_DATA_64 if is64 else PCI_MSI_DATA_32), descs[0].vector, 2)
+        ctl = ctl & ~PCI_MSI_FLAGS_QSIZE | ((n.bit_length() - 1) << 4)
+        self.write_config(cap + PCI_MSI_FLAGS, ctl, 2)
+        self.vectors = descs
+        self.late_vectors = {}
+        self.irq_mode = PCI_IRQ_MSI
+        self.write_config(R.PCI_COMMAND, self.read_config(R.PCI_COMMAND, 2) | R.PCI_COMMAND_INTX_DISABLE, 2)
+        self.write_config(cap + PCI_MSI_FLAGS, ctl | PCI_MSI_FLAGS_ENABLE, 2)
+
+    def msi_mask(self, nr: int, masked: bool) -> None:
+        """Set or clear MSI vector *nr*'s mask bit (``pci_msi_mask``/``pci_msi_unmask``); a no-op
+        on a capability without per-vector masking, as on Linux."""
+        off = self._msi_mask_off()
+        if not off:
+            return
+        bits = self.read_config(off, 4)
+        bits = bits | (1 << nr) if masked else bits & ~(1 << nr)
+        self.write_config(off, bits, 4)
+
+    def read_msi_pending(self) -> int:
+        """The MSI capability's Pending Bits (0 without per-vector masking)."""
+        off = self._msi_mask_off()
+        return self.read_config(off + 4, 4) if off else 0
+
+    def _disable_msi(self) -> None:
+        """``pci_msi_shutdown``: Enable cleared, INTx back on, every vector masked."""
+        cap = self.msi_cap
+        ctl, _is64, _maskbit = self._msi_regs()
+        self.write_config(cap + PCI_MSI_FLAGS, ctl & ~PCI_MSI_FLAGS_ENABLE, 2)
+        self.write_config(R.PCI_COMMAND, self.read_config(R.PCI_COMMAND, 2) & ~R.PCI_COMMAND_INTX_DISABLE, 2)
+        off = self._msi_mask_off()
+        if off:
+            self.write_config(off, (1 << (1 << ((ctl & PCI_MSI_FLAGS_QMASK) >> 1))) - 1, 4)
+
     def free_irq_vectors(self) -> None:
+        if self.irq_mode == PCI_IRQ_MSI:
+            self._disable_msi()
+            for d in self.vectors:
+                self.k.release_irq(d.irq)
         if self.irq_mode == PCI_IRQ_MSIX:
             cap = self.msix_cap
             ctl = self.read_config(cap + R.PCI_MSIX_FLAGS, 2)
@@ -527,7 +634,8 @@ class GuestPciDev:
         return self.vectors[nr].irq
 
     def _entry_for_irq(self, irq: int) -> int | None:
-        if self.irq_mode != PCI_IRQ_MSIX:
+        """The MSI-X entry, or MSI vector, behind *irq* (None: not one of ours)."""
+        if self.irq_mode not in (PCI_IRQ_MSIX, PCI_IRQ_MSI):
             return None
         for i, d in enumerate(self.vectors):
             if d.irq == irq:
@@ -596,14 +704,22 @@ class GuestPciDev:
         behind it, if it is one of ours (Linux: ``irq_startup`` -> ``pci_msi_unmask_irq``)."""
         i = self._entry_for_irq(irq)
         if i is not None:
-            self.msix_mask(i, False)
+            self.vector_mask(i, False)
 
     def irq_shutdown(self, irq: int) -> None:
         """The IRQ core shut *irq* down (its last handler was freed): mask the MSI-X entry behind
         it, if it is one of ours (Linux: ``irq_shutdown`` -> ``pci_msi_mask_irq``)."""
         i = self._entry_for_irq(irq)
         if i is not None:
-            self.msix_mask(i, True)
+            self.vector_mask(i, True)
+
+    def vector_mask(self, nr: int, masked: bool) -> None:
+        """Mask or unmask vector *nr* in the mode in use (``pci_msi_mask_irq``): an MSI-X entry's
+        Vector Control, or an MSI mask bit."""
+        if self.irq_mode == PCI_IRQ_MSI:
+            self.msi_mask(nr, masked)
+        else:
+            self.msix_mask(nr, masked)
 
     def msix_mask(self, entry: int, masked: bool) -> None:
         """Set or clear an entry's Vector Control mask bit (an MMIO write to the table)."""

@@ -7,6 +7,11 @@ with ``request_queue_irq`` (``pci_msix_alloc_irq_at`` + ``request_irq``, which u
 while other queues may be busy.  Without MSI-X (or with ``allow_msix=False``) the queues share
 INTx: the handler reads INT_STATUS (read-to-clear) and serves the queues whose bits are set.
 
+In MSI mode (``mode="msi"``), the probe allocates MSI with as many vectors as queues
+(``pci_alloc_irq_vectors(1, nq, PCI_IRQ_MSI)``: a power of two, at most 32) with every vector
+masked; queue *q* raises MSI vector ``q % nvec`` and ``request_queue_irq`` requests that vector's
+irq (the first handler unmasks it through the capability's mask bits).
+
 A queue's interrupt handler consumes the queue's completion records in order: a record is the
 next one when its ``seq`` is the one expected and its ``queue`` field is the queue's (a record
 still being written is left for the interrupt that follows it); then it writes CONSUMER, which
@@ -25,12 +30,17 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from ..pci import regs as R
 from ..vfio import nic as N
-from .kernel import PCI_IRQ_INTX, GuestKernel, GuestPciDev, IrqDesc
+from .kernel import PCI_IRQ_INTX, PCI_IRQ_MSI, GuestKernel, GuestPciDev, IrqDesc
 
-__all__ = ["NicDriver", "is_kickcall_nic"]
+__all__ = ["NicDriver", "is_kickcall_nic", "NIC_IRQ_MODES"]
+
+#: the interrupt modes the driver can be asked for: MSI-X if the function has it (else INTx),
+#: MSI, or INTx
+NIC_IRQ_MODES = ("msix", "msi", "intx")
 
 log = logging.getLogger("kickcall.guest.nic")
 
@@ -53,6 +63,7 @@ class _Queue:
     gaps: int = 0
     bad_records: int = 0
     irq: IrqDesc | None = None
+    handler: Callable[[int], bool] | None = None  # what request_queue_irq registered (for free_irq)
 
     def describe(self) -> dict:
         return {"queue": self.index, "ring": self.ring, "size": self.size, "consumed": self.consumed,
@@ -63,9 +74,15 @@ class _Queue:
 class NicDriver:
     """kickcall-nic's driver: rings in guest RAM, late MSI-X vectors or shared INTx."""
 
-    def __init__(self, k: GuestKernel, pci: GuestPciDev, *, ring_size: int = 256, allow_msix: bool = True) -> None:
+    def __init__(self, k: GuestKernel, pci: GuestPciDev, *, ring_size: int = 256, allow_msix: bool = True,
+                 irq_mode: str = "msix") -> None:
+        """*irq_mode*: ``"msix"`` (MSI-X if the function has it, else INTx), ``"msi"`` or
+        ``"intx"``; ``allow_msix=False`` is ``"intx"``."""
         if ring_size <= 0 or ring_size & (ring_size - 1):
             raise ValueError("ring_size must be a power of two")
+        if irq_mode not in NIC_IRQ_MODES:
+            raise ValueError(f"irq_mode must be one of {', '.join(NIC_IRQ_MODES)}")
+        self.irq_mode = irq_mode if allow_msix or irq_mode == "msi" else "intx"
         self.k = k
         self.pci = pci
         self.ring_size = ring_size
@@ -73,6 +90,7 @@ class NicDriver:
         self.bar0 = 0
         self.queues: list[_Queue] = []
         self.table_size = 0
+        self.msi_nvec = 0
         self.mode = "none"
         self._mu = threading.Lock()
         self.interrupts: dict[int, int] = {}  # MSI-X entry -> interrupts taken
@@ -101,7 +119,14 @@ class NicDriver:
             self.k.writel(base + N.Q_RING_HI, ring >> 32)
             self.k.writel(base + N.Q_SIZE, self.ring_size)
             self.k.writel(base + N.Q_VECTOR, q % max(1, self.table_size))
-        if self.allow_msix and p.msix_cap:
+        if self.irq_mode == "msi":
+            if not p.msi_cap:
+                raise RuntimeError(f"{p!r}: no MSI capability")
+            self.msi_nvec = p.alloc_irq_vectors(1, min(nq, 32), PCI_IRQ_MSI)
+            for q in range(nq):
+                self.k.writel(self._qreg(q) + N.Q_VECTOR, q % self.msi_nvec)
+            self.mode = "msi"
+        elif self.irq_mode == "msix" and p.msix_cap:
             p.msix_enable_masked()
             self.mode = "msix"
         elif p.irq_line:
@@ -123,19 +148,27 @@ class NicDriver:
         self.k.writel(self._qreg(q) + N.Q_ENABLE, 1 if on else 0)
 
     def request_queue_irq(self, q: int) -> int:
-        """Bring queue *q*'s MSI-X vector up now (entry = the queue's VECTOR register) and enable the
-        queue.  Returns the irq."""
-        if self.mode != "msix":
-            raise RuntimeError("the driver is not using MSI-X")
+        """Bring queue *q*'s vector up now and request its irq: its MSI-X entry (= the queue's
+        VECTOR register), or in MSI mode MSI vector ``q % nvec`` (several queues may share it:
+        one handler each).  Returns the irq."""
+        if self.mode not in ("msix", "msi"):
+            raise RuntimeError("the driver is using neither MSI-X nor MSI")
         qu = self.queues[q]
-        entry = q % max(1, self.table_size)
-        d = self.pci.msix_setup_vector(entry, name=f"kickcall-nic-q{q}")
+        if qu.irq is not None:
+            return qu.irq.irq
+        if self.mode == "msi":
+            entry = q % self.msi_nvec
+            d = self.pci.vectors[entry]
+        else:
+            entry = q % max(1, self.table_size)
+            d = self.pci.msix_setup_vector(entry, name=f"kickcall-nic-q{q}")
         qu.irq = d
         self.interrupts.setdefault(entry, 0)
         self.empty.setdefault(entry, 0)
 
         def handler(_irq: int) -> bool:
             return self._msix_handler(q, entry)
+        qu.handler = handler
         self.k.request_irq(d.irq, handler, f"kickcall-nic-q{q}")
         return d.irq
 
@@ -164,6 +197,11 @@ class NicDriver:
         if qu.irq is None:
             return
         d, qu.irq = qu.irq, None
+        if self.mode == "msi":  # the vector stays allocated; its last handler's free_irq masks it
+            if qu.handler is not None:
+                self.k.free_irq(d.irq, qu.handler)
+            qu.handler = None
+            return
         for h, _n in list(d.handlers):
             self.k.free_irq(d.irq, h)
         self.pci.msix_release_vector(q % max(1, self.table_size))
@@ -184,6 +222,10 @@ class NicDriver:
         if not self.consume(q):
             self.empty[entry] = self.empty.get(entry, 0) + 1
         return True
+
+    def mask_vector(self, nr: int, masked: bool) -> None:
+        """Mask or unmask MSI-X entry / MSI vector *nr* in the mode the driver uses."""
+        self.pci.vector_mask(nr, masked)
 
     def _intx_handler(self, _irq: int) -> bool:
         if self.mode != "intx":
@@ -236,14 +278,14 @@ class NicDriver:
         return out
 
     def stats(self) -> dict:
+        pba = self.pci.read_pba() if self.mode == "msix" else self.pci.read_msi_pending() if self.mode == "msi" else 0
         with self._mu:
-            return {"mode": self.mode, "table-size": self.table_size,
+            return {"mode": self.mode, "table-size": self.table_size, "msi-vectors": self.msi_nvec,
                     "queues": [qu.describe() for qu in self.queues],
                     "interrupts": {str(k): v for k, v in sorted(self.interrupts.items())},
                     "empty-interrupts": {str(k): v for k, v in sorted(self.empty.items())},
                     "intx-interrupts": self.intx_interrupts, "intx-unexpected": self.intx_unexpected,
-                    "spare-interrupts": self.spare_interrupts,
-                    "pba": self.pci.read_pba() if self.mode == "msix" else 0}
+                    "spare-interrupts": self.spare_interrupts, "pba": pba}
 
     def teardown(self) -> None:
         for qu in self.queues:

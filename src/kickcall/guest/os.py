@@ -46,7 +46,7 @@ class _Dev:
         elif isinstance(drv, VirtioNetDriver):
             d.update(pairs=drv.pairs, rx=drv.rx_packets, tx=drv.tx_packets)
         elif isinstance(drv, NicDriver):
-            d.update(mode=drv.mode, queues=len(drv.queues), table_size=drv.table_size)
+            d.update(mode=drv.mode, queues=len(drv.queues), table_size=drv.table_size, msi_vectors=drv.msi_nvec)
         if self.vdev is not None:
             d["irq_mode"] = {0: "none", 1: "intx", 4: "msix"}.get(self.vdev.irq_mode, "?")
             d["vqs"] = [{"index": v.index, "kicks": v.kicks, "kicks_suppressed": v.kicks_suppressed,
@@ -140,8 +140,8 @@ class GuestOS:
         d.driver.probe()
         self.k.printk(f"{d.kind} at slot {d.slot}: {d.describe()}")
 
-    def _probe_nic(self, d: _Dev, msix: bool = True) -> None:
-        drv = NicDriver(self.k, d.pci, ring_size=self.nic_ring_size, allow_msix=msix)
+    def _probe_nic(self, d: _Dev, msix: bool = True, irq_mode: str = "msix") -> None:
+        drv = NicDriver(self.k, d.pci, ring_size=self.nic_ring_size, allow_msix=msix, irq_mode=irq_mode)
         d.kind = "kickcall-nic"
         d.driver = drv
         drv.probe()
@@ -186,9 +186,19 @@ class GuestOS:
         return {}
 
     def cmd_nic_mask(self, slot: int, entry: int, masked: bool) -> dict:
+        """Mask or unmask MSI-X entry (or, in MSI mode, MSI vector) *entry*."""
         d = self._dev(slot)
-        d.pci.msix_mask(entry, masked)
+        d.pci.vector_mask(int(entry), bool(masked))
         return {}
+
+    def cmd_nic_reprobe(self, slot: int, mode: str = "msix") -> dict:
+        """Unbind the kickcall-nic driver (queues off, irqs freed, MSI/MSI-X disabled) and bind it
+        again with interrupt mode *mode*: ``"msix"``, ``"msi"`` or ``"intx"`` (as a driver's
+        module parameter would choose, e.g. ``pci=nomsi`` / a driver's ``use_msi``)."""
+        d = self._dev(slot)
+        self._nic(slot).teardown()
+        self._probe_nic(d, irq_mode=str(mode))
+        return d.describe()
 
     def cmd_pci_unplug(self, slot: int) -> dict:
         """The platform asks to remove the function in *slot* (an attention button, an ACPI eject):

@@ -52,8 +52,20 @@ asserted is the end of interrupt: the line is deasserted and the host unmasked b
 unmask eventfd registered with SET_IRQS(INTX, EVENTFD|UNMASK) (vfio's virqfd; the role KVM's
 resamplefd plays in QEMU), or with SET_IRQS(INTX, DATA_NONE|UNMASK) when the host refuses one.
 
-Not done: MSI (not MSI-X) passthrough.  The MSI capability is emulated with its Enable bit
-read-only, so a guest driver falls back to MSI-X or INTx; the ROM BAR reads as absent.
+MSI (``vfio_msi_enable`` / ``vfio_msi_disable`` / ``vfio_update_msi``): the VMM emulates the MSI
+capability (the guest's Enable, MME, address, data, mask bits; the pending bits are the VMM's).
+On the guest's Enable, INTx (or MSI-X) goes off and one SET_IRQS(MSI, start 0, count 2**MME,
+DATA_EVENTFD|ACTION_TRIGGER) carries one eventfd per vector: the irqfd-bound one, on an MSI route
+(address, data | v), or the VMM's interrupt eventfd for a vector the guest has masked.  Enable
+cleared: SET_IRQS(MSI, DATA_NONE|TRIGGER, count 0) and INTx back on.  A change of address or data
+while enabled updates the routes; a change of MME while enabled is ignored (as QEMU does: a
+guest sets it before Enable).  Per-vector masking cannot be done in the host either, so it is
+emulated as for MSI-X (same fix, ``MASK_EMULATION_FIX``): a masked vector's trigger is switched
+to the VMM's eventfd, whose signal sets the vector's pending bit; on unmask the trigger goes back
+to the irqfd and a pending bit is delivered once.  Host exhaustion on the enable stops the VM as
+for MSI-X (``on_fatal``, index ``MSI``).
+
+The ROM BAR reads as absent.
 
 Locking: every method runs with the machine's big lock held (a vCPU's exit, a main-loop handler, a
 QMP handler that took it), as ``VirtIOPCIProxy``'s do.
@@ -91,7 +103,7 @@ if TYPE_CHECKING:
     from ..loop import IOThread
 
 __all__ = ["VFIOPCIDevice", "SetIrqsKind", "HostTrigger", "VFIOMSIVector", "GuestRamDma", "DmaMode",
-           "VfioDeviceError", "NORESIZE_LIMIT", "MASK_EMULATION_FIX"]
+           "VfioDeviceError", "NORESIZE_LIMIT", "MASK_EMULATION_FIX", "MSI_PASSTHROUGH"]
 
 log = logging.getLogger("kickcall.vfio.pci")
 
@@ -99,9 +111,15 @@ _t_vector = trace.event("vfio_msix_vector", "the passthrough device rewired an M
 _t_fatal = trace.event("vfio_fatal", "the passthrough device could not wire a host interrupt")
 
 #: The per-device fix (``VFIOPCIDevice.faults``) that switches a masked vector's host trigger to the
-#: VMM's eventfd (QEMU's masked-vector emulation).  Off, the trigger stays on the irqfd, so the
-#: host's interrupts reach the guest while the guest has the vector masked.
+#: VMM's eventfd (QEMU's masked-vector emulation; MSI-X entries and MSI mask bits alike).  Off, the
+#: trigger stays on the irqfd, so the host's interrupts reach the guest while the guest has the
+#: vector masked.
 MASK_EMULATION_FIX = "emulate-msix-mask"
+
+#: MSI passthrough (read when a device is realized).  Off: the old behaviour, the MSI capability
+#: with a read-only Enable bit, so a guest's MSI enable does not stick and its interrupts come on
+#: INTx (or nowhere).
+MSI_PASSTHROUGH = True
 
 #: the most vectors the NORESIZE path can enable: one SET_IRQS carries every fd (Linux's SCM_MAX_FD)
 NORESIZE_LIMIT = MAX_MSG_FDS_LIMIT
@@ -113,8 +131,13 @@ _EVENTFD_UNMASK = VfioIrqSetFlag.DATA_EVENTFD | VfioIrqSetFlag.ACTION_UNMASK
 
 PCI_ROM_ADDRESS = 0x30
 PCI_MSI_FLAGS = 2
+PCI_MSI_FLAGS_ENABLE = 0x0001
+PCI_MSI_FLAGS_QMASK = 0x000E
+PCI_MSI_FLAGS_QSIZE = 0x0070
 PCI_MSI_FLAGS_64BIT = 0x0080
 PCI_MSI_FLAGS_MASKBIT = 0x0100
+PCI_MSI_ADDRESS_LO = 4
+PCI_MSI_ADDRESS_HI = 8
 
 
 class DmaMode(enum.StrEnum):
@@ -138,6 +161,10 @@ class SetIrqsKind(enum.StrEnum):
     INTX_UNMASK_FD = "intx-unmask-eventfd"
     REQ_ENABLE = "req-enable"
     INTX_DISABLE = "intx-disable"
+    MSI_ENABLE = "msi-enable"  # MSI on: start 0, count 2**MME, one eventfd per vector
+    MSI_DISABLE = "msi-disable"  # MSI off (DATA_NONE|TRIGGER, count 0)
+    MSI_VECTOR_SWITCH_TO_IRQFD = "msi-vector-switch-to-irqfd"  # MSI mask bit cleared
+    MSI_VECTOR_SWITCH_TO_USERSPACE = "msi-vector-switch-to-userspace"  # MSI mask bit set
 
 
 class HostTrigger(enum.StrEnum):
@@ -167,9 +194,10 @@ class _Fatal(Exception):
 
 @dataclass
 class VFIOMSIVector:
-    """One MSI-X vector's host side (QEMU's ``VFIOMSIVector``)."""
+    """One MSI-X or MSI vector's host side (QEMU's ``VFIOMSIVector``)."""
 
     nr: int
+    index: int = VfioPciIrqIndex.MSIX  # MSIX or MSI
     use: bool = False
     interrupt: EventNotifier | None = None
     """The VMM's own eventfd (``vector->interrupt``): the host's trigger while the vector is masked
@@ -252,6 +280,17 @@ class VFIOPCIDevice(PCIDevice):
         self.vectors: list[VFIOMSIVector] = []
         self.nr_vectors = 0  # QEMU's vdev->nr_vectors: the highest vector wired + 1
         self.msix_host_on = False
+        # MSI: the capability's layout (0: none), the guest's last Enable and mask bits seen, the
+        # host's vectors while enabled
+        self.msi_cap = 0
+        self._msi_size = 0
+        self._msi_64 = False
+        self._msi_maskbit = False
+        self._msi_guest_on = False
+        self._msi_guest_mask = 0
+        self.msi_vectors: list[VFIOMSIVector] = []
+        self.msi_host_on = False
+        self.msi_pending_delivered = 0  # pending bits delivered on unmask
         self.intx_on = False
         self.intx_pending = False
         self.intx_interrupts = 0
@@ -314,13 +353,7 @@ class VFIOPCIDevice(PCIDevice):
                     self.irq_info[idx] = c.get_irq_info(idx)
                 except VfioRequestError:
                     self.irq_info[idx] = VfioIrqInfo(index=idx)
-        # MSI: emulated, Enable read-only (MSI passthrough is not done)
-        msi = self.find_capability(R.PCI_CAP_ID_MSI)
-        if msi:
-            flags = self.get16(msi + PCI_MSI_FLAGS)
-            size = 10 + (4 if flags & PCI_MSI_FLAGS_64BIT else 0) + (10 if flags & PCI_MSI_FLAGS_MASKBIT else 0)
-            self._emulate(msi, size)
-            self.set_config(msi + PCI_MSI_FLAGS, flags & ~0x0071, 2, wmask=0)
+        self._realize_msi()
         # MSI-X: the guest's view, emulated by MSIX on this function's own capability
         cap = self.find_capability(R.PCI_CAP_ID_MSIX)
         msix_info = self.irq_info.get(VfioPciIrqIndex.MSIX)
@@ -350,6 +383,41 @@ class VFIOPCIDevice(PCIDevice):
         self._dma_map_ram()
         self._enable_intx()
         self._enable_req()
+
+    def _realize_msi(self) -> None:
+        """The MSI capability, emulated (``vfio_msi_setup`` / ``msi_init``): Enable and MME, the
+        address, the data and the mask bits are the guest's to write, the pending bits the VMM's;
+        without MSI in the host's IRQ info, Enable stays read-only (the guest uses MSI-X or INTx)."""
+        msi = self.find_capability(R.PCI_CAP_ID_MSI)
+        if not msi:
+            return
+        flags = self.get16(msi + PCI_MSI_FLAGS)
+        self._msi_64 = bool(flags & PCI_MSI_FLAGS_64BIT)
+        self._msi_maskbit = bool(flags & PCI_MSI_FLAGS_MASKBIT)
+        self._msi_size = 10 + (4 if self._msi_64 else 0) + (10 if self._msi_maskbit else 0)
+        self._emulate(msi, self._msi_size)
+        info = self.irq_info.get(VfioPciIrqIndex.MSI)
+        if info is None or not info.count or not MSI_PASSTHROUGH:
+            self.set_config(msi + PCI_MSI_FLAGS, flags & ~(PCI_MSI_FLAGS_ENABLE | PCI_MSI_FLAGS_QSIZE), 2, wmask=0)
+            return
+        self.msi_cap = msi
+        self._msi_reset_regs()
+
+    def _msi_reset_regs(self) -> None:
+        """The guest's view of the MSI capability at reset: disabled, MME 0, all zero (``msi_reset``)."""
+        c = self.msi_cap
+        flags = self.get16(c + PCI_MSI_FLAGS) & ~(PCI_MSI_FLAGS_ENABLE | PCI_MSI_FLAGS_QSIZE)
+        self.set_config(c + PCI_MSI_FLAGS, flags, 2, wmask=PCI_MSI_FLAGS_ENABLE | PCI_MSI_FLAGS_QSIZE)
+        self.set_config(c + PCI_MSI_ADDRESS_LO, 0, 4, wmask=0xFFFFFFFC)
+        if self._msi_64:
+            self.set_config(c + PCI_MSI_ADDRESS_HI, 0, 4, wmask=0xFFFFFFFF)
+        self.set_config(self._msi_data_off, 0, 2, wmask=0xFFFF)
+        if self._msi_maskbit:
+            self.set_config(self._msi_data_off + 2, 0, 2, wmask=0)
+            self.set_config(self._msi_mask_off, 0, 4, wmask=(1 << self.msi_max_vectors) - 1)
+            self.set_config(self._msi_mask_off + 4, 0, 4, wmask=0)  # pending: the VMM's
+        self._msi_guest_on = False
+        self._msi_guest_mask = 0
 
     def _emulate(self, off: int, size: int) -> None:
         for i in range(off, min(off + size, self.config_size)):
@@ -465,6 +533,8 @@ class VFIOPCIDevice(PCIDevice):
         super().config_write(addr, value, size)
 
     def write_config_hook(self, addr: int, value: int, size: int) -> None:
+        if self.msi_cap and addr < self.msi_cap + self._msi_size and self.msi_cap < addr + size:
+            self._msi_config_written()
         m = self.msix
         if m is None or not (addr < m.cap + R.PCI_CAP_MSIX_SIZEOF and m.cap < addr + size):
             return
@@ -544,18 +614,23 @@ class VFIOPCIDevice(PCIDevice):
                   fds: list[int] | None = None) -> None:
         self.client.set_irqs(index, flags, start, count, fds=fds)
         self.set_irqs_counts[kind.value] += 1
-        if _t_vector.enabled and index == VfioPciIrqIndex.MSIX:
+        if _t_vector.enabled and index in (VfioPciIrqIndex.MSIX, VfioPciIrqIndex.MSI):
             _t_vector.emit(dev=self.name, kind=kind.value, start=start, count=count)
 
-    def _fail(self, vector: int, e: VfioRequestError | _Fatal, kind: SetIrqsKind | str) -> None:
+    def _fail(self, vector: int, e: VfioRequestError | _Fatal, kind: SetIrqsKind | str,
+              index: int = VfioPciIrqIndex.MSIX) -> None:
         """A vector could not be wired: record why and have the machine stop the VM."""
         err = e.errno
-        ev = {"device": self.name, "vector": vector, "errno": err, "error": errno.errorcode.get(err, str(err)),
-              "path": "noresize" if self.noresize else "dynamic", "kind": str(kind), "reason": str(e)}
+        msi = index == VfioPciIrqIndex.MSI
+        ev = {"device": self.name, "index": VfioPciIrqIndex(index).name, "vector": vector, "errno": err,
+              "error": errno.errorcode.get(err, str(err)),
+              "path": "msi" if msi else "noresize" if self.noresize else "dynamic", "kind": str(kind),
+              "reason": str(e)}
         if self.fatal is None:
             self.fatal = ev
         self.fatal_events.append(ev)
-        log.error("%s: MSI-X vector %d cannot be wired in the host (%s): %s", self.name, vector, ev["error"], e)
+        log.error("%s: %s vector %d cannot be wired in the host (%s): %s", self.name, ev["index"], vector,
+                  ev["error"], e)
         if _t_fatal.enabled:
             _t_fatal.emit(dev=self.name, vector=vector, errno=err)
         if self.on_fatal is not None:
@@ -570,6 +645,7 @@ class VFIOPCIDevice(PCIDevice):
         wired, then the vectors the guest already unmasked."""
         m = self.msix
         assert m is not None
+        self._msi_disable()  # one of INTx/MSI/MSI-X at a time (vfio_disable_interrupts)
         self._disable_intx()
         m.set_vector_notifiers(self._vector_use, self._vector_release, self._vector_poll)
         if not self._enable_no_vec():
@@ -603,14 +679,20 @@ class VFIOPCIDevice(PCIDevice):
             self._free_vector(vec)
         self.nr_vectors = 0
 
+    @staticmethod
+    def _label(vec: VFIOMSIVector) -> str:
+        return f"{'msi' if vec.index == VfioPciIrqIndex.MSI else 'msix'}{vec.nr}"
+
     def _ensure_interrupt(self, vec: VFIOMSIVector) -> EventNotifier:
         if vec.interrupt is None:
-            n = EventNotifier(f"{self.name}.msix{vec.nr}.interrupt")
+            msi = vec.index == VfioPciIrqIndex.MSI
+            n = EventNotifier(f"{self.name}.{self._label(vec)}.interrupt")
             self.registry.register(n, self.name, Role.MASKED, vector=vec.nr,
-                                   note="VFIO userspace trigger: read by the VMM into msix_notify")
+                                   note=f"VFIO userspace trigger: read by the VMM into {'msi' if msi else 'msix'}_notify")
             vec.interrupt = n
             if self.iothread is not None:
-                self.iothread.set_fd_handler(n.fileno(), functools.partial(self._msix_interrupt, vec.nr))
+                handler = self._msi_interrupt if msi else self._msix_interrupt
+                self.iothread.set_fd_handler(n.fileno(), functools.partial(handler, vec.nr))
         return vec.interrupt
 
     def _ensure_irqfd(self, vec: VFIOMSIVector, address: int, data: int) -> None:
@@ -628,7 +710,7 @@ class VFIOPCIDevice(PCIDevice):
         except HypervisorError as e:
             log.warning("%s: vector %d falls back to the userspace path: %s", self.name, vec.nr, e)
             return
-        n = EventNotifier(f"{self.name}.msix{vec.nr}.irqfd")
+        n = EventNotifier(f"{self.name}.{self._label(vec)}.irqfd")
         try:
             self.vm.irqfd(n, gsi)
         except HypervisorError as e:
@@ -684,15 +766,12 @@ class VFIOPCIDevice(PCIDevice):
             if self.noresize and resizing:
                 self._noresize_grow(v)
             elif vec.trigger != target:
-                fd = vec.kvm_interrupt if target == HostTrigger.IRQFD else vec.interrupt
-                assert fd is not None
                 kind = SetIrqsKind.VECTOR_ADD if vec.trigger == HostTrigger.NONE else SetIrqsKind.VECTOR_SWITCH_TO_IRQFD
                 try:
-                    self._set_irqs(kind, VfioPciIrqIndex.MSIX, _EVENTFD_TRIGGER, v, 1, fds=[fd.fileno()])
+                    self._set_vector_trigger(vec, target, kind)
                 except VfioRequestError as e:
                     self._fail(v, e, kind)
                     return
-                vec.trigger = target
             if resizing:
                 self.nr_vectors = v + 1
         finally:
@@ -750,20 +829,30 @@ class VFIOPCIDevice(PCIDevice):
         m = self.msix
         if m is None or not m.enabled or not self.msix_host_on:
             return  # MSI-X is going away: the index is disabled next
-        vec = self.vectors[v]
+        self._park_masked_vector(self.vectors[v], SetIrqsKind.VECTOR_SWITCH_TO_USERSPACE)
+
+    def _set_vector_trigger(self, vec: VFIOMSIVector, target: HostTrigger, kind: SetIrqsKind) -> None:
+        """Point the host's trigger for *vec* at *target*'s eventfd: SET_IRQS(MSI-X or MSI,
+        start=v, count=1, EVENTFD|TRIGGER).  ``VfioRequestError`` when the host refuses it."""
+        n = vec.kvm_interrupt if target == HostTrigger.IRQFD else vec.interrupt
+        assert n is not None
+        self._set_irqs(kind, vec.index, _EVENTFD_TRIGGER, vec.nr, 1, fds=[n.fileno()])
+        vec.trigger = target
+
+    def _park_masked_vector(self, vec: VFIOMSIVector, kind: SetIrqsKind) -> None:
+        """The guest masked *vec* (``vfio_msix_vector_release``): its host trigger goes from the
+        irqfd to the VMM's interrupt eventfd (unless ``MASK_EMULATION_FIX`` is off).  A refusal is
+        not fatal: the trigger stays on the irqfd, so interrupts arrive while masked (no loss)."""
         if vec.trigger != HostTrigger.IRQFD or not self.faults.fix_on(MASK_EMULATION_FIX):
             return
-        intr = self._ensure_interrupt(vec)
+        self._ensure_interrupt(vec)
         try:
-            self._set_irqs(SetIrqsKind.VECTOR_SWITCH_TO_USERSPACE, VfioPciIrqIndex.MSIX, _EVENTFD_TRIGGER, v, 1,
-                           fds=[intr.fileno()])
+            self._set_vector_trigger(vec, HostTrigger.USERSPACE, kind)
         except VfioRequestError as e:
-            # the trigger still points at the irqfd: interrupts arrive while masked (no loss)
-            self.errors.append({"vector": v, "kind": SetIrqsKind.VECTOR_SWITCH_TO_USERSPACE.value,
+            self.errors.append({"vector": vec.nr, "index": VfioPciIrqIndex(vec.index).name, "kind": kind.value,
                                 "errno": e.errno, "reason": str(e)})
-            log.warning("%s: masking vector %d in the host: %s", self.name, v, e)
-            return
-        vec.trigger = HostTrigger.USERSPACE
+            log.warning("%s: masking %s vector %d in the host: %s", self.name, VfioPciIrqIndex(vec.index).name,
+                        vec.nr, e)
 
     def _vector_poll(self, first: int, end: int) -> None:
         """The guest reads the PBA: signals parked in the userspace eventfds become pending bits."""
@@ -785,6 +874,179 @@ class VFIOPCIDevice(PCIDevice):
             vec.userspace_interrupts += 1
             if self.msix is not None:
                 self.msix.notify(v)
+
+    # -- MSI --------------------------------------------------------------------------------------------
+    @property
+    def _msi_data_off(self) -> int:
+        return self.msi_cap + (12 if self._msi_64 else 8)
+
+    @property
+    def _msi_mask_off(self) -> int:
+        return self.msi_cap + (16 if self._msi_64 else 12)
+
+    @property
+    def msi_max_vectors(self) -> int:
+        """Multiple Message Capable, as a vector count."""
+        return 1 << ((self.get16(self.msi_cap + PCI_MSI_FLAGS) & PCI_MSI_FLAGS_QMASK) >> 1)
+
+    @property
+    def msi_enabled(self) -> bool:
+        """The guest's MSI Enable."""
+        return bool(self.msi_cap and self.get16(self.msi_cap + PCI_MSI_FLAGS) & PCI_MSI_FLAGS_ENABLE)
+
+    def _msi_nr_vectors(self) -> int:
+        """``msi_nr_vectors_allocated``: 2**MME."""
+        return 1 << ((self.get16(self.msi_cap + PCI_MSI_FLAGS) & PCI_MSI_FLAGS_QSIZE) >> 4)
+
+    def _msi_mask(self) -> int:
+        return self.get32(self._msi_mask_off) if self._msi_maskbit else 0
+
+    def _msi_pending(self) -> int:
+        return self.get32(self._msi_mask_off + 4) if self._msi_maskbit else 0
+
+    def _msi_set_pending(self, v: int, on: bool) -> None:
+        if self._msi_maskbit:
+            p = self._msi_pending()
+            self.set_config(self._msi_mask_off + 4, p | (1 << v) if on else p & ~(1 << v), 4)
+
+    def _msi_message(self, v: int) -> tuple[int, int]:
+        """``msi_get_message``: the capability's address, and its data with vector *v* in the
+        low MME bits."""
+        c = self.msi_cap
+        addr = self.get32(c + PCI_MSI_ADDRESS_LO) | ((self.get32(c + PCI_MSI_ADDRESS_HI) << 32) if self._msi_64 else 0)
+        n = self._msi_nr_vectors()
+        data = self.get16(self._msi_data_off)
+        return addr, (data & ~(n - 1)) | v
+
+    def _msi_config_written(self) -> None:
+        """A guest write to the MSI capability (``vfio_pci_write_config``'s MSI branch): Enable
+        0->1 enables, 1->0 disables, otherwise the routes follow address and data
+        (``vfio_update_msi``) and the mask bits are applied."""
+        c = self.msi_cap
+        flags = self.get16(c + PCI_MSI_FLAGS)
+        mmc = (flags & PCI_MSI_FLAGS_QMASK) >> 1
+        if (flags & PCI_MSI_FLAGS_QSIZE) >> 4 > mmc:  # MME above MMC is clamped (msi_write_config)
+            self.set_config(c + PCI_MSI_FLAGS, flags & ~PCI_MSI_FLAGS_QSIZE | (mmc << 4), 2)
+        was, on = self._msi_guest_on, self.msi_enabled
+        self._msi_guest_on = on
+        if not was and on:
+            self._msi_enable()
+        elif was and not on:
+            self._msi_disable()
+            self._enable_intx()
+        elif on and self.msi_host_on:
+            for vec in self.msi_vectors:  # vfio_update_msi
+                if vec.kvm_interrupt is not None:
+                    self._ensure_irqfd(vec, *self._msi_message(vec.nr))
+            self._msi_apply_masks()
+        self._msi_guest_mask = self._msi_mask()
+
+    def _msi_enable(self) -> None:
+        """``vfio_msi_enable``: INTx and MSI-X off, an interrupt eventfd and an irqfd (on the
+        route of ``msi_get_message(v)``) per vector, then one SET_IRQS(MSI, 0, 2**MME) whose fds
+        are the irqfds -- the VMM's eventfd for a vector the guest has masked."""
+        if self.msix_host_on:
+            self._msix_disable()
+        self._disable_intx()
+        n = self._msi_nr_vectors()
+        mask = self._msi_mask()
+        emulate = self.faults.fix_on(MASK_EMULATION_FIX)
+        self.msi_vectors = [VFIOMSIVector(v, index=VfioPciIrqIndex.MSI, use=True) for v in range(n)]
+        targets: list[HostTrigger] = []
+        fds: list[int] = []
+        for vec in self.msi_vectors:
+            intr = self._ensure_interrupt(vec)
+            self._ensure_irqfd(vec, *self._msi_message(vec.nr))
+            if vec.kvm_interrupt is not None and not (emulate and mask >> vec.nr & 1):
+                targets.append(HostTrigger.IRQFD)
+                fds.append(vec.kvm_interrupt.fileno())
+            else:
+                targets.append(HostTrigger.USERSPACE)
+                fds.append(intr.fileno())
+        try:
+            self._set_irqs(SetIrqsKind.MSI_ENABLE, VfioPciIrqIndex.MSI, _EVENTFD_TRIGGER, 0, n, fds=fds)
+        except VfioRequestError as e:  # host exhaustion: never a silent loss (vfio_msi_disable_common)
+            self._msi_free_vectors()
+            self._fail(0, e, SetIrqsKind.MSI_ENABLE, VfioPciIrqIndex.MSI)
+            return
+        self.msi_host_on = True
+        for vec, t in zip(self.msi_vectors, targets, strict=True):
+            vec.trigger = t
+
+    def _msi_disable(self) -> None:
+        """``vfio_msi_disable``: SET_IRQS(MSI, DATA_NONE|TRIGGER, count 0), every vector freed."""
+        if self.msi_host_on:
+            self.msi_host_on = False
+            try:
+                self._set_irqs(SetIrqsKind.MSI_DISABLE, VfioPciIrqIndex.MSI, _NONE_TRIGGER, 0, 0)
+            except VfioRequestError as e:
+                log.warning("%s: disabling MSI in the host: %s", self.name, e)
+        self._msi_free_vectors()
+
+    def _msi_free_vectors(self) -> None:
+        for vec in self.msi_vectors:
+            self._free_vector(vec)
+        self.msi_vectors = []
+
+    def _msi_apply_masks(self) -> None:
+        """The guest changed MSI mask bits: park a newly masked vector's trigger in the VMM's
+        eventfd; for a newly unmasked one, point it back at the irqfd, then deliver a pending bit
+        (or a signal still parked in the eventfd) once."""
+        old, new = self._msi_guest_mask, self._msi_mask()
+        for vec in self.msi_vectors:
+            bit = 1 << vec.nr
+            if not (old ^ new) & bit:
+                continue
+            if new & bit:
+                self._park_masked_vector(vec, SetIrqsKind.MSI_VECTOR_SWITCH_TO_USERSPACE)
+                continue
+            if vec.kvm_interrupt is not None and vec.trigger != HostTrigger.IRQFD:
+                try:
+                    self._set_vector_trigger(vec, HostTrigger.IRQFD, SetIrqsKind.MSI_VECTOR_SWITCH_TO_IRQFD)
+                except VfioRequestError as e:  # the trigger stays on the VMM's eventfd: still delivered
+                    log.warning("%s: unmasking MSI vector %d in the host: %s", self.name, vec.nr, e)
+            assert vec.interrupt is not None
+            if vec.interrupt.test_and_clear():
+                vec.userspace_interrupts += 1
+                self._msi_set_pending(vec.nr, True)
+            if self._msi_pending() & bit:
+                self._msi_set_pending(vec.nr, False)
+                self.msi_pending_delivered += 1
+                self.msi_send(*self._msi_message(vec.nr))
+
+    def _msi_interrupt(self, v: int) -> None:
+        """Main loop: the host signalled MSI vector *v*'s userspace eventfd (``vfio_msi_interrupt``
+        -> ``msi_notify``): pending bit if masked, else the message."""
+        if not self.msi_host_on or v >= len(self.msi_vectors):
+            return
+        vec = self.msi_vectors[v]
+        n = vec.interrupt
+        if n is None or n.closed or not n.test_and_clear():
+            return
+        vec.userspace_interrupts += 1
+        if self._msi_mask() >> v & 1:
+            self._msi_set_pending(v, True)
+        else:
+            self.msi_send(*self._msi_message(v))
+
+    def query_msi(self) -> dict:
+        """The MSI part of ``x-query-vfio``: the guest's capability and the host's vectors."""
+        if not self.msi_cap:
+            return {"present": False}
+        vectors = []
+        for vec in self.msi_vectors:
+            trig = {HostTrigger.IRQFD: vec.kvm_interrupt, HostTrigger.USERSPACE: vec.interrupt}.get(vec.trigger)
+            vectors.append({"vector": vec.nr, "trigger": vec.trigger.value,
+                            "trigger-fd": trig.fd if trig is not None and not trig.closed else -1,
+                            "gsi": -1 if vec.gsi is None else vec.gsi, "message": list(self._msi_message(vec.nr)),
+                            "irqfd": self._counters(vec.kvm_interrupt), "interrupt": self._counters(vec.interrupt),
+                            "userspace-interrupts": vec.userspace_interrupts})
+        addr, data = self._msi_message(0)
+        return {"present": True, "guest-enabled": self.msi_enabled, "enabled": self.msi_host_on,
+                "max-vectors": self.msi_max_vectors, "nr-vectors": len(self.msi_vectors) if self.msi_host_on else 0,
+                "mme-vectors": self._msi_nr_vectors(), "address": addr, "data": data,
+                "per-vector-mask": self._msi_maskbit, "mask": self._msi_mask(), "pending": self._msi_pending(),
+                "pending-delivered": self.msi_pending_delivered, "vectors": vectors}
 
     # -- INTx ---------------------------------------------------------------------------------------
     def _bind_eventfd(self, kind: SetIrqsKind, index: VfioPciIrqIndex, flags: int, label: str, role: Role,
@@ -813,6 +1075,8 @@ class VFIOPCIDevice(PCIDevice):
     def _enable_intx(self) -> None:
         info = self.irq_info.get(VfioPciIrqIndex.INTX)
         if self.intx_on or info is None or not info.count or not self.config[R.PCI_INTERRUPT_PIN]:
+            return
+        if self.msi_host_on or self.msix_host_on:  # one of INTx/MSI/MSI-X at a time
             return
         n = self._bind_eventfd(SetIrqsKind.INTX_ENABLE, VfioPciIrqIndex.INTX, _EVENTFD_TRIGGER, "intx", Role.GUEST,
                                "INTx trigger: read by the VMM into the INTx line")
@@ -899,6 +1163,7 @@ class VFIOPCIDevice(PCIDevice):
     def _disable_interrupts(self) -> None:
         if self.msix is not None:
             self._msix_disable()
+        self._msi_disable()
         self._disable_intx()
 
     def device_reset(self) -> None:
@@ -913,6 +1178,8 @@ class VFIOPCIDevice(PCIDevice):
 
     def reset(self) -> None:
         super().reset()
+        if self.msi_cap:
+            self._msi_reset_regs()
         if not self._closed:
             self._enable_intx()  # vfio_pci_post_reset
 
@@ -933,6 +1200,8 @@ class VFIOPCIDevice(PCIDevice):
         for vec in self.vectors:
             self._free_vector(vec)
         self.msix_host_on = False
+        self._msi_free_vectors()
+        self.msi_host_on = False
         n, self._intx = self._intx, None
         self._drop_eventfd(n)
         u, self._intx_unmask = self._intx_unmask, None
@@ -995,7 +1264,7 @@ class VFIOPCIDevice(PCIDevice):
             "irq-info": irqs, "set-irqs": dict(self.set_irqs_counts),
             "set-irqs-messages": self.client.stats.get("set-irqs-messages", 0),
             "path": self.path, "noresize-reason": self.noresize_reason,
-            "msix-enabled": self.msix_host_on, "nr-vectors": self.nr_vectors,
+            "msix-enabled": self.msix_host_on, "nr-vectors": self.nr_vectors, "msi": self.query_msi(),
             "intx": {"enabled": self.intx_on, "asserted": self.intx_pending, "interrupts": self.intx_interrupts,
                      "eois": self.intx_eois, "eventfd": self._counters(self._intx),
                      "unmask-eventfd": self._counters(self._intx_unmask), "unmask-writes": self.intx_unmask_writes},
@@ -1014,11 +1283,13 @@ class VFIOPCIDevice(PCIDevice):
         """Where a host interrupt of MSI-X *vector* goes now, routed as vfio-pci routes it: while
         host MSI-X is on, the vector's trigger (``"irqfd"`` or ``"interrupt"``, the VMM's eventfd;
         ``"none"`` when the vector is not wired: vfio-pci drops the interrupt); while host MSI-X is
-        off, the INTx trigger (``"intx"``) if INTx is on, otherwise ``"none"``."""
-        if self.msix_host_on:
-            if not 0 <= vector < len(self.vectors):
+        off, the INTx trigger (``"intx"``) if INTx is on, otherwise ``"none"``.  While host MSI is
+        on, *vector* is an MSI vector."""
+        if self.msix_host_on or self.msi_host_on:
+            vectors = self.vectors if self.msix_host_on else self.msi_vectors
+            if not 0 <= vector < len(vectors):
                 return HostTrigger.NONE.value, None
-            vec = self.vectors[vector]
+            vec = vectors[vector]
             n = {HostTrigger.IRQFD: vec.kvm_interrupt, HostTrigger.USERSPACE: vec.interrupt}.get(vec.trigger)
             if n is None or n.closed:
                 return HostTrigger.NONE.value, None
@@ -1037,7 +1308,8 @@ class VFIOPCIDevice(PCIDevice):
         where, n = self.host_trigger(vector)
         if n is None:
             what = (f"MSI-X vector {vector} is not wired in the host" if self.msix_host_on else
-                    "neither MSI-X nor INTx is enabled in the host")
+                    f"MSI vector {vector} is not enabled in the host" if self.msi_host_on else
+                    "neither MSI-X, MSI nor INTx is enabled in the host")
             raise VfioDeviceError("not-wired", f"{self.name}: {what}: vfio-pci would drop the interrupt")
         n.set()
         return where
