@@ -103,7 +103,7 @@ if TYPE_CHECKING:
     from ..loop import IOThread
 
 __all__ = ["VFIOPCIDevice", "SetIrqsKind", "HostTrigger", "VFIOMSIVector", "GuestRamDma", "DmaMode",
-           "VfioDeviceError", "NORESIZE_LIMIT", "MASK_EMULATION_FIX", "MSI_PASSTHROUGH"]
+           "VfioDeviceError", "NORESIZE_LIMIT", "MASK_EMULATION_FIX", "MSI_PASSTHROUGH_FIX"]
 
 log = logging.getLogger("kickcall.vfio.pci")
 
@@ -119,7 +119,7 @@ MASK_EMULATION_FIX = "emulate-msix-mask"
 #: MSI passthrough (read when a device is realized).  Off: the old behaviour, the MSI capability
 #: with a read-only Enable bit, so a guest's MSI enable does not stick and its interrupts come on
 #: INTx (or nowhere).
-MSI_PASSTHROUGH = True
+MSI_PASSTHROUGH_FIX = "msi-passthrough"
 
 #: the most vectors the NORESIZE path can enable: one SET_IRQS carries every fd (Linux's SCM_MAX_FD)
 NORESIZE_LIMIT = MAX_MSG_FDS_LIMIT
@@ -260,6 +260,8 @@ class VFIOPCIDevice(PCIDevice):
         self.faults.switch(MASK_EMULATION_FIX, "off: a masked vector's host trigger stays on the irqfd (no "
                            "userspace mask emulation), so the host's interrupts reach the guest while the guest has "
                            "the vector masked")
+        self.faults.switch(MSI_PASSTHROUGH_FIX, "off: the guest's MSI Enable does not stick (no MSI passthrough: a "
+                           "driver falls back to MSI-X or INTx)")
         self.dma_mode = DmaMode(dma)
         self.memory = memory
         self.ram_dma = GuestRamDma(memory)
@@ -397,7 +399,7 @@ class VFIOPCIDevice(PCIDevice):
         self._msi_size = 10 + (4 if self._msi_64 else 0) + (10 if self._msi_maskbit else 0)
         self._emulate(msi, self._msi_size)
         info = self.irq_info.get(VfioPciIrqIndex.MSI)
-        if info is None or not info.count or not MSI_PASSTHROUGH:
+        if info is None or not info.count:
             self.set_config(msi + PCI_MSI_FLAGS, flags & ~(PCI_MSI_FLAGS_ENABLE | PCI_MSI_FLAGS_QSIZE), 2, wmask=0)
             return
         self.msi_cap = msi
@@ -924,6 +926,10 @@ class VFIOPCIDevice(PCIDevice):
         (``vfio_update_msi``) and the mask bits are applied."""
         c = self.msi_cap
         flags = self.get16(c + PCI_MSI_FLAGS)
+        if flags & PCI_MSI_FLAGS_ENABLE and not self._msi_guest_on and not self.faults.fix_on(MSI_PASSTHROUGH_FIX):
+            # the switch off: Enable does not stick (what the VMM did before MSI passthrough)
+            self.set_config(c + PCI_MSI_FLAGS, flags & ~PCI_MSI_FLAGS_ENABLE, 2)
+            flags &= ~PCI_MSI_FLAGS_ENABLE
         mmc = (flags & PCI_MSI_FLAGS_QMASK) >> 1
         if (flags & PCI_MSI_FLAGS_QSIZE) >> 4 > mmc:  # MME above MMC is clamped (msi_write_config)
             self.set_config(c + PCI_MSI_FLAGS, flags & ~PCI_MSI_FLAGS_QSIZE | (mmc << 4), 2)
