@@ -125,6 +125,9 @@ def test_msix_enable_all_masked_wires_no_vector(workdir: str) -> None:
         assert [(c.flags, c.start, c.count, c.nfds) for c in calls] == [(EVENTFD_TRIGGER, 0, 1, 0)]
         assert r.host.mode == "msix" and r.host.msix_fds == {}
         assert r.dev.set_irqs_counts["enable-no-vector"] == 1 and r.dev.msix_host_on
+        # the host: one host vector (start + count), no trigger; the function's MSI-X on, DisINTx set
+        assert [(h["vector"], h["trigger-fd"]) for h in r.host.describe()["vectors"]] == [(0, None)]
+        assert r.host.nic.msix_enabled and r.host.nic.intx_disabled
 
 
 @pytest.mark.parametrize("noresize_switch", [False, True], ids=["dynamic", "x-msix-noresize"])
@@ -146,9 +149,13 @@ def test_unmask_wires_exactly_one_vector(workdir: str, noresize_switch: bool) ->
             assert sorted(r.host.msix_fds) == [0, 3]
             assert r.dev.set_irqs_counts["index-disable"] == 0
             assert r.dev.set_irqs_counts["vector-add"] == 2
+            # the host allocated one vector in place for entry 3 and never released vector 0's trigger
+            assert r.host.count("dynamic-allocs") == 1 and r.host.count("vector-deassigns") == 0
+            assert r.host.pool.allocated == 2
         else:
             assert new == [(NONE_TRIGGER, 0, 0, 0), (EVENTFD_TRIGGER, 0, 4, 4)]
             assert r.dev.query_vfio()["noresize-reason"] == "x-msix-noresize"
+            assert r.host.count("dynamic-allocs") == 0 and r.host.pool.allocated == 4
         for v, before_count in ((3, 0), (0, 1)):
             r.host.fire(v)
             wait_for(lambda v=v, b=before_count: r.count(v) == b + 1, what=f"vector {v}'s interrupt")
@@ -200,6 +207,8 @@ def test_noresize_past_max_msg_fds_stops_with_clear_error(workdir: str) -> None:
         assert "max_msg_fds" in ev["reason"]
         assert r.dev.query_vfio()["fatal"]["vector"] == 4
         assert sorted(r.host.msix_fds) == [0, 1, 2, 3]
+        r.host.fire(3)  # the vectors in use keep working
+        wait_for(lambda: r.count(3) == 1, what="vector 3's interrupt after the refusal")
 
 
 @pytest.mark.parametrize("noresize", [False, True], ids=["dynamic", "noresize"])
@@ -237,6 +246,13 @@ def test_host_exhaustion_on_unmask_stops_the_vm(workdir: str, noresize: bool) ->
         assert ev["path"] == ("noresize" if noresize else "dynamic")
         q = r.dev.query_vfio()
         assert q["fatal"]["errno"] == errno.ENOSPC and q["fatal"]["error"] == "ENOSPC"
+        # the host's rule that refused: the dynamic path's one vector in place, or the NORESIZE
+        # path's all-or-nothing re-enable with v+1 vectors
+        refusal = r.host.describe()["last-refusal"]
+        if noresize:
+            assert refusal == {"index": "MSIX", "path": "enable", "requested": 3, "available": 2}
+        else:
+            assert refusal == {"index": "MSIX", "path": "dynamic", "vector": 2, "requested": 1, "available": 0}
 
 
 @pytest.mark.parametrize("emulate", [True, False], ids=["mask-emulated", "emulate-msix-mask-off"])
