@@ -1,9 +1,11 @@
 """The passthrough device in the VMM (kickcall.vfio.pci): a machine with a vfio-user device served
 by the real VfioUserServer, QEMU 8.2's MSI-X design against the old NORESIZE path.
 
-The host side is tests/vfio_fake_host.py, a stand-in until the real host model lands (swap
-``FakeHost`` for it in ``vfio_machine``).  Guest actions run on a vCPU through the guest
-kernel's PCI helpers, so every config and BAR access really leaves through the hypervisor.
+The host side is the real host model (``kickcall.vfio.host.VfioPciDevice`` over the kickcall-nic
+function ``kickcall.vfio.nic.NicFunction``), wrapped by tests/vfio_recording_host.py only to record
+each SET_IRQS it receives; the host's interrupts are the function's own (a queue raises its
+vector).  Guest actions run on a vCPU through the guest kernel's PCI helpers, so every config and
+BAR access really leaves through the hypervisor.
 """
 
 from __future__ import annotations
@@ -18,28 +20,35 @@ import pytest
 from kickcall.guest.kernel import IRQ_HANDLED, PCI_IRQ_MSIX, GuestPciDev
 from kickcall.machine import Machine, parse_config
 from kickcall.monitor.client import QMPClient
+from kickcall.vfio import nic as N
 from kickcall.vfio import pci as vfio_pci
 from kickcall.vfio.server import VfioUserServer
 from kickcall.vfio.uapi import VfioIrqSetFlag as F
+from kickcall.vfio.uapi import VfioPciIrqIndex
 
 from helpers import machine_toml, wait_for
-from vfio_fake_host import FakeHost, SetIrqsCall
+from vfio_recording_host import RecordingHost, SetIrqsCall
 
 EVENTFD_TRIGGER = int(F.DATA_EVENTFD | F.ACTION_TRIGGER)
 NONE_TRIGGER = int(F.DATA_NONE | F.ACTION_TRIGGER)
+EVENTFD_UNMASK = int(F.DATA_EVENTFD | F.ACTION_UNMASK)
+INTX, MSIX = int(VfioPciIrqIndex.INTX), int(VfioPciIrqIndex.MSIX)
 
 
 class Rig:
     """A running machine, its passthrough device, the host behind it, and guest helpers."""
 
-    def __init__(self, m: Machine, host: FakeHost, server: VfioUserServer) -> None:
+    def __init__(self, m: Machine, host: RecordingHost, server: VfioUserServer) -> None:
         self.m = m
         self.host = host
         self.server = server
         self.dev = m.passthrough["nic0"]
         assert m.guest_os is not None
         self.k = m.guest_os.k
-        self.pci: GuestPciDev = m.guest_os.devs[self.dev.devfn >> 3].pci
+        # the firmware's part of boot (BARs assigned, decoding on), and no driver: the test is the
+        # driver (a booted guest would bind its kickcall-nic driver to the function)
+        devs = self.guest(self.k.pci_enumerate)
+        self.pci: GuestPciDev = next(d for d in devs if d.devfn == self.dev.devfn)
         self.irqs: dict[int, int] = {}
 
     def guest(self, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
@@ -75,15 +84,15 @@ class Rig:
 
 
 @contextmanager
-def vfio_machine(workdir: str, *, host: FakeHost | None = None, max_msg_fds: int = 16,
+def vfio_machine(workdir: str, *, host: RecordingHost | None = None, max_msg_fds: int = 16,
                  extra: str = "") -> Iterator[Rig]:
-    host = host or FakeHost()
+    host = host or RecordingHost()
     sock = os.path.join(workdir, "vfu.sock")
     server = VfioUserServer(sock, host, max_msg_fds=max_msg_fds).start()
     dev = f'[[device]]\ntype = "vfio-user"\nid = "nic0"\nsocket = "{sock}"\n{extra}\n'
     m = Machine(parse_config(machine_toml(guest="thread", vcpus=2, devices=dev), "<test>"))
     try:
-        m.start(boot=True)
+        m.start(boot=False)
         yield Rig(m, host, server)
     finally:
         m.stop()
@@ -116,6 +125,9 @@ def test_msix_enable_all_masked_wires_no_vector(workdir: str) -> None:
         assert [(c.flags, c.start, c.count, c.nfds) for c in calls] == [(EVENTFD_TRIGGER, 0, 1, 0)]
         assert r.host.mode == "msix" and r.host.msix_fds == {}
         assert r.dev.set_irqs_counts["enable-no-vector"] == 1 and r.dev.msix_host_on
+        # the host: one host vector (start + count), no trigger; the function's MSI-X on, DisINTx set
+        assert [(h["vector"], h["trigger-fd"]) for h in r.host.describe()["vectors"]] == [(0, None)]
+        assert r.host.nic.msix_enabled and r.host.nic.intx_disabled
 
 
 @pytest.mark.parametrize("noresize_switch", [False, True], ids=["dynamic", "x-msix-noresize"])
@@ -137,9 +149,13 @@ def test_unmask_wires_exactly_one_vector(workdir: str, noresize_switch: bool) ->
             assert sorted(r.host.msix_fds) == [0, 3]
             assert r.dev.set_irqs_counts["index-disable"] == 0
             assert r.dev.set_irqs_counts["vector-add"] == 2
+            # the host allocated one vector in place for entry 3 and never released vector 0's trigger
+            assert r.host.count("dynamic-allocs") == 1 and r.host.count("vector-deassigns") == 0
+            assert r.host.pool.allocated == 2
         else:
             assert new == [(NONE_TRIGGER, 0, 0, 0), (EVENTFD_TRIGGER, 0, 4, 4)]
             assert r.dev.query_vfio()["noresize-reason"] == "x-msix-noresize"
+            assert r.host.count("dynamic-allocs") == 0 and r.host.pool.allocated == 4
         for v, before_count in ((3, 0), (0, 1)):
             r.host.fire(v)
             wait_for(lambda v=v, b=before_count: r.count(v) == b + 1, what=f"vector {v}'s interrupt")
@@ -153,7 +169,7 @@ def test_noresize_path_disables_and_reenables(workdir: str, host_flag: bool) -> 
     """The old path (host NORESIZE, or the switch): a vector past nr_vectors disables the index
     and re-enables it with v+1 eventfds in one SET_IRQS -- masked and unused vectors on the VMM's
     interrupt eventfds; a vector already within nr_vectors is switched alone."""
-    host = FakeHost(noresize=host_flag)
+    host = RecordingHost(noresize=host_flag)
     extra = "" if host_flag else "x-msix-noresize = true"
     with vfio_machine(workdir, host=host, extra=extra) as r:
         r.enable_msix()
@@ -176,7 +192,7 @@ def test_noresize_path_disables_and_reenables(workdir: str, host_flag: bool) -> 
 def test_noresize_past_max_msg_fds_stops_with_clear_error(workdir: str) -> None:
     """The old path cannot carry more fds than one message takes: a clear error, the VM stopped,
     the index never disabled (the vectors in use keep working)."""
-    with vfio_machine(workdir, host=FakeHost(noresize=True), max_msg_fds=4) as r:
+    with vfio_machine(workdir, host=RecordingHost(noresize=True), max_msg_fds=4) as r:
         r.enable_msix()
         r.request(3)  # 4 fds: fits
         before = len(r.host.msix_calls())
@@ -191,13 +207,15 @@ def test_noresize_past_max_msg_fds_stops_with_clear_error(workdir: str) -> None:
         assert "max_msg_fds" in ev["reason"]
         assert r.dev.query_vfio()["fatal"]["vector"] == 4
         assert sorted(r.host.msix_fds) == [0, 1, 2, 3]
+        r.host.fire(3)  # the vectors in use keep working
+        wait_for(lambda: r.count(3) == 1, what="vector 3's interrupt after the refusal")
 
 
 @pytest.mark.parametrize("noresize", [False, True], ids=["dynamic", "noresize"])
 def test_host_exhaustion_on_unmask_stops_the_vm(workdir: str, noresize: bool) -> None:
     """SET_IRQS answered ENOSPC on a guest's unmask: the VM stops, the QMP event names the device
     and the vector, x-query-vfio says why, and the guest's access returned (nothing hangs)."""
-    with vfio_machine(workdir, host=FakeHost(noresize=noresize, host_irqs=2)) as r:
+    with vfio_machine(workdir, host=RecordingHost(noresize=noresize, host_irqs=2)) as r:
         r.m.start_monitor(os.path.join(workdir, "qmp.sock"))
         qmp = QMPClient(os.path.join(workdir, "qmp.sock")).connect(wait=30)
         r.enable_msix()
@@ -228,6 +246,13 @@ def test_host_exhaustion_on_unmask_stops_the_vm(workdir: str, noresize: bool) ->
         assert ev["path"] == ("noresize" if noresize else "dynamic")
         q = r.dev.query_vfio()
         assert q["fatal"]["errno"] == errno.ENOSPC and q["fatal"]["error"] == "ENOSPC"
+        # the host's rule that refused: the dynamic path's one vector in place, or the NORESIZE
+        # path's all-or-nothing re-enable with v+1 vectors
+        refusal = r.host.describe()["last-refusal"]
+        if noresize:
+            assert refusal == {"index": "MSIX", "path": "enable", "requested": 3, "available": 2}
+        else:
+            assert refusal == {"index": "MSIX", "path": "dynamic", "vector": 2, "requested": 1, "available": 0}
 
 
 @pytest.mark.parametrize("emulate", [True, False], ids=["mask-emulated", "emulate-msix-mask-off"])
@@ -326,68 +351,116 @@ def test_dma_reaches_guest_memory(workdir: str, dma: str) -> None:
 
 
 def test_intx_passthrough_and_userspace_eoi(workdir: str) -> None:
-    """MSI-X off: the host's INTx reaches the guest's line; the guest's next BAR access is the EOI
-    (line lowered, host unmasked, before the access itself, as QEMU's vfio_intx_eoi); a level
-    still high fires again once per EOI, and once it is low nothing more comes (no storm)."""
+    """MSI-X off: the function's INTx (a queue raising while MSI and MSI-X are off sets its
+    INT_STATUS bit: the level) reaches the guest's line through the host's trigger; the guest's
+    next BAR access is the EOI (line lowered, then the host unmasked through the unmask eventfd
+    registered with SET_IRQS(INTX, EVENTFD|UNMASK): vfio's virqfd, no message, as QEMU's
+    vfio_intx_eoi with a resamplefd).  The level stays high until the guest reads INT_STATUS
+    (read-to-clear): each EOI with the level high fires exactly once more (vfio-pci's unmask of
+    an asserted line), and once the level is low an EOI is quiet (no storm)."""
     with vfio_machine(workdir) as r:
         assert r.host.mode == "intx" and r.dev.intx_on
+        assert [(c.flags, c.start, c.count, c.nfds) for c in r.host.intx_calls()] == \
+            [(EVENTFD_TRIGGER, 0, 1, 1), (EVENTFD_UNMASK, 0, 1, 1)]
+        assert r.dev.set_irqs_counts["intx-unmask-eventfd"] == 1 and r.host.intx_unmask_fd() is not None
         bar0 = r.pci.bar_addr(0)
         r.guest(lambda: r.pci.set_master(True))
-        r.host.fire(0)
+        r.host.fire(0)  # queue 0 raises: INT_STATUS bit 0, the pin; the host automasks and signals
         wait_for(lambda: r.dev.intx_pending, what="INTx asserted")
-        assert r.dev.irq_level == 1
-        r.guest(lambda: r.k.readl(bar0 + 4))  # not the status register: the level stays high
-        assert r.dev.intx_eois == 1
-        wait_for(lambda: r.dev.intx_pending, what="INTx asserted again (level)")
-        r.guest(lambda: r.k.readl(bar0))  # EOI (the level is still high: one more), then the status read lowers it
-        wait_for(lambda: r.dev.intx_pending, what="the last assertion")
-        r.guest(lambda: r.k.readl(bar0 + 4))  # EOI with the level low: quiet
+        assert r.dev.irq_level == 1 and r.host.intx_fired == 1
+        for n in (2, 3):  # EOI with the level still high (the ID register, not INT_STATUS)
+            assert r.guest(lambda: r.k.readl(bar0 + N.REG_ID)) == N.NIC_ID_MAGIC
+            assert r.dev.intx_eois == n - 1
+            wait_for(lambda n=n: r.dev.intx_interrupts == n and r.dev.intx_pending,
+                     what=f"INTx asserted again after EOI {n - 1} (level still high)")
+            assert r.host.intx_fired == n and r.host.count("intx-unmask-eventfd") == n - 1
+        # EOI, then the read lowers the level.  The EOI's unmask runs on the host's virqfd thread
+        # and the read on its server thread: if the unmask comes first the still-high level fires
+        # once more (QEMU's synchronous userspace EOI always does), otherwise nothing fires
+        assert r.guest(lambda: r.k.readl(bar0 + N.REG_INT_STATUS)) == 1 << 0
+        wait_for(lambda: r.host.count("intx-unmask-eventfd") == 3, what="the host's unmask of EOI 3")
+        fired = r.host.intx_fired
+        assert fired in (3, 4)
+        wait_for(lambda: r.dev.intx_interrupts == fired, what="the VMM to take what the host fired")
+        if fired == 4:
+            wait_for(lambda: r.dev.intx_pending, what="the last assertion")
+            r.guest(lambda: r.k.readl(bar0 + N.REG_ID))  # EOI with the level low
+            wait_for(lambda: r.host.count("intx-unmask-eventfd") == 4, what="the host's unmask of EOI 4")
+        # quiet: the level is low, the host's line unmasked, nothing in flight anywhere
+        assert r.host.intx_fired == fired and r.dev.intx_interrupts == fired
         assert not r.dev.intx_pending and r.dev.irq_level == 0
-        unmasks = [c for c in r.host.calls if c.index == 0 and c.flags == int(F.DATA_NONE | F.ACTION_UNMASK)]
-        assert len(unmasks) == 3
-        assert r.host.intx_fired == 3 and r.dev.intx_interrupts == 3 and r.dev.intx_eois == 3
+        h = r.host.describe()["intx"]
+        assert not h["masked"] and not h["pin-asserted"] and h["eventfd-count"] == 0
+        assert r.host.nic.int_status == 0
+        assert r.dev.intx_eois == fired and r.dev.intx_unmask_writes == fired
+        # the eventfd path only: no SET_IRQS(INTX, DATA_NONE|UNMASK) message
+        assert [c for c in r.host.intx_calls() if c.action == F.ACTION_UNMASK and c.data == F.DATA_NONE] == []
+        assert r.dev.set_irqs_counts["intx-unmask"] == 0
         assert r.dev.query_vfio()["intx"]["eventfd"]["pending"] == 0
 
 
 def test_bar_access_paths(workdir: str) -> None:
-    """BAR0: registers forwarded by REGION_READ/WRITE, the sparse area served from the mapping,
-    the MSI-X table emulated by the VMM (never sent to the server)."""
+    """BAR0 (the function's registers, trapped): forwarded by REGION_READ/WRITE; BAR4's sparse
+    area (the function's memfd): served from the VMM's mapping, no message; BAR4's MSI-X table:
+    emulated by the VMM, never sent to the server (the host's table is untouched)."""
     with vfio_machine(workdir) as r:
-        bar0 = r.pci.bar_addr(0)
-        r.guest(lambda: r.k.writel(bar0 + 0x10, 0xCAFE))
-        assert r.host.regs[0x10:0x14] == (0xCAFE).to_bytes(4, "little")
-        r.guest(lambda: r.k.writel(bar0 + 0x1008, 0xBEEF))
-        assert os.pread(r.host.mmap_fd, 4, 0x1008) == (0xBEEF).to_bytes(4, "little")
-        os.pwrite(r.host.mmap_fd, (0x1234).to_bytes(4, "little"), 0x1010)
-        assert r.guest(lambda: r.k.readl(bar0 + 0x1010)) == 0x1234
-        r.guest(lambda: r.k.writel(bar0 + 0x2000, 0xFEE00000))
+        nic = r.host.nic
+        bar0, bar4 = r.pci.bar_addr(0), r.pci.bar_addr(N.MSIX_BAR)
+        assert r.guest(lambda: r.k.readl(bar0 + N.REG_ID)) == N.NIC_ID_MAGIC
+        assert r.guest(lambda: r.k.readl(bar0 + N.REG_NVEC)) == r.host.nvectors
+        r.guest(lambda: r.k.writel(bar0 + N.QUEUE_BASE + N.Q_RING_LO, 0xCAFE000))
+        assert nic.queues[0].ring_base == 0xCAFE000
+        assert r.host.region_read(0, N.QUEUE_BASE + N.Q_RING_LO, 4) == (0xCAFE000).to_bytes(4, "little")
+        (area, size), = nic.bar4_mmap_areas()
+        commands = r.server.stats.commands
+        r.guest(lambda: r.k.writel(bar4 + area + 0x100, 0xBEEF))
+        assert os.pread(nic.bar4_memfd, 4, area + 0x100) == (0xBEEF).to_bytes(4, "little")
+        os.pwrite(nic.bar4_memfd, (0x1234).to_bytes(4, "little"), area + 0x104)
+        assert r.guest(lambda: r.k.readl(bar4 + area + 0x104)) == 0x1234
+        r.guest(lambda: r.k.writel(bar4 + 0, 0xFEE00000))  # MSI-X table entry 0, address
         assert r.dev.msix.table[0:4] == (0xFEE00000).to_bytes(4, "little")
+        assert r.server.stats.commands == commands  # none of the four reached the server
+        assert nic.msix_entry(0)[0] == 0 and r.host.count("msix-table-writes-dropped") == 0
         q = r.dev.query_vfio()
-        assert q["regions"][0]["mmapped"] == [{"offset": 0x1000, "size": 0x1000}]
+        mmapped = {reg["index"]: reg["mmapped"] for reg in q["regions"]}
+        assert mmapped == {0: [], N.MSIX_BAR: [{"offset": area, "size": size}]}
         assert q["max-msg-fds"] == 16 and q["twin-socket"] is True
 
 
 def test_reset_disables_interrupts_then_resets(workdir: str) -> None:
-    """system_reset: MSI-X disabled in the host, DEVICE_RESET, INTx back on; the guest's view
-    comes back masked."""
+    """system_reset: MSI-X disabled in the host before DEVICE_RESET, INTx (and its unmask
+    eventfd) back on after it, every vector of the VMM's side freed, the host's vectors back in
+    its pool.  The guest boots again after the reset and its kickcall-nic driver enables MSI-X
+    with every entry masked: INTx off, one SET_IRQS with no fd, nothing wired."""
     with vfio_machine(workdir) as r:
         r.enable_msix()
         r.request(0)
+        before = len(r.host.calls)
         r.m.system_reset()
         assert r.host.resets == 1
+        (mark,) = r.host.reset_marks
+        calls = [(c.index, c.flags, c.start, c.count, c.nfds) for c in r.host.calls]
+        assert calls[before:mark] == [(MSIX, NONE_TRIGGER, 0, 0, 0)]
+        assert calls[mark:] == [(INTX, EVENTFD_TRIGGER, 0, 1, 1), (INTX, EVENTFD_UNMASK, 0, 1, 1),
+                                (INTX, NONE_TRIGGER, 0, 0, 0), (MSIX, EVENTFD_TRIGGER, 0, 1, 0)]
         kinds = r.dev.set_irqs_counts
         assert kinds["index-disable"] == 1 and kinds["intx-enable"] == 2
-        assert r.host.mode == "intx" and r.host.msix_fds == {}
-        assert not r.dev.msix.enabled and r.dev.msix.entry_masked(0)
+        assert r.host.count("msix-disables") == 1 and r.host.count("msix-enables") == 2
+        assert r.host.mode == "msix" and r.host.msix_fds == {}
+        pool = r.host.pool.describe()
+        assert pool["allocated"] == 1 and pool["frees"] == 1
+        assert r.dev.msix.enabled and all(r.dev.msix.entry_masked(v) for v in range(r.host.nvectors))
         assert all(not v.use and v.interrupt is None for v in r.dev.vectors)
 
 
 def test_guest_flr_is_device_reset(workdir: str) -> None:
+    """The guest's Initiate FLR is the VMM's: interrupts off, DEVICE_RESET (never a config write
+    the host would act on), INTx back on."""
     with vfio_machine(workdir) as r:
         r.enable_msix()
         r.request(0)
         r.guest(r.pci.flr)
-        assert r.host.resets == 1 and r.dev.flr_count == 1
+        assert r.host.resets == 1 and r.dev.flr_count == 1 and r.host.count("user-flr") == 0
         assert r.host.mode == "intx" and not r.dev.msix_host_on
 
 
@@ -402,20 +475,25 @@ def _fds() -> dict[str, str]:
 
 
 def test_close_releases_everything(workdir: str) -> None:
-    """Machine stop: the host's fds closed (client gone), every notifier, mapping and socket of the
-    VMM's side closed.  (Known, outside this file: VfioUserServer does not close the dup of a
-    region's fd it sends with a GET_REGION_INFO reply; those are the only fds allowed to remain.)"""
+    """Machine stop: the client goes away and the host releases the device (every trigger and the
+    unmask and REQ eventfds closed, every host vector back in the pool, no DMA); every notifier,
+    mapping and socket of the VMM's side closed; once the host is closed too, not one fd is left."""
     base = _fds()
-    host = FakeHost()
+    host = RecordingHost()
     with vfio_machine(workdir, host=host) as r:
         r.enable_msix()
         for v in range(4):
             r.request(v)
         assert len(r.dev.registry.entries(owner="nic0")) >= 8
+        assert sorted(host.msix_fds) == [0, 1, 2, 3] and host.describe()["req"]["trigger-fd"] is not None
+        r.m.stop()
+        wait_for(lambda: host.count("releases") == 1, what="the host to release the device")
+        d = host.describe()
+        assert host.mode is None and host.msix_fds == {} and d["vectors"] == []
+        assert (d["intx"]["trigger-fd"], d["intx"]["unmask-fd"], d["req"]["trigger-fd"]) == (None, None, None)
+        assert host.pool.allocated == 0 and host.nic.dma is None
 
     def leftover() -> dict[str, str]:
-        return {k: v for k, v in _fds().items()
-                if (k not in base or base[k] != v) and "kc-fake-bar0" not in v}
+        return {k: v for k, v in _fds().items() if k not in base or base[k] != v}
 
-    assert host.msix_fds == {}
     wait_for(lambda: not leftover(), what="every fd closed")
