@@ -50,7 +50,8 @@ import pytest
 from kickcall.notify import peek_fd
 from kickcall.pci import regs as R
 from kickcall.vfio.host import FAULT_MSIX_WINDOW, HostIrqPool, VfioError, VfioPciDevice
-from kickcall.vfio.nic import (PCI_MSI_PENDING_64, Q_CONSUMER, Q_DOORBELL, Q_ENABLE, Q_PRODUCER, Q_RATE,
+from kickcall.pci.regs import PCI_MSI_PENDING_64
+from kickcall.vfio.nic import (Q_CONSUMER, Q_DOORBELL, Q_ENABLE, Q_PRODUCER, Q_RATE,
                                Q_RING_HI, Q_RING_LO, Q_SIZE, Q_STATUS, Q_STATUS_DMA_ERROR, Q_VECTOR,
                                QUEUE_BASE, QUEUE_STRIDE, RECORD, REG_INT_STATUS, NicFunction, RecordFlag)
 from kickcall.vfio.uapi import (VfioIrqInfoFlag, VfioIrqSet, VfioIrqSetFlag, VfioPciIrqIndex,

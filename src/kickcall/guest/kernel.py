@@ -21,6 +21,11 @@ from typing import Callable
 from ..hv.kernel import KernelHV, Vcpu
 from ..hv.routing import msi_address
 from ..pci import regs as R
+from ..pci.regs import (
+    PCI_MSI_ADDRESS_HI, PCI_MSI_ADDRESS_LO, PCI_MSI_DATA_32, PCI_MSI_DATA_64, PCI_MSI_FLAGS,
+    PCI_MSI_FLAGS_64BIT, PCI_MSI_FLAGS_ENABLE, PCI_MSI_FLAGS_MASKBIT, PCI_MSI_FLAGS_QMASK,
+    PCI_MSI_FLAGS_QSIZE, PCI_MSI_MASK_32, PCI_MSI_MASK_64,
+)
 from ..threads import named_thread
 
 __all__ = ["GuestKernel", "GuestPciDev", "IrqDesc", "PageAllocator", "IRQ_HANDLED", "IRQ_NONE"]
@@ -36,18 +41,6 @@ MMIO32_BASE, MMIO32_END = 0xE0000000, 0xFEC00000
 MMIO64_BASE = 0x80_0000_0000
 IO_BASE, IO_END = 0xC000, 0x10000
 PCI_IRQ_INTX, PCI_IRQ_MSI, PCI_IRQ_MSIX = 1, 2, 4
-# MSI capability (Linux pci_regs.h)
-PCI_MSI_FLAGS = 2
-PCI_MSI_FLAGS_ENABLE = 0x0001
-PCI_MSI_FLAGS_QMASK = 0x000E  # Multiple Message Capable
-PCI_MSI_FLAGS_QSIZE = 0x0070  # Multiple Message Enable
-PCI_MSI_FLAGS_64BIT = 0x0080
-PCI_MSI_FLAGS_MASKBIT = 0x0100
-PCI_MSI_ADDRESS_LO = 4
-PCI_MSI_ADDRESS_HI = 8
-PCI_MSI_DATA_32, PCI_MSI_DATA_64 = 8, 12
-PCI_MSI_MASK_32, PCI_MSI_MASK_64 = 12, 16
-PCI_MSI_PENDING_32, PCI_MSI_PENDING_64 = 16, 20
 
 
 class PageAllocator:

@@ -84,9 +84,9 @@ from typing import Callable, Protocol, Sequence
 from ..faults import Fault, FaultAction, FaultKind, FaultRegistry
 from ..notify import NotifierError, peek_fd
 from ..pci import regs as R
+from ..pci.regs import PCI_MSI_ADDRESS_LO, PCI_MSI_FLAGS, PCI_MSI_FLAGS_ENABLE, PCI_MSI_FLAGS_QSIZE, PCI_MSI_PENDING_64
 from ..threads import start_thread
-from .nic import (PCI_MSI_ADDRESS_LO, PCI_MSI_FLAGS, PCI_MSI_FLAGS_ENABLE, PCI_MSI_FLAGS_QSIZE,
-                  PCI_MSI_PENDING_64, BAR0_SIZE, MSIX_BAR, NicFunction, RecordFlag)
+from .nic import BAR0_SIZE, MSIX_BAR, NicFunction, RecordFlag
 from .uapi import (VFIO_IRQ_SET_ACTION_TYPE_MASK, VFIO_IRQ_SET_DATA_TYPE_MASK, VFIO_PCI_NUM_IRQS,
                    VFIO_PCI_NUM_REGIONS, SparseMmapArea, VfioDeviceFlag, VfioDeviceInfo, VfioIrqInfo,
                    VfioIrqInfoFlag, VfioIrqSet, VfioIrqSetFlag, VfioPciIrqIndex, VfioPciRegion,

@@ -103,6 +103,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..memory import IORegion
 from ..pci import regs as R
+from ..pci.regs import (
+    PCI_MSI_ADDRESS_HI, PCI_MSI_ADDRESS_LO, PCI_MSI_DATA_64, PCI_MSI_FLAGS, PCI_MSI_FLAGS_64BIT,
+    PCI_MSI_FLAGS_ENABLE, PCI_MSI_FLAGS_MASKBIT, PCI_MSI_FLAGS_QMASK, PCI_MSI_FLAGS_QSIZE,
+    PCI_MSI_MASK_64, PCI_MSI_PENDING_64,
+)
 from ..pci.device import PCIDevice
 from ..threads import start_thread
 
@@ -148,18 +153,6 @@ Q_STATUS_BAD_RING = 0x8
 
 MSIX_BAR = 4
 
-# MSI capability (Linux pci_regs.h names), 64-bit layout with per-vector masking
-PCI_MSI_FLAGS = 2
-PCI_MSI_FLAGS_ENABLE = 0x0001
-PCI_MSI_FLAGS_QMASK = 0x000E
-PCI_MSI_FLAGS_QSIZE = 0x0070
-PCI_MSI_FLAGS_64BIT = 0x0080
-PCI_MSI_FLAGS_MASKBIT = 0x0100
-PCI_MSI_ADDRESS_LO = 4
-PCI_MSI_ADDRESS_HI = 8
-PCI_MSI_DATA_64 = 12
-PCI_MSI_MASK_64 = 16
-PCI_MSI_PENDING_64 = 20
 PCI_CAP_MSI_SIZEOF_64 = 24
 
 #: ``struct {u64 seq; u16 queue; u16 vector; u32 flags;}``

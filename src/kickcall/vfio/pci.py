@@ -89,6 +89,10 @@ from ..hv.abi import HypervisorError
 from ..memory import GuestMemory, GuestMemoryError, IORegion
 from ..notify import EventNotifier, NotifierRegistry, Role
 from ..pci import regs as R
+from ..pci.regs import (
+    PCI_MSI_ADDRESS_HI, PCI_MSI_ADDRESS_LO, PCI_MSI_FLAGS, PCI_MSI_FLAGS_64BIT, PCI_MSI_FLAGS_ENABLE,
+    PCI_MSI_FLAGS_MASKBIT, PCI_MSI_FLAGS_QMASK, PCI_MSI_FLAGS_QSIZE, PCI_ROM_ADDRESS,
+)
 from ..pci.device import PCIDevice
 from ..pci.msix import MSIX
 from .client import VfioRequestError, VfioUserClient
@@ -129,15 +133,6 @@ _NONE_TRIGGER = VfioIrqSetFlag.DATA_NONE | VfioIrqSetFlag.ACTION_TRIGGER
 _NONE_UNMASK = VfioIrqSetFlag.DATA_NONE | VfioIrqSetFlag.ACTION_UNMASK
 _EVENTFD_UNMASK = VfioIrqSetFlag.DATA_EVENTFD | VfioIrqSetFlag.ACTION_UNMASK
 
-PCI_ROM_ADDRESS = 0x30
-PCI_MSI_FLAGS = 2
-PCI_MSI_FLAGS_ENABLE = 0x0001
-PCI_MSI_FLAGS_QMASK = 0x000E
-PCI_MSI_FLAGS_QSIZE = 0x0070
-PCI_MSI_FLAGS_64BIT = 0x0080
-PCI_MSI_FLAGS_MASKBIT = 0x0100
-PCI_MSI_ADDRESS_LO = 4
-PCI_MSI_ADDRESS_HI = 8
 
 
 class DmaMode(enum.StrEnum):
