@@ -270,9 +270,15 @@ def test_intx_passthrough_level_automask_unmask_eventfd_no_storm(workdir):
         # userspace EOI happens on the handler's first BAR access -- its INT_STATUS read, before the
         # read clears the level -- so a line still high fires once more after the unmask, and then
         # the handler finds nothing: at most two interrupts per raise of the line, never a storm
-        assert 1 <= h["counts"]["intx-automasks"] == vmm["interrupts"] <= 2 * nq["to-intx"] <= 40
-        assert vmm["unmask-writes"] == vmm["eois"] >= 1
-        assert 1 <= h["counts"]["intx-unmask-eventfd"] <= vmm["unmask-writes"]  # eventfd writes may coalesce
+        automasks, raises = h["counts"]["intx-automasks"], nq["to-intx"]
+        assert automasks > 0, "no INTx reached the host's handler"
+        assert automasks == vmm["interrupts"], (automasks, vmm)  # every host interrupt reached the VMM
+        assert raises <= 20, nq  # the device raised its line at most once per record written
+        assert automasks <= 2 * raises, (automasks, raises)  # bounded: no storm
+        assert vmm["unmask-writes"] == vmm["eois"] and vmm["eois"] > 0, vmm
+        unmasks = h["counts"]["intx-unmask-eventfd"]
+        assert unmasks > 0, "the host never unmasked through the eventfd"
+        assert unmasks <= vmm["unmask-writes"], (unmasks, vmm)  # eventfd writes may coalesce, never multiply
         assert r.lost() == 0
 
 

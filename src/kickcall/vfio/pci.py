@@ -668,10 +668,7 @@ class VFIOPCIDevice(PCIDevice):
             m.set_vector_notifiers(None, None, None)
         if self.msix_host_on:
             self.msix_host_on = False
-            try:
-                self._set_irqs(SetIrqsKind.INDEX_DISABLE, VfioPciIrqIndex.MSIX, _NONE_TRIGGER, 0, 0)
-            except VfioRequestError as e:
-                log.warning("%s: disabling MSI-X in the host: %s", self.name, e)
+            self._disable_index(SetIrqsKind.INDEX_DISABLE, VfioPciIrqIndex.MSIX)
         for vec in self.vectors:
             self._free_vector(vec)
         self.nr_vectors = 0
@@ -978,11 +975,16 @@ class VFIOPCIDevice(PCIDevice):
         """``vfio_msi_disable``: SET_IRQS(MSI, DATA_NONE|TRIGGER, count 0), every vector freed."""
         if self.msi_host_on:
             self.msi_host_on = False
-            try:
-                self._set_irqs(SetIrqsKind.MSI_DISABLE, VfioPciIrqIndex.MSI, _NONE_TRIGGER, 0, 0)
-            except VfioRequestError as e:
-                log.warning("%s: disabling MSI in the host: %s", self.name, e)
+            self._disable_index(SetIrqsKind.MSI_DISABLE, VfioPciIrqIndex.MSI)
         self._msi_free_vectors()
+
+    def _disable_index(self, kind: SetIrqsKind, index: VfioPciIrqIndex) -> None:
+        """SET_IRQS(index, DATA_NONE|TRIGGER, count 0): the whole index off in the host (its host
+        vectors freed there).  A refusal is logged: the VMM's side is released either way."""
+        try:
+            self._set_irqs(kind, index, _NONE_TRIGGER, 0, 0)
+        except VfioRequestError as e:
+            log.warning("%s: disabling %s in the host: %s", self.name, index.name, e)
 
     def _msi_free_vectors(self) -> None:
         for vec in self.msi_vectors:
