@@ -33,6 +33,8 @@ IOCTL_RESUME_VCPUS = 8
 IOCTL_GUEST_CMD = 9  # a command to the guest OS (JSON), run on a vCPU
 IOCTL_SHUTDOWN = 10
 IOCTL_FAULT = 11  # fault injection inside the hypervisor (drop a kick / a call)
+IOCTL_XEN_PHYSDEV_OP = 12  # Xen flavour: the device model's HYPERVISOR_physdev_op (fd on map)
+IOCTL_XEN_QUERY = 13  # Xen flavour: the domain's pirqs and event channels (read-only)
 IOCTL_NAMES = {
     IOCTL_SET_MEMORY: "SET_MEMORY",
     IOCTL_IOEVENTFD: "IOEVENTFD",
@@ -45,6 +47,8 @@ IOCTL_NAMES = {
     IOCTL_GUEST_CMD: "GUEST_CMD",
     IOCTL_SHUTDOWN: "SHUTDOWN",
     IOCTL_FAULT: "FAULT",
+    IOCTL_XEN_PHYSDEV_OP: "XEN_PHYSDEV_OP",
+    IOCTL_XEN_QUERY: "XEN_QUERY",
 }
 
 # guest -> VMM: exits (payload EXIT struct; reply payload EXIT_REPLY)

@@ -46,6 +46,8 @@ from .channel import Channel
 from .ioeventfd import Ioeventfd, IoeventfdTable
 from .routing import BadMsi, GsiRouting, IrqchipRoute, MsiRoute, decode_msi, route_from_json
 from .stats import HvStats, MAX_VCPUS
+from .xen import DEFAULT_NR_PIRQS, Caller, XenHypervisor
+from .xen_abi import PhysdevGetFreePirq, PhysdevMapPirq, PhysdevOp, PhysdevUnmapPirq
 from ..threads import start_thread
 
 __all__ = ["KernelHV", "Vcpu", "Irqchip", "VcpuState"]
@@ -268,6 +270,7 @@ class Irqchip:
             st.w[st.g("bad_msi_drops")] += 1
             log.warning("dropped MSI: %s", e)
             return False
+        st.w[st.g("msi_lapic_deliveries")] += 1
         self.raise_vector(dest % self.nvcpus, vector)
         return True
 
@@ -389,6 +392,8 @@ class KernelHV:
         self._gsi_mu = threading.Lock()
         self.irq_loop = IOThread(f"{name}-irq", thread_name="kc-irq")
         self.irqchip: Irqchip = None  # type: ignore[assignment]
+        #: the Xen flavour's domain (pirqs, event channels), None under KVM semantics
+        self.xen: XenHypervisor | None = None
         self.vcpu_ctl = VcpuControl(self)
         self.ready = threading.Event()
         self.shutdown_requested = threading.Event()
@@ -408,6 +413,8 @@ class KernelHV:
 
     def close(self) -> None:
         self.channel.close()
+        if self.xen is not None:
+            self.xen.close()
         if self.irq_loop.running:
             with self._irqfd_mu:
                 irqfds = list(self._irqfds.values())
@@ -482,6 +489,8 @@ class KernelHV:
             addr, data = MSI.unpack_from(payload)
             st = self.stats
             st.w[st.g("msi_injections")] += 1
+            if self.xen is not None:  # XEN_DMOP_inject_msi: a pirq message goes to its event channel
+                return {"delivered": self.xen.inject_msi(addr, data)}
             return {"delivered": self.irqchip.msi(addr, data)}
         if code == abi.IOCTL_IRQ_LINE:
             gsi, level = IRQ_LINE.unpack_from(payload)
@@ -499,7 +508,11 @@ class KernelHV:
         if code == abi.IOCTL_IOEVENTFD:
             return self._ioeventfd(req, fds)
         if code == abi.IOCTL_IRQFD:
+            if self.xen is not None:
+                raise HypervisorError(errno.ENOSYS, "Xen has no irqfd: interrupts go through pirqs and event channels")
             return self._irqfd(req, fds)
+        if code in (abi.IOCTL_XEN_PHYSDEV_OP, abi.IOCTL_XEN_QUERY):
+            return self._xen_ioctl(code, req, fds)
         if code == abi.IOCTL_SET_GSI_ROUTING:
             self.routing.set([route_from_json(r) for r in req.get("routes", [])])
             return {"routes": len(self.routing)}
@@ -525,6 +538,39 @@ class KernelHV:
             return _DEFERRED
         raise HypervisorError(errno.ENOTTY, f"unknown ioctl {code}")
 
+    def _xen_ioctl(self, code: int, req: dict, fds: list[int]) -> dict:
+        x = self.xen
+        if x is None:
+            raise HypervisorError(errno.ENOSYS, "not a Xen domain (hypervisor = \"kvm\")")
+        if code == abi.IOCTL_XEN_QUERY:
+            if fds:
+                raise HypervisorError(errno.EINVAL, "a query carries no fd")
+            return x.query()
+        if len(fds) > 1:
+            raise HypervisorError(errno.EINVAL, "at most one fd (the host interrupt of a map)")
+        fd = fds[0] if fds else None
+        try:
+            cmd = int(req["cmd"])
+            a = req.get("arg", {})
+            if cmd == PhysdevOp.MAP_PIRQ:
+                arg: object = PhysdevMapPirq(**{k: int(v) for k, v in a.items()})
+            elif cmd == PhysdevOp.UNMAP_PIRQ:
+                arg = PhysdevUnmapPirq(**{k: int(v) for k, v in a.items()})
+            elif cmd == PhysdevOp.GET_FREE_PIRQ:
+                arg = PhysdevGetFreePirq(**{k: int(v) for k, v in a.items()})
+            else:
+                arg = None
+            owner = req.get("owner") or {}
+            if not isinstance(owner, dict):
+                raise TypeError("owner must be an object")
+        except (KeyError, TypeError, ValueError) as e:
+            if fd is not None:
+                os.close(fd)
+            raise HypervisorError(errno.EINVAL, f"malformed physdev_op: {e}") from None
+        rc = x.physdev_op(cmd, arg, caller=Caller.DEVICE_MODEL, fd=fd,
+                          owner={str(k): v for k, v in owner.items() if isinstance(v, (str, int))})
+        return {"rc": rc, "arg": vars(arg) if arg is not None else {}}
+
     def _deferred_cmd(self, seq: int, req: dict) -> None:
         if self.os_ready.wait(30) and self.command_handler is not None:
             self.command_handler(seq, req)
@@ -548,6 +594,17 @@ class KernelHV:
         self.irqchip = Irqchip(self, nvcpus, self.irq_loop)
         if "max_routes" in req:
             self.routing = GsiRouting(int(req["max_routes"]))
+        hv = req.get("hypervisor", "kvm")
+        if hv == "xen":
+            try:
+                self.xen = XenHypervisor(self.memory, domid=int(req.get("domid", 1)),
+                                         nr_pirqs=int(req.get("nr_pirqs", DEFAULT_NR_PIRQS)), nvcpus=nvcpus,
+                                         raise_vector=self.irqchip.raise_vector, deliver_msi=self.irqchip.msi,
+                                         loop=self.irq_loop, stats=self.stats)
+            except ValueError as e:
+                raise HypervisorError(errno.EINVAL, f"Xen domain: {e}") from None
+        elif hv != "kvm":
+            raise HypervisorError(errno.EINVAL, f"unknown hypervisor {hv!r} (kvm or xen)")
         self.irq_loop.start()
         self.ready.set()
         return {"pid": self._pid}

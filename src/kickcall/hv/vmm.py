@@ -60,8 +60,12 @@ class VM:
                  event_handler: Callable[[dict], None] | None = None,
                  max_routes: int = abi.KVM_MAX_IRQ_ROUTES,
                  on_guest_gone: Callable[[], None] | None = None,
-                 name: str = "vm", ioctl_timeout: float = 30.0) -> None:
+                 name: str = "vm", ioctl_timeout: float = 30.0, hypervisor: str = "kvm",
+                 xen_domid: int = 1, xen_nr_pirqs: int | None = None) -> None:
         self.name = name
+        self.hypervisor = hypervisor
+        self.xen_domid = xen_domid
+        self.xen_nr_pirqs = xen_nr_pirqs
         self.memory = memory
         self.nvcpus = nvcpus
         self.stats = HvStats()
@@ -87,10 +91,13 @@ class VM:
     def start(self) -> None:
         self.channel.start()
         regions, fds = self.memory.layout()
-        rep = self._ioctl(abi.IOCTL_SET_MEMORY,
-                          {"regions": regions, "nblocks": len(fds), "nvcpus": self.nvcpus,
-                           "max_routes": self.max_routes},
-                          fds=fds + [self.stats.fd])
+        req = {"regions": regions, "nblocks": len(fds), "nvcpus": self.nvcpus, "max_routes": self.max_routes,
+               "hypervisor": self.hypervisor}
+        if self.hypervisor == "xen":
+            req["domid"] = self.xen_domid
+            if self.xen_nr_pirqs is not None:
+                req["nr_pirqs"] = self.xen_nr_pirqs
+        rep = self._ioctl(abi.IOCTL_SET_MEMORY, req, fds=fds + [self.stats.fd])
         self.guest_pid = int(rep.get("pid", 0)) or None
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -207,6 +214,18 @@ class VM:
     def fault(self, target: str, notifier: EventNotifierLike, action: str) -> dict:
         """Drop kicks (``ioeventfd``) or calls (``irqfd``) inside the hypervisor."""
         return self._ioctl(abi.IOCTL_FAULT, {"target": target, "ident": notifier.ident, "action": action})
+
+    # -- the Xen flavour: the device model's hypercalls (privcmd) --------------------------------------
+    def xen_physdev_op(self, cmd: int, arg: dict, *, fd: int | None = None, owner: dict | None = None) -> dict:
+        """HYPERVISOR_physdev_op for this domain, as the device model (QEMU's ``xc_physdev_*``).
+        Returns ``{"rc": 0 or -errno, "arg": the structure with its OUT fields}``: Xen's answer,
+        not an exception.  *fd*: a map's host interrupt (the domain polls a dup of it)."""
+        return self._ioctl(abi.IOCTL_XEN_PHYSDEV_OP, {"cmd": int(cmd), "arg": arg, "owner": owner or {}},
+                           fds=[fd] if fd is not None else [])
+
+    def xen_query(self) -> dict:
+        """The domain's pirqs, event channels, counters and console (read-only)."""
+        return self._ioctl(abi.IOCTL_XEN_QUERY, {})
 
     def guest_cmd(self, cmd: dict, timeout: float | None = 60.0) -> dict:
         """Run a command in the guest OS (on one of its vCPUs) and return its result."""
