@@ -9,6 +9,8 @@ Example::
     ram = "64M"
     vcpus = 2
     guest = "process"        # or "thread" (in-process, for unit tests)
+    hypervisor = "kvm"       # or "xen": pirqs and event channels, no irqfd (docs/xen.md)
+    nr-pirqs = 56            # xen: the domain's pirq table (24 GSIs + extra_guest_irqs)
 
     [[device]]
     type = "virtio-blk"
@@ -129,6 +131,8 @@ class MachineConfig:
     vcpus: int = 2
     guest: str = "process"
     max_irq_routes: int = 4096
+    hypervisor: str = "kvm"
+    nr_pirqs: int = 56
     devices: list[DeviceConfig] = field(default_factory=list)
     workload_blk: dict | None = None
     workload_net: dict | None = None
@@ -229,6 +233,8 @@ def parse_config(text: str, source: str = "<config>") -> MachineConfig:
     cfg.vcpus = m.int("vcpus", 2, 1, 16)
     cfg.guest = m.str("guest", "process", ("process", "thread"))
     cfg.max_irq_routes = m.int("max-irq-routes", 4096, 32, 4096)
+    cfg.hypervisor = m.str("hypervisor", "kvm", ("kvm", "xen"))
+    cfg.nr_pirqs = m.int("nr-pirqs", 56, 25, 4096)
     m.done()
     devs = top.get("device", [])
     if not isinstance(devs, list):

@@ -106,6 +106,12 @@ class Machine:
             raise
 
     @property
+    def xen(self) -> bool:
+        """The Xen flavour of the hypervisor: no irqfd (QEMU on Xen has none); an emulated device's
+        MSI goes through ``XEN_DMOP_inject_msi``, a passthrough function's through a mapped pirq."""
+        return self.cfg.hypervisor == "xen"
+
+    @property
     def stopped(self) -> bool:
         """``stop()`` has begun (or the build failed): the machine is shut down for good (QMP's
         run state ``shutdown``).  Set on the thread that stops the machine; a plain read."""
@@ -121,7 +127,8 @@ class Machine:
         self._built += [self._vmm_sock.close, self._guest_sock.close]
         self.vm = VM(self._vmm_sock, self.memory, self.cfg.vcpus, exit_handler=self._exit,
                      event_handler=self.guest_events.append, max_routes=self.cfg.max_irq_routes,
-                     on_guest_gone=self._guest_gone, name=self.cfg.name)
+                     on_guest_gone=self._guest_gone, name=self.cfg.name, hypervisor=self.cfg.hypervisor,
+                     xen_nr_pirqs=self.cfg.nr_pirqs)
         self._built.append(self.vm.close)
         self.routes = MsiRoutes(self.vm)
         self.mmio.add_listener(self.vm)
@@ -209,7 +216,7 @@ class Machine:
         vdev.lock = self.bql
         try:
             proxy = VirtIOPCIProxy(vdev, vm=self.vm, routes=self.routes, iothread=self.iothread,
-                                   registry=self.registry, ioeventfd=dc.ioeventfd, irqfd=dc.irqfd,
+                                   registry=self.registry, ioeventfd=dc.ioeventfd, irqfd=dc.irqfd and not self.xen,
                                    msix_vectors=None if dc.msix else 0, class_code=class_code)
             assert dc.slot is not None
             self.bus.add_device(proxy, dc.slot)
@@ -229,7 +236,8 @@ class Machine:
         try:
             dev = VFIOPCIDevice(dc.id, dc.socket, memory=self.memory, vm=self.vm, routes=self.routes,
                                 iothread=self.iothread, registry=self.registry, dma=dc.dma,
-                                x_msix_noresize=dc.x_msix_noresize, irqfd=dc.irqfd, on_fatal=self._passthrough_fatal,
+                                x_msix_noresize=dc.x_msix_noresize, irqfd=dc.irqfd and not self.xen,
+                                on_fatal=self._passthrough_fatal,
                                 on_request=self._passthrough_release_request)
         except VfioDeviceError as e:
             raise MachineError(f"device {dc.id}: {e}") from None
