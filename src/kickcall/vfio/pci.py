@@ -65,6 +65,27 @@ to the VMM's eventfd, whose signal sets the vector's pending bit; on unmask the 
 to the irqfd and a pending bit is delivered once.  Host exhaustion on the enable stops the VM as
 for MSI-X (``on_fatal``, index ``MSI``).
 
+The Xen flavour (``xen=True``, or a ``VM`` whose ``hypervisor`` is ``"xen"``; QEMU's
+``hw/xen/xen_pt_msi.c``): there is no irqfd.  When the guest unmasks an MSI-X entry whose message
+carries a pirq (vector 0, the pirq in the destination id: ``pirq_of_msi``) and the entry has no
+pirq yet (QEMU's ``entry->pirq`` unassigned), the device model maps it: PHYSDEVOP_map_pirq
+(domid, MSI, index -1, the pirq, bus, devfn, entry_nr = the vector, table_base) with a new
+eventfd that becomes the vector's host trigger (``HostTrigger.PIRQ``); the domain polls its copy
+of that eventfd, so the host's interrupts reach the pirq's event channel without the VMM.  The
+returned pirq is the entry's pirq from then on.  Xen answers 0 even when it only warned ("already
+mapped": nothing changed, the eventfd was not taken); the device model notices it by the
+returned pirq and by asking the domain who owns the pirq, and records a warning on the vector.  A
+message without a pirq keeps the userspace path (``msix_notify`` -> ``signal_msi``: the domain
+delivers it to the local APIC), logged.  On MSI-X disable, reset and close, every pirq of the
+function is unmapped (PHYSDEVOP_unmap_pirq) and forgotten, as QEMU >= 2.1.0 does (commit
+c976437c7dba); with ``XEN_UNMAP_ON_DISABLE`` off (QEMU before 2.1.0) disable and reset keep the
+mappings and the entries' pirqs, and a re-enable does not map again: the old pirq stays in use even
+when the guest wrote another one (close always unmaps).  Masking keeps the emulation above (the
+masked vector's trigger goes to the VMM's eventfd, the PBA bit); the pending delivery the MSI-X
+core makes on unmask goes to the pirq the vector mapped (``msi_send``: its eventfd is written,
+the "physical interrupt" fires again) rather than to ``signal_msi``.  MSI (non-X) under Xen keeps
+the userspace path (no pirq is mapped for it: not built yet).
+
 The ROM BAR reads as absent.
 
 Locking: every method runs with the machine's big lock held (a vCPU's exit, a main-loop handler, a
@@ -80,12 +101,13 @@ import logging
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import trace
 from ..faults import FaultRegistry
-from ..hv.abi import HypervisorError
+from ..hv.abi import ChannelClosed, HypervisorError
+from ..hv.xen_abi import MapPirqType, PhysdevOp, pirq_of_msi
 from ..memory import GuestMemory, GuestMemoryError, IORegion
 from ..notify import EventNotifier, NotifierRegistry, Role
 from ..pci import regs as R
@@ -107,12 +129,15 @@ if TYPE_CHECKING:
     from ..loop import IOThread
 
 __all__ = ["VFIOPCIDevice", "SetIrqsKind", "HostTrigger", "VFIOMSIVector", "GuestRamDma", "DmaMode",
-           "VfioDeviceError", "NORESIZE_LIMIT", "MASK_EMULATION_FIX", "MSI_PASSTHROUGH_FIX"]
+           "VfioDeviceError", "NORESIZE_LIMIT", "MASK_EMULATION_FIX", "MSI_PASSTHROUGH_FIX",
+           "XEN_UNMAP_ON_DISABLE"]
 
 log = logging.getLogger("kickcall.vfio.pci")
 
 _t_vector = trace.event("vfio_msix_vector", "the passthrough device rewired an MSI-X vector's host trigger")
 _t_fatal = trace.event("vfio_fatal", "the passthrough device could not wire a host interrupt")
+_t_xen_map = trace.event("vfio_xen_map_pirq", "the passthrough device mapped a pirq for an MSI-X entry (Xen)")
+_t_xen_unmap = trace.event("vfio_xen_unmap_pirq", "the passthrough device unmapped an MSI-X entry's pirq (Xen)")
 
 #: The per-device fix (``VFIOPCIDevice.faults``) that switches a masked vector's host trigger to the
 #: VMM's eventfd (QEMU's masked-vector emulation; MSI-X entries and MSI mask bits alike).  Off, the
@@ -124,6 +149,11 @@ MASK_EMULATION_FIX = "emulate-msix-mask"
 #: with a read-only Enable bit, so a guest's MSI enable does not stick and its interrupts come on
 #: INTx (or nowhere).
 MSI_PASSTHROUGH_FIX = "msi-passthrough"
+
+#: The Xen flavour (per device): on MSI-X disable (and reset) every pirq of the function is unmapped
+#: and forgotten, as QEMU >= 2.1.0 does.  Off: QEMU before 2.1.0, the mappings and the entries'
+#: pirqs are kept and a re-enabled entry reuses its old pirq whatever the guest wrote.
+XEN_UNMAP_ON_DISABLE = "xen-unmap-on-disable"
 
 #: the most vectors the NORESIZE path can enable: one SET_IRQS carries every fd (Linux's SCM_MAX_FD)
 NORESIZE_LIMIT = MAX_MSG_FDS_LIMIT
@@ -160,6 +190,7 @@ class SetIrqsKind(enum.StrEnum):
     MSI_DISABLE = "msi-disable"  # MSI off (DATA_NONE|TRIGGER, count 0)
     MSI_VECTOR_SWITCH_TO_IRQFD = "msi-vector-switch-to-irqfd"  # MSI mask bit cleared
     MSI_VECTOR_SWITCH_TO_USERSPACE = "msi-vector-switch-to-userspace"  # MSI mask bit set
+    VECTOR_SWITCH_TO_PIRQ = "vector-switch-to-pirq"  # Xen: unmask, the trigger back to the pirq's eventfd
 
 
 class HostTrigger(enum.StrEnum):
@@ -168,6 +199,7 @@ class HostTrigger(enum.StrEnum):
     NONE = "none"
     IRQFD = "irqfd"  # the irqfd-bound eventfd: the hypervisor injects the MSI
     USERSPACE = "interrupt"  # the VMM's own eventfd, read by the main loop (msix_notify)
+    PIRQ = "pirq"  # Xen: the eventfd mapped to the vector's pirq; the domain polls it
 
 
 class VfioDeviceError(RuntimeError):
@@ -202,6 +234,16 @@ class VFIOMSIVector:
     gsi: int | None = None
     trigger: HostTrigger = HostTrigger.NONE
     userspace_interrupts: int = 0  # signals the main loop read from ``interrupt``
+    # -- Xen (QEMU's XenPTMSIXEntry) --
+    pirq: int | None = None
+    """The pirq the device model mapped for this entry (QEMU's ``entry->pirq``; None: unassigned)."""
+    pirq_notifier: EventNotifier | None = None
+    """The eventfd handed to the domain with the map: the host's trigger while the vector is unmasked."""
+    guest_pirq: int | None = None  # the pirq the guest's message named at its last unmask
+    pirq_maps: int = 0
+    pirq_unmaps: int = 0
+    pirq_refires: int = 0  # pending deliveries written to the pirq's eventfd (msi_send)
+    pirq_warnings: list[dict] = field(default_factory=list)
 
 
 class GuestRamDma:
@@ -248,7 +290,8 @@ class VFIOPCIDevice(PCIDevice):
                  routes: "MsiRoutes | None" = None, iothread: "IOThread | None" = None,
                  registry: NotifierRegistry | None = None, dma: str = DmaMode.FD, x_msix_noresize: bool = False,
                  on_fatal: Callable[[dict], None] | None = None, twin_socket: bool = True,
-                 irqfd: bool = True, on_request: Callable[[dict], None] | None = None) -> None:
+                 irqfd: bool = True, on_request: Callable[[dict], None] | None = None,
+                 xen: bool | None = None) -> None:
         self.socket_path = socket_path
         self.faults = FaultRegistry(name)
         """The device's faults (docs/faults.md): its fixes, and what the machine registers."""
@@ -257,6 +300,9 @@ class VFIOPCIDevice(PCIDevice):
                            "the vector masked")
         self.faults.switch(MSI_PASSTHROUGH_FIX, "off: the guest's MSI Enable does not stick (no MSI passthrough: a "
                            "driver falls back to MSI-X or INTx)")
+        self.faults.switch(XEN_UNMAP_ON_DISABLE, "off: QEMU before 2.1.0 (Xen flavour): MSI-X disable and reset keep "
+                           "every pirq mapped and each entry's pirq, and a re-enabled entry keeps its old pirq even "
+                           "when the guest wrote another")
         self.dma_mode = DmaMode(dma)
         self.memory = memory
         self.ram_dma = GuestRamDma(memory)
@@ -264,7 +310,11 @@ class VFIOPCIDevice(PCIDevice):
         self.routes = routes
         self.iothread = iothread
         self.registry = registry if registry is not None else NotifierRegistry()
-        self.irqfd_enabled = irqfd and vm is not None and routes is not None
+        self.xen = vm is not None and (vm.hypervisor == "xen" if xen is None else bool(xen))
+        """The Xen flavour: MSI-X entries with a pirq message are mapped (PHYSDEVOP_map_pirq), no irqfd."""
+        self.irqfd_enabled = irqfd and vm is not None and routes is not None and not self.xen
+        self.xen_lapic_unmasks = 0  # Xen: unmasks of an entry whose message carries no pirq (userspace path)
+        self.xen_errors: list[dict] = []  # Xen: maps and unmaps the hypervisor refused
         self.x_msix_noresize = x_msix_noresize
         self.on_fatal = on_fatal
         self.on_request = on_request
@@ -672,6 +722,8 @@ class VFIOPCIDevice(PCIDevice):
         for vec in self.vectors:
             self._free_vector(vec)
         self.nr_vectors = 0
+        if self.xen and self.faults.fix_on(XEN_UNMAP_ON_DISABLE):
+            self._xen_unmap_all("msix-disable")
 
     @staticmethod
     def _label(vec: VFIOMSIVector) -> str:
@@ -751,8 +803,12 @@ class VFIOPCIDevice(PCIDevice):
         vec = self.vectors[v]
         vec.use = True
         self._ensure_interrupt(vec)
-        self._ensure_irqfd(vec, address, data)
-        target = HostTrigger.IRQFD if vec.kvm_interrupt is not None else HostTrigger.USERSPACE
+        if self.xen:
+            self._xen_vector_use(vec, address, data)
+        else:
+            self._ensure_irqfd(vec, address, data)
+        direct = self._direct(vec)
+        target = direct[0] if direct is not None else HostTrigger.USERSPACE
         try:
             if not self.msix_host_on and not self._enable_no_vec():
                 return
@@ -760,7 +816,9 @@ class VFIOPCIDevice(PCIDevice):
             if self.noresize and resizing:
                 self._noresize_grow(v)
             elif vec.trigger != target:
-                kind = SetIrqsKind.VECTOR_ADD if vec.trigger == HostTrigger.NONE else SetIrqsKind.VECTOR_SWITCH_TO_IRQFD
+                kind = (SetIrqsKind.VECTOR_ADD if vec.trigger == HostTrigger.NONE else
+                        SetIrqsKind.VECTOR_SWITCH_TO_PIRQ if target == HostTrigger.PIRQ else
+                        SetIrqsKind.VECTOR_SWITCH_TO_IRQFD)
                 try:
                     self._set_vector_trigger(vec, target, kind)
                 except VfioRequestError as e:
@@ -802,9 +860,10 @@ class VFIOPCIDevice(PCIDevice):
         for i in range(n):
             vec = self.vectors[i]
             intr = self._ensure_interrupt(vec)
-            if vec.use and vec.kvm_interrupt is not None and (i == v or not m.is_masked(i)):
-                fds.append(vec.kvm_interrupt.fileno())
-                targets.append(HostTrigger.IRQFD)
+            direct = self._direct(vec)
+            if vec.use and direct is not None and (i == v or not m.is_masked(i)):
+                fds.append(direct[1].fileno())
+                targets.append(direct[0])
             else:
                 fds.append(intr.fileno())
                 targets.append(HostTrigger.USERSPACE)
@@ -828,16 +887,32 @@ class VFIOPCIDevice(PCIDevice):
     def _set_vector_trigger(self, vec: VFIOMSIVector, target: HostTrigger, kind: SetIrqsKind) -> None:
         """Point the host's trigger for *vec* at *target*'s eventfd: SET_IRQS(MSI-X or MSI,
         start=v, count=1, EVENTFD|TRIGGER).  ``VfioRequestError`` when the host refuses it."""
-        n = vec.kvm_interrupt if target == HostTrigger.IRQFD else vec.interrupt
+        n = self._trigger_notifier(vec, target)
         assert n is not None
         self._set_irqs(kind, vec.index, _EVENTFD_TRIGGER, vec.nr, 1, fds=[n.fileno()])
         vec.trigger = target
+
+    @staticmethod
+    def _trigger_notifier(vec: VFIOMSIVector, trigger: HostTrigger) -> EventNotifier | None:
+        """The eventfd behind *trigger* for *vec* (None: none, or closed)."""
+        n = {HostTrigger.IRQFD: vec.kvm_interrupt, HostTrigger.USERSPACE: vec.interrupt,
+             HostTrigger.PIRQ: vec.pirq_notifier}.get(trigger)
+        return None if n is None or n.closed else n
+
+    @staticmethod
+    def _direct(vec: VFIOMSIVector) -> tuple[HostTrigger, EventNotifier] | None:
+        """The eventfd that delivers *vec* without the VMM: the pirq's (Xen) or the irqfd."""
+        if vec.pirq_notifier is not None and not vec.pirq_notifier.closed:
+            return HostTrigger.PIRQ, vec.pirq_notifier
+        if vec.kvm_interrupt is not None:
+            return HostTrigger.IRQFD, vec.kvm_interrupt
+        return None
 
     def _park_masked_vector(self, vec: VFIOMSIVector, kind: SetIrqsKind) -> None:
         """The guest masked *vec* (``vfio_msix_vector_release``): its host trigger goes from the
         irqfd to the VMM's interrupt eventfd (unless ``MASK_EMULATION_FIX`` is off).  A refusal is
         not fatal: the trigger stays on the irqfd, so interrupts arrive while masked (no loss)."""
-        if vec.trigger != HostTrigger.IRQFD or not self.faults.fix_on(MASK_EMULATION_FIX):
+        if vec.trigger not in (HostTrigger.IRQFD, HostTrigger.PIRQ) or not self.faults.fix_on(MASK_EMULATION_FIX):
             return
         self._ensure_interrupt(vec)
         try:
@@ -868,6 +943,173 @@ class VFIOPCIDevice(PCIDevice):
             vec.userspace_interrupts += 1
             if self.msix is not None:
                 self.msix.notify(v)
+
+    # -- Xen (QEMU's hw/xen/xen_pt_msi.c) ----------------------------------------------------------------
+    def _xen_alive(self) -> bool:
+        return self.vm is not None and not self.vm.guest_gone.is_set()
+
+    def _xen_table_base(self) -> int:
+        """``table_base`` of the map: where the MSI-X table is (the BAR's guest address + the table's
+        offset; QEMU passes the host's physical address, which a vfio-user client does not have)."""
+        m = self.msix
+        if m is None or not 0 <= self._msix_bar < len(self.bars):
+            return 0
+        bar = self.bars[self._msix_bar]
+        return (bar.mapped_at or 0) + m.table_offset if bar is not None else 0
+
+    def _xen_vector_use(self, vec: VFIOMSIVector, address: int, data: int) -> None:
+        """The guest unmasked *vec* (``xen_pt_msix_update_one``): map its pirq if it has none."""
+        want = pirq_of_msi(address, data)
+        vec.guest_pirq = want
+        if vec.pirq is not None:
+            if want is not None and want != vec.pirq:
+                # entry->pirq is assigned: QEMU does not map again, whatever the guest wrote now
+                log.warning("%s: MSI-X vector %d: the guest's message names pirq %d, the entry keeps pirq %d "
+                            "(mapped earlier, never unmapped: %s off)", self.name, vec.nr, want, vec.pirq,
+                            XEN_UNMAP_ON_DISABLE)
+            return
+        if want is None:
+            self.xen_lapic_unmasks += 1
+            log.info("%s: MSI-X vector %d: message %#x/%#x carries no pirq: the userspace path (the hypervisor "
+                     "delivers it to the local APIC)", self.name, vec.nr, address, data)
+            return
+        if not self._xen_alive():
+            return
+        assert self.vm is not None
+        n = EventNotifier(f"{self.name}.{self._label(vec)}.pirq")
+        arg = {"domid": self.vm.xen_domid, "type": int(MapPirqType.MSI), "index": -1, "pirq": want, "bus": 0,
+               "devfn": self.devfn, "entry_nr": vec.nr, "table_base": self._xen_table_base()}
+        owner = {"device": self.name, "vector": vec.nr}
+        try:
+            rep = self.vm.xen_physdev_op(PhysdevOp.MAP_PIRQ, arg, fd=n.fileno(), owner=owner)
+        except (HypervisorError, ChannelClosed, TimeoutError) as e:
+            n.close()
+            self._xen_error(vec, "map", want, -getattr(e, "errno", 0) or -errno.EIO, str(e))
+            return
+        rc = int(rep.get("rc", -errno.EIO))
+        got = int(rep.get("arg", {}).get("pirq", -1))
+        if rc < 0:
+            n.close()
+            self._xen_error(vec, "map", want, rc, os.strerror(-rc))
+            return
+        vec.pirq, vec.pirq_notifier = got, n
+        vec.pirq_maps += 1
+        self.registry.register(n, self.name, Role.GUEST, vector=vec.nr,
+                               note=f"Xen: the host trigger mapped to pirq {got} (the domain polls it)")
+        warning = self._xen_map_warning(vec, want, got)
+        if warning is not None:
+            vec.pirq_warnings.append(warning)
+            log.warning("%s: MSI-X vector %d: map_pirq %d answered 0 but %s", self.name, vec.nr, want,
+                        warning["reason"])
+        else:
+            log.info("%s: MSI-X vector %d mapped to pirq %d", self.name, vec.nr, got)
+        if _t_xen_map.enabled:
+            _t_xen_map.emit(dev=self.name, vector=vec.nr, pirq=got, requested=want, warned=warning is not None)
+
+    def _xen_map_warning(self, vec: VFIOMSIVector, want: int, got: int) -> dict | None:
+        """Xen's map answers 0 when it only warned ("already mapped": nothing changed).  Tell by the
+        returned pirq and by who the domain says owns it now."""
+        if got != want:
+            return {"pirq": want, "returned": got, "reason": f"the domain returned pirq {got}"}
+        assert self.vm is not None
+        try:
+            q = self.vm.xen_query()
+        except (HypervisorError, ChannelClosed, TimeoutError) as e:
+            return {"pirq": got, "reason": f"the domain could not be asked who owns the pirq: {e}"}
+        ent = next((p for p in q.get("pirqs", []) if p.get("pirq") == got), None)
+        owner = ent.get("owner", {}) if ent is not None else {}
+        if ent is None or ent.get("state") != "mapped" or owner.get("device") != self.name \
+                or owner.get("vector") != vec.nr:
+            return {"pirq": got, "owner": owner, "state": ent.get("state") if ent else "free",
+                    "reason": f"pirq {got} is mapped to {owner.get('device', '?')} vector {owner.get('vector', '?')}"
+                              " (Xen's \"already mapped\" warning): this vector's host interrupts reach no event "
+                              "channel"}
+        return None
+
+    def _xen_error(self, vec: VFIOMSIVector, op: str, pirq: int, rc: int, reason: str) -> None:
+        ev = {"vector": vec.nr, "op": op, "pirq": pirq, "rc": rc, "reason": reason}
+        self.xen_errors.append(ev)
+        log.warning("%s: MSI-X vector %d: %s_pirq %d: %s (the vector stays on the userspace path)", self.name, vec.nr,
+                    op, pirq, reason)
+
+    def _xen_unmap_all(self, why: str) -> None:
+        """PHYSDEVOP_unmap_pirq for every pirq the function mapped (``xen_pt_msix_delete``), forgotten."""
+        for vec in self.vectors:
+            if vec.pirq is None:
+                continue
+            pirq, n = vec.pirq, vec.pirq_notifier
+            vec.pirq, vec.pirq_notifier = None, None
+            if self._xen_alive():
+                assert self.vm is not None
+                try:
+                    rep = self.vm.xen_physdev_op(PhysdevOp.UNMAP_PIRQ, {"domid": self.vm.xen_domid, "pirq": pirq})
+                    rc = int(rep.get("rc", -errno.EIO))
+                except (HypervisorError, ChannelClosed, TimeoutError) as e:
+                    rc = -(getattr(e, "errno", 0) or errno.EIO)
+                if rc < 0:
+                    self._xen_error(vec, "unmap", pirq, rc, os.strerror(-rc))
+                else:
+                    vec.pirq_unmaps += 1
+            if _t_xen_unmap.enabled:
+                _t_xen_unmap.emit(dev=self.name, vector=vec.nr, pirq=pirq, why=why)
+            if n is not None:
+                self.registry.unregister(n)
+                n.close()
+            if vec.trigger == HostTrigger.PIRQ:
+                vec.trigger = HostTrigger.NONE
+
+    def _xen_pirq_notifier(self, address: int, data: int) -> tuple[VFIOMSIVector, EventNotifier] | None:
+        """The pirq eventfd a message reaches: the vector that mapped the pirq it names, else the
+        vector whose entry holds this message and has a pirq mapped (its physical interrupt goes to
+        that pirq, whatever the entry says now)."""
+        pirq = pirq_of_msi(address, data)
+        if pirq is None:
+            return None
+        for vec in self.vectors:
+            if vec.pirq == pirq and vec.pirq_notifier is not None and not vec.pirq_notifier.closed:
+                return vec, vec.pirq_notifier
+        m = self.msix
+        if m is None:
+            return None
+        for vec in self.vectors:
+            n = vec.pirq_notifier
+            if n is not None and not n.closed and m.get_message(vec.nr) == (address, data):
+                return vec, n
+        return None
+
+    def msi_send(self, address: int, data: int) -> None:
+        """Deliver a message (the MSI-X core's pending delivery, a userspace-path vector).  Xen: a
+        message that reaches a pirq this function mapped fires the pirq's eventfd (the physical
+        interrupt again, as the domain sees it), not ``signal_msi``."""
+        if self.xen:
+            hit = self._xen_pirq_notifier(address, data)
+            if hit is not None:
+                if not self.bus_master:
+                    return  # (PCIBus.msi_send's rule: no bus master, no message)
+                vec, n = hit
+                vec.pirq_refires += 1
+                n.set()
+                return
+        super().msi_send(address, data)
+
+    def query_xen(self) -> list[dict]:
+        """Per MSI-X vector: the pirq the guest's entry names now (``entry-pirq``; only while
+        MSI-X is on and the entry unmasked is it a claim), the pirq mapped, map/unmap counts, warnings."""
+        m = self.msix
+        out = []
+        for vec in self.vectors:
+            addr, data = m.get_message(vec.nr) if m is not None else (0, 0)
+            entry_pirq = pirq_of_msi(addr, data)
+            live = m is not None and m.enabled and not m.entry_masked(vec.nr)
+            if entry_pirq is None and vec.pirq is None and not vec.pirq_maps and not vec.pirq_warnings:
+                continue
+            out.append({"vector": vec.nr, "entry-pirq": -1 if entry_pirq is None else entry_pirq, "entry-live": live,
+                        "guest-pirq-at-unmask": -1 if vec.guest_pirq is None else vec.guest_pirq,
+                        "mapped-pirq": -1 if vec.pirq is None else vec.pirq, "trigger": vec.trigger.value,
+                        "maps": vec.pirq_maps, "unmaps": vec.pirq_unmaps, "refires": vec.pirq_refires,
+                        "warnings": list(vec.pirq_warnings),
+                        "pirq-eventfd": self._counters(vec.pirq_notifier)})
+        return out
 
     # -- MSI --------------------------------------------------------------------------------------------
     @property
@@ -1203,6 +1445,7 @@ class VFIOPCIDevice(PCIDevice):
         for vec in self.vectors:
             self._free_vector(vec)
         self.msix_host_on = False
+        self._xen_unmap_all("close")  # (QEMU's xen_pt_msix_delete at unplug: every version)
         self._msi_free_vectors()
         self.msi_host_on = False
         n, self._intx = self._intx, None
@@ -1241,16 +1484,20 @@ class VFIOPCIDevice(PCIDevice):
                                "guest": m.describe() if m is not None else None}
         host_vectors = []
         for vec in self.vectors:
-            if not vec.use and vec.interrupt is None and vec.trigger == HostTrigger.NONE:
+            if not vec.use and vec.interrupt is None and vec.trigger == HostTrigger.NONE and vec.pirq is None:
                 continue
-            trig = {HostTrigger.IRQFD: vec.kvm_interrupt, HostTrigger.USERSPACE: vec.interrupt}.get(vec.trigger)
-            host_vectors.append({
+            trig = self._trigger_notifier(vec, vec.trigger)
+            hv: dict[str, Any] = {
                 "vector": vec.nr, "use": vec.use, "trigger": vec.trigger.value,
-                "trigger-fd": trig.fd if trig is not None and not trig.closed else -1,
+                "trigger-fd": trig.fd if trig is not None else -1,
                 "gsi": -1 if vec.gsi is None else vec.gsi,
                 "irqfd": self._counters(vec.kvm_interrupt), "interrupt": self._counters(vec.interrupt),
                 "userspace-interrupts": vec.userspace_interrupts,
-            })
+            }
+            if self.xen:
+                hv["pirq"] = -1 if vec.pirq is None else vec.pirq
+                hv["pirq-eventfd"] = self._counters(vec.pirq_notifier)
+            host_vectors.append(hv)
         out["host"] = {"enabled": self.msix_host_on, "path": self.path, "nr-vectors": self.nr_vectors,
                        "vectors": host_vectors}
         return out
@@ -1280,6 +1527,9 @@ class VFIOPCIDevice(PCIDevice):
                          "mmapped": [{"offset": o, "size": s} for o, s, _ in self._sparse.get(i, [])]}
                         for i, r in sorted(self._regions.items())],
             "fatal": self.fatal, "errors": list(self.errors),
+            "xen": {"enabled": True, "unmap-on-disable": self.faults.fix_on(XEN_UNMAP_ON_DISABLE),
+                    "lapic-unmasks": self.xen_lapic_unmasks, "errors": list(self.xen_errors),
+                    "vectors": self.query_xen()} if self.xen else {"enabled": False},
         }
 
     def host_trigger(self, vector: int) -> tuple[str, EventNotifier | None]:
@@ -1293,8 +1543,8 @@ class VFIOPCIDevice(PCIDevice):
             if not 0 <= vector < len(vectors):
                 return HostTrigger.NONE.value, None
             vec = vectors[vector]
-            n = {HostTrigger.IRQFD: vec.kvm_interrupt, HostTrigger.USERSPACE: vec.interrupt}.get(vec.trigger)
-            if n is None or n.closed:
+            n = self._trigger_notifier(vec, vec.trigger)
+            if n is None:
                 return HostTrigger.NONE.value, None
             return vec.trigger.value, n
         n = self._intx
