@@ -94,7 +94,7 @@ class QueueSample:
 # a passthrough vector's fields (VectorSample.status): where it stands; any change is movement
 VECTOR_FIELDS = ("guest-msix-enabled", "host-msix-enabled", "use", "trigger", "gsi", "masked", "function-masked",
                  "pending", "irqfd-pending", "interrupt-pending", "userspace-interrupts", "injections", "dropped",
-                 "fatal")
+                 "fatal", "pirq", "pirq-conflict")
 
 
 @dataclass
@@ -168,6 +168,9 @@ class Sampler:
         :class:`VectorSample` per MSI-X vector the guest or the host has used."""
         out: dict[str, DeviceSample] = {}
         pci = _safe(self.mon, "query-pci")
+        xen = _safe(self.mon, "x-query-xen-pirqs")  # a Xen domain only (GenericError under KVM)
+        conflicts = [c for c in xen.get("conflicts", []) if isinstance(c, dict)] \
+            if isinstance(xen, dict) and isinstance(xen.get("conflicts"), list) else []
         ids = [d.get("qdev_id") for bus in pci if isinstance(bus, dict) and isinstance(bus.get("devices"), list)
                for d in bus["devices"] if isinstance(d, dict)] if isinstance(pci, list) else []
         for dev in ids:
@@ -177,11 +180,22 @@ class Sampler:
             if not isinstance(vf, dict):
                 continue  # not a passthrough function
             msix = _safe(self.mon, "x-query-pci-msix", {"dev": dev})
-            out[dev] = DeviceSample(dev, "vfio-user-pci", None, self._vectors(vf, msix),
+            out[dev] = DeviceSample(dev, "vfio-user-pci", None, self._vectors(vf, msix, dev, conflicts),
                                     bool(msix.get("enabled")) if isinstance(msix, dict) else None, passthrough=True)
         return out
 
-    def _vectors(self, vf: dict, msix: Any) -> list[QueueSample]:
+    @staticmethod
+    def _conflict(conflicts: list[dict], dev: str, v: int) -> dict | None:
+        """The pirq conflict (``x-query-xen-pirqs``) that names *dev*'s vector *v*, if any."""
+        for c in conflicts:
+            claims = c.get("claims")
+            if isinstance(claims, list) and any(isinstance(x, dict) and x.get("device") == dev and
+                                                x.get("vector") == v for x in claims):
+                return {"pirq": c.get("pirq"), "text": str(c.get("text", "")),
+                        "claims": [x for x in claims if isinstance(x, dict)]}
+        return None
+
+    def _vectors(self, vf: dict, msix: Any, dev: str = "", conflicts: list[dict] | None = None) -> list[QueueSample]:
         if not isinstance(msix, dict) or not isinstance(msix.get("host"), dict):
             return []
         host = msix["host"]
@@ -207,7 +221,8 @@ class Sampler:
                   "injections": hyp.get("injections") if hyp else None,
                   "dropped": hyp.get("dropped") if hyp else None,
                   "fatal": fatal if fatal is not None and fatal.get("vector") == v else None,
-                  "path": host.get("path")}
+                  "path": host.get("path"), "pirq": hv.get("pirq"),
+                  "pirq-conflict": self._conflict(conflicts or [], dev, v)}
             unknown = ["whether the guest's driver has work waiting on this vector (device-specific: the records in "
                        "guest memory and the device's consumer register, which diagnose does not read)",
                        "the host function's side (which interrupts it raised): the vfio-user server's own monitor has "

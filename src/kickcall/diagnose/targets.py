@@ -94,6 +94,8 @@ ALLOWED: dict[TargetKind, tuple[AllowedQuery, ...]] = {
                      "config cycle reaches a device or a vfio-user server)"),
         AllowedQuery("x-query-vfio", "a passthrough function's IRQ wiring, SET_IRQS counts and limits, from fields "
                      "the VMM keeps (no message to the vfio-user server)"),
+        AllowedQuery("x-query-xen-pirqs", "a Xen domain's pirq table read by the hypervisor's query (no hypercall "
+                     "is made) joined with the pirqs the device models' MSI-X entries name and map"),
     ),
     TargetKind.KICKCALL_BACKEND: _KICKCALL_COMMON + (
         AllowedQuery("x-query-virtio-vhost-queue-status", "the ring addresses the front-end sent (to join a "

@@ -48,7 +48,8 @@ from .sample import DeviceSample, QueueSample, Sample
 __all__ = ["Verdict", "VerdictKind", "Severity", "HEALTHY", "SLOW", "IDLE", "LOST_KICK", "LOST_CALL",
            "MASKED_PENDING", "NOT_PROCESSING", "NOT_TAKEN", "STALLED", "RING_CORRUPT", "NEEDS_RESET", "STOPPED",
            "DISABLED", "NOT_STARTED", "NOT_SET_UP", "NO_FRONT_END", "NO_KICK_FD", "NO_CALL_FD", "DEVICE_RESET",
-           "NOT_READY", "PAUSED", "UNDECIDED", "CALL_NOT_READ", "HOST_IRQ_LOST", "MASK_NOT_HONOURED", "judge", "judge_state",
+           "NOT_READY", "PAUSED", "UNDECIDED", "CALL_NOT_READ", "HOST_IRQ_LOST", "MASK_NOT_HONOURED", "PIRQ_SHARED", "judge",
+           "judge_state",
            "judge_vector_state", "ring_facts",
            "DEFAULT_WINDOW", "FAILED_RUN_STATES", "front_end_pid", "RESTART_ADVICE"]
 
@@ -81,6 +82,7 @@ class VerdictKind(enum.StrEnum):
     UNDECIDED = "undecided"
     HOST_IRQ_LOST = "host interrupt not delivered"  # a passthrough vector: the host signalled, the guest never got it
     MASK_NOT_HONOURED = "vector mask not honoured"  # a passthrough vector the guest masked still goes to the irqfd
+    PIRQ_SHARED = "pirq claimed by two devices"  # Xen: one pirq named or mapped by two MSI-X entries
 
 
 class Severity(enum.StrEnum):
@@ -91,10 +93,10 @@ class Severity(enum.StrEnum):
 
 (HEALTHY, SLOW, IDLE, LOST_KICK, LOST_CALL, MASKED_PENDING, NOT_PROCESSING, NOT_TAKEN, STALLED, RING_CORRUPT,
  NEEDS_RESET, STOPPED, DISABLED, NOT_STARTED, NOT_SET_UP, NO_FRONT_END, NO_KICK_FD, NO_CALL_FD, CALL_NOT_READ,
- DEVICE_RESET, NOT_READY, PAUSED, UNDECIDED, HOST_IRQ_LOST, MASK_NOT_HONOURED) = tuple(VerdictKind)
+ DEVICE_RESET, NOT_READY, PAUSED, UNDECIDED, HOST_IRQ_LOST, MASK_NOT_HONOURED, PIRQ_SHARED) = tuple(VerdictKind)
 
 _ALWAYS_PROBLEM = {LOST_KICK, LOST_CALL, MASKED_PENDING, NOT_PROCESSING, NOT_TAKEN, STALLED, RING_CORRUPT,
-                   NEEDS_RESET, CALL_NOT_READ, HOST_IRQ_LOST, MASK_NOT_HONOURED}
+                   NEEDS_RESET, CALL_NOT_READ, HOST_IRQ_LOST, MASK_NOT_HONOURED, PIRQ_SHARED}
 
 # QEMU run states in which the VM stopped by itself: a hung VM, not an operator's pause
 FAILED_RUN_STATES = frozenset({"io-error", "internal-error", "guest-panicked", "watchdog", "shutdown"})
@@ -556,13 +558,14 @@ def judge_vector_state(s: QueueSample, first: QueueSample | None = None, span: f
     inj, drop = _num(st.get("injections")), _num(st.get("dropped"))
     inj0, drop0 = _num(f0.get("injections")), _num(f0.get("dropped"))
     facts = {k: st.get(k) for k in ("trigger", "gsi", "masked", "pending", "irqfd-pending", "interrupt-pending",
-                                   "injections", "dropped", "path")}
+                                   "injections", "dropped", "path", "pirq")}
     facts["vector"] = v
     why_mask = "the function mask" if st.get("function-masked") and not st.get("masked") else "its vector mask"
     ev = [f"MSI-X vector {v}: the guest has it {'masked (' + why_mask + ')' if masked else 'unmasked'}, PBA "
           f"{'set' if pba else 'clear'}; the host's trigger points at "
           + {"irqfd": "the irqfd-bound eventfd (the hypervisor injects the MSI)",
              "interrupt": "the VMM's own eventfd (the VMM turns it into msix_notify: the PBA bit while masked)",
+             "pirq": f"the eventfd mapped to pirq {st.get('pirq')} (Xen delivers it to the pirq's event channel)",
              "none": "nothing (vfio-pci drops the vector's interrupts)"}.get(str(trig), f"{trig!r}")]
     if inj is not None and drop is not None:
         ev.append(f"the hypervisor injected {inj} and dropped {drop} of this vector's irqfd signals (GSI "
@@ -571,6 +574,16 @@ def judge_vector_state(s: QueueSample, first: QueueSample | None = None, span: f
     def verdict(kind: VerdictKind, lines: list[str], **kw) -> Verdict:
         return Verdict(kind, ev + lines, facts=facts, unknown=unknown, **kw)
 
+    conflict = st.get("pirq-conflict")
+    if isinstance(conflict, dict) and conflict.get("text"):
+        facts["pirq-conflict"] = conflict
+        return verdict(PIRQ_SHARED, [
+            f"{conflict['text']} (x-query-xen-pirqs): one pirq has one event channel, so the interrupts of one device "
+            "reach the other's handler and the first waits for interrupts that never come",
+            "the guest reused a pirq the device model had unmapped and the hypervisor handed to another device "
+            "(a guest without the 2017 fresh-pirq fix), or the device model kept a mapping the guest no longer uses "
+            "(QEMU before 2.1.0): the guest must reconfigure the vector with a fresh pirq"],
+            summary=str(conflict["text"]))
     if not st.get("guest-msix-enabled") or not st.get("host-msix-enabled"):
         return verdict(NOT_SET_UP, ["MSI-X is not enabled " + ("in the guest" if not st.get("guest-msix-enabled")
                                                               else "in the host") + ": no vector carries interrupts"],

@@ -20,14 +20,16 @@ import sys
 import tempfile
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..child import start_helper
+from ..faults import FaultAction, FaultRegistry, Switch
 from ..hv.abi import SPACE_MMIO, SPACE_PIO, ChannelClosed
 from ..hv import abi
 from ..hv.channel import socketpair
 from ..hv.kernel import KernelHV
 from ..hv.vmm import VM, MsiRoutes
+from ..hv.xen_abi import pirq_of_msi
 from ..loop import IOThread
 from ..memory import AddressSpace, GuestMemory
 from ..notify import NotifierRegistry
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
     from ..monitor.server import QMPServer
     from ..virtio.device import VirtIODevice
 
-__all__ = ["Machine", "MachineError"]
+__all__ = ["Machine", "MachineError", "XEN_FRESH_PIRQ", "GuestVariantSwitch"]
 
 log = logging.getLogger("kickcall.machine")
 
@@ -59,8 +61,36 @@ LABELLED_BYTES = 64 << 20
 UNPLUG_TIMEOUT = 30.0
 
 
+#: The machine's switch for the guest's Xen MSI variant (Linux's xen_hvm_setup_msi_irqs): on, the
+#: 2017 fix (c74fd80f2f41: always a fresh pirq from PHYSDEVOP_get_free_pirq); off, the 2010 variant
+#: (af42b8d12f8a: reuse the pirq read back from the device's MSI data).  Each change is sent to the
+#: guest (guest command ``xen-msi-variant``).
+XEN_FRESH_PIRQ = "xen-fresh-pirq"
+
+
 class MachineError(RuntimeError):
     pass
+
+
+class GuestVariantSwitch(Switch):
+    """A fix that lives in the guest: each change is sent to it with *apply(on)* (what it
+    answered, or why it could not be sent, is kept and listed; the switch changes either way)."""
+
+    def __init__(self, name: str, effect: str, apply: Callable[[bool], dict]) -> None:
+        super().__init__(name, effect)
+        self._apply = apply
+        self.guest: dict = {"sent": False, "why": "never changed"}
+
+    def arm(self, action: FaultAction, queue: int | None = None) -> dict:
+        res = super().arm(action, queue)
+        self.guest = self._apply(self.fix_on)
+        res["guest"] = dict(self.guest)
+        return res
+
+    def state(self) -> dict:
+        d = super().state()
+        d["guest"] = dict(self.guest)
+        return d
 
 
 class Machine:
@@ -99,6 +129,11 @@ class Machine:
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="kickcall-", dir=temp_dir())
         self._built: list = []  # what to close, last first, if the build fails
+        self.faults = FaultRegistry(self.cfg.name)
+        """The machine's own faults (those of no one device): the guest's Xen MSI variant."""
+        self.faults.add(GuestVariantSwitch(
+            XEN_FRESH_PIRQ, "off: the guest's Xen MSI setup reuses the pirq it reads back from the device's MSI data "
+            "(Linux before c74fd80f2f41) instead of asking for a fresh one (Xen flavour)", self._send_msi_variant))
         try:
             self._build()
         except BaseException:
@@ -237,7 +272,7 @@ class Machine:
             dev = VFIOPCIDevice(dc.id, dc.socket, memory=self.memory, vm=self.vm, routes=self.routes,
                                 iothread=self.iothread, registry=self.registry, dma=dc.dma,
                                 x_msix_noresize=dc.x_msix_noresize, irqfd=dc.irqfd and not self.xen,
-                                on_fatal=self._passthrough_fatal,
+                                xen=self.xen, on_fatal=self._passthrough_fatal,
                                 on_request=self._passthrough_release_request)
         except VfioDeviceError as e:
             raise MachineError(f"device {dc.id}: {e}") from None
@@ -358,7 +393,25 @@ class Machine:
         self.started = True
         if boot:
             self.boot_info = self.guest_cmd({"cmd": "boot", "msix": msix, "cpu": 0}, timeout=60)
+        if self.xen and not self.faults.fix_on(XEN_FRESH_PIRQ):  # switched off before start: tell the guest now
+            sw = self.faults.get(XEN_FRESH_PIRQ)
+            assert isinstance(sw, GuestVariantSwitch)
+            sw.guest = self._send_msi_variant(False)
         return self.boot_info
+
+    def _send_msi_variant(self, fresh: bool) -> dict:
+        """Tell the guest which Xen MSI variant to use (guest command ``xen-msi-variant``).  Never
+        raises: a guest that is not running or does not know the command is reported."""
+        if not self.xen:
+            return {"sent": False, "why": "not a Xen domain"}
+        if not self.started or self._gone.is_set():
+            return {"sent": False, "why": "the guest is not running (sent when it starts)"}
+        try:
+            rep = self.guest_cmd({"cmd": "xen-msi-variant", "reuse": not fresh}, timeout=30)
+        except Exception as e:  # noqa: BLE001 -- the guest's answer (e.g. an older guest without the command)
+            log.warning("%s: the guest's Xen MSI variant (reuse=%s) not set: %s", self.cfg.name, not fresh, e)
+            return {"sent": False, "error": str(e), "reuse": not fresh}
+        return {"sent": True, "reuse": not fresh, "reply": rep}
 
     def _start_guest_process(self) -> None:
         fd = self._guest_sock.fileno()
@@ -420,9 +473,10 @@ class Machine:
         a file that is not ours is refused with ``PathRefused``)."""
         from ..monitor.commands import build_registry
         from ..monitor.server import QMPServer
-        from .monitor import MachineTarget
+        from .monitor import MachineTarget, add_machine_hmp, machine_commands
 
-        reg, attach = build_registry(MachineTarget(self))
+        reg, attach = build_registry(MachineTarget(self), extra=machine_commands(self))
+        add_machine_hmp(reg)
         server = QMPServer(reg, path=path, tcp=tcp, name=self.cfg.name, claim=claim)
         self.qmp = server
         attach(server)
@@ -514,6 +568,61 @@ class Machine:
         self.stop()
 
     # -- what the live view and the monitor show -----------------------------------------------------------
+    def query_xen_pirqs(self) -> dict:
+        """``x-query-xen-pirqs``: the hypervisor's view (``VM.xen_query``: pirqs with state, port,
+        mask, pending, events; the free pool; counters; Xen's console) joined with the device
+        model's: per device (passthrough vectors and virtio-pci MSI-X entries) the pirq its MSI-X
+        entry names and, for a passthrough vector, the pirq it mapped; and ``conflicts``: every
+        pirq claimed by more than one (device, vector) -- by a live entry's message (MSI-X on, entry
+        unmasked) or by a mapping.  ``MachineError`` when the machine is not a Xen domain."""
+        if not self.xen:
+            raise MachineError("not a Xen domain (hypervisor = \"kvm\")")
+        hv = self.vm.xen_query()
+        devices: list[dict] = []
+        claims: dict[int, dict[tuple[str, int], set[str]]] = {}
+
+        def claim(pirq: int, dev: str, vector: int, by: str) -> None:
+            claims.setdefault(pirq, {}).setdefault((dev, vector), set()).add(by)
+
+        with self.bql:
+            for name, dev in self.passthrough.items():
+                vecs = dev.query_xen()
+                devices.append({"device": name, "kind": "passthrough", "vectors": vecs})
+                for x in vecs:
+                    if x["entry-live"] and x["entry-pirq"] >= 0:
+                        claim(x["entry-pirq"], name, x["vector"], "entry")
+                    if x["mapped-pirq"] >= 0:
+                        claim(x["mapped-pirq"], name, x["vector"], "mapping")
+            for name, p in self.devices.items():
+                m = p.msix
+                if m is None:
+                    continue
+                evs = []
+                for v in range(m.nvectors):
+                    pirq = pirq_of_msi(*m.get_message(v))
+                    if pirq is None:
+                        continue
+                    live = m.enabled and not m.entry_masked(v)
+                    evs.append({"vector": v, "entry-pirq": pirq, "entry-live": live, "mapped-pirq": -1})
+                    if live:
+                        claim(pirq, name, v, "entry")
+                devices.append({"device": name, "kind": "virtio-pci", "vectors": evs})
+        conflicts = []
+        for pirq in sorted(claims):
+            who = sorted(claims[pirq].items())
+            if len(who) < 2:
+                continue
+            names = " and ".join(f"{d} vector {v}" for (d, v), _by in who)
+            conflicts.append({"pirq": pirq, "claims": [{"device": d, "vector": v, "by": sorted(by)}
+                                                       for (d, v), by in who],
+                              "text": f"pirq {pirq} is claimed by {names}"})
+        for ent in hv.get("pirqs", []):
+            ent["device-model"] = [{"device": d, "vector": v, "by": sorted(by)}
+                                   for (d, v), by in sorted(claims.get(ent.get("pirq", -1), {}).items())]
+        sw = self.faults.get(XEN_FRESH_PIRQ)
+        return {"hypervisor": hv, "devices": devices, "conflicts": conflicts,
+                "guest-msi-variant": {"fault": XEN_FRESH_PIRQ, **sw.state()}}
+
     def snapshot(self) -> dict[str, Any]:
         """Per-device, per-queue counters (read without disturbing anything)."""
         out: dict[str, Any] = {"time": time.monotonic(), "running": self.running, "devices": {}}

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..vhost_user.device import VhostUserBlkDevice
+from ..hv.abi import ChannelClosed, HypervisorError
+from ..monitor.schema import Arg, CommandRegistry, QMPError
 from ..monitor.target import DeviceView, TargetError
 from ..notify import Role
 from ..pci import regs as R
@@ -33,7 +35,8 @@ from .faults import LOSE_HOST_INTERRUPT, register_passthrough_faults
 if TYPE_CHECKING:
     from .machine import Machine
 
-__all__ = ["MachineTarget", "MachineDevice", "PassthroughDevice"]
+__all__ = ["MachineTarget", "MachineDevice", "PassthroughDevice", "machine_commands", "add_machine_hmp",
+           "format_pirqs"]
 
 log = logging.getLogger("kickcall.machine.monitor")
 
@@ -377,7 +380,10 @@ class PassthroughDevice:
                     vec = self.d.vectors[e.vector]
                     irqfd = e.notifier is vec.kvm_interrupt
                     d["host-trigger"] = (vec.trigger == HostTrigger.IRQFD and irqfd) or \
-                        (vec.trigger == HostTrigger.USERSPACE and e.notifier is vec.interrupt)
+                        (vec.trigger == HostTrigger.USERSPACE and e.notifier is vec.interrupt) or \
+                        (vec.trigger == HostTrigger.PIRQ and e.notifier is vec.pirq_notifier)
+                    if e.notifier is vec.pirq_notifier and vec.pirq is not None:
+                        d["pirq"] = vec.pirq
                     if irqfd:
                         hv = self._hv_gsi(vec.gsi)
                         if hv is not None:
@@ -419,7 +425,9 @@ class PassthroughDevice:
             except VfioDeviceError as e:
                 raise TargetError(str(e)) from None
             masked = m is not None and m.enabled and m.is_masked(queue)
-        path = {"irqfd": CallPath.IRQFD, "intx": CallPath.INTX}.get(where, CallPath.PBA if masked else CallPath.MSI)
+        # (Xen: "pirq" -- the hypervisor delivers it to the pirq's event channel, as an irqfd would)
+        path = {"irqfd": CallPath.IRQFD, "pirq": CallPath.IRQFD, "intx": CallPath.INTX}.get(
+            where, CallPath.PBA if masked else CallPath.MSI)
         return {"path": path, "forced": False, "host-trigger": where}
 
     def fault(self, queue: int, path: str, action: str) -> dict:
@@ -473,3 +481,82 @@ class MachineTarget:
 
     def devices(self) -> list[DeviceView]:
         return list(self._devices)
+
+
+# -- the machine's own commands ------------------------------------------------------------------------------
+def machine_commands(machine: "Machine") -> dict[str, tuple[Callable, list[Arg]]]:
+    """QMP commands only a machine has (``build_registry(extra=...)``)."""
+    from .machine import MachineError
+
+    def x_query_xen_pirqs() -> dict:
+        """The Xen domain's pirqs and event channels joined with the device model's MSI-X entries,
+        and every pirq claimed by two devices (x-query-xen-pirqs)."""
+        try:
+            return machine.query_xen_pirqs()
+        except MachineError as e:
+            raise TargetError(str(e)) from None
+        except (HypervisorError, ChannelClosed, TimeoutError) as e:
+            raise TargetError(f"the hypervisor did not answer: {e}") from None
+
+    return {"x-query-xen-pirqs": (x_query_xen_pirqs, [])}
+
+
+def _cell(v: Any) -> str:
+    return "-" if v is None or v == -1 or v == [] else str(v)
+
+
+def format_pirqs(q: dict) -> str:
+    """HMP ``info pirqs``: the domain's pirqs (state, owner, port, mask/pending, events) with the
+    device model's claims, then the conflicts, the free pool and the counters."""
+    hv = q.get("hypervisor", {})
+    lines = [f"domain {hv.get('domid')}: {hv.get('nr-pirqs')} pirqs (MSI pirqs from {hv.get('first-msi-pirq')}), "
+             f"{hv.get('free-count')} free; guest MSI variant: "
+             f"{'fresh pirq' if q.get('guest-msi-variant', {}).get('fix') == 'on' else 'reuse (pre-2017)'}",
+             f"{'pirq':>5} {'state':<10} {'port':>5} {'mask':>4} {'pend':>4} {'events':>7} {'dropped':>7}  "
+             f"{'owner (hypervisor)':<20} device model"]
+    for p in hv.get("pirqs", []):
+        own = p.get("owner") or {}
+        owner = f"{own['device']} v{own.get('vector', '?')}" if own.get("device") else "-"
+        dm = ", ".join(f"{c['device']} v{c['vector']} ({'+'.join(c['by'])})" for c in p.get("device-model", [])) or "-"
+        lines.append(f"{p.get('pirq'):>5} {p.get('state', '?'):<10} {_cell(p.get('port') or None):>5} "
+                     f"{'M' if p.get('masked') else '-':>4} {'P' if p.get('pending') else '-':>4} "
+                     f"{p.get('events', 0):>7} {p.get('dropped', 0):>7}  {owner:<20} {dm}")
+    lines.append("device model:")
+    for d in q.get("devices", []):
+        for v in d.get("vectors", []):
+            warn = f"  WARNINGS {len(v['warnings'])}" if v.get("warnings") else ""
+            lines.append(f"  {d['device']} ({d['kind']}) vector {v['vector']}: entry names pirq "
+                         f"{_cell(v.get('entry-pirq'))}{'' if v.get('entry-live') else ' (masked or off)'}, mapped "
+                         f"{_cell(v.get('mapped-pirq'))}" +
+                         (f", maps {v['maps']} unmaps {v['unmaps']}" if "maps" in v else "") + warn)
+    conflicts = q.get("conflicts", [])
+    lines.append(f"conflicts: {len(conflicts) or 'none'}")
+    for c in conflicts:
+        lines.append(f"  CONFLICT {c['text']}")
+    free = hv.get("free", [])
+    lines.append(f"free pool ({len(free)}): {' '.join(map(str, free)) or '-'}")
+    cnt = hv.get("counters", {})
+    lines.append("counters: " + " ".join(f"{k}={v}" for k, v in cnt.items()))
+    return "\r\n".join(lines) + "\r\n"
+
+
+def add_machine_hmp(reg: CommandRegistry) -> None:
+    """HMP ``info pirqs`` on top of the generic HMP (``human-monitor-command``): the line is
+    answered here, every other line goes on to the generic handler."""
+    cmd = reg.commands.get("human-monitor-command")
+    pirqs = reg.commands.get("x-query-xen-pirqs")
+    if cmd is None or pirqs is None:
+        return
+    inner = cmd.handler
+    query = pirqs.handler
+
+    def human_monitor_command(**kw: Any) -> str:
+        line = str(kw.get("command_line", ""))
+        if line.split() == ["info", "pirqs"]:
+            try:
+                return format_pirqs(query())
+            except QMPError as e:
+                return f"Error: {e.desc}\r\n"
+        return inner(**kw)
+
+    reg.add(cmd.name, human_monitor_command, cmd.args, cmd.doc, cmd.unstable)
