@@ -168,17 +168,21 @@ class Sampler:
         :class:`VectorSample` per MSI-X vector the guest or the host has used."""
         out: dict[str, DeviceSample] = {}
         pci = _safe(self.mon, "query-pci")
-        xen = _safe(self.mon, "x-query-xen-pirqs")  # a Xen domain only (GenericError under KVM)
-        conflicts = [c for c in xen.get("conflicts", []) if isinstance(c, dict)] \
-            if isinstance(xen, dict) and isinstance(xen.get("conflicts"), list) else []
         ids = [d.get("qdev_id") for bus in pci if isinstance(bus, dict) and isinstance(bus.get("devices"), list)
                for d in bus["devices"] if isinstance(d, dict)] if isinstance(pci, list) else []
+        vfs: dict[str, dict] = {}
         for dev in ids:
             if not isinstance(dev, str) or not dev:
                 continue
             vf = _safe(self.mon, "x-query-vfio", {"dev": dev})
-            if not isinstance(vf, dict):
-                continue  # not a passthrough function
+            if isinstance(vf, dict):  # (anything else: not a passthrough function)
+                vfs[dev] = vf
+        conflicts: list[dict] = []
+        if any(isinstance(vf.get("xen"), dict) and vf["xen"].get("enabled") for vf in vfs.values()):
+            xen = _safe(self.mon, "x-query-xen-pirqs")  # asked only of a Xen domain
+            if isinstance(xen, dict) and isinstance(xen.get("conflicts"), list):
+                conflicts = [c for c in xen["conflicts"] if isinstance(c, dict)]
+        for dev, vf in vfs.items():
             msix = _safe(self.mon, "x-query-pci-msix", {"dev": dev})
             out[dev] = DeviceSample(dev, "vfio-user-pci", None, self._vectors(vf, msix, dev, conflicts),
                                     bool(msix.get("enabled")) if isinstance(msix, dict) else None, passthrough=True)
