@@ -126,6 +126,8 @@ def code_rows(workdir: str) -> set[tuple[str, str, str, str]]:
             with QMPClient(os.path.join(workdir, "pt.qmp")).connect(wait=30) as c:
                 for f in c.execute("x-debug-fault", {"dev": "pt0"})["faults"]:
                     out.add(("vfio-user", f["name"], f["kind"], f["effect"]))
+                for f in c.execute("x-debug-fault", {"dev": "machine"})["faults"]:  # faults of no one device
+                    out.add(("machine", f["name"], f["kind"], f["effect"]))
     return out
 
 

@@ -48,8 +48,9 @@ MACHINE_COMMANDS = {
     "x-query-virtio-vhost-queue-status", "x-query-virtio-queue-element", "x-query-pci-msix", "x-query-vfio",
     "x-query-device-notifiers", "x-debug-device-notifier-write", "x-debug-device-event", "x-debug-fault",
     "trace-event-list", "trace-event-get-state", "trace-event-set-state", "human-monitor-command",
+    "x-query-xen-pirqs",
 }
-BACKEND_COMMANDS = MACHINE_COMMANDS | {"x-query-vhost-user-backend"}
+BACKEND_COMMANDS = (MACHINE_COMMANDS - {"x-query-xen-pirqs"}) | {"x-query-vhost-user-backend"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -284,7 +285,7 @@ def qemu_schema():
 SHARED = ("query-version", "query-status", "stop", "cont", "system_reset", "quit", "query-pci", "x-query-virtio",
           "x-query-virtio-status", "x-query-virtio-queue-status", "x-query-virtio-vhost-queue-status",
           "x-query-virtio-queue-element", "trace-event-get-state", "trace-event-set-state", "human-monitor-command")
-KICKCALL_ONLY = ("trace-event-list", "x-query-pci-msix", "x-query-vfio", "x-query-device-notifiers", "x-debug-device-event",
+KICKCALL_ONLY = ("trace-event-list", "x-query-xen-pirqs", "x-query-pci-msix", "x-query-vfio", "x-query-device-notifiers", "x-debug-device-event",
                  "x-debug-device-notifier-write", "x-debug-fault", "x-query-vhost-user-backend")
 
 # Fields kickcall leaves out of a reply.  Each must be optional in QEMU's schema (the conformance

@@ -638,6 +638,9 @@ class _FakeTarget:
     def system_reset(self) -> None:
         pass
 
+    def fault_owners(self) -> dict:
+        return {}
+
     def quit(self) -> None:
         pass
 

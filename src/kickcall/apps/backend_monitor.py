@@ -30,7 +30,7 @@ region for a back-end that reconnects): the reply says how many went each way.
 
 from __future__ import annotations
 
-from ..faults import FaultError, QueueDrop
+from ..faults import FaultError, FaultRegistry, QueueDrop
 from ..monitor.target import DeviceView, TargetError
 from ..vhost_user.backend import RingRefused, RingState, VhostUserBackend
 from ..virtio.blk import VirtIOBlk
@@ -279,3 +279,6 @@ class BackendTarget:
 
     def devices(self) -> list[DeviceView]:
         return [self._dev]
+
+    def fault_owners(self) -> "dict[str, FaultRegistry]":
+        return {}  # every fault here is the device's

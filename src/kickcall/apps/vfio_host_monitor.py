@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..faults import FaultRegistry
 from ..monitor.schema import Arg
 from ..monitor.target import DeviceView, TargetError
 from ..pci import regs as R
@@ -161,6 +162,9 @@ class HostTarget:
 
     def devices(self) -> list[DeviceView]:
         return [self._dev]
+
+    def fault_owners(self) -> "dict[str, FaultRegistry]":
+        return {}  # every fault here is the device's
 
     def view(self, dev: str) -> HostDeviceView:
         if dev != self._dev.id:

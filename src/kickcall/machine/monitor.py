@@ -28,7 +28,7 @@ from ..virtio.layout import (
     desc_table_size,
     used_size,
 )
-from ..faults import FaultError
+from ..faults import FaultError, FaultRegistry
 from ..vfio.pci import HostTrigger, VFIOPCIDevice, VfioDeviceError
 from .faults import LOSE_HOST_INTERRUPT, register_passthrough_faults
 
@@ -481,6 +481,10 @@ class MachineTarget:
 
     def devices(self) -> list[DeviceView]:
         return list(self._devices)
+
+    def fault_owners(self) -> dict[str, FaultRegistry]:
+        """``machine``: the faults of no one device (the guest's Xen MSI variant)."""
+        return {"machine": self.m.faults}
 
 
 # -- the machine's own commands ------------------------------------------------------------------------------

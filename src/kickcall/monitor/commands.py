@@ -37,7 +37,7 @@ import time
 from typing import Callable, TypedDict
 
 from .. import trace
-from ..faults import FaultAction
+from ..faults import FaultAction, FaultError
 from .schema import Arg, CommandRegistry, QMPError
 from .server import QMPServer
 from .target import DeviceView, Target, TargetError
@@ -242,6 +242,21 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
 
     def x_debug_fault(dev: str, queue: int | None = None, path: str | None = None, action: str | None = None,
                       fault: str | None = None) -> dict:
+        owner = c.target.fault_owners().get(dev) if not any(dev in (x.id, x.path) for x in c.target.devices()) \
+            else None
+        if owner is not None:  # faults of no one device (a machine's): no queues, no paths
+            if path is not None or queue is not None:
+                raise QMPError(f"'{dev}' has no queues: give 'fault' and 'action'")
+            if fault is None and action is None:
+                return {"dev": dev, "faults": owner.describe()}
+            if fault is None or action is None:
+                raise QMPError("Parameter 'fault' or 'action' is missing")
+            try:
+                out = owner.arm(fault, action)
+            except FaultError as e:
+                raise QMPError(str(e)) from None
+            log.warning("monitor: fault %s %s on %s", fault, action, dev)
+            return out
         d = c.by_dev(dev)
         if path is None and fault is None and action is None and queue is None:
             return {"dev": d.id, "faults": d.faults()}
@@ -336,6 +351,7 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
 # ---------------------------------------------------------------------------------------------------
 HMP_COMMANDS = {
     "info pci": "PCI devices, with MSI-X state",
+    "info pirqs": "a Xen domain's pirqs, the device models' claims and the conflicts (machine)",
     "info virtio": "virtio devices",
     "info virtio-status PATH": "a virtio device's status",
     "info virtio-queue-status PATH QUEUE": "a virtqueue's state",

@@ -10,7 +10,10 @@ from their effects, as it would a real bug.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..faults import FaultRegistry
 
 __all__ = ["Target", "DeviceView", "TargetError"]
 
@@ -73,3 +76,5 @@ class Target(Protocol):
     def quit(self) -> None: ...
 
     def devices(self) -> list[DeviceView]: ...
+
+    def fault_owners(self) -> "dict[str, FaultRegistry]": ...  # x-debug-fault owners that are no device
