@@ -234,9 +234,7 @@ class GuestOS:
                 for dv in d.pci.vectors:
                     for h, _n in list(dv.handlers):
                         self.k.free_irq(dv.irq, h)
-                    self.k.release_irq(dv.irq)
-                d.pci.vectors = []
-                d.pci.irq_mode = 0
+                d.pci.release_vectors()
         self.devs = {}
         return self.cmd_boot(msix)
 
