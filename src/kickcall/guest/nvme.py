@@ -105,7 +105,7 @@ class NvmeDriver(NicDriver):
     def pirqs(self) -> list[int]:
         """The pirq behind each vector (Xen; empty otherwise)."""
         x = self.k.xen
-        if x is None:
+        if x is None or self.mode not in ("msix", "msi"):
             return []
         out = []
         for d in self.pci.vectors:
