@@ -466,7 +466,8 @@ class GuestKernel:
         d = self.irqs.get(irq)
         if d is None:
             return
-        d.handlers = [(h, n) for h, n in d.handlers if handler is not None and h is not handler]
+        # == not `is`: a bound method (``self._handler``) is a new object at each access
+        d.handlers = [(h, n) for h, n in d.handlers if handler is not None and h != handler]
         if not d.handlers:
             if irq < 24:
                 self.hv.irqchip.program(irq, d.vector, dest=0, masked=True, level=True)

@@ -27,7 +27,7 @@ from typing import Callable
 
 from ..vfio import nic as N
 from .kernel import PCI_IRQ_INTX, PCI_IRQ_MSI, PCI_IRQ_MSIX, GuestKernel, GuestPciDev, IrqDesc
-from .nic import NicDriver, _Queue
+from .nic import NicDriver
 
 __all__ = ["NvmeDriver", "IRQ_FLAGS"]
 
@@ -58,24 +58,17 @@ class NvmeDriver(NicDriver):
 
     # -- probe ----------------------------------------------------------------------------------------
     def probe(self) -> None:
-        """Rings only (``nvme_pci_enable`` + queue memory); interrupts come with ``alloc``."""
-        p = self.pci
-        self.bar0 = p.bar_addr(0)
-        if self.k.readl(self.bar0 + N.REG_ID) != N.NIC_ID_MAGIC:
-            raise RuntimeError(f"{p!r}: not a kickcall-nic (ID register)")
-        nq = self.k.readl(self.bar0 + N.REG_NQUEUES)
-        self.table_size = self.k.readl(self.bar0 + N.REG_NVEC)
-        p.set_master(True)
-        for q in range(nq):
-            ring = self.k.pages.alloc(self.ring_size * N.RECORD.size)
-            self.k.memory.fill(ring, self.ring_size * N.RECORD.size)
-            self.queues.append(_Queue(q, ring, self.ring_size))
-            base = self._qreg(q)
-            self.k.writel(base + N.Q_RING_LO, ring & 0xFFFFFFFF)
-            self.k.writel(base + N.Q_RING_HI, ring >> 32)
-            self.k.writel(base + N.Q_SIZE, self.ring_size)
-            self._done[q] = threading.Event()
-            self.generated[q] = 0
+        """Rings only (``nvme_pci_enable`` + queue memory); interrupts come with ``alloc``.  The
+        nic driver's probe sets the rings up (in INTx mode); its INTx handler is then let go."""
+        self.irq_mode = "intx"
+        super().probe()
+        if self._intx is not None:
+            self.k.free_irq(self._intx.irq, self._intx_handler)
+            self._intx = None
+        self.pci.free_irq_vectors()
+        for qu in self.queues:
+            self._done[qu.index] = threading.Event()
+            self.generated[qu.index] = 0
         self.mode = "none"
 
     @property
