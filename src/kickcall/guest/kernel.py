@@ -12,11 +12,13 @@ leaves through the hypervisor: an ioeventfd or a heavyweight exit.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
+from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..hv.kernel import KernelHV, Vcpu
 from ..hv.routing import msi_address
@@ -28,7 +30,11 @@ from ..pci.regs import (
 )
 from ..threads import named_thread
 
-__all__ = ["GuestKernel", "GuestPciDev", "IrqDesc", "PageAllocator", "IRQ_HANDLED", "IRQ_NONE"]
+if TYPE_CHECKING:
+    from .xen import XenHvmMsiDomain
+
+__all__ = ["GuestKernel", "GuestPciDev", "IrqDesc", "PageAllocator", "IRQ_HANDLED", "IRQ_NONE", "MsiDomain",
+           "NativeMsiDomain", "MsiSetupError"]
 
 log = logging.getLogger("kickcall.guest")
 
@@ -101,8 +107,99 @@ class IrqDesc:
     cpu: int = 0
 
 
+class MsiSetupError(RuntimeError):
+    """An MSI domain could not set a vector up (``arch_setup_msi_irqs`` returned *rc* < 0):
+    the PCI MSI core undoes the enable and ``pci_alloc_irq_vectors`` tries the next mode."""
+
+    def __init__(self, rc: int, msg: str) -> None:
+        super().__init__(msg)
+        self.rc = rc
+        self.kind = errno.errorcode.get(-rc, "EIO") if rc < 0 else "EIO"
+
+
+class MsiDomain(ABC):
+    """The x86 PCI MSI irq domain seam: how a device's MSI/MSI-X vectors become Linux irqs and
+    messages (``x86_msi.setup_msi_irqs`` / ``teardown_msi_irqs`` and the irq chip's
+    ``irq_startup`` / ``irq_shutdown`` / ``irq_mask``).
+
+    The PCI MSI core (``GuestPciDev``) owns the capability and the MSI-X table: it sets ENABLE and
+    MASKALL, asks the domain for each vector (the domain composes the message and writes it with
+    ``GuestPciDev.write_msix_msg`` / ``write_msi_msg`` while the entry is masked), clears MASKALL,
+    and unmasks an entry when its irq's first handler is requested -- in every domain.  The
+    native domain gives each irq a CPU vector (``msi_address(cpu)``, data = vector); the Xen HVM
+    domain (``guest.xen.XenHvmMsiDomain``) gives it a pirq and an event channel instead."""
+
+    name = "?"
+
+    @abstractmethod
+    def setup_msix_entry(self, dev: "GuestPciDev", entry: int, name: str, desc: "IrqDesc | None" = None) -> "IrqDesc":
+        """Set MSI-X entry *entry* up (a new irq, or *desc* shared): compose and write its message
+        while it is masked.  Raises ``MsiSetupError`` when the domain has nothing to give."""
+
+    @abstractmethod
+    def setup_msi(self, dev: "GuestPciDev", nvec: int, name: str) -> "list[IrqDesc] | int":
+        """*nvec* MSI vectors (a power of two) and their message written; or a positive int:
+        "only this many" (``pci_enable_msi_range`` retries with it), as Linux's arch hook says."""
+
+    @abstractmethod
+    def compose(self, desc: "IrqDesc") -> tuple[int, int]:
+        """The (64-bit address, data) of the message that reaches *desc* (``irq_compose_msi_msg``)."""
+
+    @abstractmethod
+    def teardown(self, dev: "GuestPciDev", descs: "list[IrqDesc]") -> None:
+        """Free the irqs of a device whose MSI/MSI-X is being disabled (``teardown_msi_irqs``)."""
+
+    def irq_startup(self, desc: "IrqDesc") -> None:
+        """The irq's first handler was requested (before the PCI MSI core unmasks its entry)."""
+        return None
+
+    def irq_shutdown(self, desc: "IrqDesc") -> None:
+        """The irq's last handler was freed (after the PCI MSI core masked its entry)."""
+        return None
+
+    def irq_mask(self, desc: "IrqDesc", masked: bool) -> bool:
+        """``disable_irq``/``enable_irq``: mask the irq where this domain masks it.  False: the
+        domain has no mask of its own (the PCI MSI core masks the entry / vector)."""
+        return False
+
+    def owns(self, desc: "IrqDesc") -> bool:
+        """Whether *desc* is an irq this domain created (an MSI of some device)."""
+        return False
+
+
+class NativeMsiDomain(MsiDomain):
+    """The native x86 vector domain: one CPU vector per irq, the message names the CPU's LAPIC
+    and carries the vector (multi-MSI: a block of ``nvec`` vectors aligned to its size)."""
+
+    name = "native"
+
+    def __init__(self, kernel: "GuestKernel") -> None:
+        self.k = kernel
+
+    def setup_msix_entry(self, dev: "GuestPciDev", entry: int, name: str, desc: "IrqDesc | None" = None) -> "IrqDesc":
+        d = desc if desc is not None else self.k.alloc_irq(name)
+        dev.write_msix_msg(entry, *self.compose(d))
+        return d
+
+    def setup_msi(self, dev: "GuestPciDev", nvec: int, name: str) -> "list[IrqDesc] | int":
+        descs = self.k.alloc_irq_block(nvec, name)
+        dev.write_msi_msg(*self.compose(descs[0]))
+        return descs
+
+    def compose(self, desc: "IrqDesc") -> tuple[int, int]:
+        return msi_address(desc.cpu), desc.vector
+
+    def teardown(self, dev: "GuestPciDev", descs: "list[IrqDesc]") -> None:
+        for d in descs:
+            self.k.release_irq(d.irq)
+
+
 class GuestKernel:
-    """The guest OS: runs on the vCPUs of a KernelHV."""
+    """The guest OS: runs on the vCPUs of a KernelHV.
+
+    Under Xen (``hv.xen`` is a domain) the kernel is a PV-on-HVM guest: at init it registers the
+    shared-info page and the callback vector, takes the upcall on that vector
+    (``guest.xen.XenEvtchn``) and uses the Xen HVM MSI domain for every device."""
 
     def __init__(self, hv: KernelHV) -> None:
         self.hv = hv
@@ -125,6 +222,15 @@ class GuestKernel:
         self._tasks: set[threading.Thread] = set()
         self._task_mu = threading.Lock()
         self.console: list[str] = []
+        #: system vectors (``alloc_intr_gate``): a vector with its own entry, not an irq's
+        self._system_vectors: dict[int, Callable[[int], None]] = {}
+        self.msi_domain: MsiDomain = NativeMsiDomain(self)
+        #: the Xen HVM MSI domain (its event channel layer is ``.ev``) when the hypervisor is Xen
+        self.xen: XenHvmMsiDomain | None = None
+        if hv.xen is not None:
+            from .xen import xen_hvm_init  # the Xen layer builds on this module
+
+            self.xen = xen_hvm_init(self)
 
     def _bind_irq_thread(self) -> None:
         self._tls.cpu = self.hv.irq_vcpu
@@ -274,6 +380,58 @@ class GuestKernel:
                 out.append(d)
             return out
 
+    def new_irq(self, name: str = "", cpu: int = 0) -> IrqDesc:
+        """A new Linux irq number with no CPU vector (``irq_alloc_desc``): an irq whose interrupts
+        arrive some other way (a Xen event channel)."""
+        with self._irq_mu:
+            d = IrqDesc(self._next_virq, 0, name, counts=[0] * self.ncpus, cpu=cpu % self.ncpus)
+            self._next_virq += 1
+            self.irqs[d.irq] = d
+            return d
+
+    def set_system_vector(self, vector: int, fn: Callable[[int], None]) -> None:
+        """Install *fn(cpu)* as the entry of CPU vector *vector* (``alloc_intr_gate``, e.g. Xen's
+        HYPERVISOR_CALLBACK_VECTOR); it runs in interrupt context."""
+        with self._irq_mu:
+            if vector in self._vector_to_irq:
+                raise RuntimeError(f"vector {vector:#x} is an irq's")
+            self._system_vectors[vector] = fn
+            self._vector_to_irq[vector] = -1  # reserved: never handed to an irq
+
+    def handle_irq(self, d: IrqDesc, cpu: int) -> bool:
+        """Run irq *d*'s handlers (``generic_handle_irq``); False: it had none (spurious)."""
+        if not d.handlers:
+            self.spurious += 1
+            return False
+        d.counts[cpu % self.ncpus] += 1
+        handled = False
+        for h, _n in list(d.handlers):
+            try:
+                handled |= bool(h(d.irq))
+            except Exception:
+                log.exception("irq %d handler failed", d.irq)
+        if not handled:
+            d.unhandled += 1
+        return True
+
+    def disable_irq(self, irq: int, masked: bool = True) -> None:
+        """``disable_irq_nosync`` / ``enable_irq`` (*masked* False): mask the irq at its chip.  A
+        native MSI/MSI-X irq is masked at the device (the entry's Vector Control, or the MSI mask
+        bit); under Xen the event channel's mask bit in shared info is what it reaches -- the MSI-X
+        entry stays as the PCI MSI core left it (``XenEvtchn.mask_irq``)."""
+        d = self.irqs.get(irq)
+        if d is None:
+            raise KeyError(f"no irq {irq}")
+        if self.msi_domain.irq_mask(d, masked):
+            return
+        if irq < 24:
+            self.hv.irqchip.program(irq, d.vector, dest=0, masked=masked or not d.handlers, level=True)
+            return
+        for dev in self.pci_devices:
+            i = dev.entry_for_irq(irq)
+            if i is not None:
+                dev.vector_mask(i, masked)
+
     def release_irq(self, irq: int) -> None:
         with self._irq_mu:
             d = self.irqs.pop(irq, None)
@@ -299,6 +457,8 @@ class GuestKernel:
         d.name = d.name or name
         if first and irq < 24:
             self.hv.irqchip.program(irq, d.vector, dest=0, masked=False, level=True)
+        elif first and self.msi_domain.owns(d):
+            self.msi_domain.irq_startup(d)
         for dev in self.pci_devices:
             dev.irq_startup(irq)
 
@@ -306,29 +466,31 @@ class GuestKernel:
         d = self.irqs.get(irq)
         if d is None:
             return
-        d.handlers = [(h, n) for h, n in d.handlers if handler is not None and h is not handler]
+        # == not `is`: a bound method (``self._handler``) is a new object at each access
+        d.handlers = [(h, n) for h, n in d.handlers if handler is not None and h != handler]
         if not d.handlers:
             if irq < 24:
                 self.hv.irqchip.program(irq, d.vector, dest=0, masked=True, level=True)
             for dev in self.pci_devices:
                 dev.irq_shutdown(irq)
+            if irq >= 24 and self.msi_domain.owns(d):
+                self.msi_domain.irq_shutdown(d)
 
     def do_irq(self, cpu: int, vector: int) -> None:
         """Interrupt entry (runs in interrupt context)."""
+        sysvec = self._system_vectors.get(vector)
+        if sysvec is not None:
+            try:
+                sysvec(cpu)
+            except Exception:
+                log.exception("system vector %#x failed", vector)
+            return
         irq = self._vector_to_irq.get(vector)
         d = self.irqs.get(irq) if irq is not None else None
-        if d is None or not d.handlers:
+        if d is None:
             self.spurious += 1
             return
-        d.counts[cpu] += 1
-        handled = False
-        for h, _n in list(d.handlers):
-            try:
-                handled |= bool(h(d.irq))
-            except Exception:
-                log.exception("irq %d handler failed", d.irq)
-        if not handled:
-            d.unhandled += 1
+        self.handle_irq(d, cpu)
 
     def proc_interrupts(self) -> list[dict]:
         return [{"irq": d.irq, "vector": d.vector, "counts": list(d.counts), "name": d.name,
@@ -436,6 +598,8 @@ class GuestPciDev:
         #: MSI-X entries brought up one at a time after a masked enable (``msix_enable_masked``):
         #: entry -> the irq behind it (several entries may share one irq)
         self.late_vectors: dict[int, IrqDesc] = {}
+        #: modes ``alloc_irq_vectors`` gave up on (MSI-X -> MSI -> INTx)
+        self.fallbacks = 0
 
     def __repr__(self) -> str:
         return f"<pci {self.devfn >> 3:02x}.{self.devfn & 7} {self.vendor:04x}:{self.device:04x}>"
@@ -499,30 +663,58 @@ class GuestPciDev:
         for d in self.vectors:
             for h, _n in list(d.handlers):
                 self.k.free_irq(d.irq, h)
-            if self.irq_mode in (PCI_IRQ_MSIX, PCI_IRQ_MSI):
-                self.k.release_irq(d.irq)
+        if self.irq_mode in (PCI_IRQ_MSIX, PCI_IRQ_MSI):
+            self.k.msi_domain.teardown(self, self.vectors)
         self.vectors = []
         self.irq_mode = 0
         self.restore_config()
 
+    def release_vectors(self) -> None:
+        """Forget the vectors without touching the device (after a platform reset): the MSI
+        domain frees MSI/MSI-X irqs, an INTx irq is released."""
+        if self.irq_mode in (PCI_IRQ_MSIX, PCI_IRQ_MSI):
+            self.k.msi_domain.teardown(self, self.vectors)
+        else:
+            for d in self.vectors:
+                self.k.release_irq(d.irq)
+        self.vectors = []
+        self.irq_mode = 0
+
     # -- vectors ------------------------------------------------------------------------------------
     def alloc_irq_vectors(self, min_vecs: int, max_vecs: int, flags: int) -> int:
         """pci_alloc_irq_vectors: MSI-X if allowed and available, else MSI (a power of two
-        vectors, at most what the capability can do), else INTx."""
+        vectors, at most what the capability can do), else INTx.
+
+        As Linux's ``__pci_enable_msix_range`` / ``__pci_enable_msi_range``: when the MSI domain
+        answers "only *n*" the mode is retried with *n* vectors (if still >= *min_vecs*); when it
+        fails (``MsiSetupError``, e.g. Xen out of pirqs) the next mode is tried.  Each mode given
+        up counts in ``fallbacks``."""
         if flags & PCI_IRQ_MSIX and self.msix_cap:
             ctl = self.read_config(self.msix_cap + R.PCI_MSIX_FLAGS, 2)
             table_size = (ctl & R.PCI_MSIX_FLAGS_QSIZE) + 1
             if table_size >= min_vecs:
                 n = min(max_vecs, table_size)
-                self._enable_msix(n)
-                return n
+                while True:
+                    rc = self._enable_msix(n)
+                    if rc == 0:
+                        return n
+                    if rc < 0 or rc < max(1, min_vecs):
+                        break
+                    n = rc
+                self.fallbacks += 1
         if flags & PCI_IRQ_MSI and self.msi_cap:
             ctl = self.read_config(self.msi_cap + PCI_MSI_FLAGS, 2)
             n = min(max_vecs, 1 << ((ctl & PCI_MSI_FLAGS_QMASK) >> 1))
             n = 1 << (n.bit_length() - 1) if n > 0 else 0  # rounded down to a power of two
-            if n >= max(1, min_vecs):
-                self._enable_msi(n)
-                return n
+            while n >= max(1, min_vecs):
+                rc = self._enable_msi(n)
+                if rc == 0:
+                    return n
+                if rc < 0:
+                    break
+                n = 1 << (rc.bit_length() - 1)
+            if n:
+                self.fallbacks += 1
         if flags & PCI_IRQ_INTX and self.irq_line and min_vecs <= 1:
             self.vectors = [self.k.gsi_irq(self.irq_line)]
             self.irq_mode = PCI_IRQ_INTX
@@ -530,7 +722,9 @@ class GuestPciDev:
             return 1
         raise RuntimeError(f"{self!r}: cannot allocate {min_vecs} interrupt vectors")
 
-    def _enable_msix(self, n: int) -> None:
+    def _enable_msix(self, n: int) -> int:
+        """``msix_capability_init``: 0, or what the MSI domain said (< 0 failed: MSI-X left
+        disabled and every vector set up so far torn down)."""
         cap = self.msix_cap
         tbl = self.read_config(cap + R.PCI_MSIX_TABLE, 4)
         pba = self.read_config(cap + R.PCI_MSIX_PBA, 4)
@@ -539,15 +733,22 @@ class GuestPciDev:
         ctl = self.read_config(cap + R.PCI_MSIX_FLAGS, 2)
         self.write_config(cap + R.PCI_MSIX_FLAGS, ctl | R.PCI_MSIX_FLAGS_ENABLE | R.PCI_MSIX_FLAGS_MASKALL, 2)
         self.vectors = []
-        for i in range(n):
-            d = self.k.alloc_irq(f"msix{i}")
-            self.vectors.append(d)
-            self._write_msix_entry(i, d)
+        try:
+            for i in range(n):
+                self.vectors.append(self.k.msi_domain.setup_msix_entry(self, i, f"msix{i}"))
+        except MsiSetupError as e:
+            self.k.printk(f"{self!r}: MSI-X setup failed: {e}")
+            ctl = self.read_config(cap + R.PCI_MSIX_FLAGS, 2)
+            self.write_config(cap + R.PCI_MSIX_FLAGS, ctl & ~(R.PCI_MSIX_FLAGS_ENABLE | R.PCI_MSIX_FLAGS_MASKALL), 2)
+            self.k.msi_domain.teardown(self, self.vectors)
+            self.vectors = []
+            return e.rc
         ctl = self.read_config(cap + R.PCI_MSIX_FLAGS, 2)
         self.write_config(cap + R.PCI_MSIX_FLAGS, ctl & ~R.PCI_MSIX_FLAGS_MASKALL, 2)
         self.irq_mode = PCI_IRQ_MSIX
         # INTx off while MSI-X is on
         self.write_config(R.PCI_COMMAND, self.read_config(R.PCI_COMMAND, 2) | R.PCI_COMMAND_INTX_DISABLE, 2)
+        return 0
 
     # -- MSI --------------------------------------------------------------------------------------------
     def _msi_regs(self) -> tuple[int, bool, bool]:
@@ -559,19 +760,23 @@ class GuestPciDev:
         _ctl, is64, maskbit = self._msi_regs()
         return (self.msi_cap + (PCI_MSI_MASK_64 if is64 else PCI_MSI_MASK_32)) if maskbit else 0
 
-    def _enable_msi(self, n: int) -> None:
-        """``msi_capability_init``: every vector masked, the message written (address of the block's
-        CPU, data = the block's first CPU vector), MME = log2(n), INTx off, then Enable."""
+    def _enable_msi(self, n: int) -> int:
+        """``msi_capability_init``: every vector masked, the message written by the MSI domain
+        (natively: address of the block's CPU, data = the block's first CPU vector), MME =
+        log2(n), INTx off, then Enable.  0, or what the MSI domain said (> 0: only that many;
+        < 0: failed, MSI left disabled)."""
         cap = self.msi_cap
         ctl, is64, maskbit = self._msi_regs()
-        descs = self.k.alloc_irq_block(n, "msi")
         if maskbit:  # "All MSIs are unmasked by default; mask them all" (msi_multi_mask)
             self.write_config(self._msi_mask_off(), (1 << (1 << ((ctl & PCI_MSI_FLAGS_QMASK) >> 1))) - 1, 4)
-        addr = msi_address(descs[0].cpu)
-        self.write_config(cap + PCI_MSI_ADDRESS_LO, addr & 0xFFFFFFFF, 4)
-        if is64:
-            self.write_config(cap + PCI_MSI_ADDRESS_HI, addr >> 32, 4)
-        self.write_config(cap + (PCI_MSI_DATA_64 if is64 else PCI_MSI_DATA_32), descs[0].vector, 2)
+        try:
+            got = self.k.msi_domain.setup_msi(self, n, "msi")
+        except MsiSetupError as e:
+            self.k.printk(f"{self!r}: MSI setup failed: {e}")
+            return e.rc
+        if isinstance(got, int):
+            return got
+        descs = got
         ctl = ctl & ~PCI_MSI_FLAGS_QSIZE | ((n.bit_length() - 1) << 4)
         self.write_config(cap + PCI_MSI_FLAGS, ctl, 2)
         self.vectors = descs
@@ -579,6 +784,25 @@ class GuestPciDev:
         self.irq_mode = PCI_IRQ_MSI
         self.write_config(R.PCI_COMMAND, self.read_config(R.PCI_COMMAND, 2) | R.PCI_COMMAND_INTX_DISABLE, 2)
         self.write_config(cap + PCI_MSI_FLAGS, ctl | PCI_MSI_FLAGS_ENABLE, 2)
+        return 0
+
+    def write_msi_msg(self, address: int, data: int) -> None:
+        """``pci_write_msi_msg`` for the MSI capability (address, and data's low 16 bits)."""
+        cap = self.msi_cap
+        _ctl, is64, _maskbit = self._msi_regs()
+        self.write_config(cap + PCI_MSI_ADDRESS_LO, address & 0xFFFFFFFF, 4)
+        if is64:
+            self.write_config(cap + PCI_MSI_ADDRESS_HI, address >> 32, 4)
+        self.write_config(cap + (PCI_MSI_DATA_64 if is64 else PCI_MSI_DATA_32), data & 0xFFFF, 2)
+
+    def read_msi_msg(self) -> tuple[int, int]:
+        """``__pci_read_msi_msg`` for the MSI capability: (address, data) as the device holds them."""
+        cap = self.msi_cap
+        _ctl, is64, _maskbit = self._msi_regs()
+        addr = self.read_config(cap + PCI_MSI_ADDRESS_LO, 4)
+        if is64:
+            addr |= self.read_config(cap + PCI_MSI_ADDRESS_HI, 4) << 32
+        return addr, self.read_config(cap + (PCI_MSI_DATA_64 if is64 else PCI_MSI_DATA_32), 2)
 
     def msi_mask(self, nr: int, masked: bool) -> None:
         """Set or clear MSI vector *nr*'s mask bit (``pci_msi_mask``/``pci_msi_unmask``); a no-op
@@ -606,18 +830,17 @@ class GuestPciDev:
             self.write_config(off, (1 << (1 << ((ctl & PCI_MSI_FLAGS_QMASK) >> 1))) - 1, 4)
 
     def free_irq_vectors(self) -> None:
+        """pci_free_irq_vectors: MSI / MSI-X disabled, then the MSI domain frees the irqs."""
         if self.irq_mode == PCI_IRQ_MSI:
             self._disable_msi()
-            for d in self.vectors:
-                self.k.release_irq(d.irq)
+            self.k.msi_domain.teardown(self, self.vectors)
         if self.irq_mode == PCI_IRQ_MSIX:
             cap = self.msix_cap
             ctl = self.read_config(cap + R.PCI_MSIX_FLAGS, 2)
             self.write_config(cap + R.PCI_MSIX_FLAGS, ctl & ~R.PCI_MSIX_FLAGS_ENABLE, 2)
-            for d in self.vectors:
-                self.k.release_irq(d.irq)
-            for d in {x.irq: x for x in self.late_vectors.values()}.values():
-                self.k.release_irq(d.irq)
+            late = [d for d in {x.irq: x for x in self.late_vectors.values()}.values()
+                    if all(d.irq != v.irq for v in self.vectors)]
+            self.k.msi_domain.teardown(self, self.vectors + late)
         self.vectors = []
         self.late_vectors = {}
         self.irq_mode = 0
@@ -626,7 +849,7 @@ class GuestPciDev:
         """pci_irq_vector: the Linux irq number of vector *nr*."""
         return self.vectors[nr].irq
 
-    def _entry_for_irq(self, irq: int) -> int | None:
+    def entry_for_irq(self, irq: int) -> int | None:
         """The MSI-X entry, or MSI vector, behind *irq* (None: not one of ours)."""
         if self.irq_mode not in (PCI_IRQ_MSIX, PCI_IRQ_MSI):
             return None
@@ -668,19 +891,24 @@ class GuestPciDev:
         (or *desc*, shared), the entry's address and data written while it is masked.  The entry
         is unmasked when the irq's first handler is requested (``irq_startup``), or by
         ``msix_mask(entry, False)`` for a shared irq."""
-        d = desc if desc is not None else self.k.alloc_irq(name or f"msix{entry}")
-        self._write_msix_entry(entry, d)
+        d = self.k.msi_domain.setup_msix_entry(self, entry, name or f"msix{entry}", desc)
         self.late_vectors[entry] = d
         return d
 
-    def _write_msix_entry(self, entry: int, d: IrqDesc) -> None:
-        """Mask MSI-X entry *entry*, then write the message that reaches irq *d* (``pci_write_msi_msg``)."""
+    def write_msix_msg(self, entry: int, address: int, data: int) -> None:
+        """Mask MSI-X entry *entry*, then write its message (``pci_write_msi_msg``)."""
         e = self._msix_table + 16 * entry
         self.k.writel(e + R.PCI_MSIX_ENTRY_VECTOR_CTRL, R.PCI_MSIX_ENTRY_CTRL_MASKBIT)
-        addr = msi_address(d.cpu)
-        self.k.writel(e + R.PCI_MSIX_ENTRY_LOWER_ADDR, addr & 0xFFFFFFFF)
-        self.k.writel(e + R.PCI_MSIX_ENTRY_UPPER_ADDR, addr >> 32)
-        self.k.writel(e + R.PCI_MSIX_ENTRY_DATA, d.vector)
+        self.k.writel(e + R.PCI_MSIX_ENTRY_LOWER_ADDR, address & 0xFFFFFFFF)
+        self.k.writel(e + R.PCI_MSIX_ENTRY_UPPER_ADDR, address >> 32)
+        self.k.writel(e + R.PCI_MSIX_ENTRY_DATA, data)
+
+    def read_msix_msg(self, entry: int) -> tuple[int, int]:
+        """``__pci_read_msi_msg`` for MSI-X entry *entry*: (address, data) as the table holds them."""
+        e = self._msix_table + 16 * entry
+        lo = self.k.readl(e + R.PCI_MSIX_ENTRY_LOWER_ADDR)
+        hi = self.k.readl(e + R.PCI_MSIX_ENTRY_UPPER_ADDR)
+        return hi << 32 | lo, self.k.readl(e + R.PCI_MSIX_ENTRY_DATA)
 
     def msix_release_vector(self, entry: int) -> None:
         """Mask a late entry and forget it (``pci_msix_free_irq``); its irq is released unless
@@ -690,19 +918,19 @@ class GuestPciDev:
             return
         self.msix_mask(entry, True)
         if all(x.irq != d.irq for x in self.late_vectors.values()):
-            self.k.release_irq(d.irq)
+            self.k.msi_domain.teardown(self, [d])
 
     def irq_startup(self, irq: int) -> None:
         """The IRQ core started *irq* (its first handler was requested): unmask the MSI-X entry
         behind it, if it is one of ours (Linux: ``irq_startup`` -> ``pci_msi_unmask_irq``)."""
-        i = self._entry_for_irq(irq)
+        i = self.entry_for_irq(irq)
         if i is not None:
             self.vector_mask(i, False)
 
     def irq_shutdown(self, irq: int) -> None:
         """The IRQ core shut *irq* down (its last handler was freed): mask the MSI-X entry behind
         it, if it is one of ours (Linux: ``irq_shutdown`` -> ``pci_msi_mask_irq``)."""
-        i = self._entry_for_irq(irq)
+        i = self.entry_for_irq(irq)
         if i is not None:
             self.vector_mask(i, True)
 

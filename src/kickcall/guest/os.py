@@ -7,8 +7,10 @@ as guest code does.  Devices are addressed by PCI slot.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import random
 import threading
 import time
 import zlib
@@ -17,6 +19,8 @@ from ..hv.kernel import KernelHV
 from ..virtio.blk import BLK_T_FLUSH, BLK_T_GET_ID, BLK_T_IN, BLK_T_OUT
 from .kernel import GuestKernel, GuestPciDev
 from .nic import NicDriver, is_kickcall_nic
+from .nvme import IRQ_FLAGS, NvmeDriver
+from .xen import XenHvmMsiDomain
 from .virtio_blk import BlkRequest, VirtioBlkDriver
 from .virtio_net import VirtioNetDriver
 from .virtio_pci import VirtioPciDevice
@@ -215,6 +219,157 @@ class GuestOS:
         self.k.printk(f"pci {d.slot:02x}.0: removed")
         return {"slot": d.slot, "kind": d.kind}
 
+    # -- Xen (the guest's view) -------------------------------------------------------------------------
+    def _xen(self) -> XenHvmMsiDomain:
+        x = self.k.xen
+        if x is None:
+            raise RuntimeError("not a Xen guest (the machine's hypervisor is not xen)")
+        return x
+
+    def cmd_xen_info(self) -> dict:
+        """The guest's view of the Xen interrupt path: each pirq irq (irq, pirq, port, slot,
+        MSI-X entry, name, interrupts taken), upcalls, spurious events, bind failures, the MSI
+        variant (``reuse``: the 2010 read-back, ``fresh``: the 2017 fix)."""
+        x = self._xen()
+        ev = x.ev
+        return {"irqs": ev.describe(), "upcalls": ev.upcalls, "spurious": ev.spurious,
+                "bind_failures": ev.bind_failures, "pirq_shared": ev.pirq_shared, "reused": x.reused,
+                "pirq_alloc_failures": x.pirq_alloc_failures, "variant": x.variant,
+                "shared_info": ev.shared_info_gpa, "ports": dict(sorted(ev.evtchn_to_irq.items()))}
+
+    cmd_xen_info.on_vcpu = False  # type: ignore[attr-defined]
+
+    def cmd_xen_msi_variant(self, reuse: bool) -> dict:
+        """Switch xen_hvm_setup_msi_irqs' variant: ``reuse`` True is the 2010 behaviour (reuse the
+        pirq read back from the device), False the 2017 fix (always a fresh pirq)."""
+        x = self._xen()
+        x.reuse_cached_pirq = bool(reuse)
+        return {"reuse": x.reuse_cached_pirq}
+
+    cmd_xen_msi_variant.on_vcpu = False  # type: ignore[attr-defined]
+
+    def cmd_xen_evtchn_mask(self, port: int, masked: bool) -> dict:
+        """Mask or unmask event channel *port* as the pirq chip does (unmasking a pending port
+        asks Xen to replay it)."""
+        self._xen().ev.mask_port(int(port), bool(masked))
+        return {}
+
+    # -- the NVMe pattern on kickcall-nic -----------------------------------------------------------------
+    def _nvme(self, slot: int) -> NvmeDriver:
+        """The slot's NvmeDriver; a kickcall-nic bound to the nic driver is rebound to it."""
+        d = self._dev(slot)
+        drv = d.driver
+        if isinstance(drv, NvmeDriver):
+            return drv
+        if not isinstance(drv, NicDriver):
+            raise TypeError(f"slot {slot} is not a kickcall-nic")
+        drv.teardown()
+        nv = NvmeDriver(self.k, d.pci)
+        nv.probe()
+        d.driver = nv
+        d.kind = "kickcall-nic/nvme"
+        return nv
+
+    def cmd_nvme_alloc(self, slot: int, nvec: int = 1, types: str = "msix", min_vecs: int = 1) -> dict:
+        """``pci_alloc_irq_vectors(min_vecs, nvec, types)`` only (*types*: msix, msi, intx, all)."""
+        if types not in IRQ_FLAGS:
+            raise ValueError(f"types must be one of {', '.join(IRQ_FLAGS)}")
+        drv = self._nvme(slot)
+        n = drv.alloc(int(min_vecs), int(nvec), IRQ_FLAGS[types])
+        return {"nvec": n, "mode": drv.mode, "pirqs": drv.pirqs(), "irqs": [d.irq for d in drv.pci.vectors]}
+
+    def cmd_nvme_request(self, slot: int) -> dict:
+        """``request_irq`` for every allocated vector (its queues enabled)."""
+        drv = self._nvme(slot)
+        return {"irqs": drv.request(), "pirqs": drv.pirqs()}
+
+    def cmd_nvme_free(self, slot: int) -> dict:
+        """``free_irq`` on every vector, then ``pci_free_irq_vectors``."""
+        self._nvme(slot).free()
+        return {}
+
+    def cmd_nvme_io(self, slot: int, queue: int = 0, n: int = 1, timeout: float = 5.0) -> dict:
+        """*n* records on *queue*, one at a time, each waited for.  ``wrong_device`` counts
+        handlers of *any* controller that ran during the call and found nothing (an interrupt
+        this one raised may land on another)."""
+        drv = self._nvme(slot)
+        before = self._wrong_device_total()
+        r = drv.io(int(queue), int(n), float(timeout))
+        r["wrong_device"] = self._wrong_device_total() - before
+        return r
+
+    def _wrong_device_total(self) -> int:
+        return sum(d.driver.wrong_device for d in self.devs.values() if isinstance(d.driver, NvmeDriver))
+
+    def cmd_nvme_stats(self, slot: int) -> dict:
+        return self._nvme(slot).stats()
+
+    def cmd_nvme_probe(self, slot: int, nq: int = 4, timeout: float = 5.0) -> dict:
+        """The NVMe probe pattern: one MSI-X vector, an admin record, free; then up to *nq*
+        vectors (MSI-X, MSI or INTx) and request_irq for each."""
+        drv = self._nvme(slot)
+        if drv.nvec:
+            drv.free()
+        out = drv.probe_pattern(int(nq), float(timeout))
+        out["pirqs"] = drv.pirqs()
+        return out
+
+    def cmd_xen_msi_stress(self, slots: list[int], nq: int = 2, cycles: int = 100, seed: int = 0,
+                           timeout: float = 5.0) -> dict:
+        """Several controllers at once, a guest thread per controller on the vCPUs; *cycles* in
+        all, spread over the controllers.  A cycle: the probe pattern, one record per queue,
+        everything freed; the order of the queues and yields between steps are random (*seed*).
+        Returns {cycles, conflicts, wrong_device, lost, fallbacks, ...}."""
+        if not slots:
+            raise ValueError("no controllers")
+        drvs: list[NvmeDriver] = self.k.run_on(0, lambda: [self._nvme(int(s)) for s in slots]).result(60)
+        x = self.k.xen
+        conflicts0 = (x.ev.bind_failures + x.ev.pirq_shared) if x is not None else 0
+        base = [(drv.wrong_device, drv.lost, drv.pci.fallbacks) for drv in drvs]
+        per = [int(cycles) // len(drvs) + (1 if i < int(cycles) % len(drvs) else 0) for i in range(len(drvs))]
+        done = [0] * len(drvs)
+        modes: dict[str, int] = {}
+        mu = threading.Lock()
+
+        def run(i: int) -> None:
+            drv = drvs[i]
+            rng = random.Random(int(seed) * 1000 + i)
+            if drv.nvec:
+                drv.free()
+            for _ in range(per[i]):
+                r = drv.probe_pattern(int(nq), float(timeout))
+                with mu:
+                    modes[r["mode"]] = modes.get(r["mode"], 0) + 1
+                if rng.random() < 0.5:
+                    os.sched_yield()
+                qs = [q for v in drv.vector_queues.values() for q in v]
+                rng.shuffle(qs)
+                for q in qs:
+                    drv.io(q, 1, float(timeout))
+                    if rng.random() < 0.3:
+                        os.sched_yield()
+                drv.free()
+                done[i] += 1
+
+        t0 = time.monotonic()
+        futs = [self.k.run_on(i % self.k.ncpus, functools.partial(run, i)) for i in range(len(drvs))]
+        errors = []
+        for f in futs:
+            try:
+                f.result()
+            except Exception as e:  # reported, not raised: the counts so far still say something
+                errors.append(f"{type(e).__name__}: {e}")
+        elapsed = time.monotonic() - t0
+        conflicts = ((x.ev.bind_failures + x.ev.pirq_shared) if x is not None else 0) - conflicts0
+        return {"cycles": sum(done), "conflicts": conflicts,
+                "wrong_device": sum(d.wrong_device - b[0] for d, b in zip(drvs, base, strict=True)),
+                "lost": sum(d.lost - b[1] for d, b in zip(drvs, base, strict=True)),
+                "fallbacks": sum(d.pci.fallbacks - b[2] for d, b in zip(drvs, base, strict=True)),
+                "modes": modes, "errors": errors, "seconds": round(elapsed, 3),
+                "cycles_per_s": round(sum(done) / elapsed, 1) if elapsed > 0 else None}
+
+    cmd_xen_msi_stress.on_vcpu = False  # type: ignore[attr-defined]
+
     def cmd_nic_stats(self, slot: int) -> dict:
         return self._nic(slot).stats()
 
@@ -234,9 +389,7 @@ class GuestOS:
                 for dv in d.pci.vectors:
                     for h, _n in list(dv.handlers):
                         self.k.free_irq(dv.irq, h)
-                    self.k.release_irq(dv.irq)
-                d.pci.vectors = []
-                d.pci.irq_mode = 0
+                d.pci.release_vectors()
         self.devs = {}
         return self.cmd_boot(msix)
 
