@@ -125,10 +125,14 @@ def xen_vec(m: Machine, name: str, v: int) -> dict:
 
 
 def bring_up_with_pirq(m: Machine, name: str, pirq: int) -> None:
-    """Queue 0 raises vector 0 (the guest driver's request_irq), then vector 0 is rewritten with a
-    pirq message and unmasked: the device model maps it."""
+    """Queue 0 raises vector 0 (the guest driver's request_irq: the Xen guest maps a pirq of its
+    own), then MSI-X goes off (the device model unmaps the guest's pirq) and comes back with vector
+    0 rewritten with *pirq* and unmasked: the device model maps that one."""
     g(m, name, "nic-request-irq", queue=0)
-    write_entry(m, name, 0, pirq, masked=False)
+    msix_enable(m, name, False)
+    write_entry(m, name, 0, pirq, masked=True)
+    msix_enable(m, name, True)
+    write_entry(m, name, 0, masked=False)
 
 
 def lapic(m: Machine) -> int:
@@ -142,7 +146,7 @@ def test_unmask_maps_the_pirq_and_host_interrupts_reach_its_port(workdir: str) -
     with xen_machine(workdir) as (m, (qmp,), _mqmp):
         bring_up_with_pirq(m, "nic0", P)
         v = xen_vec(m, "nic0", 0)
-        assert (v["mapped-pirq"], v["entry-pirq"], v["maps"], v["trigger"], v["warnings"]) == (P, P, 1, "pirq", [])
+        assert (v["mapped-pirq"], v["entry-pirq"], v["maps"], v["trigger"], v["warnings"]) == (P, P, 2, "pirq", [])  # the guest's, P
         ent = hv_pirq(m, P)
         assert ent["state"] == "mapped" and ent["owner"] == {"device": "nic0", "vector": 0} and ent["entry"] == 0
         bind(m, P)
@@ -160,7 +164,8 @@ def test_unmask_maps_the_pirq_and_host_interrupts_reach_its_port(workdir: str) -
         assert hv_pirq(m, P)["events"] == events
         write_entry(m, "nic0", 0, masked=False)
         wait_for(lambda: hv_pirq(m, P)["events"] == events + 1, 30, "the pending interrupt, on the pirq")
-        assert xen_vec(m, "nic0", 0)["refires"] == 1 and xen_vec(m, "nic0", 0)["maps"] == 1
+        assert xen_vec(m, "nic0", 0)["refires"] == 1
+        assert xen_vec(m, "nic0", 0)["maps"] == 2  # no new map: the re-fire goes to P
         assert lapic(m) == before
         assert m.vm.stats.globals()["xen_pirq_events"] >= 1
 
@@ -172,8 +177,8 @@ def test_disable_unmaps_every_pirq_or_keeps_them_with_the_switch_off(workdir: st
     entry's pirq stay, and the re-enabled entry keeps the old pirq although the guest wrote a new
     one -- the fixed guest's fresh pirq is never mapped, and its port never hears the device."""
     with xen_machine(workdir) as (m, (qmp,), _mqmp):
-        dev(m, "nic0").faults.set_fix(XEN_UNMAP_ON_DISABLE, unmap)
         bring_up_with_pirq(m, "nic0", P)
+        dev(m, "nic0").faults.set_fix(XEN_UNMAP_ON_DISABLE, unmap)
         write_entry(m, "nic0", 1, P - 1, masked=False)  # a second vector of the function
         assert hv_pirq(m, P)["state"] == hv_pirq(m, P - 1)["state"] == "mapped"
         free0 = xq(m)["free-count"]
@@ -182,11 +187,11 @@ def test_disable_unmaps_every_pirq_or_keeps_them_with_the_switch_off(workdir: st
         if unmap:
             assert hv_pirq(m, P)["state"] == hv_pirq(m, P - 1)["state"] == "free"
             assert xq(m)["free-count"] == free0 + 2
-            assert (v["mapped-pirq"], v["unmaps"]) == (-1, 1)
+            assert (v["mapped-pirq"], v["unmaps"]) == (-1, 2)  # the guest's own pirq, then P
         else:
             assert hv_pirq(m, P)["state"] == hv_pirq(m, P - 1)["state"] == "mapped"
             assert xq(m)["free-count"] == free0
-            assert (v["mapped-pirq"], v["unmaps"]) == (P, 0)
+            assert (v["mapped-pirq"], v["unmaps"]) == (P, 1)  # the guest's own pirq only
         # the (fixed) guest comes back with a fresh pirq Q in entry 0
         write_entry(m, "nic0", 0, Q, masked=False)
         msix_enable(m, "nic0", True)
@@ -195,11 +200,11 @@ def test_disable_unmaps_every_pirq_or_keeps_them_with_the_switch_off(workdir: st
         assert port > 0
         host_interrupt(qmp)
         if unmap:
-            assert (v["mapped-pirq"], v["maps"]) == (Q, 2)
+            assert (v["mapped-pirq"], v["maps"]) == (Q, 3)  # the guest's, P, Q
             assert hv_pirq(m, Q)["state"] == "mapped"
             wait_for(lambda: hv_pirq(m, Q)["events"] >= 1, 30, "the host interrupt on the fresh pirq")
         else:
-            assert (v["mapped-pirq"], v["guest-pirq-at-unmask"], v["maps"]) == (P, Q, 1)
+            assert (v["mapped-pirq"], v["guest-pirq-at-unmask"], v["maps"]) == (P, Q, 2)  # the guest's, P
             assert hv_pirq(m, Q)["state"] != "mapped"
             wait_for(lambda: hv_pirq(m, P)["events"] + hv_pirq(m, P)["dropped"] >= 1, 30,
                      "the host interrupt, on the old pirq")

@@ -262,6 +262,9 @@ class XenHvmMsiDomain(MsiDomain):
         self.k = ev.k
         self.reuse_cached_pirq = REUSE_CACHED_PIRQ if reuse_cached_pirq is None else reuse_cached_pirq
         self.reused = 0  # setups that took the pirq read back from the device
+        #: pirqs this guest was given (an HVM guest never gives one back: it cannot know when the
+        #: device model unmapped one); read by the 2010 variant only
+        self.remembered: set[int] = set()
         self.pirq_alloc_failures = 0
 
     @property
@@ -269,11 +272,17 @@ class XenHvmMsiDomain(MsiDomain):
         return "reuse" if self.reuse_cached_pirq else "fresh"
 
     def _cached_pirq(self, address: int, data: int) -> int:
-        """The 2010 read-back: the pirq the device's message carries, if some irq still has it."""
+        """The 2010 read-back: the pirq the device's message carries, if the guest still knows it
+        (``xen_irq_from_pirq(pirq) >= 0``).  The guest knows a pirq some irq has -- another
+        device's included -- and, in this variant, a pirq it was once given whose irq was torn
+        down: the 2010 code relied on "the old MSI to pirq mapping is still valid" after a
+        disable (its commit message), which only the guest's own record could tell it.  kickcall
+        keeps that record (``remembered``) and only this variant reads it [the exact 2010
+        bookkeeping is unverified; the observable behaviour is the commit's]."""
         if data != XEN_PIRQ_MSI_DATA:
             return -1
         pirq = pirq_of_msi(address, data)
-        if pirq is None or self.ev.irq_from_pirq(pirq) < 0:
+        if pirq is None or (self.ev.irq_from_pirq(pirq) < 0 and pirq not in self.remembered):
             return -1
         return pirq
 
@@ -284,6 +293,7 @@ class XenHvmMsiDomain(MsiDomain):
         if rc:
             self.pirq_alloc_failures += 1
             return -1
+        self.remembered.add(arg.pirq)
         return arg.pirq
 
     def setup_msix_entry(self, dev: GuestPciDev, entry: int, name: str, desc: IrqDesc | None = None) -> IrqDesc:
