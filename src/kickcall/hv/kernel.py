@@ -500,7 +500,10 @@ class KernelHV:
             st.w[st.g("irq_line_changes")] += 1
             self.irqchip.set_pin(gsi, level)
             return None
-        req = json.loads(payload.decode()) if payload else {}
+        try:
+            req = json.loads(payload.decode()) if payload else {}
+        except (UnicodeDecodeError, ValueError) as e:
+            raise HypervisorError(errno.EINVAL, f"malformed request: {e}") from None
         if code == abi.IOCTL_SET_MEMORY:
             return self._set_memory(req, fds)
         if self.memory is None:
@@ -550,8 +553,12 @@ class KernelHV:
             raise HypervisorError(errno.EINVAL, "at most one fd (the host interrupt of a map)")
         fd = fds[0] if fds else None
         try:
+            if not isinstance(req, dict):
+                raise TypeError("the request must be an object")
             cmd = int(req["cmd"])
             a = req.get("arg", {})
+            if not isinstance(a, dict):
+                raise TypeError("arg must be an object")
             if cmd == PhysdevOp.MAP_PIRQ:
                 arg: object = PhysdevMapPirq(**{k: int(v) for k, v in a.items()})
             elif cmd == PhysdevOp.UNMAP_PIRQ:
@@ -563,7 +570,7 @@ class KernelHV:
             owner = req.get("owner") or {}
             if not isinstance(owner, dict):
                 raise TypeError("owner must be an object")
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             if fd is not None:
                 os.close(fd)
             raise HypervisorError(errno.EINVAL, f"malformed physdev_op: {e}") from None
@@ -586,6 +593,15 @@ class KernelHV:
         nblocks = int(req["nblocks"])
         if len(fds) != nblocks + 1:
             raise HypervisorError(errno.EINVAL, f"expected {nblocks + 1} fds, got {len(fds)}")
+        hv = req.get("hypervisor", "kvm")  # checked before the fds are taken: a refusal leaves them to the caller
+        if hv not in ("kvm", "xen"):
+            raise HypervisorError(errno.EINVAL, f"unknown hypervisor {hv!r} (kvm or xen)")
+        if hv == "xen":
+            try:
+                domid, nr_pirqs = int(req.get("domid", 1)), int(req.get("nr_pirqs", DEFAULT_NR_PIRQS))
+                XenHypervisor.check_params(domid, nr_pirqs)
+            except (TypeError, ValueError, OverflowError) as e:
+                raise HypervisorError(errno.EINVAL, f"Xen domain: {e}") from None
         self.stats = HvStats(fds[-1])
         self.memory = GuestMemory.from_layout(req["regions"], fds[:-1])
         self.nvcpus = nvcpus
@@ -594,17 +610,10 @@ class KernelHV:
         self.irqchip = Irqchip(self, nvcpus, self.irq_loop)
         if "max_routes" in req:
             self.routing = GsiRouting(int(req["max_routes"]))
-        hv = req.get("hypervisor", "kvm")
         if hv == "xen":
-            try:
-                self.xen = XenHypervisor(self.memory, domid=int(req.get("domid", 1)),
-                                         nr_pirqs=int(req.get("nr_pirqs", DEFAULT_NR_PIRQS)), nvcpus=nvcpus,
-                                         raise_vector=self.irqchip.raise_vector, deliver_msi=self.irqchip.msi,
-                                         loop=self.irq_loop, stats=self.stats)
-            except ValueError as e:
-                raise HypervisorError(errno.EINVAL, f"Xen domain: {e}") from None
-        elif hv != "kvm":
-            raise HypervisorError(errno.EINVAL, f"unknown hypervisor {hv!r} (kvm or xen)")
+            self.xen = XenHypervisor(self.memory, domid=domid, nr_pirqs=nr_pirqs, nvcpus=nvcpus,
+                                     raise_vector=self.irqchip.raise_vector, deliver_msi=self.irqchip.msi,
+                                     loop=self.irq_loop, stats=self.stats)
         self.irq_loop.start()
         self.ready.set()
         return {"pid": self._pid}

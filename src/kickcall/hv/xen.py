@@ -212,10 +212,7 @@ class XenHypervisor:
     def __init__(self, memory: GuestMemory, *, domid: int = 1, nr_pirqs: int = DEFAULT_NR_PIRQS,
                  nvcpus: int = 1, raise_vector: Callable[[int, int], None], deliver_msi: Callable[[int, int], bool],
                  loop: "IOThread | None" = None, stats: HvStats | None = None) -> None:
-        if not NR_IRQS_GSI < nr_pirqs <= NR_EVENT_CHANNELS:
-            raise ValueError(f"nr_pirqs {nr_pirqs}: must be in {NR_IRQS_GSI + 1}..{NR_EVENT_CHANNELS}")
-        if not 0 < domid < DOMID_SELF:
-            raise ValueError(f"domid {domid}")
+        self.check_params(domid, nr_pirqs)
         self.memory = memory
         self.domid = domid
         self.nr_pirqs = nr_pirqs
@@ -237,6 +234,14 @@ class XenHypervisor:
         self.upcalls_lost = 0  # no shared info or no callback vector yet
         self.lapic_msis = 0  # vector MSIs delivered through the local APIC
         self.emulated_msis = 0
+
+    @staticmethod
+    def check_params(domid: int, nr_pirqs: int) -> None:
+        """ValueError unless a domain can be built with these."""
+        if not NR_IRQS_GSI < nr_pirqs <= NR_EVENT_CHANNELS:
+            raise ValueError(f"nr_pirqs {nr_pirqs}: must be in {NR_IRQS_GSI + 1}..{NR_EVENT_CHANNELS}")
+        if not 0 < domid < DOMID_SELF:
+            raise ValueError(f"domid {domid}")
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def _count(self, name: str) -> None:
