@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import fd_count, wait_for
-from kickcall.hv import abi, socketpair, xen
+from kickcall.hv import abi, socketpair
 from kickcall.hv.abi import HypervisorError
 from kickcall.hv.kernel import KernelHV
 from kickcall.hv.stats import HvStats
@@ -428,24 +428,16 @@ def test_same_host_entry_mapped_to_a_second_pirq_warns_and_changes_nothing(dom, 
     assert dom.get_free() == (0, 26)
 
 
-@pytest.mark.parametrize("fix", [True, False])
-def test_auto_assigned_pirq_stays_free_on_a_map_warning(dom, monkeypatch, fix):
+def test_auto_assigned_pirq_stays_free_on_a_map_warning(dom):
     """map(pirq=-1) that hits "already mapped": Xen's allocate_pirq picked a free pirq without
-    marking it, so the warning leaves it free.  With xen.FREE_AUTO_PIRQ_ON_MAP_WARNING off the
-    picked pirq stays allocated: the pool shrinks on every such map and nothing gives it back."""
-    monkeypatch.setattr(xen, "FREE_AUTO_PIRQ_ON_MAP_WARNING", fix)
+    marking it, so the warning leaves it free (a picked pirq left allocated would shrink the pool
+    on every such map, and nothing would give it back)."""
     assert dom.map(27, devfn=8, entry=2)[:2] == (0, 27)
     got = [dom.map(-1, devfn=8, entry=2)[:2] for _ in range(3)]
     assert dom.x.query()["counters"]["map-conflicts"] == 3
-    if fix:
-        assert got == [(0, 26), (0, 26), (0, 26)]
-        assert dom.pirq(26) is None
-        assert dom.x.query()["free"] == [24, 25, 26]
-    else:
-        assert got == [(0, 26), (0, 25), (0, 24)]
-        assert [p["state"] for p in dom.x.query()["pirqs"]] == ["allocated", "allocated", "allocated", "mapped"]
-        assert dom.x.query()["free"] == []
-        assert dom.unmap(26) == -errno.EINVAL  # and nothing gives it back
+    assert got == [(0, 26), (0, 26), (0, 26)]
+    assert dom.pirq(26) is None
+    assert dom.x.query()["free"] == [24, 25, 26]
 
 
 def test_unmap_then_remap_gives_the_pirq_to_the_new_owner_and_keeps_its_port(dom):

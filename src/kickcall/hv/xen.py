@@ -59,11 +59,6 @@ log = logging.getLogger("kickcall.hv.xen")
 #: Xen's default for an HVM domU: the GSIs plus 32 extra_guest_irqs
 DEFAULT_NR_PIRQS = NR_IRQS_GSI + 32
 
-#: a map asking for any pirq (-1) that ends in map_domain_pirq's "already mapped" warning leaves
-#: the pirq it picked free, as Xen does (allocate_pirq's get_free_pirq does not mark it; only
-#: PHYSDEVOP_get_free_pirq does).  Off: the picked pirq stays allocated and leaks from the pool.
-FREE_AUTO_PIRQ_ON_MAP_WARNING = True
-
 _t_map = trace.event("xen_map_pirq", "the device model mapped a pirq to a passthrough function's host interrupt")
 _t_unmap = trace.event("xen_unmap_pirq", "a pirq's mapping was removed")
 _t_bind = trace.event("xen_evtchn_bind_pirq", "the guest bound an event channel to a pirq")
@@ -378,8 +373,8 @@ class XenHypervisor:
                          f"{old.devfn & 7}/{old.entry_nr})")
             self.map_conflicts += 1
             self._close_fd(fd)
-            if auto and FREE_AUTO_PIRQ_ON_MAP_WARNING:
-                p.state = PirqState.FREE  # picked by this map, and the map did not take it
+            if auto:  # picked by this map (Xen's allocate_pirq does not mark it), and the map did not take it
+                p.state = PirqState.FREE
             arg.pirq = pirq
             return 0
         p.state = PirqState.MAPPED
