@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import threading
+from typing import Any
 
 import pytest
 
@@ -284,13 +285,14 @@ def test_decode_msi():
 # ==================================================================================================
 
 class HV:
-    def __init__(self, nvcpus: int = 2, max_routes: int = abi.KVM_MAX_IRQ_ROUTES) -> None:
+    def __init__(self, nvcpus: int = 2, max_routes: int = abi.KVM_MAX_IRQ_ROUTES, **vm_kw: Any) -> None:
+        """A kernel half and a VM over a socketpair; *vm_kw*: more of VM's options (hypervisor=...)."""
         self.exits: list[tuple] = []
         self.read_value = 0x1234
         a, b = socketpair()
         self.mem = GuestMemory.create(1 << 20)
         self.k = KernelHV(b).start()
-        self.vm = VM(a, self.mem, nvcpus, exit_handler=self._exit, max_routes=max_routes)
+        self.vm = VM(a, self.mem, nvcpus, exit_handler=self._exit, max_routes=max_routes, **vm_kw)
         self.vm.start()
         self.k.wait_ready()
         self.irqs: list[tuple[int, int]] = []

@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import fd_count, wait_for
+from test_hv import HV
 from kickcall.hv import abi, socketpair
 from kickcall.hv.abi import HypervisorError
 from kickcall.hv.kernel import KernelHV
@@ -629,16 +630,11 @@ def test_closing_a_port_clears_its_bits_and_unbinds_the_pirq(dom):
 # through the real channel: KernelHV + VM, hypervisor = "xen"
 # ==================================================================================================
 
-class XenHV:
+class XenHV(HV):
+    """test_hv's kernel half and VM pair, as a Xen domain with a shared-info page and an upcall."""
+
     def __init__(self, nr_pirqs: int = NR) -> None:
-        a, b = socketpair()
-        self.mem = GuestMemory.create(1 << 20)
-        self.k = KernelHV(b).start()
-        self.vm = VM(a, self.mem, 1, hypervisor="xen", xen_nr_pirqs=nr_pirqs)
-        self.vm.start()
-        self.k.wait_ready()
-        self.irqs: list[tuple[int, int]] = []
-        self.k.set_interrupt_handler(lambda cpu, v: self.irqs.append((cpu, v)))
+        super().__init__(1, hypervisor="xen", xen_nr_pirqs=nr_pirqs)
         x = self.k.xen
         assert x is not None
         self.x = x
@@ -654,14 +650,6 @@ class XenHV:
             os.close(fd)
         (status,) = abi.REPLY_STATUS.unpack_from(rep)
         return status
-
-    def close(self) -> None:
-        try:
-            self.vm.shutdown()
-        finally:
-            self.vm.close()
-            self.k.close()
-            self.mem.close()
 
 
 @pytest.fixture

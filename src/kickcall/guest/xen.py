@@ -34,10 +34,11 @@ up.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..hv.xen_abi import (
     HYPERVISOR_CALLBACK_VECTOR, NR_EVENT_CHANNELS, XEN_PIRQ_MSI_DATA, EvtchnBindPirq, EvtchnClose, EvtchnOp,
@@ -296,32 +297,31 @@ class XenHvmMsiDomain(MsiDomain):
         self.remembered.add(arg.pirq)
         return arg.pirq
 
-    def setup_msix_entry(self, dev: GuestPciDev, entry: int, name: str, desc: IrqDesc | None = None) -> IrqDesc:
-        if desc is not None:
-            raise MsiSetupError(-errno.EINVAL, "xen: a pirq irq cannot serve two MSI-X entries")
-        pirq = self._cached_pirq(*dev.read_msix_msg(entry)) if self.reuse_cached_pirq else -1
+    def _pirq_for(self, dev: GuestPciDev, msg: tuple[int, int], write: Callable[[int, int], None],
+                  kind: str) -> int:
+        """One descriptor of ``xen_hvm_setup_msi_irqs``: the 2010 read-back of *msg* (the device's
+        current message) when that variant is on, else a fresh pirq, composed and *write*-n."""
+        pirq = self._cached_pirq(*msg) if self.reuse_cached_pirq else -1
         if pirq >= 0:
             self.reused += 1
             self.k.printk(f"{dev!r}: xen: msi already bound to pirq={pirq}")
-        else:
-            pirq = self._allocate_pirq()
-            if pirq < 0:
-                raise MsiSetupError(-errno.ENODEV, "xen: Failed to create MSI-X! (no free pirq)")
-            dev.write_msix_msg(entry, *compose_pirq_msi(pirq))
+            return pirq
+        pirq = self._allocate_pirq()
+        if pirq < 0:
+            raise MsiSetupError(-errno.ENODEV, f"xen: Failed to create {kind}! (no free pirq)")
+        write(*compose_pirq_msi(pirq))
+        return pirq
+
+    def setup_msix_entry(self, dev: GuestPciDev, entry: int, name: str, desc: IrqDesc | None = None) -> IrqDesc:
+        if desc is not None:
+            raise MsiSetupError(-errno.EINVAL, "xen: a pirq irq cannot serve two MSI-X entries")
+        pirq = self._pirq_for(dev, dev.read_msix_msg(entry), functools.partial(dev.write_msix_msg, entry), "MSI-X")
         return self.ev.bind_pirq_msi_to_irq(pirq, dev, entry, "msi-x", name)
 
     def setup_msi(self, dev: GuestPciDev, nvec: int, name: str) -> list[IrqDesc] | int:
         if nvec > 1:
             return 1  # "single MSI only" (multi-MSI needs MAP_PIRQ_TYPE_MULTI_MSI, dom0's)
-        pirq = self._cached_pirq(*dev.read_msi_msg()) if self.reuse_cached_pirq else -1
-        if pirq >= 0:
-            self.reused += 1
-            self.k.printk(f"{dev!r}: xen: msi already bound to pirq={pirq}")
-        else:
-            pirq = self._allocate_pirq()
-            if pirq < 0:
-                raise MsiSetupError(-errno.ENODEV, "xen: Failed to create MSI! (no free pirq)")
-            dev.write_msi_msg(*compose_pirq_msi(pirq))
+        pirq = self._pirq_for(dev, dev.read_msi_msg(), dev.write_msi_msg, "MSI")
         return [self.ev.bind_pirq_msi_to_irq(pirq, dev, 0, "msi", f"{name}0")]
 
     def compose(self, desc: IrqDesc) -> tuple[int, int]:
