@@ -302,10 +302,11 @@ class Irqchip:
             if self.paused:
                 st = self.kernel.stats
                 st.w[st.g("interrupts_held_while_paused")] += 1
-        if self.loop.in_thread():
-            self.deliver()
-        else:
-            self._kick()
+        # Delivery is always a callback of its own, never part of the source's handler: a guest
+        # ISR does MMIO (a heavyweight exit that may wait for the VMM's big lock), and the VMM
+        # deassigning an irqfd or unmapping a pirq under that lock waits for the source's fd
+        # handler to return -- inline delivery made the two wait for each other.
+        self._kick()
 
     def _kick(self) -> None:
         try:
