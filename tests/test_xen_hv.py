@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from helpers import fd_count, wait_for
 from test_hv import HV
-from kickcall.hv import abi, socketpair
+from kickcall.hv import abi, socketpair, xen
 from kickcall.hv.abi import HypervisorError
 from kickcall.hv.kernel import KernelHV
 from kickcall.hv.stats import HvStats
@@ -924,3 +924,21 @@ def test_a_refused_xen_domain_takes_no_fd_and_the_vmm_can_try_again(nr_pirqs):
         k.close()
         mem.close()
     assert fd_count() == n
+
+
+def test_the_query_of_a_full_table_fits_one_channel_message():
+    """Every pirq of a 4096-entry table allocated (a guest that leaks them): the query still
+    crosses the channel, listing the lowest QUERY_LIMIT and counting the rest."""
+    h = XenHV(nr_pirqs=4096)
+    try:
+        n = 0
+        while h.x.physdev_op(PhysdevOp.GET_FREE_PIRQ, PhysdevGetFreePirq(MapPirqType.MSI)) == 0:
+            n += 1
+        assert n == 4096 - 24
+        q = h.vm.xen_query()
+        assert q["free-count"] == 0
+        assert len(q["pirqs"]) == xen.QUERY_LIMIT
+        assert q["pirqs-omitted"] == n - xen.QUERY_LIMIT
+        assert q["pirqs"][0]["pirq"] == 24 and q["pirqs"][0]["state"] == "allocated"
+    finally:
+        h.close()

@@ -58,6 +58,8 @@ log = logging.getLogger("kickcall.hv.xen")
 
 #: Xen's default for an HVM domU: the GSIs plus 32 extra_guest_irqs
 DEFAULT_NR_PIRQS = NR_IRQS_GSI + 32
+#: how many pirqs and ports ``query()`` lists (its reply is one channel message)
+QUERY_LIMIT = 512
 
 _t_map = trace.event("xen_map_pirq", "the device model mapped a pirq to a passthrough function's host interrupt")
 _t_unmap = trace.event("xen_unmap_pirq", "a pirq's mapping was removed")
@@ -612,7 +614,9 @@ class XenHypervisor:
             return [p for p in range(NR_IRQS_GSI, self.nr_pirqs) if self._is_free(p)]
 
     def query(self) -> dict:
-        """The domain's pirqs, ports and counters (``x-query-xen-pirqs``'s hypervisor half)."""
+        """The domain's pirqs, ports and counters (``x-query-xen-pirqs``'s hypervisor half).  At
+        most ``QUERY_LIMIT`` pirqs and ports, lowest first (``pirqs-omitted``, ``ports-omitted``
+        count the rest): the reply crosses the hypervisor channel as one message."""
         sh = self.shared
         with self._mu:
             pirqs = []
@@ -632,7 +636,8 @@ class XenHypervisor:
             free = [p for p in range(NR_IRQS_GSI, self.nr_pirqs) if self._is_free(p)]
         return {
             "domid": self.domid, "nr-pirqs": self.nr_pirqs, "first-msi-pirq": NR_IRQS_GSI,
-            "free": free, "free-count": len(free), "pirqs": pirqs, "ports": ports,
+            "free": free, "free-count": len(free), "pirqs": pirqs[:QUERY_LIMIT], "ports": ports[:QUERY_LIMIT],
+            "pirqs-omitted": max(0, len(pirqs) - QUERY_LIMIT), "ports-omitted": max(0, len(ports) - QUERY_LIMIT),
             "shared-info": sh.gpa if sh is not None else None, "callback-vector": self.callback_vector,
             "counters": {"upcalls": self.upcalls, "upcalls-lost": self.upcalls_lost, "lapic-msis": self.lapic_msis,
                          "emulated-msis": self.emulated_msis, "map-conflicts": self.map_conflicts,
