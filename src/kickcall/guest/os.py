@@ -362,6 +362,8 @@ class GuestOS:
         elapsed = time.monotonic() - t0
         conflicts = ((x.ev.bind_failures + x.ev.pirq_shared) if x is not None else 0) - conflicts0
         return {"cycles": sum(done), "conflicts": conflicts,
+                "bind_failures": x.ev.bind_failures if x is not None else 0,
+                "pirq_shared": x.ev.pirq_shared if x is not None else 0,
                 "wrong_device": sum(d.wrong_device - b[0] for d, b in zip(drvs, base, strict=True)),
                 "lost": sum(d.lost - b[1] for d, b in zip(drvs, base, strict=True)),
                 "fallbacks": sum(d.pci.fallbacks - b[2] for d, b in zip(drvs, base, strict=True)),

@@ -92,7 +92,11 @@ class XenEvtchn:
         self.upcalls = 0
         self.spurious = 0  # a pending port with no irq, or an irq with no handler
         self.bind_failures = 0  # "Failed to obtain physical IRQ"
-        self.pirq_shared = 0  # an irq bound to a pirq another irq of the guest already has
+        #: an irq bound to a pirq another irq of the guest holds with a port (a live binding).  An
+        #: irq still being torn down does not count: its port is closed before MSI-X is disabled
+        #: (free_irq, then pci_disable_msix), and between the device model's unmap and the
+        #: guest's xen_destroy_irq another controller may rightly be handed that pirq, as on Linux.
+        self.pirq_shared = 0
 
     @property
     def shared(self) -> "SharedInfo":
@@ -121,7 +125,7 @@ class XenEvtchn:
     def bind_pirq_msi_to_irq(self, pirq: int, dev: GuestPciDev | None, entry: int, kind: str, name: str) -> IrqDesc:
         """``xen_bind_pirq_msi_to_irq``: a new irq for *pirq*, no port yet (it comes at startup)."""
         with self._mu:
-            if self.irq_from_pirq(pirq) >= 0:
+            if any(x.pirq == pirq and x.port for x in self.irqs.values()):
                 self.pirq_shared += 1
             d = self.k.new_irq(name)
             self.irqs[d.irq] = XenIrq(d, pirq, dev=dev, entry=entry, kind=kind)
