@@ -18,6 +18,7 @@ from ..memory import IORegion
 from . import regs as R
 
 if TYPE_CHECKING:
+    from .aer import AERCap, AerMessage
     from .bus import PCIBus
     from .msix import MSIX
 
@@ -40,7 +41,7 @@ class BAR:
         return self.region.size
 
 
-def _range_covers(addr: int, size: int, reg: int, reg_size: int = 1) -> bool:
+def range_covers(addr: int, size: int, reg: int, reg_size: int = 1) -> bool:
     return addr < reg + reg_size and reg < addr + size
 
 
@@ -60,6 +61,9 @@ class PCIDevice:
         self.devfn = -1
         self.msix: MSIX | None = None
         self.exp_cap = 0
+        self.aer: AERCap | None = None
+        """The AER extended capability (``kickcall.pci.aer.AERCap`` sets it)."""
+        self.aer_messages_dropped = 0
         self.irq_level = 0
         self._next_cap = R.PCI_CONFIG_HEADER_SIZE
         self.flr_count = 0
@@ -135,6 +139,50 @@ class PCIDevice:
         self.set_config(off + R.PCI_EXP_DEVCTL, 0, 2, wmask=R.PCI_EXP_DEVCTL_BCR_FLR | 0x00FF)
         self.exp_cap = off
         return off
+
+    def add_aer_cap(self, offset: int = 0x100) -> "AERCap":
+        """Add the AER extended capability (PCIe functions only)."""
+        from .aer import AERCap
+        return AERCap(self, offset)
+
+    def requester_id(self) -> int:
+        """bus << 8 | devfn, the id an error message carries."""
+        bus = self.bus.number if self.bus is not None else 0
+        return (bus << 8 | max(self.devfn, 0)) & 0xFFFF
+
+    @property
+    def is_root_port(self) -> bool:
+        return False
+
+    def aer_send(self, msg: "AerMessage") -> bool:
+        """Send an error message upstream (QEMU's ``pcie_aer_msg``): every bridge on the way must
+        forward SERR (Bridge Control), the first root port receives it.  False: it went nowhere (no
+        root port above, or a bridge that does not forward), counted in ``aer_messages_dropped``."""
+        dev: PCIDevice = self
+        while True:
+            if dev.is_root_port:
+                if dev.aer is None or not dev.aer.root_port:
+                    break
+                dev.aer.root_receive(msg)
+                return True
+            bus = dev.bus
+            bridge = bus.parent if bus is not None else None
+            if bridge is None or not bridge.forwards_serr(msg):
+                break
+            dev = bridge
+        self.aer_messages_dropped += 1
+        if self.aer is not None:
+            self.aer.counters.messages_blocked += 1
+        return False
+
+    @property
+    def secondary_bus(self) -> "PCIBus | None":
+        """The bus behind this function (bridges only)."""
+        return None
+
+    def forwards_serr(self, msg: "AerMessage") -> bool:
+        """A bridge's answer to a message from its secondary side (type 0 functions have none)."""
+        return False
 
     # -- BARs --------------------------------------------------------------------------------------
     def register_bar(self, index: int, region: IORegion, *, io: bool = False, mem64: bool = False,
@@ -231,12 +279,12 @@ class PCIDevice:
             wm = self.wmask[a]
             self.config[a] = (self.config[a] & ~wm & 0xFF) | (b & wm)
             self.config[a] &= ~(b & self.w1cmask[a]) & 0xFF
-        if self.exp_cap and _range_covers(addr, size, self.exp_cap + R.PCI_EXP_DEVCTL, 2):
+        if self.exp_cap and range_covers(addr, size, self.exp_cap + R.PCI_EXP_DEVCTL, 2):
             devctl = self.get16(self.exp_cap + R.PCI_EXP_DEVCTL)
             if devctl & R.PCI_EXP_DEVCTL_BCR_FLR:
                 self._set16(self.exp_cap + R.PCI_EXP_DEVCTL, devctl & ~R.PCI_EXP_DEVCTL_BCR_FLR)
                 flr = True
-        if _range_covers(addr, size, R.PCI_BASE_ADDRESS_0, 24) or _range_covers(addr, size, R.PCI_COMMAND, 2):
+        if range_covers(addr, size, R.PCI_BASE_ADDRESS_0, 24) or range_covers(addr, size, R.PCI_COMMAND, 2):
             self.update_mappings()
         new_cmd = self.get16(R.PCI_COMMAND)
         if (old_cmd ^ new_cmd) & R.PCI_COMMAND_INTX_DISABLE:
@@ -279,6 +327,11 @@ class PCIDevice:
             self.bus.msi_send(self, address, data)
 
     # -- reset -------------------------------------------------------------------------------------
+    def bus_reset(self) -> None:
+        """The secondary bus this function sits on was reset (a hot reset): by default the same
+        as a conventional reset of the function."""
+        self.reset()
+
     def device_reset(self) -> None:
         """Device-specific reset (virtio: status 0, queues reset)."""
 
@@ -301,6 +354,8 @@ class PCIDevice:
                 struct.pack_into("<I", self.config, off + 4, 0)
         self.update_mappings()
         self._update_irq()
+        if self.aer is not None:
+            self.aer.reset()
         if cmd & R.PCI_COMMAND_MASTER:
             self.bus_master_changed(False)
 
