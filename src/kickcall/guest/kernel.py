@@ -31,6 +31,7 @@ from ..pci.regs import (
 from ..threads import named_thread
 
 if TYPE_CHECKING:
+    from ..pci.recovery import PciErrorHandlers
     from .xen import XenHvmMsiDomain
 
 __all__ = ["GuestKernel", "GuestPciDev", "IrqDesc", "PageAllocator", "IRQ_HANDLED", "IRQ_NONE", "MsiDomain",
@@ -216,6 +217,7 @@ class GuestKernel:
         self._pci_mu = threading.Lock()
         self.spurious = 0
         self.pci_devices: list[GuestPciDev] = []
+        self._win = [MMIO32_BASE, MMIO64_BASE, IO_BASE]
         self._next_vector_cpu = 0
         hv.set_interrupt_handler(self.do_irq)
         hv.irq_loop.run_sync(self._bind_irq_thread)
@@ -497,18 +499,30 @@ class GuestKernel:
                  "unhandled": d.unhandled} for d in sorted(self.irqs.values(), key=lambda d: d.irq)]
 
     # -- PCI core ---------------------------------------------------------------------------------------
-    def pci_conf_read(self, devfn: int, off: int, size: int) -> int:
+    def pci_conf_read(self, devfn: int, off: int, size: int, bus: int = 0) -> int:
+        if off >= 0x100:  # extended config space: ECAM (raw_pci_ext_ops)
+            a = R.PCIE_MMCFG_BASE | bus << 20 | devfn << 12 | off
+            return self.readl(a) if size == 4 else self.readw(a) if size == 2 else self.readb(a)
         with self._pci_mu:
-            self.outl(0xCF8, 0x80000000 | devfn << 8 | (off & 0xFC))
+            self.outl(0xCF8, 0x80000000 | bus << 16 | devfn << 8 | (off & 0xFC))
             if size == 4:
                 return self.inl(0xCFC)
             if size == 2:
                 return self.inw(0xCFC + (off & 2))
             return self.inb(0xCFC + (off & 3))
 
-    def pci_conf_write(self, devfn: int, off: int, value: int, size: int) -> None:
+    def pci_conf_write(self, devfn: int, off: int, value: int, size: int, bus: int = 0) -> None:
+        if off >= 0x100:
+            a = R.PCIE_MMCFG_BASE | bus << 20 | devfn << 12 | off
+            if size == 4:
+                self.writel(a, value)
+            elif size == 2:
+                self.writew(a, value)
+            else:
+                self.writeb(a, value)
+            return
         with self._pci_mu:
-            self.outl(0xCF8, 0x80000000 | devfn << 8 | (off & 0xFC))
+            self.outl(0xCF8, 0x80000000 | bus << 16 | devfn << 8 | (off & 0xFC))
             if size == 4:
                 self.this_cpu().pio_write(0xCFC, value, 4)
             elif size == 2:
@@ -517,72 +531,105 @@ class GuestKernel:
                 self.outb(0xCFC + (off & 3), value)
 
     def pci_enumerate(self) -> list["GuestPciDev"]:
-        """Scan bus 0, size and assign BARs (what the firmware does), enable decoding."""
-        devs = []
-        mmio32, mmio64, io = MMIO32_BASE, MMIO64_BASE, IO_BASE
-        for slot in range(32):
-            devfn = slot << 3
-            vid = self.pci_conf_read(devfn, R.PCI_VENDOR_ID, 2)
-            if vid == 0xFFFF:
-                continue
-            d = GuestPciDev(self, devfn)
-            bar = 0
-            while bar < 6:
-                off = R.PCI_BASE_ADDRESS_0 + 4 * bar
-                orig = self.pci_conf_read(devfn, off, 4)
-                self.pci_conf_write(devfn, off, 0xFFFFFFFF, 4)
-                probe = self.pci_conf_read(devfn, off, 4)
-                self.pci_conf_write(devfn, off, orig, 4)
-                if probe == 0:  # not implemented
-                    bar += 1
-                    continue
-                if orig & R.PCI_BASE_ADDRESS_SPACE_IO:
-                    size = (~(probe & ~0x3) & 0xFFFF) + 1
-                    addr = (io + size - 1) // size * size
-                    io = addr + size
-                    self.pci_conf_write(devfn, off, addr, 4)
-                    d.bars[bar] = (addr, size, True)
-                    bar += 1
-                    continue
-                is64 = bool(orig & R.PCI_BASE_ADDRESS_MEM_TYPE_64)
-                mask = probe & ~0xF
-                if is64:
-                    hi_off = off + 4
-                    horig = self.pci_conf_read(devfn, hi_off, 4)
-                    self.pci_conf_write(devfn, hi_off, 0xFFFFFFFF, 4)
-                    hprobe = self.pci_conf_read(devfn, hi_off, 4)
-                    self.pci_conf_write(devfn, hi_off, horig, 4)
-                    mask |= hprobe << 32
-                    size = (~mask & 0xFFFFFFFFFFFFFFFF) + 1
-                    addr = (mmio64 + size - 1) // size * size
-                    mmio64 = addr + size
-                    self.pci_conf_write(devfn, off, addr & 0xFFFFFFFF | (orig & 0xF), 4)
-                    self.pci_conf_write(devfn, hi_off, addr >> 32, 4)
-                    d.bars[bar] = (addr, size, False)
-                    bar += 2
-                    continue
-                size = (~mask & 0xFFFFFFFF) + 1
-                addr = (mmio32 + size - 1) // size * size
-                if addr + size > MMIO32_END:
-                    raise RuntimeError("32-bit MMIO window exhausted")
-                mmio32 = addr + size
-                self.pci_conf_write(devfn, off, addr | (orig & 0xF), 4)
-                d.bars[bar] = (addr, size, False)
-                bar += 1
-            d.save_config()
-            cmd = self.pci_conf_read(devfn, R.PCI_COMMAND, 2)
-            self.pci_conf_write(devfn, R.PCI_COMMAND, cmd | R.PCI_COMMAND_MEMORY | R.PCI_COMMAND_IO, 2)
-            devs.append(d)
+        """Scan the buses (bus 0, then behind every bridge, depth first; functions 1..7 of a
+        multi-function device), size and assign BARs (what the firmware does), enable decoding.
+        Bridges keep the bus numbers the firmware gave them."""
+        self._win = [MMIO32_BASE, MMIO64_BASE, IO_BASE]
+        devs: list[GuestPciDev] = []
+        self._scan_bus(0, devs, None)
         self.pci_devices = devs
         return devs
+
+    def _scan_bus(self, bus: int, devs: list["GuestPciDev"], parent: "GuestPciDev | None") -> None:
+        for slot in range(32):
+            hdr = 0
+            for fn in range(8):
+                devfn = slot << 3 | fn
+                if fn and not hdr & 0x80:
+                    break
+                vid = self.pci_conf_read(devfn, R.PCI_VENDOR_ID, 2, bus)
+                if vid == 0xFFFF:
+                    if fn == 0:
+                        break
+                    continue
+                h = self.pci_conf_read(devfn, R.PCI_HEADER_TYPE, 1, bus)
+                if fn == 0:
+                    hdr = h
+                d = GuestPciDev(self, devfn, bus=bus, parent=parent)
+                self._assign_bars(d, 2 if h & 0x7F == R.PCI_HEADER_TYPE_BRIDGE else 6)
+                d.save_config()
+                cmd = d.read_config(R.PCI_COMMAND, 2)
+                d.write_config(R.PCI_COMMAND, cmd | R.PCI_COMMAND_MEMORY | R.PCI_COMMAND_IO, 2)
+                devs.append(d)
+                if h & 0x7F == R.PCI_HEADER_TYPE_BRIDGE:
+                    sec = d.read_config(R.PCI_SECONDARY_BUS, 1)
+                    d.is_bridge = True
+                    if sec and sec != bus:
+                        d.secondary = sec
+                        self._scan_bus(sec, devs, d)
+
+    def _assign_bars(self, d: "GuestPciDev", nbars: int) -> None:
+        mmio32, mmio64, io = self._win
+        bar = 0
+        while bar < nbars:
+            off = R.PCI_BASE_ADDRESS_0 + 4 * bar
+            orig = d.read_config(off, 4)
+            d.write_config(off, 0xFFFFFFFF, 4)
+            probe = d.read_config(off, 4)
+            d.write_config(off, orig, 4)
+            if probe == 0:  # not implemented
+                bar += 1
+                continue
+            if orig & R.PCI_BASE_ADDRESS_SPACE_IO:
+                size = (~(probe & ~0x3) & 0xFFFF) + 1
+                addr = (io + size - 1) // size * size
+                io = addr + size
+                d.write_config(off, addr, 4)
+                d.bars[bar] = (addr, size, True)
+                bar += 1
+                continue
+            is64 = bool(orig & R.PCI_BASE_ADDRESS_MEM_TYPE_64)
+            mask = probe & ~0xF
+            if is64:
+                hi_off = off + 4
+                horig = d.read_config(hi_off, 4)
+                d.write_config(hi_off, 0xFFFFFFFF, 4)
+                hprobe = d.read_config(hi_off, 4)
+                d.write_config(hi_off, horig, 4)
+                mask |= hprobe << 32
+                size = (~mask & 0xFFFFFFFFFFFFFFFF) + 1
+                addr = (mmio64 + size - 1) // size * size
+                mmio64 = addr + size
+                d.write_config(off, addr & 0xFFFFFFFF | (orig & 0xF), 4)
+                d.write_config(hi_off, addr >> 32, 4)
+                d.bars[bar] = (addr, size, False)
+                bar += 2
+                continue
+            size = (~mask & 0xFFFFFFFF) + 1
+            addr = (mmio32 + size - 1) // size * size
+            if addr + size > MMIO32_END:
+                raise RuntimeError("32-bit MMIO window exhausted")
+            mmio32 = addr + size
+            d.write_config(off, addr | (orig & 0xF), 4)
+            d.bars[bar] = (addr, size, False)
+            bar += 1
+        self._win = [mmio32, mmio64, io]
 
 
 class GuestPciDev:
     """The guest's struct pci_dev: config accessors, BARs, MSI-X / MSI / INTx vectors, FLR."""
 
-    def __init__(self, kernel: GuestKernel, devfn: int) -> None:
+    def __init__(self, kernel: GuestKernel, devfn: int, *, bus: int = 0,
+                 parent: "GuestPciDev | None" = None) -> None:
         self.k = kernel
         self.devfn = devfn
+        self.bus = bus
+        self.parent = parent
+        """The bridge above (None on bus 0)."""
+        self.is_bridge = False
+        self.secondary = 0
+        #: the driver bound to this function, for error recovery (``kickcall.guest.aer``)
+        self.err_handlers: "PciErrorHandlers | None" = None
         self.bars: dict[int, tuple[int, int, bool]] = {}
         self.vendor = self.read_config(R.PCI_VENDOR_ID, 2)
         self.device = self.read_config(R.PCI_DEVICE_ID, 2)
@@ -602,14 +649,18 @@ class GuestPciDev:
         self.fallbacks = 0
 
     def __repr__(self) -> str:
-        return f"<pci {self.devfn >> 3:02x}.{self.devfn & 7} {self.vendor:04x}:{self.device:04x}>"
+        return f"<pci {self.bus:02x}:{self.devfn >> 3:02x}.{self.devfn & 7} {self.vendor:04x}:{self.device:04x}>"
+
+    @property
+    def requester_id(self) -> int:
+        return self.bus << 8 | self.devfn
 
     # config
     def read_config(self, off: int, size: int) -> int:
-        return self.k.pci_conf_read(self.devfn, off, size)
+        return self.k.pci_conf_read(self.devfn, off, size, self.bus)
 
     def write_config(self, off: int, v: int, size: int) -> None:
-        self.k.pci_conf_write(self.devfn, off, v, size)
+        self.k.pci_conf_write(self.devfn, off, v, size, self.bus)
 
     def find_capability(self, cap_id: int, start: int = 0) -> int:
         off = self.read_config(R.PCI_CAPABILITY_LIST, 1) if not start else self.read_config(start + 1, 1)

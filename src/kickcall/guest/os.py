@@ -2,7 +2,8 @@
 
 Commands arrive as ``IOCTL_GUEST_CMD`` requests (JSON ``{"cmd": name, ...}``).  Anything that
 touches a device runs on a vCPU thread, so it reaches the device through the hypervisor exactly
-as guest code does.  Devices are addressed by PCI slot.
+as guest code does.  Devices are addressed by PCI slot on bus 0, and by ``bus << 8 | devfn``
+(a number >= 0x100) below a bridge.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ _BLK_OPS = {"read": BLK_T_IN, "write": BLK_T_OUT, "flush": BLK_T_FLUSH, "get-id"
 class _Dev:
     def __init__(self, pci: GuestPciDev) -> None:
         self.pci = pci
-        self.slot = pci.devfn >> 3
+        # bus 0: the slot; below a bridge: bus << 8 | devfn (>= 0x100), one key per function
+        self.slot = pci.devfn >> 3 if pci.bus == 0 else pci.bus << 8 | pci.devfn
         self.vdev: VirtioPciDevice | None = None
         self.driver: VirtioBlkDriver | VirtioNetDriver | NicDriver | None = None
         self.kind = "unknown"

@@ -32,6 +32,18 @@ Example::
     dma = "fd"               # or "message": no fd, the server uses DMA_READ/DMA_WRITE
     x-msix-noresize = false  # true: the old MSI-X path (disable + re-enable per new vector)
 
+    [[device]]
+    type = "pcie-root-port"  # a PCIe Root Port with AER (docs/aer.md); its secondary bus is
+    id = "rp0"               # where a passthrough card with aer = true must sit, alone
+
+    [[device]]
+    type = "vfio-user"
+    id = "card0fn0"
+    socket = "/run/card0-fn0.sock"
+    bus = "rp0"              # below the root port (slot 0 there), function 0..7
+    function = 0
+    aer = true               # forward non-fatal errors to the guest, stop the VM on fatal ones
+
     [workload.blk]
     depth = 16
     read-ratio = 0.5
@@ -122,6 +134,11 @@ class DeviceConfig:
     # DMA_READ/DMA_WRITE), and the switch that forces the old NORESIZE MSI-X path
     dma: str = "fd"
     x_msix_noresize: bool = False
+    # placement: on the root bus (bus = "") or on the secondary bus of a pcie-root-port
+    bus: str = ""
+    function: int = 0
+    # vfio-user: forward the host's non-fatal AER errors to the guest, stop on fatal ones
+    aer: bool = False
 
 
 @dataclass
@@ -241,20 +258,39 @@ def parse_config(text: str, source: str = "<config>") -> MachineConfig:
         raise ConfigError("device", "must be an array of tables ([[device]])", source)
     ids: set[str] = set()
     slots: set[int] = set()
+    below: set[tuple[str, int]] = set()
     for i, raw in enumerate(devs):
         d = _V(raw, f"device[{i}]", source)
-        t = d.str("type", "", ("virtio-blk", "virtio-net", "vfio-user"))
-        dc = DeviceConfig(type=t, id=d.str("id", f"vfio{i}" if t == "vfio-user" else f"{t.split('-')[1]}{i}"))
+        t = d.str("type", "", ("virtio-blk", "virtio-net", "vfio-user", "pcie-root-port"))
+        default_id = {"vfio-user": f"vfio{i}", "pcie-root-port": f"rp{i}"}.get(t, f"{t.split('-')[1]}{i}")
+        dc = DeviceConfig(type=t, id=d.str("id", default_id))
         if not _ID.match(dc.id):
             raise d.err("id", f"must be a letter followed by letters, digits, '_', '.' or '-', got {dc.id!r}")
         if dc.id in ids:
             raise d.err("id", f"duplicate device id {dc.id!r}")
         ids.add(dc.id)
-        if "slot" in raw:
-            dc.slot = d.int("slot", 0, 1, 31)
-            if dc.slot in slots:
-                raise d.err("slot", f"slot {dc.slot} is already used")
-            slots.add(dc.slot)
+        if t != "pcie-root-port":
+            dc.bus = d.str("bus", "")
+        if dc.bus:
+            if "slot" in raw and d.int("slot", 0, 0, 31) != 0:
+                raise d.err("slot", "a root port's link has one device: slot 0 (choose the function)")
+            dc.slot = 0
+            dc.function = d.int("function", 0, 0, 7)
+            if (dc.bus, dc.function) in below:
+                raise d.err("function", f"function {dc.function} on bus {dc.bus!r} is already used")
+            below.add((dc.bus, dc.function))
+        else:
+            if "function" in raw:
+                raise d.err("function", "functions other than 0 are for devices below a root port (bus = \"...\")")
+            if "slot" in raw:
+                dc.slot = d.int("slot", 0, 1, 31)
+                if dc.slot in slots:
+                    raise d.err("slot", f"slot {dc.slot} is already used")
+                slots.add(dc.slot)
+        if t == "pcie-root-port":
+            d.done()
+            cfg.devices.append(dc)
+            continue
         if t == "vfio-user":
             dc.socket = d.str("socket", "")
             if not dc.socket:
@@ -264,6 +300,7 @@ def parse_config(text: str, source: str = "<config>") -> MachineConfig:
             dc.dma = d.str("dma", "fd", ("fd", "message"))
             dc.x_msix_noresize = d.bool("x-msix-noresize", False)
             dc.irqfd = d.bool("irqfd", True)
+            dc.aer = d.bool("aer", False)
             d.done()
             cfg.devices.append(dc)
             continue
@@ -330,6 +367,10 @@ def parse_config(text: str, source: str = "<config>") -> MachineConfig:
     top.done()
     if not cfg.devices:
         raise ConfigError("device", "a machine needs at least one [[device]]", source)
+    ports = {d.id for d in cfg.devices if d.type == "pcie-root-port"}
+    for i, dc in enumerate(cfg.devices):
+        if dc.bus and dc.bus not in ports:
+            raise ConfigError(f"device[{i}].bus", f"{dc.bus!r} is not the id of a pcie-root-port", source)
     return cfg
 
 

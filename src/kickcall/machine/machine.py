@@ -33,7 +33,9 @@ from ..hv.xen_abi import pirq_of_msi
 from ..loop import IOThread
 from ..memory import AddressSpace, GuestMemory
 from ..notify import NotifierRegistry
+from ..pci.bridge import PCIERootPort
 from ..pci.bus import PCIBus, PCIHost
+from ..pci.device import PCIDevice
 from ..threads import start_thread
 from ..ownership import PathRefused, SocketClaim, temp_dir
 from ..virtio.blk import VirtIOBlk
@@ -109,6 +111,7 @@ class Machine:
         self.devices: dict[str, VirtIOPCIProxy] = {}
         # passthrough (vfio-user) functions: kept apart, the rest of the machine assumes devices are virtio
         self.passthrough: dict[str, VFIOPCIDevice] = {}
+        self.root_ports: dict[str, PCIERootPort] = {}
         self._req_mu = threading.Lock()
         self._releasing: set[str] = set()  # passthrough devices being handed back to the host (REQ)
         self.events: list[dict] = []  # every event the machine emitted itself (emit_event), oldest first
@@ -171,14 +174,20 @@ class Machine:
         self.bus = PCIBus(self.mmio, self.io, irq_line=self.vm.irq_line, msi_sink=self.vm.signal_msi)
         self.host = PCIHost(self.bus)
         next_slot = 1
-        used = {d.slot for d in self.cfg.devices if d.slot is not None}
+        used = {d.slot for d in self.cfg.devices if d.slot is not None and not d.bus}
         for dc in self.cfg.devices:
             if dc.slot is None:
                 while next_slot in used:
                     next_slot += 1
                 dc.slot = next_slot
                 used.add(next_slot)
-            self._add_device(dc)
+        # root ports first: the devices below them need their buses
+        for dc in self.cfg.devices:
+            if dc.type == "pcie-root-port":
+                self._add_root_port(dc)
+        for dc in self.cfg.devices:
+            if dc.type != "pcie-root-port":
+                self._add_device(dc)
 
     def _abort_build(self) -> None:
         """Undo a partial build: devices, VM, sockets, RAM, notifiers, and our temporary directory."""
@@ -208,6 +217,19 @@ class Machine:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- devices ---------------------------------------------------------------------------------------
+    def _add_root_port(self, dc: DeviceConfig) -> None:
+        """A PCIe Root Port on the root bus; its secondary bus gets the next bus number (as
+        firmware numbers them)."""
+        assert dc.slot is not None
+        port = PCIERootPort(dc.id, self.mmio, self.io, secondary=len(self.root_ports) + 1)
+        self.bus.add_device(port, dc.slot)
+        self.root_ports[dc.id] = port
+        self.device_cfg[dc.id] = dc
+
+    def bus_of(self, dc: DeviceConfig) -> PCIBus:
+        """The bus a device's config places it on."""
+        return self.root_ports[dc.bus].sec_bus if dc.bus else self.bus
+
     def _add_device(self, dc: DeviceConfig) -> None:
         if dc.type == "vfio-user":
             self._add_passthrough(dc)
@@ -254,7 +276,7 @@ class Machine:
                                    registry=self.registry, ioeventfd=dc.ioeventfd, irqfd=dc.irqfd and not self.xen,
                                    msix_vectors=None if dc.msix else 0, class_code=class_code)
             assert dc.slot is not None
-            self.bus.add_device(proxy, dc.slot)
+            self.bus_of(dc).add_device(proxy, dc.slot, dc.function)
             register_machine_faults(self.vm, proxy, self.bql)
         except BaseException:
             close = getattr(vdev, "close", None)
@@ -278,7 +300,7 @@ class Machine:
             raise MachineError(f"device {dc.id}: {e}") from None
         try:
             assert dc.slot is not None
-            self.bus.add_device(dev, dc.slot)
+            self.bus_of(dc).add_device(dev, dc.slot, dc.function)
         except BaseException:
             dev.close()
             raise
@@ -322,7 +344,7 @@ class Machine:
             dev = self.passthrough.get(dev_id)
             if dev is None or self._stopped:
                 return
-            slot = dev.devfn >> 3
+            slot = self.guest_slot(dev)
             try:
                 self.guest_cmd({"cmd": "pci-unplug", "slot": slot}, timeout=UNPLUG_TIMEOUT)
             except Exception as e:  # the guest did not let go: the device stays
@@ -330,7 +352,7 @@ class Machine:
                 self.emit_event("X_VFIO_RELEASE_REFUSED", {"device": dev_id, "reason": str(e)})
                 return
             with self.bql:
-                self.bus.remove_device(dev)
+                (dev.bus or self.bus).remove_device(dev)
                 self.passthrough.pop(dev_id, None)
                 dev.close()
             self.emit_event("DEVICE_DELETED", {"device": dev_id, "path": f"/machine/peripheral/{dev_id}"})
@@ -353,7 +375,13 @@ class Machine:
             raise MachineError(f"no device {dev_id!r}") from None
 
     def slot(self, dev_id: str) -> int:
-        return self.device(dev_id).devfn >> 3
+        return self.guest_slot(self.device(dev_id))
+
+    @staticmethod
+    def guest_slot(dev: PCIDevice) -> int:
+        """How guest commands address *dev*: its slot on bus 0, ``bus << 8 | devfn`` below a bridge."""
+        bus = dev.bus.number if dev.bus is not None else 0
+        return dev.devfn >> 3 if bus == 0 else bus << 8 | dev.devfn
 
     # -- the hypervisor's heavyweight exits -----------------------------------------------------------
     def _exit(self, code: int, addr: int, value: int, size: int, vcpu: int) -> int:

@@ -55,7 +55,7 @@ def _pci_info(p: PCIDevice, qdev_id: str, lock: threading.RLock) -> dict:
     with lock:
         cls = p.get16(R.PCI_CLASS_DEVICE)
         info = {
-            "bus": 0, "slot": p.devfn >> 3, "function": p.devfn & 7,
+            "bus": p.bus.number if p.bus is not None else 0, "slot": p.devfn >> 3, "function": p.devfn & 7,
             "class_info": {"desc": _CLASS_DESC.get(cls, f"Class {cls:04x}"), "class": cls},
             "id": {"device": p.get16(R.PCI_DEVICE_ID), "vendor": p.get16(R.PCI_VENDOR_ID),
                    "subsystem": p.get16(R.PCI_SUBSYSTEM_ID), "subsystem-vendor": p.get16(R.PCI_SUBSYSTEM_VENDOR_ID)},

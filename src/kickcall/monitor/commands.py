@@ -172,7 +172,9 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
     # -- PCI and virtio introspection (QEMU 7.2's names) --------------------------------------------
     def query_pci() -> list:
         devs = [i for d in target.devices() if (i := d.pci_info()) is not None]
-        return [{"bus": 0, "devices": sorted(devs, key=lambda x: (x["slot"], x["function"]))}]
+        buses = sorted({0} | {int(i.get("bus", 0)) for i in devs})
+        return [{"bus": b, "devices": sorted((i for i in devs if int(i.get("bus", 0)) == b),
+                                             key=lambda x: (x["slot"], x["function"]))} for b in buses]
 
     def x_query_virtio() -> list:
         return [{"path": d.path, "name": d.type_name} for d in target.devices() if d.virtio]

@@ -25,7 +25,7 @@ from ..threads import start_thread
 from .protocol import (
     DMA_WRITE_REPLY, Capabilities, DmaAccess, DmaMap, DmaMapFlag, DmaUnmap, Message, MessageReader, PayloadError,
     RegionAccess, Version, VfioUserCommand, VfioUserError, VfioUserErrorKind, VFIO_USER_F_TYPE_COMMAND,
-    send_message, MAX_MSG_FDS_LIMIT,
+    send_message, MAX_MSG_FDS_LIMIT, HOT_RESET_CAPABILITY, HotReset, HotResetInfo, HotResetOffer, PciAddress,
 )
 from .uapi import UapiError, VfioDeviceInfo, VfioIrqInfo, VfioIrqSet, VfioIrqSetFlag, VfioRegionInfo
 
@@ -75,8 +75,11 @@ class VfioUserClient:
     threads; each waits for its own reply."""
 
     def __init__(self, path: str, *, memory: ClientMemory | None = None, twin_socket: bool = True,
-                 max_msg_fds: int = MAX_MSG_FDS_LIMIT, timeout: float = 30.0, name: str = "vfio-user") -> None:
+                 max_msg_fds: int = MAX_MSG_FDS_LIMIT, timeout: float = 30.0, name: str = "vfio-user",
+                 propose_hot_reset: bool = True) -> None:
         self.path = path
+        self.propose_hot_reset = propose_hot_reset
+        """Propose kickcall's hot reset extension in VERSION (False: a client that does not know it)."""
         self.name = name
         self.memory = memory
         self.timeout = timeout
@@ -109,7 +112,8 @@ class VfioUserClient:
 
     # -- negotiation ------------------------------------------------------------------------------------
     def _negotiate(self, twin_socket: bool, max_msg_fds: int) -> None:
-        ours = Capabilities(max_msg_fds=max_msg_fds, twin_socket=twin_socket)
+        ours = Capabilities(max_msg_fds=max_msg_fds, twin_socket=twin_socket,
+                            extensions={HOT_RESET_CAPABILITY: {}} if self.propose_hot_reset else {})
         msg = Message(self._alloc_id(), VfioUserCommand.VERSION, VFIO_USER_F_TYPE_COMMAND, 0, Version(caps=ours).encode())
         send_message(self.sock, msg)
         self.sock.settimeout(self.timeout)
@@ -345,3 +349,35 @@ class VfioUserClient:
 
     def reset(self) -> None:
         self.request(VfioUserCommand.DEVICE_RESET)
+
+    # -- kickcall's hot reset extension ---------------------------------------------------------------------
+    @property
+    def hot_reset_offer(self) -> HotResetOffer | None:
+        """This function's address and ownership token, when the server announced the extension
+        (None: a server that does not know it -- it is never sent the extension's commands)."""
+        v = self.server_caps.extensions.get(HOT_RESET_CAPABILITY)
+        if v is None:
+            return None
+        try:
+            return HotResetOffer.from_capability(v)
+        except PayloadError:
+            return None
+
+    def _need_hot_reset(self, what: str) -> None:
+        if self.hot_reset_offer is None:
+            raise VfioRequestError(what, errno.ENOTSUP, f"{what}: the server did not announce {HOT_RESET_CAPABILITY}")
+
+    def hot_reset_info(self) -> list[PciAddress]:
+        """The functions a hot reset through this endpoint resets (this one included)."""
+        self._need_hot_reset("X_KICKCALL_PCI_HOT_RESET_INFO")
+        rep = self.request(VfioUserCommand.X_KICKCALL_PCI_HOT_RESET_INFO, HotResetInfo.request())
+        try:
+            return HotResetInfo.decode(rep.payload).devices
+        except PayloadError as e:
+            raise VfioRequestError("X_KICKCALL_PCI_HOT_RESET_INFO", errno.EPROTO, str(e)) from None
+
+    def hot_reset(self, tokens: Sequence[bytes]) -> None:
+        """Reset the bus of this function; *tokens*: the ownership tokens of every function of the
+        set (``hot_reset_offer.token`` of each endpoint this client holds)."""
+        self._need_hot_reset("X_KICKCALL_PCI_HOT_RESET")
+        self.request(VfioUserCommand.X_KICKCALL_PCI_HOT_RESET, HotReset(list(tokens)).encode())

@@ -80,6 +80,10 @@ class VfioUserCommand(enum.IntEnum):
     DEVICE_FEATURE = 16
     MIG_DATA_READ = 17
     MIG_DATA_WRITE = 18
+    #: kickcall's extension (docs/vfio-user-hot-reset.md), outside the specification's command
+    #: numbers; sent only to a server whose VERSION reply carried ``kickcall.pci-hot-reset``
+    X_KICKCALL_PCI_HOT_RESET_INFO = 0x4B01
+    X_KICKCALL_PCI_HOT_RESET = 0x4B02
 
 
 class VfioUserErrorKind(enum.StrEnum):
@@ -548,3 +552,124 @@ class RegionIoFds:
     def decode(cls, data: bytes) -> Self:
         _need(data, cls.STRUCT.size, "DEVICE_GET_REGION_IO_FDS")
         return cls(*cls.STRUCT.unpack_from(data))
+
+
+# -- kickcall's PCI hot reset extension (docs/vfio-user-hot-reset.md) ----------------------------------------
+
+#: the VERSION capability that announces the extension.  The client proposes it with an empty
+#: object; a server that knows it answers with the function's address and this connection's
+#: ownership token: ``{"bdf": "0000:01:00.0", "token": "<32 hex digits>"}``
+HOT_RESET_CAPABILITY = "kickcall.pci-hot-reset"
+HOT_RESET_TOKEN_SIZE = 16
+_HR_HDR = struct.Struct("<III")  # argsz, flags, count
+_HR_DEV = struct.Struct("<HBBI")  # segment, bus, devfn, reserved
+
+
+@dataclass(frozen=True)
+class PciAddress:
+    """segment:bus:slot.function."""
+
+    segment: int
+    bus: int
+    devfn: int
+
+    def __str__(self) -> str:
+        return f"{self.segment:04x}:{self.bus:02x}:{self.devfn >> 3:02x}.{self.devfn & 7}"
+
+    @classmethod
+    def parse(cls, text: str) -> "PciAddress":
+        try:
+            seg, bus, rest = text.split(":")
+            slot, fn = rest.split(".")
+            s, b, d, f = int(seg, 16), int(bus, 16), int(slot, 16), int(fn, 10)
+        except ValueError:
+            raise PayloadError(errno.EINVAL, f"bad PCI address {text!r}") from None
+        if not (0 <= s <= 0xFFFF and 0 <= b <= 0xFF and 0 <= d < 32 and 0 <= f < 8):
+            raise PayloadError(errno.EINVAL, f"bad PCI address {text!r}")
+        return cls(s, b, d << 3 | f)
+
+
+@dataclass
+class HotResetOffer:
+    """What a server's VERSION reply announced for the extension: this function's address and the
+    token that proves, in a later hot reset, that the sender holds this connection."""
+
+    address: PciAddress
+    token: bytes
+
+    @classmethod
+    def from_capability(cls, v: Any) -> "HotResetOffer":
+        if not isinstance(v, dict):
+            raise PayloadError(errno.EINVAL, f"{HOT_RESET_CAPABILITY} is not an object")
+        bdf, tok = v.get("bdf"), v.get("token")
+        if not isinstance(bdf, str) or not isinstance(tok, str):
+            raise PayloadError(errno.EINVAL, f"{HOT_RESET_CAPABILITY} needs bdf and token strings")
+        try:
+            raw = bytes.fromhex(tok)
+        except ValueError:
+            raw = b""
+        if len(raw) != HOT_RESET_TOKEN_SIZE:
+            raise PayloadError(errno.EINVAL, f"{HOT_RESET_CAPABILITY}.token is not {HOT_RESET_TOKEN_SIZE} bytes of hex")
+        return cls(PciAddress.parse(bdf), raw)
+
+    def to_capability(self) -> dict[str, str]:
+        return {"bdf": str(self.address), "token": self.token.hex()}
+
+
+@dataclass
+class HotResetInfo:
+    """X_KICKCALL_PCI_HOT_RESET_INFO (``struct vfio_pci_hot_reset_info``'s shape): the request is
+    the 12-byte header (argsz, flags 0, count 0); the reply lists every function a hot reset of
+    this function's bus would reset, this one included."""
+
+    devices: list[PciAddress]
+    flags: int = 0
+
+    def encode(self) -> bytes:
+        body = b"".join(_HR_DEV.pack(d.segment, d.bus, d.devfn, 0) for d in self.devices)
+        return _HR_HDR.pack(_HR_HDR.size + len(body), self.flags, len(self.devices)) + body
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "HotResetInfo":
+        if len(payload) < _HR_HDR.size:
+            raise PayloadError(errno.EINVAL, f"HOT_RESET_INFO of {len(payload)} bytes (12 at least)")
+        argsz, flags, count = _HR_HDR.unpack_from(payload)
+        if count > 256 or len(payload) != _HR_HDR.size + count * _HR_DEV.size or argsz != len(payload):
+            raise PayloadError(errno.EINVAL, f"HOT_RESET_INFO: argsz {argsz}, count {count}, {len(payload)} bytes")
+        devs = []
+        for i in range(count):
+            seg, bus, devfn, _ = _HR_DEV.unpack_from(payload, _HR_HDR.size + i * _HR_DEV.size)
+            devs.append(PciAddress(seg, bus, devfn))
+        return cls(devs, flags)
+
+    @staticmethod
+    def request() -> bytes:
+        return _HR_HDR.pack(_HR_HDR.size, 0, 0)
+
+
+@dataclass
+class HotReset:
+    """X_KICKCALL_PCI_HOT_RESET (``struct vfio_pci_hot_reset``'s shape): argsz, flags (must be
+    0), count, then *count* 16-byte ownership tokens, one per function of the reset (the tokens
+    the other endpoints gave this client in their VERSION replies; this connection's own may be
+    left out).  The reply is empty; EPERM when a function of the set is not held by the sender."""
+
+    tokens: list[bytes]
+    flags: int = 0
+
+    def encode(self) -> bytes:
+        body = b"".join(self.tokens)
+        return _HR_HDR.pack(_HR_HDR.size + len(body), self.flags, len(self.tokens)) + body
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "HotReset":
+        if len(payload) < _HR_HDR.size:
+            raise PayloadError(errno.EINVAL, f"HOT_RESET of {len(payload)} bytes (12 at least)")
+        argsz, flags, count = _HR_HDR.unpack_from(payload)
+        if flags:
+            raise PayloadError(errno.EINVAL, f"HOT_RESET flags {flags:#x} (must be 0)")
+        if count > 256 or argsz != len(payload) or len(payload) != _HR_HDR.size + count * HOT_RESET_TOKEN_SIZE:
+            raise PayloadError(errno.EINVAL, f"HOT_RESET: argsz {argsz}, count {count}, {len(payload)} bytes")
+        toks = [payload[_HR_HDR.size + i * HOT_RESET_TOKEN_SIZE:_HR_HDR.size + (i + 1) * HOT_RESET_TOKEN_SIZE]
+                for i in range(count)]
+        return cls(toks, flags)
