@@ -41,6 +41,7 @@ import pytest
 
 from helpers import _die_with_parent, wait_for, wait_for_listener
 from kickcall.monitor.schema import Arg, CommandRegistry, QMPError
+from kickcall.monitor.target import TargetError
 from kickcall.monitor.server import QMPServer
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -640,6 +641,9 @@ class _FakeTarget:
 
     def fault_owners(self) -> dict:
         return {}
+
+    def aer_device(self, id: str):
+        raise TargetError(f"device '{id}' not found", "DeviceNotFound")
 
     def quit(self) -> None:
         pass

@@ -31,7 +31,7 @@ region for a back-end that reconnects): the reply says how many went each way.
 from __future__ import annotations
 
 from ..faults import FaultError, FaultRegistry, QueueDrop
-from ..monitor.target import DeviceView, TargetError
+from ..monitor.target import AerView, DeviceView, TargetError
 from ..vhost_user.backend import RingRefused, RingState, VhostUserBackend
 from ..virtio.blk import VirtIOBlk
 from ..virtio.device import DEVICE_NEEDS_RESET
@@ -282,3 +282,9 @@ class BackendTarget:
 
     def fault_owners(self) -> "dict[str, FaultRegistry]":
         return {}  # every fault here is the device's
+
+    def aer_device(self, id: str) -> AerView:
+        """A vhost-user back-end has no PCI functions."""
+        if any(d.id == id for d in self.devices()):
+            raise TargetError(f"device '{id}' is not a PCIe device")
+        raise TargetError(f"device '{id}' not found", "DeviceNotFound")

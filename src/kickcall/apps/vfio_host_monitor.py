@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from ..faults import FaultRegistry
 from ..monitor.schema import Arg
-from ..monitor.target import DeviceView, TargetError
+from ..monitor.target import AerView, DeviceView, TargetError
 from ..pci import regs as R
 from ..vfio.host import VfioPciDevice
 from ..vfio.server import VfioUserServer
@@ -165,6 +165,9 @@ class HostTarget:
 
     def fault_owners(self) -> "dict[str, FaultRegistry]":
         return {}  # every fault here is the device's
+
+    def aer_device(self, id: str) -> AerView:
+        raise TargetError(f"device '{id}' not found", "DeviceNotFound")
 
     def view(self, dev: str) -> HostDeviceView:
         if dev != self._dev.id:

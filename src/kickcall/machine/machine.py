@@ -377,6 +377,19 @@ class Machine:
     def slot(self, dev_id: str) -> int:
         return self.guest_slot(self.device(dev_id))
 
+    def aer_status(self, dev_id: str) -> dict:
+        """``x-query-pci-aer`` of a root port or a passthrough function (big lock held): the AER
+        registers as the guest sees them, and for a passthrough function the VMM's error handling
+        (ERR eventfd, policy, what it did)."""
+        port = self.root_ports.get(dev_id)
+        if port is not None:
+            return {"device": dev_id, "kind": "pcie-root-port", "aer": port.aer_cap.describe(),
+                    "bridge": port.describe(), "aer-interrupts": port.aer_interrupts}
+        dev = self.passthrough.get(dev_id)
+        if dev is None:
+            raise MachineError(f"no PCIe function {dev_id!r}")
+        return {"device": dev_id, "kind": "vfio-user", **dev.query_aer()}
+
     @staticmethod
     def guest_slot(dev: PCIDevice) -> int:
         """How guest commands address *dev*: its slot on bus 0, ``bus << 8 | devfn`` below a bridge."""

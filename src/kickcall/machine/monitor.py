@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..vhost_user.device import VhostUserBlkDevice
 from ..hv.abi import ChannelClosed, HypervisorError
 from ..monitor.schema import Arg, CommandRegistry, QMPError
-from ..monitor.target import DeviceView, TargetError
+from ..monitor.target import AerView, DeviceView, TargetError
 from ..notify import Role
 from ..pci import regs as R
+from ..pci.aer import PCIEAERErr
 from ..pci.device import PCIDevice
 from ..pci.msix import MsixNotifyOutcome
 from ..virtio.paths import CallPath, KickPath
@@ -485,6 +486,41 @@ class MachineTarget:
     def fault_owners(self) -> dict[str, FaultRegistry]:
         """``machine``: the faults of no one device (the guest's Xen MSI variant)."""
         return {"machine": self.m.faults}
+
+    def aer_device(self, id: str) -> AerView:
+        """A root port or a passthrough function (the functions with the AER capability)."""
+        dev = self.m.root_ports.get(id) or self.m.passthrough.get(id)
+        if dev is None:
+            if id in self.m.devices:
+                raise TargetError(f"device '{id}' is not a PCIe device")
+            raise TargetError(f"device '{id}' not found", "DeviceNotFound")
+        if not dev.exp_cap:
+            raise TargetError(f"device '{id}' is not a PCIe device")
+        return MachineAerView(self.m, id, dev)
+
+
+class MachineAerView:
+    """A guest-visible function with AER, as the monitor sees it (injection under the big lock)."""
+
+    def __init__(self, machine: "Machine", id: str, dev: PCIDevice) -> None:
+        self.m = machine
+        self.id = id
+        self.dev = dev
+
+    def _where(self) -> dict:
+        bus = self.dev.bus.number if self.dev.bus is not None else 0
+        return {"root-bus": "pcie.0", "bus": bus, "devfn": self.dev.devfn}
+
+    def aer_inject(self, err: PCIEAERErr) -> dict:
+        with self.m.bql:
+            if self.dev.aer is None:  # PCIe without AER: QEMU sets only the device status bits
+                return {"rc": 0, **self._where(), "note": "no AER capability: nothing was reported"}
+            rc = self.dev.aer.inject(err)
+        return {"rc": rc, **self._where()}
+
+    def aer_status(self) -> dict:
+        with self.m.bql:
+            return self.m.aer_status(self.id)
 
 
 # -- the machine's own commands ------------------------------------------------------------------------------

@@ -32,12 +32,14 @@ is executed, so a second ``quit`` that was waiting gets no reply and no second S
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import time
 from typing import Callable, TypedDict
 
 from .. import trace
 from ..faults import FaultAction, FaultError
+from ..pci.aer import AER_ERROR_NAMES, AerErrFlag, AerParseError, PCIEAERErr, parse_error_status
 from .schema import Arg, CommandRegistry, QMPError
 from .server import QMPServer
 from .target import DeviceView, Target, TargetError
@@ -300,6 +302,53 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
         Arg("fault", "str", optional=True),
         doc="list the device's faults, or switch one (lose kicks, calls or completions; turn a fix off)")
 
+    # -- PCIe AER (QEMU's pcie_aer_inject_error, as a QMP command of the same arguments) --------------------
+    def x_pcie_aer_inject_error(id: str, error_status: str, advisory_non_fatal: bool | None = None,
+                                correctable: bool | None = None, header0: int | None = None,
+                                header1: int | None = None, header2: int | None = None, header3: int | None = None,
+                                prefix0: int | None = None, prefix1: int | None = None, prefix2: int | None = None,
+                                prefix3: int | None = None) -> dict:
+        view = target.aer_device(id)
+        try:
+            status, is_cor = parse_error_status(error_status)
+        except AerParseError as e:
+            raise QMPError(str(e)) from None
+        if error_status in AER_ERROR_NAMES:
+            if correctable is not None:
+                raise QMPError("-c is only valid with numeric error status")
+        else:
+            is_cor = bool(correctable)
+        flags = AerErrFlag(0)
+        if is_cor:
+            flags |= AerErrFlag.IS_CORRECTABLE
+        if advisory_non_fatal:
+            flags |= AerErrFlag.MAYBE_ADVISORY
+        hdr = (header0, header1, header2, header3)
+        pfx = (prefix0, prefix1, prefix2, prefix3)
+        if header0 is not None:
+            flags |= AerErrFlag.HEADER_VALID
+        if prefix0 is not None:
+            flags |= AerErrFlag.TLP_PREFIX_PRESENT
+        err = PCIEAERErr(status, flags, header=tuple(v or 0 for v in hdr),  # type: ignore[arg-type]  # 4-tuple
+                         prefix=tuple(v or 0 for v in pfx))  # type: ignore[arg-type]  # 4-tuple
+        out = view.aer_inject(err)
+        rc = int(out.get("rc", 0))
+        if rc < 0:
+            raise QMPError(f"failed to inject error: {os.strerror(-rc)}")
+        log.warning("monitor: AER error %s injected into %s", error_status, id)
+        return {"id": id, **{k: v for k, v in out.items() if k != "rc"}}
+
+    def x_query_pci_aer(dev: str) -> dict:
+        return target.aer_device(dev).aer_status()
+
+    add("x-pcie-aer-inject-error", x_pcie_aer_inject_error, Arg("id", "str"), Arg("error_status", "str"),
+        Arg("advisory_non_fatal", "bool", optional=True), Arg("correctable", "bool", optional=True),
+        *(Arg(f"header{i}", "int", optional=True, min=0, max=0xFFFFFFFF) for i in range(4)),
+        *(Arg(f"prefix{i}", "int", optional=True, min=0, max=0xFFFFFFFF) for i in range(4)),
+        doc="inject a PCIe AER error (HMP pcie_aer_inject_error's arguments)")
+    add("x-query-pci-aer", x_query_pci_aer, Arg("dev", "str"),
+        doc="a function's AER registers, last header log, recovery state and history, ERR eventfd counter")
+
     # -- trace events ----------------------------------------------------------------------------------
     def _trace_list(pattern: str | None) -> list:
         import fnmatch
@@ -369,6 +418,9 @@ HMP_COMMANDS = {
     "x-debug-fault DEV QUEUE kick|call|complete drop-next|drop-all|clear":
         "lose kicks or calls, or hold completions (a back-end's), on purpose",
     "x-debug-fault DEV": "list the device's faults and their state",
+    "pcie_aer_inject_error [-a] [-c] id <error_status> [<tlp header> [<tlp header prefix>]]":
+        "inject pcie aer error (-a advisory non fatal, -c correctable; error string or 32bit; header/prefix 32bit x 4)",
+    "info pci-aer DEV": "a function's AER registers, recovery state and history",
     "x-debug-fault DEV FAULT on|off|drop-next|drop-all|clear [QUEUE]": "switch a registered fault",
     "stop": "pause (or s)", "cont": "resume (or c)", "system_reset": "reset",
     "quit": "the machine or back-end exits (or q)",
@@ -483,10 +535,14 @@ def _hmp(r: CommandRegistry, line: str) -> str:  # noqa: C901 - one dispatch tab
             return out.replace("\n", "\r\n")
         if sub == "msix" and len(rest) == 1:
             return _msix_text(_call(r, "x-query-pci-msix", dev=rest[0]), "").replace("\n", "\r\n")
+        if sub == "pci-aer" and len(rest) == 1:
+            return _fmt_kv(_call(r, "x-query-pci-aer", dev=rest[0])).replace("\n", "\r\n") + "\r\n"
         if sub == "trace-events":
             rows = _call(r, "trace-event-list", **({"name": rest[0]} if rest else {}))
             return "".join(f"{x['name']} : state {1 if x['state'] == 'enabled' else 0}\r\n" for x in rows)
         return f"unknown command: 'info {' '.join(a)}'\r\n"  # QEMU's HMP text
+    if w == "pcie_aer_inject_error":
+        return _hmp_aer_inject(r, a)
     if w == "trace-event" and len(a) == 2 and a[1] in ("on", "off"):
         _call(r, "trace-event-set-state", name=a[0], enable=a[1] == "on")
         return ""
@@ -516,6 +572,36 @@ def _hmp(r: CommandRegistry, line: str) -> str:  # noqa: C901 - one dispatch tab
         _call(r, w)
         return ""
     return f"unknown command: '{line.strip()}'\r\n"
+
+
+def _hmp_aer_inject(r: CommandRegistry, a: list[str]) -> str:
+    """``pcie_aer_inject_error [-a] [-c] id <error_status> [h0 h1 h2 h3 [p0 p1 p2 p3]]``."""
+    kw: dict = {}
+    while a and a[0].startswith("-") and len(a[0]) > 1 and not a[0][1:].isdigit():
+        for ch in a[0][1:]:
+            if ch == "a":
+                kw["advisory_non_fatal"] = True
+            elif ch == "c":
+                kw["correctable"] = True
+            else:
+                raise QMPError(f"invalid option '-{ch}'")
+        a = a[1:]
+    if len(a) < 2:
+        raise QMPError("Parameter 'id' is missing" if not a else "Parameter 'error_status' is missing")
+    rest = a[2:]
+    if len(rest) > 8:
+        raise QMPError("too many arguments")
+    for i, v in enumerate(rest):
+        try:
+            n = int(v, 0)
+        except ValueError:
+            raise QMPError(f"invalid number '{v}'") from None
+        if not 0 <= n <= 0xFFFFFFFF:
+            raise QMPError("integer is for 32-bit values")
+        kw[f"header{i}" if i < 4 else f"prefix{i - 4}"] = n
+    res = _call(r, "x-pcie-aer-inject-error", id=a[0], error_status=a[1], **kw)
+    return (f"OK id: {a[0]} root bus: {res.get('root-bus', 'pcie.0')}, bus: {res.get('bus', 0):x} "
+            f"devfn: {res.get('devfn', 0) >> 3:x}.{res.get('devfn', 0) & 7:x}\r\n")
 
 
 def _msix_text(m: dict, ind: str) -> str:

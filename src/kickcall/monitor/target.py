@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from ..faults import FaultRegistry
+    from ..pci.aer import PCIEAERErr
 
-__all__ = ["Target", "DeviceView", "TargetError"]
+__all__ = ["Target", "DeviceView", "TargetError", "AerView"]
 
 
 class TargetError(Exception):
@@ -62,6 +63,17 @@ class DeviceView(Protocol):
     def set_fault(self, name: str, action: str, queue: int | None) -> dict: ...  # FaultRegistry.arm
 
 
+class AerView(Protocol):
+    """A PCIe function with the AER capability, as ``pcie_aer_inject_error`` and
+    ``x-query-pci-aer`` see it (a passthrough function, a root port, a host function)."""
+
+    id: str
+
+    def aer_inject(self, err: "PCIEAERErr") -> dict: ...  # {"rc": 0|-errno, "root-bus", "bus", "devfn"}
+
+    def aer_status(self) -> dict: ...  # x-query-pci-aer: registers, last header log, recovery state
+
+
 class Target(Protocol):
     name: str
 
@@ -78,3 +90,5 @@ class Target(Protocol):
     def devices(self) -> list[DeviceView]: ...
 
     def fault_owners(self) -> "dict[str, FaultRegistry]": ...  # x-debug-fault owners that are no device
+
+    def aer_device(self, id: str) -> AerView: ...  # TargetError: not found / not a PCIe device

@@ -1567,6 +1567,10 @@ class VFIOPCIDevice(PCIDevice):
         n.set()
         return where
 
+    def query_aer(self) -> dict:
+        """The guest's view of this function's AER capability and the VMM's error handling."""
+        return {"aer": self.aer.describe() if self.aer is not None else None}
+
     def describe(self) -> dict:
         d = super().describe()
         d["vfio"] = self.query_vfio()
