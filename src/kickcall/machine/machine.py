@@ -35,6 +35,7 @@ from ..memory import AddressSpace, GuestMemory
 from ..notify import NotifierRegistry
 from ..pci.bridge import PCIERootPort
 from ..pci.bus import PCIBus, PCIHost
+from ..pci import regs as R
 from ..pci.device import PCIDevice
 from ..threads import start_thread
 from ..ownership import PathRefused, SocketClaim, temp_dir
@@ -42,7 +43,8 @@ from ..virtio.blk import VirtIOBlk
 from ..virtio.image import create_image, open_image
 from ..virtio.net import VirtIONet
 from ..virtio.pci import VirtIOPCIProxy
-from ..vfio.pci import VFIOPCIDevice
+from ..vfio.pci import VFIOPCIDevice, VfioCardReset
+from ..vfio.protocol import HOT_RESET_CAPABILITY
 from .config import DeviceConfig, MachineConfig, default_config
 from .faults import register_machine_faults, register_passthrough_faults
 
@@ -68,6 +70,11 @@ UNPLUG_TIMEOUT = 30.0
 #: (af42b8d12f8a: reuse the pirq read back from the device's MSI data).  Each change is sent to the
 #: guest (guest command ``xen-msi-variant``).
 XEN_FRESH_PIRQ = "xen-fresh-pirq"
+#: The machine's fix for a passthrough card below a root port (``aer = true``): a guest's
+#: secondary bus reset of the card's bus becomes one host hot reset for the whole card (the
+#: 2016 QEMU patch "vote the function 0 to do host bus reset"); off, each function is reset on its
+#: own (DEVICE_RESET per function: an FLR is not a link reset).
+CARD_HOT_RESET = "card-hot-reset"
 
 
 class MachineError(RuntimeError):
@@ -112,6 +119,7 @@ class Machine:
         # passthrough (vfio-user) functions: kept apart, the rest of the machine assumes devices are virtio
         self.passthrough: dict[str, VFIOPCIDevice] = {}
         self.root_ports: dict[str, PCIERootPort] = {}
+        self.card_resets: dict[str, VfioCardReset] = {}  # root port id -> its passthrough card's hot reset
         self._req_mu = threading.Lock()
         self._releasing: set[str] = set()  # passthrough devices being handed back to the host (REQ)
         self.events: list[dict] = []  # every event the machine emitted itself (emit_event), oldest first
@@ -133,10 +141,13 @@ class Machine:
         self.workdir = workdir or tempfile.mkdtemp(prefix="kickcall-", dir=temp_dir())
         self._built: list = []  # what to close, last first, if the build fails
         self.faults = FaultRegistry(self.cfg.name)
-        """The machine's own faults (those of no one device): the guest's Xen MSI variant."""
+        """The machine's own faults (those of no one device): the guest's Xen MSI variant, the card hot reset."""
         self.faults.add(GuestVariantSwitch(
             XEN_FRESH_PIRQ, "off: the guest's Xen MSI setup reuses the pirq it reads back from the device's MSI data "
             "(Linux before c74fd80f2f41) instead of asking for a fresh one (Xen flavour)", self._send_msi_variant))
+        self.faults.switch(CARD_HOT_RESET, "off: a guest's secondary bus reset of a passthrough card's bus resets "
+                           "each function on its own (one DEVICE_RESET, an FLR, per function) instead of one host "
+                           "hot reset for the card")
         try:
             self._build()
         except BaseException:
@@ -188,6 +199,8 @@ class Machine:
         for dc in self.cfg.devices:
             if dc.type != "pcie-root-port":
                 self._add_device(dc)
+        self._set_multifunction()
+        self._check_aer_topology()
 
     def _abort_build(self) -> None:
         """Undo a partial build: devices, VM, sockets, RAM, notifiers, and our temporary directory."""
@@ -295,7 +308,8 @@ class Machine:
                                 iothread=self.iothread, registry=self.registry, dma=dc.dma,
                                 x_msix_noresize=dc.x_msix_noresize, irqfd=dc.irqfd and not self.xen,
                                 xen=self.xen, on_fatal=self._passthrough_fatal,
-                                on_request=self._passthrough_release_request)
+                                on_request=self._passthrough_release_request, aer=dc.aer,
+                                on_aer=self._passthrough_aer)
         except VfioDeviceError as e:
             raise MachineError(f"device {dc.id}: {e}") from None
         try:
@@ -308,21 +322,101 @@ class Machine:
         self.device_cfg[dc.id] = dc
         register_passthrough_faults(self.vm, dev, self.bql)
 
+    def _set_multifunction(self) -> None:
+        """Function 0 of a slot with other functions says so (header type bit 7), as QEMU's
+        ``multifunction=on``: the guest scans functions 1..7 only then."""
+        for bus in [self.bus] + [p.sec_bus for p in self.root_ports.values()]:
+            for devfn, dev in bus.devices.items():
+                if devfn & 7:
+                    continue
+                others = any(d >> 3 == devfn >> 3 and d & 7 for d in bus.devices)
+                hdr = dev.config[R.PCI_HEADER_TYPE]
+                dev.config[R.PCI_HEADER_TYPE] = hdr | 0x80 if others else hdr & 0x7F
+
+    def _check_aer_topology(self) -> None:
+        """``aer = true`` needs a topology the guest can recover in (seed 004's restrictions): every
+        function of the host card (what a hot reset resets, from the server) is a passthrough
+        device of this VM with ``aer = true``, all on one virtual bus below one root port, alone
+        there.  Then a secondary bus reset of that bus is one host hot reset for the whole card
+        (``VfioCardReset``).  Otherwise the machine refuses to start and says why."""
+        from ..vfio.client import VfioRequestError
+
+        by_addr: dict[str, VFIOPCIDevice] = {}
+        for dev in self.passthrough.values():
+            offer = dev.hot_reset_offer
+            if offer is not None:
+                by_addr[str(offer.address)] = dev
+        done: set[str] = set()
+        for dev_id, dev in self.passthrough.items():
+            dc = self.device_cfg[dev_id]
+            if not dc.aer or dev_id in done:
+                continue
+            where = f"device {dev_id}: aer = true"
+            if dev.aer is None:
+                raise MachineError(f"{where} needs a PCIe function with the AER capability; the server's function "
+                                   "has none")
+            if dev.hot_reset_offer is None:
+                raise MachineError(f"{where} needs the server's hot reset ({HOT_RESET_CAPABILITY}); the server at "
+                                   f"{dc.socket} does not offer it, so a guest's bus reset could not reach the card")
+            try:
+                card = dev.hot_reset_info()
+            except VfioRequestError as e:
+                raise MachineError(f"{where}: the server cannot say which functions a hot reset resets: {e}") from None
+            members: list[VFIOPCIDevice] = []
+            for addr in card:
+                m = by_addr.get(str(addr))
+                if m is None:
+                    raise MachineError(f"{where} needs every function of its card in this VM: host function {addr} "
+                                       "is not (a hot reset of the card would reset it under someone else)")
+                if not self.device_cfg[m.name].aer:
+                    raise MachineError(f"{where}: {m.name} (host {addr}) is a function of the same card: it needs "
+                                       "aer = true too")
+                members.append(m)
+            if dev not in members:
+                members.append(dev)
+            buses = {id(m.bus) for m in members}
+            if len(buses) != 1:
+                raise MachineError(f"{where}: the functions of the card ({', '.join(m.name for m in members)}) must "
+                                   "sit on one virtual bus (the same bus = \"...\")")
+            bus = members[0].bus
+            assert bus is not None
+            port = bus.parent
+            if port is None or not port.is_root_port:
+                raise MachineError(f"{where}: the card must sit below a pcie-root-port (bus = \"<root port id>\"), "
+                                   "alone on its bus, so that its errors reach the guest and a bus reset is the card's")
+            strangers = [d.name for d in bus.devices.values() if d not in members]
+            if strangers:
+                raise MachineError(f"{where}: the bus of {port.name} must hold only the card's functions; "
+                                   f"{', '.join(strangers)} is not one")
+            group = VfioCardReset(members, enabled=lambda: self.faults.fix_on(CARD_HOT_RESET))
+            bus.reset_hooks.append(group.bus_reset_hook)
+            self.card_resets[port.name] = group
+            done.update(m.name for m in members)
+
+    def _passthrough_aer(self, event: dict) -> None:
+        """A passthrough function's host reported a PCIe error (main loop, big lock held): say
+        what it was and what the VMM did; stop the VM when the policy says so (on a thread: the
+        stop waits for the vCPUs)."""
+        self.emit_event("X_VFIO_AER_ERROR", event)
+        if event.get("action") == "stop":
+            start_thread(self._stop_for_passthrough, "kc-vfio-stop", args=(dict(event), None))
+
     def _passthrough_fatal(self, event: dict) -> None:
         """A passthrough device could not wire a host interrupt: stop the VM and say why.
 
         Called inside a vCPU's heavyweight exit with the big lock held: pausing the vCPUs from
         there would wait for the very exit we are in, so the stop runs on its own thread."""
-        start_thread(self._stop_for_passthrough, "kc-vfio-stop", args=(dict(event),))
+        start_thread(self._stop_for_passthrough, "kc-vfio-stop", args=(dict(event), "X_VFIO_IRQ_FATAL"))
 
-    def _stop_for_passthrough(self, event: dict) -> None:
+    def _stop_for_passthrough(self, event: dict, then: str | None) -> None:
         try:
             if self.running and not self._stopped:
                 self.pause()
                 self.emit_event("STOP", {})
         except Exception as e:  # the guest went away meanwhile: the event still says why
             log.warning("%s: stopping the VM for %s: %s", self.cfg.name, event.get("device"), e)
-        self.emit_event("X_VFIO_IRQ_FATAL", event)
+        if then is not None:
+            self.emit_event(then, event)
 
     def _passthrough_release_request(self, event: dict) -> None:
         """The host asks for a passthrough function back (vfio-pci's REQ).  As QEMU does

@@ -52,7 +52,7 @@ __all__ = [
     "PCI_EXT_CAP_ID_ERR", "AER_OFFSET", "PCI_ERR_SIZEOF", "AerSeverity", "AerErrFlag", "PCIEAERErr", "AERCap",
     "AER_ERROR_NAMES", "AerParseError", "parse_error_status", "error_names", "AerMessage",
     "UNC", "COR", "PCI_ERR_UNC_SUPPORTED", "PCI_ERR_COR_SUPPORTED", "PCI_ERR_UNC_SEVERITY_DEFAULT",
-    "PCI_ERR_COR_MASK_DEFAULT",
+    "PCI_ERR_COR_MASK_DEFAULT", "decode_status",
 ]
 
 _t_inject = trace.event("pcie_aer_inject", "an AER error was injected into a function's capability")

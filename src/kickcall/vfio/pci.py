@@ -102,7 +102,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .. import trace
 from ..faults import FaultRegistry
@@ -115,10 +115,11 @@ from ..pci.regs import (
     PCI_MSI_ADDRESS_HI, PCI_MSI_ADDRESS_LO, PCI_MSI_FLAGS, PCI_MSI_FLAGS_64BIT, PCI_MSI_FLAGS_ENABLE,
     PCI_MSI_FLAGS_MASKBIT, PCI_MSI_FLAGS_QMASK, PCI_MSI_FLAGS_QSIZE, PCI_ROM_ADDRESS,
 )
+from ..pci.aer import PCI_ERR_SIZEOF, PCI_EXT_CAP_ID_ERR, AERCap, AerErrFlag, PCIEAERErr, decode_status
 from ..pci.device import PCIDevice
 from ..pci.msix import MSIX
 from .client import VfioRequestError, VfioUserClient
-from .protocol import MAX_MSG_FDS_LIMIT, PayloadError
+from .protocol import MAX_MSG_FDS_LIMIT, HotResetOffer, PayloadError, PciAddress
 from .uapi import (
     VfioIrqInfo, VfioIrqInfoFlag, VfioIrqSetFlag, VfioPciIrqIndex, VfioPciRegion, VfioRegionInfo,
     VfioRegionInfoFlag,
@@ -130,12 +131,13 @@ if TYPE_CHECKING:
 
 __all__ = ["VFIOPCIDevice", "SetIrqsKind", "HostTrigger", "VFIOMSIVector", "GuestRamDma", "DmaMode",
            "VfioDeviceError", "NORESIZE_LIMIT", "MASK_EMULATION_FIX", "MSI_PASSTHROUGH_FIX",
-           "XEN_UNMAP_ON_DISABLE"]
+           "XEN_UNMAP_ON_DISABLE", "VfioCardReset"]
 
 log = logging.getLogger("kickcall.vfio.pci")
 
 _t_vector = trace.event("vfio_msix_vector", "the passthrough device rewired an MSI-X vector's host trigger")
 _t_fatal = trace.event("vfio_fatal", "the passthrough device could not wire a host interrupt")
+_t_err = trace.event("vfio_err_notifier", "the host signalled a PCIe error (ERR eventfd) and the VMM acted on it")
 _t_xen_map = trace.event("vfio_xen_map_pirq", "the passthrough device mapped a pirq for an MSI-X entry (Xen)")
 _t_xen_unmap = trace.event("vfio_xen_unmap_pirq", "the passthrough device unmapped an MSI-X entry's pirq (Xen)")
 
@@ -185,6 +187,7 @@ class SetIrqsKind(enum.StrEnum):
     INTX_UNMASK = "intx-unmask"
     INTX_UNMASK_FD = "intx-unmask-eventfd"
     REQ_ENABLE = "req-enable"
+    ERR_ENABLE = "err-enable"
     INTX_DISABLE = "intx-disable"
     MSI_ENABLE = "msi-enable"  # MSI on: start 0, count 2**MME, one eventfd per vector
     MSI_DISABLE = "msi-disable"  # MSI off (DATA_NONE|TRIGGER, count 0)
@@ -275,6 +278,47 @@ def _irq_flags(flags: int) -> list[str]:
     return [f.name for f in VfioIrqInfoFlag if flags & f and f.name]
 
 
+class VfioCardReset:
+    """One host hot reset for a passthrough card whose functions all sit on one virtual bus (the
+    machine checks that; ``aer = true``).  Registered as the bus's reset hook: a guest's secondary
+    bus reset first puts every function's interrupts off (``vfio_pci_pre_reset``), then sends
+    X_KICKCALL_PCI_HOT_RESET once, through one function, with every function's ownership token
+    (vfio's proof that the user owns all of them), and marks the functions so that their own reset
+    sends no DEVICE_RESET.  A refused hot reset is logged and counted; the functions then reset
+    one by one (DEVICE_RESET), which is all the host allows.
+
+    *enabled*: a callable read at each reset (the machine's ``card-hot-reset`` switch); False gives
+    the naive VMM, one DEVICE_RESET per function."""
+
+    def __init__(self, devices: Sequence["VFIOPCIDevice"], enabled: Callable[[], bool] = lambda: True) -> None:
+        self.devices = list(devices)
+        self.enabled = enabled
+        self.resets = 0
+        self.failures: list[str] = []
+
+    def bus_reset_hook(self, bus: object) -> None:
+        live = [d for d in self.devices if not d.closed]
+        if not live or not self.enabled():
+            return
+        tokens = [o.token for d in live if (o := d.hot_reset_offer) is not None]
+        for d in live:
+            d.pre_reset()
+        try:
+            live[0].hot_reset(tokens)
+        except VfioRequestError as e:
+            log.warning("hot reset of the card (%s) refused: %s", ", ".join(d.name for d in live), e)
+            self.failures.append(str(e))
+            del self.failures[:-8]
+            return
+        self.resets += 1
+        for d in live:
+            d.hot_reset_done = True
+
+    def describe(self) -> dict:
+        return {"functions": [d.name for d in self.devices], "hot-resets": self.resets,
+                "failures": list(self.failures)}
+
+
 class VFIOPCIDevice(PCIDevice):
     """A vfio-user passthrough PCI function (QEMU's ``vfio-pci`` over a vfio-user socket).
 
@@ -291,8 +335,18 @@ class VFIOPCIDevice(PCIDevice):
                  registry: NotifierRegistry | None = None, dma: str = DmaMode.FD, x_msix_noresize: bool = False,
                  on_fatal: Callable[[dict], None] | None = None, twin_socket: bool = True,
                  irqfd: bool = True, on_request: Callable[[dict], None] | None = None,
-                 xen: bool | None = None) -> None:
+                 xen: bool | None = None, aer: bool = False, on_aer: Callable[[dict], None] | None = None) -> None:
         self.socket_path = socket_path
+        self.aer_forwarding = aer
+        """``aer = true``: the host's non-fatal errors are forwarded to the guest (the machine
+        checks the topology first); False: every error the host signals stops the VM."""
+        self.on_aer = on_aer
+        self._err: EventNotifier | None = None
+        self.err_signals = 0
+        self.aer_events: list[dict] = []
+        self.host_aer_offset = 0
+        self.hot_reset_done = False
+        self.hot_resets = 0
         self.faults = FaultRegistry(name)
         """The device's faults (docs/faults.md): its fixes, and what the machine registers."""
         self.faults.switch(MASK_EMULATION_FIX, "off: a masked vector's host trigger stays on the irqfd (no "
@@ -426,10 +480,151 @@ class VFIOPCIDevice(PCIDevice):
         if exp:
             self.exp_cap = exp
             self.wmask[exp + R.PCI_EXP_DEVCTL + 1] |= R.PCI_EXP_DEVCTL_BCR_FLR >> 8
+        self._realize_aer()
+        self._emulate(R.PCI_HEADER_TYPE, 1)  # the multi-function bit is the VMM's (its virtual slot)
         self._realize_bars(name)
         self._dma_map_ram()
         self._enable_intx()
         self._enable_req()
+        self._enable_err()
+
+    def _realize_aer(self) -> None:
+        """The AER extended capability: with ``aer`` the guest sees one emulated by the VMM at the
+        host's offset (``kickcall.pci.aer.AERCap``: errors the host reports are injected into it
+        and climb to the virtual root port); without, the extended capability list is hidden, as
+        QEMU hides AER unless it is asked for.  Device Status is emulated (the detected-error
+        bits are the VMM's), Device Control's reporting enables are kept in the VMM's copy too."""
+        if self.config_size < 4096:
+            return
+        off, seen = 0x100, 0
+        while off and seen < 64:
+            hdr = self.get32(off)
+            if hdr & 0xFFFF == PCI_EXT_CAP_ID_ERR:
+                self.host_aer_offset = off
+                break
+            off = (hdr >> 20) & 0xFFC
+            seen += 1
+        self._emulate(0x100, PCI_ERR_SIZEOF)
+        if not self.aer_forwarding or not self.host_aer_offset or not self.exp_cap:
+            self.config[0x100:0x100 + PCI_ERR_SIZEOF] = bytes(PCI_ERR_SIZEOF)
+            return
+        AERCap(self, 0x100)
+        self._emulate(self.exp_cap + R.PCI_EXP_DEVSTA, 2)
+        self.w1cmask[self.exp_cap + R.PCI_EXP_DEVSTA] |= 0x0F
+        self.wmask[self.exp_cap + R.PCI_EXP_DEVCTL] |= 0x0F
+
+    # -- PCIe errors: the ERR eventfd (vfio_err_notifier_handler) --------------------------------------------
+    def _enable_err(self) -> None:
+        """Register the ERR eventfd when the host offers the index (a PCIe function): the host's
+        error_detected signals it; the main loop reads the error and applies the policy."""
+        info = self.irq_info.get(VfioPciIrqIndex.ERR)
+        if info is None or not info.count:
+            return
+        n = self._bind_eventfd(SetIrqsKind.ERR_ENABLE, VfioPciIrqIndex.ERR, _EVENTFD_TRIGGER, "err", Role.ERR,
+                               "the host reports a PCIe error on the function (vfio-pci error_detected)")
+        self._err = n
+        if n is not None and self.iothread is not None:
+            self.iothread.set_fd_handler(n.fileno(), self._err_interrupt)
+
+    def _close_err(self) -> None:
+        n, self._err = self._err, None
+        self._drop_eventfd(n)
+
+    def _read_host_aer(self) -> dict | None:
+        """The error the host latched for the user (its AER registers in our CONFIG view)."""
+        o = self.host_aer_offset
+        if not o:
+            return None
+        try:
+            raw = self.client.region_read(VfioPciRegion.CONFIG, o, PCI_ERR_SIZEOF)
+        except VfioRequestError as e:
+            log.warning("%s: reading the host's AER registers: %s", self.name, e)
+            return None
+        words = struct.unpack_from("<18I", raw)
+        return {"uncor-status": words[1], "uncor-mask": words[2], "severity": words[3], "cor-status": words[4],
+                "fep": words[6] & 0x1F, "header": tuple(words[7:11])}
+
+    def _clear_host_aer(self, st: dict) -> None:
+        o = self.host_aer_offset
+        try:
+            if st["uncor-status"]:
+                self.client.region_write(VfioPciRegion.CONFIG, o + 4, struct.pack("<I", st["uncor-status"]))
+            if st["cor-status"]:
+                self.client.region_write(VfioPciRegion.CONFIG, o + 0x10, struct.pack("<I", st["cor-status"]))
+        except VfioRequestError as e:
+            log.warning("%s: clearing the host's AER status: %s", self.name, e)
+
+    def _err_interrupt(self) -> None:
+        """Main loop: the host signalled ERR.  What the error was comes from the host's AER
+        registers (the count in the eventfd means nothing).  Policy (the design seed 004 arrived
+        at): with ``aer`` a non-fatal error is forwarded to the guest through the virtual root port
+        and the guest's AER driver recovers the function; a fatal one, an error we cannot read, or
+        any error without ``aer`` stops the VM (QEMU: "Unrecoverable error detected")."""
+        n = self._err
+        if n is None or n.closed or not n.test_and_clear():
+            return
+        self.err_signals += 1
+        st = self._read_host_aer()
+        uncor = st["uncor-status"] & ~st["uncor-mask"] if st is not None else 0
+        fatal = bool(st is not None and uncor & st["severity"])
+        severity = ("unknown" if st is None else "fatal" if fatal else "non-fatal" if uncor
+                    else "correctable" if st["cor-status"] else "none")
+        ev: dict = {"device": self.name, "severity": severity, "signal": self.err_signals}
+        if st is not None:
+            ev.update({"uncor-status": st["uncor-status"], "cor-status": st["cor-status"],
+                       "errors": decode_status(st["uncor-status"], False) + decode_status(st["cor-status"], True)})
+        if severity in ("none", "correctable"):
+            ev["action"] = "ignored"  # nothing the guest must act on (an error already handled)
+            if st is not None:
+                self._clear_host_aer(st)
+        elif severity == "non-fatal" and self.aer_forwarding and self.aer is not None and st is not None:
+            self._clear_host_aer(st)
+            first = 1 << st["fep"] if st["fep"] and uncor & (1 << st["fep"]) else uncor & -uncor
+            delivered = []
+            for bit in [first] + [b for b in (1 << i for i in range(32)) if uncor & b and b != first]:
+                flags = AerErrFlag.HEADER_VALID if bit == first else AerErrFlag(0)
+                rc = self.aer.inject(PCIEAERErr(bit, flags, header=st["header"] if bit == first else (0, 0, 0, 0)))
+                delivered.append({"status": bit, "rc": rc})
+            ev.update({"action": "forwarded", "injected": delivered})
+        else:
+            ev["action"] = "stop"
+            log.error("%s: unrecoverable error detected (%s). Please collect any data possible and then kill "
+                      "the guest", self.name, severity)
+        self.aer_events.append(ev)
+        del self.aer_events[:-32]
+        _t_err.emit(**{k: v for k, v in ev.items() if k != "injected"})
+        if self.on_aer is not None:
+            self.on_aer(dict(ev))
+
+    def aer_state(self) -> str:
+        """``idle``; ``guest-recovering`` (an error was forwarded and the guest has not cleared its
+        status yet); ``vm-stopped`` (the last error stopped the VM: fatal, unreadable, or no
+        ``aer``)."""
+        last = self.aer_events[-1] if self.aer_events else None
+        if last is not None and last.get("action") == "stop":
+            return "vm-stopped"
+        if self.aer is not None and (self.aer.uncor_status or self.aer.cor_status):
+            return "guest-recovering"
+        return "idle"
+
+    # -- hot reset (kickcall's vfio-user extension) -----------------------------------------------------------
+    @property
+    def hot_reset_offer(self) -> "HotResetOffer | None":
+        return self.client.hot_reset_offer
+
+    def hot_reset_info(self) -> list[PciAddress]:
+        """The host functions a hot reset of this function's bus resets (VfioRequestError)."""
+        return self.client.hot_reset_info()
+
+    def pre_reset(self) -> None:
+        """``vfio_pci_pre_reset``: the function's interrupts off before a reset the host does."""
+        if not self._closed:
+            self._disable_interrupts()
+
+    def hot_reset(self, tokens: Sequence[bytes]) -> None:
+        """Send the card's one hot reset (``VFIO_DEVICE_PCI_HOT_RESET``); VfioRequestError."""
+        self.client.hot_reset(tokens)
+        self.hot_resets += 1
 
     def _realize_msi(self) -> None:
         """The MSI capability, emulated (``vfio_msi_setup`` / ``msi_init``): Enable and MME, the
@@ -1405,6 +1600,10 @@ class VFIOPCIDevice(PCIDevice):
             log.warning("%s: INTx unmask: %s", self.name, e)
 
     # -- reset and close --------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _disable_interrupts(self) -> None:
         if self.msix is not None:
             self._msix_disable()
@@ -1412,10 +1611,14 @@ class VFIOPCIDevice(PCIDevice):
         self._disable_intx()
 
     def device_reset(self) -> None:
-        """System reset or the guest's FLR (``vfio_pci_reset``): interrupts off, then DEVICE_RESET."""
+        """System reset or the guest's FLR (``vfio_pci_reset``): interrupts off, then DEVICE_RESET
+        (none after the card's hot reset: the host reset the function already)."""
         if self._closed:
             return
         self._disable_interrupts()
+        if self.hot_reset_done:
+            self.hot_reset_done = False
+            return
         try:
             self.client.reset()
         except VfioRequestError as e:
@@ -1453,6 +1656,7 @@ class VFIOPCIDevice(PCIDevice):
         u, self._intx_unmask = self._intx_unmask, None
         self._drop_eventfd(u)  # (no handler: removing none is a no-op)
         self._close_req()
+        self._close_err()
         self.intx_on = False
         for areas in self._sparse.values():
             for _o, _s, mm in areas:
@@ -1568,8 +1772,16 @@ class VFIOPCIDevice(PCIDevice):
         return where
 
     def query_aer(self) -> dict:
-        """The guest's view of this function's AER capability and the VMM's error handling."""
-        return {"aer": self.aer.describe() if self.aer is not None else None}
+        """The guest's view of this function's AER capability and the VMM's error handling: the
+        ERR eventfd (counter read without consuming), the policy, what the VMM did with each
+        error, the card's hot resets."""
+        return {"aer": self.aer.describe() if self.aer is not None else None,
+                "state": self.aer_state(),
+                "policy": "forward-non-fatal" if self.aer_forwarding else "stop-on-error",
+                "err-eventfd": self._counters(self._err), "err-signals": self.err_signals,
+                "host-aer-offset": self.host_aer_offset, "events": list(self.aer_events),
+                "hot-resets": self.hot_resets,
+                "hot-reset-offer": str(self.hot_reset_offer.address) if self.hot_reset_offer is not None else None}
 
     def describe(self) -> dict:
         d = super().describe()
