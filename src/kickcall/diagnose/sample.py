@@ -151,6 +151,14 @@ def _statuses(vs: dict) -> list[str]:
     return [str(x) for x in lst] if isinstance(lst, list) else []
 
 
+def _last_aer_event(aer: dict | None) -> dict | None:
+    """The VMM's last PCIe error event for the function (``x-query-pci-aer`` ``events``)."""
+    evs = aer.get("events") if aer is not None else None
+    if isinstance(evs, list) and evs and isinstance(evs[-1], dict):
+        return {k: evs[-1].get(k) for k in ("severity", "action", "errors", "uncor-status")}
+    return None
+
+
 class Sampler:
     """Takes samples of every (or the selected) virtio device of one kickcall monitor."""
 
@@ -184,7 +192,9 @@ class Sampler:
                 conflicts = [c for c in xen["conflicts"] if isinstance(c, dict)]
         for dev, vf in vfs.items():
             msix = _safe(self.mon, "x-query-pci-msix", {"dev": dev})
-            out[dev] = DeviceSample(dev, "vfio-user-pci", None, self._vectors(vf, msix, dev, conflicts),
+            aer = _safe(self.mon, "x-query-pci-aer", {"dev": dev})
+            out[dev] = DeviceSample(dev, "vfio-user-pci", None,
+                                    self._vectors(vf, msix, dev, conflicts, aer if isinstance(aer, dict) else None),
                                     bool(msix.get("enabled")) if isinstance(msix, dict) else None, passthrough=True)
         return out
 
@@ -199,7 +209,8 @@ class Sampler:
                         "claims": [x for x in claims if isinstance(x, dict)]}
         return None
 
-    def _vectors(self, vf: dict, msix: Any, dev: str = "", conflicts: list[dict] | None = None) -> list[QueueSample]:
+    def _vectors(self, vf: dict, msix: Any, dev: str = "", conflicts: list[dict] | None = None,
+                 aer: dict | None = None) -> list[QueueSample]:
         if not isinstance(msix, dict) or not isinstance(msix.get("host"), dict):
             return []
         host = msix["host"]
@@ -226,7 +237,9 @@ class Sampler:
                   "dropped": hyp.get("dropped") if hyp else None,
                   "fatal": fatal if fatal is not None and fatal.get("vector") == v else None,
                   "path": host.get("path"), "pirq": hv.get("pirq"),
-                  "pirq-conflict": self._conflict(conflicts or [], dev, v)}
+                  "pirq-conflict": self._conflict(conflicts or [], dev, v),
+                  "aer-state": aer.get("state") if aer is not None else None,
+                  "aer-last": _last_aer_event(aer)}
             unknown = ["whether the guest's driver has work waiting on this vector (device-specific: the records in "
                        "guest memory and the device's consumer register, which diagnose does not read)",
                        "the host function's side (which interrupts it raised): the vfio-user server's own monitor has "

@@ -96,6 +96,9 @@ ALLOWED: dict[TargetKind, tuple[AllowedQuery, ...]] = {
                      "the VMM keeps (no message to the vfio-user server)"),
         AllowedQuery("x-query-xen-pirqs", "a Xen domain's pirq table read by the hypervisor's query (no hypercall "
                      "is made) joined with the pirqs the device models' MSI-X entries name and map"),
+        AllowedQuery("x-query-pci-aer", "a PCIe function's AER registers from the device model's copy of its config "
+                     "space, the VMM's error events and the ERR eventfd's counter read from fdinfo (no message to "
+                     "the vfio-user server, nothing consumed)"),
     ),
     TargetKind.KICKCALL_BACKEND: _KICKCALL_COMMON + (
         AllowedQuery("x-query-virtio-vhost-queue-status", "the ring addresses the front-end sent (to join a "

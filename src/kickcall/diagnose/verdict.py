@@ -48,7 +48,7 @@ from .sample import DeviceSample, QueueSample, Sample
 __all__ = ["Verdict", "VerdictKind", "Severity", "HEALTHY", "SLOW", "IDLE", "LOST_KICK", "LOST_CALL",
            "MASKED_PENDING", "NOT_PROCESSING", "NOT_TAKEN", "STALLED", "RING_CORRUPT", "NEEDS_RESET", "STOPPED",
            "DISABLED", "NOT_STARTED", "NOT_SET_UP", "NO_FRONT_END", "NO_KICK_FD", "NO_CALL_FD", "DEVICE_RESET",
-           "NOT_READY", "PAUSED", "UNDECIDED", "CALL_NOT_READ", "HOST_IRQ_LOST", "MASK_NOT_HONOURED", "PIRQ_SHARED", "judge",
+           "NOT_READY", "PAUSED", "UNDECIDED", "CALL_NOT_READ", "HOST_IRQ_LOST", "MASK_NOT_HONOURED", "PIRQ_SHARED", "ERROR_RECOVERY", "judge",
            "judge_state",
            "judge_vector_state", "ring_facts",
            "DEFAULT_WINDOW", "FAILED_RUN_STATES", "front_end_pid", "RESTART_ADVICE"]
@@ -83,6 +83,7 @@ class VerdictKind(enum.StrEnum):
     HOST_IRQ_LOST = "host interrupt not delivered"  # a passthrough vector: the host signalled, the guest never got it
     MASK_NOT_HONOURED = "vector mask not honoured"  # a passthrough vector the guest masked still goes to the irqfd
     PIRQ_SHARED = "pirq claimed by two devices"  # Xen: one pirq named or mapped by two MSI-X entries
+    ERROR_RECOVERY = "PCIe error recovery"  # a passthrough function's host reported an AER error
 
 
 class Severity(enum.StrEnum):
@@ -93,7 +94,8 @@ class Severity(enum.StrEnum):
 
 (HEALTHY, SLOW, IDLE, LOST_KICK, LOST_CALL, MASKED_PENDING, NOT_PROCESSING, NOT_TAKEN, STALLED, RING_CORRUPT,
  NEEDS_RESET, STOPPED, DISABLED, NOT_STARTED, NOT_SET_UP, NO_FRONT_END, NO_KICK_FD, NO_CALL_FD, CALL_NOT_READ,
- DEVICE_RESET, NOT_READY, PAUSED, UNDECIDED, HOST_IRQ_LOST, MASK_NOT_HONOURED, PIRQ_SHARED) = tuple(VerdictKind)
+ DEVICE_RESET, NOT_READY, PAUSED, UNDECIDED, HOST_IRQ_LOST, MASK_NOT_HONOURED, PIRQ_SHARED, ERROR_RECOVERY) = \
+    tuple(VerdictKind)
 
 _ALWAYS_PROBLEM = {LOST_KICK, LOST_CALL, MASKED_PENDING, NOT_PROCESSING, NOT_TAKEN, STALLED, RING_CORRUPT,
                    NEEDS_RESET, CALL_NOT_READ, HOST_IRQ_LOST, MASK_NOT_HONOURED, PIRQ_SHARED}
@@ -459,6 +461,9 @@ def judge(samples: list[Sample], path: str, queue: int, stable_needed: int, *, w
         return Verdict(UNDECIDED, ["the queue was not seen"], final=out_of_time, summary="not seen")
     rs = seq[-1][0].run_state
     if rs not in ("running", "unknown"):
+        stopped_for = _aer_stop(seq[-1][2]) if seq[-1][1].passthrough else None
+        if stopped_for is not None:
+            return stopped_for
         if rs in FAILED_RUN_STATES:
             return Verdict(PAUSED, [f"the VM stopped by itself: run state {rs}" + (
                 " (a disk error with werror/rerror=stop: the guest waits until the error is dealt with and "
@@ -543,6 +548,28 @@ def _judge_vector(seq: list[tuple[Sample, DeviceSample, QueueSample]], stable_ne
     return Verdict(UNDECIDED, ["not enough samples yet"], final=False)
 
 
+def _aer_text(last: dict) -> str:
+    errs = last.get("errors")
+    names = ", ".join(str(e) for e in errs) if isinstance(errs, list) and errs else "an error"
+    return f"{last.get('severity', '?')} ({names})"
+
+
+def _aer_stop(q: QueueSample) -> Verdict | None:
+    """The VM stopped because the host reported a PCIe error on this function the VMM would not
+    forward (fatal, unreadable, or no ``aer``): not a lost interrupt, and no event would help."""
+    st = q.status
+    last = st.get("aer-last")
+    if st.get("aer-state") != "vm-stopped" or not isinstance(last, dict):
+        return None
+    return Verdict(ERROR_RECOVERY, [
+        f"the host reported a {_aer_text(last)} PCIe error on the function (vfio-pci's ERR eventfd) and the VMM "
+        "stopped the VM (X_VFIO_AER_ERROR, action stop): the host resets the link on its own; the guest cannot "
+        "recover this error",
+        "collect what you need (x-query-pci-aer on this machine and on the vfio-user server), then reset or "
+        "restart the guest"], severity=Severity.PROBLEM, facts={"vector": q.queue, "aer": last},
+        summary=f"VM stopped for a {last.get('severity', '?')} PCIe error")
+
+
 def judge_vector_state(s: QueueSample, first: QueueSample | None = None, span: float = 0.0, *,
                        stable: bool = True) -> Verdict:
     """One MSI-X vector of a passthrough function, from its latest sample (*s*) and the first one
@@ -574,6 +601,14 @@ def judge_vector_state(s: QueueSample, first: QueueSample | None = None, span: f
     def verdict(kind: VerdictKind, lines: list[str], **kw) -> Verdict:
         return Verdict(kind, ev + lines, facts=facts, unknown=unknown, **kw)
 
+    last_aer = st.get("aer-last")
+    if st.get("aer-state") == "guest-recovering" and isinstance(last_aer, dict):
+        facts["aer"] = last_aer
+        return verdict(ERROR_RECOVERY, [
+            f"the host reported a {_aer_text(last_aer)} PCIe error on the function, the VMM forwarded it through the "
+            "virtual root port, and the guest has not cleared the function's AER status yet: its AER driver is "
+            "recovering the function (interrupts may pause meanwhile; this is not a lost interrupt)"],
+            severity=Severity.INFO, summary="in PCIe error recovery (guest)")
     conflict = st.get("pirq-conflict")
     if isinstance(conflict, dict) and conflict.get("text"):
         facts["pirq-conflict"] = conflict

@@ -119,6 +119,9 @@ class Machine:
         # passthrough (vfio-user) functions: kept apart, the rest of the machine assumes devices are virtio
         self.passthrough: dict[str, VFIOPCIDevice] = {}
         self.root_ports: dict[str, PCIERootPort] = {}
+        self.stop_reason: str | None = None
+        """Why the machine stopped itself (QEMU's run state): ``internal-error`` after a PCIe error
+        it would not recover (as QEMU's vfio_err_notifier_handler); None when the operator paused it."""
         self.card_resets: dict[str, VfioCardReset] = {}  # root port id -> its passthrough card's hot reset
         self._req_mu = threading.Lock()
         self._releasing: set[str] = set()  # passthrough devices being handed back to the host (REQ)
@@ -399,6 +402,7 @@ class Machine:
         stop waits for the vCPUs)."""
         self.emit_event("X_VFIO_AER_ERROR", event)
         if event.get("action") == "stop":
+            self.stop_reason = "internal-error"
             start_thread(self._stop_for_passthrough, "kc-vfio-stop", args=(dict(event), None))
 
     def _passthrough_fatal(self, event: dict) -> None:
@@ -579,6 +583,7 @@ class Machine:
         """Restart the devices (deferred kicks are processed), then the vCPUs."""
         if self.running:
             return
+        self.stop_reason = None
         with self.bql:
             for p in self.devices.values():
                 p.vm_state_change(True)

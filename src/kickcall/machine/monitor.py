@@ -466,7 +466,9 @@ class MachineTarget:
             return "shutdown"
         if not self.m.started:
             return "prelaunch"
-        return "running" if self.m.running else "paused"
+        if self.m.running:
+            return "running"
+        return self.m.stop_reason or "paused"
 
     def stop(self) -> None:
         self.m.pause()
