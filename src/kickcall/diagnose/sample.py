@@ -94,7 +94,7 @@ class QueueSample:
 # a passthrough vector's fields (VectorSample.status): where it stands; any change is movement
 VECTOR_FIELDS = ("guest-msix-enabled", "host-msix-enabled", "use", "trigger", "gsi", "masked", "function-masked",
                  "pending", "irqfd-pending", "interrupt-pending", "userspace-interrupts", "injections", "dropped",
-                 "fatal", "pirq", "pirq-conflict")
+                 "fatal", "pirq", "pirq-conflict", "aer-state")
 
 
 @dataclass
