@@ -1094,8 +1094,12 @@ class VfioPciDevice:
                 self._signal(self._err_trigger, "err")
                 return PciErsResult.DISCONNECT
             self.counts["error-detected"] += 1
-            self._latch_aer()
-            self.unhandled = True
+            aer = self.nic.aer
+            logged = aer is not None and bool(aer.uncor_status | aer.cor_status)
+            if logged or state is PciChannelState.FROZEN:
+                # this function logged the error, or lost its state to the link reset: the user must look
+                self._latch_aer()
+                self.unhandled = True
             self._signal(self._err_trigger, "err")
             return PciErsResult.CAN_RECOVER
 
