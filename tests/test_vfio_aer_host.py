@@ -229,6 +229,36 @@ def test_a_client_that_never_registered_err_the_host_still_resets_and_the_next_c
 
 
 @pytest.mark.parametrize("reset_on_release", [True, False], ids=["reset-on-release", "no-reset"])
+def test_a_frozen_function_released_with_an_unhandled_error_gets_a_bus_reset(workdir, reset_on_release):
+    """Cao's RFC on the host (no link reset of its own) and a client that ignores the fatal error:
+    the release still gives the next client a working function, by a secondary bus reset (an FLR
+    does not reach a function whose link is down)."""
+    with vfio_server(workdir) as (_p, sock, qmp):
+        set_fault(qmp, "host", "aer-host-link-reset", "off")
+        if not reset_on_release:
+            set_fault(qmp, "nic0", "aer-reset-on-release", "off")
+        g = Guest(sock)
+        try:
+            aer_inject(qmp, "nic0", "SDN")
+            wait_recovery(qmp)
+            assert g.regs.r32(N.REG_ID) == ALL_F and aer_status(qmp)["frozen"]
+        finally:
+            g.close()
+        wait_for(lambda: not host_view(qmp)["server"]["connected"], 30, "the client gone")
+        nxt = VfioUserClient(sock)
+        try:
+            ident, status = NicRegs(nxt).r32(N.REG_ID), cfg32(nxt, AER_UNCOR_STATUS)
+        finally:
+            nxt.close()
+        counts = host_view(qmp)["host"]["counts"]
+        if reset_on_release:
+            assert (ident, status) == (N.NIC_ID_MAGIC, 0)
+            assert counts["release-bus-resets"] == 1 and aer_status(qmp, "rp0")["bridge"]["secondary-bus-resets"] == 1
+        else:
+            assert ident == ALL_F and "release-bus-resets" not in counts
+
+
+@pytest.mark.parametrize("reset_on_release", [True, False], ids=["reset-on-release", "no-reset"])
 def test_an_unhandled_error_is_reset_before_the_next_client(workdir, reset_on_release):
     with vfio_server(workdir) as (_p, sock, qmp):
         if not reset_on_release:
@@ -445,3 +475,9 @@ def test_the_monitor_lists_every_function_and_the_port(workdir):
         assert {f["name"] for f in qmp_call(qmp, "x-debug-fault", {"dev": "host"})["faults"]} == \
             {"aer-host-link-reset", "link-never-returns"}
         assert host_view(qmp, "nic2")["aer"]["recovery-state"] == "idle"
+        # HMP, QEMU's syntax, through the same seam
+        out = qmp_call(qmp, "human-monitor-command", {"command-line": "pcie_aer_inject_error -c nic2 0x40"})
+        assert "error" not in str(out).lower()
+        wait_for(lambda: aer_status(qmp, "nic2")["recovery"]["counts"]["correctable"] == 1, 60, "the HMP injection")
+        info = qmp_call(qmp, "human-monitor-command", {"command-line": "info pci-aer nic2"})
+        assert "nic2" in str(info)
