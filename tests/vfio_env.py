@@ -39,9 +39,49 @@ def monitor(qmp: str) -> Iterator[QMPClient]:
         c.close()
 
 
-def host_view(qmp: str) -> dict:
+@contextlib.contextmanager
+def vfio_card(workdir: str, functions: int, *args: str, name: str = "card") -> Iterator[tuple[Any, list[str], str]]:
+    """(process, sockets, qmp socket) of a server holding a card of *functions* functions (one
+    ``--socket`` each: nic0 .. on the monitor); stopped and reaped at the end."""
+    socks = [os.path.join(workdir, f"{name}{i}.sock") for i in range(functions)]
+    qmp = os.path.join(workdir, f"{name}.qmp")
+    argv = ["vfio-user-server", "--qmp", qmp]
+    for s in socks:
+        argv += ["--socket", s]
+    p = spawn(kickcall_argv(*argv, *args))
+    try:
+        for s in socks:
+            wait_for_listener(s, p)
+        wait_for_listener(qmp, p)
+        yield p, socks, qmp
+    finally:
+        stop_process(p)
+
+
+def qmp_call(qmp: str, command: str, args: dict | None = None) -> Any:
+    """One QMP command on the server's monitor."""
     with monitor(qmp) as m:
-        return m.execute("x-query-vfio", {"dev": NIC})
+        return m.execute(command, args or {})
+
+
+def aer_inject(qmp: str, dev: str, status: str, **kw: Any) -> dict:
+    """``x-pcie-aer-inject-error`` (QEMU's pcie_aer_inject_error arguments)."""
+    return qmp_call(qmp, "x-pcie-aer-inject-error", {"id": dev, "error_status": status, **kw})
+
+
+def aer_status(qmp: str, dev: str = NIC) -> dict:
+    """``x-query-pci-aer``."""
+    return qmp_call(qmp, "x-query-pci-aer", {"dev": dev})
+
+
+def set_fault(qmp: str, dev: str, fault: str, action: str) -> dict:
+    """``x-debug-fault`` with a fault and an action (dev ``host``: the host's AER switches)."""
+    return qmp_call(qmp, "x-debug-fault", {"dev": dev, "fault": fault, "action": action})
+
+
+def host_view(qmp: str, dev: str = NIC) -> dict:
+    with monitor(qmp) as m:
+        return m.execute("x-query-vfio", {"dev": dev})
 
 
 def process_fd_count(pid: int) -> int:

@@ -10,6 +10,15 @@ its queues (producer and consumer indexes, records written), the client's DMA wi
 record -- a host interrupt on the queue's vector, which then goes where the host's state sends it
 (the client's eventfd, the PBA of a masked entry, INTx with MSI-X off); the guest's handler finds
 no record (an "empty" interrupt in its counts).
+
+PCIe errors: ``aer_device(id)`` gives ``nic0``.. (the card's functions) and ``rp0`` (the host root
+port) to ``x-pcie-aer-inject-error`` / HMP ``pcie_aer_inject_error`` and ``x-query-pci-aer`` / HMP
+``info pci-aer``.  An injection returns at once; the message climbs to the host port and the host's
+AER service recovers on its own thread (``kc-aer``).  ``x-query-pci-aer`` shows the live
+registers, the user's latched view, the last header log, the recovery state
+(idle/recovering/link-down/failed) and history, the ERR eventfd counter (read without consuming),
+whether the error is unhandled, and the hot reset count.  ``x-debug-fault host`` lists the host's
+AER switches (also listed on each function).
 """
 
 from __future__ import annotations
@@ -20,10 +29,14 @@ from ..faults import FaultRegistry
 from ..monitor.schema import Arg
 from ..monitor.target import AerView, DeviceView, TargetError
 from ..pci import regs as R
+from ..pci.aer import PCIEAERErr
+from ..pci.device import PCIDevice
 from ..vfio.host import VfioPciDevice
+from ..vfio.host_aer import ROOT_PORT_ID, HostAerService
+from ..vfio.protocol import PciAddress
 from ..vfio.server import VfioUserServer
 
-__all__ = ["HostDeviceView", "HostTarget", "extra_commands"]
+__all__ = ["HostDeviceView", "HostAerView", "HostTarget", "extra_commands"]
 
 _NOT_VIRTIO = "nic0 is a passthrough host function, not a VirtIODevice"
 
@@ -34,9 +47,10 @@ class HostDeviceView:
     type_name = "vfio-pci"
     virtio = False
 
-    def __init__(self, host: VfioPciDevice, server: VfioUserServer) -> None:
+    def __init__(self, host: VfioPciDevice, server: VfioUserServer, aer: HostAerService | None = None) -> None:
         self.host = host
         self.server = server
+        self.aer = aer
         self.id = host.name
         self.path = f"/machine/host/{host.name}"
 
@@ -59,8 +73,10 @@ class HostDeviceView:
         nic = self.host.nic
         with self.host.lock:
             cls = nic.get16(R.PCI_CLASS_DEVICE)
+            bus = nic.bus.number if nic.bus is not None else 0
+            devfn = max(nic.devfn, 0)
             info: dict[str, Any] = {
-                "bus": 0, "slot": 0, "function": 0,
+                "bus": bus, "slot": devfn >> 3, "function": devfn & 7,
                 "class_info": {"desc": "Ethernet controller" if cls == 0x0200 else f"Class {cls:04x}", "class": cls},
                 "id": {"device": nic.get16(R.PCI_DEVICE_ID), "vendor": nic.get16(R.PCI_VENDOR_ID),
                        "subsystem": nic.get16(R.PCI_SUBSYSTEM_ID),
@@ -135,14 +151,41 @@ class HostDeviceView:
         raise TargetError("the host function has no per-queue fault paths; see x-debug-fault with 'fault'")
 
     def vfio(self) -> dict:
-        return {"view": "host", "host": self.host.describe(), "server": self.server.describe(),
-                "nic": self.host.nic.describe()}
+        out = {"view": "host", "host": self.host.describe(), "server": self.server.describe(),
+               "nic": self.host.nic.describe(), "aer": self.host.aer_state()}
+        if self.aer is not None:
+            out["host-recovery"] = {"state": self.aer.state.value, "counts": dict(self.aer.counts)}
+        return out
+
+
+class HostAerView:
+    """A function of the card, or the host root port, for the AER commands."""
+
+    def __init__(self, id: str, dev: PCIDevice, aer: HostAerService, host: VfioPciDevice | None = None) -> None:
+        self.id = id
+        self.dev = dev
+        self.aer = aer
+        self.host = host
+
+    def aer_inject(self, err: PCIEAERErr) -> dict:
+        rc = self.aer.inject(self.dev, err)
+        bus = self.dev.bus.number if self.dev.bus is not None else 0
+        return {"rc": rc, "root-bus": "pcie.0", "bus": bus, "devfn": self.dev.devfn}
+
+    def aer_status(self) -> dict:
+        if self.host is None:
+            return self.aer.port_status()
+        bus = self.dev.bus.number if self.dev.bus is not None else 0
+        return self.aer.function_status(self.host, PciAddress(0, bus, self.dev.devfn))
 
 
 class HostTarget:
-    def __init__(self, host: VfioPciDevice, server: VfioUserServer, on_quit: Callable[[], None]) -> None:
+    def __init__(self, hosts: list[VfioPciDevice], servers: list[VfioUserServer], on_quit: Callable[[], None],
+                 aer: HostAerService | None = None) -> None:
         self.name = "vfio-user-server"
-        self._dev = HostDeviceView(host, server)
+        self._devs = [HostDeviceView(h, s, aer) for h, s in zip(hosts, servers, strict=True)]
+        self._dev = self._devs[0]
+        self._aer = aer
         self._on_quit = on_quit
 
     def run_state(self) -> str:
@@ -161,18 +204,30 @@ class HostTarget:
         self._on_quit()
 
     def devices(self) -> list[DeviceView]:
-        return [self._dev]
+        return list(self._devs)
 
     def fault_owners(self) -> "dict[str, FaultRegistry]":
-        return {}  # every fault here is the device's
+        """``host``: the host AER service's switches and faults (also on each function)."""
+        return {"host": self._aer.faults} if self._aer is not None else {}
 
     def aer_device(self, id: str) -> AerView:
+        """``nic0``.. (the card's functions) or ``rp0`` (the host root port)."""
+        if self._aer is None:
+            raise TargetError(f"device '{id}' not found", "DeviceNotFound")
+        if id == ROOT_PORT_ID:
+            return HostAerView(id, self._aer.port, self._aer)
+        for d in self._devs:
+            if d.id == id:
+                if not d.host.nic.exp_cap:
+                    raise TargetError(f"device '{id}' is not a PCIe device")
+                return HostAerView(id, d.host.nic, self._aer, d.host)
         raise TargetError(f"device '{id}' not found", "DeviceNotFound")
 
     def view(self, dev: str) -> HostDeviceView:
-        if dev != self._dev.id:
-            raise TargetError(f"Device '{dev}' not found", "DeviceNotFound")
-        return self._dev
+        for d in self._devs:
+            if dev == d.id:
+                return d
+        raise TargetError(f"Device '{dev}' not found", "DeviceNotFound")
 
 
 def extra_commands(target: HostTarget) -> dict[str, tuple[Callable, list[Arg]]]:

@@ -62,6 +62,33 @@ restored, the host's MSI/MSI-X state re-written).  Everything else goes through 
 write masks.  BAR4's MSI-X table reads as all-ones and drops writes (vfio-pci's excluded range);
 the PBA reads the function's pending bits.
 
+PCIe errors: vfio-pci's ``pci_error_handlers`` (``kickcall.pci.recovery.PciErrorHandlers``), called by
+the host's AER service (``kickcall.vfio.host_aer``, thread ``kc-aer``) in ``pcie_do_recovery``:
+
+* ``error_detected(state)`` signals the ERR trigger if the user registered one (the count means
+  nothing: "look") and returns ``CAN_RECOVER``; ``io_perm_failure`` marks the device failed.
+* **The user's view of the error.**  Cao's 2016 RFC signalled the status value through the
+  eventfd; here the eventfd only says "look" and the status is in the user's CONFIG region:
+  ``error_detected`` latches the function's AER registers (uncorrectable status, severity,
+  correctable status, the First Error Pointer in Capabilities and Control, the header log) into a
+  virtual copy, and the user's reads of the AER capability (0x100..0x147) return the latched
+  values, while the host clears the live registers when it resumes the device.  The user's RW1C
+  write to the uncorrectable (0x104) or correctable (0x110) status clears latched bits (and the
+  live ones).  An error is **unhandled** from ``error_detected`` until the user has cleared every
+  latched status bit, or does DEVICE_RESET, or a hot reset; a client that disconnects with an
+  unhandled error has its function reset before the next client gets it (a bus reset if the
+  function is frozen, else an FLR: switch ``aer-reset-on-release``), even without
+  ``reset_on_disconnect`` (mst's suggestion in seed 004).
+* **The access gate.**  From the start of the host's secondary bus reset until its recovery ends
+  (``gate_close``/``gate_open``), the user's REGION_READ/REGION_WRITE, SET_IRQS, DEVICE_RESET and
+  hot reset wait instead of reading all-F's, at most ``recovery_wait_ms`` (below the client's
+  30 s reply timeout), then go on; once the device is failed (it never came back) they fail with
+  EIO, now and later (switch ``aer-access-gate``: off, they reach the device during the link reset
+  and read all-F's).
+* A secondary bus reset (the host's recovery, a release, a hot reset) saves each function's
+  config and restores it with the user's interrupt setup afterwards (``prepare_bus_reset`` /
+  ``bus_reset_done``, as ``pci_reset_bus`` with save/restore).
+
 Locking: one lock for all host and device state, the function's ``lock`` (an RLock) and its
 ``cond``.  Taken by the server's thread(s) for every call here, by ``kc-nic-engine`` to reserve
 ring slots and to commit and raise a batch (never across its DMA write), by ``kc-vfio-virqfd``
@@ -77,6 +104,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -84,6 +112,9 @@ from typing import Callable, Protocol, Sequence
 from ..faults import Fault, FaultAction, FaultKind, FaultRegistry
 from ..notify import NotifierError, peek_fd
 from ..pci import regs as R
+from ..pci.aer import (PCI_ERR_CAP, PCI_ERR_COR_MASK, PCI_ERR_COR_STATUS, PCI_ERR_HEADER_LOG,
+                       PCI_ERR_SIZEOF, PCI_ERR_UNCOR_MASK, PCI_ERR_UNCOR_SEVER, PCI_ERR_UNCOR_STATUS)
+from ..pci.recovery import PciChannelState, PciErsResult
 from ..pci.regs import PCI_MSI_ADDRESS_LO, PCI_MSI_FLAGS, PCI_MSI_FLAGS_ENABLE, PCI_MSI_FLAGS_QSIZE, PCI_MSI_PENDING_64
 from ..threads import start_thread
 from .nic import BAR0_SIZE, MSIX_BAR, NicFunction, RecordFlag
@@ -93,7 +124,8 @@ from .uapi import (VFIO_IRQ_SET_ACTION_TYPE_MASK, VFIO_IRQ_SET_DATA_TYPE_MASK, V
                    VfioRegionInfo, VfioRegionInfoFlag)
 
 __all__ = ["VfioError", "VfioReason", "DmaSpace", "HostIrqPool", "VfioPciDevice", "MsixWindowFault",
-           "FAULT_MSIX_WINDOW", "MSI_ADDRESS", "IRQ_SET_MINSZ"]
+           "FAULT_MSIX_WINDOW", "MSI_ADDRESS", "IRQ_SET_MINSZ", "SWITCH_ACCESS_GATE", "SWITCH_RESET_ON_RELEASE",
+           "RecoveryState", "DEFAULT_RECOVERY_WAIT_MS"]
 
 log = logging.getLogger("kickcall.vfio.host")
 
@@ -104,6 +136,22 @@ MSI_DATA_BASE = 0x8000
 #: ``offsetofend(struct vfio_irq_set, count)``
 IRQ_SET_MINSZ = 20
 FAULT_MSIX_WINDOW = "fire-in-msix-disable-window"
+SWITCH_ACCESS_GATE = "aer-access-gate"
+SWITCH_RESET_ON_RELEASE = "aer-reset-on-release"
+#: how long a user access waits for the host's link reset (below the client's 30 s reply timeout)
+DEFAULT_RECOVERY_WAIT_MS = 10000
+#: the AER registers vfio-pci latches into the user's view: (offset in the capability, size)
+_LATCHED = ((PCI_ERR_UNCOR_STATUS, 4), (PCI_ERR_UNCOR_SEVER, 4), (PCI_ERR_COR_STATUS, 4), (PCI_ERR_CAP, 4),
+            (PCI_ERR_HEADER_LOG, 16))
+
+
+class RecoveryState(enum.StrEnum):
+    """A function's error-recovery state, as ``x-query-pci-aer`` shows it."""
+
+    IDLE = "idle"
+    RECOVERING = "recovering"
+    LINK_DOWN = "link-down"
+    FAILED = "failed"
 
 
 class VfioReason(enum.StrEnum):
@@ -258,6 +306,28 @@ class VfioPciDevice:
         self.faults = FaultRegistry(self.name)
         self.window_fault = MsixWindowFault()
         self.faults.add(self.window_fault)
+        self.gate_switch = self.faults.switch(
+            SWITCH_ACCESS_GATE, "off: while the host resets the link after a PCIe error, the user's region "
+            "accesses, SET_IRQS and resets reach the device and read all-F's (no wait), and a device that "
+            "never came back is not refused")
+        self.release_switch = self.faults.switch(
+            SWITCH_RESET_ON_RELEASE, "off: a function released with an unhandled PCIe error goes to the next "
+            "client as it is (the stale error status in its AER registers, frozen if the error was fatal)")
+        # PCIe errors (see the module docstring)
+        self.recovery_wait_ms = DEFAULT_RECOVERY_WAIT_MS
+        self.unhandled = False
+        self.failed = False
+        self.recovery_state = RecoveryState.IDLE
+        self._aer_latch: bytearray | None = None
+        self._gate = threading.Condition(threading.Lock())
+        self._link_reset = False
+        self.gate_waits = 0
+        self.gate_wait_max_ms = 0.0
+        self.gate_refusals = 0
+        self.bus_reset_request: Callable[[str], bool] | None = None
+        """Set by the host's AER service: a secondary bus reset of the port above this function
+        (True: every function came back); used to reset a frozen function on release."""
+        self.error_log: list[dict] = []
         self.irq_type: VfioPciIrqIndex | None = None
         self._vectors: dict[int, HostVector] = {}
         self._irq_to_vector: dict[int, int] = {}
@@ -377,13 +447,18 @@ class VfioPciDevice:
         return size
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
-        """``REGION_READ``: config (virtualized), BAR0 registers, BAR4 (table all-ones, PBA, memory)."""
+        """``REGION_READ``: config (virtualized; the AER capability shows a latched error),
+        BAR0 registers, BAR4 (table all-ones, PBA, memory).  Waits while the host resets the link."""
         self._check_range(index, offset, count)
+        self.gate_wait("REGION_READ")
         with self.lock:
             if index == VfioPciRegion.CONFIG:
+                if not self.nic.accessible:
+                    return self._overlay_latch(offset, bytearray(b"\xff" * count))
                 phys = self.nic.config[offset:offset + count]
-                return bytes((p & ~m & 0xFF) | (v & m) for p, v, m in
-                             zip(phys, self._vconfig[offset:offset + count], self._vmask[offset:offset + count], strict=True))
+                return self._overlay_latch(offset, bytearray(
+                    (p & ~m & 0xFF) | (v & m) for p, v, m in
+                    zip(phys, self._vconfig[offset:offset + count], self._vmask[offset:offset + count], strict=True)))
             if index == VfioPciRegion.BAR0:
                 return self.nic.bar0_read(offset, count)
             if index == MSIX_BAR:
@@ -395,8 +470,9 @@ class VfioPciDevice:
             return b""
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
-        """``REGION_WRITE``."""
+        """``REGION_WRITE`` (waits while the host resets the link)."""
         self._check_range(index, offset, len(data))
+        self.gate_wait("REGION_WRITE")
         with self.lock:
             if index == VfioPciRegion.CONFIG:
                 self._config_write(offset, bytes(data))
@@ -413,6 +489,7 @@ class VfioPciDevice:
 
     def _config_write(self, offset: int, data: bytes) -> None:
         nic = self.nic
+        self._latch_rw1c(offset, data)
         for i, b in enumerate(data):
             a = offset + i
             m = self._vmask[a]
@@ -478,6 +555,7 @@ class VfioPciDevice:
         an MSI/MSI-X index not enabled yet enables it with nothing wired (QEMU's fd -1 enable).
         Raises ``VfioError``; a call that fails part-way is rolled back as vfio-pci does."""
         kind = self._kind(irq_set)
+        self.gate_wait("SET_IRQS")
         self.set_irqs_by_kind[kind] += 1
         try:
             with self.lock:
@@ -923,14 +1001,23 @@ class VfioPciDevice:
         nic = self.nic
         saved = bytes(nic.config)
         nic.function_level_reset()
-        if not restore:
-            return
+        if restore:
+            self._restore_state(saved)
+
+    def _restore_state(self, saved: bytes) -> None:
+        """``pci_restore_state``: the config header, Device Control, the AER masks and severity,
+        and the host's MSI/MSI-X programming (the user's interrupt setup) back on the function."""
+        nic = self.nic
         for off, size in ((R.PCI_COMMAND, 2), (R.PCI_BASE_ADDRESS_0, 24), (R.PCI_INTERRUPT_LINE, 1)):
             nic.set_config(off, int.from_bytes(saved[off:off + size], "little"), size)
         if nic.exp_cap:
             off = nic.exp_cap + R.PCI_EXP_DEVCTL
             devctl = int.from_bytes(saved[off:off + 2], "little") & ~R.PCI_EXP_DEVCTL_BCR_FLR
             nic.set_config(off, devctl, 2)
+        if nic.aer is not None:
+            base = nic.aer.offset
+            for reg in (PCI_ERR_UNCOR_MASK, PCI_ERR_UNCOR_SEVER, PCI_ERR_COR_MASK):
+                nic.set_config(base + reg, int.from_bytes(saved[base + reg:base + reg + 4], "little"), 4)
         if self.irq_type == VfioPciIrqIndex.MSIX:
             for v, hv in self._vectors.items():
                 nic.msix_set_entry(v, MSI_ADDRESS, hv.irq)
@@ -941,6 +1028,12 @@ class VfioPciDevice:
                 nic.msi_set_mask(v, hv.trigger is None)
             nic.msi_program(True, (self._msi_nvec - 1).bit_length(), MSI_ADDRESS, MSI_DATA_BASE)
         self._apply_disintx()
+        if self.bus_master_was(saved):
+            nic.bus_master_changed(True)
+
+    @staticmethod
+    def bus_master_was(saved: bytes) -> bool:
+        return bool(int.from_bytes(saved[R.PCI_COMMAND:R.PCI_COMMAND + 2], "little") & R.PCI_COMMAND_MASTER)
 
     def reset(self) -> None:
         """``VFIO_DEVICE_RESET``: every IRQ index disabled (fds closed, host vectors freed), then an
@@ -950,26 +1043,209 @@ class VfioPciDevice:
         state around it); QEMU disables the device's interrupts before it resets (``vfio_pci_pre_reset``)
         and re-enables them after, so a QEMU-like client sees the same outcome.  ERR and REQ
         triggers are kept (they are not the function's interrupts)."""
+        self.gate_wait("DEVICE_RESET")
         with self.lock:
             self.counts["device-resets"] += 1
             self._disable_all()
             self._reset_function(restore=True)
+            self._clear_error("device-reset")
 
     def release(self, reset: bool = False) -> None:
         """The client went away: every fd closed, every host vector freed, no DMA.  *reset*:
         vfio-pci's release rule (``vfio_pci_core_disable``): the function reset to the state it had
-        when it was bound (config at reset values, MSI-X off, table masked, PBA clear)."""
+        when it was bound (config at reset values, MSI-X off, table masked, PBA clear).  A function
+        with an unhandled PCIe error is reset whatever *reset* says (``aer-reset-on-release``): by
+        a secondary bus reset of its port when it is frozen (an FLR cannot reach a function whose
+        link is down), else by an FLR."""
+        bus_reset = False
         with self.lock:
             self.counts["releases"] += 1
             self._disable_all()
             self._close(self._err_trigger)
             self._close(self._req_trigger)
             self._err_trigger = self._req_trigger = None
-            if reset:
+            aer_reset = self.unhandled and not self.failed and self.release_switch.fix_on
+            if aer_reset:
+                self.counts["release-aer-resets"] += 1
+                bus_reset = not self.nic.accessible and self.bus_reset_request is not None
+        if bus_reset and self.bus_reset_request is not None:
+            self.counts["release-bus-resets"] += 1
+            self.bus_reset_request(f"{self.name} released with an unhandled error while frozen")
+        with self.lock:
+            if reset or aer_reset:
                 self.counts["release-resets"] += 1
                 self._reset_function(restore=False)
                 self._init_vconfig()
+            if aer_reset:
+                self._clear_error("release")
         self.nic.set_dma(None)
+
+    # -- PCIe errors: vfio-pci's pci_error_handlers ----------------------------------------------------
+    def error_detected(self, state: PciChannelState) -> PciErsResult:
+        """``vfio_pci_aer_err_detected``: signal ERR (if registered) and vote CAN_RECOVER; the AER
+        registers are latched into the user's view.  ``io_perm_failure``: the device is failed."""
+        with self.lock:
+            if state is PciChannelState.PERM_FAILURE:
+                with self._gate:
+                    self.failed = True
+                    self.recovery_state = RecoveryState.FAILED
+                    self._gate.notify_all()
+                self.counts["perm-failure"] += 1
+                self._signal(self._err_trigger, "err")
+                return PciErsResult.DISCONNECT
+            self.counts["error-detected"] += 1
+            aer = self.nic.aer
+            logged = aer is not None and bool(aer.uncor_status | aer.cor_status)
+            if logged or state is PciChannelState.FROZEN:
+                # this function logged the error, or lost its state to the link reset: the user must look
+                self._latch_aer()
+                self.unhandled = True
+            self._signal(self._err_trigger, "err")
+            return PciErsResult.CAN_RECOVER
+
+    def mmio_enabled(self) -> PciErsResult:
+        """vfio-pci has no ``mmio_enabled``: the vote stands (RECOVERED)."""
+        return PciErsResult.RECOVERED
+
+    def slot_reset(self) -> PciErsResult:
+        """vfio-pci has no ``slot_reset``: the vote stands (RECOVERED)."""
+        return PciErsResult.RECOVERED
+
+    def resume(self) -> None:
+        """vfio-pci has no ``resume``: the user was told through ERR; nothing to do."""
+        with self.lock:
+            self.counts["resumed"] += 1
+
+    def _latch_aer(self) -> None:
+        aer = self.nic.aer
+        if aer is None:
+            return
+        live = bytes(self.nic.config[aer.offset:aer.offset + PCI_ERR_SIZEOF])
+        if self._aer_latch is None:
+            self._aer_latch = bytearray(live)
+            return
+        lat = self._aer_latch  # a second error before the user looked: the status bits add up
+        for reg in (PCI_ERR_UNCOR_STATUS, PCI_ERR_COR_STATUS):
+            v = int.from_bytes(lat[reg:reg + 4], "little") | int.from_bytes(live[reg:reg + 4], "little")
+            lat[reg:reg + 4] = v.to_bytes(4, "little")
+        lat[PCI_ERR_UNCOR_SEVER:PCI_ERR_UNCOR_SEVER + 4] = live[PCI_ERR_UNCOR_SEVER:PCI_ERR_UNCOR_SEVER + 4]
+
+    def _overlay_latch(self, offset: int, data: bytearray) -> bytes:
+        lat, aer = self._aer_latch, self.nic.aer
+        if lat is None or aer is None:
+            return bytes(data)
+        for reg, size in _LATCHED:
+            for i in range(size):
+                a = aer.offset + reg + i
+                if offset <= a < offset + len(data):
+                    data[a - offset] = lat[reg + i]
+        return bytes(data)
+
+    def _latch_rw1c(self, offset: int, data: bytes) -> None:
+        """The user's RW1C write to a latched status register clears the latched bits."""
+        lat, aer = self._aer_latch, self.nic.aer
+        if lat is None or aer is None:
+            return
+        for reg in (PCI_ERR_UNCOR_STATUS, PCI_ERR_COR_STATUS):
+            for i in range(4):
+                a = aer.offset + reg + i
+                if offset <= a < offset + len(data):
+                    lat[reg + i] &= ~data[a - offset] & 0xFF
+        if not any(lat[PCI_ERR_UNCOR_STATUS:PCI_ERR_UNCOR_STATUS + 4]) and \
+                not any(lat[PCI_ERR_COR_STATUS:PCI_ERR_COR_STATUS + 4]):
+            self._clear_error("user-cleared")
+
+    def _clear_error(self, how: str) -> None:
+        """The error is handled (lock held): the latched view goes back to the live registers."""
+        if self.unhandled or self._aer_latch is not None:
+            self.counts[f"error-handled-{how}"] += 1
+        self.unhandled = False
+        self._aer_latch = None
+
+    def latched_aer(self) -> dict | None:
+        """The user's latched view of the AER registers (None: the user sees the live ones)."""
+        with self.lock:
+            lat = self._aer_latch
+            if lat is None:
+                return None
+
+            def g(reg: int) -> int:
+                return int.from_bytes(lat[reg:reg + 4], "little")
+            return {"uncor-status": g(PCI_ERR_UNCOR_STATUS), "uncor-severity": g(PCI_ERR_UNCOR_SEVER),
+                    "cor-status": g(PCI_ERR_COR_STATUS), "first-error-pointer": g(PCI_ERR_CAP) & 0x1F,
+                    "header-log": [f"{g(PCI_ERR_HEADER_LOG + 4 * i):08x}" for i in range(4)]}
+
+    # -- the access gate --------------------------------------------------------------------------------
+    def gate_close(self) -> None:
+        """The host starts resetting the link: user accesses wait from now on."""
+        with self._gate:
+            self._link_reset = True
+            if not self.failed:
+                self.recovery_state = RecoveryState.LINK_DOWN
+
+    def gate_open(self, state: RecoveryState = RecoveryState.IDLE) -> None:
+        """The recovery ended: waiting accesses go on (and fail at once if the device is failed)."""
+        with self._gate:
+            self._link_reset = False
+            self.recovery_state = RecoveryState.FAILED if self.failed else state
+            self._gate.notify_all()
+
+    def set_recovery_state(self, state: RecoveryState) -> None:
+        with self._gate:
+            if not self.failed:
+                self.recovery_state = state
+
+    def gate_wait(self, what: str) -> None:
+        """Wait while the host resets the link (at most ``recovery_wait_ms``), then go on; EIO
+        for a failed device.  Call without the function's lock."""
+        if not self.gate_switch.fix_on:
+            return
+        with self._gate:
+            if self._link_reset and not self.failed:
+                t0 = time.monotonic()
+                self.gate_waits += 1
+                self._gate.wait_for(lambda: not self._link_reset or self.failed,
+                                    timeout=self.recovery_wait_ms / 1000.0)
+                self.gate_wait_max_ms = max(self.gate_wait_max_ms, (time.monotonic() - t0) * 1000.0)
+            if self.failed:
+                self.gate_refusals += 1
+                raise VfioError(errno.EIO, f"{what}: {self.name} is in error recovery: the device did not come back",
+                                VfioReason.NO_DEVICE)
+
+    def gate_closed(self) -> bool:
+        with self._gate:
+            return self._link_reset
+
+    # -- secondary bus reset (the host's recovery, a release, a hot reset) -----------------------------
+    def prepare_bus_reset(self) -> bytes:
+        """``pci_save_state`` before a secondary bus reset: the function's config."""
+        with self.lock:
+            return bytes(self.nic.config)
+
+    def bus_reset_done(self, saved: bytes, *, user_reset: bool = False) -> None:
+        """After a secondary bus reset: the saved config and the user's interrupt setup restored.
+        *user_reset*: the user asked for it (a hot reset): the error, if any, is handled."""
+        with self.lock:
+            self.counts["bus-resets"] += 1
+            self._restore_state(saved)
+            if user_reset:
+                self.counts["hot-resets"] += 1
+                self._clear_error("hot-reset")
+
+    def aer_state(self) -> dict:
+        """vfio-pci's error state: recovery state, unhandled, failed, ERR eventfd counter (read
+        without consuming), the latched view, the gate's counts."""
+        latched = self.latched_aer()
+        with self.lock:
+            err = {"trigger-fd": self._err_trigger, "eventfd-count": self._peek(self._err_trigger),
+                   "signals": self.counts["err-signals"], "no-trigger": self.counts["err-no-trigger"]}
+            hot = self.counts["hot-resets"]
+        with self._gate:
+            return {"recovery-state": self.recovery_state.value, "unhandled": self.unhandled, "failed": self.failed,
+                    "err-eventfd": err, "latched": latched, "hot-resets": hot,
+                    "gate": {"closed": self._link_reset, "enabled": self.gate_switch.fix_on, "waits": self.gate_waits,
+                             "max-wait-ms": round(self.gate_wait_max_ms, 1), "refused": self.gate_refusals,
+                             "bound-ms": self.recovery_wait_ms}}
 
     def close(self) -> None:
         """Release (no reset), stop the threads, free the function's memfd."""
@@ -1020,6 +1296,7 @@ class VfioPciDevice:
                          "virq-disabled": self._virq_disabled, "pin-asserted": nic.intx_asserted},
                 "intx-unhandled": self.counts["intx-unhandled"],
                 "err": {"trigger-fd": self._err_trigger, "signals": self.counts["err-signals"]},
+                "recovery-state": self.recovery_state.value, "unhandled": self.unhandled, "failed": self.failed,
                 "req": {"trigger-fd": self._req_trigger, "signals": self.counts["req-signals"],
                         "requests": self.counts["requests"]},
                 "pool": self.pool.describe(),

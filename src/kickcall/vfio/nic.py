@@ -84,6 +84,18 @@ Interrupt delivery (``raise_queue``), the PCI rules:
   ``intx-disabled``: the pin stays low, and goes high when DisINTx is cleared with the bit still
   set).  Nothing latches in the PBA.
 
+PCIe errors (the AER capability, ``add_aer_cap``, at 0x100): ``inject_error`` is QEMU's
+``pcie_aer_inject_error`` on the function.  An uncorrectable **fatal** error freezes the function
+(``error_frozen``): its engine writes no more records and raises no interrupts, and its config and
+BAR reads return all-F's, writes are dropped -- the link is down -- until a reset (a secondary bus
+reset of the port above it, or an FLR) brings it back.  ``link_up`` is the link as the port sees
+it: False during a secondary bus reset's link-down window (reads all-F's then too).  A non-fatal
+error only sets the status: the function keeps working.  Records already written stay in memory;
+a batch whose DMA was in flight when the function froze is counted (PRODUCER moves) but raises no
+interrupt, so ``producers()`` says what completed before the error.  The BARs are never decoded in
+a host address space (``update_mappings`` does nothing): the host reaches them through vfio-pci's
+regions only.
+
 Locking: all of the function's state is guarded by ``lock`` (an RLock) and ``cond``
 (a Condition on it).  ``VfioPciDevice`` passes its own lock in, so that the host and the device
 share one lock; the sink is called with the lock held.
@@ -92,6 +104,7 @@ share one lock; the sink is called with the lock held.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import mmap
 import os
@@ -112,6 +125,7 @@ from ..pci.device import PCIDevice
 from ..threads import start_thread
 
 if TYPE_CHECKING:
+    from ..pci.aer import PCIEAERErr
     from .host import DmaSpace
 
 __all__ = ["NicFunction", "InterruptSink", "RecordFlag", "RECORD", "NIC_VENDOR_ID", "NIC_DEVICE_ID"]
@@ -309,6 +323,12 @@ class NicFunction(PCIDevice):
         self._rr = 0
         self.engine_wakeups = 0
         self.ignored_writes = 0
+        self.error_frozen = False
+        """A fatal uncorrectable error froze the function (cleared by a reset)."""
+        self.link_up = True
+        """The link as the port above sees it (False inside a secondary bus reset's window)."""
+        self.freezes = 0
+        self.dropped_while_down = 0
         # BAR0
         self.bar0 = IORegion(f"{name}-regs", BAR0_SIZE, self._bar0_io_read, self._bar0_io_write)
         self.register_bar(0, self.bar0)
@@ -559,8 +579,12 @@ class NicFunction(PCIDevice):
 
     # -- raising a queue's interrupt --------------------------------------------------------------
     def raise_queue(self, qi: int) -> None:
-        """The queue's interrupt, through whichever mechanism is active (lock taken)."""
+        """The queue's interrupt, through whichever mechanism is active (lock taken).  A frozen
+        function, or one whose link is down, raises nothing."""
         with self.lock:
+            if not self.accessible:
+                self.dropped_while_down += 1
+                return
             q = self.queues[qi]
             q.raised += 1
             v = q.vector
@@ -594,6 +618,65 @@ class NicFunction(PCIDevice):
                 self.int_status |= 1 << qi
                 self._update_intx()
 
+    # -- PCIe errors and the link -----------------------------------------------------------------------
+    @property
+    def accessible(self) -> bool:
+        """Config and BAR accesses reach the function (not frozen, link up)."""
+        return self.link_up and not self.error_frozen
+
+    def inject_error(self, err: "PCIEAERErr") -> int:
+        """``pcie_aer_inject_error`` on this function (0 or -errno, QEMU's): the status is
+        recorded in the AER capability and the message climbs to the root port; an unmasked
+        uncorrectable error whose severity is fatal freezes the function first (its link goes
+        down).  -ENOSYS without the AER capability."""
+        from ..pci.aer import PCI_ERR_UNC_SUPPORTED, PCI_ERR_UNCOR_MASK
+
+        with self.lock:
+            aer = self.aer
+            if aer is None:
+                return -errno.ENOSYS
+            st = err.status
+            single = bool(st) and not st & (st - 1) and bool(st & PCI_ERR_UNC_SUPPORTED)
+            fatal = not err.correctable and single and bool(st & aer.severity) \
+                and not st & aer.get(PCI_ERR_UNCOR_MASK)
+            if fatal and not self.error_frozen:
+                self.error_frozen = True
+                self.freezes += 1
+                log.warning("%s: fatal uncorrectable error %#x: the function is frozen (link down)", self.name, st)
+                self.cond.notify_all()
+            return aer.inject(err)
+
+    def set_link(self, up: bool) -> None:
+        """The port's view of the link (a secondary bus reset takes it down, training brings it up)."""
+        with self.lock:
+            self.link_up = up
+            self.cond.notify_all()
+
+    def producers(self) -> list[int]:
+        """Every queue's PRODUCER: the records the function wrote (what completed)."""
+        with self.lock:
+            return [q.producer for q in self.queues]
+
+    def config_read(self, addr: int, size: int) -> int:
+        """A config read: all-F's while the function is frozen or its link is down."""
+        with self.lock:
+            if not self.accessible:
+                return (1 << (8 * size)) - 1
+            return super().config_read(addr, size)
+
+    def config_write(self, addr: int, value: int, size: int) -> None:
+        """A config write: dropped while the function is frozen or its link is down."""
+        with self.lock:
+            if not self.accessible:
+                self.dropped_while_down += 1
+                return
+            super().config_write(addr, value, size)
+
+    def update_mappings(self) -> None:
+        """The host function's BARs are not decoded in a host address space: the host reaches
+        them through vfio-pci's regions (several functions may be programmed with the same
+        guest addresses by their clients)."""
+
     # -- config space hooks ----------------------------------------------------------------------------
     def write_config_hook(self, addr: int, value: int, size: int) -> None:
         with self.lock:
@@ -623,6 +706,7 @@ class NicFunction(PCIDevice):
     def reset(self) -> None:
         """Function reset (FLR, or the host's reset): config header, BARs, Command, device state."""
         with self.lock:
+            self.error_frozen = False
             super().reset()
             self._update_intx()
             self.cond.notify_all()
@@ -693,6 +777,8 @@ class NicFunction(PCIDevice):
     def bar0_read(self, offset: int, count: int) -> bytes:
         """Read *count* bytes of BAR0 (whole registers are read: INT_STATUS clears on any read of it)."""
         with self.lock:
+            if not self.accessible:
+                return b"\xff" * count
             first = offset & ~3
             end = _align_up(offset + count, 4)
             buf = b"".join(struct.pack("<I", self._reg_read(a)) for a in range(first, end, 4))
@@ -702,6 +788,9 @@ class NicFunction(PCIDevice):
         """Write BAR0: each whole aligned register in the range is written; a partial register
         write is ignored (counted ``ignored-writes``)."""
         with self.lock:
+            if not self.accessible:
+                self.dropped_while_down += 1
+                return
             end = offset + len(data)
             a = offset & ~3
             while a < end:
@@ -725,6 +814,8 @@ class NicFunction(PCIDevice):
     def bar4_read(self, offset: int, count: int) -> bytes:
         """Read BAR4 as the device holds it: table, PBA, zeros up to the page, then device memory."""
         with self.lock:
+            if not self.accessible:
+                return b"\xff" * count
             out = bytearray()
             t_end = len(self.msix_table)
             p0, p1 = self.msix_pba_offset, self.msix_pba_offset + len(self.msix_pba)
@@ -743,6 +834,9 @@ class NicFunction(PCIDevice):
         """Write BAR4's device memory; the table (the host programs it through ``msix_*``), the PBA
         (read-only) and the gap drop their bytes."""
         with self.lock:
+            if not self.accessible:
+                self.dropped_while_down += 1
+                return
             lo = max(offset, self.bar4_mmap_start)
             hi = min(offset + len(data), self.bar4_size)
             if lo < hi and self.bar4_memfd >= 0:
@@ -760,7 +854,7 @@ class NicFunction(PCIDevice):
 
     # -- the engine -----------------------------------------------------------------------------------
     def _runnable(self) -> bool:
-        return self._dma is not None and self.bus_master
+        return self._dma is not None and self.bus_master and self.accessible
 
     def _reserve(self, q: NicQueue, n_wanted: int, flag: RecordFlag, now: float) -> _Job | None:
         """Reserve up to *n_wanted* records of *q* (lock held); None if the ring has no room."""
@@ -906,5 +1000,7 @@ class NicFunction(PCIDevice):
                 "engine": {"running": self._engine is not None, "wakeups": self.engine_wakeups},
                 "ignored-writes": self.ignored_writes,
                 "flr": self.flr_count, "resets": self.reset_count,
+                "error-frozen": self.error_frozen, "link-up": self.link_up, "freezes": self.freezes,
+                "dropped-while-down": self.dropped_while_down,
             })
             return d

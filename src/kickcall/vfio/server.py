@@ -18,6 +18,13 @@ Disconnect (the specification's rule): every DMA mapping is unmapped, every fd t
 is closed, the host's vectors are freed, and the device state is kept for a reconnecting client;
 ``reset_on_disconnect`` gives vfio-pci's release rule instead (the function is reset before the
 next client gets it).
+
+kickcall's hot reset extension (docs/vfio-user-hot-reset.md), when the server is given a
+``HotResetHost`` (one function of a card; ``kickcall.vfio.host_aer.HotResetEndpoint``): a client
+whose VERSION proposed ``kickcall.pci-hot-reset`` gets in the reply this function's address and a
+fresh random 16-byte token for this connection; only such a connection may send
+X_KICKCALL_PCI_HOT_RESET_INFO and X_KICKCALL_PCI_HOT_RESET -- for any other they are unknown
+commands (EINVAL), and the capability is never advertised to a client that did not propose it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import errno
 import logging
 import mmap
 import os
+import secrets
 import socket
 import threading
 import time
@@ -36,7 +44,8 @@ from .. import trace
 from ..ownership import SocketClaim
 from ..threads import start_thread
 from .protocol import (
-    Capabilities, DmaAccess, DmaMap, DmaMapFlag, DmaUnmap, DmaUnmapFlag, Message,
+    HOT_RESET_CAPABILITY, Capabilities, DmaAccess, DmaMap, DmaMapFlag, DmaUnmap, DmaUnmapFlag, HotReset,
+    HotResetInfo, HotResetOffer, Message, PciAddress,
     MessageReader, PayloadError, RegionAccess, Version, VFIO_USER_MAJOR, VFIO_USER_MINOR, VfioUserCommand,
     VfioUserError, VFIO_USER_F_TYPE_COMMAND, decode_dma_write_reply, send_message, MAX_MSG_FDS_LIMIT,
     DEFAULT_MAX_DATA_XFER_SIZE,
@@ -44,7 +53,8 @@ from .protocol import (
 from .host import DmaSpace, VfioError
 from .uapi import VfioDeviceInfo, VfioIrqInfo, VfioIrqSet, VfioIrqSetFlag, VfioRegionInfo, UapiError
 
-__all__ = ["VfioHostDevice", "DmaMapTable", "VfioUserServer", "ServerStats", "DEFAULT_SERVER_MAX_MSG_FDS"]
+__all__ = ["VfioHostDevice", "HotResetHost", "DmaMapTable", "VfioUserServer", "ServerStats",
+           "DEFAULT_SERVER_MAX_MSG_FDS"]
 
 log = logging.getLogger("kickcall.vfio.server")
 
@@ -81,6 +91,16 @@ class VfioHostDevice(Protocol):
     def release(self, reset: bool) -> None: ...
 
     def set_dma(self, space: DmaSpace | None) -> None: ...
+
+
+class HotResetHost(Protocol):
+    """The host side of kickcall's hot reset for one function of a card."""
+
+    address: PciAddress
+
+    def devices(self) -> list[PciAddress]: ...
+
+    def hot_reset(self, tokens: list[bytes], own_token: bytes) -> None: ...
 
 
 @dataclass
@@ -215,6 +235,7 @@ class _Connection:
         self._wait_mu = threading.Lock()
         self.closed = threading.Event()
         self.cmd_counts: dict[str, int] = {}
+        self.hot_reset_token: bytes | None = None  # set when the extension was negotiated
         self.reader = MessageReader(max_data_xfer_size=server.max_data_xfer_size, max_fds=server.max_msg_fds)
 
     # -- DmaSpace --------------------------------------------------------------------------------------
@@ -339,7 +360,7 @@ class VfioUserServer:
     def __init__(self, path: str, device: VfioHostDevice, *, reset_on_disconnect: bool = False,
                  max_msg_fds: int = DEFAULT_SERVER_MAX_MSG_FDS,
                  max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE, offer_twin_socket: bool = True,
-                 claim: SocketClaim | None = None) -> None:
+                 claim: SocketClaim | None = None, hot_reset: HotResetHost | None = None) -> None:
         if not 1 <= max_msg_fds <= MAX_MSG_FDS_LIMIT:
             raise ValueError(f"max_msg_fds must be 1..{MAX_MSG_FDS_LIMIT}")
         self.path = path
@@ -348,6 +369,7 @@ class VfioUserServer:
         self.max_msg_fds = max_msg_fds
         self.max_data_xfer_size = max_data_xfer_size
         self.offer_twin_socket = offer_twin_socket
+        self.hot_reset = hot_reset
         self.stats = ServerStats()
         self._claim = claim if claim is not None else SocketClaim(path)
         self._own_claim = claim is None
@@ -550,12 +572,35 @@ class VfioUserServer:
                 raise PayloadError(errno.EINVAL, "DEVICE_RESET carries a payload")
             self.device.reset()
             return b"", []
+        if cmd in (VfioUserCommand.X_KICKCALL_PCI_HOT_RESET_INFO, VfioUserCommand.X_KICKCALL_PCI_HOT_RESET) \
+                and self.hot_reset is not None and conn.hot_reset_token is not None:
+            return self._hot_reset_command(conn, msg), []
         if cmd in (VfioUserCommand.DMA_READ, VfioUserCommand.DMA_WRITE):
             raise PayloadError(errno.EINVAL, f"{msg.command_name()} goes from server to client")
         if cmd in (VfioUserCommand.DEVICE_GET_REGION_IO_FDS, VfioUserCommand.REGION_WRITE_MULTI,
                    VfioUserCommand.DEVICE_FEATURE, VfioUserCommand.MIG_DATA_READ, VfioUserCommand.MIG_DATA_WRITE):
             raise PayloadError(errno.ENOTSUP, f"{msg.command_name()} is not supported by this server")
         raise PayloadError(errno.EINVAL, f"unknown command {cmd}")
+
+    def _hot_reset_command(self, conn: _Connection, msg: Message) -> bytes:
+        assert self.hot_reset is not None and conn.hot_reset_token is not None
+        if msg.command == VfioUserCommand.X_KICKCALL_PCI_HOT_RESET_INFO:
+            req = HotResetInfo.decode(msg.payload)
+            if req.flags or req.devices:
+                raise PayloadError(errno.EINVAL, "HOT_RESET_INFO request: flags 0, count 0")
+            return HotResetInfo(self.hot_reset.devices()).encode()
+        hr = HotReset.decode(msg.payload)
+        self.hot_reset.hot_reset(hr.tokens, conn.hot_reset_token)
+        return b""
+
+    def hot_reset_token(self) -> bytes | None:
+        """The token of the client holding this function now, if it negotiated the hot reset
+        extension (None: no client, or one that did not)."""
+        with self._mu:
+            conn = self._conn
+        if conn is None or conn.closed.is_set():
+            return None
+        return conn.hot_reset_token
 
     def _check_xfer(self, count: int) -> None:
         if count > self.max_data_xfer_size:
@@ -576,6 +621,10 @@ class VfioUserServer:
             conn.twin = mine
             fds = [theirs.detach()]
             ours.twin_socket, ours.twin_fd_index = True, 0
+        if self.hot_reset is not None and HOT_RESET_CAPABILITY in v.caps.proposed:
+            conn.hot_reset_token = secrets.token_bytes(16)
+            ours.extensions[HOT_RESET_CAPABILITY] = HotResetOffer(self.hot_reset.address,
+                                                                  conn.hot_reset_token).to_capability()
         conn.negotiated = True
         minor = min(v.minor, VFIO_USER_MINOR)
         # the reply's capabilities are a subset of those proposed (the specification's rule): a
@@ -595,6 +644,7 @@ class VfioUserServer:
                 "negotiated": conn.negotiated, "max-msg-fds": conn.caps.max_msg_fds,
                 "max-data-xfer-size": conn.caps.max_data_xfer_size, "twin-socket": conn.twin is not None,
                 "dma": conn.dma.describe(), "commands": dict(conn.cmd_counts),
+                "hot-reset": conn.hot_reset_token is not None,
             }
         return out
 
