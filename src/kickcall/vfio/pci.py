@@ -565,7 +565,11 @@ class VFIOPCIDevice(PCIDevice):
             return
         self.err_signals += 1
         st = self._read_host_aer()
-        uncor = st["uncor-status"] & ~st["uncor-mask"] if st is not None else 0
+        if st is not None and st["uncor-status"] == 0xFFFFFFFF:
+            st = None  # the function does not answer (all-F's): what happened is unknown
+        # (the host reported only what its mask let through: the mask is not applied again -- a
+        # frozen function's live mask reads all-F's, only the status is latched for the user)
+        uncor = st["uncor-status"] if st is not None else 0
         fatal = bool(st is not None and uncor & st["severity"])
         severity = ("unknown" if st is None else "fatal" if fatal else "non-fatal" if uncor
                     else "correctable" if st["cor-status"] else "none")
