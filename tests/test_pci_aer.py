@@ -11,6 +11,7 @@ constant in ``kickcall.pci.aer`` fails a test instead of agreeing with itself.
 from __future__ import annotations
 
 import errno
+import re
 
 import pytest
 from hypothesis import given
@@ -685,6 +686,40 @@ def test_parse_never_raises_anything_else(text):
         assert (value, cor) == QEMU_NAMES[text]
         return
     assert 0 <= value <= 0xFFFFFFFF and cor is False
+
+
+# what C's strtoul reads whole and Python's int also takes: refused (strict, the default), taken without
+NOT_STRTOUL = ["16 ", "0x 5", "0x+5", "0x0x10", "0o17", "1_000", "0x1_000", "\u0663", "0x\u0663", "1\u00a0"]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("text", NOT_STRTOUL)
+def test_only_what_strtoul_reads_whole(text, strict):
+    if strict:
+        with pytest.raises(AerParseError) as ei:
+            parse_error_status(text)
+        assert str(ei.value) == f"invalid error status value '{text}'"
+    else:
+        value, cor = parse_error_status(text, strict=False)  # the bug: Python's int() grammar
+        assert cor is False and 0 <= value <= 0xFFFFFFFF
+
+
+STRTOUL = re.compile(r"[ \t\n\v\f\r]*[+-]?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+
+
+@given(st.text(max_size=24) | st.from_regex(r"\A\s*[+-]?(0[xX]|0)?[0-9a-fA-F_ +-]{0,10}\Z"))
+def test_parse_accepts_only_numbers_strtoul_reads_whole(text):
+    try:
+        value, cor = parse_error_status(text)
+    except AerParseError:
+        return
+    if text in QEMU_NAMES:
+        return
+    assert STRTOUL.fullmatch(text) and text.isascii(), f"{text!r} is not a number strtoul reads whole"
+    body = text.lstrip(" \t\n\v\f\r")
+    neg, digits = body.startswith("-"), body.lstrip("+-")
+    n = int(digits, 16) if digits[:2].lower() == "0x" else int(digits, 8) if digits.startswith("0") else int(digits)
+    assert value == (-n if neg else n) & 0xFFFFFFFF and cor is False
 
 
 # =========================================================================================================
