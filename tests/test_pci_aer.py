@@ -314,6 +314,20 @@ def test_first_error_pointer_and_header_log_only_for_the_first_unmasked_error():
     assert [d.r(HEADER_LOG + 4 * i) for i in range(4)] == [0xD1, 0xD2, 0xD3, 0xD4]
 
 
+@pytest.mark.parametrize("locked", [True, False])
+def test_a_repeat_of_the_logged_error_does_not_overwrite_the_header_log(locked):
+    d = Endpoint("ep", aer=False)
+    AERCap(d, header_log_locked=locked)
+    assert inject(d, POISON_TLP, HDR_F, header=(0xA1, 0xA2, 0xA3, 0xA4)) == 0
+    assert inject(d, POISON_TLP, HDR_F, header=(0xC1, 0xC2, 0xC3, 0xC4)) == 0
+    log = [d.r(HEADER_LOG + 4 * i) for i in range(4)]
+    if locked:
+        assert log == [0xA1, 0xA2, 0xA3, 0xA4], \
+            "the header log is locked while the status bit the First Error Pointer names is set"
+    else:
+        assert log == [0xC1, 0xC2, 0xC3, 0xC4]  # the bug: the first occurrence's header is lost
+
+
 def test_advisory_non_fatal(topo):
     rig, port, ep = topo
     assert inject(ep, POISON_TLP, ADV_F) == 0

@@ -262,10 +262,14 @@ class AerCounters:
 class AERCap:
     """The AER extended capability of *dev* (which must have the PCIe capability).  *root_port*:
     the Root Error Command/Status and Error Source registers are live and ``notify`` is called
-    when a received message must raise the port's AER interrupt."""
+    when a received message must raise the port's AER interrupt.
+
+    *header_log_locked*: the First Error Pointer and the Header Log keep the first unmasked
+    uncorrectable error while its status bit is set, a repeat of the same error included (off: a
+    repeat overwrites them).  A fix, switchable only so that tests can show what breaks without it."""
 
     def __init__(self, dev: "PCIDevice", offset: int = AER_OFFSET, *, root_port: bool = False,
-                 notify: RootPortNotify | None = None, next_cap: int = 0) -> None:
+                 notify: RootPortNotify | None = None, next_cap: int = 0, header_log_locked: bool = True) -> None:
         if dev.config_size < 4096:
             raise ValueError(f"{dev.name}: AER needs a PCIe (4 KiB) configuration space")
         if offset < 0x100 or offset + PCI_ERR_SIZEOF > 4096 or offset % 4:
@@ -274,6 +278,7 @@ class AERCap:
         self.offset = offset
         self.root_port = root_port
         self.notify = notify
+        self.header_log_locked = header_log_locked
         self.counters = AerCounters()
         self.history: list[dict] = []
         dev.set_config(offset, PCI_EXT_CAP_ID_ERR | 2 << 16 | (next_cap & 0xFFC) << 20, 4)
@@ -391,7 +396,7 @@ class AERCap:
     def _log_header(self, status: int, err: PCIEAERErr) -> None:
         cap = self.get(PCI_ERR_CAP)
         fep = cap & PCI_ERR_CAP_FEP_MASK
-        if fep and self.uncor_status & (1 << fep) and (1 << fep) != status:
+        if fep and self.uncor_status & (1 << fep) and (self.header_log_locked or (1 << fep) != status):
             return  # an earlier error is still logged (no multi-header recording)
         self._set(PCI_ERR_CAP, (cap & ~PCI_ERR_CAP_FEP_MASK) | (status.bit_length() - 1))
         for i, h in enumerate(err.header):
