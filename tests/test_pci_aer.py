@@ -344,6 +344,25 @@ def test_advisory_non_fatal(topo):
     assert ep.devsta() & FED and aer(port).counters.received["fatal"] == 1
 
 
+@pytest.mark.parametrize("honours", [True, False])
+def test_advisory_non_fatal_masked_uncorrectable_is_not_logged(honours):
+    """QEMU's pcie_aer_inject_cor_error: the advisory error's header is recorded only when the
+    uncorrectable error is not masked in the Uncorrectable Error Mask."""
+    d = Endpoint("ep", aer=False)
+    AERCap(d, advisory_honours_mask=honours)
+    d.w(COR_MASK, 0)
+    d.w(UNCOR_MASK, POISON_TLP)
+    assert inject(d, POISON_TLP, ADV_F | HDR_F, header=(9, 9, 9, 9)) == 0
+    assert d.r(UNCOR_STATUS) == POISON_TLP and d.r(COR_STATUS) == ADV_NONFATAL
+    logged = (d.r(ERR_CAP) & 0x1F, [d.r(HEADER_LOG + 4 * i) for i in range(4)])
+    assert logged == ((0, [0] * 4) if honours else (12, [9] * 4))
+    # unmasked, the advisory error is logged
+    d.w(UNCOR_MASK, 0)
+    d.w(UNCOR_STATUS, POISON_TLP)
+    assert inject(d, ECRC, ADV_F | HDR_F, header=(7, 7, 7, 7)) == 0
+    assert d.r(ERR_CAP) & 0x1F == 19 and [d.r(HEADER_LOG + 4 * i) for i in range(4)] == [7] * 4
+
+
 # =========================================================================================================
 # when a message is sent
 # =========================================================================================================

@@ -266,10 +266,14 @@ class AERCap:
 
     *header_log_locked*: the First Error Pointer and the Header Log keep the first unmasked
     uncorrectable error while its status bit is set, a repeat of the same error included (off: a
-    repeat overwrites them).  A fix, switchable only so that tests can show what breaks without it."""
+    repeat overwrites them).  *advisory_honours_mask*: an advisory non-fatal error whose
+    uncorrectable bit is masked in the Uncorrectable Error Mask is not logged, as QEMU's
+    ``pcie_aer_inject_cor_error`` (off: it is).  Both are fixes, switchable only so that tests can
+    show what breaks without them."""
 
     def __init__(self, dev: "PCIDevice", offset: int = AER_OFFSET, *, root_port: bool = False,
-                 notify: RootPortNotify | None = None, next_cap: int = 0, header_log_locked: bool = True) -> None:
+                 notify: RootPortNotify | None = None, next_cap: int = 0, header_log_locked: bool = True,
+                 advisory_honours_mask: bool = True) -> None:
         if dev.config_size < 4096:
             raise ValueError(f"{dev.name}: AER needs a PCIe (4 KiB) configuration space")
         if offset < 0x100 or offset + PCI_ERR_SIZEOF > 4096 or offset % 4:
@@ -279,6 +283,7 @@ class AERCap:
         self.root_port = root_port
         self.notify = notify
         self.header_log_locked = header_log_locked
+        self.advisory_honours_mask = advisory_honours_mask
         self.counters = AerCounters()
         self.history: list[dict] = []
         dev.set_config(offset, PCI_EXT_CAP_ID_ERR | 2 << 16 | (next_cap & 0xFFC) << 20, 4)
@@ -367,8 +372,9 @@ class AERCap:
             sev = self.severity_of(status)
             if sev is AerSeverity.NONFATAL and err.flags & AerErrFlag.MAYBE_ADVISORY:
                 # advisory non-fatal: the uncorrectable status, reported as a correctable error
+                if not (self.advisory_honours_mask and self.get(PCI_ERR_UNCOR_MASK) & status):
+                    self._log_header(status, err)
                 self._set(PCI_ERR_UNCOR_STATUS, self.uncor_status | status)
-                self._log_header(status, err)
                 sev = AerSeverity.CORRECTABLE
                 send = self._record_cor(COR.ADV_NONFATAL, devctl)
             else:
