@@ -363,6 +363,22 @@ def test_advisory_non_fatal_masked_uncorrectable_is_not_logged(honours):
     assert d.r(ERR_CAP) & 0x1F == 19 and [d.r(HEADER_LOG + 4 * i) for i in range(4)] == [7] * 4
 
 
+@pytest.mark.parametrize("rw1c", [True, False])
+def test_device_status_error_bits_are_rw1c_and_reset(rw1c):
+    d = Endpoint("ep", aer=False)
+    AERCap(d, devsta_rw1c=rw1c)
+    assert inject(d, UNSUP) == 0 and inject(d, RCVR, COR_F) == 0 and inject(d, DLP) == 0
+    assert d.devsta() == CED | NFED | FED | URD
+    d.w(d.exp_cap + R.PCI_EXP_DEVSTA, NFED | URD, 2)
+    assert d.devsta() == (CED | FED if rw1c else CED | NFED | FED | URD), "software clears what it writes 1 to"
+    d.w(d.exp_cap + R.PCI_EXP_DEVSTA, 0xFFFF, 2)
+    assert d.devsta() == (0 if rw1c else CED | NFED | FED | URD), "and cannot set anything"
+    inject(d, POISON_TLP)
+    d.reset()
+    assert (d.devsta() == 0) is rw1c, "a reset clears them"
+    assert d.r(UNCOR_STATUS) == 0
+
+
 # =========================================================================================================
 # when a message is sent
 # =========================================================================================================
@@ -601,7 +617,7 @@ def test_secondary_bus_reset_resets_every_function_below_hooks_first_once(rig: R
     assert calls[0] == ("bus1", (0, 0, 0, 0)), "the bus hooks run before any function is reset"
     assert [c[0] for c in calls] == ["bus1", "bus2"], "each bus's hooks once"
     assert port.secondary_bus_resets == 1 and port.reset_count == port_resets, "the bridge itself is not reset"
-    assert f0.r(UNCOR_STATUS) == 0, "the AER status of a reset function is cleared"
+    assert f0.r(UNCOR_STATUS) == 0 and f0.devsta() == 0, "the AER status of a reset function is cleared"
     assert f1.r(R.PCI_COMMAND, 2) == 0
     # the bit stays set: writing it again is no new edge
     port.config_write(R.PCI_BRIDGE_CONTROL, BCTL_SERR | BCTL_BUS_RESET, 2)

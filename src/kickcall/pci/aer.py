@@ -268,12 +268,14 @@ class AERCap:
     uncorrectable error while its status bit is set, a repeat of the same error included (off: a
     repeat overwrites them).  *advisory_honours_mask*: an advisory non-fatal error whose
     uncorrectable bit is masked in the Uncorrectable Error Mask is not logged, as QEMU's
-    ``pcie_aer_inject_cor_error`` (off: it is).  Both are fixes, switchable only so that tests can
-    show what breaks without them."""
+    ``pcie_aer_inject_cor_error`` (off: it is).  *devsta_rw1c*: the Device Status error bits this
+    capability sets (CED, NFED, FED, URD) are RW1C for software and cleared by a reset, as the PCIe
+    spec has them (off: software could never clear them and they survived resets).  These are
+    fixes, switchable only so that tests can show what breaks without them."""
 
     def __init__(self, dev: "PCIDevice", offset: int = AER_OFFSET, *, root_port: bool = False,
                  notify: RootPortNotify | None = None, next_cap: int = 0, header_log_locked: bool = True,
-                 advisory_honours_mask: bool = True) -> None:
+                 advisory_honours_mask: bool = True, devsta_rw1c: bool = True) -> None:
         if dev.config_size < 4096:
             raise ValueError(f"{dev.name}: AER needs a PCIe (4 KiB) configuration space")
         if offset < 0x100 or offset + PCI_ERR_SIZEOF > 4096 or offset % 4:
@@ -284,6 +286,7 @@ class AERCap:
         self.notify = notify
         self.header_log_locked = header_log_locked
         self.advisory_honours_mask = advisory_honours_mask
+        self.devsta_rw1c = devsta_rw1c
         self.counters = AerCounters()
         self.history: list[dict] = []
         dev.set_config(offset, PCI_EXT_CAP_ID_ERR | 2 << 16 | (next_cap & 0xFFC) << 20, 4)
@@ -292,6 +295,11 @@ class AERCap:
 
     def _init_registers(self) -> None:
         o, d = self.offset, self.dev
+        if self.devsta_rw1c and d.exp_cap:
+            bits = PCI_EXP_DEVSTA_CED | PCI_EXP_DEVSTA_NFED | PCI_EXP_DEVSTA_FED | PCI_EXP_DEVSTA_URD
+            sta = d.get16(d.exp_cap + R.PCI_EXP_DEVSTA)
+            w1c = struct.unpack_from("<H", d.w1cmask, d.exp_cap + R.PCI_EXP_DEVSTA)[0]
+            d.set_config(d.exp_cap + R.PCI_EXP_DEVSTA, sta & ~bits, 2, w1cmask=w1c | bits)
         d.set_config(o + PCI_ERR_UNCOR_STATUS, 0, 4, wmask=0, w1cmask=PCI_ERR_UNC_SUPPORTED)
         d.set_config(o + PCI_ERR_UNCOR_MASK, 0, 4, wmask=PCI_ERR_UNC_SUPPORTED)
         d.set_config(o + PCI_ERR_UNCOR_SEVER, PCI_ERR_UNC_SEVERITY_DEFAULT, 4, wmask=PCI_ERR_UNC_SUPPORTED)
