@@ -546,6 +546,33 @@ def test_aer_interrupt_through_intx_dropped_when_root_status_is_cleared(rig: Rig
     assert rig.lines == [(gsi, 1), (gsi, 0)]
 
 
+@pytest.mark.parametrize("level", [True, False])
+def test_intx_is_a_level_of_enabled_received_classes(rig: Rig, level: bool):
+    """QEMU's pcie_aer_root_write_config in INTx mode: the line is (Root Error Command & the classes
+    received in Root Error Status) after every write."""
+    port = PCIERootPort("rp0", rig.memory, rig.io, secondary=1, msix=False, intx_follows_root_command=level)
+    rig.bus.add_device(port, 1)
+    port.config_write(R.PCI_BRIDGE_CONTROL, BCTL_SERR, 2)
+    port.config_write(ROOT_COMMAND, FATAL_EN, 4)
+    ep = rig.endpoint(bus=port.secondary_bus)
+    gsi = PCIBus.intx_gsi(1, 1)
+    inject(ep, BAD_TLP, COR_F)  # received, not enabled
+    inject(ep, DLP)
+    assert rig.lines == [(gsi, 1)]
+    # the handler clears what it handled (the fatal bits); a correctable one it does not enable stays
+    port.config_write(ROOT_STATUS, UNCOR_RCV | FATAL_RCV | FIRST_FATAL, 4)
+    assert port.config_read(ROOT_STATUS, 4) == COR_RCV
+    if not level:
+        assert rig.lines == [(gsi, 1)]  # the bug: the line stays up for nothing enabled
+        return
+    assert rig.lines == [(gsi, 1), (gsi, 0)]
+    port.config_write(ROOT_COMMAND, FATAL_EN | COR_EN, 4)
+    assert rig.lines[-1] == (gsi, 1), "enabling a class already received raises the line"
+    port.config_write(ROOT_COMMAND, FATAL_EN, 4)
+    assert rig.lines[-1] == (gsi, 0), "disabling it drops the line"
+    assert port.aer_interrupts == 1
+
+
 # =========================================================================================================
 # bridges: bus numbers, config routing, ECAM, Secondary Bus Reset, INTx
 # =========================================================================================================
