@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -193,15 +194,26 @@ class AerParseError(ValueError):
     """A bad error_status argument (the text is QEMU's message)."""
 
 
-def parse_error_status(text: str) -> tuple[int, bool]:
+#: what ``strtoul(text, &end, 0)`` reads whole (``qemu_strtoui`` with no end pointer): C's
+#: white space, one sign, then 0x + hex digits, 0 + octal digits, or decimal digits -- ASCII only
+_STRTOUL_WHOLE = re.compile(r"[ \t\n\v\f\r]*[+-]?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", re.ASCII)
+
+
+def parse_error_status(text: str, *, strict: bool = True) -> tuple[int, bool]:
     """``pcie_aer_parse_error_string`` and the numeric fallback of the HMP command: a name of
     ``AER_ERROR_NAMES`` (exact, case-sensitive) -> (bit, correctable); else a number as
     ``qemu_strtoui(text, NULL, 0)`` reads it (0x.. hex, 0.. octal, decimal; a leading minus
-    negates in 32 bits, as strtoul does) -> (value, False); else ``AerParseError`` with QEMU's text."""
+    negates in 32 bits, as strtoul does) -> (value, False); else ``AerParseError`` with QEMU's text.
+
+    *strict* (the default) accepts only what strtoul reads whole; off, Python's ``int`` decides the
+    digits and also takes what C does not (``1_000``, ``0o17``, ``0x0x10``, ``0x 5``, ``16 ``,
+    non-ASCII digits) -- kept only so that a test can show the difference."""
     hit = AER_ERROR_NAMES.get(text)
     if hit is not None:
         return hit
     try:
+        if strict and not _STRTOUL_WHOLE.fullmatch(text):
+            raise ValueError
         s = text.lstrip(" \t\n\v\f\r")
         neg = s.startswith("-")
         if s[:1] in "+-" and s:
@@ -250,10 +262,20 @@ class AerCounters:
 class AERCap:
     """The AER extended capability of *dev* (which must have the PCIe capability).  *root_port*:
     the Root Error Command/Status and Error Source registers are live and ``notify`` is called
-    when a received message must raise the port's AER interrupt."""
+    when a received message must raise the port's AER interrupt.
+
+    *header_log_locked*: the First Error Pointer and the Header Log keep the first unmasked
+    uncorrectable error while its status bit is set, a repeat of the same error included (off: a
+    repeat overwrites them).  *advisory_honours_mask*: an advisory non-fatal error whose
+    uncorrectable bit is masked in the Uncorrectable Error Mask is not logged, as QEMU's
+    ``pcie_aer_inject_cor_error`` (off: it is).  *devsta_rw1c*: the Device Status error bits this
+    capability sets (CED, NFED, FED, URD) are RW1C for software and cleared by a reset, as the PCIe
+    spec has them (off: software could never clear them and they survived resets).  These are
+    fixes, switchable only so that tests can show what breaks without them."""
 
     def __init__(self, dev: "PCIDevice", offset: int = AER_OFFSET, *, root_port: bool = False,
-                 notify: RootPortNotify | None = None, next_cap: int = 0) -> None:
+                 notify: RootPortNotify | None = None, next_cap: int = 0, header_log_locked: bool = True,
+                 advisory_honours_mask: bool = True, devsta_rw1c: bool = True) -> None:
         if dev.config_size < 4096:
             raise ValueError(f"{dev.name}: AER needs a PCIe (4 KiB) configuration space")
         if offset < 0x100 or offset + PCI_ERR_SIZEOF > 4096 or offset % 4:
@@ -262,6 +284,9 @@ class AERCap:
         self.offset = offset
         self.root_port = root_port
         self.notify = notify
+        self.header_log_locked = header_log_locked
+        self.advisory_honours_mask = advisory_honours_mask
+        self.devsta_rw1c = devsta_rw1c
         self.counters = AerCounters()
         self.history: list[dict] = []
         dev.set_config(offset, PCI_EXT_CAP_ID_ERR | 2 << 16 | (next_cap & 0xFFC) << 20, 4)
@@ -270,6 +295,11 @@ class AERCap:
 
     def _init_registers(self) -> None:
         o, d = self.offset, self.dev
+        if self.devsta_rw1c and d.exp_cap:
+            bits = PCI_EXP_DEVSTA_CED | PCI_EXP_DEVSTA_NFED | PCI_EXP_DEVSTA_FED | PCI_EXP_DEVSTA_URD
+            sta = d.get16(d.exp_cap + R.PCI_EXP_DEVSTA)
+            w1c = struct.unpack_from("<H", d.w1cmask, d.exp_cap + R.PCI_EXP_DEVSTA)[0]
+            d.set_config(d.exp_cap + R.PCI_EXP_DEVSTA, sta & ~bits, 2, w1cmask=w1c | bits)
         d.set_config(o + PCI_ERR_UNCOR_STATUS, 0, 4, wmask=0, w1cmask=PCI_ERR_UNC_SUPPORTED)
         d.set_config(o + PCI_ERR_UNCOR_MASK, 0, 4, wmask=PCI_ERR_UNC_SUPPORTED)
         d.set_config(o + PCI_ERR_UNCOR_SEVER, PCI_ERR_UNC_SEVERITY_DEFAULT, 4, wmask=PCI_ERR_UNC_SUPPORTED)
@@ -350,8 +380,9 @@ class AERCap:
             sev = self.severity_of(status)
             if sev is AerSeverity.NONFATAL and err.flags & AerErrFlag.MAYBE_ADVISORY:
                 # advisory non-fatal: the uncorrectable status, reported as a correctable error
+                if not (self.advisory_honours_mask and self.get(PCI_ERR_UNCOR_MASK) & status):
+                    self._log_header(status, err)
                 self._set(PCI_ERR_UNCOR_STATUS, self.uncor_status | status)
-                self._log_header(status, err)
                 sev = AerSeverity.CORRECTABLE
                 send = self._record_cor(COR.ADV_NONFATAL, devctl)
             else:
@@ -379,7 +410,7 @@ class AERCap:
     def _log_header(self, status: int, err: PCIEAERErr) -> None:
         cap = self.get(PCI_ERR_CAP)
         fep = cap & PCI_ERR_CAP_FEP_MASK
-        if fep and self.uncor_status & (1 << fep) and (1 << fep) != status:
+        if fep and self.uncor_status & (1 << fep) and (self.header_log_locked or (1 << fep) != status):
             return  # an earlier error is still logged (no multi-header recording)
         self._set(PCI_ERR_CAP, (cap & ~PCI_ERR_CAP_FEP_MASK) | (status.bit_length() - 1))
         for i, h in enumerate(err.header):

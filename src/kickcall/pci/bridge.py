@@ -20,6 +20,7 @@ import struct
 from ..memory import AddressSpace
 from .. import trace
 from . import regs as R
+from . import aer as _aer
 from .aer import AERCap, AerMessage
 from .bus import PCIBus
 from .device import PCIDevice, range_covers
@@ -105,10 +106,16 @@ class PCIBridge(PCIDevice):
 
 class PCIERootPort(PCIBridge):
     """A PCIe Root Port with AER: the port's AER interrupt is its MSI-X vector 0 (INTx when MSI-X
-    is off), raised when a received message's class is enabled in Root Error Command."""
+    is off), raised when a received message's class is enabled in Root Error Command.
+
+    In INTx mode the line is a level (QEMU's ``pcie_aer_root_write_config``): after every config
+    write it is up exactly while a class received in Root Error Status is enabled in Root Error
+    Command -- clearing the enabled classes' bits or disabling them drops it, enabling a pending
+    class raises it.  *intx_follows_root_command* False brings back the old rule (the line dropped
+    only when the whole Root Error Status was cleared), only so that a test can show it."""
 
     def __init__(self, name: str, memory: AddressSpace, io: AddressSpace, *, secondary: int,
-                 msix: bool = True) -> None:
+                 msix: bool = True, intx_follows_root_command: bool = True) -> None:
         super().__init__(name, memory, io, secondary=secondary, device_id=ROOT_PORT_DEVICE, pcie=True)
         flags = self.get16(self.exp_cap + R.PCI_EXP_FLAGS) & ~R.PCI_EXP_FLAGS_TYPE
         self.set_config(self.exp_cap + R.PCI_EXP_FLAGS, flags | R.PCI_EXP_TYPE_ROOT_PORT << 4, 2)
@@ -119,6 +126,7 @@ class PCIERootPort(PCIBridge):
             self.msix.vector_use(0)
         self.aer_cap = AERCap(self, root_port=True, notify=self._aer_interrupt)
         self.aer_interrupts = 0
+        self.intx_follows_root_command = intx_follows_root_command
 
     @property
     def is_root_port(self) -> bool:
@@ -132,6 +140,17 @@ class PCIERootPort(PCIBridge):
             self.set_irq(1)
 
     def write_config_hook(self, addr: int, value: int, size: int) -> None:
-        # INTx mode: the line follows "Root Error Status has something the command enables"
-        if self.irq_level and not self.aer_cap.get(0x30) & 0x7F:
-            self.set_irq(0)
+        status = self.aer_cap.get(_aer.PCI_ERR_ROOT_STATUS)
+        if not self.intx_follows_root_command:
+            if self.irq_level and not status & 0x7F:
+                self.set_irq(0)
+            return
+        # pcie_aer_status_to_cmd: the classes received, as Root Error Command enable bits
+        received = ((_aer.PCI_ERR_ROOT_CMD_COR_EN if status & _aer.PCI_ERR_ROOT_COR_RCV else 0)
+                    | (_aer.PCI_ERR_ROOT_CMD_NONFATAL_EN if status & _aer.PCI_ERR_ROOT_NONFATAL_RCV else 0)
+                    | (_aer.PCI_ERR_ROOT_CMD_FATAL_EN if status & _aer.PCI_ERR_ROOT_FATAL_RCV else 0))
+        want = bool(self.aer_cap.get(_aer.PCI_ERR_ROOT_COMMAND) & received)
+        if self.msix is not None and self.msix.enabled:
+            want = want and bool(self.irq_level)  # MSI-X mode: INTx is never raised, only dropped
+        if want != bool(self.irq_level):
+            self.set_irq(1 if want else 0)
