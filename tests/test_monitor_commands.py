@@ -48,7 +48,7 @@ MACHINE_COMMANDS = {
     "x-query-virtio-vhost-queue-status", "x-query-virtio-queue-element", "x-query-pci-msix", "x-query-vfio",
     "x-query-device-notifiers", "x-debug-device-notifier-write", "x-debug-device-event", "x-debug-fault",
     "trace-event-list", "trace-event-get-state", "trace-event-set-state", "human-monitor-command",
-    "x-query-xen-pirqs",
+    "x-query-xen-pirqs", "x-pcie-aer-inject-error", "x-query-pci-aer",
 }
 BACKEND_COMMANDS = (MACHINE_COMMANDS - {"x-query-xen-pirqs"}) | {"x-query-vhost-user-backend"}
 
@@ -286,7 +286,8 @@ SHARED = ("query-version", "query-status", "stop", "cont", "system_reset", "quit
           "x-query-virtio-status", "x-query-virtio-queue-status", "x-query-virtio-vhost-queue-status",
           "x-query-virtio-queue-element", "trace-event-get-state", "trace-event-set-state", "human-monitor-command")
 KICKCALL_ONLY = ("trace-event-list", "x-query-xen-pirqs", "x-query-pci-msix", "x-query-vfio", "x-query-device-notifiers", "x-debug-device-event",
-                 "x-debug-device-notifier-write", "x-debug-fault", "x-query-vhost-user-backend")
+                 "x-debug-device-notifier-write", "x-debug-fault", "x-query-vhost-user-backend",
+                 "x-pcie-aer-inject-error", "x-query-pci-aer")
 
 # Fields kickcall leaves out of a reply.  Each must be optional in QEMU's schema (the conformance
 # check below fails otherwise); the reasons:
