@@ -30,12 +30,12 @@ from typing import Any, Iterator
 
 import pytest
 
-from helpers import machine_toml, wait_for
+from helpers import machine_toml, stop_process, wait_for
 from kickcall.machine.config import parse_config
 from kickcall.machine.machine import Machine
 from kickcall.pci import regs as R
 from kickcall.pci.aer import PCI_ERR_ROOT_CMD_COR_EN, PCI_ERR_ROOT_CMD_FATAL_EN, PCI_ERR_ROOT_CMD_NONFATAL_EN
-from vfio_env import monitor, vfio_server
+from vfio_env import host_view, monitor, vfio_server
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +49,8 @@ class Rig:
     m: Machine
     slot: int  # the nic, as guest commands address it (bus 1 << 8 | devfn)
     mqmp: str  # the machine's monitor
+    host_qmp: str  # the vfio-user server's monitor
+    server: Any  # the vfio-user server's process
 
     def g(self, cmd: str, **kw: Any) -> dict:
         return self.m.guest_cmd({"cmd": cmd, **kw}, timeout=120)
@@ -100,14 +102,24 @@ class Rig:
         return True
 
     def checks_pass(self) -> None:
-        """The driver's record checks: nothing out of order, no record overwritten."""
+        """The driver's record checks (nothing out of order, no record overwritten), and the
+        guest's view agrees with the host's once the traffic stopped: per queue, every record the
+        device wrote (its count survives a function reset) was consumed, and the next seq the
+        driver expects follows the device's last one."""
         st = self.nic()
         assert all(q["gaps"] == 0 and q["bad-records"] == 0 for q in st["queues"]), st["queues"]
+
+        def agree() -> bool:
+            g = {q["queue"]: q for q in self.nic()["queues"]}
+            h = {q["queue"]: q for q in host_view(self.host_qmp)["nic"]["queues"]}
+            return all(g[q]["records"] == h[q]["records-written"] and g[q]["next-seq"] == h[q]["seq"] + 1
+                       for q in QUEUES)
+        wait_for(agree, 60, "the guest's records to match the host's")
 
 
 @contextlib.contextmanager
 def aer_rig(workdir: str, *, guest: str = "process") -> Iterator[Rig]:
-    with vfio_server(workdir, "--vectors", "8") as (_p, sock, _qmp):
+    with vfio_server(workdir, "--vectors", "8") as (server, sock, qmp):
         devs = ('[[device]]\ntype = "pcie-root-port"\nid = "rp0"\n\n'
                 f'[[device]]\ntype = "vfio-user"\nid = "nic0"\nsocket = "{sock}"\nbus = "rp0"\n')
         m = Machine(parse_config(machine_toml(guest=guest, vcpus=2, devices=devs), "<test>"))
@@ -115,7 +127,7 @@ def aer_rig(workdir: str, *, guest: str = "process") -> Iterator[Rig]:
             m.start(boot=True)
             mqmp = os.path.join(workdir, "m.qmp")
             m.start_monitor(mqmp)
-            yield Rig(m, m.guest_slot(m.passthrough["nic0"]), mqmp)
+            yield Rig(m, m.guest_slot(m.passthrough["nic0"]), mqmp, qmp, server)
         finally:
             m.stop()
             if m.guest_proc is not None:
@@ -275,3 +287,29 @@ def test_nonfatal_error_on_the_passthrough_function(workdir):
         assert fn["errors"]["non-fatal"] == 1 and fn["last-error"]["errors"] == ["COMP_TIME"]
         assert r.nic()["error-handling"]["all-f-reads"] == 0
         assert r.vmm_aer("nic0")["aer"]["uncor-status"] == 0
+
+
+# -- a device that answers all-F's: counted, the recovery fails, the driver lets go --------------------------------
+def test_all_f_reads_are_counted_and_a_dead_device_is_failed(workdir):
+    """The host function is gone (its server stopped): every config read of it answers all-F's.
+    What the VMM must never let happen during a recovery, made to happen: error_detected reads
+    0xFFFF (counted in all-f-reads, the vote is NEED_RESET), slot_reset finds nothing
+    (DISCONNECT), the recovery fails, the driver is told io_perm_failure and touches the device no
+    more.  The counter the other tests require to be 0 is shown to count."""
+    with aer_rig(workdir) as r:
+        r.start_traffic()
+        assert r.flowing()
+        stop_process(r.server)
+        r.inject("rp0", "COMP_TIME")
+        wait_for(lambda: r.port()["counters"]["failed"] == 1, 60, "the failed recovery")
+        port = r.port()
+        assert port["counters"]["recovered"] == 0
+        assert [h["step"] for h in port["history"]][-1] == "failed"
+        eh = r.nic()["error-handling"]
+        assert eh["all-f-reads"] >= 2 and eh["last-seen"]["vendor"] == 0xFFFF
+        assert eh["errors-detected"]["io_perm_failure"] == 1 and eh["dead"]
+        skipped = eh["mmio-skipped"]
+        r.g("nic-generate", slot=r.slot, queue=0, n=1)
+        assert r.nic()["error-handling"]["mmio-skipped"] == skipped + 1
+        # a failed recovery leaves the port's status for a look, as Linux does
+        assert r.vmm_aer("rp0")["aer"]["uncor-status"] != 0

@@ -37,8 +37,9 @@ merged; a function without handlers votes NO_AER_DRIVER, a bridge NONE), frozen 
 (``aer_root_reset``: the port's Root Error Command off, Secondary Bus Reset set, held 2 ms,
 cleared, then the functions below polled until their vendor id reads other than 0xFFFF, bounded,
 the command back on), CAN_RECOVER -> mmio_enabled, NEED_RESET -> slot_reset, not RECOVERED ->
-error_detected(io_perm_failure) to the drivers (the functions are failed), else resume; then the
-source's AER status (RW1C) and its Device Status error bits are cleared.
+error_detected(io_perm_failure) to the drivers (the functions are failed), else resume and the
+source's AER status (RW1C) and its Device Status error bits are cleared (a failed recovery leaves
+them set, as Linux does).
 
 Every step is printk'ed and recorded in the port's bounded history; ``AerService.stats`` (guest
 command ``aer-stats``) shows per port the counters, the history and the last error, and per
@@ -398,8 +399,9 @@ class AerService:
             return
         state = PciChannelState.FROZEN if sev is AerSeverity.FATAL else PciChannelState.NORMAL
         result = self.do_recovery(p, src, state)
-        self._clear_source(src, off)
-        self._record(p, "status-cleared", id=src.requester_id, result=result.name)
+        if result is PciErsResult.RECOVERED:  # as Linux: a failed recovery leaves the status for a look
+            self._clear_source(src, off)
+            self._record(p, "status-cleared", id=src.requester_id)
 
     def _clear_source(self, src: GuestPciDev, off: int) -> None:
         """``pci_aer_clear_*_status`` and ``pcie_clear_device_status``: RW1C writes of what is set."""
