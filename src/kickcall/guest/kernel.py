@@ -297,6 +297,13 @@ class GuestKernel:
     def run_on_idle(self, fn: Callable[[], object]) -> Future:
         return self.run_on(0, fn)
 
+    def msleep(self, ms: float) -> None:
+        """``msleep``: the current vCPU halts for *ms* milliseconds (a hardware timing such as a
+        reset's Trst, not a wait for an event); a pause of the vCPUs is not held up by it."""
+        cpu = self.this_cpu()
+        ev = threading.Event()
+        cpu.halt_wait(lambda: ev.wait(ms / 1000.0))
+
     # -- MMIO / PIO ------------------------------------------------------------------------------------
     def readb(self, a: int) -> int:
         return self.this_cpu().mmio_read(a, 1)
@@ -683,6 +690,32 @@ class GuestPciDev:
             n += 1
         return out
 
+    def find_ext_capability(self, cap_id: int) -> int:
+        """``pci_find_ext_capability``: the offset of extended capability *cap_id*, walking the
+        list from 0x100 (through ECAM); 0 when absent, on a conventional function (no PCIe
+        capability) or when the list reads all-F's / loops."""
+        if not self.exp_cap:
+            return 0
+        off, seen = 0x100, 0
+        while off and seen < (4096 - 0x100) // 8:
+            hdr = self.read_config(off, 4)
+            if hdr in (0, 0xFFFFFFFF):
+                return 0
+            if hdr & 0xFFFF == cap_id:
+                return off
+            off = (hdr >> 20) & 0xFFC
+            if off < 0x100:
+                return 0
+            seen += 1
+        return 0
+
+    @property
+    def pcie_type(self) -> int | None:
+        """``pci_pcie_type``: the PCI Express capability's device/port type (None: not PCIe)."""
+        if not self.exp_cap:
+            return None
+        return (self.read_config(self.exp_cap + R.PCI_EXP_FLAGS, 2) & R.PCI_EXP_FLAGS_TYPE) >> 4
+
     def bar_addr(self, bar: int) -> int:
         return self.bars[bar][0]
 
@@ -701,6 +734,43 @@ class GuestPciDev:
             self.write_config(o, int.from_bytes(s[o:o + 4], "little"), 4)
         self.write_config(R.PCI_INTERRUPT_LINE, s[R.PCI_INTERRUPT_LINE], 1)
         self.write_config(R.PCI_COMMAND, int.from_bytes(s[4:6], "little"), 2)
+
+    def restore_msi_state(self) -> None:
+        """The MSI part of ``pci_restore_state`` (``pci_restore_msi_state``) after the function
+        was reset behind the driver's back (a secondary bus reset): the irqs stay the kernel's,
+        the device lost its registers.  MSI-X: Enable with Function Mask, every entry the driver
+        had (``vectors`` and the late ones) rewritten with its message while masked, an entry
+        whose irq has a handler unmasked, Function Mask cleared.  MSI: the message, MME, the mask
+        bits (a vector with a handler unmasked), then Enable.  INTx off in both."""
+        if self.irq_mode == PCI_IRQ_MSIX and self.msix_cap:
+            cap = self.msix_cap
+            ctl = self.read_config(cap + R.PCI_MSIX_FLAGS, 2)
+            self.write_config(cap + R.PCI_MSIX_FLAGS, ctl | R.PCI_MSIX_FLAGS_ENABLE | R.PCI_MSIX_FLAGS_MASKALL, 2)
+            entries = {i: d for i, d in enumerate(self.vectors)}
+            entries.update(self.late_vectors)
+            for i, d in sorted(entries.items()):
+                self.write_msix_msg(i, *self.k.msi_domain.compose(d))
+                if d.handlers:
+                    self.msix_mask(i, False)
+            ctl = self.read_config(cap + R.PCI_MSIX_FLAGS, 2)
+            self.write_config(cap + R.PCI_MSIX_FLAGS, ctl & ~R.PCI_MSIX_FLAGS_MASKALL, 2)
+        elif self.irq_mode == PCI_IRQ_MSI and self.msi_cap and self.vectors:
+            cap = self.msi_cap
+            ctl, _is64, maskbit = self._msi_regs()
+            self.write_msi_msg(*self.k.msi_domain.compose(self.vectors[0]))
+            if maskbit:
+                bits = (1 << (1 << ((ctl & PCI_MSI_FLAGS_QMASK) >> 1))) - 1
+                for i, d in enumerate(self.vectors):
+                    if d.handlers:
+                        bits &= ~(1 << i)
+                self.write_config(self._msi_mask_off(), bits, 4)
+            n = len(self.vectors)
+            ctl = ctl & ~(PCI_MSI_FLAGS_QSIZE | PCI_MSI_FLAGS_ENABLE) | ((n.bit_length() - 1) << 4)
+            self.write_config(cap + PCI_MSI_FLAGS, ctl, 2)
+            self.write_config(cap + PCI_MSI_FLAGS, ctl | PCI_MSI_FLAGS_ENABLE, 2)
+        else:
+            return
+        self.write_config(R.PCI_COMMAND, self.read_config(R.PCI_COMMAND, 2) | R.PCI_COMMAND_INTX_DISABLE, 2)
 
     def flr(self) -> None:
         """pcie_flr: initiate Function Level Reset and restore config space afterwards."""

@@ -19,6 +19,24 @@ lets the device go on when the ring was full.  Records are counted, never assume
 counts a record whose seq is beyond the expected one (a record overwritten, which the device
 must never do).
 
+Error recovery (``PciErrorHandlers``, set as the function's ``err_handlers`` at probe; called by
+the guest's AER service, ``kickcall.guest.aer``).  Like igb's handlers, ``error_detected`` first
+reads the function's vendor and device id and records what it saw; every config or MMIO read a
+handler makes that returns all-F's is counted (``all-f-reads``: a VMM that lets a guest read the
+device while the host resets its link makes it non-zero).  ``io_normal``: the device keeps
+running, the vote is CAN_RECOVER (all-F's seen: NEED_RESET); ``io_frozen``: the driver stops
+touching the device (no MMIO: doorbells, CONSUMER writes and the INTx status read are skipped
+and counted), the vote is NEED_RESET; ``mmio_enabled``: the ID register must read 0x4e434b43
+(RECOVERED, else DISCONNECT); ``slot_reset``: the function was reset behind the driver -- config
+restored (BARs, command with Bus Master: ``restore_config`` of what probe saved), its MSI-X/MSI
+state restored (``restore_msi_state``: every entry it had, those with handlers unmasked), each
+queue's records still in memory taken (they were written before the reset), the rings zeroed and
+reprogrammed (base, size, vector, enable) and, since a function reset restarts the device's seq
+numbers at 1, the expected seq restarted (``seq-restarts``); ``resume``: the queues' rates are
+set again and whatever arrived is consumed; ``io_perm_failure``: the device is dead, no more
+MMIO.  ``restore_after_reset=False`` (guest command ``aer-config``) makes ``slot_reset`` answer
+RECOVERED without re-initialising anything: after a fatal error the traffic never resumes.
+
 Counters: interrupts per MSI-X entry (and how many found no record: ``empty``), INTx interrupts
 taken in INTx mode, and ``intx-unexpected``: INTx interrupts that arrived while the driver used
 MSI-X (a handler on the INTx line stays registered to see them) -- the seed's "redirections to
@@ -33,6 +51,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..pci import regs as R
+from ..pci.recovery import PciChannelState, PciErsResult
 from ..vfio import nic as N
 from .kernel import PCI_IRQ_INTX, PCI_IRQ_MSI, GuestKernel, GuestPciDev, IrqDesc
 
@@ -62,22 +81,26 @@ class _Queue:
     records: int = 0
     gaps: int = 0
     bad_records: int = 0
+    rate: int = 0  # what the driver last set (restored after a reset)
+    seq_restarts: int = 0  # the device restarted its seq numbers at 1 (a function reset)
     irq: IrqDesc | None = None
     handler: Callable[[int], bool] | None = None  # what request_queue_irq registered (for free_irq)
 
     def describe(self) -> dict:
         return {"queue": self.index, "ring": self.ring, "size": self.size, "consumed": self.consumed,
                 "next-seq": self.next_seq, "enabled": self.enabled, "records": self.records, "gaps": self.gaps,
-                "bad-records": self.bad_records, "irq": self.irq.irq if self.irq is not None else None}
+                "bad-records": self.bad_records, "rate": self.rate, "seq-restarts": self.seq_restarts,
+                "irq": self.irq.irq if self.irq is not None else None}
 
 
 class NicDriver:
     """kickcall-nic's driver: rings in guest RAM, late MSI-X vectors or shared INTx."""
 
     def __init__(self, k: GuestKernel, pci: GuestPciDev, *, ring_size: int = 256, allow_msix: bool = True,
-                 irq_mode: str = "msix") -> None:
+                 irq_mode: str = "msix", restore_after_reset: bool = True) -> None:
         """*irq_mode*: ``"msix"`` (MSI-X if the function has it, else INTx), ``"msi"`` or
-        ``"intx"``; ``allow_msix=False`` is ``"intx"``."""
+        ``"intx"``; ``allow_msix=False`` is ``"intx"``.  *restore_after_reset* False: ``slot_reset``
+        re-initialises nothing (the switch that shows what the re-initialisation is for)."""
         if ring_size <= 0 or ring_size & (ring_size - 1):
             raise ValueError("ring_size must be a power of two")
         if irq_mode not in NIC_IRQ_MODES:
@@ -100,6 +123,19 @@ class NicDriver:
         self._intx: IrqDesc | None = None
         self._spare: IrqDesc | None = None
         self.spare_interrupts = 0
+        # -- error recovery
+        self.restore_after_reset = restore_after_reset
+        self.io_state = "normal"  # "normal", "frozen" (no MMIO until slot_reset), "dead"
+        self.errors_detected = {s.value: 0 for s in PciChannelState}
+        self.mmio_enabled_calls = 0
+        self.slot_resets = 0
+        self.recoveries = 0
+        self.all_f_reads = 0
+        self.mmio_skipped = 0
+        self.frozen_interrupts = 0
+        self.drained_at_reset = 0
+        self.last_seen: dict | None = None
+        self._was_reset = False
 
     # -- probe ------------------------------------------------------------------------------------------
     def probe(self) -> None:
@@ -135,9 +171,19 @@ class NicDriver:
         if p.irq_line:  # INTx watched in every mode: in MSI-X mode an INTx is one nobody asked for
             self._intx = self.k.gsi_irq(p.irq_line)
             self.k.request_irq(self._intx.irq, self._intx_handler, "kickcall-nic-intx")
+        p.save_config()  # pci_save_state: BARs and the command (decoding, Bus Master) as running
+        p.err_handlers = self
 
     def _qreg(self, q: int) -> int:
         return self.bar0 + N.QUEUE_BASE + N.QUEUE_STRIDE * q
+
+    def _mmio_ok(self) -> bool:
+        """Whether the driver may touch the device (not frozen by an error, not dead); a skipped
+        access is counted."""
+        if self.io_state == "normal":
+            return True
+        self.mmio_skipped += 1
+        return False
 
     def enable_queue(self, q: int, on: bool = True) -> None:
         with self._mu:
@@ -145,7 +191,8 @@ class NicDriver:
             if on and not qu.enabled:
                 qu.consumed = 0  # ENABLE 0->1 resets PRODUCER and CONSUMER
             qu.enabled = on
-        self.k.writel(self._qreg(q) + N.Q_ENABLE, 1 if on else 0)
+        if self._mmio_ok():
+            self.k.writel(self._qreg(q) + N.Q_ENABLE, 1 if on else 0)
 
     def request_queue_irq(self, q: int) -> int:
         """Bring queue *q*'s vector up now and request its irq: its MSI-X entry (= the queue's
@@ -208,10 +255,13 @@ class NicDriver:
 
     def generate(self, q: int, n: int) -> None:
         """Ask the device for *n* records on queue *q* (the DOORBELL register)."""
-        self.k.writel(self._qreg(q) + N.Q_DOORBELL, n)
+        if self._mmio_ok():
+            self.k.writel(self._qreg(q) + N.Q_DOORBELL, n)
 
     def set_rate(self, q: int, rate: int) -> None:
-        self.k.writel(self._qreg(q) + N.Q_RATE, rate)
+        self.queues[q].rate = rate
+        if self._mmio_ok():
+            self.k.writel(self._qreg(q) + N.Q_RATE, rate)
 
     def producer(self, q: int) -> int:
         return self.k.readl(self._qreg(q) + N.Q_PRODUCER)
@@ -219,6 +269,9 @@ class NicDriver:
     # -- interrupts ---------------------------------------------------------------------------------------
     def _msix_handler(self, q: int, entry: int) -> bool:
         self.interrupts[entry] = self.interrupts.get(entry, 0) + 1
+        if self.io_state != "normal":
+            self.frozen_interrupts += 1
+            return True
         if not self.consume(q):
             self.empty[entry] = self.empty.get(entry, 0) + 1
         return True
@@ -231,6 +284,9 @@ class NicDriver:
         if self.mode != "intx":
             self.intx_unexpected += 1
             return False
+        if self.io_state != "normal":
+            self.frozen_interrupts += 1
+            return False
         status = self.k.readl(self.bar0 + N.REG_INT_STATUS)
         self.intx_interrupts += 1
         for q in range(len(self.queues)):
@@ -239,24 +295,34 @@ class NicDriver:
         return bool(status)
 
     def consume(self, q: int) -> int:
-        """Take every record of queue *q* that is there, in order; write CONSUMER.  Returns how many."""
+        """Take every record of queue *q* that is there, in order; write CONSUMER.  Returns how many.
+        Nothing while the device is frozen or dead (the ring may be mid-reset)."""
+        if self.io_state != "normal":
+            return 0
         with self._mu:
             qu = self.queues[q]
-            n = 0
-            while True:
-                gpa = qu.ring + (qu.consumed % qu.size) * RECORD_SIZE
-                seq, queue, _vector, _flags = N.RECORD.unpack(self.k.memory.read(gpa, RECORD_SIZE))
-                if seq != qu.next_seq or queue != q:
-                    if seq > qu.next_seq and queue == q:
-                        qu.gaps += 1
-                    break
-                qu.next_seq += 1
-                qu.consumed = (qu.consumed + 1) & 0xFFFFFFFF
-                qu.records += 1
-                n += 1
+            n = self._take(qu)
             consumed = qu.consumed
-        if n:
+        if n and self._mmio_ok():
             self.k.writel(self._qreg(q) + N.Q_CONSUMER, consumed)
+        return n
+
+    def _take(self, qu: _Queue) -> int:
+        """The records of *qu* in memory, in order (``_mu`` held); how many were taken."""
+        n = 0
+        if not qu.size:
+            return 0
+        while n < qu.size:
+            gpa = qu.ring + (qu.consumed % qu.size) * RECORD_SIZE
+            seq, queue, _vector, _flags = N.RECORD.unpack(self.k.memory.read(gpa, RECORD_SIZE))
+            if seq != qu.next_seq or queue != qu.index:
+                if seq > qu.next_seq and queue == qu.index:
+                    qu.gaps += 1
+                break
+            qu.next_seq += 1
+            qu.consumed = (qu.consumed + 1) & 0xFFFFFFFF
+            qu.records += 1
+            n += 1
         return n
 
     def unconsumed(self) -> list[dict]:
@@ -278,19 +344,132 @@ class NicDriver:
         return out
 
     def stats(self) -> dict:
-        pba = self.pci.read_pba() if self.mode == "msix" else self.pci.read_msi_pending() if self.mode == "msi" else 0
+        pba: int | None = None
+        if self.io_state == "normal":
+            pba = self.pci.read_pba() if self.mode == "msix" else \
+                self.pci.read_msi_pending() if self.mode == "msi" else 0
         with self._mu:
             return {"mode": self.mode, "table-size": self.table_size, "msi-vectors": self.msi_nvec,
                     "queues": [qu.describe() for qu in self.queues],
                     "interrupts": {str(k): v for k, v in sorted(self.interrupts.items())},
                     "empty-interrupts": {str(k): v for k, v in sorted(self.empty.items())},
                     "intx-interrupts": self.intx_interrupts, "intx-unexpected": self.intx_unexpected,
-                    "spare-interrupts": self.spare_interrupts, "pba": pba}
+                    "spare-interrupts": self.spare_interrupts, "pba": pba,
+                    "error-handling": self.error_stats()}
 
-    def teardown(self) -> None:
+    def error_stats(self) -> dict:
+        """The error handlers' counters (``nic-stats``'s ``error-handling``)."""
+        return {"io-state": self.io_state, "dead": self.io_state == "dead",
+                "errors-detected": dict(self.errors_detected), "mmio-enabled": self.mmio_enabled_calls,
+                "slot-resets": self.slot_resets, "recoveries": self.recoveries, "all-f-reads": self.all_f_reads,
+                "mmio-skipped": self.mmio_skipped, "frozen-interrupts": self.frozen_interrupts,
+                "drained-at-reset": self.drained_at_reset,
+                "seq-restarts": sum(qu.seq_restarts for qu in self.queues),
+                "restore-after-reset": self.restore_after_reset, "last-seen": self.last_seen}
+
+    # -- error recovery (struct pci_error_handlers) ------------------------------------------------------------
+    def _cfg(self, off: int, size: int) -> int:
+        """A config read during recovery; all-F's counted."""
+        v = self.pci.read_config(off, size)
+        if v == (1 << (8 * size)) - 1:
+            self.all_f_reads += 1
+        return v
+
+    def error_detected(self, state: PciChannelState) -> PciErsResult:
+        """What the driver does when an error is reported below its port: read the function's
+        ids (what igb does first), then vote."""
+        state = PciChannelState(state)
+        self.errors_detected[state.value] += 1
+        vendor = self._cfg(R.PCI_VENDOR_ID, 2)
+        device = self._cfg(R.PCI_DEVICE_ID, 2)
+        self.last_seen = {"state": state.value, "vendor": vendor, "device": device}
+        self.k.printk(f"{self.pci!r}: kickcall-nic: error_detected({state.value}): config reads "
+                      f"{vendor:04x}:{device:04x}")
+        if state is PciChannelState.PERM_FAILURE:
+            self.io_state = "dead"
+            self.k.printk(f"{self.pci!r}: kickcall-nic: device dead, no more MMIO")
+            return PciErsResult.DISCONNECT
+        if state is PciChannelState.FROZEN or vendor == 0xFFFF:
+            self.io_state = "frozen"  # stop touching the device until slot_reset
+            return PciErsResult.NEED_RESET
+        return PciErsResult.CAN_RECOVER
+
+    def mmio_enabled(self) -> PciErsResult:
+        """MMIO works again (a non-fatal error): does the device answer?"""
+        self.mmio_enabled_calls += 1
+        if self.io_state == "dead":
+            return PciErsResult.DISCONNECT
+        v = self.k.readl(self.bar0 + N.REG_ID)
+        if v == 0xFFFFFFFF:
+            self.all_f_reads += 1
+        if v != N.NIC_ID_MAGIC:
+            self.k.printk(f"{self.pci!r}: kickcall-nic: mmio_enabled: ID reads {v:#x}")
+            return PciErsResult.DISCONNECT
+        return PciErsResult.RECOVERED
+
+    def slot_reset(self) -> PciErsResult:
+        """The function was reset (a secondary bus reset): bring it back as probe left it."""
+        self.slot_resets += 1
+        if self.io_state == "dead":
+            return PciErsResult.DISCONNECT
+        vendor = self._cfg(R.PCI_VENDOR_ID, 2)
+        if vendor == 0xFFFF:
+            self.k.printk(f"{self.pci!r}: kickcall-nic: slot_reset: the device does not answer")
+            return PciErsResult.DISCONNECT
+        self._was_reset = True
+        if not self.restore_after_reset:
+            self.k.printk(f"{self.pci!r}: kickcall-nic: slot_reset: not re-initialising (restore-after-reset off)")
+            self.io_state = "normal"
+            return PciErsResult.RECOVERED
+        p = self.pci
+        p.restore_config()
+        cmd = self._cfg(R.PCI_COMMAND, 2)
+        if not cmd & R.PCI_COMMAND_MEMORY:
+            self.k.printk(f"{p!r}: kickcall-nic: slot_reset: memory decoding did not come back ({cmd:#x})")
+            return PciErsResult.DISCONNECT
+        p.restore_msi_state()
+        with self._mu:
+            for qu in self.queues:
+                self.drained_at_reset += self._take(qu)  # written before the reset: still records
+                self.k.memory.fill(qu.ring, qu.size * RECORD_SIZE)
+                qu.consumed = 0
+                if qu.next_seq != 1:
+                    qu.seq_restarts += 1
+                qu.next_seq = 1  # a function reset restarts the device's seq numbers
+        for qu in self.queues:
+            base = self._qreg(qu.index)
+            self.k.writel(base + N.Q_RING_LO, qu.ring & 0xFFFFFFFF)
+            self.k.writel(base + N.Q_RING_HI, qu.ring >> 32)
+            self.k.writel(base + N.Q_SIZE, qu.size)
+            vec = qu.index % max(1, self.msi_nvec if self.mode == "msi" else self.table_size)
+            self.k.writel(base + N.Q_VECTOR, vec)
+            if qu.enabled:
+                self.k.writel(base + N.Q_ENABLE, 1)
+        self.io_state = "normal"
+        self.k.printk(f"{p!r}: kickcall-nic: slot_reset: config, interrupts and {len(self.queues)} queues restored")
+        return PciErsResult.RECOVERED
+
+    def resume(self) -> None:
+        """Traffic continues: after a reset the rates are set again; what arrived is consumed."""
+        self.recoveries += 1
+        if self.io_state != "normal":
+            return
+        if self._was_reset and self.restore_after_reset:
+            for qu in self.queues:
+                if qu.rate:
+                    self.k.writel(self._qreg(qu.index) + N.Q_RATE, qu.rate)
+        self._was_reset = False
         for qu in self.queues:
             if qu.enabled:
-                self.k.writel(self._qreg(qu.index) + N.Q_ENABLE, 0)
+                self.consume(qu.index)
+        self.k.printk(f"{self.pci!r}: kickcall-nic: resume")
+
+    def teardown(self) -> None:
+        self.pci.err_handlers = None
+        for qu in self.queues:
+            if qu.enabled:
+                if self._mmio_ok():
+                    self.k.writel(self._qreg(qu.index) + N.Q_ENABLE, 0)
                 qu.enabled = False
             self.free_queue_irq(qu.index)
         if self._intx is not None:

@@ -18,6 +18,7 @@ import zlib
 
 from ..hv.kernel import KernelHV
 from ..virtio.blk import BLK_T_FLUSH, BLK_T_GET_ID, BLK_T_IN, BLK_T_OUT
+from .aer import AerService
 from .kernel import GuestKernel, GuestPciDev
 from .nic import NicDriver, is_kickcall_nic
 from .nvme import IRQ_FLAGS, NvmeDriver
@@ -45,14 +46,19 @@ class _Dev:
         self.kind = "unknown"
 
     def describe(self) -> dict:
-        d = {"slot": self.slot, "vendor": self.pci.vendor, "device": self.pci.device, "kind": self.kind}
+        pci = self.pci
+        d: dict[str, object] = {"slot": self.slot, "vendor": pci.vendor, "device": pci.device, "kind": self.kind,
+                                "bus": pci.bus}
         drv = self.driver
         if isinstance(drv, VirtioBlkDriver):
             d.update(capacity=drv.capacity, queues=len(drv.vqs), completed=drv.completed, errors=drv.errors)
         elif isinstance(drv, VirtioNetDriver):
             d.update(pairs=drv.pairs, rx=drv.rx_packets, tx=drv.tx_packets)
         elif isinstance(drv, NicDriver):
-            d.update(mode=drv.mode, queues=len(drv.queues), table_size=drv.table_size, msi_vectors=drv.msi_nvec)
+            d.update(mode=drv.mode, queues=len(drv.queues), table_size=drv.table_size, msi_vectors=drv.msi_nvec,
+                     io_state=drv.io_state)
+        if pci.is_bridge:
+            d.update(bridge=True, secondary=pci.secondary)
         if self.vdev is not None:
             d["irq_mode"] = {0: "none", 1: "intx", 4: "msix"}.get(self.vdev.irq_mode, "?")
             d["vqs"] = [{"index": v.index, "kicks": v.kicks, "kicks_suppressed": v.kicks_suppressed,
@@ -69,6 +75,10 @@ class GuestOS:
         self.workloads: list = []
         self.queue_size = queue_size
         self.nic_ring_size = 256
+        #: the kickcall-nic driver's slot_reset re-initialises the device (``aer-config``)
+        self.nic_restore_after_reset = True
+        #: the AER port service (``aer-stats``, ``aer-config``)
+        self.aer = AerService(self.k)
         self._reqs: dict[int, BlkRequest] = {}
         self._req_ids = 0
         self._mu = threading.Lock()
@@ -131,7 +141,9 @@ class GuestOS:
             if pci.vendor != 0x1AF4:
                 continue
             self._probe(d, msix)
-        return {"devices": [d.describe() for d in self.devs.values()], "pid": _pid()}
+        ports = self.aer.probe(self.k.pci_devices)
+        return {"devices": [d.describe() for d in self.devs.values()], "pid": _pid(),
+                "aer-ports": [p.describe() for p in ports]}
 
     def _probe(self, d: _Dev, msix: bool = True) -> None:
         d.vdev = VirtioPciDevice(self.k, d.pci)
@@ -147,7 +159,8 @@ class GuestOS:
         self.k.printk(f"{d.kind} at slot {d.slot}: {d.describe()}")
 
     def _probe_nic(self, d: _Dev, msix: bool = True, irq_mode: str = "msix") -> None:
-        drv = NicDriver(self.k, d.pci, ring_size=self.nic_ring_size, allow_msix=msix, irq_mode=irq_mode)
+        drv = NicDriver(self.k, d.pci, ring_size=self.nic_ring_size, allow_msix=msix, irq_mode=irq_mode,
+                        restore_after_reset=self.nic_restore_after_reset)
         d.kind = "kickcall-nic"
         d.driver = drv
         drv.probe()
@@ -380,6 +393,41 @@ class GuestOS:
     def cmd_nic_unconsumed(self, slot: int) -> dict:
         return {"queues": self._nic(slot).unconsumed()}
 
+    # -- PCIe AER (guest/aer.py) ----------------------------------------------------------------------------
+    def cmd_aer_stats(self) -> dict:
+        """The AER service: per root port its counters, history and last error; per function the
+        errors it was the source of, its channel state and, for a kickcall-nic, its driver's
+        error-handling counters."""
+        out = self.aer.stats()
+        for d in self.devs.values():
+            key = f"{d.pci.requester_id:04x}"
+            if isinstance(d.driver, NicDriver) and key in out["functions"]:
+                out["functions"][key]["driver"] = d.driver.error_stats()
+                out["functions"][key]["slot"] = d.slot
+        return out
+
+    cmd_aer_stats.on_vcpu = False  # type: ignore[attr-defined]
+
+    def cmd_aer_config(self, native: bool | None = None, restore_after_reset: bool | None = None,
+                       ready_timeout: float | None = None) -> dict:
+        """*native*: whether the kernel owns AER (False: ``pcie_ports=compat`` -- the ports' Root
+        Error Command cleared and their irqs freed, errors never handled; True: the service
+        enabled as at boot).  *restore_after_reset*: whether the kickcall-nic driver's
+        slot_reset re-initialises the device (every bound driver and later probes).
+        *ready_timeout*: seconds the functions below a port get to come back after a secondary
+        bus reset."""
+        if native is not None:
+            self.aer.set_native(bool(native))
+        if restore_after_reset is not None:
+            self.nic_restore_after_reset = bool(restore_after_reset)
+            for d in self.devs.values():
+                if isinstance(d.driver, NicDriver):
+                    d.driver.restore_after_reset = self.nic_restore_after_reset
+        if ready_timeout is not None:
+            self.aer.ready_timeout = float(ready_timeout)
+        return {"native": self.aer.native, "restore-after-reset": self.nic_restore_after_reset,
+                "ready-timeout": self.aer.ready_timeout}
+
     def cmd_reboot(self, msix: bool = True) -> dict:
         """After a platform reset: workloads stop, drivers forget their devices, boot again."""
         for w in self.workloads:
@@ -394,6 +442,7 @@ class GuestOS:
                     for h, _n in list(dv.handlers):
                         self.k.free_irq(dv.irq, h)
                 d.pci.release_vectors()
+        self.aer.forget()
         self.devs = {}
         return self.cmd_boot(msix)
 
