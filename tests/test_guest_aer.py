@@ -6,7 +6,7 @@ kickcall-nic below it (``bus = "rp0"``: bus 1, device 0), its host function in a
 VMM side through the machine's monitor (``x-pcie-aer-inject-error``, QEMU's
 ``pcie_aer_inject_error``) into the root port's own AER capability -- the port as the source:
 error_detected goes to every function below it -- or into the passthrough function's emulated AER
-capability once the VMM has one (skipped with the reason until then).
+capability (the device has ``aer = true``).
 
 What is asserted is the guest's behaviour, through its counters (``aer-stats``, ``nic-stats``)
 and the device's sequence-numbered records: the port found and set up (SERR forwarding, Root
@@ -121,7 +121,7 @@ class Rig:
 def aer_rig(workdir: str, *, guest: str = "process") -> Iterator[Rig]:
     with vfio_server(workdir, "--vectors", "8") as (server, sock, qmp):
         devs = ('[[device]]\ntype = "pcie-root-port"\nid = "rp0"\n\n'
-                f'[[device]]\ntype = "vfio-user"\nid = "nic0"\nsocket = "{sock}"\nbus = "rp0"\n')
+                f'[[device]]\ntype = "vfio-user"\nid = "nic0"\nsocket = "{sock}"\nbus = "rp0"\naer = true\n')
         m = Machine(parse_config(machine_toml(guest=guest, vcpus=2, devices=devs), "<test>"))
         try:
             m.start(boot=True)
@@ -270,12 +270,10 @@ def test_correctable_error_is_logged_and_cleared(workdir, native):
 # -- the passthrough function as the source ------------------------------------------------------------------------
 def test_nonfatal_error_on_the_passthrough_function(workdir):
     """The source is the nic itself (its emulated AER capability in the VMM): the guest finds it
-    by requester id (01:00.0), the same recovery as above.  Needs AER emulation in
-    VFIOPCIDevice."""
+    by requester id (01:00.0), the same recovery as above (the VMM emulates the AER capability:
+    ``aer = true``)."""
     with aer_rig(workdir) as r:
-        if r.m.passthrough["nic0"].aer is None:
-            pytest.skip("the VMM's passthrough function has no emulated AER capability yet "
-                        "(VFIOPCIDevice.aer is None)")
+        assert r.m.passthrough["nic0"].aer is not None
         r.start_traffic()
         assert r.flowing()
         assert r.inject("nic0", "COMP_TIME")["id"]

@@ -17,6 +17,7 @@ import time
 import zlib
 
 from ..hv.kernel import KernelHV
+from ..pci import regs as R
 from ..virtio.blk import BLK_T_FLUSH, BLK_T_GET_ID, BLK_T_IN, BLK_T_OUT
 from .aer import AerService
 from .kernel import GuestKernel, GuestPciDev
@@ -233,6 +234,42 @@ class GuestOS:
         self.k.pci_devices = [p for p in self.k.pci_devices if p is not d.pci]
         self.k.printk(f"pci {d.slot:02x}.0: removed")
         return {"slot": d.slot, "kind": d.kind}
+
+    def cmd_pci_config_read(self, slot: int, offset: int, size: int = 4) -> dict:
+        """A config read of the function in *slot* (offsets >= 0x100 through ECAM)."""
+        if int(size) not in (1, 2, 4) or not 0 <= int(offset) <= 0x1000 - int(size):
+            raise ValueError(f"bad config access {offset:#x}/{size}")
+        return {"value": self._dev(slot).pci.read_config(int(offset), int(size))}
+
+    def cmd_pci_bus_reset(self, slot: int, timeout: float = 10.0) -> dict:
+        """``pci_reset_bus`` on the bridge in *slot*: the functions below it saved
+        (``pci_bus_save_and_disable``), Secondary Bus Reset set for Trst (2 ms) and cleared, each
+        function waited for (its vendor id answers, bounded by *timeout*), then restored (BARs,
+        command, MSI/MSI-X state)."""
+        d = self._dev(slot)
+        bridge = d.pci
+        if not bridge.is_bridge:
+            raise ValueError(f"slot {slot} is not a bridge")
+        below = [x for x in self.k.pci_devices if x.parent is bridge]
+        for f in below:
+            f.save_config()
+        ctl = bridge.read_config(R.PCI_BRIDGE_CONTROL, 2)
+        bridge.write_config(R.PCI_BRIDGE_CONTROL, ctl | R.PCI_BRIDGE_CTL_BUS_RESET, 2)
+        self.k.msleep(2.0)
+        bridge.write_config(R.PCI_BRIDGE_CONTROL, ctl & ~R.PCI_BRIDGE_CTL_BUS_RESET, 2)
+        deadline = time.monotonic() + float(timeout)
+        not_ready = []
+        for f in below:
+            while f.read_config(R.PCI_VENDOR_ID, 2) == 0xFFFF:
+                if time.monotonic() >= deadline:
+                    not_ready.append(repr(f))
+                    break
+                self.k.msleep(1.0)
+            else:
+                f.restore_config()
+                f.restore_msi_state()
+        self.k.printk(f"{bridge!r}: secondary bus reset of {len(below)} function(s)")
+        return {"functions": [repr(f) for f in below], "not-ready": not_ready}
 
     # -- Xen (the guest's view) -------------------------------------------------------------------------
     def _xen(self) -> XenHvmMsiDomain:
