@@ -137,6 +137,7 @@ log = logging.getLogger("kickcall.vfio.pci")
 
 _t_vector = trace.event("vfio_msix_vector", "the passthrough device rewired an MSI-X vector's host trigger")
 _t_fatal = trace.event("vfio_fatal", "the passthrough device could not wire a host interrupt")
+_t_card_reset = trace.event("vfio_card_hot_reset", "a guest's bus reset became one host hot reset for a card")
 _t_err = trace.event("vfio_err_notifier", "the host signalled a PCIe error (ERR eventfd) and the VMM acted on it")
 _t_xen_map = trace.event("vfio_xen_map_pirq", "the passthrough device mapped a pirq for an MSI-X entry (Xen)")
 _t_xen_unmap = trace.event("vfio_xen_unmap_pirq", "the passthrough device unmapped an MSI-X entry's pirq (Xen)")
@@ -311,6 +312,7 @@ class VfioCardReset:
             del self.failures[:-8]
             return
         self.resets += 1
+        _t_card_reset.emit(functions=",".join(d.name for d in live), resets=self.resets)
         for d in live:
             d.hot_reset_done = True
 
