@@ -18,55 +18,36 @@ Completions are counted by the device's sequence-numbered records.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
 from typing import Any, Iterator
 
 import pytest
 
-from helpers import kickcall_argv, machine_toml, spawn, stop_process, wait_for, wait_for_listener
+from helpers import SRC, kickcall_argv, machine_toml, wait_for
 from kickcall.machine.config import parse_config
 from kickcall.machine.machine import CARD_HOT_RESET, Machine, MachineError
-from kickcall.monitor.client import QMPClient
 from kickcall.vfio import nic as N
+from vfio_env import monitor, vfio_card
 
 pytestmark = pytest.mark.slow
 
 
 @contextlib.contextmanager
 def card_server(workdir: str, functions: int, *args: str) -> Iterator[tuple[Any, list[str], str]]:
-    """A ``kickcall vfio-user-server`` card of *functions* functions: (process, sockets, qmp)."""
-    socks = [os.path.join(workdir, f"fn{i}.sock") for i in range(functions)]
-    qmp = os.path.join(workdir, "card.qmp")
-    argv = ["vfio-user-server"]
-    for s in socks:
-        argv += ["--socket", s]
-    p = spawn(kickcall_argv(*argv, "--qmp", qmp, "--queues", "2", "--vectors", "4", *args))
-    try:
-        for s in socks:
-            wait_for_listener(s, p)
-        wait_for_listener(qmp, p)
-        yield p, socks, qmp
-    finally:
-        stop_process(p)
-
-
-@contextlib.contextmanager
-def host_monitor(qmp: str) -> Iterator[QMPClient]:
-    c = QMPClient(qmp, timeout=60)
-    c.connect()
-    try:
-        yield c
-    finally:
-        c.close()
+    """A card of *functions* kickcall-nic functions (2 queues, 4 vectors each): (process, sockets, qmp)."""
+    with vfio_card(workdir, functions, "--queues", "2", "--vectors", "4", *args) as card:
+        yield card
 
 
 def host_hmp(qmp: str, line: str) -> str:
-    with host_monitor(qmp) as c:
+    with monitor(qmp) as c:
         return str(c.execute("human-monitor-command", {"command-line": line}))
 
 
 def host_aer(qmp: str, dev: str = "nic0") -> dict:
-    with host_monitor(qmp) as c:
+    with monitor(qmp) as c:
         return c.execute("x-query-pci-aer", {"dev": dev})
 
 
@@ -123,7 +104,7 @@ def test_aer_topology_rules_refuse_with_a_reason(workdir, case):
 # -- a guest's bus reset is one host hot reset ------------------------------------------------------------------
 
 def _device_resets(qmp: str, dev: str) -> int:
-    with host_monitor(qmp) as c:
+    with monitor(qmp) as c:
         v = c.execute("x-query-vfio", {"dev": dev})
     return int(v["host"]["counts"].get("device-resets", 0))
 
@@ -225,7 +206,7 @@ def _ring_seqs(m: Machine, ring: int, size: int, queue: int) -> list[int]:
 def test_a_fatal_error_stops_the_vm_and_no_completion_is_lost_silently(workdir, link_reset):
     with card_server(workdir, 1) as (_p, socks, qmp):
         if link_reset == "off":  # Cao's RFC: the host trusts the user to reset the link
-            with host_monitor(qmp) as c:
+            with monitor(qmp) as c:
                 c.execute("x-debug-fault", {"dev": "host", "fault": "aer-host-link-reset", "action": "off"})
         m = build(ROOT_PORT + fn("nic", socks[0]), guest="process")
         try:
@@ -241,6 +222,15 @@ def test_a_fatal_error_stops_the_vm_and_no_completion_is_lost_silently(workdir, 
             assert ev == {**ev, "device": "nic", "severity": "fatal", "action": "stop"}
             wait_for(lambda: not m.running, 60, "the VM stopped")
             assert _events(m, "STOP")
+            if link_reset == "on":
+                # diagnose: a VM stopped for a PCIe error, not a lost interrupt
+                mqmp = os.path.join(workdir, "m.qmp")
+                m.start_monitor(mqmp)
+                p = subprocess.run(kickcall_argv("diagnose", "--qmp", mqmp, "--json", "--interval", "0.25"),
+                                   capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=SRC))
+                assert "Traceback" not in p.stderr and p.returncode == 1, p.stderr
+                vs = [q for q in json.loads(p.stdout)["queues"] if q["path"] == "nic"]
+                assert vs and all(q["verdict"] == "PCIe error recovery" and q["severity"] == "problem" for q in vs), vs
             # the host did its link reset and recovered on its own
             def recovered() -> dict | None:
                 a = host_aer(qmp)
