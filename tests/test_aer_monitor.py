@@ -60,6 +60,12 @@ class Mon:
         return self("query-status")["status"] == "running"
 
 
+def _no_guest_aer(m) -> None:
+    """The guest's AER service off (``pcie_ports=compat``): what an injection sets stays set for
+    the monitor to show (the guest's recovery is tests/test_guest_aer.py's)."""
+    assert m.guest_cmd({"cmd": "aer-config", "native": False}, timeout=60)["native"] is False
+
+
 @pytest.fixture(scope="module")
 def vm():
     import shutil
@@ -69,6 +75,7 @@ def vm():
     qmp = os.path.join(d, "m.qmp")
     try:
         with running_machine(_toml("thread")) as m:
+            _no_guest_aer(m)
             m.start_monitor(qmp)
             with QMPClient(qmp, timeout=60).connect(wait=30) as c:
                 yield m, Mon(c)
@@ -88,6 +95,7 @@ def test_hmp_through_kickcall_shell(workdir):
     qmp = os.path.join(workdir, "m.qmp")
     with running_machine(_toml("process")) as m:
         assert m.guest_proc is not None
+        _no_guest_aer(m)
         m.start_monitor(qmp)
         lines = "\n".join([
             "pcie_aer_inject_error rp0 POISON_TLP",
