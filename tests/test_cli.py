@@ -83,3 +83,34 @@ def test_sigint_stops_cleanly_with_results():
             proc.wait()
     assert proc.returncode == 0, err
     assert "all data checks passed" in out
+
+
+# -- issue 13, a first step: logging, tracing and a run without a workload ---------------------------------------
+def test_log_level_anywhere_and_in_any_case(tmp_path):
+    for args in (["--log-level", "info", "config"], ["config", "--log-level", "Debug"],
+                 ["--log-level", "error", "config", "--log-level", "WARNING"]):
+        r = kickcall(*args)
+        assert r.returncode == 0 and "[machine]" in r.stdout, (args, r.stderr)
+    r = kickcall("config", "--log-level", "loud")
+    assert r.returncode == 2
+    assert "argument --log-level: 'loud' is not a log level (debug, info, warning, error)" in r.stderr
+
+
+def test_trace_help_lists_the_events_and_builds_nothing():
+    r = kickcall("run", "--trace", "help")
+    assert r.returncode == 0, r.stderr
+    names = [line.split(":")[0] for line in r.stdout.splitlines()]
+    assert "msix_notify" in names and "pcie_aer_inject" in names and names == sorted(names)
+    assert "machine" not in r.stdout + r.stderr  # no machine was built
+
+
+def test_a_run_without_a_workload_says_so_and_a_trace_pattern_that_matches_nothing_warns(tmp_path):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[machine]\nvcpus = 1\nguest = "thread"\n[[device]]\ntype = "virtio-blk"\nid = "blk0"\n'
+                   'size = "1M"\n')
+    r = kickcall("run", str(cfg), "--duration", "0.5", "--trace", "nosuch*", "--trace", "msix_notify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no workload ran (the config has no [workload] section): nothing to check" in r.stdout
+    assert "all data checks passed" not in r.stdout
+    assert "--trace nosuch*: matches no trace event (kickcall run --trace help lists them)" in r.stderr
+    assert "--trace msix_notify: matches" not in r.stderr

@@ -52,7 +52,6 @@ def _loopback_hostport(v: str) -> tuple[str, int]:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kickcall", description="The kick and call paths of virtual devices.")
-    ap.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a machine and its workload")
     r.add_argument("config", nargs="?", help="machine TOML file (default: the built-in machine)")
@@ -111,7 +110,26 @@ def _parser() -> argparse.ArgumentParser:
     # every parser add_subparsers made, from the groups themselves: argparse has no public list of
     # a parser's subcommands (a new group of subcommands goes here too)
     _add_version([ap, *sub.choices.values(), *bs.choices.values()])
+    _add_log_level(ap, [*sub.choices.values(), b, *bs.choices.values()])
     return ap
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(text: str) -> str:
+    v = text.upper()
+    if v not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a log level ({', '.join(x.lower() for x in LOG_LEVELS)})")
+    return v
+
+
+def _add_log_level(top: argparse.ArgumentParser, subs: list[argparse.ArgumentParser]) -> None:
+    """``--log-level`` before or after the subcommand, in any case (the last one given wins)."""
+    helptext = "debug, info, warning (the default) or error; any case, anywhere on the command line"
+    top.add_argument("--log-level", type=_log_level, default="WARNING", metavar="LEVEL", help=helptext)
+    for p in dict.fromkeys(subs):
+        p.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS, metavar="LEVEL", help=helptext)
 
 
 def _add_version(parsers: list[argparse.ArgumentParser]) -> None:
@@ -306,8 +324,14 @@ def cmd_run(a: argparse.Namespace) -> int:
 def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
     from .machine import Machine, MachineError
     from .machine.view import LiveView, PlainView, summary_lines
+    if "help" in a.trace:
+        for ev in sorted(trace.events(), key=lambda e: e.name):
+            print(f"{ev.name}: {ev.doc}")
+        return EXIT_OK
     for pat in a.trace:
-        trace.set_state(pat, True)
+        if not trace.set_state(pat, True):
+            print(f"kickcall: --trace {pat}: matches no trace event (kickcall run --trace help lists them)",
+                  file=sys.stderr, flush=True)
     if a.trace:
         trace.add_sink(lambda rec: print(trace.format_record(rec), file=sys.stderr))
     tty = sys.stdout.isatty() and sys.stdin.isatty() and not a.plain and not a.json
@@ -391,10 +415,18 @@ def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
         if a.json:
             print(json.dumps({"results": results, "devices": snap["devices"], "hv": snap["hv"],
                               "exits": snap["exits"]}, indent=1))
-        else:
+        wanted = cfg.workload_blk is not None or cfg.workload_net is not None
+        if not a.json:
             print("\n".join(summary_lines(snap, results)))
-            print(f"kickcall: {'FAILED: ' + str(errors) + ' data errors' if errors else 'all data checks passed'}")
-        if errors or not results:
+            if errors:
+                print(f"kickcall: FAILED: {errors} data errors")
+            elif results:
+                print("kickcall: all data checks passed")
+            elif wanted:
+                print("kickcall: FAILED: the workload produced no results")
+            else:
+                print("kickcall: no workload ran (the config has no [workload] section): nothing to check")
+        if errors or (wanted and not results):
             rc = 1
     return rc
 
