@@ -114,3 +114,19 @@ def test_a_run_without_a_workload_says_so_and_a_trace_pattern_that_matches_nothi
     assert "all data checks passed" not in r.stdout
     assert "--trace nosuch*: matches no trace event (kickcall run --trace help lists them)" in r.stderr
     assert "--trace msix_notify: matches" not in r.stderr
+
+
+def test_run_json_exit_counters_count(tmp_path):
+    """``hv.mmio_exits`` / ``hv.pio_exits`` are the vCPUs' own exit counts, and agree with the
+    VMM's count of the exits it served (they were never incremented)."""
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[machine]\nvcpus = 1\nguest = "thread"\n[[device]]\ntype = "virtio-blk"\nid = "blk0"\n'
+                   'size = "1M"\n')
+    r = kickcall("run", str(cfg), "--duration", "0.3", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    ex = doc["exits"]
+    mmio = ex.get("mmio-read", 0) + ex.get("mmio-write", 0)
+    pio = ex.get("pio-read", 0) + ex.get("pio-write", 0)
+    assert mmio > 0 and pio > 0, ex  # the boot enumerates PCI (CF8/CFC) and sets up the device (MMIO)
+    assert abs(doc["hv"]["mmio_exits"] - mmio) <= 4 and abs(doc["hv"]["pio_exits"] - pio) <= 4, (doc["hv"], ex)

@@ -107,7 +107,16 @@ class HvStats:
 
     # -- readers --------------------------------------------------------------------------------
     def globals(self) -> dict[str, int]:
-        return {n: self.w[self.g(n)] for n in GLOBAL_FIELDS}
+        """The global counters.  ``mmio_exits`` and ``pio_exits`` are the sums of the vCPUs' own
+        rows (read and write exits; the interrupt-context row included): each exit is counted
+        once, where it happens, by its vCPU."""
+        out = {n: self.w[self.g(n)] for n in GLOBAL_FIELDS}
+        rows = range(MAX_VCPUS + 1)
+        out["mmio_exits"] = sum(self.w[self.v(c, "mmio_write_exits")] + self.w[self.v(c, "mmio_read_exits")]
+                                for c in rows)
+        out["pio_exits"] = sum(self.w[self.v(c, "pio_write_exits")] + self.w[self.v(c, "pio_read_exits")]
+                               for c in rows)
+        return out
 
     def vcpu(self, cpu: int) -> dict[str, int]:
         return {n: self.w[self.v(cpu, n)] for n in VCPU_FIELDS}
