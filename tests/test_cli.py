@@ -130,3 +130,16 @@ def test_run_json_exit_counters_count(tmp_path):
     pio = ex.get("pio-read", 0) + ex.get("pio-write", 0)
     assert mmio > 0 and pio > 0, ex  # the boot enumerates PCI (CF8/CFC) and sets up the device (MMIO)
     assert abs(doc["hv"]["mmio_exits"] - mmio) <= 4 and abs(doc["hv"]["pio_exits"] - pio) <= 4, (doc["hv"], ex)
+
+
+def test_a_missing_vhost_user_socket_is_said_and_fails_after_the_connect_timeout(tmp_path):
+    sock = tmp_path / "nobody.sock"
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[machine]\nvcpus = 1\nguest = "thread"\n[[device]]\ntype = "virtio-blk"\nid = "blk0"\n'
+                   f'backend = "vhost-user"\nsocket = "{sock}"\n')
+    r = kickcall("run", str(cfg), "--duration", "1", "--connect-timeout", "0.5")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"waiting for the back-end at {sock} (up to 0.5 s)" in r.stderr
+    assert f"cannot connect to the back-end at {sock} after waiting 0.5 s: No such file or directory" in r.stderr
+    assert r.stderr.count("waiting for the back-end") == 1
+    assert "Traceback" not in r.stderr

@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--qmp", metavar="PATH", help="serve a QMP monitor on this Unix socket (mode 0600)")
     r.add_argument("--qmp-tcp", metavar="HOST:PORT", type=_loopback_hostport,
                    help="also serve the monitor on this loopback TCP address (127.0.0.1 or ::1 only)")
+    r.add_argument("--connect-timeout", type=_positive, default=30.0, metavar="S",
+                   help="seconds a vhost-user device waits for its back-end's socket (default 30)")
     r.add_argument("--allow-write", action="store_true",
                    help="let the workload write to the images the config names (image = \"path\"); "
                         "without it they are only read")
@@ -346,7 +348,7 @@ def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
     old_term = signal.signal(signal.SIGTERM, on_sigint)
     signal.signal(signal.SIGUSR1, lambda s, f: toggle.set())
     try:
-        m = Machine(cfg)
+        m = Machine(cfg, connect_timeout=a.connect_timeout)
     except (MachineError, OSError, ValueError) as e:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)

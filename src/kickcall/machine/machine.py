@@ -106,7 +106,7 @@ class Machine:
     """Build a machine from a config; ``start()`` launches the guest and boots it."""
 
     def __init__(self, cfg: MachineConfig | None = None, *, workdir: str | None = None,
-                 guest_log_level: str = "WARNING") -> None:
+                 guest_log_level: str = "WARNING", connect_timeout: float = 30.0) -> None:
         """Build the machine.  If anything fails (or Ctrl-C arrives) on the way, everything built so
         far is torn down -- the temporary directory with its images included -- before the error
         propagates."""
@@ -114,6 +114,8 @@ class Machine:
         self.bql = threading.RLock()
         self.registry = NotifierRegistry()
         self.guest_log_level = guest_log_level
+        self.connect_timeout = connect_timeout
+        """Seconds a vhost-user device waits for its back-end's socket (``run --connect-timeout``)."""
         self.guest_events: list[dict] = []
         self.devices: dict[str, VirtIOPCIProxy] = {}
         # passthrough (vfio-user) functions: kept apart, the rest of the machine assumes devices are virtio
@@ -256,7 +258,8 @@ class Machine:
 
             try:
                 vdev = VhostUserBlkDevice(dc.id, dc.socket, num_queues=dc.queues, queue_size=dc.queue_size,
-                                          registry=self.registry, loop=self.iothread, use_inflight=dc.inflight)
+                                          registry=self.registry, loop=self.iothread, use_inflight=dc.inflight,
+                                          connect_wait=self.connect_timeout)
             except Exception as e:  # cannot connect, or the back-end broke the protocol
                 raise MachineError(f"device {dc.id}: vhost-user back-end at {dc.socket}: {e}") from e
             class_code = 0x010000

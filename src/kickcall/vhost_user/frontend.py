@@ -88,8 +88,11 @@ class VhostUserFrontend:
 
     # -- connection --------------------------------------------------------------------------------
     def connect(self, wait: float = 0.0) -> None:
-        """Connect, retrying for up to *wait* seconds while the socket is not there yet."""
+        """Connect, retrying for up to *wait* seconds while the socket is not there yet (said
+        once, at WARNING: "waiting for the back-end at PATH"); then BackendGone naming the path
+        and how long it waited."""
         deadline = time.monotonic() + wait
+        said = False
         while True:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -98,7 +101,12 @@ class VhostUserFrontend:
             except (FileNotFoundError, ConnectionRefusedError) as e:
                 s.close()
                 if time.monotonic() >= deadline:
-                    raise BackendGone(f"{self.name}: cannot connect to {self.path}: {e}") from None
+                    waited = f" after waiting {wait:g} s" if wait > 0 else ""
+                    raise BackendGone(f"{self.name}: cannot connect to the back-end at {self.path}{waited}: "
+                                      f"{e.strerror}") from None
+                if not said:
+                    log.warning("%s: waiting for the back-end at %s (up to %g s)", self.name, self.path, wait)
+                    said = True
                 time.sleep(0.02)
         s.settimeout(self.timeout)
         self.sock = s
