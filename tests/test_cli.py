@@ -143,3 +143,19 @@ def test_a_missing_vhost_user_socket_is_said_and_fails_after_the_connect_timeout
     assert f"cannot connect to the back-end at {sock} after waiting 0.5 s: No such file or directory" in r.stderr
     assert r.stderr.count("waiting for the back-end") == 1
     assert "Traceback" not in r.stderr
+
+
+def test_an_intx_device_is_shown_as_intx(tmp_path):
+    """With ``msix = false`` the queues' calls go on INTx: the view says so (it said no-vector)."""
+    from kickcall.machine.view import rates
+
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[machine]\nvcpus = 1\nguest = "thread"\n[[device]]\ntype = "virtio-blk"\nid = "blk0"\n'
+                   'size = "1M"\nmsix = false\n[workload.blk]\ndepth = 2\n')
+    r = kickcall("run", str(cfg), "--duration", "0.5", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    q0 = doc["devices"]["blk0"]["queues"][0]
+    assert q0["irq-mode"] == "intx" and q0["calls"] > 0, q0
+    row = rates(None, {"time": 0.0, "devices": doc["devices"]})["blk0"][0]
+    assert row["mask"] == "intx"

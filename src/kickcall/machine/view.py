@@ -13,6 +13,8 @@ __all__ = ["LiveView", "PlainView", "rates", "summary_lines"]
 
 
 def _mask_state(q: dict) -> str:
+    if q.get("irq-mode") == "intx":  # no MSI-X (msix = false, or the driver fell back): the queue's calls are INTx
+        return "intx"
     if q["vector"] == 0xFFFF:
         return "no-vector"
     if q["masked"] is None:

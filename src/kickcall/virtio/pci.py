@@ -757,6 +757,7 @@ class VirtIOPCIProxy(PCIDevice):
             "queue": q.index,
             "vector": q.vector,
             "masked": masked,
+            "irq-mode": "msix" if m is not None and m.enabled else "intx",
             "kicks": q.kicks,
             "kicks-by-path": dict(q.kicks_by_path),
             "calls": q.calls,
