@@ -56,6 +56,19 @@ def test_bench_notify_write_replaces_only_its_own_section(workdir):
     outside = lambda t: t[:t.index(start)] + t[t.index(end):]  # noqa: E731
     assert outside(after) == outside(before)  # the other sections and the hand-written notes survive
     assert after != before and "kickcall bench notify" in after[after.index(start):after.index(end)]
+    # the terminal gets text, not Markdown: no HTML markers, no emphasis, no table rules
+    assert "<!--" not in p.stdout and "**" not in p.stdout and "|---" not in p.stdout, p.stdout[:2000]
+    assert "kick_ioeventfd" in p.stdout or "ioeventfd" in p.stdout
+    # no fixed prose a run's own figures can contradict: the reference's range is this run's
+    block = after[after.index(start):after.index(end)]
+    assert "~2 µs" not in block and "ranged from" in block
+
+
+def test_markdown_to_text():
+    from kickcall.bench import markdown_to_text
+
+    md = "<!-- x: begin -->\n### Title\n\n| a | bb |\n|---|---:|\n| ccc | d |\n\nRatio **2.0x** `mb()`\n<!-- x: end -->\n"
+    assert markdown_to_text(md) == "Title\n\na    bb\nccc  d\n\nRatio 2.0x mb()\n"
 
 
 def test_bench_monitor_books_balance(workdir):

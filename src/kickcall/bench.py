@@ -427,10 +427,11 @@ def render_markdown(r: dict) -> str:
         "",
         "The floor is an eventfd written by the same guest vCPU thread and read by the same VMM IOThread "
         "that carry the kick, so the ratio is what the doorbell, the hypervisor's ioeventfd match and the "
-        "device's kick handler add. An eventfd between two fresh processes is shown for reference: on this "
-        "machine (itself a VM) it sits for minutes in a ~2 µs or a ~10 µs mode, depending on how the host "
-        "schedules this VM's vCPUs, so it is no stable denominator. Each round's ratio against that round's "
-        "own floor: "
+        "device's kick handler add. An eventfd between two fresh processes is shown for reference; its p50 "
+        f"ranged from {min(x['separate_floor_p50_us'] for x in r['per_round']):.1f} to "
+        f"{max(x['separate_floor_p50_us'] for x in r['per_round']):.1f} µs across this run's rounds (on a "
+        "machine that is itself a VM it moves with how the host schedules the vCPUs), so it is no stable "
+        "denominator. Each round's ratio against that round's own floor: "
         + ", ".join(f"{name} min {ra[k]['min']:.2f}x / median {ra[k]['median']:.2f}x / max {ra[k]['max']:.2f}x"
                     for name, k in (("ioeventfd kick", "kick_over_floor_per_round"),
                                     ("irqfd call", "call_over_floor_per_round"),
@@ -463,11 +464,41 @@ def write_markdown(path: str, block: str) -> None:
         f.write(text)
 
 
+def markdown_to_text(md: str) -> str:
+    """A rendered section for a terminal: no HTML markers, no emphasis, tables as aligned columns
+    (Markdown is what ``--write`` puts in BENCHMARKS.md, not what a run prints)."""
+    out: list[str] = []
+    table: list[list[str]] = []
+
+    def flush() -> None:
+        if not table:
+            return
+        widths = [max(len(row[i]) if i < len(row) else 0 for row in table) for i in range(max(map(len, table)))]
+        for row in table:
+            out.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+        table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("<!--"):
+            continue
+        line = line.replace("**", "").replace("`", "")
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if all(set(c) <= set("-: ") for c in cells):
+                continue  # the header separator
+            table.append(cells)
+            continue
+        flush()
+        out.append(line[2:] if line.startswith("# ") else line.lstrip("#").lstrip() if line.startswith("#") else line)
+    flush()
+    return "\n".join(out).strip("\n") + "\n"
+
+
 def bench_main(a: argparse.Namespace) -> int:
     log = (lambda msg: print(msg, file=sys.stderr)) if a.json else print
     if a.bench == "monitor":
         r = run_monitor(quick=a.quick, log=log)
-        print(json.dumps(r, indent=1) if a.json else render_monitor(r))
+        print(json.dumps(r, indent=1) if a.json else markdown_to_text(render_monitor(r)), end="\n" if a.json else "")
         if a.write:
             write_block(a.write, render_monitor(r), MON_BLOCK_START, MON_BLOCK_END)
             log(f"updated {a.write}")
@@ -483,7 +514,7 @@ def bench_main(a: argparse.Namespace) -> int:
         return 0
     if a.bench == "vhost-user":
         r = run_vhost_user(quick=a.quick, log=log)
-        print(json.dumps(r, indent=1) if a.json else render_vhost_user(r))
+        print(json.dumps(r, indent=1) if a.json else markdown_to_text(render_vhost_user(r)), end="\n" if a.json else "")
         if a.write:
             write_block(a.write, render_vhost_user(r), VU_BLOCK_START, VU_BLOCK_END)
             log(f"updated {a.write}")
@@ -492,7 +523,7 @@ def bench_main(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(r, indent=1))
     else:
-        print(render_markdown(r))
+        print(markdown_to_text(render_markdown(r)), end="")
     if a.write:
         write_markdown(a.write, render_markdown(r))
         log(f"updated {a.write}")
