@@ -67,7 +67,7 @@ from typing import Any
 from ..memory import parse_size
 
 __all__ = ["ConfigError", "MachineConfig", "DeviceConfig", "load_config", "parse_config", "default_config",
-           "DEFAULT_TOML"]
+           "DEFAULT_TOML", "reference_toml", "Key"]
 
 DEFAULT_TOML = """\
 [machine]
@@ -206,7 +206,8 @@ class Key:
             return "required"
         if self.default is None:
             return self.auto
-        return _toml_value(self, self.default)
+        shown = _toml_value(self, self.default)
+        return f"{shown} ({self.auto})" if self.auto else shown
 
 
 def _size_text(n: int) -> str:
@@ -609,3 +610,60 @@ def load_config(path: str) -> MachineConfig:
 
 def default_config() -> MachineConfig:
     return parse_config(DEFAULT_TOML, "<built-in default>")
+
+
+# (title, table header, keys, values shown instead of defaults, whole block commented out)
+_RefBlock = tuple[str, str, dict[str, Key], dict[str, Any], bool]
+
+
+def _reference_blocks() -> list[_RefBlock]:
+    return [
+        ("the machine", "[machine]", MACHINE_KEYS, {}, False),
+        ("virtio-blk served by the VMM on an image file", "[[device]]", device_keys("virtio-blk", "file"),
+         {"type": "virtio-blk", "id": "blk0"}, False),
+        ("virtio-net", "[[device]]", device_keys("virtio-net"), {"type": "virtio-net", "id": "net0"}, False),
+        ("virtio-blk served by a vhost-user back-end (kickcall vhost-user-blk, or QEMU's "
+         "storage daemon): needs its socket", "[[device]]", device_keys("virtio-blk", "vhost-user"),
+         {"type": "virtio-blk", "id": "blk1", "backend": "vhost-user"}, True),
+        ("a PCIe Root Port with AER (docs/aer.md): its secondary bus takes one device (bus = \"rp0\")",
+         "[[device]]", device_keys("pcie-root-port"), {"type": "pcie-root-port", "id": "rp0"}, False),
+        ("a passthrough PCI function behind a vfio-user server (kickcall vfio-user-server, "
+         "docs/vfio.md): needs its socket", "[[device]]", device_keys("vfio-user"),
+         {"type": "vfio-user", "id": "nic0"}, True),
+        ("the block workload (a section present: the run drives every virtio-blk)", "[workload.blk]",
+         WORKLOAD_BLK_KEYS, {}, False),
+        ("the network workload (a section present: the run drives every virtio-net)", "[workload.net]",
+         WORKLOAD_NET_KEYS, {}, False),
+    ]
+
+
+def reference_toml(all_blocks: bool = False) -> str:
+    """The full config reference, generated from the key table: every key the parser accepts, grouped
+    by table and device type, each with its help, its type and range or choices, and its default.
+
+    It parses as a machine config.  Blocks that need a path of the user's (a back-end's socket) are
+    commented out, and so are keys whose value is a path or a placement (image, bus, slot,
+    function); ``all_blocks=True`` prints those blocks uncommented (tests parse both)."""
+    out = [
+        "# kickcall machine config: the full reference (`kickcall config`).",
+        "# Every key the config accepts, with its type, range or choices, and default; a key left out",
+        "# takes its default.  Blocks that need a socket of yours are commented out, and so are keys whose",
+        "# value is a path or a placement: uncomment and edit them.  `kickcall config --check FILE`",
+        "# validates a file, `kickcall run FILE` runs it.",
+    ]
+    for title, header, keys, values, commented in _reference_blocks():
+        hide = commented and not all_blocks
+        pre = "# " if hide else ""
+        out += ["", f"# ---- {title} ----", pre + header]
+        for k in keys.values():
+            out.append(f"{pre}# {k.help}")
+            out.append(f"{pre}# {k.describe()}; default {k.default_text()}")
+            if k.name in values:
+                out.append(f"{pre}{k.name} = {_toml_value(k, values[k.name])}")
+            elif k.example is not None and k.required:
+                out.append(f"{pre}{k.name} = {_toml_value(k, k.example)}")
+            elif k.example is not None:
+                out.append(f"{pre}# {k.name} = {_toml_value(k, k.example)}")
+            else:
+                out.append(f"{pre}{k.name} = {_toml_value(k, k.default)}")
+    return "\n".join(out) + "\n"
