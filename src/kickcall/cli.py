@@ -2,7 +2,7 @@
 
     kickcall run [CONFIG.toml] [--duration S] [--plain] [--interval S] [--pause-at S --pause-for S]
     kickcall bench notify [--json] [--write BENCHMARKS.md] [--quick]
-    kickcall config [--default]
+    kickcall config [--check FILE]
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     bf.add_argument("--json", action="store_true")
     bf.add_argument("--write", metavar="FILE", help="update the vfio section of this BENCHMARKS.md")
     bf.add_argument("--quick", action="store_true", help="fewer samples, growth to 256 vectors (a smoke run)")
-    c = sub.add_parser("config", help="print the built-in default machine config")
+    c = sub.add_parser("config", help="print the full config reference: every key, its default and range")
     c.add_argument("--check", metavar="FILE", help="validate a config file and exit")
     # every parser add_subparsers made, from the groups themselves: argparse has no public list of
     # a parser's subcommands (a new group of subcommands goes here too)
@@ -256,7 +256,7 @@ def _main(argv: list[str] | None = None) -> int:
 
         return shell.main(a.socket)
     if a.cmd == "config":
-        from .machine.config import DEFAULT_TOML, ConfigError, load_config
+        from .machine.config import ConfigError, load_config, reference_toml
 
         if a.check:
             try:
@@ -266,7 +266,7 @@ def _main(argv: list[str] | None = None) -> int:
                 return 2
             print(f"{a.check}: ok")
             return 0
-        print(DEFAULT_TOML, end="")
+        print(reference_toml(), end="")
         return 0
     return 2
 

@@ -67,7 +67,7 @@ from typing import Any
 from ..memory import parse_size
 
 __all__ = ["ConfigError", "MachineConfig", "DeviceConfig", "load_config", "parse_config", "default_config",
-           "DEFAULT_TOML"]
+           "DEFAULT_TOML", "reference_toml", "Key"]
 
 DEFAULT_TOML = """\
 [machine]
@@ -156,6 +156,192 @@ class MachineConfig:
     source: str = ""
 
 
+# ---------------------------------------------------------------------------------------------
+# The key table: every key the parser accepts, with its type, default, range or choices and help.
+# parse_config reads each key through its Key (``_V.take``), and reference_toml() prints the same
+# table, so the reference cannot drift from what the parser applies.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: ``kind`` is "int", "float", "bool", "str" or "size" (bytes, or "64M").
+
+    ``default`` None means the parser chooses (``auto`` says how) or the key is required
+    (``required``).  ``example`` is shown, commented out, where the default cannot be (a path);
+    ``rule`` is a constraint beyond the range ("a power of two")."""
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    lo: int | float | None = None
+    hi: int | float | None = None
+    choices: tuple[str, ...] | None = None
+    auto: str = ""
+    required: bool = False
+    example: Any = None
+    rule: str = ""
+
+    def describe(self) -> str:
+        """The key's type and bounds, as the reference prints them ("integer 1..16")."""
+        if self.choices is not None:
+            s = "one of " + ", ".join(f'"{c}"' for c in self.choices)
+        elif self.kind == "size":
+            s = f"size {_size_text(int(self.lo or 0))}..{_size_text(int(self.hi or 0))} (bytes, or \"64M\", \"1G\")"
+        elif self.kind == "int":
+            s = f"integer {self.lo}..{self.hi}"
+        elif self.kind == "float":
+            s = f"number {self.lo}..{self.hi}"
+        elif self.kind == "bool":
+            s = "true or false"
+        else:
+            s = "string"
+        if self.rule:
+            s += f", {self.rule}"
+        return s
+
+    def default_text(self) -> str:
+        """The default as the reference prints it."""
+        if self.required:
+            return "required"
+        if self.default is None:
+            return self.auto
+        shown = _toml_value(self, self.default)
+        return f"{shown} ({self.auto})" if self.auto else shown
+
+
+def _size_text(n: int) -> str:
+    for suffix, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{suffix}"
+    return str(n)
+
+
+def _toml_value(k: Key, v: Any) -> str:
+    if k.kind == "size":
+        return f'"{_size_text(int(v))}"'
+    if k.kind == "bool":
+        return "true" if v else "false"
+    if k.kind == "str":
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def _keys(*ks: Key) -> dict[str, Key]:
+    return {k.name: k for k in ks}
+
+
+#: [machine]
+MACHINE_KEYS = _keys(
+    Key("name", "str", "default", "a label for the machine (QMP query-name)"),
+    Key("ram", "size", 64 << 20, "guest RAM (one memfd, shared with vhost-user and vfio-user back-ends)",
+        8 << 20, 4 << 30),
+    Key("vcpus", "int", 2, "vCPUs the guest runs its queues on", 1, 16),
+    Key("guest", "str", "process", "where the guest runs: a child process, or threads of the VMM "
+        "process (for unit tests)", choices=("process", "thread")),
+    Key("max-irq-routes", "int", 4096, "kvm: the GSI routing table's size (KVM_MAX_IRQ_ROUTES)", 32, 4096),
+    Key("hypervisor", "str", "kvm", "kvm (ioeventfd, irqfd, MSI routes) or xen (pirqs and event channels, "
+        "no irqfd; docs/xen.md)", choices=("kvm", "xen")),
+    Key("nr-pirqs", "int", 56, "xen: the domain's pirq table (24 GSIs + extra_guest_irqs)", 25, 4096),
+)
+
+DEVICE_TYPES = ("virtio-blk", "virtio-net", "vfio-user", "pcie-root-port")
+
+#: keys every [[device]] takes
+DEVICE_KEYS = _keys(
+    Key("type", "str", None, "the device model", choices=DEVICE_TYPES, required=True),
+    Key("id", "str", None, "the device's id in QMP, HMP, --json and metrics: a letter, then up to 31 "
+        "letters, digits, '_', '.' or '-'", auto="blk<N>, net<N>, vfio<N> or rp<N> (N: the device's index)"),
+)
+
+#: placement keys of every device but a pcie-root-port
+PLACEMENT_KEYS = _keys(
+    Key("bus", "str", "", "the id of a pcie-root-port to sit below (slot 0 of its secondary bus)",
+        example="rp0", auto="the root bus"),
+    Key("slot", "int", None, "the PCI slot on the root bus (below a root port: 0 only)", 1, 31,
+        auto="the next free slot", example=1),
+    Key("function", "int", 0, "below a root port: the PCI function (on the root bus: not allowed)", 0, 7,
+        example=0),
+)
+
+#: keys of both virtio devices
+VIRTIO_KEYS = _keys(
+    Key("ioeventfd", "bool", True, "kicks through an ioeventfd (KVM_IOEVENTFD) rather than an MMIO exit"),
+    Key("irqfd", "bool", True, "calls through an irqfd (KVM_IRQFD) rather than the VMM injecting"),
+    Key("msix", "bool", True, "MSI-X vectors per queue; false: INTx (pin A)"),
+)
+
+BLK_KEYS = _keys(
+    Key("queue-size", "int", 128, "descriptors per virtqueue", 2, 1024, rule="a power of two"),
+    Key("backend", "str", "file", "who serves the requests: the VMM on an image file, or a vhost-user "
+        "back-end", choices=("file", "vhost-user")),
+    Key("queues", "int", 1, "request virtqueues (VIRTIO_BLK_F_MQ)", 1, 16),
+)
+
+BLK_FILE_KEYS = _keys(
+    Key("image", "str", "", "a raw image to serve (only read unless allow-write); absent: a temporary "
+        "image of `size`", example="disk.img", auto="a temporary image"),
+    Key("size", "size", 16 << 20, "the temporary image's size (ignored with image)", 64 << 10, 64 << 30,
+        rule="a multiple of 4096"),
+    Key("read-only", "bool", False, "offer VIRTIO_BLK_F_RO"),
+    Key("allow-write", "bool", False, "let the workload write to a user's image (image = \"path\")"),
+    Key("aio", "str", "auto", "how the VMM does the I/O", choices=("auto", "threads", "sync")),
+    Key("serial", "str", "", "VIRTIO_BLK_T_GET_ID's answer", rule="at most 20 characters"),
+)
+
+BLK_VHOST_KEYS = _keys(
+    Key("socket", "str", None, "the vhost-user back-end's Unix socket (shorter than 108 bytes)",
+        required=True, example="/run/blk1.sock"),
+    Key("inflight", "bool", True, "negotiate VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD when offered"),
+)
+
+NET_KEYS = _keys(
+    Key("queue-size", "int", 256, "descriptors per virtqueue", 2, 1024, rule="a power of two"),
+    Key("backend", "str", "loopback", "where transmitted frames go: straight back to the receive queue, "
+        "or through a socketpair", choices=("loopback", "socketpair")),
+    Key("queue-pairs", "int", 1, "receive/transmit queue pairs (VIRTIO_NET_F_MQ)", 1, 8),
+)
+
+VFIO_KEYS = _keys(
+    Key("socket", "str", None, "the vfio-user server's Unix socket (shorter than 108 bytes)",
+        required=True, example="/run/nic0.sock"),
+    Key("dma", "str", "fd", "how guest RAM reaches the server: DMA_MAP with the memfd, or "
+        "DMA_READ/DMA_WRITE messages", choices=("fd", "message")),
+    Key("x-msix-noresize", "bool", False, "the old MSI-X path (disable and re-enable per new vector)"),
+    Key("irqfd", "bool", True, "the server's interrupts through irqfds rather than the VMM injecting"),
+    Key("aer", "bool", False, "forward the host's non-fatal AER errors to the guest, stop the VM on fatal "
+        "ones (below a pcie-root-port, alone on its bus)"),
+)
+
+WORKLOAD_BLK_KEYS = _keys(
+    Key("depth", "int", 16, "requests in flight per queue", 1, 256),
+    Key("block-size", "int", 4096, "bytes per request", 512, 1 << 20, rule="a multiple of 512"),
+    Key("read-ratio", "float", 0.5, "the share of reads (the rest are writes)", 0.0, 1.0),
+    Key("seed", "int", 1, "the random generator's seed (the same seed, the same requests)", 0, 2**31),
+    Key("stall-timeout", "float", 10.0, "seconds without progress on a queue before the run fails", 0.5, 3600.0),
+)
+
+WORKLOAD_NET_KEYS = _keys(
+    Key("min-payload", "int", 32, "the smallest frame payload", 16, 4000, rule="at most max-payload"),
+    Key("max-payload", "int", 1400, "the largest frame payload", 16, 4000),
+    Key("seed", "int", 2, "the random generator's seed", 0, 2**31),
+    Key("stall-timeout", "float", 10.0, "seconds without progress on a queue before the run fails", 0.5, 3600.0),
+)
+
+
+def device_keys(type_: str, backend: str = "") -> dict[str, Key]:
+    """Every key a ``[[device]]`` of this type (and back-end, for virtio-blk) accepts."""
+    if type_ == "pcie-root-port":
+        return dict(DEVICE_KEYS)
+    ks = {**DEVICE_KEYS, **PLACEMENT_KEYS}
+    if type_ == "vfio-user":
+        return {**ks, **VFIO_KEYS}
+    if type_ == "virtio-net":
+        return {**ks, **VIRTIO_KEYS, **NET_KEYS}
+    ks = {**ks, **VIRTIO_KEYS, **BLK_KEYS}
+    return {**ks, **(BLK_VHOST_KEYS if backend == "vhost-user" else BLK_FILE_KEYS)}
+
+
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 60, 6, 4
 
@@ -229,6 +415,22 @@ class _V:
             raise self.err(k, f"must be between {lo} and {hi} bytes, got {n}")
         return n
 
+    def take(self, k: Key, default: Any = None, lo: Any = None, hi: Any = None) -> Any:
+        """Read key *k* as its table entry says; *default*, *lo*, *hi* override the entry's (an id's
+        default is per index, a slot below a root port may only be 0)."""
+        d = k.default if default is None else default
+        lo = k.lo if lo is None else lo
+        hi = k.hi if hi is None else hi
+        if k.kind == "int":
+            return self.int(k.name, d, lo, hi)
+        if k.kind == "float":
+            return self.float(k.name, d, lo, hi)
+        if k.kind == "size":
+            return self.size(k.name, d, lo, hi)
+        if k.kind == "bool":
+            return self.bool(k.name, d)
+        return self.str(k.name, "" if d is None else d, k.choices)
+
     def done(self) -> None:
         extra = sorted(set(self.t) - self.used)
         if extra:
@@ -245,13 +447,13 @@ def parse_config(text: str, source: str = "<config>") -> MachineConfig:
     top = _V(data, "", source)
     cfg = MachineConfig(source=source)
     m = _V(top.get("machine", {}), "machine", source)
-    cfg.name = m.str("name", "default")
-    cfg.ram = m.size("ram", 64 << 20, 8 << 20, 4 << 30)
-    cfg.vcpus = m.int("vcpus", 2, 1, 16)
-    cfg.guest = m.str("guest", "process", ("process", "thread"))
-    cfg.max_irq_routes = m.int("max-irq-routes", 4096, 32, 4096)
-    cfg.hypervisor = m.str("hypervisor", "kvm", ("kvm", "xen"))
-    cfg.nr_pirqs = m.int("nr-pirqs", 56, 25, 4096)
+    cfg.name = m.take(MACHINE_KEYS["name"])
+    cfg.ram = m.take(MACHINE_KEYS["ram"])
+    cfg.vcpus = m.take(MACHINE_KEYS["vcpus"])
+    cfg.guest = m.take(MACHINE_KEYS["guest"])
+    cfg.max_irq_routes = m.take(MACHINE_KEYS["max-irq-routes"])
+    cfg.hypervisor = m.take(MACHINE_KEYS["hypervisor"])
+    cfg.nr_pirqs = m.take(MACHINE_KEYS["nr-pirqs"])
     m.done()
     devs = top.get("device", [])
     if not isinstance(devs, list):
@@ -261,21 +463,21 @@ def parse_config(text: str, source: str = "<config>") -> MachineConfig:
     below: set[tuple[str, int]] = set()
     for i, raw in enumerate(devs):
         d = _V(raw, f"device[{i}]", source)
-        t = d.str("type", "", ("virtio-blk", "virtio-net", "vfio-user", "pcie-root-port"))
+        t = d.take(DEVICE_KEYS["type"])
         default_id = {"vfio-user": f"vfio{i}", "pcie-root-port": f"rp{i}"}.get(t, f"{t.split('-')[1]}{i}")
-        dc = DeviceConfig(type=t, id=d.str("id", default_id))
+        dc = DeviceConfig(type=t, id=d.take(DEVICE_KEYS["id"], default_id))
         if not _ID.match(dc.id):
             raise d.err("id", f"must be a letter followed by letters, digits, '_', '.' or '-', got {dc.id!r}")
         if dc.id in ids:
             raise d.err("id", f"duplicate device id {dc.id!r}")
         ids.add(dc.id)
         if t != "pcie-root-port":
-            dc.bus = d.str("bus", "")
+            dc.bus = d.take(PLACEMENT_KEYS["bus"])
         if dc.bus:
-            if "slot" in raw and d.int("slot", 0, 0, 31) != 0:
+            if "slot" in raw and d.take(PLACEMENT_KEYS["slot"], 0, lo=0) != 0:
                 raise d.err("slot", "a root port's link has one device: slot 0 (choose the function)")
             dc.slot = 0
-            dc.function = d.int("function", 0, 0, 7)
+            dc.function = d.take(PLACEMENT_KEYS["function"])
             if (dc.bus, dc.function) in below:
                 raise d.err("function", f"function {dc.function} on bus {dc.bus!r} is already used")
             below.add((dc.bus, dc.function))
@@ -283,7 +485,7 @@ def parse_config(text: str, source: str = "<config>") -> MachineConfig:
             if "function" in raw:
                 raise d.err("function", "functions other than 0 are for devices below a root port (bus = \"...\")")
             if "slot" in raw:
-                dc.slot = d.int("slot", 0, 1, 31)
+                dc.slot = d.take(PLACEMENT_KEYS["slot"], 0)
                 if dc.slot in slots:
                     raise d.err("slot", f"slot {dc.slot} is already used")
                 slots.add(dc.slot)
@@ -292,62 +494,58 @@ def parse_config(text: str, source: str = "<config>") -> MachineConfig:
             cfg.devices.append(dc)
             continue
         if t == "vfio-user":
-            dc.socket = d.str("socket", "")
+            dc.socket = d.take(VFIO_KEYS["socket"])
             if not dc.socket:
                 raise d.err("socket", "a vfio-user device needs the path of its server's socket")
             if len(dc.socket.encode()) > 107:
                 raise d.err("socket", "Unix socket paths must be shorter than 108 bytes")
-            dc.dma = d.str("dma", "fd", ("fd", "message"))
-            dc.x_msix_noresize = d.bool("x-msix-noresize", False)
-            dc.irqfd = d.bool("irqfd", True)
-            dc.aer = d.bool("aer", False)
+            dc.dma = d.take(VFIO_KEYS["dma"])
+            dc.x_msix_noresize = d.take(VFIO_KEYS["x-msix-noresize"])
+            dc.irqfd = d.take(VFIO_KEYS["irqfd"])
+            dc.aer = d.take(VFIO_KEYS["aer"])
             d.done()
             cfg.devices.append(dc)
             continue
-        dc.ioeventfd = d.bool("ioeventfd", True)
-        dc.irqfd = d.bool("irqfd", True)
-        dc.msix = d.bool("msix", True)
-        dc.queue_size = d.int("queue-size", 128 if t == "virtio-blk" else 256, 2, 1024)
+        dc.ioeventfd = d.take(VIRTIO_KEYS["ioeventfd"])
+        dc.irqfd = d.take(VIRTIO_KEYS["irqfd"])
+        dc.msix = d.take(VIRTIO_KEYS["msix"])
+        dc.queue_size = d.take((BLK_KEYS if t == "virtio-blk" else NET_KEYS)["queue-size"])
         if dc.queue_size & (dc.queue_size - 1):
             raise d.err("queue-size", f"must be a power of two, got {dc.queue_size}")
         if t == "virtio-blk":
-            dc.backend = d.str("backend", "file", ("file", "vhost-user"))
-            dc.queues = d.int("queues", 1, 1, 16)
+            dc.backend = d.take(BLK_KEYS["backend"])
+            dc.queues = d.take(BLK_KEYS["queues"])
             if dc.backend == "vhost-user":
-                dc.socket = d.str("socket", "")
+                dc.socket = d.take(BLK_VHOST_KEYS["socket"])
                 if not dc.socket:
                     raise d.err("socket", "a vhost-user back-end needs the path of its socket")
                 if len(dc.socket.encode()) > 107:
                     raise d.err("socket", "Unix socket paths must be shorter than 108 bytes")
-                dc.inflight = d.bool("inflight", True)
+                dc.inflight = d.take(BLK_VHOST_KEYS["inflight"])
             else:
-                dc.image = d.str("image", "")
-                dc.size = d.size("size", 16 << 20, 64 << 10, 64 << 30)
+                dc.image = d.take(BLK_FILE_KEYS["image"])
+                dc.size = d.take(BLK_FILE_KEYS["size"])
                 if dc.size % 4096:
                     raise d.err("size", "must be a multiple of 4096")
-                dc.read_only = d.bool("read-only", False)
-                dc.allow_write = d.bool("allow-write", False)
+                dc.read_only = d.take(BLK_FILE_KEYS["read-only"])
+                dc.allow_write = d.take(BLK_FILE_KEYS["allow-write"])
                 if dc.allow_write and not dc.image:
                     raise d.err("allow-write", "applies to a user's image (image = \"path\"); "
                                                "a temporary image is always writable")
-                dc.aio = d.str("aio", "auto", ("auto", "threads", "sync"))
-                dc.serial = d.str("serial", "")
+                dc.aio = d.take(BLK_FILE_KEYS["aio"])
+                dc.serial = d.take(BLK_FILE_KEYS["serial"])
                 if len(dc.serial) > 20:
                     raise d.err("serial", "must be at most 20 characters")
         else:
-            dc.backend = d.str("backend", "loopback", ("loopback", "socketpair"))
-            dc.queue_pairs = d.int("queue-pairs", 1, 1, 8)
+            dc.backend = d.take(NET_KEYS["backend"])
+            dc.queue_pairs = d.take(NET_KEYS["queue-pairs"])
         d.done()
         cfg.devices.append(dc)
     wl = _V(top.get("workload", {}), "workload", source)
     if "blk" in wl.t:
         b = _V(wl.get("blk", {}), "workload.blk", source)
         cfg.workload_blk = {
-            "depth": b.int("depth", 16, 1, 256),
-            "block_size": b.int("block-size", 4096, 512, 1 << 20),
-            "read_ratio": b.float("read-ratio", 0.5, 0.0, 1.0),
-            "seed": b.int("seed", 1, 0, 2**31),
-            "stall_timeout": b.float("stall-timeout", 10.0, 0.5, 3600.0),
+            k.name.replace("-", "_"): b.take(k) for k in WORKLOAD_BLK_KEYS.values()
         }
         if cfg.workload_blk["block_size"] % 512:
             raise b.err("block-size", "must be a multiple of 512")
@@ -355,10 +553,7 @@ def parse_config(text: str, source: str = "<config>") -> MachineConfig:
     if "net" in wl.t:
         n = _V(wl.get("net", {}), "workload.net", source)
         cfg.workload_net = {
-            "min_payload": n.int("min-payload", 32, 16, 4000),
-            "max_payload": n.int("max-payload", 1400, 16, 4000),
-            "seed": n.int("seed", 2, 0, 2**31),
-            "stall_timeout": n.float("stall-timeout", 10.0, 0.5, 3600.0),
+            k.name.replace("-", "_"): n.take(k) for k in WORKLOAD_NET_KEYS.values()
         }
         if cfg.workload_net["min_payload"] > cfg.workload_net["max_payload"]:
             raise n.err("min-payload", "must not exceed max-payload")
@@ -415,3 +610,60 @@ def load_config(path: str) -> MachineConfig:
 
 def default_config() -> MachineConfig:
     return parse_config(DEFAULT_TOML, "<built-in default>")
+
+
+# (title, table header, keys, values shown instead of defaults, whole block commented out)
+_RefBlock = tuple[str, str, dict[str, Key], dict[str, Any], bool]
+
+
+def _reference_blocks() -> list[_RefBlock]:
+    return [
+        ("the machine", "[machine]", MACHINE_KEYS, {}, False),
+        ("virtio-blk served by the VMM on an image file", "[[device]]", device_keys("virtio-blk", "file"),
+         {"type": "virtio-blk", "id": "blk0"}, False),
+        ("virtio-net", "[[device]]", device_keys("virtio-net"), {"type": "virtio-net", "id": "net0"}, False),
+        ("virtio-blk served by a vhost-user back-end (kickcall vhost-user-blk, or QEMU's "
+         "storage daemon): needs its socket", "[[device]]", device_keys("virtio-blk", "vhost-user"),
+         {"type": "virtio-blk", "id": "blk1", "backend": "vhost-user"}, True),
+        ("a PCIe Root Port with AER (docs/aer.md): its secondary bus takes one device (bus = \"rp0\")",
+         "[[device]]", device_keys("pcie-root-port"), {"type": "pcie-root-port", "id": "rp0"}, False),
+        ("a passthrough PCI function behind a vfio-user server (kickcall vfio-user-server, "
+         "docs/vfio.md): needs its socket", "[[device]]", device_keys("vfio-user"),
+         {"type": "vfio-user", "id": "nic0"}, True),
+        ("the block workload (a section present: the run drives every virtio-blk)", "[workload.blk]",
+         WORKLOAD_BLK_KEYS, {}, False),
+        ("the network workload (a section present: the run drives every virtio-net)", "[workload.net]",
+         WORKLOAD_NET_KEYS, {}, False),
+    ]
+
+
+def reference_toml(all_blocks: bool = False) -> str:
+    """The full config reference, generated from the key table: every key the parser accepts, grouped
+    by table and device type, each with its help, its type and range or choices, and its default.
+
+    It parses as a machine config.  Blocks that need a path of the user's (a back-end's socket) are
+    commented out, and so are keys whose value is a path or a placement (image, bus, slot,
+    function); ``all_blocks=True`` prints those blocks uncommented (tests parse both)."""
+    out = [
+        "# kickcall machine config: the full reference (`kickcall config`).",
+        "# Every key the config accepts, with its type, range or choices, and default; a key left out",
+        "# takes its default.  Blocks that need a socket of yours are commented out, and so are keys whose",
+        "# value is a path or a placement: uncomment and edit them.  `kickcall config --check FILE`",
+        "# validates a file, `kickcall run FILE` runs it.",
+    ]
+    for title, header, keys, values, commented in _reference_blocks():
+        hide = commented and not all_blocks
+        pre = "# " if hide else ""
+        out += ["", f"# ---- {title} ----", pre + header]
+        for k in keys.values():
+            out.append(f"{pre}# {k.help}")
+            out.append(f"{pre}# {k.describe()}; default {k.default_text()}")
+            if k.name in values:
+                out.append(f"{pre}{k.name} = {_toml_value(k, values[k.name])}")
+            elif k.example is not None and k.required:
+                out.append(f"{pre}{k.name} = {_toml_value(k, k.example)}")
+            elif k.example is not None:
+                out.append(f"{pre}# {k.name} = {_toml_value(k, k.example)}")
+            else:
+                out.append(f"{pre}{k.name} = {_toml_value(k, k.default)}")
+    return "\n".join(out) + "\n"
