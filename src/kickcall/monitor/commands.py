@@ -65,6 +65,19 @@ PATH_ACTIONS = ("drop-next", "drop-all", "clear")  # x-debug-fault's actions for
 TEST_RACE_WINDOW = 0.0
 
 
+# Switches of issue 13's monitor fixes (tests turn them off to see the old behaviour come back):
+# ACCEPT_QDEV_ID -- every command that names a device takes its qdev id ("blk0") as well as its
+#   QOM path (x-query-virtio* took the path only: "Path blk0 is not a VirtIODevice"), and the
+#   commands that take an id also take the qdev's QOM path ("/machine/peripheral/blk0").
+# HMP_PLAIN_TEXT -- HMP answers print values as QEMU's HMP does (true/false, "-" for none, lists
+#   as words), never a Python repr (a dict, True, None).
+# HMP_INFO_HELP -- ``info`` alone lists the info subcommands, ``info version`` is QEMU's, and an
+#   info subcommand missing an argument gets QEMU's parser text instead of "unknown command".
+ACCEPT_QDEV_ID = True
+HMP_PLAIN_TEXT = True
+HMP_INFO_HELP = True
+
+
 def _race_window() -> None:
     if TEST_RACE_WINDOW > 0:
         time.sleep(TEST_RACE_WINDOW)
@@ -91,17 +104,46 @@ class _Ctx:
             self.server.emit(event, data)
 
     # -- lookups ----------------------------------------------------------------------------------
-    def by_path(self, path: str) -> DeviceView:
+    @staticmethod
+    def _qdev_path(d: DeviceView) -> str:
+        """The QOM path of the qdev itself: a VirtIODevice's parent (``/machine/peripheral/blk0``
+        for ``/machine/peripheral/blk0/virtio-backend``), else the device's path."""
+        head, _, tail = d.path.rpartition("/")
+        return head if tail == "virtio-backend" and head else d.path
+
+    def find(self, name: str) -> DeviceView | None:
+        """The device *name* designates: its qdev id, its path or (ACCEPT_QDEV_ID) its qdev's QOM path."""
         for d in self.target.devices():
-            if d.path == path:
+            if name in (d.id, d.path) or (ACCEPT_QDEV_ID and name == self._qdev_path(d)):
                 return d
-        raise QMPError(f"Path {path} is not a VirtIODevice")
+        return None
+
+    def by_path(self, path: str, what: str = "VirtIODevice") -> DeviceView:
+        """x-query-virtio*'s ``path``: the VirtIODevice's QOM path or (ACCEPT_QDEV_ID, kickcall's
+        extension) its qdev id; anything else gets QEMU's text (``what``: QEMU 7.2 says "VirtIO
+        device" in x-query-virtio-queue-element, "VirtIODevice" elsewhere)."""
+        for d in self.target.devices():
+            if d.path == path or (ACCEPT_QDEV_ID and d.id == path):
+                return d
+        raise QMPError(f"Path {path} is not a {what}")
 
     def by_dev(self, dev: str) -> DeviceView:
-        for d in self.target.devices():
-            if dev in (d.id, d.path):
-                return d
-        raise QMPError(f"Device '{dev}' not found", "DeviceNotFound")
+        d = self.find(dev)
+        if d is None:
+            raise QMPError(f"Device '{dev}' not found", "DeviceNotFound")
+        return d
+
+    def qdev_id(self, name: str) -> str:
+        """*name* as a qdev id, for the commands that look devices up by id in the target
+        (pcie_aer_inject_error, x-query-pci-aer): a device's path becomes its id, and so does a
+        user-created device's QOM path ``/machine/peripheral/<id>`` (a root port is no DeviceView)."""
+        if not ACCEPT_QDEV_ID:
+            return name
+        d = self.find(name)
+        if d is not None:
+            return d.id
+        head, _, tail = name.rpartition("/")
+        return tail if head == "/machine/peripheral" and tail else name
 
     @staticmethod
     def queue(d: DeviceView, queue: int) -> int:
@@ -198,7 +240,7 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
         return d.vhost_queue_status(queue)
 
     def x_query_virtio_queue_element(path: str, queue: int, index: int | None = None) -> dict:
-        d = c.by_path(path)
+        d = c.by_path(path, "VirtIO device")  # (sic: QEMU 7.2's text for this command)
         return d.queue_element(c.queue(d, queue), index)
 
     add("query-pci", query_pci, doc="PCI devices")
@@ -246,8 +288,7 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
 
     def x_debug_fault(dev: str, queue: int | None = None, path: str | None = None, action: str | None = None,
                       fault: str | None = None) -> dict:
-        owner = c.target.fault_owners().get(dev) if not any(dev in (x.id, x.path) for x in c.target.devices()) \
-            else None
+        owner = c.target.fault_owners().get(dev) if c.find(dev) is None else None
         if owner is not None:  # faults of no one device (a machine's): no queues, no paths
             if path is not None or queue is not None:
                 raise QMPError(f"'{dev}' has no queues: give 'fault' and 'action'")
@@ -308,7 +349,7 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
                                 header1: int | None = None, header2: int | None = None, header3: int | None = None,
                                 prefix0: int | None = None, prefix1: int | None = None, prefix2: int | None = None,
                                 prefix3: int | None = None) -> dict:
-        view = target.aer_device(id)
+        view = target.aer_device(c.qdev_id(id))
         try:
             status, is_cor = parse_error_status(error_status)
         except AerParseError as e:
@@ -336,10 +377,10 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
         if rc < 0:
             raise QMPError(f"failed to inject error: {os.strerror(-rc)}")
         log.warning("monitor: AER error %s injected into %s", error_status, id)
-        return {"id": id, **{k: v for k, v in out.items() if k != "rc"}}
+        return {"id": view.id, **{k: v for k, v in out.items() if k != "rc"}}
 
     def x_query_pci_aer(dev: str) -> dict:
-        return target.aer_device(dev).aer_status()
+        return target.aer_device(c.qdev_id(dev)).aer_status()
 
     add("x-pcie-aer-inject-error", x_pcie_aer_inject_error, Arg("id", "str"), Arg("error_status", "str"),
         Arg("advisory_non_fatal", "bool", optional=True), Arg("correctable", "bool", optional=True),
@@ -400,18 +441,29 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
 # ---------------------------------------------------------------------------------------------------
 # HMP: the same handlers, as text
 # ---------------------------------------------------------------------------------------------------
+# The info subcommands: (name, parameters, help), QEMU 7.2's words for the ones QEMU has ("path"
+# here also takes a device's qdev id: ACCEPT_QDEV_ID).  A parameter's kind is in _INFO_PARAM_KIND.
+_INFO_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("msix", "dev", "show a device's MSI-X table, masks, PBA and bound notifiers"),
+    ("notifiers", "dev", "show a device's notifiers and their counters"),
+    ("pci", "", "show PCI info"),
+    ("pci-aer", "dev", "show a function's AER registers, recovery state and history"),
+    ("pirqs", "", "show a Xen domain's pirqs, the device models' claims and the conflicts (machine)"),
+    ("status", "", "show the current VM status (running|paused)"),
+    ("trace-events", "[name]", "show available trace-events & their state (name: event name pattern)"),
+    ("version", "", "show the version (kickcall's, printed as QEMU prints its own)"),
+    ("virtio", "", "List all available virtio devices"),
+    ("virtio-queue-element", "path queue [index]", "Display element of a given virtio queue"),
+    ("virtio-queue-status", "path queue", "Display status of a given virtio queue"),
+    ("virtio-status", "path", "Display status of a given virtio device"),
+    ("virtio-vhost-queue-status", "path queue", "Display status of a given vhost queue"),
+)
+_INFO_PARAM_KIND = {"dev": "s", "path": "s", "name": "s", "queue": "i", "index": "i"}  # s: string, i: integer
+_INFO_HELP = "show various information about the system state"  # QEMU's, for "info [subcommand]"
+
 HMP_COMMANDS = {
-    "info pci": "PCI devices, with MSI-X state",
-    "info pirqs": "a Xen domain's pirqs, the device models' claims and the conflicts (machine)",
-    "info virtio": "virtio devices",
-    "info virtio-status PATH": "a virtio device's status",
-    "info virtio-queue-status PATH QUEUE": "a virtqueue's state",
-    "info virtio-vhost-queue-status PATH QUEUE": "a vhost virtqueue's state",
-    "info virtio-queue-element PATH QUEUE [INDEX]": "a descriptor chain",
-    "info notifiers DEV": "a device's notifiers and their counters",
-    "info msix DEV": "a device's MSI-X table, masks and PBA",
-    "info status": "the run state",
-    "info trace-events [PATTERN]": "trace events",
+    "info": _INFO_HELP,
+    **{f"info {n} {p}".rstrip(): h for n, p, h in _INFO_TABLE},
     "trace-event NAME on|off": "enable or disable trace events",
     "x-debug-device-event DEV kick|call QUEUE [force]": "kick or call a queue on purpose",
     "x-debug-device-notifier-write DEV ID": "write one notifier",
@@ -420,12 +472,81 @@ HMP_COMMANDS = {
     "x-debug-fault DEV": "list the device's faults and their state",
     "pcie_aer_inject_error [-a] [-c] id <error_status> [<tlp header> [<tlp header prefix>]]":
         "inject pcie aer error (-a advisory non fatal, -c correctable; error string or 32bit; header/prefix 32bit x 4)",
-    "info pci-aer DEV": "a function's AER registers, recovery state and history",
     "x-debug-fault DEV FAULT on|off|drop-next|drop-all|clear [QUEUE]": "switch a registered fault",
     "stop": "pause (or s)", "cont": "resume (or c)", "system_reset": "reset",
     "quit": "the machine or back-end exits (or q)",
-    "help": "this list",
+    "help": "this list (help info: the info subcommands; help CMD: one command)",
 }
+
+
+def _help_line(key: str, text: str) -> str:
+    """One line of HMP ``help`` as QEMU prints it: ``name params -- text`` (two spaces when the
+    command takes no parameters: ``info pci  -- show PCI info``)."""
+    words = key.split(" ")
+    if key == "info":
+        return f"info [subcommand] -- {text}"
+    n = 2 if words[0] == "info" else 1
+    return f"{' '.join(words[:n])} {' '.join(words[n:])} -- {text}"
+
+
+def _help(topic: list[str]) -> str:
+    """``help``, ``help info``, ``help info SUB``, ``help CMD`` (QEMU's help_cmd)."""
+    if not topic:
+        keys = list(HMP_COMMANDS)
+    elif topic == ["info"] and HMP_INFO_HELP:
+        keys = [k for k in HMP_COMMANDS if k.startswith("info ")]
+    else:
+        want = " ".join(topic)
+        keys = [k for k in HMP_COMMANDS if k == want or k.startswith(want + " ")]
+        if topic[0] != "info":
+            keys = [k for k in keys if not k.startswith("info ")]
+        if not keys:
+            return f"unknown command: '{want}'\r\n"
+    return "".join(_help_line(k, HMP_COMMANDS[k]) + "\r\n" for k in keys)
+
+
+def _info_usage(sub: str, rest: list[str]) -> str | None:
+    """QEMU's parser texts for an info subcommand's arguments (missing, extraneous, not a number),
+    or None when they fit its parameters."""
+    params = next((p for n, p, _ in _INFO_TABLE if n == sub), None)
+    if params is None:
+        return None
+    spec = [(x.strip("[]"), x.startswith("[")) for x in params.split()]
+    err = None
+    if len(rest) > len(spec):
+        err = f"{sub}: extraneous characters at the end of line"
+    for i, (name, optional) in enumerate(spec):
+        if err is not None:
+            break
+        kind = _INFO_PARAM_KIND.get(name, "s")
+        if i >= len(rest):
+            if not optional:
+                err = f"{sub}: string expected" if kind == "s" else "unexpected end of expression"
+            break
+        if kind == "i":
+            try:
+                int(rest[i], 0)
+            except ValueError:
+                bad = next((ch for ch in rest[i] if not ch.isdigit() and ch not in "+-"), rest[i][:1])
+                err = f"invalid char '{bad}' in expression"
+    if err is None:
+        return None
+    return f'{err}\r\nTry "help info {sub}" for more information\r\n'
+
+
+def _val(v: object) -> str:
+    """A QMP value as HMP text: true/false, "-" for none, lists as words, never a Python repr."""
+    if not HMP_PLAIN_TEXT:
+        return str(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "-"
+    if isinstance(v, dict):
+        return " ".join(f"{k}={_val(x)}" for k, x in v.items()) or "-"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_val(x) for x in v) or "-"
+    return str(v)
 
 
 def _format_faults(faults: list[dict]) -> str:
@@ -461,16 +582,29 @@ def _int(s: str, what: str) -> int:
 def _fmt_kv(d: dict, indent: str = "  ") -> str:
     lines = []
     for k, v in d.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and (v or not HMP_PLAIN_TEXT):
             lines.append(f"{indent}{k}:")
             lines.append(_fmt_kv(v, indent + "  "))
         elif isinstance(v, list) and v and isinstance(v[0], dict):
             lines.append(f"{indent}{k}:")
             for x in v:
-                lines.append(f"{indent}  - " + ", ".join(f"{a}={b}" for a, b in x.items()))
+                lines.append(f"{indent}  - " + ", ".join(f"{a}={_val(b)}" for a, b in x.items()))
+        elif HMP_PLAIN_TEXT and isinstance(v, list) and len(v) > 1 and all(isinstance(x, str) for x in v):
+            lines.append(f"{indent}{k}:")  # (QEMU prints feature and status names one a line)
+            lines.extend(f"{indent}  {x}" for x in v)
         else:
-            lines.append(f"{indent}{k}: {v}")
+            lines.append(f"{indent}{k}: {_val(v)}")
     return "\n".join(lines)
+
+
+def _fault_text(res: dict, action: str) -> str:
+    """What x-debug-fault did, as HMP text: armed/cleared, and the counts the owner reported."""
+    if not HMP_PLAIN_TEXT:
+        return str(res)
+    state = {"drop-next": "armed", "drop-all": "armed for every event", "clear": "cleared"}.get(action, action)
+    counts = [f"{k.replace('-', ' ')} {_val(res[k])}" for k in ("dropped-so-far", "completed", "discarded", "held")
+              if k in res]
+    return state + (f" ({', '.join(counts)})" if counts else "")
 
 
 def _hmp(r: CommandRegistry, line: str) -> str:  # noqa: C901 - one dispatch table
@@ -484,10 +618,20 @@ def _hmp(r: CommandRegistry, line: str) -> str:  # noqa: C901 - one dispatch tab
     a = argv[1:]
     out = ""
     if w == "help" or w == "?":
-        return "\r\n".join(f"{k} -- {v}" for k, v in HMP_COMMANDS.items()) + "\r\n"
+        return _help(a)
+    if w == "info" and not a and HMP_INFO_HELP:
+        return _help(["info"])  # QEMU: `info` alone prints the info subcommands
     if w == "info" and a:
         sub = a[0]
         rest = a[1:]
+        if HMP_INFO_HELP:
+            usage = _info_usage(sub, rest)
+            if usage is not None:
+                return usage
+            if sub == "version" and "query-version" in r.commands:
+                v = _call(r, "query-version")  # QEMU's hmp_info_version: "%d.%d.%d%s", package
+                q = v.get("qemu", {})
+                return f"{q.get('major', 0)}.{q.get('minor', 0)}.{q.get('micro', 0)}{v.get('package', '')}\r\n"
         if sub == "pci":
             for bus in _call(r, "query-pci"):
                 for dv in bus["devices"]:
@@ -529,8 +673,10 @@ def _hmp(r: CommandRegistry, line: str) -> str:  # noqa: C901 - one dispatch tab
             rows = _call(r, "x-query-device-notifiers", dev=rest[0])
             out = f"{'id':>4} {'role':<7} {'queue':>5} {'vector':>6} {'fd':>4} {'pending':>8} {'total':>8}  name\n"
             for n in rows:
-                out += (f"{n['id']:>4} {n['role']:<7} {n.get('queue', '-'):>5} {n.get('vector', '-'):>6} "
-                        f"{n['fd']:>4} {n.get('pending', '-'):>8} {n.get('total', '-'):>8}  {n['name']}"
+                cell = {k: _val(n.get(k)) if HMP_PLAIN_TEXT else n.get(k, "-")
+                        for k in ("queue", "vector", "pending", "total")}
+                out += (f"{n['id']:>4} {n['role']:<7} {cell['queue']:>5} {cell['vector']:>6} "
+                        f"{n['fd']:>4} {cell['pending']:>8} {cell['total']:>8}  {n['name']}"
                         f"{('  (' + n['note'] + ')') if n.get('note') else ''}\n")
             return out.replace("\n", "\r\n")
         if sub == "msix" and len(rest) == 1:
@@ -557,7 +703,7 @@ def _hmp(r: CommandRegistry, line: str) -> str:  # noqa: C901 - one dispatch tab
         return f"notifier {a[1]} ({res.get('role', '?')}) written\r\n"
     if w == "x-debug-fault" and len(a) == 4 and a[2] in ("kick", "call", "complete"):
         res = _call(r, "x-debug-fault", dev=a[0], queue=_int(a[1], "queue"), path=a[2], action=a[3])
-        return f"fault {a[3]} on the {a[2]} path of queue {a[1]}: {res}\r\n"
+        return f"fault {a[3]} on the {a[2]} path of queue {a[1]}: {_fault_text(res, a[3])}\r\n"
     if w == "x-debug-fault" and len(a) == 1:
         res = _call(r, "x-debug-fault", dev=a[0])
         return _format_faults(res["faults"])
@@ -566,7 +712,8 @@ def _hmp(r: CommandRegistry, line: str) -> str:  # noqa: C901 - one dispatch tab
         res = _call(r, "x-debug-fault", dev=a[0], fault=a[1], action=a[2], **qa)
         if "fix" in res:
             return f"fault {a[1]}: fix {res['fix']}\r\n"
-        return f"fault {a[1]} {a[2]} on queue {a[3]}: dropped so far {res.get('dropped-so-far', 0)}\r\n"
+        where = f" on queue {res.get('queue', a[3] if len(a) == 4 else '-')}"
+        return f"fault {a[1]} {a[2]}{where}: {_fault_text(res, a[2])}\r\n"
     w = _HMP_ALIASES.get(w, w)
     if w in ("stop", "cont", "system_reset", "quit") and not a:
         _call(r, w)
