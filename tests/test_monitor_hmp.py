@@ -4,7 +4,7 @@ subcommand without its arguments answered as QEMU 7.2 answers them.
 
 A real machine (thread guest, a virtio-blk and a PCIe root port), its monitor on a Unix socket,
 kickcall's own QMP client, HMP through ``human-monitor-command``.  Each fix has a switch in
-``kickcall.monitor.commands`` (ACCEPT_QDEV_ID, HMP_PLAIN_TEXT, HMP_INFO_HELP); the ``off`` variants
+``kickcall.monitor.commands`` (process-wide switches monitor-accept-qdev-id, hmp-plain-text, hmp-info-help); the ``off`` variants
 turn it off and see the old behaviour come back.  The texts QEMU has were taken from
 qemu-system-x86_64 7.2 (``-M none -monitor stdio``).
 """
@@ -112,7 +112,7 @@ def test_dev_commands_take_the_id_the_path_and_the_qdev_path(mon):
 
 @pytest.mark.parametrize("fix", ["on", "off"])
 def test_the_id_switch(mon, monkeypatch, fix):
-    monkeypatch.setattr(commands, "ACCEPT_QDEV_ID", fix == "on")
+    monkeypatch.setattr(commands.ACCEPT_QDEV_ID, "fix_on", fix == "on")
     if fix == "on":
         assert mon.hmp("info virtio-queue-status blk0 0").startswith("  name: virtio-blk")
         assert "table-size" in mon("x-query-pci-msix", dev=PROXY)
@@ -140,7 +140,7 @@ def _reprs(text: str) -> list[str]:
 
 @pytest.mark.parametrize("fix", ["on", "off"])
 def test_no_python_repr_in_any_hmp_answer(mon, monkeypatch, fix):
-    monkeypatch.setattr(commands, "HMP_PLAIN_TEXT", fix == "on")
+    monkeypatch.setattr(commands.HMP_PLAIN_TEXT, "fix_on", fix == "on")
     found = {line: r for line in HMP_LINES if (r := _reprs(mon.hmp(line)))}
     if fix == "on":
         assert found == {}
@@ -174,7 +174,7 @@ def test_key_value_dumps_print_true_false_and_a_dash(mon):
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fix", ["on", "off"])
 def test_info_alone_and_info_version(mon, monkeypatch, fix):
-    monkeypatch.setattr(commands, "HMP_INFO_HELP", fix == "on")
+    monkeypatch.setattr(commands.HMP_INFO_HELP, "fix_on", fix == "on")
     if fix == "off":
         assert mon.hmp("info") == "unknown command: 'info'\r\n"
         assert mon.hmp("info version") == "unknown command: 'info version'\r\n"

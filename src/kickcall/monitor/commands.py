@@ -38,7 +38,7 @@ import time
 from typing import Callable, TypedDict
 
 from .. import trace
-from ..faults import FaultAction, FaultError
+from ..faults import PROCESS, FaultAction, FaultError
 from ..pci.aer import AER_ERROR_NAMES, AerErrFlag, AerParseError, PCIEAERErr, parse_error_status
 from .schema import Arg, CommandRegistry, QMPError
 from .server import QMPServer
@@ -65,17 +65,15 @@ PATH_ACTIONS = ("drop-next", "drop-all", "clear")  # x-debug-fault's actions for
 TEST_RACE_WINDOW = 0.0
 
 
-# Switches of issue 13's monitor fixes (tests turn them off to see the old behaviour come back):
-# ACCEPT_QDEV_ID -- every command that names a device takes its qdev id ("blk0") as well as its
-#   QOM path (x-query-virtio* took the path only: "Path blk0 is not a VirtIODevice"), and the
-#   commands that take an id also take the qdev's QOM path ("/machine/peripheral/blk0").
-# HMP_PLAIN_TEXT -- HMP answers print values as QEMU's HMP does (true/false, "-" for none, lists
-#   as words), never a Python repr (a dict, True, None).
-# HMP_INFO_HELP -- ``info`` alone lists the info subcommands, ``info version`` is QEMU's, and an
-#   info subcommand missing an argument gets QEMU's parser text instead of "unknown command".
-ACCEPT_QDEV_ID = True
-HMP_PLAIN_TEXT = True
-HMP_INFO_HELP = True
+# The monitor's process-wide fixes (docs/faults.md; tests switch them off to see the old behaviour):
+ACCEPT_QDEV_ID = PROCESS.switch(
+    "monitor-accept-qdev-id", "off: the x-query-virtio* commands take only a VirtIODevice's QOM path (\"Path blk0 is "
+    "not a VirtIODevice\" for a device's id) and the commands that take an id refuse the qdev's QOM path")
+HMP_PLAIN_TEXT = PROCESS.switch(
+    "hmp-plain-text", "off: HMP answers print Python reprs (a dict, True, None) instead of QEMU's true/false and '-'")
+HMP_INFO_HELP = PROCESS.switch(
+    "hmp-info-help", "off: 'info' alone, 'info version' and an info subcommand missing its arguments answer "
+    "\"unknown command\"")
 
 
 def _race_window() -> None:
@@ -112,18 +110,18 @@ class _Ctx:
         return head if tail == "virtio-backend" and head else d.path
 
     def find(self, name: str) -> DeviceView | None:
-        """The device *name* designates: its qdev id, its path or (ACCEPT_QDEV_ID) its qdev's QOM path."""
+        """The device *name* designates: its qdev id, its path or (ACCEPT_QDEV_ID.fix_on) its qdev's QOM path."""
         for d in self.target.devices():
-            if name in (d.id, d.path) or (ACCEPT_QDEV_ID and name == self._qdev_path(d)):
+            if name in (d.id, d.path) or (ACCEPT_QDEV_ID.fix_on and name == self._qdev_path(d)):
                 return d
         return None
 
     def by_path(self, path: str, what: str = "VirtIODevice") -> DeviceView:
-        """x-query-virtio*'s ``path``: the VirtIODevice's QOM path or (ACCEPT_QDEV_ID, kickcall's
+        """x-query-virtio*'s ``path``: the VirtIODevice's QOM path or (ACCEPT_QDEV_ID.fix_on, kickcall's
         extension) its qdev id; anything else gets QEMU's text (``what``: QEMU 7.2 says "VirtIO
         device" in x-query-virtio-queue-element, "VirtIODevice" elsewhere)."""
         for d in self.target.devices():
-            if d.path == path or (ACCEPT_QDEV_ID and d.id == path):
+            if d.path == path or (ACCEPT_QDEV_ID.fix_on and d.id == path):
                 return d
         raise QMPError(f"Path {path} is not a {what}")
 
@@ -137,7 +135,7 @@ class _Ctx:
         """*name* as a qdev id, for the commands that look devices up by id in the target
         (pcie_aer_inject_error, x-query-pci-aer): a device's path becomes its id, and so does a
         user-created device's QOM path ``/machine/peripheral/<id>`` (a root port is no DeviceView)."""
-        if not ACCEPT_QDEV_ID:
+        if not ACCEPT_QDEV_ID.fix_on:
             return name
         d = self.find(name)
         if d is not None:
@@ -442,7 +440,7 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
 # HMP: the same handlers, as text
 # ---------------------------------------------------------------------------------------------------
 # The info subcommands: (name, parameters, help), QEMU 7.2's words for the ones QEMU has ("path"
-# here also takes a device's qdev id: ACCEPT_QDEV_ID).  A parameter's kind is in _INFO_PARAM_KIND.
+# here also takes a device's qdev id: ACCEPT_QDEV_ID.fix_on).  A parameter's kind is in _INFO_PARAM_KIND.
 _INFO_TABLE: tuple[tuple[str, str, str], ...] = (
     ("msix", "dev", "show a device's MSI-X table, masks, PBA and bound notifiers"),
     ("notifiers", "dev", "show a device's notifiers and their counters"),
@@ -493,7 +491,7 @@ def _help(topic: list[str]) -> str:
     """``help``, ``help info``, ``help info SUB``, ``help CMD`` (QEMU's help_cmd)."""
     if not topic:
         keys = list(HMP_COMMANDS)
-    elif topic == ["info"] and HMP_INFO_HELP:
+    elif topic == ["info"] and HMP_INFO_HELP.fix_on:
         keys = [k for k in HMP_COMMANDS if k.startswith("info ")]
     else:
         want = " ".join(topic)
@@ -536,7 +534,7 @@ def _info_usage(sub: str, rest: list[str]) -> str | None:
 
 def _val(v: object) -> str:
     """A QMP value as HMP text: true/false, "-" for none, lists as words, never a Python repr."""
-    if not HMP_PLAIN_TEXT:
+    if not HMP_PLAIN_TEXT.fix_on:
         return str(v)
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -582,14 +580,14 @@ def _int(s: str, what: str) -> int:
 def _fmt_kv(d: dict, indent: str = "  ") -> str:
     lines = []
     for k, v in d.items():
-        if isinstance(v, dict) and (v or not HMP_PLAIN_TEXT):
+        if isinstance(v, dict) and (v or not HMP_PLAIN_TEXT.fix_on):
             lines.append(f"{indent}{k}:")
             lines.append(_fmt_kv(v, indent + "  "))
         elif isinstance(v, list) and v and isinstance(v[0], dict):
             lines.append(f"{indent}{k}:")
             for x in v:
                 lines.append(f"{indent}  - " + ", ".join(f"{a}={_val(b)}" for a, b in x.items()))
-        elif HMP_PLAIN_TEXT and isinstance(v, list) and len(v) > 1 and all(isinstance(x, str) for x in v):
+        elif HMP_PLAIN_TEXT.fix_on and isinstance(v, list) and len(v) > 1 and all(isinstance(x, str) for x in v):
             lines.append(f"{indent}{k}:")  # (QEMU prints feature and status names one a line)
             lines.extend(f"{indent}  {x}" for x in v)
         else:
@@ -599,7 +597,7 @@ def _fmt_kv(d: dict, indent: str = "  ") -> str:
 
 def _fault_text(res: dict, action: str) -> str:
     """What x-debug-fault did, as HMP text: armed/cleared, and the counts the owner reported."""
-    if not HMP_PLAIN_TEXT:
+    if not HMP_PLAIN_TEXT.fix_on:
         return str(res)
     state = {"drop-next": "armed", "drop-all": "armed for every event", "clear": "cleared"}.get(action, action)
     counts = [f"{k.replace('-', ' ')} {_val(res[k])}" for k in ("dropped-so-far", "completed", "discarded", "held")
@@ -619,12 +617,12 @@ def _hmp(r: CommandRegistry, line: str) -> str:  # noqa: C901 - one dispatch tab
     out = ""
     if w == "help" or w == "?":
         return _help(a)
-    if w == "info" and not a and HMP_INFO_HELP:
+    if w == "info" and not a and HMP_INFO_HELP.fix_on:
         return _help(["info"])  # QEMU: `info` alone prints the info subcommands
     if w == "info" and a:
         sub = a[0]
         rest = a[1:]
-        if HMP_INFO_HELP:
+        if HMP_INFO_HELP.fix_on:
             usage = _info_usage(sub, rest)
             if usage is not None:
                 return usage
@@ -673,7 +671,7 @@ def _hmp(r: CommandRegistry, line: str) -> str:  # noqa: C901 - one dispatch tab
             rows = _call(r, "x-query-device-notifiers", dev=rest[0])
             out = f"{'id':>4} {'role':<7} {'queue':>5} {'vector':>6} {'fd':>4} {'pending':>8} {'total':>8}  name\n"
             for n in rows:
-                cell = {k: _val(n.get(k)) if HMP_PLAIN_TEXT else n.get(k, "-")
+                cell = {k: _val(n.get(k)) if HMP_PLAIN_TEXT.fix_on else n.get(k, "-")
                         for k in ("queue", "vector", "pending", "total")}
                 out += (f"{n['id']:>4} {n['role']:<7} {cell['queue']:>5} {cell['vector']:>6} "
                         f"{n['fd']:>4} {cell['pending']:>8} {cell['total']:>8}  {n['name']}"
