@@ -21,12 +21,13 @@ import select
 import struct
 import threading
 import time
-from collections import deque
+from typing import Callable
 
 from ..guest.blk_request import BlkItem, BlkRequest, complete_requests, submit_requests
 from ..guest.kernel import PageAllocator
 from ..guest.virtio_ring import Vring
 from ..guest.blkverify import BlockVerifier, InitialContent, block_content
+from .latency import LatencyHistogram
 from ..memory import GuestMemory
 from ..notify import EventNotifier, NotifierError
 from ..virtio.blk import BLK_F_BLK_SIZE, BLK_F_FLUSH, BLK_F_MQ, BLK_F_RO, BLK_F_SEG_MAX, BLK_T_FLUSH, \
@@ -339,9 +340,13 @@ class BlkVerifyWorkload:
         self.verifier = BlockVerifier(block_size, InitialContent({"kind": "unknown"}, block_size))
         self.errors: list[str] = []
         self.ops = self.reads = self.writes = 0
-        self.latencies: deque = deque(maxlen=50000)
-        self.stop_event = threading.Event()
+        self.hist = LatencyHistogram()       # the whole run's completion latencies
+        self.interval_hist = LatencyHistogram()  # since the last interval() (per-interval logs)
+        self._last_reads = self._last_writes = 0
+        self.elapsed = 0.0
+        self.stop_event = threading.Event()  # stop submitting, complete what is in flight (Ctrl-C)
         self.aborted = threading.Event()  # leave at once, requests in flight included (interrupted)
+        self.started = threading.Event()  # run() began: from here on a stop leaves partial results
         self._gen = 1
         self._mu = threading.Lock()
         self.duplicates = 0
@@ -357,19 +362,34 @@ class BlkVerifyWorkload:
             self.verifier.write_completed(b, 1)
         self._gen = 2
 
-    def run(self, duration: float) -> None:
-        """Run for *duration* seconds.  If the caller is interrupted (Ctrl-C), the submitter
-        threads are told to abandon their requests and are joined before this returns, so that
-        nobody touches the driver's memory after the caller closes it."""
+    def run(self, duration: float, *, tick: Callable[[float], None] | None = None, interval: float = 1.0) -> None:
+        """Run for *duration* seconds; *tick(elapsed)* is called from this (the caller's) thread every
+        *interval* seconds while it runs.  :attr:`stop_event` ends the run early with what is in
+        flight completed and checked (a graceful stop); :attr:`aborted` abandons it.  If the caller
+        is interrupted (an exception here), the submitter threads are told to abandon their
+        requests and are joined before this returns, so that nobody touches the driver's memory
+        after the caller closes it."""
         d = self.drv
         threads = [named_thread(self._queue_loop, f"kc-wl-q{q}", args=(q, duration))
                    for q in range(d.num_queues)]
         t0 = time.monotonic()
+        deadline = t0 + duration + self.stall_timeout + 30
+        next_tick = t0 + interval
+        self.started.set()
         try:
             for t in threads:
                 t.start()
-            for t in threads:
-                t.join(duration + self.stall_timeout + 30)
+            while True:
+                alive = [t for t in threads if t.is_alive()]
+                now = time.monotonic()
+                if not alive or now >= deadline:
+                    break
+                alive[0].join(max(0.0, min(deadline, next_tick if tick else deadline) - now))
+                now = time.monotonic()
+                if tick is not None and now >= next_tick and any(t.is_alive() for t in threads):
+                    self.elapsed = now - t0
+                    tick(now - t0)
+                    next_tick += interval * max(1, int((now - next_tick) // interval) + 1)
         finally:
             if any(t.is_alive() for t in threads):
                 self.aborted.set()
@@ -455,7 +475,8 @@ class BlkVerifyWorkload:
     def _check(self, r: BlkRequest) -> None:
         b, gen = r.tag
         self.ops += 1
-        self.latencies.append(r.t_done - r.t_submit)
+        self.hist.record(r.t_done - r.t_submit)
+        self.interval_hist.record(r.t_done - r.t_submit)
         if r.completions != 1:
             self.duplicates += 1
             self.errors.append(f"block {b}: request completed {r.completions} times")
@@ -469,31 +490,51 @@ class BlkVerifyWorkload:
         self.reads += 1
         self.errors.extend(self.verifier.check_read(b, self.drv.mem.read(r.data, self.bs)))
 
+    def interval(self) -> dict:
+        """What completed since the last call: reads, writes and the latency ladder of those."""
+        reads, writes = self.reads, self.writes
+        h = self.interval_hist.take()
+        out = {"reads": reads - self._last_reads, "writes": writes - self._last_writes,
+               "lat-us-mean": round(h.mean_us(), 3), "lat-us-max": h.max_ns / 1000.0,
+               "lat-us-percentiles": h.ladder_us()}
+        self._last_reads, self._last_writes = reads, writes
+        return out
+
     def result(self) -> dict:
-        lat = sorted(self.latencies)
+        el = self.elapsed
 
         def pct(p: float) -> float:
-            return lat[min(len(lat) - 1, int(p * len(lat)))] / 1000.0 if lat else 0.0
+            return self.hist.percentile_ns(p) / 1000.0
 
-        el = getattr(self, "elapsed", 0.0)
         return {"ops": self.ops, "reads": self.reads, "writes": self.writes, "iops": self.ops / el if el else 0.0,
-                "lat_us_p50": pct(0.5), "lat_us_p90": pct(0.9), "lat_us_p99": pct(0.99),
+                "elapsed": el, "lat_us_p50": pct(50), "lat_us_p90": pct(90), "lat_us_p99": pct(99),
+                "latency": self.hist.summary(),
                 "errors": self.errors[:20], "error_count": len(self.errors), "duplicates": self.duplicates}
 
 
 def run_test(socket_path: str, *, depth: int = 16, block_size: int = 4096, duration: float = 5.0,
              read_ratio: float = 0.5, queues: int = 1, nblocks: int = 256, queue_size: int = 128,
-             use_inflight: bool = True, connect_wait: float = 10.0) -> dict:
+             use_inflight: bool = True, connect_wait: float = 10.0, seed: int = 1,
+             tick: Callable[[BlkVerifyWorkload, float], None] | None = None, interval: float = 1.0,
+             on_workload: Callable[[BlkVerifyWorkload], None] | None = None) -> dict:
     """Connect, prefill, run the verified workload, disconnect; the result dict has IOPS, latency
-    percentiles and every error."""
+    percentiles and every error.  *on_workload(wl)* is called once the workload exists (before its
+    prefill): a caller that sets ``wl.stop_event`` once ``wl.started`` is set gets the partial
+    results of what completed (``"stopped": true``).  *tick(wl, elapsed)* runs every *interval*
+    seconds of the run, in the caller's thread."""
     drv = VhostUserBlkDriver(socket_path, num_queues=queues, queue_size=queue_size, use_inflight=use_inflight)
     try:
         drv.connect(wait=connect_wait)
         st, ident = drv.io(BLK_T_GET_ID, 0, 20)
-        wl = BlkVerifyWorkload(drv, depth=depth, block_size=block_size, read_ratio=read_ratio, nblocks=nblocks)
+        wl = BlkVerifyWorkload(drv, depth=depth, block_size=block_size, read_ratio=read_ratio, nblocks=nblocks,
+                               seed=seed)
+        if on_workload is not None:
+            on_workload(wl)
         wl.prefill()
-        wl.run(duration)
+        wl.run(duration, tick=None if tick is None else (lambda el: tick(wl, el)), interval=interval)
         res = wl.result()
+        res["stopped"] = wl.stop_event.is_set()
+        res["blocks"] = wl.nblocks
         res.update(get_id_status=st, serial=ident.rstrip(b"\0").decode(errors="replace"),
                    capacity_sectors=drv.capacity, queues=drv.num_queues, spurious_calls=drv.spurious_calls,
                    reconnects=drv.reconnects, out_of_order=drv.out_of_order, backend_error=drv.error,
@@ -501,6 +542,8 @@ def run_test(socket_path: str, *, depth: int = 16, block_size: int = 4096, durat
         if drv.error:
             res["errors"].append(drv.error)
             res["error_count"] += 1
+        if wl.aborted.is_set():  # requests were abandoned in flight: the ring is not ours to use
+            return res
         st, _ = drv.io(BLK_T_FLUSH, 0, 0)
         if st != 0:
             res["errors"].append(f"flush failed with status {st}")
