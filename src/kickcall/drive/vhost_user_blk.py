@@ -340,6 +340,7 @@ class BlkVerifyWorkload:
         self.verifier = BlockVerifier(block_size, InitialContent({"kind": "unknown"}, block_size))
         self.errors: list[str] = []
         self.ops = self.reads = self.writes = 0
+        self._stat_mu = threading.Lock()  # ops/reads/writes: each queue's thread checks its completions
         self.hist = LatencyHistogram()       # the whole run's completion latencies
         self.interval_hist = LatencyHistogram()  # since the last interval() (per-interval logs)
         self._last_reads = self._last_writes = 0
@@ -474,7 +475,8 @@ class BlkVerifyWorkload:
 
     def _check(self, r: BlkRequest) -> None:
         b, gen = r.tag
-        self.ops += 1
+        with self._stat_mu:
+            self.ops += 1
         self.hist.record(r.t_done - r.t_submit)
         self.interval_hist.record(r.t_done - r.t_submit)
         if r.completions != 1:
@@ -484,15 +486,18 @@ class BlkVerifyWorkload:
             self.errors.append(f"block {b}: status {r.status_val}")
             return
         if gen is not None:
-            self.writes += 1
+            with self._stat_mu:
+                self.writes += 1
             self.verifier.write_completed(b, gen)
             return
-        self.reads += 1
+        with self._stat_mu:
+            self.reads += 1
         self.errors.extend(self.verifier.check_read(b, self.drv.mem.read(r.data, self.bs)))
 
     def interval(self) -> dict:
         """What completed since the last call: reads, writes and the latency ladder of those."""
-        reads, writes = self.reads, self.writes
+        with self._stat_mu:
+            reads, writes = self.reads, self.writes
         h = self.interval_hist.take()
         out = {"reads": reads - self._last_reads, "writes": writes - self._last_writes,
                "lat-us-mean": round(h.mean_us(), 3), "lat-us-max": h.max_ns / 1000.0,
