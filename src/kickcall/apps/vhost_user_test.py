@@ -180,13 +180,16 @@ def _report(r: dict, a: argparse.Namespace, interrupted: bool) -> None:
         print(f"  {err}")
 
 
+#: Ctrl-C's exit status (README, "Exit status"; the same as ``kickcall.cli.EXIT_INTERRUPTED``,
+#: which this layer may not import)
+EXIT_INTERRUPTED = 130
+
+
 def main(a: argparse.Namespace) -> int:
     """Run the job.  SIGINT is handled here while the job runs (the previous handler is restored
     on return): before the workload starts it is cli's plain interruption; during the run the
     first Ctrl-C stops the workload gracefully and the partial results are printed (exit 130),
     a second abandons the requests in flight."""
-    from ..cli import EXIT_INTERRUPTED
-
     log = open_log(a.log) if a.log else None  # a refusal (exists) is cli's exit 2, before anything runs
     print(job_line(a), file=sys.stderr if a.json else sys.stdout, flush=True)
     tty = sys.stderr.isatty()
