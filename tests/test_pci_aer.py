@@ -684,18 +684,24 @@ def test_intx_swizzling_below_a_bridge_and_the_wire_or(rig: Rig):
 # =========================================================================================================
 # recovery.merge_result
 # =========================================================================================================
-def _linux_merge(orig: PciErsResult, new: PciErsResult) -> PciErsResult:
-    """drivers/pci/pcie/err.c merge_result, as a table of rules."""
-    E = PciErsResult
-    if new is E.NO_AER_DRIVER:
-        return E.NO_AER_DRIVER
-    if new is E.NONE:
-        return orig
-    if orig in (E.CAN_RECOVER, E.RECOVERED):
-        return new
-    if orig is E.DISCONNECT and new is E.NEED_RESET:
-        return E.NEED_RESET
-    return orig
+#: Linux's merge_result written out as its outcome matrix (rows: the vote so far, columns: the new
+#: vote; N NONE, C CAN_RECOVER, R NEED_RESET, D DISCONNECT, V RECOVERED, X NO_AER_DRIVER)
+_MERGE_MATRIX = """
+     N C R D V X
+  N  N N N N N X
+  C  C C R D V X
+  R  R R R R R X
+  D  D D R D D X
+  V  V C R D V X
+  X  X X X X X X
+"""
+_LETTER = {"N": PciErsResult.NONE, "C": PciErsResult.CAN_RECOVER, "R": PciErsResult.NEED_RESET,
+           "D": PciErsResult.DISCONNECT, "V": PciErsResult.RECOVERED, "X": PciErsResult.NO_AER_DRIVER}
+
+
+def _matrix() -> dict[tuple[PciErsResult, PciErsResult], PciErsResult]:
+    head, *rows = [line.split() for line in _MERGE_MATRIX.strip().splitlines()]
+    return {(_LETTER[r[0]], _LETTER[col]): _LETTER[v] for r in rows for col, v in zip(head, r[1:], strict=True)}
 
 
 def test_pci_ers_result_numbers_are_linuxs():
@@ -707,7 +713,7 @@ def test_pci_ers_result_numbers_are_linuxs():
 @pytest.mark.parametrize("orig", list(PciErsResult))
 @pytest.mark.parametrize("new", list(PciErsResult))
 def test_merge_result_table(orig, new):
-    assert merge_result(orig, new) is _linux_merge(orig, new)
+    assert merge_result(orig, new) is _matrix()[(orig, new)]
 
 
 def test_merge_result_named_cases():
