@@ -39,7 +39,7 @@ if [ -z "$PY" ]; then
   PY=python3
 fi
 
-# 2. the virtual environment and the Python packages (pyproject.toml: none at run time,
+# 2. the virtual environment and the Python packages (pyproject.toml: prometheus_client at run time,
 #    pytest + hypothesis for the tests)
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
