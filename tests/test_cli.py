@@ -37,9 +37,29 @@ def test_run_json_output():
     r = kickcall("run", "--duration", "2", "--json", "--pause-at", "0.5", "--pause-for", "0.3")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert {x["kind"] for x in doc["results"]} == {"blk", "net"}
-    assert all(x["error_count"] == 0 for x in doc["results"])
+    assert doc["schema"] == 1 and doc["program"] == "kickcall-run"
+    assert {x["kind"] for x in doc["results"].values()} == {"blk", "net"}
+    assert set(doc["results"]) == {"blk0", "net0"}  # keyed by device id, not "slot 1"
+    assert all(x["error-count"] == 0 for x in doc["results"].values())
     assert doc["devices"]["blk0"]["queues"][0]["kicks"] > 0
+
+
+def _keys(v, path=""):
+    if isinstance(v, dict):
+        for k, x in v.items():
+            yield path + "/" + str(k)
+            yield from _keys(x, path + "/" + str(k))
+    elif isinstance(v, list):
+        for x in v:
+            yield from _keys(x, path + "[]")
+
+
+def test_run_json_is_kebab_case_throughout():
+    """One data shape: every key of ``run --json`` is kebab-case, as QMP's are."""
+    r = kickcall("run", "--duration", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    bad = [k for k in _keys(json.loads(r.stdout)) if "_" in k.rsplit("/", 1)[-1]]
+    assert not bad, bad[:10]
 
 
 def test_bad_config_file_gets_a_clear_message(tmp_path):
@@ -129,7 +149,7 @@ def test_run_json_exit_counters_count(tmp_path):
     mmio = ex.get("mmio-read", 0) + ex.get("mmio-write", 0)
     pio = ex.get("pio-read", 0) + ex.get("pio-write", 0)
     assert mmio > 0 and pio > 0, ex  # the boot enumerates PCI (CF8/CFC) and sets up the device (MMIO)
-    assert abs(doc["hv"]["mmio_exits"] - mmio) <= 4 and abs(doc["hv"]["pio_exits"] - pio) <= 4, (doc["hv"], ex)
+    assert abs(doc["hv"]["mmio-exits"] - mmio) <= 4 and abs(doc["hv"]["pio-exits"] - pio) <= 4, (doc["hv"], ex)
 
 
 def test_a_missing_vhost_user_socket_is_said_and_fails_after_the_connect_timeout(tmp_path):

@@ -356,7 +356,7 @@ def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
         return EXIT_REFUSED
     view = LiveView() if tty else (PlainView(sys.stderr) if a.json else PlainView())
     keys = _Keys() if tty else None
-    results: list[dict] = []
+    results: dict[str, dict] = {}
     rc = 0
     try:
         info = m.start()
@@ -397,10 +397,10 @@ def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
             else:
                 stop.wait(wait)
             if time.monotonic() >= next_tick:
-                view.update(m.snapshot())
+                view.update(m.counters())
                 next_tick += a.interval
-        results = m.stop_workload()
-        snap = m.snapshot()
+        results = m.workload_report(m.stop_workload())
+        snap = m.counters()
     except (MachineError, OSError, TimeoutError) as e:
         print(f"kickcall: machine failed: {e}", file=sys.stderr)
         rc = 1
@@ -413,10 +413,9 @@ def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
     if snap is not None:
-        errors = sum(r.get("error_count", 0) for r in results)
-        if a.json:
-            print(json.dumps({"results": results, "devices": snap["devices"], "hv": snap["hv"],
-                              "exits": snap["exits"]}, indent=1))
+        errors = sum(r.get("error-count", 0) for r in results.values())
+        if a.json:  # the counters document, with the workload's results keyed by device id
+            print(json.dumps(dict(snap, results=results), indent=1))
         wanted = cfg.workload_blk is not None or cfg.workload_net is not None
         if not a.json:
             print("\n".join(summary_lines(snap, results)))

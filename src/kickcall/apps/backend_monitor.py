@@ -169,10 +169,19 @@ class BackendDevice:
             for e in self.b.registry.entries(self.b.name):
                 d = e.describe()
                 v = self.b.vrings[e.queue] if e.queue is not None and e.queue < len(self.b.vrings) else None
+                # two scopes, both labelled: the fd's counters are this connection's (a front-end
+                # hands new fds on every connection), the queue's count is the back-end's lifetime
+                d["scope"] = "connection"
                 if v is not None and e.role.value == "host":
+                    d["fd-writes"] = d.get("total", 0)  # we are the kick fd's only reader
                     d["kicks-handled"] = v.kicks
+                    d["lifetime"] = v.kicks
                 if v is not None and e.role.value == "guest":
+                    # the front-end (its irqfd) reads the call fd: "total" sees only what is still
+                    # pending there, our own writes are "sets"
+                    d["fd-writes"] = d.get("sets", 0)
                     d["calls-written"] = v.calls
+                    d["lifetime"] = v.calls
                 out.append(d)
             return sorted(out, key=lambda d: d["id"])
 

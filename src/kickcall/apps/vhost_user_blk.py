@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 
+from ..counters import counters_doc, format_counters
 from ..faults import FaultError
 from ..loop import IOThread
 from ..monitor import QMPServer
@@ -76,6 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 PROG = "kickcall vhost-user-blk"
+
+
+def backend_counters(backend: VhostUserBackend) -> dict:
+    """The back-end's counters document (``kickcall.counters``), read on its loop thread: the
+    same for QMP ``x-query-kickcall-counters``, HMP ``info counters`` and ``--metrics``."""
+    return counters_doc("vhost-user-blk", backend.loop.run_sync(lambda: {backend.name: backend.counters()}))
 
 
 def main(a: argparse.Namespace) -> int:
@@ -183,12 +190,14 @@ def _serve(a: argparse.Namespace, sock_claim: SocketClaim | None, qmp_claim: Soc
                 return 2
         backend.start()
         if target is not None:
-            from ..monitor.commands import build_registry
+            from ..monitor.commands import add_hmp_info, build_registry
 
             reg, attach = build_registry(target, extra={
                 "x-query-vhost-user-backend": (lambda: loop.run_sync(
                     lambda: dict(backend.status(), messages=dict(backend.message_counts))), []),
+                "x-query-kickcall-counters": (lambda: backend_counters(backend), []),
             })
+            add_hmp_info(reg, "counters", "x-query-kickcall-counters", format_counters)
             qmp = QMPServer(reg, claim=qmp_claim, name="vhost-user-blk")
             attach(qmp)
             qmp.start()

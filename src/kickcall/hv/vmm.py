@@ -52,6 +52,9 @@ class _ExitRecord:
     vcpu: int
 
 
+_MAX_RETIRED = 4096
+
+
 class VM:
     """The VMM side of the hypervisor channel."""
 
@@ -80,6 +83,9 @@ class VM:
         self.exit_counts: dict[str, int] = {}
         self.last_exit: dict[int, tuple[int, int]] = {}  # vcpu -> (pid, tid) seen in its last exit
         self._ioeventfd_slots: dict[tuple, int] = {}
+        # per notifier ident: the hits of its deassigned ioeventfds (the hypervisor's count at the
+        # deassign), until ioeventfd_writes(retire=True) takes them
+        self._retired_writes: dict[int, int] = {}
         self._workers: dict[int, tuple[queue.SimpleQueue, threading.Thread]] = {}
         self._wmu = threading.Lock()
         self._stopping = False
@@ -162,6 +168,10 @@ class VM:
         if deassign:
             rep = self._ioctl(abi.IOCTL_IOEVENTFD, req)
             self._ioeventfd_slots.pop(key, None)
+            ident = notifier.ident
+            self._retired_writes[ident] = self._retired_writes.get(ident, 0) + int(rep.get("hits", 0))
+            while len(self._retired_writes) > _MAX_RETIRED:  # nobody took the oldest: forget it
+                del self._retired_writes[next(iter(self._retired_writes))]
         else:
             rep = self._ioctl(abi.IOCTL_IOEVENTFD, req, fds=[notifier.fileno()])
             self._ioeventfd_slots[key] = int(rep["slot"])
@@ -175,6 +185,16 @@ class VM:
                         notifier: EventNotifierLike) -> dict | None:
         slot = self.ioeventfd_slot(space, addr, length, datamatch, notifier)
         return None if slot is None else self.stats.ioeventfd(slot)
+
+    def ioeventfd_writes(self, notifier: EventNotifierLike, *, retire: bool = False) -> int:
+        """Every guest write the hypervisor matched on *notifier*'s ioeventfds: the live ones' hit
+        counters (the shared stats page) plus the counts their deassigns returned.  With *retire*
+        the deassigned ones' count is handed over and forgotten (the caller keeps the total)."""
+        ident = notifier.ident
+        live = sum(self.stats.ioeventfd(slot)["hits"]
+                   for key, slot in list(self._ioeventfd_slots.items()) if key[4] == ident)
+        old = self._retired_writes.pop(ident, 0) if retire else self._retired_writes.get(ident, 0)
+        return live + old
 
     # EventfdListener for memory.AddressSpace
     def eventfd_add(self, space: str, addr: int, length: int, datamatch: int | None,

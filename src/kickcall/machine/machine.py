@@ -22,6 +22,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..counters import counters_doc, kebab_keys
 from ..child import start_helper
 from ..faults import FaultAction, FaultRegistry, Switch
 from ..hv.abi import SPACE_MMIO, SPACE_PIO, ChannelClosed
@@ -75,6 +76,7 @@ XEN_FRESH_PIRQ = "xen-fresh-pirq"
 #: 2016 QEMU patch "vote the function 0 to do host bus reset"); off, each function is reset on its
 #: own (DEVICE_RESET per function: an FLR is not a link reset).
 CARD_HOT_RESET = "card-hot-reset"
+
 
 
 class MachineError(RuntimeError):
@@ -766,17 +768,35 @@ class Machine:
         return {"hypervisor": hv, "devices": devices, "conflicts": conflicts,
                 "guest-msi-variant": {"fault": XEN_FRESH_PIRQ, **sw.state()}}
 
-    def snapshot(self) -> dict[str, Any]:
-        """Per-device, per-queue counters (read without disturbing anything)."""
-        out: dict[str, Any] = {"time": time.monotonic(), "running": self.running, "devices": {}}
+    def counters(self) -> dict[str, Any]:
+        """The counters document (``kickcall.counters``): per device (keyed by id), per queue,
+        every kick and call by path, whoever handled it, with the vector's mask and pending bit;
+        the hypervisor's global counters and the heavyweight exits.  One source for the live
+        view, ``run --json``, QMP ``x-query-kickcall-counters``, HMP ``info counters`` and the
+        metrics exporter.  Read without disturbing anything (the big lock, the shared stats page)."""
+        devices: dict[str, Any] = {}
         with self.bql:
             for name, p in self.devices.items():
                 qs = [p.queue_info(q) for q in p.vdev.queues]
-                out["devices"][name] = {
-                    "type": p.vdev.type_name, "slot": p.devfn >> 3, "status": p.vdev.status,
-                    "broken": p.vdev.broken, "ioeventfd": p.ioeventfd_started, "queues": qs,
-                    "msix": p.msix.enabled if p.msix is not None else False,
+                msix_on = p.msix is not None and p.msix.enabled
+                devices[name] = {
+                    "id": name, "path": p.path, "type": p.vdev.type_name,
+                    "handled-by": "vhost-user" if p.ioeventfd_grabbed else "vmm",
+                    "slot": self.guest_slot(p), "status": p.vdev.status, "broken": p.vdev.broken,
+                    "ioeventfd": p.ioeventfd_started, "irq-mode": "msix" if msix_on else "intx",
+                    "queues": qs,
                 }
-        out["hv"] = self.vm.stats.globals()
-        out["exits"] = dict(self.vm.exit_counts)
+        return counters_doc("kickcall-run", devices, running=self.running,
+                            extra={"hv": kebab_keys(self.vm.stats.globals()), "exits": dict(self.vm.exit_counts)})
+
+    def workload_report(self, results: list[dict]) -> dict[str, dict]:
+        """The guest's workload results (``stop_workload``) keyed by device id, kebab-case as the
+        counters document is."""
+        by_slot = {self.guest_slot(p): name for name, p in self.devices.items()}
+        out: dict[str, dict] = {}
+        for r in results:
+            dev = by_slot.get(r.get("slot", -1), f"slot-{r.get('slot')}")
+            doc = {"device": dev}
+            doc.update(kebab_keys({k: v for k, v in r.items() if k != "slot"}))
+            out[dev] = doc
         return out

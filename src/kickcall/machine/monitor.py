@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..vhost_user.device import VhostUserBlkDevice
 from ..hv.abi import ChannelClosed, HypervisorError
-from ..monitor.schema import Arg, CommandRegistry, QMPError
+from ..counters import format_counters
+from ..monitor.commands import add_hmp_info
+from ..monitor.schema import Arg, CommandRegistry
 from ..monitor.target import AerView, DeviceView, TargetError
 from ..notify import Role
 from ..pci import regs as R
@@ -122,6 +124,7 @@ class MachineDevice:
             vhost_running = self._vhost_started()
             ring = self._ring_fields(q)
             timing = q.timing()
+            counts = self.p.queue_counters(q)
         d.update(ring)
         if ring.get("used-idx-ring") is not None:
             d["used-idx"] = ring["used-idx-ring"] if vhost_running else d["used-idx"]
@@ -138,8 +141,9 @@ class MachineDevice:
         d["name"] = self.type_name  # QEMU: the VirtIODevice's name, not the queue's
         d["vector"] = q.vector
         d["event-idx"] = q.event_idx
-        d["kicks"] = q.kicks  # kicks the VMM handled (0 while a vhost back-end owns the queue)
-        d["calls"] = q.calls  # calls the device made (vhost: the back-end counts its own)
+        # every kick and call, whoever handled it (a vhost back-end's: the hypervisor's counts)
+        d["kicks"] = counts["kicks"]
+        d["calls"] = counts["calls"]
         # requests the device took and completed, timed at pop and push (a vhost queue: the
         # back-end pops and pushes, so nothing is timed here -- its own monitor has the times)
         d.update(timing)
@@ -224,6 +228,17 @@ class MachineDevice:
                         # every guest doorbell write the hypervisor matched, whoever consumed it
                         d["writes"] = st["hits"]
                         d["last-writer-pid"] = st["last_pid"]
+                        d["fd-writes"] = st["hits"]
+                elif e.role == Role.GUEST and not e.notifier.closed:
+                    d["fd-writes"] = d.get("sets", 0)  # the hypervisor's irqfd reads it: ours are "sets"
+                if e.queue is not None and e.queue < len(self.p.vdev.queues):
+                    # the queue's count, every path and whoever handled it (queue_counters)
+                    c = self.p.queue_counters(self.p.vdev.queues[e.queue])
+                    if e.role == Role.HOST:
+                        d["lifetime"] = c["kicks"]
+                    elif e.role == Role.GUEST:
+                        d["lifetime"] = c["calls"]
+                d["scope"] = "notifier"
                 out.append(d)
         return sorted(out, key=lambda d: d["id"])
 
@@ -540,7 +555,14 @@ def machine_commands(machine: "Machine") -> dict[str, tuple[Callable, list[Arg]]
         except (HypervisorError, ChannelClosed, TimeoutError) as e:
             raise TargetError(f"the hypervisor did not answer: {e}") from None
 
-    return {"x-query-xen-pirqs": (x_query_xen_pirqs, [])}
+    def x_query_kickcall_counters() -> dict:
+        """Every device's kicks and calls by path, whoever handled them, with vector, mask and
+        pending state, the hypervisor's counters and the exits: the counters document
+        (kickcall.counters), the same one the live view, run --json and --metrics show."""
+        return machine.counters()
+
+    return {"x-query-xen-pirqs": (x_query_xen_pirqs, []),
+            "x-query-kickcall-counters": (x_query_kickcall_counters, [])}
 
 
 def _cell(v: Any) -> str:
@@ -583,22 +605,6 @@ def format_pirqs(q: dict) -> str:
 
 
 def add_machine_hmp(reg: CommandRegistry) -> None:
-    """HMP ``info pirqs`` on top of the generic HMP (``human-monitor-command``): the line is
-    answered here, every other line goes on to the generic handler."""
-    cmd = reg.commands.get("human-monitor-command")
-    pirqs = reg.commands.get("x-query-xen-pirqs")
-    if cmd is None or pirqs is None:
-        return
-    inner = cmd.handler
-    query = pirqs.handler
-
-    def human_monitor_command(**kw: Any) -> str:
-        line = str(kw.get("command_line", ""))
-        if line.split() == ["info", "pirqs"]:
-            try:
-                return format_pirqs(query())
-            except QMPError as e:
-                return f"Error: {e.desc}\r\n"
-        return inner(**kw)
-
-    reg.add(cmd.name, human_monitor_command, cmd.args, cmd.doc, cmd.unstable)
+    """HMP ``info pirqs`` and ``info counters`` on top of the generic HMP (``human-monitor-command``)."""
+    add_hmp_info(reg, "pirqs", "x-query-xen-pirqs", format_pirqs)
+    add_hmp_info(reg, "counters", "x-query-kickcall-counters", format_counters)

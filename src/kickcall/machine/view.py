@@ -91,9 +91,9 @@ class LiveView:
                              f"{x['inflight']:>9} {vec:>6}  {x['mask']:<10} {x['path']:<7} "
                              f"{x['kicks']:>10} {x['calls']:>10}")
         hv = snap.get("hv", {})
-        lines += ["", f"hypervisor: ioeventfd writes {hv.get('ioeventfd_writes', 0)}   "
-                      f"irqfd injections {hv.get('irqfd_injections', 0)}   "
-                      f"MSI {hv.get('msi_injections', 0)}   exits {sum(snap.get('exits', {}).values())}"]
+        lines += ["", f"hypervisor: ioeventfd writes {hv.get('ioeventfd-writes', 0)}   "
+                      f"irqfd injections {hv.get('irqfd-injections', 0)}   "
+                      f"MSI {hv.get('msi-injections', 0)}   exits {sum(snap.get('exits', {}).values())}"]
         self.out.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
         self.out.flush()
         self.prev = snap
@@ -103,7 +103,7 @@ class LiveView:
         self.out.flush()
 
 
-def summary_lines(snap: dict, results: list[dict]) -> list[str]:
+def summary_lines(snap: dict, results: dict[str, dict]) -> list[str]:
     lines = ["", "per-queue counters:"]
     for name, d in snap["devices"].items():
         for q in d["queues"]:
@@ -113,14 +113,14 @@ def summary_lines(snap: dict, results: list[dict]) -> list[str]:
             lines.append(f"  {name} q{q['queue']}: kicks={q['kicks']} ({kp}) calls={q['calls']} ({cp}) "
                          f"suppressed={q['calls-suppressed']} vector={vec} {_mask_state(q)}")
     lines.append("workload:")
-    for r in results:
+    for dev, r in results.items():
         if r["kind"] == "blk":
-            lines.append(f"  blk slot {r['slot']}: {r['ops']} ops ({r['reads']} reads, {r['writes']} writes), "
-                         f"{r['iops']:.0f} IOPS, p50 {r['lat_us_p50']:.0f} us, p99 {r['lat_us_p99']:.0f} us, "
-                         f"data errors {r['error_count']}")
+            lines.append(f"  {dev} (blk): {r['ops']} ops ({r['reads']} reads, {r['writes']} writes), "
+                         f"{r['iops']:.0f} IOPS, p50 {r['lat-us-p50']:.0f} us, p99 {r['lat-us-p99']:.0f} us, "
+                         f"data errors {r['error-count']}")
         else:
-            lines.append(f"  net slot {r['slot']}: {r['ops']} ping-pongs, {r['pps']:.0f}/s, "
-                         f"p50 {r['lat_us_p50']:.0f} us, payload errors {r['error_count']}")
+            lines.append(f"  {dev} (net): {r['ops']} ping-pongs, {r['pps']:.0f}/s, "
+                         f"p50 {r['lat-us-p50']:.0f} us, payload errors {r['error-count']}")
         for e in r["errors"]:
             lines.append(f"    error: {e}")
     return lines

@@ -35,7 +35,7 @@ import logging
 import os
 import shlex
 import time
-from typing import Callable, TypedDict
+from typing import Any, Callable, TypedDict
 
 from .. import trace
 from ..faults import PROCESS, FaultAction, FaultError
@@ -669,13 +669,21 @@ def _hmp(r: CommandRegistry, line: str) -> str:  # noqa: C901 - one dispatch tab
             return _fmt_kv(_call(r, "x-query-virtio-queue-element", **kw)).replace("\n", "\r\n") + "\r\n"
         if sub == "notifiers" and len(rest) == 1:
             rows = _call(r, "x-query-device-notifiers", dev=rest[0])
-            out = f"{'id':>4} {'role':<7} {'queue':>5} {'vector':>6} {'fd':>4} {'pending':>8} {'total':>8}  name\n"
+            out = (f"{'id':>4} {'role':<7} {'queue':>5} {'vector':>6} {'fd':>4} {'pending':>8} {'fd-writes':>10} "
+                   f"{'lifetime':>10}  name\n")
+            scopes = set()
             for n in rows:
                 cell = {k: _val(n.get(k)) if HMP_PLAIN_TEXT.fix_on else n.get(k, "-")
-                        for k in ("queue", "vector", "pending", "total")}
+                        for k in ("queue", "vector", "pending", "fd-writes", "lifetime")}
+                scopes.add(n.get("scope"))
                 out += (f"{n['id']:>4} {n['role']:<7} {cell['queue']:>5} {cell['vector']:>6} "
-                        f"{n['fd']:>4} {cell['pending']:>8} {cell['total']:>8}  {n['name']}"
+                        f"{n['fd']:>4} {cell['pending']:>8} {cell['fd-writes']:>10} {cell['lifetime']:>10}  {n['name']}"
                         f"{('  (' + n['note'] + ')') if n.get('note') else ''}\n")
+            # what each count covers, said once
+            fdw = ("this connection's fd (a front-end hands new fds on every connection)" if "connection" in scopes
+                   else "this notifier since it was created")
+            out += (f"fd-writes: writes to {fdw}; lifetime: the queue's kicks (host) or calls (guest), every "
+                    f"path, since the {'back-end' if 'connection' in scopes else 'device'} started\n")
             return out.replace("\n", "\r\n")
         if sub == "msix" and len(rest) == 1:
             return _msix_text(_call(r, "x-query-pci-msix", dev=rest[0]), "").replace("\n", "\r\n")
@@ -762,3 +770,25 @@ def _msix_text(m: dict, ind: str) -> str:
                 f"use {e['use-count']} sent {e['sent']} pended {e['pended']}"
                 f"{(' [' + bound + ']') if bound else ''}\n")
     return out
+
+
+def add_hmp_info(reg: CommandRegistry, sub: str, command: str, fmt: Callable[[Any], str]) -> None:
+    """HMP ``info SUB`` (no arguments) answered by formatting QMP *command*'s reply with *fmt*, on
+    top of the generic HMP (``human-monitor-command``); every other line goes on to it.  Nothing
+    happens when the registry has no such QMP command."""
+    cmd = reg.commands.get("human-monitor-command")
+    query = reg.commands.get(command)
+    if cmd is None or query is None:
+        return
+    inner = cmd.handler
+    handler = query.handler
+
+    def human_monitor_command(**kw: object) -> str:
+        if str(kw.get("command_line", "")).split() == ["info", sub]:
+            try:
+                return fmt(handler()).replace("\n", "\r\n")
+            except QMPError as e:
+                return f"Error: {e.desc}\r\n"
+        return inner(**kw)
+
+    reg.add(cmd.name, human_monitor_command, cmd.args, cmd.doc, cmd.unstable)

@@ -1560,6 +1560,30 @@ class VhostUserBackend:
             queues.append(d)
         return out
 
+    def counters(self) -> dict:
+        """This back-end's device as the counters document has it (``kickcall.counters``; loop
+        thread): per queue the kicks it read from its kick fd (``kick-fd``; ``self-kick``: the
+        ones it gave itself after a reconnect) and the calls it wrote (``call-fd``), lifetime
+        counts over every connection; with the connection and protocol-error counts."""
+        queues = []
+        for v in self.vrings:
+            q = self.device.queues[v.index]
+            kbp = {"kick-fd": max(0, v.kicks - v.self_kicks)}
+            if v.self_kicks:
+                kbp["self-kick"] = v.self_kicks
+            queues.append({
+                "queue": v.index, "vector": None, "masked": None, "pending": None, "irq-mode": "call-fd",
+                "kicks": sum(kbp.values()), "kicks-by-path": kbp, "calls": v.calls,
+                "calls-by-path": {"call-fd": v.calls} if v.calls else {},
+                "calls-without-fd": v.calls_without_fd, "calls-suppressed": q.calls_suppressed,
+                "inuse": q.inuse, "ring-state": self.ring_state(v.index).value,
+                "handled-by": "vhost-user"})
+        return {"id": self.name, "path": f"/{self.name}", "type": self.device.type_name,
+                "handled-by": "vhost-user", "connected": self.conn is not None,
+                "connections": self.connections, "reconnects": max(0, self.connections - 1),
+                "disconnects": self.disconnects, "protocol-errors": self.protocol_errors,
+                "broken": self.device.broken, "queues": queues}
+
     @classmethod
     def routes(cls) -> dict[int, Route]:
         """Every front-end request the back-end knows, with its route (a copy)."""

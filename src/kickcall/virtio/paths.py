@@ -32,6 +32,11 @@ class KickPath(StrEnum):
     VHOST = "vhost-kick"
     """An injected kick that went to the vhost back-end's kick fd (the host notifiers are grabbed);
     the VMM does not count it, the back-end does."""
+    BACKEND = "vhost-user"
+    """A doorbell write that the hypervisor matched on the ioeventfd of a queue whose kick fd a
+    vhost-user back-end owns: the VMM never sees it, so it is counted where it happens, by the
+    hypervisor's hit counter of that ioeventfd (read from the shared stats page, never asked for).
+    It counts writes; the back-end counts its reads of the kick fd, which coalesce."""
 
 
 class CallPath(StrEnum):
@@ -55,3 +60,7 @@ class CallPath(StrEnum):
     MSI_FORCED = "msi-forced"
     """An injected call whose MSI-X message was sent although the vector is masked (``force``);
     never taken by the device itself."""
+    BACKEND_IRQFD = "vhost-irqfd"
+    """A vhost-user back-end's call, injected by the hypervisor's irqfd on the queue's vector (the
+    vector's GSI injections while the back-end owns the queue's call fd).  Queues that share a
+    vector share its count."""

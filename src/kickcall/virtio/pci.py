@@ -99,6 +99,15 @@ class VirtIOPCIQueue:
     polled: bool = False
     """The VMM polls the queue's notifier (the guest notifier, or a vhost device's masked notifier)
     into the vector's PBA bit (vector masked)."""
+    backend_kicks: int = 0
+    """Doorbell writes the hypervisor matched while a vhost-user back-end owned the queue's kick
+    fd, on host notifiers since deassigned (``KickPath.BACKEND``)."""
+    backend_calls: int = 0
+    """A back-end's calls injected by the irqfd, on irqfd assignments since ended
+    (``CallPath.BACKEND_IRQFD``)."""
+    gsi_base: int | None = None
+    """The GSI's injection count when the irqfd of a back-end's call fd was assigned (None: no such
+    irqfd now)."""
 
 
 @dataclass
@@ -392,6 +401,10 @@ class VirtIOPCIProxy(PCIDevice):
         if hook is not None:
             hook(q)
         q.host_notifier = None
+        if self.vm is not None:  # the hypervisor's count of that ioeventfd, as its deassign returned it
+            writes = self.vm.ioeventfd_writes(n, retire=True)
+            if self.ioeventfd_grabbed:
+                self._vqs[q.index].backend_kicks += writes
         if self.deassign_test_and_clear.fix_on and n.test_and_clear():
             # the guest kicked, and the notifier was deassigned before the kick was handled
             self.deassign_hits += 1
@@ -569,8 +582,7 @@ class VirtIOPCIProxy(PCIDevice):
             self.vdev.guest_notifier_mask(q, True)
             self._start_polling(q)
         else:
-            self.vm.irqfd(n, gsi)
-            rec.irqfd = True
+            self._irqfd_assign(q)
             self.vdev.guest_notifier_mask(q, False)
 
     def _unbind_guest_notifier(self, q: VirtQueue) -> None:
@@ -579,14 +591,14 @@ class VirtIOPCIProxy(PCIDevice):
             return
         rec = self._vqs[q.index]
         if rec.irqfd:
-            assert self.vm is not None and rec.gsi is not None
-            self.vm.irqfd(n, rec.gsi, deassign=True)
-            rec.irqfd = False
+            self._irqfd_deassign(q)
         self._stop_polling(q)
         self.vdev.guest_notifier_mask(q, None)  # a back-end gets the polled fallback notifier
         q.guest_notifier = None
         rec.gsi = None
         if n.test_and_clear():  # a call made just before the teardown: deliver it the slow way
+            if self.vdev.masked_notifier(q) is not None:
+                q.count_call(CallPath.MSI)  # the back-end's (the VMM counted its own when it made it)
             self.notify_vector(q.vector)
         self.registry.unregister(n)
         n.close()
@@ -622,7 +634,55 @@ class VirtIOPCIProxy(PCIDevice):
 
     def _masked_read(self, q: VirtQueue, n) -> None:
         if n.test_and_clear():
+            if n is not q.guest_notifier:  # a back-end's call (the VMM counted its own when it made it)
+                q.count_call(CallPath.MASKED_POLL)
             self.notify_vector(q.vector)
+
+    def _gsi_injections(self, gsi: int) -> int:
+        """The hypervisor's injection count of *gsi* (the shared stats page: read, never asked)."""
+        if self.vm is None:
+            return 0
+        try:
+            return self.vm.stats.gsi(gsi)["injections"]
+        except (IndexError, TypeError, ValueError):  # out of the page, or the page is closed
+            return 0
+
+    def _irqfd_assign(self, q: VirtQueue) -> None:
+        rec = self._vqs[q.index]
+        assert self.vm is not None and q.guest_notifier is not None and rec.gsi is not None
+        self.vm.irqfd(q.guest_notifier, rec.gsi)
+        rec.irqfd = True
+        if self.vdev.masked_notifier(q) is not None:  # a back-end will write it: the hypervisor counts
+            rec.gsi_base = self._gsi_injections(rec.gsi)
+
+    def _irqfd_deassign(self, q: VirtQueue) -> None:
+        rec = self._vqs[q.index]
+        assert self.vm is not None and q.guest_notifier is not None and rec.gsi is not None
+        self.vm.irqfd(q.guest_notifier, rec.gsi, deassign=True)
+        rec.irqfd = False
+        if rec.gsi_base is not None:
+            rec.backend_calls += max(0, self._gsi_injections(rec.gsi) - rec.gsi_base)
+            rec.gsi_base = None
+
+    def queue_counters(self, q: VirtQueue) -> dict:
+        """Queue *q*'s kicks and calls by path, whoever handled them: the VMM's own counts plus,
+        for a vhost-user back-end, the hypervisor's (its kicks' ioeventfd hits, its calls' irqfd
+        injections), which the VMM never sees one by one.  Big lock held."""
+        rec = self._vqs[q.index]
+        kbp: dict[str, int] = {str(k): v for k, v in q.kicks_by_path.items()}
+        cbp: dict[str, int] = {str(k): v for k, v in q.calls_by_path.items()}
+        bk = rec.backend_kicks
+        if self.ioeventfd_grabbed and q.host_notifier is not None and self.vm is not None:
+            bk += self.vm.ioeventfd_writes(q.host_notifier)
+        bc = rec.backend_calls
+        if rec.irqfd and rec.gsi_base is not None and rec.gsi is not None:
+            bc += max(0, self._gsi_injections(rec.gsi) - rec.gsi_base)
+        if bk:
+            kbp[KickPath.BACKEND] = bk
+        if bc:
+            cbp[CallPath.BACKEND_IRQFD] = bc
+        return {"kicks": sum(kbp.values()), "kicks-by-path": kbp,
+                "calls": sum(cbp.values()), "calls-by-path": cbp}
 
     def _queues_on_vector(self, v: int) -> list[VirtQueue]:
         return [q for q in self.vdev.queues if q.vector == v and q.guest_notifier is not None]
@@ -641,24 +701,20 @@ class VirtIOPCIProxy(PCIDevice):
             self._stop_polling(q)
             if masked_n is not None and masked_n.test_and_clear():
                 saw = True
+                q.count_call(CallPath.MASKED_POLL)  # the back-end's call, parked while masked
                 if self.msix is not None:
                     self.msix.set_pending(v)  # delivered once by the unmask, below us
             rec = self._vqs[q.index]
             if not rec.irqfd:
-                assert self.vm is not None and q.guest_notifier is not None and rec.gsi is not None
-                self.vm.irqfd(q.guest_notifier, rec.gsi)
-                rec.irqfd = True
+                self._irqfd_assign(q)
             self.mask_windows.append((q.index, saw))
 
     def _vector_mask(self, v: int) -> None:
         for q in self._queues_on_vector(v):
             if _t_vector.enabled:
                 _t_vector.emit(dev=self.name, queue=q.index, vector=v, masked=True)
-            rec = self._vqs[q.index]
-            if rec.irqfd:
-                assert self.vm is not None and q.guest_notifier is not None and rec.gsi is not None
-                self.vm.irqfd(q.guest_notifier, rec.gsi, deassign=True)
-                rec.irqfd = False
+            if self._vqs[q.index].irqfd:
+                self._irqfd_deassign(q)
             self.vdev.guest_notifier_mask(q, True)  # a back-end now calls the masked notifier (acknowledged)
             self._start_polling(q)
 
@@ -670,6 +726,8 @@ class VirtIOPCIProxy(PCIDevice):
                 continue
             n = self._poll_target(q)
             if n is not None and n.test_and_clear():
+                if n is not q.guest_notifier:  # a back-end's call
+                    q.count_call(CallPath.MASKED_POLL)
                 m.notify(q.vector)
 
     def notify_vector(self, v: int) -> None:
@@ -751,21 +809,23 @@ class VirtIOPCIProxy(PCIDevice):
     def queue_info(self, q: VirtQueue) -> dict:
         m = self.msix
         masked = None
-        if m is not None and q.vector != VIRTIO_NO_VECTOR and q.vector < m.nvectors:
+        if m is not None and m.enabled and q.vector != VIRTIO_NO_VECTOR and q.vector < m.nvectors:
             masked = m.is_masked(q.vector)
+        pending = None
+        if masked is not None and m is not None:
+            pending = m.is_pending(q.vector)
         return {
             "queue": q.index,
             "vector": q.vector,
             "masked": masked,
+            "pending": pending,
             "irq-mode": "msix" if m is not None and m.enabled else "intx",
-            "kicks": q.kicks,
-            "kicks-by-path": dict(q.kicks_by_path),
-            "calls": q.calls,
-            "calls-by-path": dict(q.calls_by_path),
+            **self.queue_counters(q),
             "calls-suppressed": q.calls_suppressed,
             "inuse": q.inuse,
             "host-notifier": q.host_notifier is not None,
             "guest-notifier": q.guest_notifier is not None,
             "irqfd": self._vqs[q.index].irqfd,
             "polled": self._vqs[q.index].polled,
+            "handled-by": "vhost-user" if self.ioeventfd_grabbed else "vmm",
         }
