@@ -43,6 +43,7 @@ from ..ownership import PathRefused, SocketClaim, temp_dir
 from ..virtio.blk import VirtIOBlk
 from ..virtio.image import create_image, open_image
 from ..virtio.net import VirtIONet
+from ..virtio.layout import backend_inuse, read_ring_fields
 from ..virtio.pci import VirtIOPCIProxy
 from ..vfio.pci import VFIOPCIDevice, VfioCardReset
 from ..vfio.protocol import HOT_RESET_CAPABILITY
@@ -778,6 +779,10 @@ class Machine:
         with self.bql:
             for name, p in self.devices.items():
                 qs = [p.queue_info(q) for q in p.vdev.queues]
+                if p.ioeventfd_grabbed:  # a back-end holds the requests: the ring says how many
+                    for q, d in zip(p.vdev.queues, qs, strict=True):
+                        fields = read_ring_fields(self._ring_u16, q.avail, q.used, q.num, mapped=bool(q.desc))
+                        d["inuse"] = backend_inuse(fields, q.event_idx) or 0
                 msix_on = p.msix is not None and p.msix.enabled
                 devices[name] = {
                     "id": name, "path": p.path, "type": p.vdev.type_name,
@@ -788,6 +793,12 @@ class Machine:
                 }
         return counters_doc("kickcall-run", devices, running=self.running,
                             extra={"hv": kebab_keys(self.vm.stats.globals()), "exits": dict(self.vm.exit_counts)})
+
+    def _ring_u16(self, gpa: int) -> int | None:
+        try:
+            return self.memory.read_u16_atomic(gpa)
+        except ValueError:
+            return None
 
     def workload_report(self, results: list[dict]) -> dict[str, dict]:
         """The guest's workload results (``stop_workload``) keyed by device id, kebab-case as the

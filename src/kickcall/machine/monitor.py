@@ -25,6 +25,7 @@ from ..virtio.paths import CallPath, KickPath
 from ..virtio.pci import QUEUE_MEM_MULT, VirtIOPCIProxy
 from ..virtio.queue import VIRTIO_NO_VECTOR, VirtQueue
 from ..virtio.layout import (
+    backend_inuse,
     read_ring_fields,
     avail_event_addr,
     avail_size,
@@ -131,9 +132,10 @@ class MachineDevice:
         if vhost_running:
             # the back-end's position: avail_event (EVENT_IDX), never GET_VRING_BASE (it stops the ring)
             d.pop("shadow-avail-idx", None)
-            if q.event_idx and ring.get("avail-event") is not None:
+            inuse = backend_inuse(ring, q.event_idx)
+            if inuse is not None:
                 d["last-avail-idx"] = ring["avail-event"]
-                d["inuse"] = (ring["avail-event"] - ring["used-idx-ring"]) & 0xFFFF
+                d["inuse"] = inuse
             else:
                 d.pop("last-avail-idx", None)
                 d["inuse"] = 0
@@ -260,6 +262,8 @@ class MachineDevice:
                 if q.host_notifier is not None:
                     q.host_notifier.set()  # what the ioeventfd would do (a vhost back-end's kick fd too)
                     path = KickPath.VHOST if p.ioeventfd_grabbed else KickPath.IOEVENTFD
+                    if p.ioeventfd_grabbed:  # the back-end reads it: nobody else would count it
+                        q.count_kick(path)
                 else:
                     p.notify_write(q.index * QUEUE_MEM_MULT, q.index, 2)  # the heavyweight exit's handler
                     path = KickPath.MMIO

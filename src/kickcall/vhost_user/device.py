@@ -40,7 +40,7 @@ from ..virtio.blk import BLK_CONFIG_SIZE, FEATURES as BLK_FEATURES
 from ..virtio.device import DRIVER_OK, VirtIODevice
 from ..virtio.layout import used_idx_addr
 from ..virtio.queue import VirtQueue
-from ..virtio.paths import CallPath
+from ..virtio.paths import CallPath, KickPath
 from ..virtio.transport import VhostTransport
 from .frontend import BackendGone, InflightInfo, VhostUserFrontend
 from .protocol import VHOST_USER_F_PROTOCOL_FEATURES, MemRegion, ProtocolError, ProtocolErrorKind, ProtocolFeature
@@ -201,6 +201,7 @@ class VhostUserBlkDevice(VirtIODevice):
             kick = q.host_notifier
             if kick is not None and self.kick_on_start.fix_on:
                 kick.set()  # a kick the previous back-end read and never acted on is not lost
+                q.count_kick(KickPath.VHOST_START)
                 self.start_kicks += 1
                 if _t_start_kick.enabled:
                     _t_start_kick.emit(vdev=self.name, n=q.index, fd=kick.fd)

@@ -148,6 +148,16 @@ def avail_event_u16(num: int) -> int:
 RING_FIELDS: Final = ("avail-idx", "used-idx-ring", "used-event", "avail-event", "avail-flags", "used-flags")
 
 
+def backend_inuse(fields: dict[str, int | None], event_idx: bool) -> int | None:
+    """Requests a vhost back-end holds, from the ring alone (*fields*: ``read_ring_fields``): with
+    EVENT_IDX the back-end's position is its avail_event, so avail_event - used idx; without it
+    the ring does not say (None).  Never GET_VRING_BASE, which stops the ring."""
+    ae, ui = fields.get("avail-event"), fields.get("used-idx-ring")
+    if not event_idx or ae is None or ui is None:
+        return None
+    return (ae - ui) & 0xFFFF
+
+
 def read_ring_fields(read_u16: Callable[[int], int | None], avail: int, used: int, num: int,
                      mapped: bool = True) -> dict[str, int | None]:
     """What a split ring in guest memory says now, as the monitors report it: the driver's avail

@@ -30,8 +30,11 @@ class KickPath(StrEnum):
     """Not a driver kick: vhost handed the host notifiers back (``release_ioeventfd``) and the
     proxy scans each ring once, so a kick the back-end never saw is not lost."""
     VHOST = "vhost-kick"
-    """An injected kick that went to the vhost back-end's kick fd (the host notifiers are grabbed);
-    the VMM does not count it, the back-end does."""
+    """An injected kick that the VMM wrote to the vhost back-end's kick fd (the host notifiers are
+    grabbed); the back-end counts its read of it too."""
+    VHOST_START = "vhost-start"
+    """The kick the VMM writes to a queue's kick fd when it (re)starts a vhost back-end's ring, so
+    that a kick the previous back-end read and never acted on is not lost."""
     BACKEND = "vhost-user"
     """A doorbell write that the hypervisor matched on the ioeventfd of a queue whose kick fd a
     vhost-user back-end owns: the VMM never sees it, so it is counted where it happens, by the

@@ -498,6 +498,8 @@ class VirtIOPCIProxy(PCIDevice):
         q = self.vdev.queues[idx]
         if q.host_notifier is not None:
             q.host_notifier.set()  # the grabber's notifier (or ours): it will be handled there
+            if self.ioeventfd_grabbed:  # the back-end's: the VMM counts it (it would count its own read)
+                q.count_kick(KickPath.MMIO)
             return
         if self.ioeventfd_grabbed:
             self.kicks_while_grabbed += 1
