@@ -405,3 +405,49 @@ def test_summary_lines_fit_80_columns_and_take_results_by_device_id():
     assert "ioeventfd-writes=200" in text and "exits: total=140 mmio-write=132 pio-read=8" in lines
     assert any(x.split()[:2] == ["intx0", "0"] and "intx" in x.split() for x in lines)
     assert summary_lines({"devices": {"x": {"queues": [{"queue": "bad"}]}}, "hv": None}, {"x": None})  # no raise
+
+
+def test_kickcall_run_on_a_terminal_shows_the_view_quits_on_q_and_restores_the_terminal():
+    """The whole of ``kickcall run`` on an 80x30 pty: the curses view comes up (alternate screen),
+    ``q`` ends the run long before its duration, the terminal's modes are back, the summary follows."""
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        try:
+            set_size(0, 30, 80)
+            os.execve(sys.executable, [sys.executable, "-m", "kickcall", "run", "--duration", "300"],
+                      dict(os.environ, TERM="xterm-256color", PYTHONPATH=SRC))
+        finally:
+            os._exit(127)
+    out = b""
+    try:
+        deadline = time.monotonic() + 120
+        sent = False
+        while True:
+            assert time.monotonic() < deadline, out[-2000:]
+            if select.select([fd], [], [], 0.05)[0]:
+                try:
+                    b = os.read(fd, 65536)
+                except OSError:
+                    b = b""
+                if not b:
+                    break
+                out += b
+            if not sent and b"in flight" in out and b"hv: " in out:  # the table and its footer are up
+                os.write(fd, b"q")
+                sent = True
+        _, status = os.waitpid(pid, 0)
+        after = termios.tcgetattr(fd)  # the pty's modes (Linux: the master reports the slave's)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, out[-3000:]
+    assert b"\x1b[?1049h" in out and b"\x1b[?1049l" in out  # curses' alternate screen, left at the end
+    assert after[3] & termios.ICANON and after[3] & termios.ECHO  # cbreak/noecho undone (a pty starts cooked)
+    tail = out[out.rfind(b"\x1b[?1049l"):].decode(errors="replace")
+    assert "per-queue counters (lifetime):" in tail and "Traceback" not in out.decode(errors="replace")
