@@ -451,3 +451,34 @@ def test_kickcall_run_on_a_terminal_shows_the_view_quits_on_q_and_restores_the_t
     assert after[3] & termios.ICANON and after[3] & termios.ECHO  # cbreak/noecho undone (a pty starts cooked)
     tail = out[out.rfind(b"\x1b[?1049l"):].decode(errors="replace")
     assert "per-queue counters (lifetime):" in tail and "Traceback" not in out.decode(errors="replace")
+
+
+def test_hostile_documents_never_raise():
+    """The view renders whatever a document holds (wrong types, missing keys) without a traceback."""
+    import io
+
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=30))
+    value = st.recursive(leaf, lambda kids: st.one_of(st.lists(kids, max_size=4),
+                                                      st.dictionaries(st.text(max_size=12), kids, max_size=4)),
+                         max_leaves=12)
+    qkeys = st.sampled_from(["queue", "vector", "masked", "pending", "irq-mode", "kicks", "calls", "inuse",
+                             "kicks-by-path", "calls-by-path", "calls-suppressed", "irqfd", "handled-by"])
+    q = st.dictionaries(qkeys, value, max_size=13)
+    dev = st.fixed_dictionaries({"queues": st.one_of(st.lists(q, max_size=3), value)},
+                                optional={"broken": value, "irq-mode": value, "handled-by": value})
+    d = st.fixed_dictionaries({"time": st.one_of(st.floats(0, 1e6), value), "running": value,
+                               "devices": st.one_of(st.dictionaries(st.text(max_size=20), dev, max_size=3), value)},
+                              optional={"hv": value, "exits": value})
+
+    @given(d, d, value)
+    def check(a, b, results):
+        v = PlainView(io.StringIO())
+        v.update(a)
+        v.update(b)
+        assert all(len(x) <= 80 for x in v.lines(b))
+        summary_lines(b, results if isinstance(results, (dict, list)) else {})
+
+    check()

@@ -45,11 +45,18 @@ def _num(x: object) -> float:
 
 
 def _int(x: object) -> int:
-    return int(_num(x))
+    try:
+        return int(_num(x))
+    except (ValueError, OverflowError):  # NaN, infinity
+        return 0
 
 
 def _mapping(x: object) -> Mapping[str, Any]:
     return x if isinstance(x, Mapping) else {}
+
+
+def _list(x: object) -> list:
+    return x if isinstance(x, list) else []
 
 
 def _mask_state(q: Mapping[str, Any], dev_mode: object = None) -> str:
@@ -100,12 +107,12 @@ def rates(prev: dict | None, cur: dict) -> dict[str, list[dict]]:
     for name, d in _mapping(cur.get("devices")).items():
         d = _mapping(d)
         pd = _mapping(pdevs.get(name))
-        pqs = {pq.get("queue"): pq for pq in pd.get("queues", []) if isinstance(pq, Mapping)}
+        pqs = {_int(pq.get("queue")): pq for pq in _list(pd.get("queues")) if isinstance(pq, Mapping)}
         rows = []
-        for q in d.get("queues", []):
+        for q in _list(d.get("queues")):
             if not isinstance(q, Mapping):
                 continue
-            pq = pqs.get(q.get("queue")) if prev else None
+            pq = pqs.get(_int(q.get("queue"))) if prev else None
             kr = cr = 0.0
             if pq is not None and dt > 0:
                 kr = (_num(q.get("kicks")) - _num(pq.get("kicks"))) / dt
@@ -551,7 +558,7 @@ def summary_lines(snap: dict, results: Mapping[str, Mapping[str, Any]] | Iterabl
              f"  {'device':<12} {'queue':>5} {'kicks':>10} {'calls':>10} {'suppr':>8} {'vec':>5} {'irq':<9} by"]
     for name, d in _mapping(snap.get("devices")).items():
         d = _mapping(d)
-        for q in d.get("queues", []):
+        for q in _list(d.get("queues")):
             if not isinstance(q, Mapping):
                 continue
             lines.append(f"  {str(name)[:12]:<12} {_int(q.get('queue')):>5} {_int(q.get('kicks')):>10} "
@@ -581,6 +588,6 @@ def summary_lines(snap: dict, results: Mapping[str, Mapping[str, Any]] | Iterabl
             parts = [f"{_int(r.get('ops'))} ping-pongs,", f"{_num(r.get('pps')):.0f}/s,", f"p50 {p50:.0f} us,",
                      f"p99 {p99:.0f} us,", f"payload errors {_int(r.get('error-count'))}"]
         lines += _wrap(f"  {dev} ({r.get('kind', '?')}):", parts, width, "    ")
-        for e in r.get("errors", []) or []:
+        for e in _list(r.get("errors")):
             lines += _wrap("    error:", str(e).split(), width, "      ")
     return lines
