@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import select
 import signal
 import sys
 import threading
@@ -271,29 +270,6 @@ def _main(argv: list[str] | None = None) -> int:
     return 2
 
 
-class _Keys:
-    """Single-key input on a terminal (cbreak mode), restored on exit."""
-
-    def __init__(self) -> None:
-        import termios
-        import tty
-
-        self.fd = sys.stdin.fileno()
-        self.saved = termios.tcgetattr(self.fd)
-        tty.setcbreak(self.fd)
-
-    def poll(self, timeout: float) -> str:
-        r, _, _ = select.select([self.fd], [], [], timeout)
-        if r:
-            return os.read(self.fd, 1).decode(errors="ignore")
-        return ""
-
-    def close(self) -> None:
-        import termios
-
-        termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
-
-
 def cmd_run(a: argparse.Namespace) -> int:
     from .machine import ConfigError, default_config, load_config
 
@@ -325,7 +301,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
     from .machine import Machine, MachineError
-    from .machine.view import LiveView, PlainView, summary_lines
+    from .machine.view import LiveView, PlainView, ViewError, summary_lines
     if "help" in a.trace:
         for ev in sorted(trace.events(), key=lambda e: e.name):
             print(f"{ev.name}: {ev.doc}")
@@ -354,8 +330,7 @@ def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
         signal.signal(signal.SIGTERM, old_term)
         print(f"kickcall: cannot build the machine: {e}", file=sys.stderr)
         return EXIT_REFUSED
-    view = LiveView() if tty else (PlainView(sys.stderr) if a.json else PlainView())
-    keys = _Keys() if tty else None
+    view: LiveView | PlainView | None = None
     results: dict[str, dict] = {}
     rc = 0
     try:
@@ -368,6 +343,15 @@ def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
             kinds = ", ".join(f"{d['kind']}@{d['slot']}" for d in info.get("devices", []))
             print(f"kickcall: machine {cfg.name!r} up: {cfg.vcpus} vCPUs, guest pid {m.guest_pid}, devices {kinds}",
                   flush=True)
+        # the live view (curses: it reads q and p itself) once the messages above are out
+        if tty:
+            try:
+                view = LiveView()
+            except ViewError as e:
+                print(f"kickcall: {e}: periodic lines instead", file=sys.stderr, flush=True)
+                view = PlainView()
+        else:
+            view = PlainView(sys.stderr) if a.json else PlainView()
         m.start_workload()
         t0 = time.monotonic()
         paused_once = False
@@ -388,8 +372,8 @@ def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
                 toggle.clear()
                 m.resume() if not m.running else m.pause()
             wait = max(0.0, min(next_tick - now, 0.1))
-            if keys is not None:
-                k = keys.poll(wait)
+            if isinstance(view, LiveView):
+                k = view.poll_key(wait)  # a resize is followed meanwhile
                 if k in ("q", "Q"):
                     break
                 if k in ("p", "P"):
@@ -406,9 +390,8 @@ def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
         rc = 1
         snap = None
     finally:
-        if keys is not None:
-            keys.close()
-        view.close()
+        if view is not None:
+            view.close()  # endwin: the terminal is restored whatever ended the run
         m.stop()
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
