@@ -416,7 +416,8 @@ def test_kickcall_run_on_a_terminal_shows_the_view_quits_on_q_and_restores_the_t
     if pid == 0:
         try:
             set_size(0, 30, 80)
-            os.execve(sys.executable, [sys.executable, "-m", "kickcall", "run", "--duration", "300"],
+            os.execve(sys.executable, [sys.executable, "-m", "kickcall", "run", "--duration", "300",
+                                       "--trace", "virtio_queue_notify"],
                       dict(os.environ, TERM="xterm-256color", PYTHONPATH=SRC))
         finally:
             os._exit(127)
@@ -451,6 +452,8 @@ def test_kickcall_run_on_a_terminal_shows_the_view_quits_on_q_and_restores_the_t
     assert after[3] & termios.ICANON and after[3] & termios.ECHO  # cbreak/noecho undone (a pty starts cooked)
     tail = out[out.rfind(b"\x1b[?1049l"):].decode(errors="replace")
     assert "per-queue counters (lifetime):" in tail and "Traceback" not in out.decode(errors="replace")
+    # the trace lines made while the view was up were kept off its screen and written after it
+    assert tail.count("virtio_queue_notify") > 10, tail[:2000]
 
 
 def test_hostile_documents_never_raise():

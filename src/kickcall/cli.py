@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import os
@@ -222,6 +223,64 @@ def _internal_error(e: BaseException) -> int:
     return EXIT_SOFTWARE
 
 
+class _HeldLines(logging.Handler):
+    """Lines for stderr (log records, trace lines), written at once -- or, while the live view
+    owns the terminal, kept (the last 1000) and written when it closes; the latest is the view's
+    note."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
+        self._lines: collections.deque[str] = collections.deque(maxlen=1000)
+        self._dropped = 0
+        self._holding = False
+        self._saved: list[logging.Handler] = []
+        self._mu = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.write(self.format(record))
+
+    def write(self, line: str) -> None:
+        with self._mu:
+            if not self._holding:
+                print(line, file=sys.stderr, flush=True)
+                return
+            if len(self._lines) == self._lines.maxlen:
+                self._dropped += 1
+            self._lines.append(line)
+
+    def last(self) -> str:
+        with self._mu:
+            return self._lines[-1][:200] if self._lines else ""
+
+    def hold(self) -> None:
+        root = logging.getLogger()
+        with self._mu:
+            self._holding = True
+            self._saved = list(root.handlers)
+        for h in self._saved:
+            root.removeHandler(h)
+        root.addHandler(self)
+
+    def release(self) -> None:
+        with self._mu:
+            if not self._holding:
+                return
+            self._holding = False
+            lines, dropped = list(self._lines), self._dropped
+            self._lines.clear()
+        root = logging.getLogger()
+        root.removeHandler(self)
+        for h in self._saved:
+            root.addHandler(h)
+        if dropped:
+            print(f"kickcall: {dropped} earlier log/trace lines of the live view's time were dropped",
+                  file=sys.stderr)
+        for line in lines:
+            print(line, file=sys.stderr)
+        sys.stderr.flush()
+
+
 def _main(argv: list[str] | None = None) -> int:
     ap = _parser()
     a = ap.parse_args(argv)
@@ -310,8 +369,9 @@ def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
         if not trace.set_state(pat, True):
             print(f"kickcall: --trace {pat}: matches no trace event (kickcall run --trace help lists them)",
                   file=sys.stderr, flush=True)
+    held = _HeldLines()  # stderr's lines while the live view owns the terminal
     if a.trace:
-        trace.add_sink(lambda rec: print(trace.format_record(rec), file=sys.stderr))
+        trace.add_sink(lambda rec: held.write(trace.format_record(rec)))
     tty = sys.stdout.isatty() and sys.stdin.isatty() and not a.plain and not a.json
     duration = a.duration if a.duration is not None else (None if tty else 10.0)
     stop = threading.Event()
@@ -347,6 +407,7 @@ def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
         if tty:
             try:
                 view = LiveView()
+                held.hold()  # log and trace lines would scribble over the screen: kept, shown after
             except ViewError as e:
                 print(f"kickcall: {e}: periodic lines instead", file=sys.stderr, flush=True)
                 view = PlainView()
@@ -381,7 +442,7 @@ def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
             else:
                 stop.wait(wait)
             if time.monotonic() >= next_tick:
-                view.update(m.counters())
+                view.update(m.counters(), held.last())
                 next_tick += a.interval
         results = m.workload_report(m.stop_workload())
         snap = m.counters()
@@ -392,6 +453,7 @@ def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
     finally:
         if view is not None:
             view.close()  # endwin: the terminal is restored whatever ended the run
+        held.release()
         m.stop()
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
