@@ -16,8 +16,9 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "kickcall"
 
 # bottom up; a package may import its own layer's modules and anything below
 LAYERS: list[tuple[str, ...]] = [
-    ("__init__", "faults", "trace", "ownership", "child"),  # leaf utilities: import nothing of kickcall's above
+    ("__init__", "faults", "trace", "ownership", "child", "counters"),  # leaf utilities: import nothing of kickcall's above
     ("threads", "crash"),
+    ("metrics",),  # the Prometheus exporter: counters documents in, text out (kickcall.counters, kickcall.threads)
     ("notify",),
     ("loop",),
     ("memory",),
