@@ -21,6 +21,7 @@ the user wrote it, and the caller then warns).
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import logging
 import math
@@ -28,6 +29,7 @@ import os
 import socket
 import socketserver
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,8 +44,8 @@ from prometheus_client.registry import CollectorRegistry
 from .counters import COUNTERS_SCHEMA
 from .threads import named_thread, start_thread
 
-__all__ = ["Labelled", "Source", "CountersCollector", "render", "MetricsAddressError", "parse_listen",
-           "is_loopback", "MetricsServer", "TextfileError", "write_textfile", "METRICS_PATH", "MAX_REQUESTS"]
+__all__ = ["Labelled", "Source", "CountersCollector", "registry_for", "render", "MetricsAddressError",
+           "parse_listen", "listen_arg", "is_loopback", "MetricsServer", "bind_metrics", "TextfileError", "write_textfile", "METRICS_PATH", "MAX_REQUESTS"]
 
 log = logging.getLogger("kickcall.metrics")
 
@@ -188,8 +190,7 @@ def _render_doc(f: _Families, doc: Mapping[str, Any], extra: Sequence[str]) -> N
         for q in (queues if isinstance(queues, list) else ()):
             if isinstance(q, Mapping):
                 _render_queue(f, program, dev, q, extra)
-    for key, fam, label in (("hv", "kickcall_hypervisor_events_total", "event"),
-                            ("exits", "kickcall_exits_total", "kind")):
+    for key, fam in (("hv", "kickcall_hypervisor_events_total"), ("exits", "kickcall_exits_total")):
         counts = doc.get(key)
         for name, v in (counts.items() if isinstance(counts, Mapping) else ()):
             f.add(fam, [program, _label(name)], _count(v), extra)
@@ -252,8 +253,8 @@ class CountersCollector:
                     if k not in extra_names:
                         extra_names.append(k)
         f = _Families(extra_names)
-        for kind, name, doc, labels in FAMILIES:
-            f.define(kind, name, doc, labels)
+        for kind, name, helptext, labelnames in FAMILIES:
+            f.define(kind, name, helptext, labelnames)
         if docs is None:
             f.add("kickcall_up", [self.program], 0.0, [""] * len(extra_names))
         for item in docs or ():
@@ -317,6 +318,14 @@ def parse_listen(text: str) -> tuple[str, int]:
         raise MetricsAddressError(f"'{text}': '{host}' is not an IP address (give PORT for loopback, or "
                                   f"ADDRESS:PORT)") from None
     return host, int(port)
+
+
+def listen_arg(text: str) -> tuple[str, int]:
+    """``parse_listen`` as an argparse ``type`` (argparse names the option in its error)."""
+    try:
+        return parse_listen(text)
+    except MetricsAddressError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # -- the HTTP endpoint -------------------------------------------------------------------------------
@@ -386,13 +395,16 @@ class MetricsServer:
 
     def __init__(self, addr: str, port: int, source: Source, *, program: str = "kickcall") -> None:
         family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        self.registry = registry_for(source, program=program)
+        self._collector = CountersCollector(source, program=program)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self._collector)
         app = make_wsgi_app(self.registry)
 
         def routed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
             path = environ.get("PATH_INFO", "")
             if path == METRICS_PATH:
-                return app(environ, start_response)  # type: ignore[no-any-return]  # the client's app is untyped
+                out: Iterable[bytes] = app(environ, start_response)
+                return out
             body = (b'<html><body><a href="/metrics">/metrics</a></body></html>\n' if path == "/" else
                     b"not found: kickcall serves /metrics\n")
             start_response("200 OK" if path == "/" else "404 Not Found",
@@ -400,7 +412,10 @@ class MetricsServer:
                             ("Content-Length", str(len(body)))])
             return [body]
 
-        self._server = _Server((addr, port), family)
+        try:
+            self._server = _Server((addr, port), family)
+        except OSError as e:
+            raise OSError(e.errno, f"{_hostport(addr, port)}: {e.strerror or e}") from None
         self._server.set_app(routed)
         self.addr = addr
         self.port = int(self._server.server_address[1])
@@ -408,8 +423,12 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.addr}]" if ":" in self.addr else self.addr
-        return f"http://{host}:{self.port}{METRICS_PATH}"
+        return f"http://{_hostport(self.addr, self.port)}{METRICS_PATH}"
+
+    def set_source(self, source: Source) -> None:
+        """Read the counters from *source* from the next scrape on (a program binds its port before
+        it builds what it will count, so that a port in use is refused before anything starts)."""
+        self._collector.source = source
 
     def start(self) -> "MetricsServer":
         if self._thread is None:
@@ -431,6 +450,29 @@ class MetricsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _hostport(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def _not_yet() -> Sequence[Mapping[str, Any]]:
+    raise RuntimeError("the program is starting")
+
+
+def bind_metrics(listen: tuple[str, int], *, program: str, prog: str = "kickcall",
+                 source: Source | None = None) -> MetricsServer:
+    """A ``MetricsServer`` bound to *listen* (``listen_arg``'s result), not serving yet: the caller
+    sets its source (``set_source``) once the program is built, then ``start()``s it.  An address
+    that is not loopback was asked for by name (``parse_listen`` gives loopback otherwise): it is
+    bound, with a warning on stderr.  ``OSError`` (in use, not an address of this host) names
+    the address."""
+    host, port = listen
+    if not is_loopback(host):
+        print(f"{prog}: warning: --metrics {_hostport(host, port)} is not a loopback address: anyone who can "
+              f"reach this host on that port can read the counters (there is no authentication)",
+              file=sys.stderr, flush=True)
+    return MetricsServer(host, port, source if source is not None else _not_yet, program=program)
 
 
 # -- a file for node-exporter's textfile collector ---------------------------------------------------
