@@ -45,7 +45,7 @@ from .counters import COUNTERS_SCHEMA
 from .threads import named_thread, start_thread
 
 __all__ = ["Labelled", "Source", "CountersCollector", "registry_for", "render", "MetricsAddressError",
-           "parse_listen", "listen_arg", "is_loopback", "MetricsServer", "bind_metrics", "TextfileError", "write_textfile", "METRICS_PATH", "MAX_REQUESTS"]
+           "parse_listen", "listen_arg", "is_loopback", "MetricsBindError", "MetricsServer", "bind_metrics", "TextfileError", "write_textfile", "METRICS_PATH", "MAX_REQUESTS"]
 
 log = logging.getLogger("kickcall.metrics")
 
@@ -328,6 +328,13 @@ def listen_arg(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class MetricsBindError(OSError):
+    """The endpoint's address cannot be bound (in use, not an address of this host); the message
+    names the address."""
+
+    kind = "bind"
+
+
 # -- the HTTP endpoint -------------------------------------------------------------------------------
 class _QuietHandler(WSGIRequestHandler):
     """No access log on stderr (a scrape every 15 s would drown the program's own output)."""
@@ -415,7 +422,9 @@ class MetricsServer:
         try:
             self._server = _Server((addr, port), family)
         except OSError as e:
-            raise OSError(e.errno, f"{_hostport(addr, port)}: {e.strerror or e}") from None
+            err = MetricsBindError(f"{_hostport(addr, port)}: {e.strerror or e}")
+            err.errno = e.errno
+            raise err from None
         self._server.set_app(routed)
         self.addr = addr
         self.port = int(self._server.server_address[1])
@@ -424,6 +433,12 @@ class MetricsServer:
     @property
     def url(self) -> str:
         return f"http://{_hostport(self.addr, self.port)}{METRICS_PATH}"
+
+    @property
+    def sockname(self) -> tuple[str, int]:
+        """The address the socket is bound to (host, port)."""
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
 
     def set_source(self, source: Source) -> None:
         """Read the counters from *source* from the next scrape on (a program binds its port before
