@@ -18,6 +18,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "kickcall"
 LAYERS: list[tuple[str, ...]] = [
     ("__init__", "faults", "trace", "ownership", "child", "counters"),  # leaf utilities: import nothing of kickcall's above
     ("threads", "crash"),
+    ("metrics",),  # the Prometheus exporter: counters documents in, text out (kickcall.counters, kickcall.threads)
     ("notify",),
     ("loop",),
     ("memory",),

@@ -3,6 +3,7 @@
     kickcall run [CONFIG.toml] [--duration S] [--plain] [--interval S] [--pause-at S --pause-for S]
     kickcall bench notify [--json] [--write BENCHMARKS.md] [--quick]
     kickcall config [--check FILE]
+    kickcall metrics --qmp SOCK [--qmp SOCK ...] [-o FILE]
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--qmp", metavar="PATH", help="serve a QMP monitor on this Unix socket (mode 0600)")
     r.add_argument("--qmp-tcp", metavar="HOST:PORT", type=_loopback_hostport,
                    help="also serve the monitor on this loopback TCP address (127.0.0.1 or ::1 only)")
+    from .metrics import listen_arg
+
+    r.add_argument("--metrics", metavar="[ADDR:]PORT", type=listen_arg,
+                   help="serve Prometheus metrics on http://ADDR:PORT/metrics (PORT alone: loopback; 0: a free "
+                        "port, printed; another address only when given, with a warning)")
     r.add_argument("--connect-timeout", type=_positive, default=30.0, metavar="S",
                    help="seconds a vhost-user device waits for its back-end's socket (default 30)")
     r.add_argument("--allow-write", action="store_true",
@@ -109,6 +115,16 @@ def _parser() -> argparse.ArgumentParser:
     bf.add_argument("--quick", action="store_true", help="fewer samples, growth to 256 vectors (a smoke run)")
     c = sub.add_parser("config", help="print the full config reference: every key, its default and range")
     c.add_argument("--check", metavar="FILE", help="validate a config file and exit")
+    mt = sub.add_parser("metrics", help="print live targets' counters once in the Prometheus text format "
+                                        "(for node-exporter's textfile collector)")
+    mt.add_argument("--qmp", action="append", required=True, metavar="SOCK",
+                    help="a kickcall monitor's Unix socket (run, vhost-user-blk, vfio-user-server); repeat for "
+                         "several targets (each sample is labelled target=SOCK)")
+    mt.add_argument("-o", "--output", metavar="FILE",
+                    help="write FILE atomically (a temporary file in its directory, then a rename; a symbolic "
+                         "link is refused) instead of standard output")
+    mt.add_argument("--timeout", type=_positive, default=10.0, metavar="S",
+                    help="seconds to wait for each monitor (default 10)")
     # every parser add_subparsers made, from the groups themselves: argparse has no public list of
     # a parser's subcommands (a new group of subcommands goes here too)
     _add_version([ap, *sub.choices.values(), *bs.choices.values()])
@@ -313,6 +329,8 @@ def _main(argv: list[str] | None = None) -> int:
         from .monitor import shell
 
         return shell.main(a.socket)
+    if a.cmd == "metrics":
+        return cmd_metrics(a)
     if a.cmd == "config":
         from .machine.config import ConfigError, load_config, reference_toml
 
@@ -351,14 +369,64 @@ def cmd_run(a: argparse.Namespace) -> int:
         except PathRefused as e:
             print(f"kickcall: --qmp {e}", file=sys.stderr)
             return EXIT_REFUSED
+    metrics = None
     try:
-        return _run_machine(a, cfg, claim)
+        if a.metrics is not None:  # bound before the machine is built: a port in use is refused first
+            from .metrics import bind_metrics
+
+            try:
+                metrics = bind_metrics(a.metrics, program="kickcall-run")
+            except OSError as e:
+                print(f"kickcall: --metrics {e}", file=sys.stderr)
+                return EXIT_REFUSED
+        return _run_machine(a, cfg, claim, metrics)
     finally:
+        if metrics is not None:
+            metrics.stop()
         if claim is not None:
             claim.release()
 
 
-def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
+def cmd_metrics(a: argparse.Namespace) -> int:
+    """``kickcall metrics``: each target's ``x-query-kickcall-counters``, once, as Prometheus text
+    (every sample labelled ``target``, its socket).  A target that cannot be reached or has no such
+    command fails the whole export (exit 1, naming the socket): nothing is written, so a textfile
+    collector keeps the previous file rather than a partial one."""
+    from .metrics import Labelled, render, write_textfile
+    from .monitor.client import QMPClient, QMPCommandError, QMPConnectionError
+
+    docs = []
+    for sock in a.qmp:
+        try:
+            with QMPClient(sock, timeout=a.timeout) as c:
+                c.connect()
+                doc = c.execute("x-query-kickcall-counters")
+        except QMPCommandError as e:
+            why = ("has no x-query-kickcall-counters (not a kickcall monitor: QEMU and qemu-storage-daemon have "
+                   "no counters document)" if e.cls == "CommandNotFound" else f"x-query-kickcall-counters failed: {e}")
+            print(f"kickcall: metrics: --qmp {sock}: {why}", file=sys.stderr)
+            return EXIT_FAILED
+        except (QMPConnectionError, OSError) as e:
+            print(f"kickcall: metrics: --qmp {sock}: cannot query the monitor: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        if not isinstance(doc, dict) or "devices" not in doc:
+            print(f"kickcall: metrics: --qmp {sock}: the answer is not a counters document", file=sys.stderr)
+            return EXIT_FAILED
+        docs.append(Labelled({"target": sock}, doc))
+    text = render(docs)
+    if a.output:
+        try:
+            write_textfile(a.output, text)
+        except OSError as e:
+            print(f"kickcall: metrics: -o {a.output}: {e.strerror or e}", file=sys.stderr)
+            return EXIT_REFUSED
+        return EXIT_OK
+    sys.stdout.buffer.write(text)
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def _run_machine(a: argparse.Namespace, cfg, claim, metrics=None) -> int:
     from .machine import Machine, MachineError
     from .machine.view import LiveView, PlainView, ViewError, summary_lines
     if "help" in a.trace:
@@ -399,6 +467,10 @@ def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
             srv = m.start_monitor(a.qmp, a.qmp_tcp, claim=claim)
             where = " and ".join(x for x in (a.qmp, a.qmp_tcp and f"{a.qmp_tcp[0]}:{srv.tcp_port}") if x)
             print(f"kickcall: QMP monitor on {where}", file=sys.stderr, flush=True)
+        if metrics is not None:
+            metrics.set_source(lambda: [m.counters()])
+            metrics.start()
+            print(f"kickcall: metrics on {metrics.url}", file=sys.stderr, flush=True)
         if not a.json and not tty:
             kinds = ", ".join(f"{d['kind']}@{d['slot']}" for d in info.get("devices", []))
             print(f"kickcall: machine {cfg.name!r} up: {cfg.vcpus} vCPUs, guest pid {m.guest_pid}, devices {kinds}",
@@ -454,6 +526,8 @@ def _run_machine(a: argparse.Namespace, cfg, claim) -> int:
         if view is not None:
             view.close()  # endwin: the terminal is restored whatever ended the run
         held.release()
+        if metrics is not None:
+            metrics.stop()  # no scrape reaches a stopping machine
         m.stop()
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)

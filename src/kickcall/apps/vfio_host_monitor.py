@@ -19,12 +19,16 @@ registers, the user's latched view, the last header log, the recovery state
 (idle/recovering/link-down/failed) and history, the ERR eventfd counter (read without consuming),
 whether the error is unhandled, and the hot reset count.  ``x-debug-fault host`` lists the host's
 AER switches (also listed on each function).
+
+``x-query-kickcall-counters`` (and HMP ``info counters``, ``--metrics``): the counters document
+(``kickcall.counters``) of the card's functions, ``host_counters``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..counters import counters_doc
 from ..faults import FaultRegistry
 from ..monitor.schema import Arg
 from ..monitor.target import AerView, DeviceView, TargetError
@@ -36,7 +40,7 @@ from ..vfio.host_aer import ROOT_PORT_ID, HostAerService
 from ..vfio.protocol import PciAddress
 from ..vfio.server import VfioUserServer
 
-__all__ = ["HostDeviceView", "HostAerView", "HostTarget", "extra_commands"]
+__all__ = ["HostDeviceView", "HostAerView", "HostTarget", "extra_commands", "host_counters", "function_counters"]
 
 _NOT_VIRTIO = "nic0 is a passthrough host function, not a VirtIODevice"
 
@@ -206,6 +210,10 @@ class HostTarget:
     def devices(self) -> list[DeviceView]:
         return list(self._devs)
 
+    def function_views(self) -> list[HostDeviceView]:
+        """The card's functions as this monitor shows them (typed: ``devices()`` is the protocol's)."""
+        return list(self._devs)
+
     def fault_owners(self) -> "dict[str, FaultRegistry]":
         """``host``: the host AER service's switches and faults (also on each function)."""
         return {"host": self._aer.faults} if self._aer is not None else {}
@@ -230,10 +238,48 @@ class HostTarget:
         raise TargetError(f"Device '{dev}' not found", "DeviceNotFound")
 
 
+def function_counters(host: VfioPciDevice) -> dict[str, Any]:
+    """One host function as the counters document has it (under the function's lock, read only).
+
+    Per completion queue: its calls (``raised``: the interrupts the function raised for it) by
+    path -- ``msi`` through its MSI-X or MSI capability (sent, or pended in the PBA of a masked
+    vector), ``intx`` with both off, ``dropped-invalid-vector`` when the queue's vector is outside
+    the table -- with the vector's mask and PBA bit while MSI-X is enabled, and the ring's
+    ``producer``/``consumer`` indexes.  A function has no kicks of its own to count: its doorbells
+    are the client's writes to BAR0.  ``broken``: frozen by a fatal error, or its recovery failed."""
+    with host.lock:
+        nic = host.nic
+        msix_on = nic.msix_enabled
+        mode = "msix" if msix_on else ("msi" if nic.msi_enabled else "intx")
+        queues = []
+        for qd in nic.describe()["queues"]:
+            v = qd["vector"]
+            masked = pending = None
+            if msix_on and 0 <= v < nic.nvectors:
+                masked = nic.msix_entry(v)[2]
+                pending = nic.msix_pending(v)
+            raised, intx, dropped = qd["raised"], qd["to-intx"], qd["dropped-invalid-vector"]
+            by_path = {"msi": max(0, raised - intx - dropped), "intx": intx, "dropped-invalid-vector": dropped}
+            by_path = {k: n for k, n in by_path.items() if n}
+            queues.append({"queue": qd["queue"], "vector": v, "masked": masked, "pending": pending,
+                           "irq-mode": mode, "calls": sum(by_path.values()), "calls-by-path": by_path,
+                           "ring-indices": {"producer": qd["producer"], "consumer": qd["consumer"]},
+                           "enabled": qd["enabled"], "handled-by": "host"})
+        return {"id": host.name, "path": f"/machine/host/{host.name}", "type": "vfio-pci",
+                "handled-by": "host", "irq-mode": mode, "broken": bool(nic.error_frozen or host.failed),
+                "queues": queues}
+
+
+def host_counters(hosts: list[VfioPciDevice]) -> dict[str, Any]:
+    """The vfio-user server's counters document: its functions keyed by id (``nic0``..)."""
+    return counters_doc("vfio-user-server", {h.name: function_counters(h) for h in hosts})
+
+
 def extra_commands(target: HostTarget) -> dict[str, tuple[Callable, list[Arg]]]:
     def request_release(dev: str) -> dict:
         """REQ: ask the client to release the device (vfio_pci_core_request)."""
         v = target.view(dev)
         return {"signalled": v.host.request_release()}
 
-    return {"x-vfio-request-release": (request_release, [Arg("dev", "str")])}
+    return {"x-vfio-request-release": (request_release, [Arg("dev", "str")]),
+            "x-query-kickcall-counters": (lambda: host_counters([d.host for d in target.function_views()]), [])}

@@ -23,7 +23,11 @@ consuming), ``x-debug-device-event {dev, event: call, queue}`` (the queue's vect
 interrupt, delivered by whatever the host's state says),
 ``x-debug-fault`` (``fire-in-msix-disable-window``, the AER switches; owner ``host``),
 ``x-pcie-aer-inject-error`` / ``x-query-pci-aer`` (``nic0``.., ``rp0``), ``x-vfio-request-release`` (REQ: ask the
-client to let go of the device), ``quit``.
+client to let go of the device), ``x-query-kickcall-counters`` / HMP ``info counters``, ``quit``.
+
+``--metrics [ADDR:]PORT`` serves the same counters document in the Prometheus text format
+(``kickcall.metrics``; loopback unless an address is given); the ready line gains ``"metrics"``,
+the URL.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import signal
 import sys
 import threading
 
+from ..metrics import MetricsServer, bind_metrics, listen_arg
 from ..ownership import PathRefused, SocketClaim
 
 log = logging.getLogger("kickcall.vfio-user-server")
@@ -70,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how long a client's access waits while the host resets the link (default 10000; "
                         "below the client's 30 s reply timeout)")
     p.add_argument("--qmp", metavar="PATH", help="a QMP monitor (the host's side) on this Unix socket")
+    p.add_argument("--metrics", metavar="[ADDR:]PORT", type=listen_arg,
+                   help="serve Prometheus metrics on http://ADDR:PORT/metrics (PORT alone: loopback; 0: a free "
+                        "port, printed; another address only when given, with a warning)")
     p.add_argument("--trace", action="append", default=[], metavar="PATTERN",
                    help="enable trace events (vfio_user_*, msix_*); to stderr")
 
@@ -126,6 +134,15 @@ def run(a: argparse.Namespace) -> int:
             c.release()
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
+    metrics: MetricsServer | None = None
+    if a.metrics is not None:
+        try:
+            metrics = bind_metrics(a.metrics, program="vfio-user-server", prog=PROG)
+        except OSError as e:
+            for c in claims:
+                c.release()
+            print(f"{PROG}: --metrics {e}", file=sys.stderr)
+            return 2
     card = build_card(len(a.socket), queues=a.queues, vectors=a.vectors, msi_vectors=a.msi_vectors,
                       pcie=not a.no_pcie, pool=HostIrqPool(a.host_irqs), dynamic_msix=not a.no_dynamic_msix)
     aer = HostAerService(card, link_reset_ms=a.link_reset_ms, link_ready_timeout_ms=a.link_ready_timeout_ms)
@@ -145,23 +162,34 @@ def run(a: argparse.Namespace) -> int:
             srv.start()
         if qclaim is not None:
             from ..monitor import QMPServer
-            from ..monitor.commands import build_registry
+            from ..counters import format_counters
+            from ..monitor.commands import add_hmp_info, build_registry
             from .vfio_host_monitor import HostTarget, extra_commands
 
             target = HostTarget(card.functions, servers, on_quit=done.set, aer=aer)
             reg, attach = build_registry(target, extra=extra_commands(target))
+            add_hmp_info(reg, "counters", "x-query-kickcall-counters", format_counters)
             qmp = QMPServer(reg, path=a.qmp, name="vfio-user-server", claim=qclaim)
             attach(qmp)
             qmp.start()
+        if metrics is not None:
+            from .vfio_host_monitor import host_counters
+
+            metrics.set_source(lambda: [host_counters(card.functions)])
+            metrics.start()
+            print(f"{PROG}: metrics on {metrics.url}", file=sys.stderr, flush=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: done.set())
         functions = [{"socket": path, "bdf": str(card.address(i)), "id": card.functions[i].name}
                      for i, path in enumerate(a.socket)]
         print(json.dumps({"ready": True, "socket": a.socket[0], "qmp": a.qmp, "pid": __import__("os").getpid(),
                           "dynamic-msix": not a.no_dynamic_msix, "host-irqs": a.host_irqs,
-                          "functions": functions}), flush=True)
+                          "functions": functions, "metrics": metrics.url if metrics is not None else None}),
+              flush=True)
         done.wait()
     finally:
+        if metrics is not None:
+            metrics.stop()
         if qmp is not None:
             qmp.stop()
         for srv in servers:

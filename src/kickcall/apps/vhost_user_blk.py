@@ -2,7 +2,9 @@
 
 Follows the back-end program conventions of vhost-user.rst: ``--socket-path`` or ``--fd`` (an
 already listening socket), ``--print-capabilities``, and the block type's ``--blk-file`` and
-``--read-only``.  ``--qmp PATH`` adds a QMP monitor (query-status, quit).
+``--read-only``.  ``--qmp PATH`` adds a QMP monitor (query-status, quit).  ``--metrics [ADDR:]PORT``
+serves the back-end's counters document in the Prometheus text format (``kickcall.metrics``;
+loopback unless an address is given).
 
 Fault knobs for tests of slow and stuck back-ends: ``--io-delay-ms N`` stalls each I/O a random
 0..N ms, or exactly N ms with ``--io-delay-fixed``; a stall never delays the exit (SIGTERM, SIGINT
@@ -29,6 +31,7 @@ import threading
 from ..counters import counters_doc, format_counters
 from ..faults import FaultError
 from ..loop import IOThread
+from ..metrics import MetricsServer, bind_metrics, listen_arg
 from ..monitor import QMPServer
 from ..vhost_user.backend import DEFAULT_PROTOCOL_FEATURES, VhostUserBackend
 from ..ownership import PathRefused, SocketClaim
@@ -57,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue-size", type=int, default=1024, help="largest queue size accepted (default 1024)")
     p.add_argument("--serial", default="", help="the get-id string (default: the image's name)")
     p.add_argument("--qmp", metavar="PATH", help="a QMP monitor on this Unix socket")
+    p.add_argument("--metrics", metavar="[ADDR:]PORT", type=listen_arg,
+                   help="serve Prometheus metrics on http://ADDR:PORT/metrics (PORT alone: loopback; 0: a free "
+                        "port, printed; another address only when given, with a warning)")
     p.add_argument("--no-mem-slots", action="store_true",
                    help="do not offer CONFIGURE_MEM_SLOTS (the front-end then uses SET_MEM_TABLE)")
     p.add_argument("--no-inflight", action="store_true", help="do not offer INFLIGHT_SHMFD")
@@ -176,6 +182,7 @@ def _serve(a: argparse.Namespace, sock_claim: SocketClaim | None, qmp_claim: Soc
         trace.add_sink(lambda rec: print(trace.format_record(rec), file=sys.stderr, flush=True))
     qmp = None
     target = None
+    metrics: MetricsServer | None = None
     if qmp_claim is not None:
         from .backend_monitor import BackendTarget
 
@@ -187,6 +194,13 @@ def _serve(a: argparse.Namespace, sock_claim: SocketClaim | None, qmp_claim: Soc
                 backend.faults.set_fix(name, False)
             except FaultError as e:
                 print(f"{PROG}: --x-fix-off {name}: {e}", file=sys.stderr)
+                return 2
+        if a.metrics is not None:  # bound before the back-end serves: a port in use is refused first
+            try:
+                metrics = bind_metrics(a.metrics, program="vhost-user-blk", prog=PROG,
+                                       source=lambda: [backend_counters(backend)])
+            except OSError as e:
+                print(f"{PROG}: --metrics {e}", file=sys.stderr)
                 return 2
         backend.start()
         if target is not None:
@@ -201,11 +215,16 @@ def _serve(a: argparse.Namespace, sock_claim: SocketClaim | None, qmp_claim: Soc
             qmp = QMPServer(reg, claim=qmp_claim, name="vhost-user-blk")
             attach(qmp)
             qmp.start()
+        if metrics is not None:
+            metrics.start()
+            print(f"{PROG}: metrics on {metrics.url}", file=sys.stderr, flush=True)
         where = a.socket_path or f"fd {a.fd}"
         print(f"{PROG}: serving {a.blk_file} on {where}", file=sys.stderr, flush=True)
         while not done.wait(1.0):  # a timed wait, so that signals are handled promptly
             pass
     finally:
+        if metrics is not None:
+            metrics.stop()
         if cancel_io_delay.fix_on:
             dev.cancel_io_delays()  # requests sleeping in --io-delay-ms finish now: the drain is prompt
         backend.stop()
