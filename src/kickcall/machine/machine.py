@@ -779,10 +779,17 @@ class Machine:
         with self.bql:
             for name, p in self.devices.items():
                 qs = [p.queue_info(q) for q in p.vdev.queues]
-                if p.ioeventfd_grabbed:  # a back-end holds the requests: the ring says how many
-                    for q, d in zip(p.vdev.queues, qs, strict=True):
-                        fields = read_ring_fields(self._ring_u16, q.avail, q.used, q.num, mapped=bool(q.desc))
+                for q, d in zip(p.vdev.queues, qs, strict=True):
+                    fields = read_ring_fields(self._ring_u16, q.avail, q.used, q.num, mapped=bool(q.desc))
+                    if p.ioeventfd_grabbed:  # a back-end holds the requests: the ring says how many
                         d["inuse"] = backend_inuse(fields, q.event_idx) or 0
+                        last = fields["avail-event"] if q.event_idx else None
+                    else:
+                        last = q.get_last_avail_idx()
+                    # the ring's indices as guest memory has them, and where the device is
+                    idx = {"avail-idx": fields["avail-idx"], "used-idx": fields["used-idx-ring"],
+                           "last-avail-idx": last if q.desc else None}
+                    d["ring-indices"] = {k: v for k, v in idx.items() if v is not None}
                 msix_on = p.msix is not None and p.msix.enabled
                 devices[name] = {
                     "id": name, "path": p.path, "type": p.vdev.type_name,

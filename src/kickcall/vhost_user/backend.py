@@ -1577,6 +1577,7 @@ class VhostUserBackend:
                 "calls-by-path": {"call-fd": v.calls} if v.calls else {},
                 "calls-without-fd": v.calls_without_fd, "calls-suppressed": q.calls_suppressed,
                 "inuse": q.inuse, "ring-state": self.ring_state(v.index).value,
+                "ring-indices": {"last-avail-idx": q.last_avail_idx, "used-idx": q.used_idx},
                 "handled-by": "vhost-user"})
         return {"id": self.name, "path": f"/{self.name}", "type": self.device.type_name,
                 "handled-by": "vhost-user", "connected": self.conn is not None,
