@@ -18,6 +18,10 @@ import pytest
 from helpers import blk, machine_toml, running_machine, start_vhost_user_blk, stop_process, wait_for, \
     wait_for_listener
 from kickcall.counters import COUNTERS_SCHEMA, format_counters
+from kickcall.machine.view import summary_lines
+from kickcall.metrics import MetricsServer
+from test_live_view import PtyChild
+from test_metrics import parse, scrape
 from kickcall.monitor.client import QMPClient
 from kickcall.virtio.blk import make_image
 
@@ -74,7 +78,31 @@ def three_devices(workdir):
         stop_process(be)
 
 
-def test_counters_agree_on_every_surface_and_count_every_path(three_devices):
+def _view_rows(screen: list, devices: set[str]) -> dict[tuple[str, int], tuple[int, int]]:
+    """(device, queue) -> (kicks, calls) as the live view's screen shows them (its wide layout has
+    the lifetime columns ``kicks`` and ``calls``)."""
+    texts = [row[0] for row in screen]
+    (hdr,) = [t for t in texts if t.split()[:2] == ["device", "queue"]]
+    cols = hdr.replace("in flight", "in-flight").split()
+    ki, ci = cols.index("kicks"), cols.index("calls")
+    out = {}
+    for t in texts:
+        f = t.split()
+        if f and f[0] in devices and len(f) == len(cols):
+            out[(f[0], int(f[1]))] = (int(f[ki]), int(f[ci]))
+    return out
+
+
+def _metric_counts(samples: dict, family: str) -> dict[tuple[str, int, str], float]:
+    out = {}
+    for (name, labels), v in samples.items():
+        if name == family:
+            d = dict(labels)
+            out[(d["device"], int(d["queue"]), d["path"])] = v
+    return out
+
+
+def test_counters_agree_on_every_surface_and_count_every_path(three_devices, tmp_path):
     m, mon, be_qmp = three_devices
     m.start_workload(blk={"depth": 4})
 
@@ -143,6 +171,40 @@ def test_counters_agree_on_every_surface_and_count_every_path(three_devices):
     assert bdev["connections"] == 1 and bdev["reconnects"] == 0 and bdev["protocol-errors"] == 0
     assert _queue_lines(be_hmp.replace("\r\n", "\n"))[(bdev["id"], 0)] == (bq["kicks"], bq["calls"])
 
+    # the metrics: scraped over HTTP, parsed with the Prometheus client's parser, path by path
+    with MetricsServer("127.0.0.1", 0, lambda: [m.counters()], program="kickcall-run") as ms:
+        ms.start()
+        samples = parse(scrape(ms.url))
+    kicks = _metric_counts(samples, "kickcall_kicks_total")
+    calls = _metric_counts(samples, "kickcall_calls_total")
+    for dev, d in doc["devices"].items():
+        for q in d["queues"]:
+            for path, n in q["kicks-by-path"].items():
+                assert kicks[(dev, q["queue"], path)] == n, (dev, q["queue"], path)
+            for path, n in q["calls-by-path"].items():
+                assert calls[(dev, q["queue"], path)] == n, (dev, q["queue"], path)
+    assert len(kicks) == sum(len(q["kicks-by-path"]) for d in doc["devices"].values() for q in d["queues"])
+    assert len(calls) == sum(len(q["calls-by-path"]) for d in doc["devices"].values() for q in d["queues"])
+
+    # the live view: the frozen document on a 140-column pseudo-terminal (its wide layout shows the
+    # lifetime kicks and calls), and the run's end-of-run summary
+    child = PtyChild(tmp_path, cols=140, docs=[doc])
+    try:
+        screen = child.event("render")["screen"]
+        child.send(b"q")
+        assert child.close() == 0
+    finally:
+        try:
+            os.kill(child.pid, 9)
+        except ProcessLookupError:
+            pass
+    shown = _view_rows(screen, set(doc["devices"]))
+    want = {(dev, q["queue"]): (q["kicks"], q["calls"]) for dev, d in doc["devices"].items() for q in d["queues"]}
+    assert shown == want
+    summary = "\n".join(summary_lines(doc, results))
+    for (dev, qi), (k, c) in want.items():
+        assert re.search(rf"^  {dev}\s+{qi}\s+{k}\s+{c}\s", summary, re.M), (dev, qi, summary)
+
     # the hypervisor's exit counters count
     assert doc["hv"]["mmio-exits"] > 0 and doc["hv"]["pio-exits"] > 0
     assert doc["hv"]["mmio-exits"] == sum(v for k, v in doc["exits"].items() if k.startswith("mmio"))
@@ -162,3 +224,38 @@ def test_vhost_counts_survive_a_vring_restart(three_devices):
     after = m.counters()["devices"]["vblk"]["queues"][0]
     assert paused["kicks"] >= before["kicks"] and after["kicks"] >= before["kicks"], (before, paused, after)
     assert after["calls"] >= before["calls"], (before, after)
+
+
+def test_run_json_counts_every_device_and_path(workdir):
+    """``kickcall run --json`` on the same three devices: the document it prints counts the work on
+    each, on the path each took (the vhost-user device's through the hypervisor)."""
+    import json
+    import subprocess
+
+    from helpers import kickcall_argv
+
+    img = os.path.join(workdir, "d.img")
+    make_image(img, 8 << 20)
+    sock = os.path.join(workdir, "vu.sock")
+    be = start_vhost_user_blk(sock, img)
+    try:
+        cfg = os.path.join(workdir, "m.toml")
+        with open(cfg, "w") as f:
+            f.write(machine_toml(vcpus=2, devices=blk("blk0") + blk("blk1", msix=False) + VHOST.format(sock=sock))
+                    + "\n[workload.blk]\ndepth = 4\n")
+        r = subprocess.run(kickcall_argv("run", cfg, "--duration", "2", "--json"), capture_output=True, text=True,
+                           timeout=300)
+    finally:
+        stop_process(be)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == COUNTERS_SCHEMA and set(doc["results"]) == {"blk0", "blk1", "vblk"}
+    devs = doc["devices"]
+    assert devs["blk0"]["queues"][0]["calls-by-path"].get("irqfd", 0) > 0
+    assert devs["blk1"]["queues"][0]["calls-by-path"].get("intx", 0) > 0
+    vq = devs["vblk"]["queues"][0]
+    assert vq["kicks-by-path"].get("vhost-user", 0) > 0 and vq["calls-by-path"].get("vhost-irqfd", 0) > 0, vq
+    for d in devs.values():
+        for q in d["queues"]:
+            assert q["kicks"] == sum(q["kicks-by-path"].values()) > 0
+            assert q["calls"] == sum(q["calls-by-path"].values()) > 0

@@ -116,13 +116,14 @@ class PtyChild:
     """A child python on a pty running CHILD; its screen dumps are read from a side file."""
 
     def __init__(self, tmp: Path, *, term: str = "xterm-256color", options: dict | None = None,
-                 rows: int = 30, cols: int = 80) -> None:
+                 rows: int = 30, cols: int = 80, docs: list[dict] | None = None) -> None:
         self.side = tmp / "side.ndjson"
         self.side.write_text("")
         self.seen = 0
         self.output = b""
         env = dict(os.environ, TERM=term, PYTHONPATH=SRC,
-                   KC_VIEW_SCRIPT=json.dumps({"side": str(self.side), "docs": scripted_docs(),
+                   KC_VIEW_SCRIPT=json.dumps({"side": str(self.side),
+                                              "docs": scripted_docs() if docs is None else docs,
                                               "options": options or {}}))
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: a session leader whose controlling terminal is the pty
