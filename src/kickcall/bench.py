@@ -503,7 +503,7 @@ def run_notify(quick: bool = False, log: Callable[[str], None] = print, ctx: Ben
         assert m_off.device("blk0").vdev.queues[0].kicks_by_path.get(KickPath.IOEVENTFD, 0) == 0
         done = 0
         for r in range(plan["iops_passes"]):
-            log(f"virtio-blk 4 KiB random reads, depth 16, 2 vCPUs: ioeventfd on/off, {secs:g} s each, "
+            log(f"IOPS: virtio-blk 4 KiB randread, depth 16, ioeventfd on/off, {secs:g} s each, "
                 f"pass {r + 1}/{plan['iops_passes']}")
             for on, runs, m in ((True, on_runs, m_on), (False, off_runs, m_off)):
                 ctx.progress(0.9 + 0.1 * done / (2 * plan["iops_passes"]), iops_left(done),
@@ -770,8 +770,8 @@ def _print_partial(a: argparse.Namespace, ctx: BenchRun) -> None:
     if a.json:
         print(json.dumps(ctx.partial(), indent=1))
         return
-    print(f"interrupted after {ctx.elapsed():.1f} s: partial results ({len(ctx.records)} "
-          f"round(s) or run(s) complete; nothing written to --write's file)")
+    print(f"interrupted after {ctx.elapsed():.1f} s: partial results, {len(ctx.records)} complete "
+          f"round(s) or run(s)" + (f"; {a.write} not updated" if a.write else ""))
     for line in ctx.lines:
         print(f"  {line}")
     if any(h.n for _l, h in ctx.hists.values()):
