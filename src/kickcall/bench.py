@@ -97,7 +97,7 @@ class BenchRun:
     """What a ``kickcall bench`` run reports besides its result, as fio does for a job.
 
     * :meth:`echo_job`: the parameters on one line before the run (stdout; stderr with ``--json``);
-    * :meth:`note`: a phase starting (stderr);
+    * :meth:`note`: a phase starting (stderr, on a terminal only);
     * :meth:`progress`: done so far and the ETA, on a terminal only (stderr, rewritten in place);
     * :meth:`hist`: the run's latency histograms by path, what Ctrl-C prints if the run is cut short;
     * :meth:`record`: one round's or run's figures, kept for the partial report and written to the
@@ -127,6 +127,10 @@ class BenchRun:
         return time.monotonic() - self.t0
 
     def note(self, msg: str) -> None:
+        """A phase starting: a line on a terminal's stderr above the progress line; nothing when
+        stderr is not a terminal (a piped run's output is its job line and its results)."""
+        if not self.tty:
+            return
         self._wipe()
         print(msg, file=sys.stderr, flush=True)
 
@@ -806,7 +810,7 @@ def _run_bench(a: argparse.Namespace, ctx: BenchRun) -> int:
         _print_result(a, ctx, r, markdown_to_text(render_monitor(r)))
         if a.write:
             write_block(a.write, render_monitor(r), MON_BLOCK_START, MON_BLOCK_END)
-            log(f"updated {a.write}")
+            print(f"updated {a.write}", file=sys.stderr, flush=True)
         return 0 if r["errors"] == 0 and r["kicks_matched_consumed"] else 1
     if a.bench == "vfio":
         from .bench_vfio import VFIO_BLOCK_END, VFIO_BLOCK_START, render_vfio, render_vfio_markdown, run_vfio
@@ -817,7 +821,7 @@ def _run_bench(a: argparse.Namespace, ctx: BenchRun) -> int:
         if a.write:
             figs = write_figures(a.write, "vfio", ctx.hists)
             write_block(a.write, render_vfio_markdown(rv, figs), VFIO_BLOCK_START, VFIO_BLOCK_END)
-            log(f"updated {a.write}")
+            print(f"updated {a.write}", file=sys.stderr, flush=True)
         return 0
     if a.bench == "vhost-user":
         r = run_vhost_user(quick=a.quick, log=log, ctx=ctx)
@@ -826,7 +830,7 @@ def _run_bench(a: argparse.Namespace, ctx: BenchRun) -> int:
         if a.write:
             figs = write_figures(a.write, "vhost-user", ctx.hists)
             write_block(a.write, render_vhost_user(r, figs), VU_BLOCK_START, VU_BLOCK_END)
-            log(f"updated {a.write}")
+            print(f"updated {a.write}", file=sys.stderr, flush=True)
         return 0
     r = run_notify(quick=a.quick, log=log, ctx=ctx, rounds=a.rounds)
     ctx.close()
@@ -834,7 +838,7 @@ def _run_bench(a: argparse.Namespace, ctx: BenchRun) -> int:
     if a.write:
         figs = write_figures(a.write, "notify", ctx.hists)
         write_markdown(a.write, render_markdown(r, figs))
-        log(f"updated {a.write}")
+        print(f"updated {a.write}", file=sys.stderr, flush=True)
     return 0
 
 
