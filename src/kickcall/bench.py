@@ -982,9 +982,20 @@ def run_vhost_user(quick: bool = False, log: Callable[[str], None] = print, ctx:
                         "p50_us": statistics.median(r["lat_us_p50"] for r in runs),
                         "p99_us": max(r["lat_us_p99"] for r in runs)}
     out["summary"] = summary
+    out["qsd_version"] = _qsd_version()
     out["ratios"] = {f"python_over_c_depth{d}": summary[f"kickcall-{d}"]["iops"] / summary[f"qsd-{d}"]["iops"]
                      for d in (1, 16)}
     return out
+
+
+def _qsd_version() -> str:
+    """qemu-storage-daemon's version as it reports it (``7.2.22``), for the table's label."""
+    try:
+        p = subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    m = re.search(r"version (\S+)", p.stdout)
+    return m.group(1) if m else "?"
 
 
 def _profile_top(path: str, n: int = 12) -> list[dict]:
@@ -1018,7 +1029,8 @@ def render_vhost_user(r: dict, figures: dict[str, str] | None = None) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for d in (1, 16):
-        for kind, label in (("qsd", "qemu-storage-daemon 7.2 (C, libvhost-user)"), ("kickcall", "kickcall vhost-user-blk (Python)")):
+        for kind, label in (("qsd", f"qemu-storage-daemon {r.get('qsd_version', '?')} (C, libvhost-user)"),
+                            ("kickcall", "kickcall vhost-user-blk (Python)")):
             x = s[f"{kind}-{d}"]
             lines.append(f"| {label} | {d} | {x['iops']:.0f} | {x['p50_us']:.0f} | {x['p99_us']:.0f} |")
     lines += [
