@@ -201,16 +201,18 @@ def test_bench_progress_line_on_a_terminal_only(workdir):
     assert "ETA" not in out.decode()
 
 
-def test_bench_ctrl_c_prints_the_partial_results_and_exits_130(workdir):
+@pytest.mark.parametrize("json_out", [False, True], ids=["text", "json"])
+def test_bench_ctrl_c_prints_the_partial_results_and_exits_130(workdir, json_out):
     log = os.path.join(workdir, "int.ndjson")
     md = os.path.join(workdir, "B.md")
     out_path, err_path = os.path.join(workdir, "out"), os.path.join(workdir, "err")
+    argv = ["bench", "notify", "--quick", "--rounds", "100000", "--log", log, "--write", md]
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        p = spawn(kickcall_argv("bench", "notify", "--quick", "--rounds", "100000", "--log", log, "--write", md),
-                  stdout=out, stderr=err)
+        p = spawn(kickcall_argv(*argv, *(["--json"] if json_out else [])), stdout=out, stderr=err)
+    job_path = err_path if json_out else out_path  # with --json, stdout is the document alone
     try:
-        wait_for(lambda: p.poll() is not None or os.path.getsize(out_path) > 0, 120, "the job line")
-        with open(out_path) as f:
+        wait_for(lambda: p.poll() is not None or os.path.getsize(job_path) > 0, 120, "the job line")
+        with open(job_path) as f:
             assert f.read().startswith("bench notify: rounds=100000")
         wait_for(lambda: p.poll() is not None or (os.path.exists(log) and len(_complete(log)) >= 2), 120,
                  "two rounds in the log")
@@ -226,6 +228,17 @@ def test_bench_ctrl_c_prints_the_partial_results_and_exits_130(workdir):
     assert p.returncode == 130, (p.returncode, stdout, stderr)
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == "kickcall: interrupted"
+    if json_out:
+        doc = json.loads(stdout)
+        recs = _log_lines(log)
+        assert doc["interrupted"] is True and doc["job"]["rounds"] == 100000 and doc["records"] == recs
+        per = recs[0]["paths"]["floor"]["n"]
+        for key in ("floor", "kick_ioeventfd", "call_irqfd"):
+            s = doc["latency"][key]
+            assert s["n"] == len(recs) * per and list(s["percentiles-us"]) == [ladder_key(p) for p in LADDER]
+            assert sum(b["count"] for b in s["log2-histogram-us"]) == s["n"]
+        assert not os.path.exists(md)
+        return
     m = re.search(r"interrupted after [\d.]+ s: partial results, (\d+) complete round\(s\) or run\(s\); "
                   + re.escape(md) + " not updated", stdout)
     assert m, stdout

@@ -220,6 +220,6 @@ def svg_log2(buckets: list[dict], title: str, width: int = 640, bar_h: int = 18)
                    f'[{b["lo-us"]}, {b["hi-us"]}) µs</text>')
         out.append(f'<rect class="bar" x="{pad + label_w}" y="{y}" width="{w}" height="{bar_h}" fill="#4a7ab5">'
                    f'<title>{b["count"]} ({share:.2f}%)</title></rect>')
-        out.append(f'<text x="{pad + label_w + plot_w + 6}" y="{y + bar_h - 5}">{b["count"]} ({share:.1f}%)</text>')
+        out.append(f'<text x="{pad + label_w + plot_w + 6}" y="{y + bar_h - 5}">{b["count"]} ({share:.2f}%)</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
