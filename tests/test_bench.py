@@ -331,3 +331,18 @@ def test_svg_histogram_has_a_bar_per_bucket():
     assert [w == 0 for w in widths] == [b["count"] == 0 for b in buckets]
     per_count = [w / b["count"] for w, b in zip(widths, buckets, strict=True) if b["count"]]
     assert max(per_count) == pytest.approx(min(per_count), rel=0.01)
+
+
+def test_histograms_folded_round_by_round_equal_one_histogram():
+    """bench folds each round's histogram into the run's (LatencyHistogram.add): the same figures as
+    recording every latency into one."""
+    from kickcall.drive.latency import LatencyHistogram
+
+    xs = [(i * 7919) % 50000 + 300 for i in range(3000)]
+    one = LatencyHistogram().record_all(xs)
+    total = LatencyHistogram()
+    for k in range(0, len(xs), 250):
+        total.add(LatencyHistogram().record_all(xs[k:k + 250]))
+    total.add(LatencyHistogram())  # an empty round changes nothing
+    assert total.summary() == one.summary()
+    assert (total.n, total.min_ns, total.max_ns) == (3000, min(xs), max(xs))

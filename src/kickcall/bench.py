@@ -704,12 +704,25 @@ BENCHES: dict[str, tuple[str, str]] = {
 }
 
 
-def add_arguments(bs: argparse._SubParsersAction) -> None:
-    """The ``kickcall bench`` subcommands and their options (cli builds the parser with this)."""
-    from .apps.vhost_user_test import _ranged
+ROUNDS_MAX = 100000
 
+
+def _rounds(text: str) -> int:
+    """argparse type of ``--rounds``: an integer 1..ROUNDS_MAX (argparse names the option)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= v <= ROUNDS_MAX:
+        raise argparse.ArgumentTypeError(f"must be 1..{ROUNDS_MAX}, got {text}")
+    return v
+
+
+def add_arguments(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    """The ``kickcall bench`` subcommands and their options; *add_parser* is the ``add_parser`` of
+    cli's ``bench`` subparsers."""
     for name, (helptext, quick) in BENCHES.items():
-        p = bs.add_parser(name, help=helptext)
+        p = add_parser(name, help=helptext)
         p.add_argument("--json", action="store_true",
                        help="print the results as one JSON document; the job line and progress go to stderr "
                             "(default: text)")
@@ -721,8 +734,9 @@ def add_arguments(bs: argparse._SubParsersAction) -> None:
                        help="write each round's or run's results to FILE as NDJSON, one JSON object a line, "
                             "created owner-only; FILE must not exist (default: no log)")
         if name == "notify":
-            p.add_argument("--rounds", type=_ranged(int, 1, 100000), default=None, metavar="N",
-                           help="interleaved rounds of the latency paths, 1..100000 (default: 40; 4 with --quick)")
+            p.add_argument("--rounds", type=_rounds, default=None, metavar="N",
+                           help=f"interleaved rounds of the latency paths, 1..{ROUNDS_MAX} "
+                                "(default: 40; 4 with --quick)")
 
 
 def job_params(a: argparse.Namespace) -> dict[str, object]:

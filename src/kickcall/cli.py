@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     bs = b.add_subparsers(dest="bench", required=True)
     from . import bench as bench_cmd
 
-    bench_cmd.add_arguments(bs)
+    bench_cmd.add_arguments(bs.add_parser)
     from .apps import vhost_user_blk, vhost_user_test
 
     vb = sub.add_parser("vhost-user-blk", help="a vhost-user-blk back-end (for QEMU, libvirt, any front-end)")

@@ -84,23 +84,29 @@ class LatencyHistogram:
             self.record(x)
         return self
 
+    def copy(self) -> LatencyHistogram:
+        """A consistent copy of what was recorded so far (taken under the lock)."""
+        out = LatencyHistogram()
+        with self._mu:
+            out.counts, out.log2_us = dict(self.counts), list(self.log2_us)
+            out.n, out.total_ns, out.min_ns, out.max_ns = self.n, self.total_ns, self.min_ns, self.max_ns
+        return out
+
     def add(self, other: LatencyHistogram) -> None:
         """Fold *other*'s latencies into this histogram (a round's into the run's total)."""
-        with other._mu:
-            counts, log2, n = dict(other.counts), list(other.log2_us), other.n
-            total, lo, hi = other.total_ns, other.min_ns, other.max_ns
-        if not n:
+        o = other.copy()
+        if not o.n:
             return
         with self._mu:
-            for i, c in counts.items():
+            for i, c in o.counts.items():
                 self.counts[i] = self.counts.get(i, 0) + c
-            for i, c in enumerate(log2):
+            for i, c in enumerate(o.log2_us):
                 self.log2_us[i] += c
-            if not self.n or lo < self.min_ns:
-                self.min_ns = lo
-            self.max_ns = max(self.max_ns, hi)
-            self.n += n
-            self.total_ns += total
+            if not self.n or o.min_ns < self.min_ns:
+                self.min_ns = o.min_ns
+            self.max_ns = max(self.max_ns, o.max_ns)
+            self.n += o.n
+            self.total_ns += o.total_ns
 
     def take(self) -> LatencyHistogram:
         """A copy of what was recorded, and this histogram emptied (an interval's latencies)."""
