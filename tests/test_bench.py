@@ -4,14 +4,21 @@ against a threshold (performance lives in BENCHMARKS.md, not in tests)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pty
+import re
 import shutil
+import signal
+import stat
 import subprocess
+import xml.etree.ElementTree as ET
 
 import pytest
 
-from helpers import SRC, kickcall_argv
+from helpers import SRC, kickcall_argv, spawn, stop_process, wait_for
+from kickcall.drive.latency import LADDER, ladder_key
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +69,13 @@ def test_bench_notify_write_replaces_only_its_own_section(workdir):
     # no fixed prose a run's own figures can contradict: the reference's range is this run's
     block = after[after.index(start):after.index(end)]
     assert "~2 µs" not in block and "ranged from" in block
+    # the histograms as pictures: one SVG per latency path, beside the file, linked from the section
+    links = re.findall(r"!\[[^]]+\]\((docs/bench/notify-[a-z-]+\.svg)\)", block)
+    assert len(links) == 5, block
+    for link in links:
+        root = ET.parse(os.path.join(workdir, link)).getroot()
+        bars = [e for e in root.iter("{http://www.w3.org/2000/svg}rect") if e.get("class") == "bar"]
+        assert bars and sum(1 for b in bars if float(b.get("width", "0")) > 0) >= 1
 
 
 def test_markdown_to_text():
@@ -88,3 +102,247 @@ def test_bench_vhost_user_drives_both_back_ends(workdir):
             assert run["error_count"] == 0 and run["duplicates"] == 0, (name, run["errors"])
             assert run["ops"] > 0 and run["reads"] == run["ops"], (name, run)
     assert set(r["ratios"]) == {"python_over_c_depth1", "python_over_c_depth16"}
+
+
+# -- fio-grade output (issue 13, item 3) ---------------------------------------------------------------------
+LADDER_LABELS = [f"{p:5.2f}th=[".strip() for p in LADDER]
+NOTIFY_KEYS = ["floor", "floor-separate-processes", "kick-ioeventfd", "kick-heavyweight", "call-irqfd"]
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _log_lines(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    assert text.endswith("\n"), "the last line of the log is incomplete"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _check_latency_blocks(out: str, n_paths: int) -> None:
+    """fio's block per latency path: the clat line, the whole ladder, the log2 histogram."""
+    assert out.count("clat percentiles (usec):") == n_paths, out
+    assert out.count("lat histogram (usec, log2):") == n_paths, out
+    for label in LADDER_LABELS:
+        assert len(re.findall(r"(?<![\d.])" + re.escape(label), out)) == n_paths, (label, out)
+    buckets = re.findall(r"^\s+\[\s*(\d+),\s*(\d+)\)\s+(\d+)\s", out, re.M)
+    assert buckets and all(int(hi) == max(1, 2 * int(lo)) for lo, hi, _ in buckets), out
+
+
+def _check_round(rec: dict) -> None:
+    assert rec["bench"] == "notify" and rec["record"] == "round", rec
+    assert sorted(rec["paths"]) == sorted(NOTIFY_KEYS), rec
+    for s in rec["paths"].values():
+        assert list(s["percentiles-us"]) == [ladder_key(p) for p in LADDER]
+        assert s["n"] > 0 and 0 < s["min-us"] <= s["percentiles-us"]["50.00"] <= s["max-us"]
+
+
+def test_bench_notify_job_line_ladder_histogram_and_log(workdir):
+    log = os.path.join(workdir, "notify.ndjson")
+    p = subprocess.run(kickcall_argv("bench", "notify", "--quick", "--rounds", "2", "--log", log),
+                       capture_output=True, text=True, timeout=300, env=_env(), stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr[-3000:]
+    job = p.stdout.splitlines()[0]  # the job's parameters come first, before any figure
+    assert job.startswith("bench notify: rounds=2, "), job
+    for part in ("samples-per-round=150", "samples-per-path=300", "quick=yes", f"log={log}", "write=-"):
+        assert part in job, (part, job)
+    _check_latency_blocks(p.stdout, len(NOTIFY_KEYS))
+    assert "floor: eventfd, guest vCPU thread -> VMM IOThread: 300 samples" in p.stdout
+    # not a terminal: no progress line
+    assert "\r" not in p.stderr and "ETA" not in p.stderr, p.stderr
+    assert stat.S_IMODE(os.stat(log).st_mode) == 0o600
+    recs = _log_lines(log)
+    rounds = [r for r in recs if r["record"] == "round"]
+    iops = [r for r in recs if r["record"] == "iops"]
+    assert [r["round"] for r in rounds] == [1, 2] and len(iops) == 4 and len(recs) == 6
+    for r in rounds:
+        _check_round(r)
+    assert sorted((r["ioeventfd"], r["pass"]) for r in iops) == [(False, 1), (False, 2), (True, 1), (True, 2)]
+    assert all(r["errors"] == 0 and r["ops"] > 0 for r in iops)
+
+
+def test_bench_json_carries_the_job_and_the_ladder(workdir):
+    r = _bench("notify", "--rounds", "1")
+    assert r["job"]["rounds"] == 1 and r["interrupted"] is False
+    for key in ("floor", "kick_ioeventfd", "call_irqfd"):
+        s = r[key]
+        assert list(s["percentiles-us"]) == [ladder_key(p) for p in LADDER]
+        vals = list(s["percentiles-us"].values())
+        assert vals == sorted(vals)
+        assert sum(b["count"] for b in s["log2-histogram-us"]) == s["n"] == r["iterations"]
+
+
+def test_bench_progress_line_on_a_terminal_only(workdir):
+    master, slave = pty.openpty()
+    p = spawn(kickcall_argv("bench", "notify", "--quick", "--rounds", "3"), stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    try:
+        out, _ = p.communicate(timeout=300)
+    finally:
+        stop_process(p)
+    chunks = []
+    while True:  # the child is gone: what it wrote is in the pty's buffer
+        try:
+            b = os.read(master, 65536)
+        except OSError as e:
+            assert e.errno == errno.EIO
+            break
+        if not b:
+            break
+        chunks.append(b)
+    os.close(master)
+    err = b"".join(chunks).decode()
+    assert p.returncode == 0, err
+    assert "ETA" in err and "\r" in err and "round 3/3" in err, err
+    # rewritten in place, never wider than the terminal (80 columns by default)
+    progress = [line for seg in err.split("\r") for line in seg.split("\n") if "ETA" in line]
+    assert len(progress) >= 3 and all(len(line) <= 80 for line in progress), progress
+    assert "ETA" not in out.decode()
+
+
+@pytest.mark.parametrize("json_out", [False, True], ids=["text", "json"])
+def test_bench_ctrl_c_prints_the_partial_results_and_exits_130(workdir, json_out):
+    log = os.path.join(workdir, "int.ndjson")
+    md = os.path.join(workdir, "B.md")
+    out_path, err_path = os.path.join(workdir, "out"), os.path.join(workdir, "err")
+    argv = ["bench", "notify", "--quick", "--rounds", "100000", "--log", log, "--write", md]
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        p = spawn(kickcall_argv(*argv, *(["--json"] if json_out else [])), stdout=out, stderr=err)
+    job_path = err_path if json_out else out_path  # with --json, stdout is the document alone
+    try:
+        wait_for(lambda: p.poll() is not None or os.path.getsize(job_path) > 0, 120, "the job line")
+        with open(job_path) as f:
+            assert f.read().startswith("bench notify: rounds=100000")
+        wait_for(lambda: p.poll() is not None or (os.path.exists(log) and len(_complete(log)) >= 2), 120,
+                 "two rounds in the log")
+        assert p.poll() is None
+        os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+        p.wait(120)
+    finally:
+        stop_process(p)
+    with open(out_path) as f:
+        stdout = f.read()
+    with open(err_path) as f:
+        stderr = f.read()
+    assert p.returncode == 130, (p.returncode, stdout, stderr)
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "kickcall: interrupted"
+    if json_out:
+        doc = json.loads(stdout)
+        recs = _log_lines(log)
+        assert doc["interrupted"] is True and doc["job"]["rounds"] == 100000 and doc["records"] == recs
+        per = recs[0]["paths"]["floor"]["n"]
+        for key in ("floor", "kick_ioeventfd", "call_irqfd"):
+            s = doc["latency"][key]
+            assert s["n"] == len(recs) * per and list(s["percentiles-us"]) == [ladder_key(p) for p in LADDER]
+            assert sum(b["count"] for b in s["log2-histogram-us"]) == s["n"]
+        assert not os.path.exists(md)
+        return
+    m = re.search(r"interrupted after [\d.]+ s: partial results, (\d+) complete round\(s\) or run\(s\); "
+                  + re.escape(md) + " not updated", stdout)
+    assert m, stdout
+    recs = _log_lines(log)  # every line complete
+    for r in recs:
+        _check_round(r)
+    n = len(recs)
+    assert int(m.group(1)) == n >= 2
+    assert len(re.findall(r"^  round \d+/100000: p50 floor", stdout, re.M)) == n
+    _check_latency_blocks(stdout, len(NOTIFY_KEYS))
+    # the partial figures are the complete rounds', each path's samples counted once
+    per = recs[0]["paths"]["floor"]["n"]
+    assert f"floor: eventfd, guest vCPU thread -> VMM IOThread: {n * per} samples" in stdout, stdout
+    assert not os.path.exists(md) and not os.path.exists(os.path.join(workdir, "docs"))
+
+
+def _complete(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return f.read().split("\n")[:-1]
+
+
+@pytest.mark.parametrize("bench", ["notify", "vhost-user", "monitor", "vfio"])
+def test_a_bad_value_names_the_option(workdir, bench):
+    cases = [("--write", workdir), ("--write", os.path.join(workdir, "no", "such", "B.md"))]
+    if bench == "notify":
+        cases += [("--rounds", "0"), ("--rounds", "100001"), ("--rounds", "x")]
+    for option, value in cases:
+        p = subprocess.run(kickcall_argv("bench", bench, option, value), capture_output=True, text=True, timeout=60,
+                           env=_env(), stdin=subprocess.DEVNULL)
+        assert p.returncode == 2, (option, value, p.stdout, p.stderr)
+        last = p.stderr.strip().splitlines()[-1]
+        assert f"argument {option}: " in last and value in last and "Traceback" not in p.stderr, last
+        assert p.stdout == ""  # refused before anything ran: not even the job line
+    existing = os.path.join(workdir, "existing.ndjson")
+    with open(existing, "w") as f:
+        f.write("someone else's\n")
+    link = os.path.join(workdir, "link.ndjson")
+    if not os.path.lexists(link):
+        os.symlink(os.path.join(workdir, "target"), link)
+    for path in (existing, link):
+        p = subprocess.run(kickcall_argv("bench", bench, "--log", path), capture_output=True, text=True, timeout=60,
+                           env=_env(), stdin=subprocess.DEVNULL)
+        assert p.returncode == 2, p.stderr
+        (line,) = p.stderr.strip().splitlines()
+        assert path in line and "--log" in line and "exists" in line, line
+        assert p.stdout == ""
+    with open(existing) as f:
+        assert f.read() == "someone else's\n"
+    assert not os.path.exists(os.path.join(workdir, "target"))
+
+
+@pytest.mark.parametrize("bench", ["notify", "vhost-user", "monitor", "vfio"])
+def test_every_option_has_help_with_its_default(bench):
+    p = subprocess.run(kickcall_argv("bench", bench, "--help"), capture_output=True, text=True, timeout=60,
+                       env=_env(), stdin=subprocess.DEVNULL)
+    assert p.returncode == 0
+    blocks: dict[str, str] = {}
+    current = None
+    for line in p.stdout.split("options:", 1)[1].splitlines():
+        mm = re.match(r"^  (-\S+)", line)
+        if mm:
+            current = mm.group(1).rstrip(",")
+            blocks[current] = line
+        elif current and line.startswith("   "):
+            blocks[current] += " " + line.strip()
+    own = ["--json", "--write", "--quick", "--log"] + (["--rounds"] if bench == "notify" else [])
+    for opt in own:
+        assert opt in blocks, (opt, sorted(blocks))
+        assert "default" in blocks[opt], blocks[opt]
+    if bench == "notify":
+        assert "1..100000" in blocks["--rounds"]
+
+
+def test_svg_histogram_has_a_bar_per_bucket():
+    from kickcall.drive.latency import LatencyHistogram, svg_log2
+
+    h = LatencyHistogram()
+    for ns in (300, 1500, 1700, 2500, 9000, 9100, 70000, 3_000_000):  # buckets [0,1) .. [2048,4096), gaps in between
+        h.record(ns)
+    buckets = h.log2_buckets()
+    assert len(buckets) == 13 and sum(b["count"] for b in buckets) == h.n
+    root = ET.fromstring(svg_log2(buckets, "a <title> & more"))
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    bars = [e for e in root.iter("{http://www.w3.org/2000/svg}rect") if e.get("class") == "bar"]
+    assert len(bars) == len(buckets)
+    widths = [float(b.get("width", "nan")) for b in bars]
+    top = max(b["count"] for b in buckets)
+    # the widest bar is the fullest bucket, an empty bucket has no width, widths follow the counts
+    assert [w == max(widths) for w in widths] == [b["count"] == top for b in buckets]
+    assert [w == 0 for w in widths] == [b["count"] == 0 for b in buckets]
+    per_count = [w / b["count"] for w, b in zip(widths, buckets, strict=True) if b["count"]]
+    assert max(per_count) == pytest.approx(min(per_count), rel=0.01)
+
+
+def test_histograms_folded_round_by_round_equal_one_histogram():
+    """bench folds each round's histogram into the run's (LatencyHistogram.add): the same figures as
+    recording every latency into one."""
+    from kickcall.drive.latency import LatencyHistogram
+
+    xs = [(i * 7919) % 50000 + 300 for i in range(3000)]
+    one = LatencyHistogram().record_all(xs)
+    total = LatencyHistogram()
+    for k in range(0, len(xs), 250):
+        total.add(LatencyHistogram().record_all(xs[k:k + 250]))
+    total.add(LatencyHistogram())  # an empty round changes nothing
+    assert total.summary() == one.summary()
+    assert (total.n, total.min_ns, total.max_ns) == (3000, min(xs), max(xs))

@@ -16,6 +16,14 @@ every path starts from the same state, its reader asleep.
 * virtio-blk 4 KiB random reads at depth 16, 2 vCPUs, ioeventfd on and off.
 
 Counters and trace points stay compiled in and enabled as in normal runs; no delay on any path.
+
+Every ``kickcall bench`` reports as fio does (:class:`BenchRun`): the job's parameters on one line
+before it runs, a progress line with an ETA on a terminal (stderr, rewritten in place; nothing when
+stderr is not a terminal), each latency's percentile ladder (p1 ... p99.99) and log2 histogram
+(:mod:`kickcall.drive.latency`), ``--log FILE`` with one JSON object a line per round or run
+(NDJSON, created 0600, never over an existing file), and on Ctrl-C what was measured so far, exit
+130.  Markdown only with ``--write``, with the histograms as SVG pictures in ``docs/bench/``
+beside the file written.
 """
 
 from __future__ import annotations
@@ -32,12 +40,15 @@ import subprocess
 import sys
 import time
 import timeit
+from typing import IO, Callable
 
+from .apps.vhost_user_test import EXIT_INTERRUPTED
 from .child import start_helper
+from .drive.latency import LatencyHistogram, format_ladder, format_log2, open_log, svg_log2, write_record
 from .virtio.paths import KickPath
 from .virtio.pci import ProxyHook
 
-__all__ = ["bench_main", "run_notify"]
+__all__ = ["bench_main", "run_notify", "BenchRun"]
 
 STAMP_GPA = 0x8000  # a page of low guest memory the guest kernel does not allocate
 GUEST_CPU, VMM_CPU = 0, 1  # placement: the writer side on one core, the consumer on the other
@@ -65,14 +76,132 @@ BLOCK_START = "<!-- bench notify: begin -->"
 BLOCK_END = "<!-- bench notify: end -->"
 
 
-def pct(xs: list[int], p: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(p * len(s)))] / 1000.0 if s else 0.0
+def p50_us(h: LatencyHistogram) -> float:
+    return h.percentile_ns(50) / 1000.0
 
 
-def latency_summary(xs: list[int]) -> dict:
-    return {"n": len(xs), "p50_us": pct(xs, 0.5), "p99_us": pct(xs, 0.99),
-            "mean_us": statistics.fmean(xs) / 1000.0 if xs else 0.0}
+def latency_summary(h: LatencyHistogram) -> dict:
+    """A path's latencies: the figures the tables use (``n``, ``p50_us``, ``p99_us``, ``mean_us``)
+    and fio's (min/max, the percentile ladder, the log2 histogram)."""
+    return {"n": h.n, "p50_us": h.percentile_ns(50) / 1000.0, "p99_us": h.percentile_ns(99) / 1000.0,
+            "mean_us": h.mean_us(), **{k: v for k, v in h.summary().items() if k != "count"}}
+
+
+def round_summary(h: LatencyHistogram) -> dict:
+    """A path's latencies in one round, for the ``--log`` line (no histogram: the ladder says it)."""
+    return {"n": h.n, "mean-us": round(h.mean_us(), 3), "min-us": h.min_ns / 1000.0, "max-us": h.max_ns / 1000.0,
+            "percentiles-us": h.ladder_us()}
+
+
+class BenchRun:
+    """What a ``kickcall bench`` run reports besides its result, as fio does for a job.
+
+    * :meth:`echo_job`: the parameters on one line before the run (stdout; stderr with ``--json``);
+    * :meth:`note`: a phase starting (stderr, on a terminal only);
+    * :meth:`progress`: done so far and the ETA, on a terminal only (stderr, rewritten in place);
+    * :meth:`hist`: the run's latency histograms by path, what Ctrl-C prints if the run is cut short;
+    * :meth:`record`: one round's or run's figures, kept for the partial report and written to the
+      ``--log`` file as one NDJSON line.
+    """
+
+    def __init__(self, name: str, params: dict[str, object], *, log_path: str | None = None,
+                 json_out: bool = False, tty: bool | None = None) -> None:
+        self.name = name
+        self.params = params
+        self.json_out = json_out
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.t0 = time.monotonic()
+        self.hists: dict[str, tuple[str, LatencyHistogram]] = {}
+        self.records: list[dict] = []
+        self.lines: list[str] = []
+        self._shown = False
+        self.log: IO[str] | None = open_log(log_path) if log_path else None  # a refusal: exit 2, nothing ran
+
+    def job_line(self) -> str:
+        return f"bench {self.name}: " + ", ".join(f"{k}={v}" for k, v in self.params.items())
+
+    def echo_job(self) -> None:
+        print(self.job_line(), file=sys.stderr if self.json_out else sys.stdout, flush=True)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def note(self, msg: str) -> None:
+        """A phase starting: a line on a terminal's stderr above the progress line; nothing when
+        stderr is not a terminal (a piped run's output is its job line and its results)."""
+        if not self.tty:
+            return
+        self._wipe()
+        print(msg, file=sys.stderr, flush=True)
+
+    def progress(self, done: float, eta_s: float, detail: str = "") -> None:
+        """*done*: the share of the run done, 0..1; *eta_s*: the seconds it should still take."""
+        if not self.tty:
+            return
+        line = f"[{self.elapsed():.0f}s {100 * min(1.0, done):3.0f}% ETA {max(0.0, eta_s):.0f}s] {detail}"
+        width = shutil.get_terminal_size((80, 24)).columns - 1
+        sys.stderr.write("\r" + line[:width].ljust(width))
+        sys.stderr.flush()
+        self._shown = True
+
+    def _wipe(self) -> None:
+        if self._shown:
+            width = shutil.get_terminal_size((80, 24)).columns - 1
+            sys.stderr.write("\r" + " " * width + "\r")
+            sys.stderr.flush()
+            self._shown = False
+
+    def hist(self, key: str, label: str) -> LatencyHistogram:
+        """The run's histogram of path *key* (created on first use; *label* names it in reports)."""
+        if key not in self.hists:
+            self.hists[key] = (label, LatencyHistogram())
+        return self.hists[key][1]
+
+    def record(self, kind: str, text: str, **fields: object) -> None:
+        """One round's or run's figures: *text* for the partial report, *fields* for ``--log``."""
+        rec = {"bench": self.name, "record": kind, "time": round(time.time(), 3),
+               "elapsed": round(self.elapsed(), 3), **fields}
+        self.records.append(rec)
+        self.lines.append(text)
+        if self.log is not None:
+            write_record(self.log, rec)
+
+    def close(self) -> None:
+        self._wipe()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def latency_text(self, digits: int = 1) -> list[str]:
+        """Every path's latencies as fio prints them: min/max/avg, the ladder, the log2 histogram."""
+        out: list[str] = []
+        for label, h in self.hists.values():
+            out.append(f"{label}: {h.n} samples")
+            out.append(f"    clat (usec): min={h.min_ns / 1000:.1f}, max={h.max_ns / 1000:.1f}, "
+                       f"avg={h.mean_us():.1f}")
+            out += format_ladder(h.ladder_us(), digits=digits) + format_log2(h.log2_buckets())
+        return out
+
+    def partial(self) -> dict:
+        """What an interrupted run measured: its records and its latencies so far."""
+        return {"bench": self.name, "job": self.params, "interrupted": True, "elapsed": round(self.elapsed(), 3),
+                "records": self.records, "latency": {k: latency_summary(h) for k, (_l, h) in self.hists.items()}}
+
+
+def write_figures(md_path: str, prefix: str, hists: dict[str, tuple[str, LatencyHistogram]]) -> dict[str, str]:
+    """Each histogram of *hists* as ``docs/bench/PREFIX-KEY.svg`` beside *md_path*; returns
+    {key: the path relative to *md_path*'s directory} for the Markdown's image links."""
+    base = os.path.dirname(os.path.abspath(md_path))
+    rel: dict[str, str] = {}
+    os.makedirs(os.path.join(base, "docs", "bench"), exist_ok=True)
+    for key, (label, h) in hists.items():
+        if not h.n:
+            continue
+        name = f"docs/bench/{prefix}-{key.replace('_', '-')}.svg"
+        with open(os.path.join(base, name), "w", encoding="utf-8") as f:
+            f.write(svg_log2(h.log2_buckets(), f"{label}: {h.n} samples, log2 histogram"))
+        rel[key] = name
+    return rel
 
 
 # -- the floor: eventfd between two processes ------------------------------------------------------------
@@ -295,19 +424,34 @@ def machine_description() -> dict:
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
-def run_notify(quick: bool = False, log=print) -> dict:
+NOTIFY_PATHS: tuple[tuple[str, str], ...] = (
+    ("floor", "floor: eventfd, guest vCPU thread -> VMM IOThread"),
+    ("floor_separate_processes", "reference: eventfd between two fresh processes (epoll)"),
+    ("kick_ioeventfd", "kick: guest doorbell -> ioeventfd -> device handler"),
+    ("kick_heavyweight", "kick: guest doorbell -> heavyweight exit -> device handler"),
+    ("call_irqfd", "call: device -> irqfd -> MSI route -> guest ISR"),
+)
+
+
+def notify_plan(quick: bool, rounds: int | None = None) -> dict:
+    """The notify job's parameters: rounds, samples per path and round, IOPS seconds and passes."""
+    n_rounds = rounds if rounds is not None else (4 if quick else 40)
+    per = max(1, (600 if quick else 6000) // (4 if quick else 40))
+    return {"rounds": n_rounds, "per": per, "secs": 1.0 if quick else 3.0, "iops_passes": 2}
+
+
+def run_notify(quick: bool = False, log: Callable[[str], None] = print, ctx: BenchRun | None = None,
+               rounds: int | None = None) -> dict:
     """Everything in one run, interleaved: each round measures the floor, the two kick paths and
-    the call path back to back, so every ratio compares figures taken under the same conditions."""
-    n = 600 if quick else 6000
-    rounds = 4 if quick else 40
-    per = max(1, n // rounds)
-    secs = 1.0 if quick else 3.0
+    the call path back to back, so every ratio compares figures taken under the same conditions.
+    Each path's latencies go into *ctx*'s histograms round by round (a round counts once complete)."""
+    plan = notify_plan(quick, rounds)
+    rounds = plan["rounds"]
+    per = plan["per"]
+    secs = plan["secs"]
+    ctx = ctx if ctx is not None else BenchRun("notify", {}, tty=False)
     out: dict = {"machine": machine_description(), "iterations": per * rounds, "rounds": rounds}
-    floor: list[int] = []
-    gfloor: list[int] = []
-    kicks: list[int] = []
-    heavy: list[int] = []
-    calls: list[int] = []
+    hists = {key: ctx.hist(key, label) for key, label in NOTIFY_PATHS}
     on_runs: list[dict] = []
     off_runs: list[dict] = []
     per_round: list[dict] = []
@@ -315,14 +459,17 @@ def run_notify(quick: bool = False, log=print) -> dict:
     pinned = (os.cpu_count() or 1) >= 2
     if pinned:
         pin_process(os.getpid(), VMM_CPU)
+    out["pinned"] = pinned
     out["placement"] = (f"guest vCPUs and the floor's writer on CPU {GUEST_CPU}, the VMM and the floor's reader on "
                         f"CPU {VMM_CPU}" if pinned else "unpinned (one CPU)")
     machines = []
+    iops_left = lambda done: (2 * plan["iops_passes"] - done) * (secs + 0.3)  # noqa: E731
     try:
         m_on = _machine(True, size="64M")
         machines.append(m_on)
         m_off = _machine(False, size="64M")
         machines.append(m_off)
+        t_rounds = time.monotonic()
         for r in range(rounds):
             if r % 10 == 0:
                 log(f"rounds {r + 1}-{min(rounds, r + 10)}/{rounds}: floors, kick (ioeventfd), kick (heavyweight), "
@@ -331,38 +478,57 @@ def run_notify(quick: bool = False, log=print) -> dict:
                      lambda: measure_kicks(m_on, per), lambda: measure_kicks(m_off, per),
                      lambda: measure_calls(m_on, per)]
             order = list(range(5)) if r % 2 == 0 else list(range(4, -1, -1))  # alternate the order
-            res: dict = {}
+            res: dict[int, LatencyHistogram] = {}
             for i in order:
-                res[i] = steps[i]()
-            f_r, g_r, k_r, h_r, c_r = (res[i] for i in range(5))
-            floor += f_r
-            gfloor += g_r
-            kicks += k_r
-            heavy += h_r
-            calls += c_r
-            fp = pct(g_r, 0.5)
-            sp = pct(f_r, 0.5)
-            per_round.append({"floor_p50_us": fp, "separate_floor_p50_us": sp,
-                              "kick_over_floor": pct(k_r, 0.5) / fp, "kick_over_separate_floor": pct(k_r, 0.5) / sp,
-                              "heavy_over_floor": pct(h_r, 0.5) / fp, "call_over_floor": pct(c_r, 0.5) / fp,
-                              "call_over_separate_floor": pct(c_r, 0.5) / sp})
+                res[i] = LatencyHistogram().record_all(steps[i]())
+            rh = {"floor_separate_processes": res[0], "floor": res[1], "kick_ioeventfd": res[2],
+                  "kick_heavyweight": res[3], "call_irqfd": res[4]}
+            for key, h in rh.items():
+                hists[key].add(h)
+            fp = p50_us(rh["floor"])
+            sp = p50_us(rh["floor_separate_processes"])
+            pr = {"floor_p50_us": fp, "separate_floor_p50_us": sp,
+                  "kick_over_floor": p50_us(rh["kick_ioeventfd"]) / fp,
+                  "kick_over_separate_floor": p50_us(rh["kick_ioeventfd"]) / sp,
+                  "heavy_over_floor": p50_us(rh["kick_heavyweight"]) / fp,
+                  "call_over_floor": p50_us(rh["call_irqfd"]) / fp,
+                  "call_over_separate_floor": p50_us(rh["call_irqfd"]) / sp}
+            per_round.append(pr)
+            ctx.record("round", f"round {r + 1}/{rounds}: p50 floor {fp:.1f} us, kick (ioeventfd) "
+                                f"{p50_us(rh['kick_ioeventfd']):.1f} us, kick (heavyweight) "
+                                f"{p50_us(rh['kick_heavyweight']):.1f} us, call (irqfd) {p50_us(rh['call_irqfd']):.1f} us",
+                       round=r + 1, rounds=rounds, paths={k.replace("_", "-"): round_summary(h) for k, h in rh.items()},
+                       **{k.replace("_", "-"): round(v, 4) for k, v in pr.items()})
+            per_round_s = (time.monotonic() - t_rounds) / (r + 1)
+            left = per_round_s * (rounds - r - 1) + iops_left(0)
+            ctx.progress((r + 1) / rounds * 0.9, left,
+                         f"round {r + 1}/{rounds}: floor p50 {fp:.1f} us, kick p50 {p50_us(rh['kick_ioeventfd']):.1f} us")
         assert m_on.device("blk0").vdev.queues[0].kicks_by_path.get(KickPath.MMIO, 0) == 0
         assert m_off.device("blk0").vdev.queues[0].kicks_by_path.get(KickPath.IOEVENTFD, 0) == 0
-        for r in range(2):
-            log(f"virtio-blk 4 KiB random reads, depth 16, 2 vCPUs: ioeventfd on/off, {secs:.0f} s each, pass {r + 1}/2")
-            on_runs.append(measure_iops(m_on, secs))
-            off_runs.append(measure_iops(m_off, secs))
+        done = 0
+        for r in range(plan["iops_passes"]):
+            log(f"IOPS: virtio-blk 4 KiB randread, depth 16, ioeventfd on/off, {secs:g} s each, "
+                f"pass {r + 1}/{plan['iops_passes']}")
+            for on, runs, m in ((True, on_runs, m_on), (False, off_runs, m_off)):
+                ctx.progress(0.9 + 0.1 * done / (2 * plan["iops_passes"]), iops_left(done),
+                             f"IOPS, ioeventfd {'on' if on else 'off'}, pass {r + 1}")
+                x = measure_iops(m, secs)
+                runs.append(x)
+                done += 1
+                ctx.record("iops", f"IOPS, ioeventfd {'on' if on else 'off'}, pass {r + 1}: {x['iops']:.0f} IOPS, "
+                                   f"p50 {x['lat_us_p50']:.0f} us, p99 {x['lat_us_p99']:.0f} us, "
+                                   f"errors {x['error_count']}",
+                           ioeventfd=on, **{"pass": r + 1}, iops=round(x["iops"], 1), ops=x["ops"],
+                           **{"lat-us-p50": x["lat_us_p50"], "lat-us-p99": x["lat_us_p99"],
+                              "errors": x["error_count"], "kicks": x["kicks"], "mmio-exits": x["mmio_exits"]})
     finally:
         for m in machines:
             m.stop()
         if pinned:
             restore_affinity(saved_affinity)
     out["per_round"] = per_round
-    out["floor_separate_processes"] = latency_summary(floor)
-    out["floor"] = latency_summary(gfloor)
-    out["kick_ioeventfd"] = latency_summary(kicks)
-    out["kick_heavyweight"] = latency_summary(heavy)
-    out["call_irqfd"] = latency_summary(calls)
+    for key, _label in NOTIFY_PATHS:
+        out[key] = latency_summary(hists[key])
     out["iops_ioeventfd_on"] = _merge_iops(on_runs)
     out["iops_ioeventfd_off"] = _merge_iops(off_runs)
     out["mb"] = measure_mb(20000 if quick else 200000)
@@ -381,7 +547,8 @@ def run_notify(quick: bool = False, log=print) -> dict:
     return out
 
 
-def render_markdown(r: dict) -> str:
+def render_markdown(r: dict, figures: dict[str, str] | None = None) -> str:
+    """The BENCHMARKS.md section; *figures*: {path key: SVG link} of the latency histograms."""
     md = r["machine"]
     ra = r["ratios"]
 
@@ -398,7 +565,8 @@ def render_markdown(r: dict) -> str:
         f"measured {md['date']} in one run of `kickcall bench notify`: {r['iterations']} samples per latency, "
         f"taken in {r['rounds']} interleaved rounds; IOPS with ioeventfd on and off alternated twice.",
         "",
-        f"Placement: {r['placement']} (every path, the floor included, crosses between the same two cores).",
+        f"Placement: {r['placement']}" + (" (every path, the floor included, crosses between the same two cores)."
+                                          if r.get("pinned", True) else "."),
         "",
         "One-way latency (CLOCK_MONOTONIC at the writer's store -> at the consumer's handler):",
         "",
@@ -429,9 +597,9 @@ def render_markdown(r: dict) -> str:
         "that carry the kick, so the ratio is what the doorbell, the hypervisor's ioeventfd match and the "
         "device's kick handler add. An eventfd between two fresh processes is shown for reference; its p50 "
         f"ranged from {min(x['separate_floor_p50_us'] for x in r['per_round']):.1f} to "
-        f"{max(x['separate_floor_p50_us'] for x in r['per_round']):.1f} µs across this run's rounds (on a "
-        "machine that is itself a VM it moves with how the host schedules the vCPUs), so it is no stable "
-        "denominator. Each round's ratio against that round's own floor: "
+        f"{max(x['separate_floor_p50_us'] for x in r['per_round']):.1f} µs across this run's rounds, and the "
+        f"floor's from {min(x['floor_p50_us'] for x in r['per_round']):.1f} to "
+        f"{max(x['floor_p50_us'] for x in r['per_round']):.1f} µs. Each round's ratio against that round's own floor: "
         + ", ".join(f"{name} min {ra[k]['min']:.2f}x / median {ra[k]['median']:.2f}x / max {ra[k]['max']:.2f}x"
                     for name, k in (("ioeventfd kick", "kick_over_floor_per_round"),
                                     ("irqfd call", "call_over_floor_per_round"),
@@ -446,9 +614,26 @@ def render_markdown(r: dict) -> str:
         "",
         f"`mb()` ({r['mb']['kind']}): {r['mb']['ns_per_call']:.0f} ns per call, "
         f"{r['mb']['ns_over_empty_call']:.0f} ns more than an empty Python call.",
-        BLOCK_END,
     ]
+    lines += _ladder_table(r, NOTIFY_PATHS)
+    lines += figure_lines(figures, dict(NOTIFY_PATHS))
+    lines.append(BLOCK_END)
     return "\n".join(lines) + "\n"
+
+
+def _ladder_table(r: dict, paths: tuple[tuple[str, str], ...]) -> list[str]:
+    """Markdown: a row of the percentile ladder per path (p1, p10, p50, p90, p99, p99.9, p99.99)."""
+    cols = ("1.00", "10.00", "50.00", "90.00", "99.00", "99.90", "99.99")
+    rows = ["", "Percentiles (µs), fio's ladder (`--json` has all of p1 ... p99.99):", "",
+            "| path | " + " | ".join(f"p{float(c):g}" for c in cols) + " | max |",
+            "|---|" + "---:|" * (len(cols) + 1)]
+    for key, label in paths:
+        s = r.get(key)
+        if not s or "percentiles-us" not in s:
+            continue
+        rows.append(f"| {label} | " + " | ".join(f"{s['percentiles-us'][c]:.1f}" for c in cols)
+                    + f" | {s['max-us']:.1f} |")
+    return rows
 
 
 def write_markdown(path: str, block: str) -> None:
@@ -494,41 +679,190 @@ def markdown_to_text(md: str) -> str:
     return "\n".join(out).strip("\n") + "\n"
 
 
+def _write_target(text: str) -> str:
+    """argparse type of ``--write``: a Markdown file that can be written (checked before the run,
+    not after minutes of measuring); argparse names the option in the message."""
+    path = os.path.abspath(text)
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a Markdown file")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text} is not writable")
+    elif not os.path.isdir(os.path.dirname(path)) or not os.access(os.path.dirname(path), os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot create {text}: its directory does not exist or is not writable")
+    return text
+
+
+BENCHES: dict[str, tuple[str, str]] = {
+    "notify": ("eventfd / ioeventfd / heavyweight-exit / irqfd latency, blk IOPS", "fewer rounds (a smoke run)"),
+    "vhost-user": ("kickcall's front-end against qemu-storage-daemon and kickcall's back-end",
+                   "shorter runs, one pass (a smoke run)"),
+    "monitor": ("blk IOPS with and without a monitor client sampling every queue",
+                "shorter runs, one pass (a smoke run)"),
+    "vfio": ("passthrough interrupts over vfio-user: irqfd throughput and latency, MSI-X growth on the dynamic "
+             "and the NORESIZE path", "fewer samples, growth to 256 vectors (a smoke run)"),
+}
+
+
+ROUNDS_MAX = 100000
+
+
+def _rounds(text: str) -> int:
+    """argparse type of ``--rounds``: an integer 1..ROUNDS_MAX (argparse names the option)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= v <= ROUNDS_MAX:
+        raise argparse.ArgumentTypeError(f"must be 1..{ROUNDS_MAX}, got {text}")
+    return v
+
+
+def add_arguments(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    """The ``kickcall bench`` subcommands and their options; *add_parser* is the ``add_parser`` of
+    cli's ``bench`` subparsers."""
+    for name, (helptext, quick) in BENCHES.items():
+        p = add_parser(name, help=helptext)
+        p.add_argument("--json", action="store_true",
+                       help="print the results as one JSON document; the job line and progress go to stderr "
+                            "(default: text)")
+        p.add_argument("--write", metavar="FILE", type=_write_target, default=None,
+                       help=f"update the {name} section of this Markdown file (BENCHMARKS.md), its histograms "
+                            "as SVG in docs/bench/ beside it; an interrupted run writes nothing (default: no file)")
+        p.add_argument("--quick", action="store_true", help=f"{quick} (default: the full run)")
+        p.add_argument("--log", metavar="FILE", default=None,
+                       help="write each round's or run's results to FILE as NDJSON, one JSON object a line, "
+                            "created owner-only; FILE must not exist (default: no log)")
+        if name == "notify":
+            p.add_argument("--rounds", type=_rounds, default=None, metavar="N",
+                           help=f"interleaved rounds of the latency paths, 1..{ROUNDS_MAX} "
+                                "(default: 40; 4 with --quick)")
+
+
+def job_params(a: argparse.Namespace) -> dict[str, object]:
+    """The job's parameters, as the job line echoes them (fio's ``name: (g=0): rw=..., bs=...``)."""
+    pinned = (os.cpu_count() or 1) >= 2
+    common: dict[str, object] = {"quick": "yes" if a.quick else "no"}
+    if a.bench == "notify":
+        pl = notify_plan(a.quick, a.rounds)
+        job: dict[str, object] = {
+            "rounds": pl["rounds"], "samples-per-path": pl["rounds"] * pl["per"], "samples-per-round": pl["per"],
+            "paths": "floor,reference,kick-ioeventfd,kick-heavyweight,call-irqfd",
+            "iops": f"randread bs=4096 iodepth=16 runtime={pl['secs']:g}s x{pl['iops_passes']} ioeventfd=on/off"}
+    elif a.bench == "vhost-user":
+        pl = vhost_user_plan(a.quick)
+        job = {"back-ends": "qemu-storage-daemon,kickcall", "rw": "randread", "bs": 4096, "iodepth": "1,16",
+               "runtime": f"{pl['secs']:g}s", "passes": pl["passes"]}
+    elif a.bench == "monitor":
+        pl = monitor_plan(a.quick)
+        job = {"rw": "randread", "bs": 4096, "iodepth": 16, "queues": 2, "modes": "quiet,diagnose,watched",
+               "runtime": f"{pl['seconds']:g}s", "passes": pl["passes"]}
+    else:
+        from .bench_vfio import vfio_plan
+
+        pl = vfio_plan(a.quick)
+        job = {"queues": 4, "records-per-queue": pl["per_queue"], "throughput-passes": pl["tp_passes"],
+               "rounds": pl["rounds"], "samples-per-round": pl["per"], "vectors": f"4->{pl['target']}",
+               "rate": f"{pl['rate']}/s per queue"}
+    job.update(common)
+    job["placement"] = f"cpu{GUEST_CPU}/cpu{VMM_CPU}" if pinned else "unpinned"
+    job["log"] = a.log or "-"
+    job["write"] = a.write or "-"
+    return job
+
+
+def _print_result(a: argparse.Namespace, ctx: BenchRun, r: dict, text: str) -> None:
+    if a.json:
+        r["job"] = ctx.params
+        r["interrupted"] = False
+        print(json.dumps(r, indent=1))
+        return
+    print(text.rstrip("\n"))
+    lat = [x for x in ctx.latency_text() if x]
+    if any(h.n for _l, h in ctx.hists.values()):
+        print()
+        print("\n".join(lat))
+
+
+def _print_partial(a: argparse.Namespace, ctx: BenchRun) -> None:
+    if a.json:
+        print(json.dumps(ctx.partial(), indent=1))
+        return
+    print(f"interrupted after {ctx.elapsed():.1f} s: partial results, {len(ctx.records)} complete "
+          f"round(s) or run(s)" + (f"; {a.write} not updated" if a.write else ""))
+    for line in ctx.lines:
+        print(f"  {line}")
+    if any(h.n for _l, h in ctx.hists.values()):
+        print("\n".join(ctx.latency_text()))
+    else:
+        print("no latency measured yet")
+
+
 def bench_main(a: argparse.Namespace) -> int:
-    log = (lambda msg: print(msg, file=sys.stderr)) if a.json else print
+    """``kickcall bench NAME``: the job line, the run (progress on a terminal, ``--log``), the
+    results; on Ctrl-C what was measured so far and exit 130 (cli's SIGINT handler raised
+    KeyboardInterrupt once and ignores a second while the run's machines and helpers stop)."""
+    ctx = BenchRun(a.bench, job_params(a), log_path=a.log, json_out=a.json)
+    ctx.echo_job()
+    try:
+        try:
+            return _run_bench(a, ctx)
+        finally:
+            ctx.close()
+    except KeyboardInterrupt:
+        _print_partial(a, ctx)
+        sys.stdout.flush()
+        print("kickcall: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+def _run_bench(a: argparse.Namespace, ctx: BenchRun) -> int:
+    log = ctx.note
     if a.bench == "monitor":
-        r = run_monitor(quick=a.quick, log=log)
-        print(json.dumps(r, indent=1) if a.json else markdown_to_text(render_monitor(r)), end="\n" if a.json else "")
+        r = run_monitor(quick=a.quick, log=log, ctx=ctx)
+        ctx.close()
+        _print_result(a, ctx, r, markdown_to_text(render_monitor(r)))
         if a.write:
             write_block(a.write, render_monitor(r), MON_BLOCK_START, MON_BLOCK_END)
-            log(f"updated {a.write}")
+            print(f"updated {a.write}", file=sys.stderr, flush=True)
         return 0 if r["errors"] == 0 and r["kicks_matched_consumed"] else 1
     if a.bench == "vfio":
         from .bench_vfio import VFIO_BLOCK_END, VFIO_BLOCK_START, render_vfio, render_vfio_markdown, run_vfio
 
-        rv = run_vfio(quick=a.quick, log=log)
-        print(json.dumps(rv, indent=1) if a.json else render_vfio(rv).rstrip("\n"))
+        rv = run_vfio(quick=a.quick, log=log, ctx=ctx)
+        ctx.close()
+        _print_result(a, ctx, rv, render_vfio(rv))
         if a.write:
-            write_block(a.write, render_vfio_markdown(rv), VFIO_BLOCK_START, VFIO_BLOCK_END)
-            log(f"updated {a.write}")
+            figs = write_figures(a.write, "vfio", ctx.hists)
+            write_block(a.write, render_vfio_markdown(rv, figs), VFIO_BLOCK_START, VFIO_BLOCK_END)
+            print(f"updated {a.write}", file=sys.stderr, flush=True)
         return 0
     if a.bench == "vhost-user":
-        r = run_vhost_user(quick=a.quick, log=log)
-        print(json.dumps(r, indent=1) if a.json else markdown_to_text(render_vhost_user(r)), end="\n" if a.json else "")
+        r = run_vhost_user(quick=a.quick, log=log, ctx=ctx)
+        ctx.close()
+        _print_result(a, ctx, r, markdown_to_text(render_vhost_user(r)))
         if a.write:
-            write_block(a.write, render_vhost_user(r), VU_BLOCK_START, VU_BLOCK_END)
-            log(f"updated {a.write}")
+            figs = write_figures(a.write, "vhost-user", ctx.hists)
+            write_block(a.write, render_vhost_user(r, figs), VU_BLOCK_START, VU_BLOCK_END)
+            print(f"updated {a.write}", file=sys.stderr, flush=True)
         return 0
-    r = run_notify(quick=a.quick, log=log)
-    if a.json:
-        print(json.dumps(r, indent=1))
-    else:
-        print(markdown_to_text(render_markdown(r)), end="")
+    r = run_notify(quick=a.quick, log=log, ctx=ctx, rounds=a.rounds)
+    ctx.close()
+    _print_result(a, ctx, r, markdown_to_text(render_markdown(r)))
     if a.write:
-        write_markdown(a.write, render_markdown(r))
-        log(f"updated {a.write}")
+        figs = write_figures(a.write, "notify", ctx.hists)
+        write_markdown(a.write, render_markdown(r, figs))
+        print(f"updated {a.write}", file=sys.stderr, flush=True)
     return 0
 
+
+def figure_lines(figures: dict[str, str] | None, labels: dict[str, str]) -> list[str]:
+    """Markdown: the SVG pictures of a section's latency histograms."""
+    if not figures:
+        return []
+    out = ["", "Latency distributions of this run (log2 histogram of µs; each bucket's count and share on the right):",
+           ""]
+    return out + [f"![{labels.get(key, key)}]({link})" for key, link in figures.items()]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -570,7 +904,7 @@ def _start_backend(kind: str, img: str, sock: str, workdir: str, profile: str | 
     return stop
 
 
-def _vu_run(sock: str, depth: int, seconds: float) -> dict:
+def _vu_run(sock: str, depth: int, seconds: float, into: LatencyHistogram | None = None) -> dict:
     from .drive.vhost_user_blk import BlkVerifyWorkload, VhostUserBlkDriver
 
     drv = VhostUserBlkDriver(sock, queue_size=128)
@@ -581,18 +915,31 @@ def _vu_run(sock: str, depth: int, seconds: float) -> dict:
         wl.run(seconds)
         r = wl.result()
         r["spurious_calls"] = drv.spurious_calls
+        if into is not None:
+            into.add(wl.hist)
         return r
     finally:
         drv.close()
 
 
-def run_vhost_user(quick: bool = False, log=print) -> dict:
+VU_LABELS = {f"{kind}-{d}": f"{name}, depth {d}" for d in (1, 16)
+             for kind, name in (("qsd", "qemu-storage-daemon"), ("kickcall", "kickcall vhost-user-blk"))}
+
+
+def vhost_user_plan(quick: bool) -> dict:
+    return {"secs": 1.5 if quick else 4.0, "passes": 1 if quick else 2}
+
+
+def run_vhost_user(quick: bool = False, log: Callable[[str], None] = print, ctx: BenchRun | None = None) -> dict:
     import tempfile
 
     from .virtio.blk import make_image
 
-    secs = 1.5 if quick else 4.0
-    passes = 1 if quick else 2
+    ctx = ctx if ctx is not None else BenchRun("vhost-user", {}, tty=False)
+    plan = vhost_user_plan(quick)
+    secs = plan["secs"]
+    passes = plan["passes"]
+    total = 2 * passes * 2 + 1
     out: dict = {"machine": machine_description(), "seconds_per_run": secs, "passes": passes, "runs": {}}
     saved = os.sched_getaffinity(0)
     pinned = (os.cpu_count() or 1) >= 2
@@ -605,20 +952,31 @@ def run_vhost_user(quick: bool = False, log=print) -> dict:
     img = os.path.join(workdir, "d.img")
     try:
         make_image(img, 64 << 20)
+        done = 0
         for depth in (1, 16):
             for p in range(passes):
                 for kind in ("qsd", "kickcall") if p % 2 == 0 else ("kickcall", "qsd"):
                     log(f"depth {depth}, {kind} back-end, pass {p + 1}/{passes} ...")
+                    ctx.progress(done / total, (total - done) * (secs + 1.0), f"depth {depth}, {kind}, pass {p + 1}")
                     sock = os.path.join(workdir, f"{kind}.sock")
                     stop = _start_backend(kind, img, sock, workdir)
+                    key = f"{kind}-{depth}"
+                    run_h = LatencyHistogram()
                     try:
-                        r = _vu_run(sock, depth, secs)
+                        r = _vu_run(sock, depth, secs, into=run_h)
                     finally:
                         stop()
                     if r["error_count"]:
                         raise RuntimeError(f"{kind} depth {depth}: data errors {r['errors']}")
-                    out["runs"].setdefault(f"{kind}-{depth}", []).append(r)
+                    ctx.hist(key, VU_LABELS[key]).add(run_h)
+                    done += 1
+                    ctx.record("run", f"{VU_LABELS[key]}, pass {p + 1}: {r['iops']:.0f} IOPS, p50 "
+                                      f"{r['lat_us_p50']:.0f} us, p99 {r['lat_us_p99']:.0f} us",
+                               **{"back-end": kind, "depth": depth, "pass": p + 1, "iops": round(r["iops"], 1),
+                                  "ops": r["ops"], "errors": r["error_count"], "latency": round_summary(run_h)})
+                    out["runs"].setdefault(key, []).append(r)
         log("profiling the Python back-end at depth 16 ...")
+        ctx.progress(done / total, secs + 1.0, "profiling the Python back-end")
         prof = os.path.join(workdir, "backend.prof")
         sock = os.path.join(workdir, "prof.sock")
         stop = _start_backend("kickcall", img, sock, workdir, profile=prof)
@@ -638,9 +996,20 @@ def run_vhost_user(quick: bool = False, log=print) -> dict:
                         "p50_us": statistics.median(r["lat_us_p50"] for r in runs),
                         "p99_us": max(r["lat_us_p99"] for r in runs)}
     out["summary"] = summary
+    out["qsd_version"] = _qsd_version()
     out["ratios"] = {f"python_over_c_depth{d}": summary[f"kickcall-{d}"]["iops"] / summary[f"qsd-{d}"]["iops"]
                      for d in (1, 16)}
     return out
+
+
+def _qsd_version() -> str:
+    """qemu-storage-daemon's version as it reports it (``7.2.22``), for the table's label."""
+    try:
+        p = subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    m = re.search(r"version (\S+)", p.stdout)
+    return m.group(1) if m else "?"
 
 
 def _profile_top(path: str, n: int = 12) -> list[dict]:
@@ -656,7 +1025,7 @@ def _profile_top(path: str, n: int = 12) -> list[dict]:
     return rows[:n]
 
 
-def render_vhost_user(r: dict) -> str:
+def render_vhost_user(r: dict, figures: dict[str, str] | None = None) -> str:
     md = r["machine"]
     s = r["summary"]
     ra = r["ratios"]
@@ -674,7 +1043,8 @@ def render_vhost_user(r: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for d in (1, 16):
-        for kind, label in (("qsd", "qemu-storage-daemon 7.2 (C, libvhost-user)"), ("kickcall", "kickcall vhost-user-blk (Python)")):
+        for kind, label in (("qsd", f"qemu-storage-daemon {r.get('qsd_version', '?')} (C, libvhost-user)"),
+                            ("kickcall", "kickcall vhost-user-blk (Python)")):
             x = s[f"{kind}-{d}"]
             lines.append(f"| {label} | {d} | {x['iops']:.0f} | {x['p50_us']:.0f} | {x['p99_us']:.0f} |")
     lines += [
@@ -689,6 +1059,7 @@ def render_vhost_user(r: dict) -> str:
     ]
     for p in r["profile"]:
         lines.append(f"| `{p['function']}` | {p['calls']} | {p['self_s']:.3f} | {100 * p['self_share']:.1f}% |")
+    lines += figure_lines(figures, VU_LABELS)
     lines.append(VU_BLOCK_END)
     return "\n".join(lines) + "\n"
 
@@ -747,12 +1118,18 @@ def _kick_books(m) -> tuple[int, int, int]:
             sum(max(n.get("pending", 0), 0) for n in rows))
 
 
-def run_monitor(quick: bool = False, log=print) -> dict:
+def monitor_plan(quick: bool) -> dict:
+    return {"seconds": 1.5 if quick else 4.0, "passes": 1 if quick else 3}
+
+
+def run_monitor(quick: bool = False, log: Callable[[str], None] = print, ctx: BenchRun | None = None) -> dict:
     """blk IOPS at depth 16 with nobody watching vs with a client sampling every queue back to back."""
     import tempfile
 
-    seconds = 1.5 if quick else 4.0
-    passes = 1 if quick else 3
+    ctx = ctx if ctx is not None else BenchRun("monitor", {}, tty=False)
+    plan = monitor_plan(quick)
+    seconds = plan["seconds"]
+    passes = plan["passes"]
     out: dict = {"machine": machine_description(), "seconds_per_run": seconds, "passes": passes}
     runs: dict[str, list[dict]] = {"quiet": [], "diagnose": [], "watched": []}
     watch: dict[str, list[dict]] = {"diagnose": [], "watched": []}
@@ -769,7 +1146,10 @@ def run_monitor(quick: bool = False, log=print) -> dict:
         modes = {"quiet": None, "diagnose": 0.5, "watched": 0.0}
         for i in range(passes):
             order = list(modes) if i % 2 == 0 else list(reversed(modes))
-            for mode in order:
+            for j, mode in enumerate(order):
+                done = i * len(modes) + j
+                ctx.progress(done / (passes * len(modes)), (passes * len(modes) - done) * (seconds + 0.5),
+                             f"{mode}, pass {i + 1}/{passes}")
                 before = _kick_books(m)
                 pace = modes[mode]
                 w = _watcher(qmp, seconds, pace) if pace is not None else None
@@ -782,8 +1162,15 @@ def run_monitor(quick: bool = False, log=print) -> dict:
                 r["doorbells"] = after[0] - before[0]
                 r["kicks_consumed"] = after[1] - before[1] + after[2]
                 runs[mode].append(r)
-                log(f"  {mode:8s} pass {i + 1}: {r['iops']:.0f} IOPS" +
-                    (f", {watch[mode][-1]['samples'] / watch[mode][-1]['seconds']:.0f} samples/s" if w else ""))
+                rate = watch[mode][-1]["samples"] / watch[mode][-1]["seconds"] if w else None
+                ctx.record("run", f"{mode} pass {i + 1}: {r['iops']:.0f} IOPS, p50 {r['lat_us_p50']:.0f} us, "
+                                  f"p99 {r['lat_us_p99']:.0f} us" + (f", {rate:.0f} samples/s" if rate else ""),
+                           mode=mode, **{"pass": i + 1, "iops": round(r["iops"], 1), "ops": r["ops"],
+                                         "lat-us-p50": r["lat_us_p50"], "lat-us-p99": r["lat_us_p99"],
+                                         "errors": r["error_count"], "doorbells": r["doorbells"],
+                                         "kicks-consumed": r["kicks_consumed"],
+                                         "samples-per-s": round(rate, 1) if rate else None})
+                w = None
     finally:
         if w is not None and w.poll() is None:  # interrupted while a watcher ran
             w.kill()

@@ -55,11 +55,12 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from .bench import (GUEST_CPU, STAMP_GPA, VMM_CPU, latency_summary, machine_description, measure_floor, pct,
-                    pin_process, restore_affinity)
+from .bench import (GUEST_CPU, STAMP_GPA, VMM_CPU, BenchRun, figure_lines, latency_summary, machine_description,
+                    measure_floor, p50_us, pin_process, restore_affinity, round_summary)
 from .child import start_helper
+from .drive.latency import LatencyHistogram
 
-__all__ = ["run_vfio", "render_vfio", "render_vfio_markdown", "VFIO_BLOCK_START", "VFIO_BLOCK_END"]
+__all__ = ["run_vfio", "render_vfio", "render_vfio_markdown", "vfio_plan", "VFIO_BLOCK_START", "VFIO_BLOCK_END"]
 
 VFIO_BLOCK_START = "<!-- bench vfio: begin -->"
 VFIO_BLOCK_END = "<!-- bench vfio: end -->"
@@ -428,13 +429,25 @@ def _attempt_past_limit(rig: _Rig, entry: int) -> dict:
 
 
 # -- the run -------------------------------------------------------------------------------------------
-def run_vfio(quick: bool = False, log: Log = print) -> dict:
-    rounds = 4 if quick else 20
-    per = 25 if quick else 200
-    per_queue = 2000 if quick else 25000
-    tp_passes = 1 if quick else 3
-    target = 256 if quick else MAX_VECTORS
-    rate = 500 if quick else 1000
+LAT_PATHS: tuple[tuple[str, str], ...] = (
+    ("floor", "floor: eventfd between two processes"),
+    ("irqfd", "irqfd: VMM writes the vector's eventfd -> guest ISR"),
+    ("irqfd_vmm_idle", "irqfd, the VMM's CPU idle between rounds"),
+    ("server_raise", "host function: DOORBELL -> record + MSI-X -> guest ISR"),
+)
+
+
+def vfio_plan(quick: bool) -> dict:
+    """The vfio job's parameters (the job line echoes them)."""
+    return {"rounds": 4 if quick else 20, "per": 25 if quick else 200, "per_queue": 2000 if quick else 25000,
+            "tp_passes": 1 if quick else 3, "target": 256 if quick else MAX_VECTORS, "rate": 500 if quick else 1000}
+
+
+def run_vfio(quick: bool = False, log: Log = print, ctx: BenchRun | None = None) -> dict:
+    plan = vfio_plan(quick)
+    rounds, per, per_queue = plan["rounds"], plan["per"], plan["per_queue"]
+    tp_passes, target, rate = plan["tp_passes"], plan["target"], plan["rate"]
+    ctx = ctx if ctx is not None else BenchRun("vfio", {}, tty=False)
     out: dict = {"machine": machine_description(), "quick": quick}
     from .ownership import temp_dir
 
@@ -453,30 +466,43 @@ def run_vfio(quick: bool = False, log: Log = print) -> dict:
         rigs.append(dyn)
         dyn.start()
         log(f"throughput: {QUEUES} queues x {per_queue} records, {tp_passes} pass(es) ...")
-        runs = [measure_throughput(dyn, per_queue) for _ in range(tp_passes)]
+        runs = []
+        for i in range(tp_passes):
+            ctx.progress(0.1 * i / tp_passes, 0.0, f"throughput, pass {i + 1}/{tp_passes}")
+            x = measure_throughput(dyn, per_queue)
+            runs.append(x)
+            rps = x["records"] / x["seconds"] if x["seconds"] else 0.0
+            ctx.record("throughput", f"throughput pass {i + 1}: {rps:.0f} records/s, {x['interrupts']} interrupts",
+                       **{"pass": i + 1, "records": x["records"], "seconds": round(x["seconds"], 4),
+                          "records-per-s": round(rps, 1), "interrupts": x["interrupts"],
+                          "device-batches": x["device_batches"], "gaps": x["gaps"]})
         out["throughput"] = _merge_throughput(runs, per_queue, dyn.stats())
         log(f"latency: {rounds} rounds x {per}: floor, irqfd (VMM spinning, VMM idle), host function ...")
-        floor: list[int] = []
-        irqfd: list[int] = []
-        irqfd_idle: list[int] = []
-        raise_: list[int] = []
+        hists = {key: ctx.hist(key, label) for key, label in LAT_PATHS}
         per_round: list[dict] = []
+        t_lat = time.monotonic()
         for r in range(rounds):
             steps = [lambda: measure_floor(per), lambda: measure_irqfd(dyn, per, spin=True),
                      lambda: measure_irqfd(dyn, per, spin=False), lambda: measure_server_raise(dyn, per)]
             order = [0, 1, 2, 3] if r % 2 == 0 else [3, 2, 1, 0]
-            res = {i: steps[i]() for i in order}
-            floor += res[0]
-            irqfd += res[1]
-            irqfd_idle += res[2]
-            raise_ += res[3]
-            fp = pct(res[0], 0.5)
-            per_round.append({"floor_p50_us": fp, "irqfd_over_floor": pct(res[1], 0.5) / fp if fp else None,
-                              "irqfd_idle_over_floor": pct(res[2], 0.5) / fp if fp else None,
-                              "server_over_floor": pct(res[3], 0.5) / fp if fp else None})
-        lat: dict = {"rounds": rounds, "iterations": per * rounds, "floor": latency_summary(floor),
-                     "irqfd": latency_summary(irqfd), "irqfd_vmm_idle": latency_summary(irqfd_idle),
-                     "server_raise": latency_summary(raise_), "per_round": per_round}
+            res = {i: LatencyHistogram().record_all(steps[i]()) for i in order}
+            rh = {key: res[i] for i, (key, _label) in enumerate(LAT_PATHS)}
+            for key, h in rh.items():
+                hists[key].add(h)
+            fp = p50_us(res[0])
+            pr = {"floor_p50_us": fp, "irqfd_over_floor": p50_us(res[1]) / fp if fp else None,
+                  "irqfd_idle_over_floor": p50_us(res[2]) / fp if fp else None,
+                  "server_over_floor": p50_us(res[3]) / fp if fp else None}
+            per_round.append(pr)
+            ctx.record("round", f"round {r + 1}/{rounds}: p50 floor {fp:.1f} us, irqfd {p50_us(res[1]):.1f} us, "
+                                f"irqfd (VMM idle) {p50_us(res[2]):.1f} us, host function {p50_us(res[3]):.1f} us",
+                       round=r + 1, rounds=rounds, paths={k.replace("_", "-"): round_summary(h) for k, h in rh.items()},
+                       **{k.replace("_", "-"): (round(v, 4) if v is not None else None) for k, v in pr.items()})
+            each = (time.monotonic() - t_lat) / (r + 1)
+            ctx.progress(0.1 + 0.4 * (r + 1) / rounds, each * (rounds - r - 1),
+                         f"latency round {r + 1}/{rounds}: floor p50 {fp:.1f} us")
+        lat: dict = {"rounds": rounds, "iterations": per * rounds,
+                     **{key: latency_summary(h) for key, h in hists.items()}, "per_round": per_round}
         f = lat["floor"]["p50_us"]
         lat["ratios"] = {"irqfd_over_floor_p50": lat["irqfd"]["p50_us"] / f if f else None,
                          "irqfd_vmm_idle_over_floor_p50": lat["irqfd_vmm_idle"]["p50_us"] / f if f else None,
@@ -489,10 +515,12 @@ def run_vfio(quick: bool = False, log: Log = print) -> dict:
                 lat["ratios"][k + "_per_round"] = {"min": xs[0], "median": statistics.median(xs), "max": xs[-1]}
         out["latency"] = lat
         log(f"growth, dynamic path: {QUEUES} -> {target} vectors, queues at {rate} records/s each ...")
+        ctx.progress(0.5, 0.0, "growth, dynamic path")
         out["growth"] = {"dynamic": measure_growth(dyn, target, rate, log)}
         dyn.stop()
         rigs.remove(dyn)
         log("growth, NORESIZE path (server --no-dynamic-msix --max-msg-fds 253) ...")
+        ctx.progress(0.75, 0.0, "growth, NORESIZE path")
         old = _Rig(workdir, "old", ["--vectors", str(MAX_VECTORS), "--host-irqs", hi, "--no-dynamic-msix",
                                     "--max-msg-fds", "253"])
         rigs.append(old)
@@ -576,8 +604,10 @@ def render_vfio(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_vfio_markdown(r: dict) -> str:
-    """The BENCHMARKS.md section, between its markers."""
+def render_vfio_markdown(r: dict, figures: dict[str, str] | None = None) -> str:
+    """The BENCHMARKS.md section, between its markers; *figures*: {path key: SVG link}."""
+    from .vfio.nic import NicFunction
+
     md = r["machine"]
     t = r["throughput"]
     lat = r["latency"]
@@ -595,7 +625,7 @@ def render_vfio_markdown(r: dict) -> str:
         f"Placement: {r['placement']}.",
         "",
         f"Throughput: {t['queues']} queues, {t['records_per_queue']} records asked for per queue with one DOORBELL "
-        f"write, {t['passes']} pass(es); the device writes at most 64 records per batch and raises the queue's "
+        f"write, {t['passes']} pass(es); the device writes at most {NicFunction.BATCH} records per batch and raises the queue's "
         "vector once per batch; records and interrupts counted by the guest's handler.",
         "",
         "| records/s | interrupts/s | records per interrupt | guest interrupts | device batches | MSI-X messages sent | empty interrupts | sequence gaps |",
@@ -644,5 +674,6 @@ def render_vfio_markdown(r: dict) -> str:
     steps = ", ".join(f"{s['to']}: {s['elapsed']:.2f} s" for s in gd["steps"])
     steps_n = ", ".join(f"{s['to']}: {s['elapsed']:.2f} s" for s in gn["steps"])
     lines.append(f"Time until N vectors were up, dynamic: {steps}; NORESIZE: {steps_n}.")
+    lines += figure_lines(figures, dict(LAT_PATHS))
     lines.append(VFIO_BLOCK_END)
     return "\n".join(lines) + "\n"

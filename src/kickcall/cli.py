@@ -1,7 +1,7 @@
 """The ``kickcall`` command.
 
     kickcall run [CONFIG.toml] [--duration S] [--plain] [--interval S] [--pause-at S --pause-for S]
-    kickcall bench notify [--json] [--write BENCHMARKS.md] [--quick]
+    kickcall bench notify [--json] [--write BENCHMARKS.md] [--quick] [--log FILE] [--rounds N]
     kickcall config [--check FILE]
     kickcall metrics --qmp SOCK [--qmp SOCK ...] [-o FILE]
 """
@@ -80,10 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                         "without it they are only read")
     b = sub.add_parser("bench", help="benchmarks")
     bs = b.add_subparsers(dest="bench", required=True)
-    bn = bs.add_parser("notify", help="eventfd / ioeventfd / heavyweight-exit / irqfd latency, blk IOPS")
-    bn.add_argument("--json", action="store_true")
-    bn.add_argument("--write", metavar="FILE", help="update the notify section of this BENCHMARKS.md")
-    bn.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    from . import bench as bench_cmd
+
+    bench_cmd.add_arguments(bs.add_parser)
     from .apps import vhost_user_blk, vhost_user_test
 
     vb = sub.add_parser("vhost-user-blk", help="a vhost-user-blk back-end (for QEMU, libvirt, any front-end)")
@@ -94,25 +93,12 @@ def _parser() -> argparse.ArgumentParser:
 
     vs = sub.add_parser("vfio-user-server", help="a host PCIe function behind vfio-pci's rules, served over vfio-user")
     vfio_user_server.add_arguments(vs)
-    bv = bs.add_parser("vhost-user", help="kickcall's front-end against qemu-storage-daemon and kickcall's back-end")
-    bv.add_argument("--json", action="store_true")
-    bv.add_argument("--write", metavar="FILE", help="update the vhost-user section of this BENCHMARKS.md")
-    bv.add_argument("--quick", action="store_true", help="shorter runs (a smoke run)")
     dg = sub.add_parser("diagnose", help="tell a lost kick from a lost call on a hung queue (and fix it)")
     from .diagnose import cli as diagnose_cli
 
     diagnose_cli.add_arguments(dg)
     sh = sub.add_parser("shell", help="an interactive monitor (HMP and QMP) on a kickcall socket")
     sh.add_argument("socket", help="the monitor's Unix socket")
-    bm = bs.add_parser("monitor", help="blk IOPS with and without a monitor client sampling every queue")
-    bm.add_argument("--json", action="store_true")
-    bm.add_argument("--write", metavar="FILE", help="update the monitor section of this BENCHMARKS.md")
-    bm.add_argument("--quick", action="store_true", help="shorter runs (a smoke run)")
-    bf = bs.add_parser("vfio", help="passthrough interrupts over vfio-user: irqfd throughput and latency, "
-                                    "MSI-X growth on the dynamic and the NORESIZE path")
-    bf.add_argument("--json", action="store_true")
-    bf.add_argument("--write", metavar="FILE", help="update the vfio section of this BENCHMARKS.md")
-    bf.add_argument("--quick", action="store_true", help="fewer samples, growth to 256 vectors (a smoke run)")
     c = sub.add_parser("config", help="print the full config reference: every key, its default and range")
     c.add_argument("--check", metavar="FILE", help="validate a config file and exit")
     mt = sub.add_parser("metrics", help="print live targets' counters once in the Prometheus text format "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import sys
@@ -20,9 +19,8 @@ import threading
 import time
 from typing import IO, Callable
 
-from ..drive.latency import format_ladder, format_log2
+from ..drive.latency import format_ladder, format_log2, open_log, write_record
 from ..drive.vhost_user_blk import BlkVerifyWorkload, DriverError, run_test
-from ..ownership import PathRefused, RefusalKind
 from ..vhost_user.frontend import BackendGone
 from ..vhost_user.protocol import ProtocolError
 
@@ -103,19 +101,6 @@ def _job(a: argparse.Namespace) -> dict:
             "seed": a.seed, "inflight": not a.no_inflight, "log": a.log, "log-interval": a.log_interval}
 
 
-def open_log(path: str) -> IO[str]:
-    """Create *path* for the NDJSON log: owner-only (0600), never over anything that exists
-    (kickcall changes only what it created), never through a symlink."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        kind = RefusalKind.SYMLINK if os.path.islink(path) else RefusalKind.EXISTS
-        raise PathRefused(path, kind, "exists; --log never overwrites a file (choose a new name)") from None
-    except OSError as e:
-        raise PathRefused(path, RefusalKind.NO_ACCESS, f"cannot create the log: {e.strerror}") from None
-    return os.fdopen(fd, "w", encoding="utf-8")
-
-
 class _Progress:
     """Per-interval output: the NDJSON log line and, on a terminal, the progress line."""
 
@@ -136,8 +121,7 @@ class _Progress:
                "lat-us-max": iv["lat-us-max"], "lat-us-percentiles": iv["lat-us-percentiles"],
                "ops-total": wl.ops, "errors": len(wl.errors)}
         if self.log is not None:
-            self.log.write(json.dumps(rec, separators=(",", ":")) + "\n")  # one write, one line
-            self.log.flush()
+            write_record(self.log, rec)
         if self.tty:
             left = max(0.0, self.a.duration - elapsed)
             pct = min(100.0, 100.0 * elapsed / self.a.duration)

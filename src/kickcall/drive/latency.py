@@ -4,13 +4,24 @@ Every latency goes into a log-linear histogram (64 buckets per power of two of n
 percentile is within 1/64 of the value, ~1.6 %, as fio's ``clat percentiles`` are) and into a log2
 histogram of microseconds (``[0,1) [1,2) [2,4) ...`` µs, fio's ``lat (usec)`` distribution).  Memory
 is bounded whatever the run's length; nothing is sampled away.
+
+Also here, shared by the load tools (``kickcall vhost-user-test``, ``kickcall bench``): the NDJSON
+per-interval log (:func:`open_log`, :func:`write_record`) and a standard-library SVG picture of the
+log2 histogram (:func:`svg_log2`) for BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import threading
+from typing import IO
+from xml.sax.saxutils import escape
 
-__all__ = ["LatencyHistogram", "LADDER", "ladder_key", "format_ladder", "format_log2"]
+from ..ownership import PathRefused, RefusalKind
+
+__all__ = ["LatencyHistogram", "LADDER", "ladder_key", "format_ladder", "format_log2", "open_log", "write_record",
+           "svg_log2"]
 
 # fio's default clat percentile list
 LADDER: tuple[float, ...] = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99, 99.5, 99.9, 99.95, 99.99)
@@ -67,6 +78,36 @@ class LatencyHistogram:
             self.n += 1
             self.total_ns += ns
 
+    def record_all(self, ns: "list[int]") -> LatencyHistogram:
+        """Record every latency of *ns*; returns self."""
+        for x in ns:
+            self.record(x)
+        return self
+
+    def copy(self) -> LatencyHistogram:
+        """A consistent copy of what was recorded so far (taken under the lock)."""
+        out = LatencyHistogram()
+        with self._mu:
+            out.counts, out.log2_us = dict(self.counts), list(self.log2_us)
+            out.n, out.total_ns, out.min_ns, out.max_ns = self.n, self.total_ns, self.min_ns, self.max_ns
+        return out
+
+    def add(self, other: LatencyHistogram) -> None:
+        """Fold *other*'s latencies into this histogram (a round's into the run's total)."""
+        o = other.copy()
+        if not o.n:
+            return
+        with self._mu:
+            for i, c in o.counts.items():
+                self.counts[i] = self.counts.get(i, 0) + c
+            for i, c in enumerate(o.log2_us):
+                self.log2_us[i] += c
+            if not self.n or o.min_ns < self.min_ns:
+                self.min_ns = o.min_ns
+            self.max_ns = max(self.max_ns, o.max_ns)
+            self.n += o.n
+            self.total_ns += o.total_ns
+
     def take(self) -> LatencyHistogram:
         """A copy of what was recorded, and this histogram emptied (an interval's latencies)."""
         out = LatencyHistogram()
@@ -115,9 +156,10 @@ class LatencyHistogram:
                 "log2-histogram-us": self.log2_buckets()}
 
 
-def format_ladder(ladder: dict[str, float], indent: str = "    ") -> list[str]:
-    """fio's ``clat percentiles (usec):`` block, four to a line."""
-    cells = [f"{float(k):5.2f}th=[{v:>7.0f}]" for k, v in ladder.items()]
+def format_ladder(ladder: dict[str, float], indent: str = "    ", digits: int = 0) -> list[str]:
+    """fio's ``clat percentiles (usec):`` block, four to a line (*digits* after the point: 1 for
+    latencies of a few µs)."""
+    cells = [f"{float(k):5.2f}th=[{v:>7.{digits}f}]" for k, v in ladder.items()]
     lines = [f"{indent}clat percentiles (usec):"]
     for i in range(0, len(cells), 4):
         lines.append(f"{indent} | " + ", ".join(cells[i:i + 4]) + ("," if i + 4 < len(cells) else ""))
@@ -136,3 +178,54 @@ def format_log2(buckets: list[dict], indent: str = "    ", bar: int = 40) -> lis
         n = round(bar * b["count"] / top) if b["count"] else 0
         lines.append(f"{indent} [{b['lo-us']:>7}, {b['hi-us']:>7}) {b['count']:>9} {share:6.2f}% {'#' * n}")
     return lines
+
+
+# -- the per-interval log (NDJSON) ----------------------------------------------------------------------
+def open_log(path: str, option: str = "--log") -> IO[str]:
+    """Create *path* for an NDJSON log: owner-only (0600), never over anything that exists
+    (kickcall changes only what it created), never through a symlink.  A refusal is a
+    :class:`PathRefused` naming the path and *option*."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        kind = RefusalKind.SYMLINK if os.path.islink(path) else RefusalKind.EXISTS
+        raise PathRefused(path, kind, f"exists; {option} never overwrites a file (choose a new name)") from None
+    except OSError as e:
+        raise PathRefused(path, RefusalKind.NO_ACCESS, f"{option}: cannot create the log: {e.strerror}") from None
+    return os.fdopen(fd, "w", encoding="utf-8")
+
+
+def write_record(f: IO[str], rec: dict) -> None:
+    """One JSON object, one line, one write, flushed: a reader (``tail -f``, ``jq``) never sees
+    half a line, and an interrupted run leaves only complete lines."""
+    f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+    f.flush()
+
+
+# -- a picture of the log2 histogram (SVG, standard library only) ---------------------------------------
+def svg_log2(buckets: list[dict], title: str, width: int = 640, bar_h: int = 18) -> str:
+    """The log2 histogram (:meth:`LatencyHistogram.log2_buckets`) as a horizontal bar chart in SVG:
+    one ``<rect class="bar">`` per bucket (empty buckets in the range included, with zero width),
+    its range in µs on the left, its count and share on the right."""
+    total = sum(b["count"] for b in buckets)
+    top = max((b["count"] for b in buckets), default=0)
+    label_w, right_w, pad = 120, 130, 8
+    plot_w = width - label_w - right_w - 2 * pad
+    head = 28
+    height = head + len(buckets) * (bar_h + 4) + pad
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="monospace" font-size="12">',
+           f"<title>{escape(title)}</title>",
+           f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{pad}" y="18" font-weight="bold">{escape(title)}</text>']
+    for i, b in enumerate(buckets):
+        y = head + i * (bar_h + 4)
+        w = round(plot_w * b["count"] / top, 1) if top else 0
+        share = 100.0 * b["count"] / total if total else 0.0
+        out.append(f'<text x="{pad + label_w - 6}" y="{y + bar_h - 5}" text-anchor="end">'
+                   f'[{b["lo-us"]}, {b["hi-us"]}) µs</text>')
+        out.append(f'<rect class="bar" x="{pad + label_w}" y="{y}" width="{w}" height="{bar_h}" fill="#4a7ab5">'
+                   f'<title>{b["count"]} ({share:.2f}%)</title></rect>')
+        out.append(f'<text x="{pad + label_w + plot_w + 6}" y="{y + bar_h - 5}">{b["count"]} ({share:.2f}%)</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
