@@ -36,17 +36,17 @@ def _bench(*args: str, timeout: float = 300) -> dict:
 def test_bench_notify_takes_every_path_it_names(workdir):
     r = _bench("notify")
     n = r["iterations"]
-    for path in ("floor", "floor_separate_processes", "kick_ioeventfd", "kick_heavyweight", "call_irqfd"):
+    for path in ("floor", "floor-separate-processes", "kick-ioeventfd", "kick-heavyweight", "call-irqfd"):
         assert r[path]["n"] == n, (path, r[path])
-        assert 0 < r[path]["p50_us"] <= r[path]["p99_us"], (path, r[path])
-    on, off = r["iops_ioeventfd_on"], r["iops_ioeventfd_off"]
+        assert 0 < r[path]["p50-us"] <= r[path]["p99-us"], (path, r[path])
+    on, off = r["iops-ioeventfd-on"], r["iops-ioeventfd-off"]
     assert on["errors"] == 0 and off["errors"] == 0
     assert on["ops"] > 0 and off["ops"] > 0
     # ioeventfd on: every kick a lightweight exit; off: every kick a heavyweight MMIO exit
-    assert on["kicks"] > 0 and on["mmio_exits"] == 0
-    assert off["kicks"] > 0 and off["mmio_exits"] == off["kicks"]
-    assert len(r["per_round"]) == r["rounds"]
-    assert set(r["ratios"]) >= {"kick_ioeventfd_over_floor_p50", "iops_on_over_off"}
+    assert on["kicks"] > 0 and on["mmio-exits"] == 0
+    assert off["kicks"] > 0 and off["mmio-exits"] == off["kicks"]
+    assert len(r["per-round"]) == r["rounds"]
+    assert set(r["ratios"]) >= {"kick-ioeventfd-over-floor-p50", "iops-on-over-off"}
 
 
 def test_bench_notify_write_replaces_only_its_own_section(workdir):
@@ -65,7 +65,7 @@ def test_bench_notify_write_replaces_only_its_own_section(workdir):
     assert after != before and "kickcall bench notify" in after[after.index(start):after.index(end)]
     # the terminal gets text, not Markdown: no HTML markers, no emphasis, no table rules
     assert "<!--" not in p.stdout and "**" not in p.stdout and "|---" not in p.stdout, p.stdout[:2000]
-    assert "kick_ioeventfd" in p.stdout or "ioeventfd" in p.stdout
+    assert "kick-ioeventfd" in p.stdout or "ioeventfd" in p.stdout
     # no fixed prose a run's own figures can contradict: the reference's range is this run's
     block = after[after.index(start):after.index(end)]
     assert "~2 µs" not in block and "ranged from" in block
@@ -88,10 +88,10 @@ def test_markdown_to_text():
 def test_bench_monitor_books_balance(workdir):
     r = _bench("monitor")
     assert r["errors"] == 0
-    assert r["kicks_matched_consumed"] is True and r["doorbells"] > 0
+    assert r["kicks-matched-consumed"] is True and r["doorbells"] > 0
     for mode in ("quiet", "diagnose", "watched"):
         assert r[mode]["ops"] > 0 and r[mode]["errors"] == 0, (mode, r[mode])
-    assert r["watched"]["samples_per_s"] > r["diagnose"]["samples_per_s"] > 0
+    assert r["watched"]["samples-per-s"] > r["diagnose"]["samples-per-s"] > 0
 
 
 def test_bench_vhost_user_drives_both_back_ends(workdir):
@@ -99,9 +99,9 @@ def test_bench_vhost_user_drives_both_back_ends(workdir):
     assert set(r["runs"]) == {"qsd-1", "kickcall-1", "qsd-16", "kickcall-16"}
     for name, runs in r["runs"].items():
         for run in runs:
-            assert run["error_count"] == 0 and run["duplicates"] == 0, (name, run["errors"])
+            assert run["error-count"] == 0 and run["duplicates"] == 0, (name, run["errors"])
             assert run["ops"] > 0 and run["reads"] == run["ops"], (name, run)
-    assert set(r["ratios"]) == {"python_over_c_depth1", "python_over_c_depth16"}
+    assert set(r["ratios"]) == {"python-over-c-depth1", "python-over-c-depth16"}
 
 
 # -- fio-grade output (issue 13, item 3) ---------------------------------------------------------------------
@@ -165,7 +165,7 @@ def test_bench_notify_job_line_ladder_histogram_and_log(workdir):
 def test_bench_json_carries_the_job_and_the_ladder(workdir):
     r = _bench("notify", "--rounds", "1")
     assert r["job"]["rounds"] == 1 and r["interrupted"] is False
-    for key in ("floor", "kick_ioeventfd", "call_irqfd"):
+    for key in ("floor", "kick-ioeventfd", "call-irqfd"):
         s = r[key]
         assert list(s["percentiles-us"]) == [ladder_key(p) for p in LADDER]
         vals = list(s["percentiles-us"].values())
@@ -233,7 +233,7 @@ def test_bench_ctrl_c_prints_the_partial_results_and_exits_130(workdir, json_out
         recs = _log_lines(log)
         assert doc["interrupted"] is True and doc["job"]["rounds"] == 100000 and doc["records"] == recs
         per = recs[0]["paths"]["floor"]["n"]
-        for key in ("floor", "kick_ioeventfd", "call_irqfd"):
+        for key in ("floor", "kick-ioeventfd", "call-irqfd"):
             s = doc["latency"][key]
             assert s["n"] == len(recs) * per and list(s["percentiles-us"]) == [ladder_key(p) for p in LADDER]
             assert sum(b["count"] for b in s["log2-histogram-us"]) == s["n"]

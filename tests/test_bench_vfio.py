@@ -38,67 +38,67 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, str]:
 
 def test_throughput_counts_agree(run: tuple[dict, str, str]) -> None:
     t = run[0]["throughput"]
-    want = t["queues"] * t["records_per_queue"] * t["passes"]
-    assert t["records"] == t["device_written"] == want  # every record written was consumed, none twice
-    assert t["gaps"] == 0 and t["intx_unexpected"] == 0
+    want = t["queues"] * t["records-per-queue"] * t["passes"]
+    assert t["records"] == t["device-written"] == want  # every record written was consumed, none twice
+    assert t["gaps"] == 0 and t["intx-unexpected"] == 0
     # one MSI-X message per batch of at most 64; the guest's eventfd coalesces: never more interrupts than sent
-    assert t["device_msix_sent"] == t["device_batches"] >= want / 64
-    assert 0 < t["interrupts"] <= t["device_msix_sent"]
-    assert t["interrupts"] == sum(t["guest_interrupts_by_entry"].values())
-    assert all(n > 0 for n in t["guest_interrupts_by_entry"].values())  # every queue's vector was taken
-    assert t["records_per_s"] > 0 and t["interrupts_per_s"] > 0
-    assert t["records_per_s"] / t["interrupts_per_s"] == pytest.approx(t["records_per_interrupt"])
+    assert t["device-msix-sent"] == t["device-batches"] >= want / 64
+    assert 0 < t["interrupts"] <= t["device-msix-sent"]
+    assert t["interrupts"] == sum(t["guest-interrupts-by-entry"].values())
+    assert all(n > 0 for n in t["guest-interrupts-by-entry"].values())  # every queue's vector was taken
+    assert t["records-per-s"] > 0 and t["interrupts-per-s"] > 0
+    assert t["records-per-s"] / t["interrupts-per-s"] == pytest.approx(t["records-per-interrupt"])
 
 
 def test_latency_takes_every_path_it_names(run: tuple[dict, str, str]) -> None:
     lat = run[0]["latency"]
-    for path in ("floor", "irqfd", "irqfd_vmm_idle", "server_raise"):
+    for path in ("floor", "irqfd", "irqfd-vmm-idle", "server-raise"):
         s = lat[path]
         assert s["n"] == lat["iterations"], (path, s)
-        assert 0 < s["p50_us"] <= s["p99_us"], (path, s)
-    assert len(lat["per_round"]) == lat["rounds"]
-    assert lat["ratios"]["server_share_p50_us"] == pytest.approx(
-        lat["server_raise"]["p50_us"] - lat["irqfd_vmm_idle"]["p50_us"])
+        assert 0 < s["p50-us"] <= s["p99-us"], (path, s)
+    assert len(lat["per-round"]) == lat["rounds"]
+    assert lat["ratios"]["server-share-p50-us"] == pytest.approx(
+        lat["server-raise"]["p50-us"] - lat["irqfd-vmm-idle"]["p50-us"])
 
 
 def test_dynamic_growth_one_set_irqs_per_vector_nothing_lost(run: tuple[dict, str, str]) -> None:
     g = run[0]["growth"]["dynamic"]
-    added = g["target"] - g["start_vectors"]
-    assert g["path"] == "dynamic" and g["stopped"] is None and g["vectors_reached"] == g["target"]
-    vm = g["set_irqs_vmm"]
-    assert vm["vector-add"] == added and g["set_irqs_messages"] == added
+    added = g["target"] - g["start-vectors"]
+    assert g["path"] == "dynamic" and g["stopped"] is None and g["vectors-reached"] == g["target"]
+    vm = g["set-irqs-vmm"]
+    assert vm["vector-add"] == added and g["set-irqs-messages"] == added
     assert vm["index-disable"] == vm["index-enable-all"] == 0
-    assert g["set_irqs_host"].get("MSIX/TRIGGER/EVENTFD") == added and g["set_irqs_host_errors"] == {}
-    assert g["host_msix_disables"] == 0 and g["host_vectors"] == g["target"]
-    assert g["records_written"] > 0 and g["records_lost"] == g["unconsumed_in_rings"] == 0
-    assert g["records_consumed"] == g["records_written"]
-    assert g["interrupts_to_intx"] == g["interrupts_lost_on_disable"] == g["guest_intx_unexpected"] == 0
-    assert g["interrupts_raised"] == g["interrupts_sent"] > 0
-    assert g["fault_fire_in_msix_disable_window"]["on"] is False
+    assert g["set-irqs-host"].get("MSIX/TRIGGER/EVENTFD") == added and g["set-irqs-host-errors"] == {}
+    assert g["host-msix-disables"] == 0 and g["host-vectors"] == g["target"]
+    assert g["records-written"] > 0 and g["records-lost"] == g["unconsumed-in-rings"] == 0
+    assert g["records-consumed"] == g["records-written"]
+    assert g["interrupts-to-intx"] == g["interrupts-lost-on-disable"] == g["guest-intx-unexpected"] == 0
+    assert g["interrupts-raised"] == g["interrupts-sent"] > 0
+    assert g["fault-fire-in-msix-disable-window"]["on"] is False
     ends = [s["to"] for s in g["steps"]]
-    assert [s["from"] for s in g["steps"]] == [g["start_vectors"], *ends[:-1]] and ends[-1] == g["target"]
+    assert [s["from"] for s in g["steps"]] == [g["start-vectors"], *ends[:-1]] and ends[-1] == g["target"]
 
 
 def test_noresize_growth_stops_at_max_msg_fds(run: tuple[dict, str, str]) -> None:
     g = run[0]["growth"]["noresize"]
-    limit = min(g["max_msg_fds"], 253)
-    assert g["path"] == "noresize" and g["noresize_reason"] == "host-flag"
-    assert g["vectors_reached"] == limit < g["target"]
+    limit = min(g["max-msg-fds"], 253)
+    assert g["path"] == "noresize" and g["noresize-reason"] == "host-flag"
+    assert g["vectors-reached"] == limit < g["target"]
     assert g["stopped"]["vector"] == limit and g["stopped"]["error"] == "E2BIG"
     assert "max_msg_fds" in g["stopped"]["reason"]
-    grown = limit - g["start_vectors"]
-    vm = g["set_irqs_vmm"]
+    grown = limit - g["start-vectors"]
+    vm = g["set-irqs-vmm"]
     # the old way: each new vector disables the index and re-enables it with every fd in one message
-    assert vm["index-disable"] == vm["index-enable-all"] == g["host_msix_disables"] == grown
-    assert vm["vector-add"] == 0 and g["set_irqs_messages"] == 2 * grown
-    assert g["records_consumed"] + g["records_lost"] == g["records_written"] > 0
-    assert g["unconsumed_in_rings"] <= g["records_lost"]
-    assert g["fault_fire_in_msix_disable_window"]["on"] is False
+    assert vm["index-disable"] == vm["index-enable-all"] == g["host-msix-disables"] == grown
+    assert vm["vector-add"] == 0 and g["set-irqs-messages"] == 2 * grown
+    assert g["records-consumed"] + g["records-lost"] == g["records-written"] > 0
+    assert g["unconsumed-in-rings"] <= g["records-lost"]
+    assert g["fault-fire-in-msix-disable-window"]["on"] is False
     # every interrupt the device raised is accounted for: sent, latched in the PBA (sent on unmask,
     # counted in both), or raised while host MSI-X was off (to INTx, where nobody listens)
-    assert g["interrupts_raised"] == (g["interrupts_sent"] - g["interrupts_delivered_on_unmask"]
-                                      + g["interrupts_pended"] + g["interrupts_to_intx"])
-    assert g["host_intx_unhandled"] <= g["interrupts_to_intx"]
+    assert g["interrupts-raised"] == (g["interrupts-sent"] - g["interrupts-delivered-on-unmask"]
+                                      + g["interrupts-pended"] + g["interrupts-to-intx"])
+    assert g["host-intx-unhandled"] <= g["interrupts-to-intx"]
 
 
 def test_write_replaces_only_its_own_section(run: tuple[dict, str, str]) -> None:
@@ -113,8 +113,17 @@ def test_write_replaces_only_its_own_section(run: tuple[dict, str, str]) -> None
         assert after.startswith(before.rstrip("\n"))
 
 
+def _in_memory(v):
+    """The --json document (kebab-case) back in the shape the bench keeps in memory (snake_case keys)."""
+    if isinstance(v, dict):
+        return {(k.replace("-", "_") if isinstance(k, str) else k): _in_memory(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_in_memory(x) for x in v]
+    return v
+
+
 def test_stdout_table_is_plain_text(run: tuple[dict, str, str]) -> None:
-    text = render_vfio(run[0])
+    text = render_vfio(_in_memory(run[0]))
     for marker in ("|---", "<!--", "**", "`", "## "):
         assert marker not in text, marker
     for label in ("records/s", "interrupts/s", "floor", "irqfd", "host function", "dynamic", "NORESIZE"):

@@ -44,6 +44,7 @@ from typing import IO, Callable
 
 from .apps.vhost_user_test import EXIT_INTERRUPTED
 from .child import start_helper
+from .counters import kebab_tree
 from .drive.latency import LatencyHistogram, format_ladder, format_log2, open_log, svg_log2, write_record
 from .virtio.paths import KickPath
 from .virtio.pci import ProxyHook
@@ -775,7 +776,7 @@ def _print_result(a: argparse.Namespace, ctx: BenchRun, r: dict, text: str) -> N
     if a.json:
         r["job"] = ctx.params
         r["interrupted"] = False
-        print(json.dumps(r, indent=1))
+        print(json.dumps(kebab_tree(r), indent=1))  # kebab-case throughout, as QMP's
         return
     print(text.rstrip("\n"))
     lat = [x for x in ctx.latency_text() if x]
@@ -786,7 +787,7 @@ def _print_result(a: argparse.Namespace, ctx: BenchRun, r: dict, text: str) -> N
 
 def _print_partial(a: argparse.Namespace, ctx: BenchRun) -> None:
     if a.json:
-        print(json.dumps(ctx.partial(), indent=1))
+        print(json.dumps(kebab_tree(ctx.partial()), indent=1))
         return
     print(f"interrupted after {ctx.elapsed():.1f} s: partial results, {len(ctx.records)} complete "
           f"round(s) or run(s)" + (f"; {a.write} not updated" if a.write else ""))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-__all__ = ["COUNTERS_SCHEMA", "kebab_keys", "counters_doc", "format_counters"]
+__all__ = ["COUNTERS_SCHEMA", "kebab_keys", "kebab_tree", "counters_doc", "format_counters"]
 
 COUNTERS_SCHEMA = 1
 
@@ -83,3 +83,13 @@ def format_counters(doc: dict[str, Any]) -> str:
     if exits:
         lines.append("exits: " + ", ".join(f"{k} {v}" for k, v in sorted(exits.items())))
     return "\n".join(lines) + "\n"
+
+
+def kebab_tree(v: Any) -> Any:
+    """*v* with every dictionary key's underscores turned into dashes, at every depth (the one data
+    shape of kickcall's JSON output: kebab-case, as QMP's)."""
+    if isinstance(v, dict):
+        return {(k.replace("_", "-") if isinstance(k, str) else k): kebab_tree(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [kebab_tree(x) for x in v]
+    return v

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import IO, Callable
 
+from ..counters import kebab_tree
 from ..drive.latency import format_ladder, format_log2, open_log, write_record
 from ..drive.vhost_user_blk import BlkVerifyWorkload, DriverError, run_test
 from ..vhost_user.frontend import BackendGone
@@ -215,7 +216,7 @@ def main(a: argparse.Namespace) -> int:
     if a.json:
         r["job"] = _job(a)
         r["interrupted"] = interrupted
-        print(json.dumps(r, indent=1))
+        print(json.dumps(kebab_tree(r), indent=1))  # kebab-case throughout, as QMP's
     else:
         _report(r, a, interrupted)
     sys.stdout.flush()
