@@ -1,11 +1,11 @@
 """kickcall's HMP text side by side with real QEMU 7.2's (issue 13, item 5).
 
 Two comparable devices in the same state: QEMU 7.2's ``virtio-blk-pci,disable-legacy=on`` (ids
-1af4:1042, BAR1 MSI-X and BAR4 virtio regions, as kickcall's virtio-blk) on q35, and a kickcall
-machine's virtio-blk.  Each has been set up by a driver (status DRIVER_OK, queue 0 enabled) and has
-one request published in its avail ring and not kicked.  QEMU runs stopped (``-S``: no firmware
-touches the device); qtest (``-qtest``) plays the driver through config cycles and BAR writes, as a
-guest's would.  kickcall's own guest plays its.
+1af4:1042, BAR1 MSI-X and BAR4 virtio regions, as kickcall's virtio-blk) and a kickcall machine's
+virtio-blk, with the same id at the same slot.  Each has been set up by a driver (DRIVER_OK, queue 0
+enabled, MSI-X) and has one request published in its avail ring and not kicked: QEMU's by
+``kickcall.peers.qtest`` (QtestVM: a halted vCPU, the driver's config cycles and BAR writes over
+qtest), kickcall's by its own guest.
 
 Each listed HMP command runs on both through ``human-monitor-command``; the texts must have the same
 lines -- labels, order, indentation, alignment, number formats -- after a small per-line
@@ -19,22 +19,19 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import struct
-import subprocess
 import tempfile
 from collections.abc import Iterator
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from helpers import blk, machine_toml, running_machine, spawn, stop_process, wait_for, wait_for_listener
+from helpers import blk, machine_toml, running_machine, wait_for
 from kickcall.monitor import commands
+from kickcall.peers.qtest import QtestBlkIo, QtestVM, VirtioBlkQtestDriver
 
 pytestmark = pytest.mark.slow
 
 QEMU = shutil.which("qemu-system-x86_64")
-BLK0 = "/machine/peripheral/blk0/virtio-backend"
 
 
 class Hmp:
@@ -56,59 +53,12 @@ class Hmp:
 
 
 # ---------------------------------------------------------------------------------------------------
-# QEMU 7.2, its virtio-blk set up by a qtest "driver"
+# the two devices: QEMU 7.2's set up by kickcall's qtest driver, kickcall's by its own guest
 # ---------------------------------------------------------------------------------------------------
-class Qtest:
-    """QEMU's qtest protocol (QEMU connects to our socket): port I/O and physical memory access."""
-
-    def __init__(self, conn: socket.socket) -> None:
-        self.f = conn.makefile("rwb")
-
-    def __call__(self, cmd: str) -> str:
-        self.f.write(cmd.encode() + b"\n")
-        self.f.flush()
-        while True:
-            line = self.f.readline().decode()
-            if not line:
-                raise AssertionError(f"qtest: QEMU closed the connection after {cmd!r}")
-            if line.startswith(("OK", "ERR", "FAIL")):
-                assert line.startswith("OK"), (cmd, line)
-                return line.strip()
-
-    def cfg_write(self, dev: int, reg: int, val: int, size: int = 4) -> None:
-        self(f"outl 0xcf8 {0x80000000 | dev << 11 | (reg & ~3):#x}")
-        self(f"out{ {1: 'b', 2: 'w', 4: 'l'}[size]} {0xcfc + (reg & 3):#x} {val:#x}")
-
-
-BAR4, BAR1 = 0xFE000000, 0xFEBF0000  # in q35's PCI hole
-DESC, AVAIL, USED = 0x100000, 0x101000, 0x102000
-
-
-def drive_virtio_blk(qt: Qtest, slot: int = 1) -> None:
-    """What a virtio 1.0 driver does (virtio spec 3.1.1; QEMU's modern layout: common cfg at BAR4+0),
-    then one request (header, data, status) published in queue 0's avail ring, not kicked."""
-    qt.cfg_write(slot, 0x20, BAR4 | 0xC)  # BAR4: 64-bit prefetchable
-    qt.cfg_write(slot, 0x24, 0)
-    qt.cfg_write(slot, 0x14, BAR1)
-    qt.cfg_write(slot, 0x04, 0x6, 2)  # memory space, bus master
-    c = BAR4
-    qt(f"writeb {c + 0x14:#x} 0x3")  # ACKNOWLEDGE | DRIVER
-    qt(f"writel {c + 0x08:#x} 0")  # driver_feature_select 0: SEG_MAX BLK_SIZE FLUSH INDIRECT_DESC EVENT_IDX
-    qt(f"writel {c + 0x0c:#x} {1 << 2 | 1 << 6 | 1 << 9 | 1 << 28 | 1 << 29:#x}")
-    qt(f"writel {c + 0x08:#x} 1")  # driver_feature_select 1: VERSION_1
-    qt(f"writel {c + 0x0c:#x} 1")
-    qt(f"writeb {c + 0x14:#x} 0xb")  # FEATURES_OK
-    qt(f"writew {c + 0x16:#x} 0")  # queue_select
-    qt(f"writew {c + 0x18:#x} 128")  # queue_size
-    qt(f"writeq {c + 0x20:#x} {DESC:#x}")
-    qt(f"writeq {c + 0x28:#x} {AVAIL:#x}")
-    qt(f"writeq {c + 0x30:#x} {USED:#x}")
-    qt(f"writew {c + 0x1c:#x} 1")  # queue_enable
-    qt(f"writeb {c + 0x14:#x} 0xf")  # DRIVER_OK
-    desc = (struct.pack("<QIHH", 0x110000, 16, 1, 1) + struct.pack("<QIHH", 0x111000, 4096, 1, 2)
-            + struct.pack("<QIHH", 0x112000, 1, 2, 0))
-    qt(f"write {DESC:#x} {len(desc)} 0x{desc.hex()}")
-    qt(f"write {AVAIL:#x} 6 0x{struct.pack('<HHH', 0, 1, 0).hex()}")  # flags 0, idx 1, ring[0] = head 0
+DEV = QtestVM.BLK_ID  # "vblk0": kickcall's device gets the same id ...
+SLOT = QtestVM.BLK_SLOT  # ... and the same slot
+PATH = f"/machine/peripheral/{DEV}/virtio-backend"
+QUEUE_SIZE = 128  # kickcall's virtio-blk queue size; the driver asks QEMU's for the same
 
 
 @pytest.fixture(scope="module")
@@ -116,53 +66,40 @@ def qemu() -> Iterator[Hmp]:
     if QEMU is None:
         pytest.skip("qemu-system-x86_64 is missing (./install.sh installs QEMU 7.2)")
     d = tempfile.mkdtemp(prefix="kc")
-    img, qmp, qts = (os.path.join(d, n) for n in ("d.img", "q.qmp", "qt.sock"))
-    with open(img, "wb") as f:
-        f.truncate(8 << 20)
-    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    ls.bind(qts)
-    ls.listen(1)
-    ls.settimeout(60)
-    p = spawn([QEMU, "-M", "q35", "-accel", "tcg", "-S", "-nodefaults", "-display", "none", "-monitor", "none",
-               "-qtest", f"unix:{qts}", "-qtest-log", "/dev/null", "-qmp", f"unix:{qmp},server=on,wait=off",
-               "-drive", f"if=none,id=d0,file={img},format=raw",
-               "-device", "virtio-blk-pci,drive=d0,id=blk0,disable-legacy=on,addr=01.0"],
-              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    vm = QtestVM(d, blk_extra=",disable-legacy=on")  # modern only: 1af4:1042, no I/O BAR, as kickcall's
     mon = None
     try:
-        conn, _ = ls.accept()
-        conn.settimeout(60)
-        wait_for_listener(qmp, p)
-        mon = Hmp(qmp)
+        vm.start()
+        mon = Hmp(vm.qmp_path)
         v = mon.query("query-version")["qemu"]
         if (v["major"], v["minor"]) != (7, 2):
             pytest.skip(f"the texts compared are QEMU 7.2's; this is QEMU {v['major']}.{v['minor']}")
-        drive_virtio_blk(Qtest(conn))
+        assert vm.session is not None
+        drv = VirtioBlkQtestDriver(vm.session, queue_size=QUEUE_SIZE).setup()
+        assert not drv.publish([QtestBlkIo.write(64, b"\x5a" * 4096)], notify=False)
         yield mon
     finally:
         if mon is not None:
             mon.close()
-        stop_process(p)
-        ls.close()
+        vm.stop()
         shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def kc() -> Iterator[Hmp]:
-    """A kickcall machine (process guest) with virtio-blk blk0 at slot 1, one request published and
-    not kicked."""
+    """A kickcall machine (process guest) with a virtio-blk at QEMU's id and slot, one request
+    published and not kicked."""
     d = tempfile.mkdtemp(prefix="kc")
     try:
-        with running_machine(machine_toml(devices=blk("blk0"))) as m:
+        with running_machine(machine_toml(devices=blk(DEV) + f"slot = {SLOT}\n")) as m:
             path = os.path.join(d, "m.qmp")
             m.start_monitor(path)
             mon = Hmp(path)
             try:
-                assert m.slot("blk0") == 1  # QEMU's device sits at 01.0 too
-                st = mon.query("x-query-virtio-queue-status", path=BLK0, queue=0)  # (serialised with the device)
-                m.guest_cmd({"cmd": "blk-submit", "slot": 1, "op": "write", "sector": 64, "nbytes": 4096,
+                st = mon.query("x-query-virtio-queue-status", path=PATH, queue=0)  # (serialised with the device)
+                m.guest_cmd({"cmd": "blk-submit", "slot": SLOT, "op": "write", "sector": 64, "nbytes": 4096,
                              "fill": 0x5A, "kick": False})
-                wait_for(lambda: mon.query("x-query-virtio-queue-status", path=BLK0, queue=0)["avail-idx"]
+                wait_for(lambda: mon.query("x-query-virtio-queue-status", path=PATH, queue=0)["avail-idx"]
                          == (st["avail-idx"] + 1) & 0xFFFF, 30, "the request in the avail ring")
                 yield mon
             finally:
@@ -229,13 +166,14 @@ def pci_block(lines: list[str], qdev_id: str) -> list[str]:
 
 def side_by_side(q: list[str], k: list[str]) -> str:
     w = max((len(x) for x in q), default=0)
-    return "\n".join(f"{a:<{w}} | {b}" for a, b in zip(q + [""] * (len(k) - len(q)), k + [""] * (len(q) - len(k))))
+    n = max(len(q), len(k))
+    return "\n".join(f"{a:<{w}} | {b}" for a, b in zip(q + [""] * (n - len(q)), k + [""] * (n - len(k)), strict=True))
 
 
 def same_layout(qemu_text: str, kc_text: str, *, pci: bool = False) -> tuple[bool, str]:
     q, k = lines_of(qemu_text), kickcall_part_cut(lines_of(kc_text))
     if pci:
-        q, k = pci_block(q, "blk0"), pci_block(k, "blk0")
+        q, k = pci_block(q, DEV), pci_block(k, DEV)
     # QEMU 7.2 offers VIRTIO_F_RING_RESET (bit 40) and has no name for it; kickcall does not offer it
     q = [x for x in q if not re.fullmatch(r"  unknown-features\(0x[0-9a-f]{16}\)", x)]
     nq, nk = normalise(q), normalise(k)
@@ -247,11 +185,11 @@ def same_layout(qemu_text: str, kc_text: str, *, pci: bool = False) -> tuple[boo
 # ---------------------------------------------------------------------------------------------------
 LAYOUTS = {
     "info pci": ("info pci", "info pci"),
-    "info virtio-status": (f"info virtio-status {BLK0}", f"info virtio-status {BLK0}"),
-    "info virtio-queue-status": (f"info virtio-queue-status {BLK0} 0", f"info virtio-queue-status {BLK0} 0"),
-    "info virtio-queue-element": (f"info virtio-queue-element {BLK0} 0", f"info virtio-queue-element {BLK0} 0"),
-    "info virtio-queue-element INDEX": (f"info virtio-queue-element {BLK0} 0 0",
-                                        f"info virtio-queue-element {BLK0} 0 0"),
+    "info virtio-status": (f"info virtio-status {PATH}", f"info virtio-status {PATH}"),
+    "info virtio-queue-status": (f"info virtio-queue-status {PATH} 0", f"info virtio-queue-status {PATH} 0"),
+    "info virtio-queue-element": (f"info virtio-queue-element {PATH} 0", f"info virtio-queue-element {PATH} 0"),
+    "info virtio-queue-element INDEX": (f"info virtio-queue-element {PATH} 0 0",
+                                        f"info virtio-queue-element {PATH} 0 0"),
 }
 
 
@@ -269,30 +207,30 @@ def test_layout_matches_qemu_7_2(qemu, kc, monkeypatch, name, fix):
 
 def test_info_pci_values_that_must_agree(qemu, kc):
     """Beyond the layout: the ids, class, subsystem, pin and BAR kinds are the same device's."""
-    q, k = pci_block(lines_of(qemu("info pci")), "blk0"), pci_block(lines_of(kc("info pci")), "blk0")
+    q, k = pci_block(lines_of(qemu("info pci")), DEV), pci_block(lines_of(kc("info pci")), DEV)
     assert q[1:3] == k[1:3] == ["    SCSI controller: PCI device 1af4:1042", "      PCI subsystem 1af4:1100"]
     assert re.fullmatch(r"      IRQ \d+, pin A", q[3]) and re.fullmatch(r"      IRQ \d+, pin A", k[3])
     assert [re.sub(r" at .*", "", x) for x in q[4:]] == [re.sub(r" at .*", "", x) for x in k[4:]] == \
-        ["      BAR1: 32 bit memory", "      BAR4: 64 bit prefetchable memory", '      id "blk0"']
+        ["      BAR1: 32 bit memory", "      BAR4: 64 bit prefetchable memory", f'      id "{DEV}"']
 
 
 def test_info_virtio_is_identical(qemu, kc):
-    assert qemu("info virtio") == kc("info virtio") == f"{BLK0} [virtio-blk]\r\n"
+    assert qemu("info virtio") == kc("info virtio") == f"{PATH} [virtio-blk]\r\n"
 
 
 def test_queue_status_header_is_the_path_as_given(qemu, kc):
     """QEMU prints the path it was given; kickcall also takes the device's id (QEMU refuses it)."""
-    assert qemu("info virtio-queue-status blk0 0") == "Error: Path blk0 is not a VirtIODevice\r\n"
-    by_id = lines_of(kc("info virtio-queue-status blk0 0"))
-    by_path = lines_of(kc(f"info virtio-queue-status {BLK0} 0"))
-    assert by_id[0] == "blk0:" and by_path[0] == f"{BLK0}:" and lines_of(qemu(f"info virtio-queue-status {BLK0} 0"))[0] \
-        == f"{BLK0}:"
+    assert qemu(f"info virtio-queue-status {DEV} 0") == f"Error: Path {DEV} is not a VirtIODevice\r\n"
+    by_id = lines_of(kc(f"info virtio-queue-status {DEV} 0"))
+    by_path = lines_of(kc(f"info virtio-queue-status {PATH} 0"))
+    assert by_id[0] == f"{DEV}:" and by_path[0] == f"{PATH}:"
+    assert lines_of(qemu(f"info virtio-queue-status {PATH} 0"))[0] == f"{PATH}:"
     assert by_id[1:9] == by_path[1:9]
 
 
 def test_errors_are_qemus(qemu, kc):
-    for line in (f"info virtio-vhost-queue-status {BLK0} 0",  # not a vhost device
-                 f"info virtio-queue-status {BLK0} 5", "info virtio-status /machine/peripheral/blk0",
+    for line in (f"info virtio-vhost-queue-status {PATH} 0",  # not a vhost device
+                 f"info virtio-queue-status {PATH} 5", f"info virtio-status /machine/peripheral/{DEV}",
                  "info virtio-queue-status"):
         assert qemu(line) == kc(line), line
 
