@@ -509,13 +509,13 @@ def test_machine_introspection_and_hmp(vm):
     # HMP: the same handlers as text
     out = mon.hmp("info pci")
     assert 'id "blk0"' in out and "1af4:1042" in out and "MSI-X: enabled" in out and "[guest:q0(irqfd)]" in out
-    assert f"BAR4: 64 bit prefetchable memory at 0x{p.bars[4].mapped_at:x}" in out
+    assert f"BAR4: 64 bit prefetchable memory at 0x{p.bars[4].mapped_at:08x}" in out
     assert mon.hmp("info virtio") == f"{BLK0} [virtio-blk]\r\n"
     assert "VIRTIO_CONFIG_S_DRIVER_OK" in mon.hmp(f"info virtio-status {BLK0}")
     qtext = mon.hmp(f"info virtio-queue-status {BLK0} 0")
     qnow = vm.qs()
     assert f"avail-idx: {qnow['avail-idx']}\r\n" in qtext and f"used-idx-ring: {qnow['used-idx-ring']}\r\n" in qtext
-    assert f"index: {el['index']}" in mon.hmp(f"info virtio-queue-element {BLK0} 0 {q['last-avail-idx']}")
+    assert f"\r\n  index:   {el['index']}\r\n" in mon.hmp(f"info virtio-queue-element {BLK0} 0 {q['last-avail-idx']}")
     ntext = mon.hmp("info notifiers blk0")
     for n in vm.notifiers():
         assert f"{n['name']}" in ntext and f" {n['fd']} " in ntext
@@ -1037,7 +1037,7 @@ def test_backend_introspection(vhost):
     assert be.hmp("info pci") == ""
     assert "vhost-user-blk.vq0.kick" in be.hmp(f"info notifiers {BE_DEV}")
     assert "kicks: " in be.hmp(f"info virtio-queue-status {BE_PATH} 0")
-    assert f"num: {q['vring-num']}" in be.hmp(f"info virtio-vhost-queue-status {BE_PATH} 0")
+    assert f"\r\n    num:         {q['vring-num']}\r\n" in be.hmp(f"info virtio-vhost-queue-status {BE_PATH} 0")
     assert all(k in be.hmp("help") for k in HMP_COMMANDS)
     assert be.hmp("info msix vhost-user-blk").startswith("Error: a vhost-user back-end has no MSI-X")
     assert be.hmp("stop").startswith("Error: a back-end has no vCPUs")

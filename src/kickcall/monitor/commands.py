@@ -605,6 +605,153 @@ def _fault_text(res: dict, action: str) -> str:
     return state + (f" ({', '.join(counts)})" if counts else "")
 
 
+# -- QEMU 7.2's HMP layouts ----------------------------------------------------------------------------
+# The info commands QEMU has print QEMU 7.2's text (labels, alignment, number formats) from the same
+# QMP reply QEMU's hmp_* functions print from; what kickcall adds comes after QEMU's lines, under a
+# "kickcall:" heading (queue and element fields) or after the device's `id` line (info pci: MSI-X),
+# so that a reader of QEMU's text finds every line where QEMU puts it.  HMP_PLAIN_TEXT off: the old
+# key: value dumps.
+_U64 = (1 << 64) - 1
+
+
+def _crlf(text: str) -> str:
+    return text.replace("\n", "\r\n")
+
+
+def _pci_device_text(dv: dict) -> str:
+    """One device of ``info pci`` (QEMU's hmp_info_pci_device, 7.2): the bus/device/function line,
+    the class and ids, the subsystem, IRQ and pin letter, the BARs (an unassigned BAR's address is
+    QEMU's PCI_BAR_UNMAPPED, -1, printed as 7.2 prints it), the qdev id."""
+    qemu = HMP_PLAIN_TEXT.fix_on
+    cls = dv.get("class_info", {})
+    ident = dv.get("id", {})
+    desc = cls.get("desc") or f"Class {cls.get('class', 0):04d}"  # (QEMU: "Class %04" PRId64, decimal)
+    out = (f"  Bus {dv.get('bus', 0):2d}, device {dv.get('slot', 0):3d}, function {dv.get('function', 0)}:\n"
+           f"    {desc}: PCI device {ident.get('vendor', 0):04x}:{ident.get('device', 0):04x}\n")
+    if qemu and "subsystem" in ident and "subsystem-vendor" in ident:
+        out += f"      PCI subsystem {ident['subsystem-vendor']:04x}:{ident['subsystem']:04x}\n"
+    if "irq" in dv:
+        pin = int(dv.get("irq_pin", 0))
+        out += (f"      IRQ {dv['irq']}, pin {chr(ord('A') + pin - 1)}\n" if qemu and pin
+                else f"      IRQ {dv['irq']}, pin {pin}.\n")
+    for reg in dv.get("regions", []):
+        addr = int(reg["address"]) & _U64
+        last = (addr + int(reg["size"]) - 1) & _U64
+        if reg["type"] == "io":
+            out += f"      BAR{reg['bar']}: I/O at 0x{addr:04x} [0x{last:04x}].\n"
+        else:
+            kind = f"{64 if reg.get('mem_type_64') else 32} bit{' prefetchable' if reg.get('prefetch') else ''}"
+            out += f"      BAR{reg['bar']}: {kind} memory at 0x{addr:08x} [0x{last:08x}].\n"
+    return out + f"      id \"{dv.get('qdev_id', '')}\"\n"
+
+
+def _tab_list(items: list) -> str:
+    """QEMU's hmp_virtio_dump_*: one tab-indented line per name, a comma after all but the last."""
+    return ",\n".join(f"\t{x}" for x in items) + "\n"
+
+
+def _features_text(f: dict) -> str:
+    out = _tab_list(f.get("transports", []))
+    if f.get("dev-features"):
+        out += _tab_list(f["dev-features"])
+    if "unknown-dev-features" in f:
+        out += f"  unknown-features(0x{f['unknown-dev-features']:016x})\n"
+    return out
+
+
+def _extras(d: dict, shown: set[str]) -> str:
+    """The reply's fields QEMU does not print, under a ``kickcall:`` heading (nothing if none)."""
+    rest = {k: v for k, v in d.items() if k not in shown}
+    return f"  kickcall:\n{_fmt_kv(rest, '    ')}\n" if rest else ""
+
+
+def _tf(v: object) -> str:
+    return "true" if v else "false"
+
+
+_VIRTIO_STATUS_ROWS = (  # (QEMU's label, the VirtioStatus member), in hmp_virtio_status's order
+    ("device_id", "device-id"), ("vhost_started", "vhost-started"), ("bus_name", "bus-name"),
+    ("broken", "broken"), ("disabled", "disabled"), ("disable_legacy_check", "disable-legacy-check"),
+    ("started", "started"), ("use_started", "use-started"), ("start_on_kick", "start-on-kick"),
+    ("use_guest_notifier_mask", "use-guest-notifier-mask"), ("vm_running", "vm-running"), ("num_vqs", "num-vqs"),
+    ("queue_sel", "queue-sel"), ("isr", "isr"), ("endianness", "device-endian"))
+
+
+def _virtio_status_text(path: str, s: dict) -> str:
+    """``info virtio-status PATH`` as QEMU 7.2's hmp_virtio_status prints it (no ``VHost:`` block:
+    kickcall's reply has no ``vhost-dev``, so no "(vhost)" after the name either)."""
+    out = f"{path}:\n  {'device_name:':<25}{s.get('name', '')} {'(vhost)' if s.get('vhost-dev') else ''}\n"
+    for label, key in _VIRTIO_STATUS_ROWS:
+        v = s.get(key)
+        text = _tf(v) if isinstance(v, bool) else "(null)" if v is None else str(v)
+        out += f"  {label + ':':<25}{text}\n"
+    st = s.get("status", {})
+    out += "  status:\n" + _tab_list(st.get("statuses", []))
+    if "unknown-statuses" in st:
+        out += f"  unknown-statuses(0x{st['unknown-statuses']:016x})\n"
+    for label, key in (("Guest features", "guest-features"), ("Host features", "host-features"),
+                       ("Backend features", "backend-features")):
+        out += f"  {label}:\n" + _features_text(s.get(key, {}))
+    shown = {k for _, k in _VIRTIO_STATUS_ROWS} | {"name", "status", "guest-features", "host-features",
+                                                   "backend-features", "vhost-dev"}
+    return out + _extras(s, shown)
+
+
+def _queue_status_text(path: str, s: dict) -> str:
+    """``info virtio-queue-status PATH QUEUE`` as QEMU 7.2's hmp_virtio_queue_status prints it
+    (last_avail_idx and shadow_avail_idx only when the reply has them: a vhost queue's back-end
+    owns them), then kickcall's ring fields and counters under ``kickcall:``."""
+    def row(label: str, v: object) -> str:
+        return f"  {label + ':':<22}{_tf(v) if isinstance(v, bool) else _val(v)}\n"
+
+    out = f"{path}:\n" + row("device_name", s.get("name", "")) + row("queue_index", s.get("queue-index"))
+    out += row("inuse", s.get("inuse")) + row("used_idx", s.get("used-idx"))
+    out += row("signalled_used", s.get("signalled-used")) + row("signalled_used_valid", s.get("signalled-used-valid"))
+    for label, key in (("last_avail_idx", "last-avail-idx"), ("shadow_avail_idx", "shadow-avail-idx")):
+        if key in s:
+            out += row(label, s[key])
+    out += "  VRing:\n"
+    for label, key in (("num", "vring-num"), ("num_default", "vring-num-default"), ("align", "vring-align")):
+        out += f"    {label + ':':<14}{_val(s.get(key))}\n"
+    for label, key in (("desc", "vring-desc"), ("avail", "vring-avail"), ("used", "vring-used")):
+        out += f"    {label + ':':<14}0x{int(s.get(key) or 0):016x}\n"
+    shown = {"name", "queue-index", "inuse", "used-idx", "signalled-used", "signalled-used-valid", "last-avail-idx",
+             "shadow-avail-idx", "vring-num", "vring-num-default", "vring-align", "vring-desc", "vring-avail",
+             "vring-used"}
+    return out + _extras(s, shown)
+
+
+def _vhost_queue_status_text(path: str, s: dict) -> str:
+    """``info virtio-vhost-queue-status PATH QUEUE`` as QEMU 7.2's hmp_vhost_queue_status prints it."""
+    out = f"{path}:\n  {'device_name:':<22}{s.get('name', '')} (vhost)\n"
+    out += f"  {'kick:':<22}{s.get('kick')}\n  {'call:':<22}{s.get('call')}\n  VRing:\n"
+    out += f"    {'num:':<13}{s.get('num')}\n"
+    for ring in ("desc", "avail", "used"):
+        out += (f"    {ring + ':':<13}0x{int(s.get(ring) or 0):016x}\n"
+                f"    {ring + '_phys:':<13}0x{int(s.get(ring + '-phys') or 0):016x}\n"
+                f"    {ring + '_size:':<13}{s.get(ring + '-size')}\n")
+    shown = {"name", "kick", "call", "num"} | {f"{r}{x}" for r in ("desc", "avail", "used")
+                                               for x in ("", "-phys", "-size")}
+    return out + _extras(s, shown)
+
+
+def _queue_element_text(path: str, e: dict) -> str:
+    """``info virtio-queue-element PATH QUEUE [INDEX]`` as QEMU 7.2's hmp_virtio_queue_element prints
+    it; the descriptors in chain order (QEMU 7.2's reply lists them last first), then kickcall's
+    ``error`` (a chain the device would refuse) under ``kickcall:``."""
+    out = f"{path}:\n  device_name: {e.get('name', '')}\n  index:   {e.get('index')}\n  desc:\n    descs:\n"
+    descs = []
+    for d in e.get("descs", []):
+        flags = d.get("flags") or []
+        descs.append(f"        addr 0x{int(d.get('addr', 0)):x} len {d.get('len')}"
+                     + (f" ({', '.join(flags)})" if flags else ""))
+    out += ",\n".join(descs) + "\n"
+    av, used = e.get("avail", {}), e.get("used", {})
+    out += (f"  avail:\n    flags: {av.get('flags')}\n    idx:   {av.get('idx')}\n    ring:  {av.get('ring')}\n"
+            f"  used:\n    flags: {used.get('flags')}\n    idx:   {used.get('idx')}\n")
+    return out + _extras(e, {"name", "index", "descs", "avail", "used"})
+
+
 def _hmp(r: CommandRegistry, line: str) -> str:  # noqa: C901 - one dispatch table
     try:
         argv = shlex.split(line)
@@ -633,40 +780,38 @@ def _hmp(r: CommandRegistry, line: str) -> str:  # noqa: C901 - one dispatch tab
         if sub == "pci":
             for bus in _call(r, "query-pci"):
                 for dv in bus["devices"]:
-                    out += (f"  Bus {bus['bus']:2d}, device {dv['slot']:3d}, function {dv['function']}:\n"
-                            f"    {dv['class_info'].get('desc', 'Class %04x' % dv['class_info']['class'])}: "
-                            f"PCI device {dv['id']['vendor']:04x}:{dv['id']['device']:04x}\n"
-                            f"      IRQ {dv.get('irq', 0)}, pin {dv['irq_pin']}.\n")
-                    for reg in dv["regions"]:
-                        addr = reg["address"]
-                        kind = "I/O" if reg["type"] == "io" else ("64 bit " if reg.get("mem_type_64") else "32 bit ") + \
-                            ("prefetchable " if reg.get("prefetch") else "") + "memory"
-                        at = "[unassigned]" if addr == -1 else f"at 0x{addr:x} [0x{addr + reg['size'] - 1:x}]"
-                        out += f"      BAR{reg['bar']}: {kind} {at}.\n"
-                    out += f"      id \"{dv['qdev_id']}\"\n"
+                    out += _pci_device_text(dv)
                     try:
                         m = _call(r, "x-query-pci-msix", dev=dv["qdev_id"])
                     except QMPError:
                         continue
-                    out += _msix_text(m, "      ")
+                    out += _msix_text(m, "      ")  # kickcall: after QEMU's lines, the MSI-X table (info msix DEV)
             return out.replace("\n", "\r\n")
         if sub == "virtio":
             for d in _call(r, "x-query-virtio"):
                 out += f"{d['path']} [{d['name']}]\n"
+            if not out and HMP_PLAIN_TEXT.fix_on:
+                out = "No VirtIO devices\n"  # QEMU's hmp_virtio_query
             return out.replace("\n", "\r\n")
         if sub == "status":
             st = _call(r, "query-status")
             return f"VM status: {st['status']}\r\n"
         if sub in ("virtio-status",) and len(rest) == 1:
-            return _fmt_kv(_call(r, "x-query-virtio-status", path=rest[0])).replace("\n", "\r\n") + "\r\n"
+            d = _call(r, "x-query-virtio-status", path=rest[0])
+            return _crlf(_virtio_status_text(rest[0], d) if HMP_PLAIN_TEXT.fix_on else _fmt_kv(d) + "\n")
         if sub in ("virtio-queue-status", "virtio-vhost-queue-status") and len(rest) == 2:
             d = _call(r, f"x-query-{sub}", path=rest[0], queue=_int(rest[1], "queue"))
-            return _fmt_kv(d).replace("\n", "\r\n") + "\r\n"
+            if not HMP_PLAIN_TEXT.fix_on:
+                return _crlf(_fmt_kv(d) + "\n")
+            if sub == "virtio-queue-status":
+                return _crlf(_queue_status_text(rest[0], d))
+            return _crlf(_vhost_queue_status_text(rest[0], d))
         if sub == "virtio-queue-element" and len(rest) in (2, 3):
             kw = {"path": rest[0], "queue": _int(rest[1], "queue")}
             if len(rest) == 3:
                 kw["index"] = _int(rest[2], "index")
-            return _fmt_kv(_call(r, "x-query-virtio-queue-element", **kw)).replace("\n", "\r\n") + "\r\n"
+            d = _call(r, "x-query-virtio-queue-element", **kw)
+            return _crlf(_queue_element_text(rest[0], d) if HMP_PLAIN_TEXT.fix_on else _fmt_kv(d) + "\n")
         if sub == "notifiers" and len(rest) == 1:
             rows = _call(r, "x-query-device-notifiers", dev=rest[0])
             out = (f"{'id':>4} {'role':<7} {'queue':>5} {'vector':>6} {'fd':>4} {'pending':>8} {'fd-writes':>10} "
