@@ -247,3 +247,19 @@ def test_info_version_and_the_info_list(qemu, kc):
     # kickcall's own words: its version is kickcall's; trace-events has no [vcpu] (no vCPU threads to query)
     differ = {"version", "trace-events"}
     assert {s: k[s] for s in shared if s not in differ} == {s: q[s] for s in shared if s not in differ}
+
+
+def test_status_and_feature_names_are_qemus(qemu, kc):
+    """x-query-virtio-status's status and feature lists: QEMU 7.2's texts, in QEMU's order (its
+    tables read backwards), for every name both devices show."""
+    q = qemu.query("x-query-virtio-status", path=PATH)
+    k = kc.query("x-query-virtio-status", path=PATH)
+    assert k["status"]["statuses"] == q["status"]["statuses"]  # both drivers are at DRIVER_OK
+    for which in ("host-features", "guest-features"):
+        for part in ("transports", "dev-features"):
+            qs, ks = q[which].get(part, []), k[which].get(part, [])
+            qtext = {x.split(":")[0]: x for x in qs}
+            common = [x for x in ks if x.split(":")[0] in qtext]
+            assert common or which == "guest-features", (which, part)  # (QEMU's test driver takes no device feature)
+            assert common == [qtext[x.split(":")[0]] for x in common], (which, part)  # same texts
+            assert common == [x for x in qs if x in common], (which, part)  # same order

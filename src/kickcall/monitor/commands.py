@@ -70,7 +70,8 @@ ACCEPT_QDEV_ID = PROCESS.switch(
     "monitor-accept-qdev-id", "off: the x-query-virtio* commands take only a VirtIODevice's QOM path (\"Path blk0 is "
     "not a VirtIODevice\" for a device's id) and the commands that take an id refuse the qdev's QOM path")
 HMP_PLAIN_TEXT = PROCESS.switch(
-    "hmp-plain-text", "off: HMP answers print Python reprs (a dict, True, None) instead of QEMU's true/false and '-'")
+    "hmp-plain-text", "off: HMP answers print Python reprs (a dict, True, None) and key: value dumps of the "
+    "QMP reply instead of QEMU 7.2's text")
 HMP_INFO_HELP = PROCESS.switch(
     "hmp-info-help", "off: 'info' alone, 'info version' and an info subcommand missing its arguments answer "
     "\"unknown command\"")
@@ -442,6 +443,7 @@ def build_registry(target: Target, *, extra: dict[str, tuple[Callable, list[Arg]
 # The info subcommands: (name, parameters, help), QEMU 7.2's words for the ones QEMU has ("path"
 # here also takes a device's qdev id: ACCEPT_QDEV_ID.fix_on).  A parameter's kind is in _INFO_PARAM_KIND.
 _INFO_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("counters", "", "show every device's kicks and calls by path, vectors and the program's other counters"),
     ("msix", "dev", "show a device's MSI-X table, masks, PBA and bound notifiers"),
     ("notifiers", "dev", "show a device's notifiers and their counters"),
     ("pci", "", "show PCI info"),

@@ -45,9 +45,9 @@ FEATURES = {
     BLK_F_SEG_MAX: ("VIRTIO_BLK_F_SEG_MAX", "Max segments in a request is seg_max"),
     BLK_F_RO: ("VIRTIO_BLK_F_RO", "Device is read-only"),
     BLK_F_BLK_SIZE: ("VIRTIO_BLK_F_BLK_SIZE", "Block size of disk available"),
+    BLK_F_MQ: ("VIRTIO_BLK_F_MQ", "Multiqueue supported"),
     BLK_F_FLUSH: ("VIRTIO_BLK_F_FLUSH", "Flush command supported"),
-    BLK_F_MQ: ("VIRTIO_BLK_F_MQ", "Support more than one vq"),
-}
+}  # QEMU 7.2's texts, in its table's order (virtio.device.feature_names)
 
 
 def blk_config(capacity_sectors: int, num_queues: int, seg_max: int = 126, blk_size: int = 512) -> bytes:

@@ -31,22 +31,25 @@ DRIVER_OK = 4
 FEATURES_OK = 8
 DEVICE_NEEDS_RESET = 0x40
 FAILED = 0x80
+# The status and feature names with QEMU 7.2's texts, in the order of QEMU's tables; QEMU builds
+# its lists by prepending, so x-query-virtio-status lists them in the reverse order (which
+# status_names and feature_names follow; checked against a real QEMU 7.2's reply).
 STATUS = {
-    "VIRTIO_CONFIG_S_ACKNOWLEDGE": (ACKNOWLEDGE, "Valid virtio device found"),
-    "VIRTIO_CONFIG_S_DRIVER": (DRIVER, "Guest knows how to drive device"),
     "VIRTIO_CONFIG_S_DRIVER_OK": (DRIVER_OK, "Driver setup and ready"),
-    "VIRTIO_CONFIG_S_FEATURES_OK": (FEATURES_OK, "Features negotiation complete"),
-    "VIRTIO_CONFIG_S_NEEDS_RESET": (DEVICE_NEEDS_RESET, "Device needs reset"),
-    "VIRTIO_CONFIG_S_FAILED": (FAILED, "Device failed"),
+    "VIRTIO_CONFIG_S_FEATURES_OK": (FEATURES_OK, "Feature negotiation complete"),
+    "VIRTIO_CONFIG_S_DRIVER": (DRIVER, "Guest OS compatible with device"),
+    "VIRTIO_CONFIG_S_NEEDS_RESET": (DEVICE_NEEDS_RESET, "Irrecoverable error, device needs reset"),
+    "VIRTIO_CONFIG_S_FAILED": (FAILED, "Error in guest, device failed"),
+    "VIRTIO_CONFIG_S_ACKNOWLEDGE": (ACKNOWLEDGE, "Valid virtio device found"),
 }
 
 TRANSPORT_FEATURES = {
     24: ("VIRTIO_F_NOTIFY_ON_EMPTY", "Notify when device runs out of avail. descs. on VQ"),
     27: ("VIRTIO_F_ANY_LAYOUT", "Device accepts arbitrary desc. layouts"),
-    28: ("VIRTIO_RING_F_INDIRECT_DESC", "Indirect descriptors supported"),
-    29: ("VIRTIO_RING_F_EVENT_IDX", "Used & avail. event fields enabled"),
     32: ("VIRTIO_F_VERSION_1", "Device compliant for v1 spec (legacy)"),
     33: ("VIRTIO_F_IOMMU_PLATFORM", "Device can be used on IOMMU platform"),
+    28: ("VIRTIO_RING_F_INDIRECT_DESC", "Indirect descriptors supported"),
+    29: ("VIRTIO_RING_F_EVENT_IDX", "Used & avail. event fields enabled"),
 }
 
 _t_notify = trace.event("virtio_notify", "the device signalled a queue")
@@ -55,21 +58,18 @@ _t_set_status = trace.event("virtio_set_status", "the driver wrote device_status
 
 
 def status_names(status: int) -> list[str]:
-    return [f"{n}: {d}" for n, (bit, d) in STATUS.items() if status & bit]
+    return [f"{n}: {d}" for n, (bit, d) in reversed(STATUS.items()) if status & bit]
 
 
 def feature_names(features: int, device_names: dict[int, tuple[str, str]]) -> tuple[list[str], list[str], int]:
-    transports, dev, unknown = [], [], 0
+    """The set bits of *features* as QEMU names them: transport features, device features (in
+    the reverse of their tables' order, as QEMU lists them), and the bits neither table names."""
+    transports = [f"{n}: {d}" for bit, (n, d) in reversed(TRANSPORT_FEATURES.items()) if features >> bit & 1]
+    dev = [f"{n}: {d}" for bit, (n, d) in reversed(device_names.items())
+           if features >> bit & 1 and bit not in TRANSPORT_FEATURES]
+    unknown = 0
     for bit in range(64):
-        if not features >> bit & 1:
-            continue
-        if bit in TRANSPORT_FEATURES:
-            n, d = TRANSPORT_FEATURES[bit]
-            transports.append(f"{n}: {d}")
-        elif bit in device_names:
-            n, d = device_names[bit]
-            dev.append(f"{n}: {d}")
-        else:
+        if features >> bit & 1 and bit not in TRANSPORT_FEATURES and bit not in device_names:
             unknown |= 1 << bit
     return transports, dev, unknown
 

@@ -39,9 +39,9 @@ MAX_PACKET = 65550
 BACKLOG_MAX = 1024
 
 NET_FEATURES = {
-    NET_F_MTU: ("VIRTIO_NET_F_MTU", "Device max MTU reporting is supported"),
+    NET_F_MTU: ("VIRTIO_NET_F_MTU", "Device max MTU reporting supported"),
     NET_F_MAC: ("VIRTIO_NET_F_MAC", "Device has given MAC address"),
-    NET_F_STATUS: ("VIRTIO_NET_F_STATUS", "Configuration status field is available"),
+    NET_F_STATUS: ("VIRTIO_NET_F_STATUS", "Configuration status field available"),
     NET_F_CTRL_VQ: ("VIRTIO_NET_F_CTRL_VQ", "Control channel available"),
     NET_F_MQ: ("VIRTIO_NET_F_MQ", "Multiqueue with automatic receive steering supported"),
 }
