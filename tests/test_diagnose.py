@@ -296,7 +296,7 @@ def test_rules_by_example():
     assert v.kind == MASKED_PENDING and v.needs_force and v.fix == "call"
     assert judge_state(_qs(10, 10, 10, 2, 10, masked=False), None, 4, 1).fix == "call"
     assert judge_state(_qs(2000, 10, 10, 10, 10), None, 4, 1).kind == RING_CORRUPT
-    assert judge_state(_qs(10, 10, 10, 10, 10), ["VIRTIO_CONFIG_S_NEEDS_RESET: Device needs reset"], 4,
+    assert judge_state(_qs(10, 10, 10, 10, 10), ["VIRTIO_CONFIG_S_NEEDS_RESET: Irrecoverable error, device needs reset"], 4,
                        1).kind == NEEDS_RESET
     # 16-bit wrap: 65530 -> 4 is 10 entries, not corruption
     assert judge_state(_qs(4, 65530, 65530, 65530, 65530), None, 4, 1).kind == LOST_KICK

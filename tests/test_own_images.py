@@ -50,7 +50,7 @@ def blk_config(workdir: str, image: str, *, allow_write: bool = False, read_rati
 
 def results(r: subprocess.CompletedProcess) -> dict:
     doc = json.loads(r.stdout)
-    (blk,) = [x for x in doc["results"] if x["kind"] == "blk"]
+    (blk,) = [x for x in doc["results"].values() if x["kind"] == "blk"]
     return blk
 
 
@@ -64,8 +64,8 @@ def test_a_users_read_only_image_is_read_and_verified_and_left_unchanged(workdir
     r = kickcall("run", blk_config(workdir, img), "--duration", "3", "--json")
     assert r.returncode == 0, r.stderr
     blk = results(r)
-    assert blk["error_count"] == 0, blk["errors"]
-    assert blk["read_only"] and blk["initial"] == "file"
+    assert blk["error-count"] == 0, blk["errors"]
+    assert blk["read-only"] and blk["initial"] == "file"
     assert blk["reads"] > 100 and blk["writes"] == 0
     assert sha256(img) == before
     assert stat.S_IMODE(os.stat(img).st_mode) == 0o444
@@ -80,8 +80,8 @@ def test_checks_pass_on_a_zero_filled_user_image_and_on_a_second_run(workdir):
         r = kickcall("run", cfg, "--duration", "2", "--json")
         assert r.returncode == 0, r.stderr
         blk = results(r)
-        assert blk["error_count"] == 0, blk["errors"]
-        assert blk["writes"] > 50 and blk["reads"] > 50 and blk["verified_at_end"] > 0
+        assert blk["error-count"] == 0, blk["errors"]
+        assert blk["writes"] > 50 and blk["reads"] > 50 and blk["verified-at-end"] > 0
 
 
 def test_without_allow_write_the_user_image_is_not_written_even_by_a_write_workload(workdir):
@@ -92,7 +92,7 @@ def test_without_allow_write_the_user_image_is_not_written_even_by_a_write_workl
     r = kickcall("run", blk_config(workdir, img, read_ratio=0.0), "--duration", "1", "--json")
     assert r.returncode == 0, r.stderr
     blk = results(r)
-    assert blk["writes"] == 0 and blk["reads"] > 0 and blk["error_count"] == 0
+    assert blk["writes"] == 0 and blk["reads"] > 0 and blk["error-count"] == 0
     assert sha256(img) == before
     r = kickcall("run", blk_config(workdir, img, read_ratio=0.0), "--duration", "1", "--json", "--allow-write")
     assert r.returncode == 0, r.stderr
@@ -140,7 +140,7 @@ def test_a_byte_flipped_on_disk_mid_run_is_reported_as_exactly_that_sector(workd
             stop_process(p)
         assert p.returncode in (0, 1), err
         blk = json.loads(out)["results"]
-        (blk,) = [x for x in blk if x["kind"] == "blk"]
+        (blk,) = [x for x in blk.values() if x["kind"] == "blk"]
         with open(img, "rb") as f:
             f.seek(b * BS)
             _m, _b, gen_now, _c = BHDR.unpack(f.read(BHDR.size))
@@ -148,8 +148,8 @@ def test_a_byte_flipped_on_disk_mid_run_is_reported_as_exactly_that_sector(workd
         want = f"sector {sector} (block {b}, first differing byte {off % 512}): differs from generation {gen}"
         assert all(e.startswith(want) for e in blk["errors"]), blk["errors"]  # that sector, nothing else
         if gen_now == gen:  # still on disk at the end: the final verify pass at least must have seen it
-            assert blk["error_count"] >= 1 and p.returncode == 1
-        if blk["error_count"]:
+            assert blk["error-count"] >= 1 and p.returncode == 1
+        if blk["error-count"]:
             assert p.returncode == 1
             return
         # overwritten by the workload after the flip and before any read of it: the flip is gone,
@@ -318,8 +318,8 @@ def test_a_large_temporary_image_is_sparse_and_removed(workdir):
     finally:
         stop_process(p)
     assert p.returncode == 0, err
-    blk = [x for x in json.loads(out)["results"] if x["kind"] == "blk"][0]
-    assert blk["error_count"] == 0 and blk["ops"] > 0
+    blk = [x for x in json.loads(out)["results"].values() if x["kind"] == "blk"][0]
+    assert blk["error-count"] == 0 and blk["ops"] > 0
     assert os.listdir(tmp) == []
 
 
@@ -417,7 +417,7 @@ def test_run_on_an_external_backends_fresh_image_assumes_nothing_of_its_content(
             r = kickcall("run", cfg, "--duration", "2", "--json")
             assert r.returncode == 0, r.stderr
             blk = results(r)
-            assert blk["error_count"] == 0, blk["errors"]
+            assert blk["error-count"] == 0, blk["errors"]
             assert blk["initial"] == "unknown" and blk["writes"] > 0 and blk["reads"] > 0
     finally:
         stop_process(be)

@@ -449,7 +449,7 @@ def test_machine_monitor_shows_the_chain_the_device_refuses(workdir, kind, descr
                      60, "the device to meet the chain")
             st1 = mon.execute("x-query-virtio-queue-status", {"path": qpath, "queue": 0})
             assert st1["errors-by-kind"] == {kind.value: 1}
-            assert "VIRTIO_CONFIG_S_NEEDS_RESET: Device needs reset" in mon.execute(
+            assert "VIRTIO_CONFIG_S_NEEDS_RESET: Irrecoverable error, device needs reset" in mon.execute(
                 "x-query-virtio-status", {"path": qpath})["status"]["statuses"]
             again = mon.execute("x-query-virtio-queue-element", {"path": qpath, "queue": 0, "index": slot})
             assert again["error"] == el["error"]

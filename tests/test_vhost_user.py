@@ -140,7 +140,7 @@ def test_vhost_user_test_cli_against_kickcall_backend_and_a_failing_one(workdir)
     import json
 
     doc = json.loads(r.stdout)
-    assert doc["error_count"] == 0 and doc["ops"] > 100 and doc["queues"] == 2
+    assert doc["error-count"] == 0 and doc["ops"] > 100 and doc["queues"] == 2
     # a read-only back-end fails every write: the tool reports it and exits non-zero
     sock2 = os.path.join(workdir, "ro")
     be = start_vhost_user_blk(sock2, img, "--read-only")
