@@ -424,9 +424,9 @@ class IOThread:
                     self._idle.notify_all()
 
     def _begin_polling(self, handlers: tuple[tuple[int, PollHandler], ...]) -> None:
-        have = {fd for fd, _ph in self._poll_started}
+        have = {id(ph) for _fd, ph in self._poll_started}
         for fd, ph in handlers:
-            if fd in have:
+            if id(ph) in have:
                 continue
             self._poll_started.append((fd, ph))
             if ph.begin is not None:
