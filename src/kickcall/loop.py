@@ -44,7 +44,7 @@ from . import trace
 
 from .threads import named_thread
 
-__all__ = ["IOThread", "Timer", "LoopStopped", "PollHandler", "PollYield", "POLL_YIELDS", "POLL_START_NS"]
+__all__ = ["IOThread", "Timer", "LoopStopped", "PollHandler", "adjust_poll_window", "PollYield", "POLL_YIELDS", "POLL_START_NS"]
 
 log = logging.getLogger("kickcall.loop")
 _t_poll_grow = trace.event("poll_grow", "an IOThread's polling window grew (QEMU's poll_grow)")
@@ -57,6 +57,21 @@ POLL_START_NS = 4000  # the first window after 0 (QEMU starts polling at 4 us)
 # sys.getswitchinterval() seconds).
 PollYield = Literal["sched-yield", "sleep-0", "none"]
 POLL_YIELDS: tuple[str, ...] = ("sched-yield", "sleep-0", "none")
+
+
+def adjust_poll_window(ns: int, block_ns: int, max_ns: int, grow: int = 0, shrink: int = 0) -> int:
+    """The next polling window after a pass that waited *block_ns* for something to do, polling
+    included (QEMU's adjust_polling_time): found within the window *ns*, kept; a wait longer than
+    *max_ns* (polling could not have paid), shrunk -- divided by *shrink*, or to 0 when it is 0;
+    a wait between the two, grown -- multiplied by *grow* (0: 2), from 0 to ``POLL_START_NS``, at
+    most *max_ns*."""
+    if block_ns <= ns:
+        return ns
+    if block_ns > max_ns:
+        return ns // shrink if shrink else 0
+    if ns < max_ns:
+        return min(max_ns, ns * (grow or 2) if ns else POLL_START_NS)
+    return ns
 
 
 @dataclass(frozen=True)
@@ -498,25 +513,17 @@ class IOThread:
         return found
 
     def _adjust_poll(self, block_ns: int) -> None:
-        """QEMU's adjust_polling_time: *block_ns* is how long this pass waited for something to do
-        (polling included)."""
         ns = self.poll_ns
-        mx = self.poll_max_ns
-        if block_ns <= ns:
-            return  # the sweet spot: polling found it
-        if block_ns > mx:
-            if ns == 0:
-                return
-            new = ns // self.poll_shrink if self.poll_shrink else 0
-            self.poll_shrinks += 1
-            ev = _t_poll_shrink
-        elif ns < mx and block_ns < mx:
-            new = min(mx, ns * (self.poll_grow or 2) if ns else POLL_START_NS)
+        new = adjust_poll_window(ns, block_ns, self.poll_max_ns, self.poll_grow, self.poll_shrink)
+        if new == ns:
+            return
+        self.poll_ns = new
+        if new > ns:
             self.poll_grows += 1
             ev = _t_poll_grow
         else:
-            return
-        self.poll_ns = new
+            self.poll_shrinks += 1
+            ev = _t_poll_shrink
         if ev.enabled:
             ev.emit(iothread=self.name, old=ns, new=new)
 
