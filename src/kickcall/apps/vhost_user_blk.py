@@ -49,6 +49,9 @@ CAPABILITIES = {"type": "block", "features": ["blk-file", "read-only"]}
 CANCEL_IO_DELAY_ON_STOP = "cancel-io-delay-on-stop"
 
 
+POLL_MAX_US = 0.0  # --poll-max-us's default (see docs/backend-api.md, "Adaptive polling")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--socket-path", help="listen on this Unix socket (created with mode 0600)")
@@ -68,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-inflight", action="store_true", help="do not offer INFLIGHT_SHMFD")
     p.add_argument("--aio", choices=("auto", "threads", "sync"), default="auto",
                    help="auto: inline when a request is alone, a thread pool when they overlap (default)")
+    p.add_argument("--poll-max-us", type=float, default=POLL_MAX_US, metavar="N",
+                   help="adaptive polling: poll the rings for up to N microseconds before sleeping on the kick "
+                        f"fds, the window self-tuning as QEMU's poll-max-ns (0 disables; default {POLL_MAX_US:g})")
     p.add_argument("--profile", metavar="FILE", help="cProfile the back-end's loop thread; stats to FILE on exit")
     p.add_argument("--trace", action="append", default=[], metavar="PATTERN",
                    help="enable trace events (QEMU's names and globs: vhost_user_read, virtio_*); to stderr")
@@ -111,6 +117,9 @@ def main(a: argparse.Namespace) -> int:
     if a.io_delay_ms < 0 or a.io_delay_fixed and not a.io_delay_ms > 0:
         print(f"{PROG}: --io-delay-ms must be >= 0, and > 0 with --io-delay-fixed", file=sys.stderr)
         return 2
+    if not 0 <= a.poll_max_us <= 1_000_000:
+        print(f"{PROG}: --poll-max-us must be 0..1000000", file=sys.stderr)
+        return 2
     if a.qmp and a.socket_path and os.path.abspath(a.qmp) == os.path.abspath(a.socket_path):
         print(f"{PROG}: --qmp and --socket-path name the same path", file=sys.stderr)
         return 2
@@ -141,7 +150,8 @@ def main(a: argparse.Namespace) -> int:
 
 def _serve(a: argparse.Namespace, sock_claim: SocketClaim | None, qmp_claim: SocketClaim | None,
            image: ImageFile) -> int:
-    loop = IOThread("vhost-user-blk", profile_path=a.profile, thread_name="kc-loop")
+    loop = IOThread("vhost-user-blk", profile_path=a.profile, thread_name="kc-loop",
+                    poll_max_ns=int(a.poll_max_us * 1000))
     dev = VirtIOBlk("vhost-user-blk", image, num_queues=a.num_queues, queue_size=a.max_queue_size,
                     read_only=a.read_only, serial=a.serial or os.path.basename(a.blk_file)[:20], aio=a.aio,
                     loop=loop)

@@ -78,7 +78,7 @@ from typing import Callable, ClassVar, TypeAlias
 from .. import trace
 from ..crash import crash_report
 from ..faults import FaultRegistry
-from ..loop import IOThread, Timer
+from ..loop import IOThread, PollHandler, Timer
 from ..memory import GuestMemory, GuestMemoryError, RamBlock
 from ..notify import EventNotifier, NotifierRegistry, Role
 from ..ownership import SocketClaim
@@ -161,6 +161,9 @@ FIXES: dict[str, str] = {
                                  "(a kick the previous back-end consumed is then lost unless the front-end kicks)",
     "report-poll-errors": "off: a ring error met while polling a ring that has no kick fd is swallowed (the "
                           "ring is polled on, the device is not marked broken, the err fd is not written)",
+    "poll-recheck": "off: when the loop stops polling a ring, notifications are re-enabled without looking at the "
+                    "avail ring again (a request the driver published while they were still suppressed waits for a "
+                    "kick that never comes)",
 }
 
 MESSAGE_DEADLINE = 10.0  # seconds from a message's first byte to its last
@@ -282,6 +285,9 @@ class BackendVring:
     kick_stuck: int = 0  # reads in a row after which the kick fd was still readable
     kick_throttles: int = 0
     kick_throttle_timer: Timer | None = None
+    polling: bool = False  # the loop is polling this ring: its notifications are suppressed
+    polled_requests: int = 0  # requests found by polling the avail ring rather than by a kick
+    poll_idle_at: int = -1  # avail.idx at which processing took nothing: not polled as work again
     extra: dict = field(default_factory=dict)
 
 
@@ -428,6 +434,10 @@ class VhostUserBackend:
         self._forget_rings_on_reset = fix["forget-rings-on-reset"]
         self._validate_messages = fix["validate-messages"]
         self._report_poll_errors = fix["report-poll-errors"]
+        self._poll_recheck = fix["poll-recheck"]
+        # a test seam: called (loop thread) with a queue's index when the loop stops polling that
+        # ring, before its notifications are re-enabled and its avail ring checked again
+        self.poll_end_hook: Callable[[int], None] | None = None
         self._lose_kick = self.faults.queue_drop(
             "lose-kick", "a kick that reached the back-end's kick fd is consumed and ignored (the ring is not processed)")
         self._lose_call = self.faults.queue_drop(
@@ -1078,6 +1088,7 @@ class VhostUserBackend:
     def _set_fd(self, v: BackendVring, attr: str, n: EventNotifier | None) -> None:
         old: EventNotifier | None = getattr(v, attr)
         if attr == "kick":
+            self._leave_polling(v)
             v.kick_stuck = 0
             if v.kick_throttle_timer is not None:
                 v.kick_throttle_timer.cancel()
@@ -1113,7 +1124,7 @@ class VhostUserBackend:
                 v.started = True
                 v.pending_kick = True
         if v.kick is not None:
-            self.loop.set_fd_handler(v.kick.fileno(), functools.partial(self._kicked, v))
+            self.loop.set_fd_handler(v.kick.fileno(), functools.partial(self._kicked, v), poll=self._poll_handler(v))
             if v.poll_timer is not None:
                 v.poll_timer.cancel()
                 v.poll_timer = None
@@ -1131,6 +1142,89 @@ class VhostUserBackend:
                 log.warning("%s: queue %d: kicking itself: %s", self.name, v.index, e)
         if v.pending_kick and v.enabled:
             self._process(v)
+
+    # -- adaptive polling of the avail ring (the loop's PollHandler per kick fd) ---------------------
+    def _poll_handler(self, v: BackendVring) -> PollHandler:
+        return PollHandler(poll=functools.partial(self._ring_polled, v), ready=functools.partial(self._poll_ready, v),
+                           begin=functools.partial(self._poll_begin, v), end=functools.partial(self._poll_end, v))
+
+    def _ring_serving(self, v: BackendVring) -> bool:
+        return v.started and v.enabled and not v.stopped and v.addr is not None and self.memory is not None \
+            and self.conn is not None and not self.device.broken
+
+    def _ring_polled(self, v: BackendVring) -> bool:
+        """The poll check: has the driver published past what the device took?  One 16-bit load
+        of avail.idx, no side effects (a ring not being served has no work to poll)."""
+        if not v.polling:
+            return False
+        q = self.device.queues[v.index]
+        try:
+            a = q.guest_avail_idx()
+        except VirtQueueError:
+            return False
+        return a != q.last_avail_idx and a != v.poll_idle_at
+
+    def _poll_ready(self, v: BackendVring) -> None:
+        """Polling (or the re-check when it ended) found work: process the ring as a kick would."""
+        if not self._ring_serving(v):
+            return
+        q = self.device.queues[v.index]
+        before = q.popped
+        self._process(v)
+        took = q.popped - before
+        v.polled_requests += took
+        if took:
+            v.poll_idle_at = -1
+        else:  # nothing could be taken (a chain the device refused, say): do not spin on it
+            try:
+                v.poll_idle_at = q.guest_avail_idx()
+            except VirtQueueError:
+                pass
+
+    def _poll_begin(self, v: BackendVring) -> None:
+        """The loop starts polling: ask the driver not to kick this ring (a ring not being served
+        keeps its notifications: its first kick is what starts it)."""
+        if v.polling or not self._ring_serving(v):
+            return
+        try:
+            self.device.queues[v.index].suppress_notifications()
+        except VirtQueueError:
+            return
+        v.polling = True
+
+    def _poll_end(self, v: BackendVring) -> bool:
+        """The loop stops polling: re-enable notifications, then look at avail.idx again (after
+        the barrier in ``set_notification``): a request published while the driver still saw
+        them suppressed was not kicked, and only this re-check finds it (``poll-recheck``)."""
+        if not v.polling:
+            return False
+        v.polling = False
+        if self.poll_end_hook is not None:
+            self.poll_end_hook(v.index)
+        if not self._ring_serving(v):
+            return False
+        q = self.device.queues[v.index]
+        try:
+            q.set_notification(True)
+            if not self._poll_recheck.fix_on:
+                return False
+            a = q.guest_avail_idx()
+        except VirtQueueError:
+            return False
+        return a != q.last_avail_idx and a != v.poll_idle_at
+
+    def _leave_polling(self, v: BackendVring) -> None:
+        """The ring stops being served while the loop polls it: give the driver its notifications
+        back now (the loop will not call ``end`` for a kick fd that went away)."""
+        if not v.polling:
+            return
+        v.polling = False
+        if self.device.broken or v.addr is None or self.memory is None:
+            return
+        try:
+            self.device.queues[v.index].set_notification(True)
+        except VirtQueueError:
+            pass
 
     def _poll(self, v: BackendVring) -> None:
         v.poll_timer = None
@@ -1202,6 +1296,7 @@ class VhostUserBackend:
         v.kick_stuck += 1
         if v.kick_stuck < KICK_STUCK_LIMIT:
             return
+        self._leave_polling(v)
         self.loop.remove_fd_handler(kick.fileno())
         v.kick_throttles += 1
         if v.kick_throttles == 1:
@@ -1213,7 +1308,7 @@ class VhostUserBackend:
         v.kick_throttle_timer = None
         if v.kick is not kick or self.conn is None:
             return
-        self.loop.set_fd_handler(kick.fileno(), functools.partial(self._kicked, v))
+        self.loop.set_fd_handler(kick.fileno(), functools.partial(self._kicked, v), poll=self._poll_handler(v))
 
     def _enable(self, v: BackendVring, on: bool) -> None:
         v.enabled = on
@@ -1231,6 +1326,8 @@ class VhostUserBackend:
         q = dev.queues[v.index]
         try:
             dev.process_queue(q)
+            if v.polling and not dev.broken:  # the device's handler re-enabled notifications
+                q.suppress_notifications()
         except Exception as e:  # a bug in the device's handler (ring errors are caught inside)
             self._internal_error(f"processing queue {v.index}", e, close=False)
             return
@@ -1312,6 +1409,7 @@ class VhostUserBackend:
         v.stopped = False
 
     def _stop_ring(self, v: BackendVring, drain: bool = True) -> None:
+        self._leave_polling(v)
         if drain:
             self.device.drain()
         v.started = False
@@ -1556,8 +1654,10 @@ class VhostUserBackend:
                  "kick-fd": v.kick.fd if v.kick else -1,
                  "call-fd": v.call.fd if v.call else -1, "err-fd": v.err.fd if v.err else -1,
                  "inuse": q.inuse, "last-avail-idx": q.last_avail_idx, "used-idx": q.used_idx,
-                 "errors": v.errors, "polls": v.polls, "poll-errors": v.poll_errors, "err-write-failures": v.err_write_failures, "kick-throttles": v.kick_throttles}
+                 "errors": v.errors, "polls": v.polls, "poll-errors": v.poll_errors, "err-write-failures": v.err_write_failures, "kick-throttles": v.kick_throttles,
+                 "polling": v.polling, "polled-requests": v.polled_requests}
             queues.append(d)
+        out["polling"] = self.loop.poll_counters()
         return out
 
     def counters(self) -> dict:
@@ -1578,12 +1678,12 @@ class VhostUserBackend:
                 "calls-without-fd": v.calls_without_fd, "calls-suppressed": q.calls_suppressed,
                 "inuse": q.inuse, "ring-state": self.ring_state(v.index).value,
                 "ring-indices": {"last-avail-idx": q.last_avail_idx, "used-idx": q.used_idx},
-                "handled-by": "vhost-user"})
+                "polled-requests": v.polled_requests, "handled-by": "vhost-user"})
         return {"id": self.name, "path": f"/{self.name}", "type": self.device.type_name,
                 "handled-by": "vhost-user", "connected": self.conn is not None,
                 "connections": self.connections, "reconnects": max(0, self.connections - 1),
                 "disconnects": self.disconnects, "protocol-errors": self.protocol_errors,
-                "broken": self.device.broken, "queues": queues}
+                "broken": self.device.broken, "polling": self.loop.poll_counters(), "queues": queues}
 
     @classmethod
     def routes(cls) -> dict[int, Route]:

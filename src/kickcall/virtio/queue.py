@@ -799,6 +799,20 @@ class VirtQueue:
         if enable:
             mb()  # store avail_event / used.flags -> the caller re-reads avail.idx
 
+    def suppress_notifications(self) -> None:
+        """Ask the driver not to kick at all, while the device polls the ring (QEMU's io_poll_begin):
+        VRING_USED_F_NO_NOTIFY, or with EVENT_IDX an avail_event half the index space away from
+        avail.idx (``vring_need_event`` then says no to whatever the driver publishes, until it
+        has published 32768 more; plain ``set_notification(False)`` leaves avail_event where the
+        last enable put it, so the driver's next request kicks).  ``set_notification(True)``
+        undoes it (and its barrier orders the caller's re-check of avail.idx)."""
+        self._need_map()
+        self.notification = False
+        if self.event_idx:
+            self._u16[self._ae] = (self._a16[AVAIL_IDX_U16] + 0x8000) & 0xFFFF
+        else:
+            self._u16[USED_FLAGS_U16] = (self._u16[USED_FLAGS_U16] | VRING_USED_F_NO_NOTIFY) & 0xFFFF
+
     def should_notify(self) -> bool:
         """virtio_should_notify: does the driver want a call now?  (store used.idx -> load used_event)"""
         self._need_map()
