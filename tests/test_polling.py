@@ -252,3 +252,68 @@ def test_a_request_published_as_polling_ends_is_served(workdir, recheck, event_i
 def _queue_now(be) -> dict:
     """The queue's status from the loop thread itself (inside the hook)."""
     return be.status()["queues"][0]
+
+
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event-idx", "no-notify"])
+@pytest.mark.parametrize("restore", [True, False], ids=["restore", "fix-off"])
+def test_a_ring_left_suppressed_by_a_dead_poller_gets_its_kicks_back(workdir, restore, event_idx):
+    """A back-end that dies while it polls leaves the ring's notifications suppressed (NO_NOTIFY,
+    or avail_event far away), and the driver does not kick.  The next back-end -- with polling off
+    -- re-enables them when it takes the ring's kick fd, so the driver's next request kicks and is
+    served; with that switched off the request waits for a kick that never comes."""
+    from kickcall.drive.vhost_user_blk import VhostUserBlkDriver
+    from kickcall.vhost_user.backend import VhostUserBackend
+    from kickcall.virtio.layout import avail_event_addr, avail_idx_addr, used_flags_addr
+    from kickcall.virtio.queue import VRING_USED_F_NO_NOTIFY
+
+    img = os.path.join(workdir, "d.img")
+    make_image(img, 4 << 20)
+    sock = os.path.join(workdir, "s")
+
+    def backend() -> tuple[IOThread, VirtIOBlk, VhostUserBackend]:
+        loop = IOThread("be", poll_max_ns=0)
+        dev = VirtIOBlk("blk0", img, queue_size=64, aio="threads", loop=loop)
+        be = VhostUserBackend(dev, socket_path=sock, loop=loop)
+        be.faults.set_fix("restore-notifications-on-start", restore)
+        loop.start()
+        be.start()
+        return loop, dev, be
+
+    loop, dev, be = backend()
+    drv = VhostUserBlkDriver(sock, ram=16 << 20, queue_size=64, reconnect=True, event_idx=event_idx)
+    second = None
+    try:
+        drv.connect(wait=30)
+        assert drv.io(BLK_T_IN, 0, 512)[0] == BLK_S_OK
+        be.stop()  # the first back-end goes away...
+        loop.stop()
+        dev.close()
+        # ... as one that died while polling would: the suppression is still in the ring
+        vq = drv.vqs[0]
+        if event_idx:
+            drv.mem.write_u16(avail_event_addr(vq.used, vq.num), (drv.mem.read_u16(avail_idx_addr(vq.avail)) + 0x8000) & 0xFFFF)
+        else:
+            drv.mem.write_u16(used_flags_addr(vq.used), drv.mem.read_u16(used_flags_addr(vq.used)) | VRING_USED_F_NO_NOTIFY)
+        second = backend()
+        wait_for(lambda: drv.reconnects == 1, 60, "the driver reconnected")
+        r = drv.new_req(4096)
+        assert drv.submit(0, [(r, BLK_T_IN, 8, 4096)]) == 1
+        if restore:
+            assert r.done.wait(30), "the driver did not kick: the ring's notifications stayed suppressed"
+        else:
+            assert not r.done.wait(2.0)  # the bounded wait: no kick is coming
+            drv.kicks[0].set()  # clean up: a kick serves it
+            assert r.done.wait(30)
+        assert r.status_val == BLK_S_OK
+        drv.free_req(r)
+    finally:
+        drv.close()
+        if second is not None:
+            loop2, dev2, be2 = second
+            be2.stop()
+            loop2.stop()
+            dev2.close()
+        else:
+            be.stop()
+            loop.stop()
+            dev.close()

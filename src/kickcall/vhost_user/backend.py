@@ -164,6 +164,9 @@ FIXES: dict[str, str] = {
     "poll-recheck": "off: when the loop stops polling a ring, notifications are re-enabled without looking at the "
                     "avail ring again (a request the driver published while they were still suppressed waits for a "
                     "kick that never comes)",
+    "restore-notifications-on-start": "off: a ring's kick fd is taken as the ring is found, notification "
+                                      "suppression included (a back-end that died while polling left the driver "
+                                      "not kicking: the next request waits for a kick that never comes)",
 }
 
 MESSAGE_DEADLINE = 10.0  # seconds from a message's first byte to its last
@@ -435,6 +438,7 @@ class VhostUserBackend:
         self._validate_messages = fix["validate-messages"]
         self._report_poll_errors = fix["report-poll-errors"]
         self._poll_recheck = fix["poll-recheck"]
+        self._restore_notifications = fix["restore-notifications-on-start"]
         # a test seam: called (loop thread) with a queue's index when the loop stops polling that
         # ring, before its notifications are re-enabled and its avail ring checked again
         self.poll_end_hook: Callable[[int], None] | None = None
@@ -1123,6 +1127,14 @@ class VhostUserBackend:
                 log.info("%s: queue %d: resubmitting %d in-flight requests", self.name, v.index, len(q.resubmit))
                 v.started = True
                 v.pending_kick = True
+        if v.addr is not None and not v.polling and self._restore_notifications.fix_on:
+            # the ring may come from a back-end that died while it polled (its suppression is
+            # still in the ring, and the driver does not kick): ask for kicks again, as polling
+            # off means, before the first one is awaited
+            try:
+                q.set_notification(True)
+            except VirtQueueError:
+                pass
         if v.kick is not None:
             self.loop.set_fd_handler(v.kick.fileno(), functools.partial(self._kicked, v), poll=self._poll_handler(v))
             if v.poll_timer is not None:
@@ -1326,7 +1338,7 @@ class VhostUserBackend:
         q = dev.queues[v.index]
         try:
             dev.process_queue(q)
-            if v.polling and not dev.broken:  # the device's handler re-enabled notifications
+            if v.polling and not dev.broken and not q.poll_suppressed:  # a handler that re-enabled them
                 q.suppress_notifications()
         except Exception as e:  # a bug in the device's handler (ring errors are caught inside)
             self._internal_error(f"processing queue {v.index}", e, close=False)

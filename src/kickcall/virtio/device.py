@@ -258,9 +258,15 @@ class VirtIODevice(ABC):
             self.transport.notify_queue(vq)
 
     def process_queue_loop(self, vq: VirtQueue, handle_one: Callable) -> None:
-        """The usual handler shape: disable notifications, pop until empty, re-enable, re-check."""
+        """The usual handler shape: disable notifications, pop until empty, re-enable, re-check.
+
+        As QEMU's virtio-blk does it: only when notifications were enabled on entry.  A queue
+        whose notifications are already suppressed (the loop is polling it) keeps them so: the
+        poller re-enables them, and re-checks, when it stops polling."""
+        toggle = not vq.poll_suppressed
         while True:
-            vq.set_notification(False)
+            if toggle:
+                vq.set_notification(False)
             while True:
                 if not self.can_process():
                     return
@@ -270,6 +276,8 @@ class VirtIODevice(ABC):
                 handle_one(vq, elem)
                 if self.broken:
                     return
+            if not toggle:
+                return  # the poller sees what came meanwhile on its next round
             vq.set_notification(True)
             if vq.is_empty():
                 return

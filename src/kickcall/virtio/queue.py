@@ -515,6 +515,7 @@ class VirtQueue:
         self.signalled_used_valid = False
         self.inuse = 0
         self.notification = True
+        self.poll_suppressed = False  # suppress_notifications() said so (a poller owns them), until re-enabled
         self.pending_kick = False
         self.resubmit = []
         self.vector = VIRTIO_NO_VECTOR
@@ -789,6 +790,8 @@ class VirtQueue:
         """Ask the driver to kick (or not) -- avail_event with EVENT_IDX, else VRING_USED_F_NO_NOTIFY."""
         self._need_map()
         self.notification = enable
+        if enable:
+            self.poll_suppressed = False
         if self.event_idx:
             if enable:
                 self._u16[self._ae] = self.avail_idx()
@@ -808,6 +811,7 @@ class VirtQueue:
         undoes it (and its barrier orders the caller's re-check of avail.idx)."""
         self._need_map()
         self.notification = False
+        self.poll_suppressed = True
         if self.event_idx:
             self._u16[self._ae] = (self._a16[AVAIL_IDX_U16] + 0x8000) & 0xFFFF
         else:
