@@ -141,6 +141,13 @@ FAMILIES: list[tuple[str, str, str, tuple[str, ...]]] = [
      ("program", "device", "queue")),
     ("gauge", "kickcall_queue_inflight", "requests popped from the queue and not yet completed",
      ("program", "device", "queue")),
+    ("counter", "kickcall_polled_requests_total", "requests a polling back-end found in the avail ring without a "
+     "kick", ("program", "device", "queue")),
+    ("counter", "kickcall_poll_events_total", "the back-end loop's adaptive polling: rounds, phases, successes, "
+     "recheck-hits, grows, shrinks", ("program", "device", "event")),
+    ("counter", "kickcall_poll_seconds_total", "time the back-end loop spent polling", ("program", "device")),
+    ("gauge", "kickcall_poll_window_seconds", "the polling window now (which=current) and its bound (which=max)",
+     ("program", "device", "which")),
     ("gauge", "kickcall_queue_info", "1 per queue, with its interrupt mode, who handles it and the back-end's "
      "ring state (empty where there is none)", ("program", "device", "queue", "irq_mode", "handled_by", "ring_state")),
     ("gauge", "kickcall_queue_ring_index", "a ring index of the queue (a vfio-user function's producer and "
@@ -186,6 +193,16 @@ def _render_doc(f: _Families, doc: Mapping[str, Any], extra: Sequence[str]) -> N
                          ("protocol-errors", "kickcall_backend_protocol_errors_total")):
             if key in d:
                 f.add(fam, [program, dev], _count(d[key]), extra)
+        poll = d.get("polling")
+        if isinstance(poll, Mapping):
+            for event in ("rounds", "phases", "successes", "recheck-hits", "grows", "shrinks"):
+                if event in poll:
+                    f.add("kickcall_poll_events_total", [program, dev, event], _count(poll[event]), extra)
+            ns = _count(poll.get("poll-ns"))
+            f.add("kickcall_poll_seconds_total", [program, dev], None if ns is None else ns / 1e9, extra)
+            for key, which in (("window-ns", "current"), ("poll-max-ns", "max")):
+                v = _count(poll.get(key))
+                f.add("kickcall_poll_window_seconds", [program, dev, which], None if v is None else v / 1e9, extra)
         queues = d.get("queues")
         for q in (queues if isinstance(queues, list) else ()):
             if isinstance(q, Mapping):
@@ -206,7 +223,8 @@ def _render_queue(f: _Families, program: str, dev: str, q: Mapping[str, Any], ex
         for path, v in (by_path.items() if isinstance(by_path, Mapping) else ()):
             f.add(fam, [*base, _label(path)], _count(v), extra)
     for key, fam in (("calls-suppressed", "kickcall_calls_suppressed_total"),
-                     ("calls-without-fd", "kickcall_calls_without_fd_total")):
+                     ("calls-without-fd", "kickcall_calls_without_fd_total"),
+                     ("polled-requests", "kickcall_polled_requests_total")):
         if key in q:
             f.add(fam, base, _count(q[key]), extra)
     if "inuse" in q:
