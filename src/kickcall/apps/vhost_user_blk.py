@@ -70,7 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not offer CONFIGURE_MEM_SLOTS (the front-end then uses SET_MEM_TABLE)")
     p.add_argument("--no-inflight", action="store_true", help="do not offer INFLIGHT_SHMFD")
     p.add_argument("--aio", choices=("auto", "threads", "sync"), default="auto",
-                   help="auto: inline when a request is alone, a thread pool when they overlap (default)")
+                   help="auto: inline when a request is alone, a thread pool when they overlap, except reads "
+                        "the page cache holds (served inline with RWF_NOWAIT); default auto")
+    p.add_argument("--no-inline-cached", action="store_true",
+                   help="with --aio auto, hand every overlapping read to the thread pool, cached or not "
+                        "(what auto did before; for comparisons)")
     p.add_argument("--poll-max-us", type=float, default=POLL_MAX_US, metavar="N",
                    help="adaptive polling: poll the rings for up to N microseconds before sleeping on the kick "
                         f"fds, the window self-tuning as QEMU's poll-max-ns (0 disables; default {POLL_MAX_US:g})")
@@ -154,7 +158,7 @@ def _serve(a: argparse.Namespace, sock_claim: SocketClaim | None, qmp_claim: Soc
                     poll_max_ns=int(a.poll_max_us * 1000))
     dev = VirtIOBlk("vhost-user-blk", image, num_queues=a.num_queues, queue_size=a.max_queue_size,
                     read_only=a.read_only, serial=a.serial or os.path.basename(a.blk_file)[:20], aio=a.aio,
-                    loop=loop)
+                    loop=loop, inline_cached=not a.no_inline_cached)
     if a.io_delay_ms > 0 and a.io_delay_fixed:
         fixed = a.io_delay_ms / 1000.0
         dev.io_delay = lambda: fixed
