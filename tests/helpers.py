@@ -184,3 +184,31 @@ def wait_for_listener(path: str, proc=None, timeout: float = 60.0) -> None:
             s.close()
 
     wait_for(ready, timeout, f"a listener on {path}")
+
+
+def run_with_stderr_on_pty(argv: list[str], timeout: float = 300.0) -> tuple[int, bytes, str]:
+    """Run *argv* with stdout a pipe and stderr a pseudo-terminal (what a program shows only on a
+    terminal: progress lines); returns (exit status, stdout, everything written to the pty)."""
+    import errno
+    import pty
+    import subprocess
+
+    master, slave = pty.openpty()
+    p = spawn(argv, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    finally:
+        stop_process(p)
+    chunks = []
+    while True:  # the child is gone: what it wrote is in the pty's buffer
+        try:
+            b = os.read(master, 65536)
+        except OSError as e:
+            assert e.errno == errno.EIO
+            break
+        if not b:
+            break
+        chunks.append(b)
+    os.close(master)
+    return p.returncode, out, b"".join(chunks).decode()

@@ -4,10 +4,8 @@ against a threshold (performance lives in BENCHMARKS.md, not in tests)."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import pty
 import re
 import shutil
 import signal
@@ -17,7 +15,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from helpers import SRC, kickcall_argv, spawn, stop_process, wait_for
+from helpers import SRC, kickcall_argv, run_with_stderr_on_pty, spawn, stop_process, wait_for
 from kickcall.drive.latency import LADDER, ladder_key
 
 pytestmark = pytest.mark.slow
@@ -174,26 +172,8 @@ def test_bench_json_carries_the_job_and_the_ladder(workdir):
 
 
 def test_bench_progress_line_on_a_terminal_only(workdir):
-    master, slave = pty.openpty()
-    p = spawn(kickcall_argv("bench", "notify", "--quick", "--rounds", "3"), stdout=subprocess.PIPE, stderr=slave)
-    os.close(slave)
-    try:
-        out, _ = p.communicate(timeout=300)
-    finally:
-        stop_process(p)
-    chunks = []
-    while True:  # the child is gone: what it wrote is in the pty's buffer
-        try:
-            b = os.read(master, 65536)
-        except OSError as e:
-            assert e.errno == errno.EIO
-            break
-        if not b:
-            break
-        chunks.append(b)
-    os.close(master)
-    err = b"".join(chunks).decode()
-    assert p.returncode == 0, err
+    rc, out, err = run_with_stderr_on_pty(kickcall_argv("bench", "notify", "--quick", "--rounds", "3"))
+    assert rc == 0, err
     assert "ETA" in err and "\r" in err and "round 3/3" in err, err
     # rewritten in place, never wider than the terminal (80 columns by default)
     progress = [line for seg in err.split("\r") for line in seg.split("\n") if "ETA" in line]

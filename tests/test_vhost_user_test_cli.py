@@ -6,10 +6,8 @@ runs as a process too."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import pty
 import re
 import signal
 import stat
@@ -18,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from helpers import SRC, kickcall_argv, spawn, start_vhost_user_blk, stop_process, wait_for
+from helpers import SRC, kickcall_argv, run_with_stderr_on_pty, spawn, start_vhost_user_blk, stop_process, wait_for
 from kickcall.drive.latency import LADDER, ladder_key
 from kickcall.virtio.blk import make_image
 
@@ -107,27 +105,9 @@ def test_json_carries_the_job_the_ladder_and_the_histogram(backend: str) -> None
 
 
 def test_progress_line_on_a_terminal_only(backend: str) -> None:
-    master, slave = pty.openpty()
-    p = spawn(kickcall_argv("vhost-user-test", "--socket", backend, "--duration", "1.5", "--log-interval", "0.25"),
-              stdout=subprocess.PIPE, stderr=slave)
-    os.close(slave)
-    try:
-        out, _ = p.communicate(timeout=120)
-    finally:
-        stop_process(p)
-    chunks = []
-    while True:  # the child is gone: what it wrote is in the pty's buffer
-        try:
-            b = os.read(master, 65536)
-        except OSError as e:
-            assert e.errno == errno.EIO
-            break
-        if not b:
-            break
-        chunks.append(b)
-    os.close(master)
-    err = b"".join(chunks).decode()
-    assert p.returncode == 0, err
+    rc, out, err = run_with_stderr_on_pty(kickcall_argv("vhost-user-test", "--socket", backend, "--duration", "1.5",
+                                                        "--log-interval", "0.25"), timeout=120)
+    assert rc == 0, err
     assert "ETA" in err and "\r" in err and "IOPS" in err, err
     # rewritten in place: no progress line ever ends a line of its own, and none is wider than 80
     assert all(len(seg) <= 80 for seg in err.split("\r")), err
