@@ -84,8 +84,11 @@ class VirtIOBlk(VirtIODevice):
 
     def __init__(self, name: str, image: str | ImageFile, *, num_queues: int = 1, queue_size: int = 128,
                  read_only: bool = False, serial: str = "", aio: str = "threads", aio_workers: int = 4,
-                 loop=None) -> None:
-        """*image*: a path (opened with :func:`open_image`: FIFOs and character devices refused,
+                 loop=None, null: bool = False) -> None:
+        """*null*: a null device (as QEMU's null-co with read-zeroes=on): reads return zeroes without
+        touching the image, writes are discarded, both complete at once on the loop.
+
+        *image*: a path (opened with :func:`open_image`: FIFOs and character devices refused,
         QEMU's image locks taken; raises ``PathRefused``) or an already open :class:`ImageFile`,
         which the device then owns."""
         super().__init__(name, queue_sizes=[queue_size] * num_queues)
@@ -115,6 +118,7 @@ class VirtIOBlk(VirtIODevice):
         else:
             self.aio = SyncAio()
         self.inline_ios = 0
+        self.null = null
         self.io_delay: Callable[[], float] | None = None  # fault knob: seconds to stall each I/O
         self._delays_cancelled = threading.Event()  # set: stalls end at once (the process is stopping)
         # fault knob: called with the queue when a request completes; True holds the completion
@@ -236,6 +240,12 @@ class VirtIOBlk(VirtIODevice):
             self.reads += 1
             self.bytes_read += nbytes
             r.written = nbytes
+        if self.null:
+            if not write:
+                for g, n in segs:
+                    mem.fill(g, n)
+            self._complete(r, BLK_S_OK)
+            return
 
         delay = self.io_delay
         cancelled = self._delays_cancelled
