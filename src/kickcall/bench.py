@@ -719,6 +719,18 @@ def _rounds(text: str) -> int:
     return v
 
 
+def _poll_us(text: str) -> float:
+    """argparse type of ``bench vhost-user --poll-max-us``: microseconds, 1..1000000 (0 would make the
+    polling back-end the same as the non-polling one)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= v <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"must be 1..1000000, got {text}")
+    return v
+
+
 def add_arguments(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     """The ``kickcall bench`` subcommands and their options; *add_parser* is the ``add_parser`` of
     cli's ``bench`` subparsers."""
@@ -734,6 +746,11 @@ def add_arguments(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
         p.add_argument("--log", metavar="FILE", default=None,
                        help="write each round's or run's results to FILE as NDJSON, one JSON object a line, "
                             "created owner-only; FILE must not exist (default: no log)")
+        if name == "vhost-user":
+            p.add_argument("--poll-max-us", type=_poll_us, default=POLL_MAX_US, metavar="N",
+                           help="the polling kickcall back-end's --poll-max-us, 1..1000000 (default "
+                                f"{POLL_MAX_US:g}: 25-50 us windows were measured too short for this front-end, "
+                                "200-400 us paid across CPUs)")
         if name == "notify":
             p.add_argument("--rounds", type=_rounds, default=None, metavar="N",
                            help=f"interleaved rounds of the latency paths, 1..{ROUNDS_MAX} "
@@ -751,9 +768,11 @@ def job_params(a: argparse.Namespace) -> dict[str, object]:
             "paths": "floor,reference,kick-ioeventfd,kick-heavyweight,call-irqfd",
             "iops": f"randread bs=4096 iodepth=16 runtime={pl['secs']:g}s x{pl['iops_passes']} ioeventfd=on/off"}
     elif a.bench == "vhost-user":
-        pl = vhost_user_plan(a.quick)
-        job = {"back-ends": "qemu-storage-daemon,kickcall", "rw": "randread", "bs": 4096, "iodepth": "1,16",
-               "runtime": f"{pl['secs']:g}s", "passes": pl["passes"]}
+        pl = vhost_user_plan(a.quick, a.poll_max_us)
+        job = {"back-ends": ",".join(k for k, _ in VU_BACKENDS), "placements": ",".join(k for k, _ in VU_PLACEMENTS),
+               "rw": "randread", "bs": 4096, "iodepth": ",".join(map(str, VU_DEPTHS)), "runtime": f"{pl['secs']:g}s",
+               "passes": pl["passes"], "poll-max-us": f"{pl['poll_max_us']:g}",
+               "instrument": f"null back-end, depth 1, {pl['instrument_secs']:g}s x{pl['instrument_passes']}"}
     elif a.bench == "monitor":
         pl = monitor_plan(a.quick)
         job = {"rw": "randread", "bs": 4096, "iodepth": 16, "queues": 2, "modes": "quiet,diagnose,watched",
@@ -839,7 +858,7 @@ def _run_bench(a: argparse.Namespace, ctx: BenchRun) -> int:
             print(f"updated {a.write}", file=sys.stderr, flush=True)
         return 0
     if a.bench == "vhost-user":
-        r = run_vhost_user(quick=a.quick, log=log, ctx=ctx)
+        r = run_vhost_user(quick=a.quick, log=log, ctx=ctx, poll_max_us=a.poll_max_us)
         ctx.close()
         _print_result(a, ctx, r, markdown_to_text(render_vhost_user(r)))
         if a.write:
@@ -873,49 +892,107 @@ VU_BLOCK_START = "<!-- bench vhost-user: begin -->"
 VU_BLOCK_END = "<!-- bench vhost-user: end -->"
 
 
-def _start_backend(kind: str, img: str, sock: str, workdir: str, profile: str | None = None):
-    """Start a back-end process pinned to the VMM's CPU; returns (process, stop function)."""
+POLL_MAX_US = 300.0  # --poll-max-us's default for the polling back-end (see vhost_user_plan)
+
+VU_BACKENDS: tuple[tuple[str, str], ...] = (
+    ("kickcall", "kickcall vhost-user-blk, polling off"),
+    ("kickcall-poll", "kickcall vhost-user-blk, polling on"),
+    ("qsd", "qemu-storage-daemon, main loop"),
+    ("qsd-iothread", "qemu-storage-daemon, iothread"),
+)
+VU_PLACEMENTS: tuple[tuple[str, str], ...] = (
+    ("same-cpu", f"front-end and back-end on CPU {GUEST_CPU}"),
+    ("cross-cpu", f"front-end on CPU {GUEST_CPU}, back-end on CPU {VMM_CPU}"),
+)
+VU_DEPTHS = (1, 16)
+
+
+def _cpu_of(placement: str) -> int:
+    return GUEST_CPU if placement == "same-cpu" else VMM_CPU
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of process *pid*, every thread included (``/proc/PID/stat`` fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu_seconds() -> float:
+    """This process's user + system CPU seconds (every thread: the front-end's submitters and its
+    completion thread)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def _start_backend(kind: str, img: str, sock: str, workdir: str, *, cpu: int = VMM_CPU, poll_max_us: float = 0.0,
+                   null: bool = False, profile: str | None = None) -> tuple[int, Callable[[], object]]:
+    """Start back-end *kind* (see :data:`VU_BACKENDS`) pinned to *cpu*; returns (its pid, a stop
+    function).  Raises :class:`kickcall.peers.qemu.PeerError` when qemu-storage-daemon does not start."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if kind == "qsd":
+    if kind.startswith("qsd"):
         from .peers.qsd import QSD
 
-        qsd = QSD(img, sock, num_queues=1, qmp_path=os.path.join(workdir, "qsd.qmp"))
+        qsd = QSD(img, sock, num_queues=1, qmp_path=os.path.join(workdir, "qsd.qmp"),
+                  iothread=kind == "qsd-iothread")
         qsd.start()
         assert qsd.pid is not None
-        pin_process(qsd.pid, VMM_CPU)
-        return qsd.stop
-    argv = [sys.executable, "-m", "kickcall", "vhost-user-blk", "--socket-path", sock, "--blk-file", img]
+        pin_process(qsd.pid, cpu)
+        return qsd.pid, qsd.stop
+    argv = [sys.executable, "-m", "kickcall", "vhost-user-blk", "--socket-path", sock, "--blk-file", img,
+            "--poll-max-us", f"{poll_max_us:g}" if kind == "kickcall-poll" else "0"]
+    if null:
+        argv.append("--null")
     if profile:
         argv += ["--profile", profile]
     p = start_helper(argv, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while not os.path.exists(sock):
         if p.poll() is not None or time.monotonic() > deadline:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
             raise RuntimeError("kickcall vhost-user-blk did not start")
         time.sleep(0.01)
-    pin_process(p.pid, VMM_CPU)
+    pin_process(p.pid, cpu)
 
     def stop() -> int:
         import signal as _signal
 
-        p.send_signal(_signal.SIGTERM)
-        return p.wait(30)
+        if p.poll() is None:
+            p.send_signal(_signal.SIGTERM)
+        try:
+            return p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            return p.wait()
 
-    return stop
+    return p.pid, stop
 
 
-def _vu_run(sock: str, depth: int, seconds: float, into: LatencyHistogram | None = None) -> dict:
+def _vu_run(sock: str, depth: int, seconds: float, into: LatencyHistogram | None = None, *,
+            backend_pid: int | None = None, prefill: bool = True) -> dict:
+    """kickcall's front-end (``vhost-user-test``'s) for *seconds* at *depth*, 4 KiB random reads,
+    data verified; with *backend_pid*, the CPU seconds the back-end and this process spent during
+    the timed run (``backend_cpu_s``, ``frontend_cpu_s``)."""
     from .drive.vhost_user_blk import BlkVerifyWorkload, VhostUserBlkDriver
 
     drv = VhostUserBlkDriver(sock, queue_size=128)
     try:
         drv.connect(wait=10)
         wl = BlkVerifyWorkload(drv, depth=depth, nblocks=512, read_ratio=1.0, stall_timeout=30)
-        wl.prefill()
+        if prefill:
+            wl.prefill()
+        b0 = proc_cpu_seconds(backend_pid) if backend_pid else 0.0
+        f0 = self_cpu_seconds()
         wl.run(seconds)
+        f1 = self_cpu_seconds()
+        b1 = proc_cpu_seconds(backend_pid) if backend_pid else 0.0
         r = wl.result()
         r["spurious_calls"] = drv.spurious_calls
+        r["backend_cpu_s"] = b1 - b0
+        r["frontend_cpu_s"] = f1 - f0
         if into is not None:
             into.add(wl.hist)
         return r
@@ -923,64 +1000,214 @@ def _vu_run(sock: str, depth: int, seconds: float, into: LatencyHistogram | None
         drv.close()
 
 
-VU_LABELS = {f"{kind}-{d}": f"{name}, depth {d}" for d in (1, 16)
-             for kind, name in (("qsd", "qemu-storage-daemon"), ("kickcall", "kickcall vhost-user-blk"))}
+def minimal_frontend(sock: str, seconds: float, into: LatencyHistogram | None = None) -> dict:
+    """The least Python per request a vhost-user-blk front-end can do: one queue of 8, one 4 KiB read
+    at a time, the three descriptors written once, no EVENT_IDX, no verification; per request one
+    header store, one avail entry and index, a kick unless the back-end set VRING_USED_F_NO_NOTIFY,
+    then poll(2) and read(2) of the call eventfd until the used index moves.  The yardstick of
+    ``vhost-user-test``'s own cost (issue 14's "honest instrument")."""
+    import struct
+
+    from .memory import GuestMemory
+    from .vhost_user.frontend import VhostUserFrontend
+    from .vhost_user.protocol import VHOST_USER_F_PROTOCOL_FEATURES, MemRegion
+    from .virtio.ring import VIRTIO_F_VERSION_1, mb
+
+    qs, base = 8, 0x7F00_0000_0000
+    desc, avail, used, hdr, status, data = 0x0, 0x1000, 0x2000, 0x3000, 0x3100, 0x4000
+    mem = GuestMemory.create(1 << 20, "bench-minfe")
+    fe = VhostUserFrontend(sock, name="bench-minfe")
+    kick = os.eventfd(0, os.EFD_CLOEXEC)
+    call = os.eventfd(0, os.EFD_CLOEXEC)
+    views: list[memoryview] = []
+    try:
+        fe.connect(wait=10)
+        offered = fe.get_features()
+        if not offered >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            raise RuntimeError("the back-end does not offer VHOST_USER_F_PROTOCOL_FEATURES")
+        fe.get_protocol_features()
+        fe.set_protocol_features(0)
+        fe.set_owner()
+        fe.set_features(offered & ((1 << VIRTIO_F_VERSION_1) | (1 << VHOST_USER_F_PROTOCOL_FEATURES)))
+        regions, fds = mem.layout()
+        fe.set_mem_table([MemRegion(r["gpa"], r["size"], base + r["gpa"], r["block_offset"]) for r in regions],
+                         [fds[r["block"]] for r in regions])
+        dv = mem.view(desc, 16 * qs)
+        av = mem.view(avail, 4 + 2 * qs)
+        uv = mem.view(used, 4 + 8 * qs)
+        hv = mem.view(hdr, 16)
+        sv = mem.view(status, 1)
+        views += [dv, av, uv, hv, sv]
+        # VIRTQ_DESC_F_NEXT = 1, VIRTQ_DESC_F_WRITE = 2: header -> data (device-writable) -> status
+        struct.pack_into("<QIHH", dv, 0, hdr, 16, 1, 1)
+        struct.pack_into("<QIHH", dv, 16, data, 4096, 3, 2)
+        struct.pack_into("<QIHH", dv, 32, status, 1, 2, 0)
+        fe.set_vring_num(0, qs)
+        fe.set_vring_base(0, 0)
+        fe.set_vring_addr(0, base + desc, base + used, base + avail)
+        fe.set_vring_kick(0, kick)
+        fe.set_vring_call(0, call)
+        fe.set_vring_enable(0, True)
+        h = into if into is not None else LatencyHistogram()
+        pack, unpack_u16, now = struct.pack_into, struct.unpack_from, time.monotonic_ns
+        pl = select.poll()
+        pl.register(call, select.POLLIN)
+        idx = n = 0
+        f0 = self_cpu_seconds()
+        t_end = time.monotonic() + seconds
+        t_start = time.monotonic()
+        while time.monotonic() < t_end:
+            pack("<IIQ", hv, 0, 0, 0, (n % 512) * 8)  # VIRTIO_BLK_T_IN, 4 KiB block n % 512
+            pack("<H", av, 4 + 2 * (idx % qs), 0)
+            t0 = now()
+            idx = (idx + 1) & 0xFFFF
+            pack("<H", av, 2, idx)
+            mb()
+            if not unpack_u16("<H", uv, 0)[0] & 1:  # VRING_USED_F_NO_NOTIFY
+                os.eventfd_write(kick, 1)
+            while unpack_u16("<H", uv, 2)[0] != idx:
+                if not pl.poll(10000):
+                    raise RuntimeError("the back-end did not complete a request within 10 s")
+                os.eventfd_read(call)
+            h.record(now() - t0)
+            if sv[0]:
+                raise RuntimeError(f"read failed with status {sv[0]}")
+            n += 1
+        elapsed = time.monotonic() - t_start
+        f1 = self_cpu_seconds()
+        return {"ops": n, "iops": n / elapsed if elapsed else 0.0, "elapsed": elapsed,
+                "lat_us_p50": h.percentile_ns(50) / 1000.0, "lat_us_p99": h.percentile_ns(99) / 1000.0,
+                "frontend_cpu_s": f1 - f0}
+    finally:
+        for v in views:
+            v.release()
+        if fe.connected:
+            try:
+                fe.set_vring_enable(0, False)
+                fe.get_vring_base(0)
+            except Exception:  # the back-end went away: nothing to hand back
+                pass
+        fe.close()
+        os.close(kick)
+        os.close(call)
+        mem.close()
 
 
-def vhost_user_plan(quick: bool) -> dict:
-    return {"secs": 1.5 if quick else 4.0, "passes": 1 if quick else 2}
+def vu_key(kind: str, placement: str, depth: int) -> str:
+    return f"{kind}/{placement}/{depth}"
 
 
-def run_vhost_user(quick: bool = False, log: Callable[[str], None] = print, ctx: BenchRun | None = None) -> dict:
+def _vu_labels() -> dict[str, str]:
+    labels = {f"{kind}-{pl}-d1": f"{name}, {pl}, depth 1" for kind, name in VU_BACKENDS for pl, _ in VU_PLACEMENTS}
+    for pl, _ in VU_PLACEMENTS:
+        labels[f"instrument-{pl}"] = f"vhost-user-test's front-end on a null back-end, {pl}"
+        labels[f"minimal-{pl}"] = f"minimal front-end on a null back-end, {pl}"
+    return labels
+
+
+VU_LABELS = _vu_labels()
+
+
+def vhost_user_plan(quick: bool, poll_max_us: float = POLL_MAX_US) -> dict:
+    """The vhost-user job: seconds per run, passes (alternating the back-ends' order), the polling
+    back-end's window, and the instrument's runs."""
+    return {"secs": 1.0 if quick else 4.0, "passes": 1 if quick else 2, "poll_max_us": poll_max_us,
+            "instrument_secs": 1.0 if quick else 3.0, "instrument_passes": 1 if quick else 2}
+
+
+def run_vhost_user(quick: bool = False, log: Callable[[str], None] = print, ctx: BenchRun | None = None,
+                   poll_max_us: float = POLL_MAX_US) -> dict:
+    """The matrix: every back-end of :data:`VU_BACKENDS` x placement x depth, the back-ends'
+    order alternating pass by pass (ABCD, DCBA) within each placement and depth, each run's CPU
+    seconds (back-end process and front-end) per 1000 requests; then the instrument's own cost
+    (``vhost-user-test``'s front-end against the minimal one, both on a null back-end, alternating)
+    and a profile of the polling back-end's loop at depth 16."""
     import tempfile
 
+    from .peers.qemu import PeerError
     from .virtio.blk import make_image
 
     ctx = ctx if ctx is not None else BenchRun("vhost-user", {}, tty=False)
-    plan = vhost_user_plan(quick)
-    secs = plan["secs"]
-    passes = plan["passes"]
-    total = 2 * passes * 2 + 1
-    out: dict = {"machine": machine_description(), "seconds_per_run": secs, "passes": passes, "runs": {}}
+    plan = vhost_user_plan(quick, poll_max_us)
+    secs, passes = plan["secs"], plan["passes"]
+    isecs, ipasses = plan["instrument_secs"], plan["instrument_passes"]
+    n_matrix = len(VU_PLACEMENTS) * len(VU_DEPTHS) * passes * len(VU_BACKENDS)
+    n_instr = len(VU_PLACEMENTS) * ipasses * 2
+    total = n_matrix + n_instr + 1
+    out: dict = {"machine": machine_description(), "seconds_per_run": secs, "passes": passes,
+                 "poll_max_us": poll_max_us, "backends": dict(VU_BACKENDS), "placements": dict(VU_PLACEMENTS),
+                 "runs": {}, "unavailable": {}}
     saved = os.sched_getaffinity(0)
     pinned = (os.cpu_count() or 1) >= 2
     if pinned:
         pin_process(os.getpid(), GUEST_CPU)
-    out["placement"] = (f"front-end on CPU {GUEST_CPU}, back-end process on CPU {VMM_CPU}" if pinned else "unpinned")
+    out["pinned"] = pinned
     from .ownership import temp_dir
 
     workdir = tempfile.mkdtemp(prefix="kcb", dir=temp_dir())
     img = os.path.join(workdir, "d.img")
+    done = 0
+    t_start = time.monotonic()
+
+    def eta() -> float:
+        per = (time.monotonic() - t_start) / done if done else secs + 1.5
+        return (total - done) * per
+
     try:
         make_image(img, 64 << 20)
-        done = 0
-        for depth in (1, 16):
-            for p in range(passes):
-                for kind in ("qsd", "kickcall") if p % 2 == 0 else ("kickcall", "qsd"):
-                    log(f"depth {depth}, {kind} back-end, pass {p + 1}/{passes} ...")
-                    ctx.progress(done / total, (total - done) * (secs + 1.0), f"depth {depth}, {kind}, pass {p + 1}")
-                    sock = os.path.join(workdir, f"{kind}.sock")
-                    stop = _start_backend(kind, img, sock, workdir)
-                    key = f"{kind}-{depth}"
-                    run_h = LatencyHistogram()
-                    try:
-                        r = _vu_run(sock, depth, secs, into=run_h)
-                    finally:
-                        stop()
-                    if r["error_count"]:
-                        raise RuntimeError(f"{kind} depth {depth}: data errors {r['errors']}")
-                    ctx.hist(key, VU_LABELS[key]).add(run_h)
-                    done += 1
-                    ctx.record("run", f"{VU_LABELS[key]}, pass {p + 1}: {r['iops']:.0f} IOPS, p50 "
-                                      f"{r['lat_us_p50']:.0f} us, p99 {r['lat_us_p99']:.0f} us",
-                               **{"back-end": kind, "depth": depth, "pass": p + 1, "iops": round(r["iops"], 1),
-                                  "ops": r["ops"], "errors": r["error_count"], "latency": round_summary(run_h)})
-                    out["runs"].setdefault(key, []).append(r)
-        log("profiling the Python back-end at depth 16 ...")
-        ctx.progress(done / total, secs + 1.0, "profiling the Python back-end")
+        for pl, _pl_text in VU_PLACEMENTS:
+            cpu = _cpu_of(pl)
+            for depth in VU_DEPTHS:
+                for p in range(passes):
+                    order = [k for k, _ in VU_BACKENDS]
+                    for kind in order if p % 2 == 0 else order[::-1]:
+                        if kind in out["unavailable"]:
+                            done += 1
+                            continue
+                        log(f"{pl}, depth {depth}, {kind}, pass {p + 1}/{passes} ...")
+                        ctx.progress(done / total, eta(), f"{pl}, depth {depth}, {kind}, pass {p + 1}")
+                        sock = os.path.join(workdir, f"{kind}.sock")
+                        try:
+                            pid, stop = _start_backend(kind, img, sock, workdir, cpu=cpu, poll_max_us=poll_max_us)
+                        except (PeerError, OSError) as e:
+                            if not kind.startswith("qsd"):
+                                raise
+                            reason = f"{kind} did not start: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                            out["unavailable"][kind] = reason
+                            log(reason)
+                            done += 1
+                            continue
+                        run_h = LatencyHistogram()
+                        try:
+                            r = _vu_run(sock, depth, secs, into=run_h, backend_pid=pid)
+                        finally:
+                            stop()
+                        if r["error_count"]:
+                            raise RuntimeError(f"{kind} {pl} depth {depth}: data errors {r['errors']}")
+                        if depth == 1:
+                            hk = f"{kind}-{pl}-d1"
+                            ctx.hist(hk, VU_LABELS[hk]).add(run_h)
+                        done += 1
+                        cpu_b = 1000 * r["backend_cpu_s"] / r["ops"] if r["ops"] else 0.0
+                        cpu_f = 1000 * r["frontend_cpu_s"] / r["ops"] if r["ops"] else 0.0
+                        ctx.record("run", f"{kind}, {pl}, depth {depth}, pass {p + 1}: {r['iops']:.0f} IOPS, p50 "
+                                          f"{r['lat_us_p50']:.1f} us, p99 {r['lat_us_p99']:.0f} us, CPU s/1000 req "
+                                          f"back-end {cpu_b:.3f} front-end {cpu_f:.3f}",
+                                   **{"back-end": kind, "placement": pl, "depth": depth, "pass": p + 1,
+                                      "iops": round(r["iops"], 1), "ops": r["ops"], "errors": r["error_count"],
+                                      "backend-cpu-s": round(r["backend_cpu_s"], 3),
+                                      "frontend-cpu-s": round(r["frontend_cpu_s"], 3),
+                                      "latency": round_summary(run_h)})
+                        out["runs"].setdefault(vu_key(kind, pl, depth), []).append(r)
+        out["instrument"] = _measure_instrument(img, workdir, isecs, ipasses, ctx, log,
+                                                lambda: (done + 0.0) / total, eta)
+        done += n_instr
+        log("profiling the polling back-end at depth 16, cross-cpu ...")
+        ctx.progress(done / total, eta(), "profiling the polling back-end")
         prof = os.path.join(workdir, "backend.prof")
         sock = os.path.join(workdir, "prof.sock")
-        stop = _start_backend("kickcall", img, sock, workdir, profile=prof)
+        _pid, stop = _start_backend("kickcall-poll", img, sock, workdir, cpu=VMM_CPU, poll_max_us=poll_max_us,
+                                    profile=prof)
         try:
             _vu_run(sock, 16, secs)
         finally:
@@ -990,17 +1217,101 @@ def run_vhost_user(quick: bool = False, log: Callable[[str], None] = print, ctx:
         if pinned:
             restore_affinity(saved)
         shutil.rmtree(workdir, ignore_errors=True)
-    summary = {}
-    for key, runs in out["runs"].items():
-        ops = sum(r["ops"] for r in runs)
-        summary[key] = {"iops": sum(r["iops"] for r in runs) / len(runs), "ops": ops,
-                        "p50_us": statistics.median(r["lat_us_p50"] for r in runs),
-                        "p99_us": max(r["lat_us_p99"] for r in runs)}
-    out["summary"] = summary
+    out["cells"] = _vu_cells(out["runs"])
     out["qsd_version"] = _qsd_version()
-    out["ratios"] = {f"python_over_c_depth{d}": summary[f"kickcall-{d}"]["iops"] / summary[f"qsd-{d}"]["iops"]
-                     for d in (1, 16)}
+    out["ratios"] = _vu_ratios(out["cells"], out["unavailable"])
     return out
+
+
+def _vu_cells(runs: dict[str, list[dict]]) -> list[dict]:
+    """One record per (back-end, placement, depth): IOPS over every pass, the median of the passes'
+    p50, the worst p99, CPU seconds per 1000 requests of the back-end process and the front-end."""
+    cells = []
+    for kind, _ in VU_BACKENDS:
+        for pl, _ in VU_PLACEMENTS:
+            for depth in VU_DEPTHS:
+                rs = runs.get(vu_key(kind, pl, depth))
+                if not rs:
+                    continue
+                ops = sum(r["ops"] for r in rs)
+                t = sum(r["elapsed"] for r in rs)
+                cells.append({"back_end": kind, "placement": pl, "depth": depth, "passes": len(rs), "ops": ops,
+                              "iops": ops / t if t else 0.0,
+                              "p50_us": statistics.median(r["lat_us_p50"] for r in rs),
+                              "p99_us": max(r["lat_us_p99"] for r in rs),
+                              "backend_cpu_s_per_1000": 1000 * sum(r["backend_cpu_s"] for r in rs) / ops if ops else 0.0,
+                              "frontend_cpu_s_per_1000": 1000 * sum(r["frontend_cpu_s"] for r in rs) / ops
+                              if ops else 0.0,
+                              "spurious_calls": sum(r["spurious_calls"] for r in rs)})
+    return cells
+
+
+def _vu_ratios(cells: list[dict], unavailable: dict[str, str]) -> dict:
+    """Per placement: kickcall (polling off / on) over qemu-storage-daemon (main loop / iothread),
+    depth-1 p50 latency (lower is better: < 1 means kickcall is faster) and depth-16 IOPS (higher
+    is better); a ratio whose qemu-storage-daemon mode did not run is None, its reason beside it."""
+    by = {(c["back_end"], c["placement"], c["depth"]): c for c in cells}
+    out: dict = {}
+    for pl, _ in VU_PLACEMENTS:
+        lat: dict[str, float | None] = {}
+        iops: dict[str, float | None] = {}
+        for kc in ("kickcall", "kickcall-poll"):
+            for q in ("qsd", "qsd-iothread"):
+                name = f"{kc}_over_{q}"
+                a1, b1 = by.get((kc, pl, 1)), by.get((q, pl, 1))
+                a16, b16 = by.get((kc, pl, 16)), by.get((q, pl, 16))
+                lat[name] = a1["p50_us"] / b1["p50_us"] if a1 and b1 and b1["p50_us"] else None
+                iops[name] = a16["iops"] / b16["iops"] if a16 and b16 and b16["iops"] else None
+        out[pl] = {"depth1_p50": lat, "depth16_iops": iops}
+    if unavailable:
+        out["missing"] = dict(unavailable)
+    return out
+
+
+def _measure_instrument(img: str, workdir: str, secs: float, passes: int, ctx: BenchRun,
+                        log: Callable[[str], None], done: Callable[[], float], eta: Callable[[], float]) -> dict:
+    """``vhost-user-test``'s front-end (the bench's instrument) and :func:`minimal_frontend`, each
+    one 4 KiB read at a time on a null kickcall back-end (polling off), alternating, on both
+    placements: the round trips, their ratio and the front-ends' CPU per 1000 requests."""
+    res: dict = {"seconds_per_run": secs, "passes": passes, "back_end": "kickcall vhost-user-blk --null, polling off"}
+    for pl, _ in VU_PLACEMENTS:
+        cpu = _cpu_of(pl)
+        runs: dict[str, list[dict]] = {"instrument": [], "minimal": []}
+        for p in range(passes):
+            for fe in ("instrument", "minimal") if p % 2 == 0 else ("minimal", "instrument"):
+                log(f"instrument: {fe} front-end, null back-end, {pl}, pass {p + 1}/{passes} ...")
+                ctx.progress(done(), eta(), f"instrument: {fe}, {pl}, pass {p + 1}")
+                sock = os.path.join(workdir, f"null-{fe}.sock")
+                pid, stop = _start_backend("kickcall", img, sock, workdir, cpu=cpu, null=True)
+                h = LatencyHistogram()
+                try:
+                    if fe == "instrument":
+                        r = _vu_run(sock, 1, secs, into=h, backend_pid=pid, prefill=False)
+                        if r["error_count"]:
+                            raise RuntimeError(f"instrument on a null back-end: data errors {r['errors']}")
+                    else:
+                        r = minimal_frontend(sock, secs, into=h)
+                finally:
+                    stop()
+                ctx.hist(f"{fe}-{pl}", VU_LABELS[f"{fe}-{pl}"]).add(h)
+                runs[fe].append(r)
+                ctx.record("instrument", f"instrument: {fe} front-end, {pl}, pass {p + 1}: p50 {r['lat_us_p50']:.1f} us, "
+                                         f"{r['iops']:.0f} IOPS",
+                           **{"front-end": fe, "placement": pl, "pass": p + 1, "ops": r["ops"],
+                              "iops": round(r["iops"], 1), "frontend-cpu-s": round(r["frontend_cpu_s"], 3),
+                              "latency": round_summary(h)})
+        cell: dict = {}
+        for fe, rs in runs.items():
+            ops = sum(r["ops"] for r in rs)
+            cell[fe] = {"ops": ops, "p50_us": statistics.median(r["lat_us_p50"] for r in rs),
+                        "p99_us": max(r["lat_us_p99"] for r in rs),
+                        "iops": ops / sum(r["elapsed"] for r in rs),
+                        "frontend_cpu_s_per_1000": 1000 * sum(r["frontend_cpu_s"] for r in rs) / ops if ops else 0.0}
+        m = cell["minimal"]["p50_us"]
+        cell["p50_ratio"] = cell["instrument"]["p50_us"] / m if m else None
+        cell["p50_extra_us"] = cell["instrument"]["p50_us"] - m
+        res[pl] = cell
+    return res
 
 
 def _qsd_version() -> str:
@@ -1028,32 +1339,81 @@ def _profile_top(path: str, n: int = 12) -> list[dict]:
 
 def render_vhost_user(r: dict, figures: dict[str, str] | None = None) -> str:
     md = r["machine"]
-    s = r["summary"]
-    ra = r["ratios"]
+    by = {(c["back_end"], c["placement"], c["depth"]): c for c in r["cells"]}
+    qv = r.get("qsd_version", "?")
+    names = {"kickcall": "kickcall vhost-user-blk (Python), polling off",
+             "kickcall-poll": f"kickcall vhost-user-blk (Python), polling on, --poll-max-us {r['poll_max_us']:g}",
+             "qsd": f"qemu-storage-daemon {qv} (C, libvhost-user), main loop",
+             "qsd-iothread": f"qemu-storage-daemon {qv}, iothread (AioContext polling, poll-max-ns default)"}
+    placements = r["placements"]
     lines = [
         VU_BLOCK_START,
         "## `kickcall bench vhost-user`",
         "",
         f"Machine: {md['cpu']}, {md['cores']} cores, Linux {md['kernel']}, Python {md['python']}; measured "
-        f"{md['date']} in one run of `kickcall bench vhost-user`. Placement: {r['placement']}. kickcall's "
-        f"VM-less front-end (`kickcall.drive`, the one `kickcall vhost-user-test` uses) drives each back-end with "
-        f"4 KiB random reads over a 2 MiB prefilled working set, data verified; {r['seconds_per_run']:.1f} s per "
-        f"run, {r['passes']} interleaved passes per configuration.",
+        f"{md['date']} in one run of `kickcall bench vhost-user`. kickcall's VM-less front-end (`kickcall.drive`, "
+        f"the one `kickcall vhost-user-test` uses) drives each back-end with 4 KiB random reads over a 2 MiB "
+        f"prefilled working set, data verified; {r['seconds_per_run']:.1f} s per run, {r['passes']} pass(es) per "
+        "cell, the back-ends' order alternating pass by pass (ABCD, DCBA) within each placement and depth, each "
+        "run on a freshly started back-end. Placements: "
+        + "; ".join(f"{k}: {v}" for k, v in placements.items())
+        + (" (not pinned: one CPU)." if not r.get("pinned", True) else ".")
+        + f" The polling back-end runs with `--poll-max-us {r['poll_max_us']:g}` (the bench's `--poll-max-us`; "
+        "25-50 µs windows measured too short for this front-end, 200-400 µs paid across CPUs). CPU is "
+        "utime+stime per 1000 requests: the back-end process's (/proc/PID/stat, every thread), and the "
+        "front-end's (this process, os.times()), over the timed run only.",
         "",
-        "| back-end | depth | IOPS | p50 µs | p99 µs |",
-        "|---|---:|---:|---:|---:|",
+        "| back-end | placement | depth | IOPS | p50 µs | p99 µs | back-end CPU s / 1000 req | "
+        "front-end CPU s / 1000 req |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for d in (1, 16):
-        for kind, label in (("qsd", f"qemu-storage-daemon {r.get('qsd_version', '?')} (C, libvhost-user)"),
-                            ("kickcall", "kickcall vhost-user-blk (Python)")):
-            x = s[f"{kind}-{d}"]
-            lines.append(f"| {label} | {d} | {x['iops']:.0f} | {x['p50_us']:.0f} | {x['p99_us']:.0f} |")
+    for depth in VU_DEPTHS:
+        for pl in placements:
+            for kind, _ in VU_BACKENDS:
+                c = by.get((kind, pl, depth))
+                if c is None:
+                    lines.append(f"| {names[kind]} | {pl} | {depth} | - | - | - | - | - |")
+                    continue
+                lines.append(f"| {names[kind]} | {pl} | {depth} | {c['iops']:.0f} | {c['p50_us']:.1f} | "
+                             f"{c['p99_us']:.0f} | {c['backend_cpu_s_per_1000']:.3f} | "
+                             f"{c['frontend_cpu_s_per_1000']:.3f} |")
+    for kind, why in r.get("unavailable", {}).items():
+        lines += ["", f"**{kind} not measured**: {why}"]
+
+    def fmt(x: float | None) -> str:
+        return f"{x:.2f}x" if x is not None else "-"
+
+    lines += ["", "kickcall over qemu-storage-daemon: depth-1 p50 latency (below 1 is kickcall faster; target with "
+              "polling: <= 1.0x the iothread's across CPUs, <= 1.2x on one CPU) and depth-16 IOPS (above 1 is "
+              "kickcall faster; target >= 1.0x):", "",
+              "| placement | kickcall | over | depth-1 p50 | depth-16 IOPS |", "|---|---|---|---:|---:|"]
+    for pl in placements:
+        ra = r["ratios"][pl]
+        for kc in ("kickcall", "kickcall-poll"):
+            for q in ("qsd", "qsd-iothread"):
+                name = f"{kc}_over_{q}"
+                lines.append(f"| {pl} | {'polling on' if kc.endswith('poll') else 'polling off'} | "
+                             f"{'iothread' if q.endswith('iothread') else 'main loop'} | "
+                             f"**{fmt(ra['depth1_p50'][name])}** | **{fmt(ra['depth16_iops'][name])}** |")
+    ins = r["instrument"]
+    lines += ["", "The instrument's own cost: one 4 KiB read at a time on a null back-end "
+              f"({ins['back_end']}), `vhost-user-test`'s front-end against a minimal single-purpose front-end "
+              "(one queue, descriptors written once, no verification, no EVENT_IDX, poll+read of the call "
+              f"eventfd), alternating, {ins['passes']} pass(es) of {ins['seconds_per_run']:.1f} s each "
+              "(target: within 1.10x):", "",
+              "| placement | front-end | p50 µs | p99 µs | IOPS | front-end CPU s / 1000 req |",
+              "|---|---|---:|---:|---:|---:|"]
+    for pl in placements:
+        c = ins[pl]
+        for fe, label in (("instrument", "vhost-user-test's (kickcall.drive)"), ("minimal", "minimal")):
+            x = c[fe]
+            lines.append(f"| {pl} | {label} | {x['p50_us']:.1f} | {x['p99_us']:.0f} | {x['iops']:.0f} | "
+                         f"{x['frontend_cpu_s_per_1000']:.3f} |")
+    lines += ["", "Instrument / minimal p50: " + ", ".join(
+        f"**{fmt(ins[pl]['p50_ratio'])}** {pl} (+{ins[pl]['p50_extra_us']:.1f} µs)" for pl in placements) + "."]
     lines += [
         "",
-        f"Python / C IOPS: **{ra['python_over_c_depth1']:.2f}x at depth 1** (target >= 0.8x), "
-        f"**{ra['python_over_c_depth16']:.2f}x at depth 16**.",
-        "",
-        "Where the Python back-end's loop thread spends its time at depth 16 (cProfile, self time):",
+        "Where the polling back-end's loop thread spends its time at depth 16, cross-cpu (cProfile, self time):",
         "",
         "| function | calls | self s | share |",
         "|---|---:|---:|---:|",

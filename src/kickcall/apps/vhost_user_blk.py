@@ -78,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll-max-us", type=float, default=POLL_MAX_US, metavar="N",
                    help="adaptive polling: poll the rings for up to N microseconds before sleeping on the kick "
                         f"fds, the window self-tuning as QEMU's poll-max-ns (0 disables; default {POLL_MAX_US:g})")
+    p.add_argument("--null", action="store_true",
+                   help="a null device: reads return zeroes without touching the image, writes are discarded "
+                        "(the front-end's own cost, as QEMU's null-co; default: off)")
     p.add_argument("--profile", metavar="FILE", help="cProfile the back-end's loop thread; stats to FILE on exit")
     p.add_argument("--trace", action="append", default=[], metavar="PATTERN",
                    help="enable trace events (QEMU's names and globs: vhost_user_read, virtio_*); to stderr")
@@ -158,7 +161,7 @@ def _serve(a: argparse.Namespace, sock_claim: SocketClaim | None, qmp_claim: Soc
                     poll_max_ns=int(a.poll_max_us * 1000))
     dev = VirtIOBlk("vhost-user-blk", image, num_queues=a.num_queues, queue_size=a.max_queue_size,
                     read_only=a.read_only, serial=a.serial or os.path.basename(a.blk_file)[:20], aio=a.aio,
-                    loop=loop, inline_cached=not a.no_inline_cached)
+                    loop=loop, inline_cached=not a.no_inline_cached, null=a.null)
     if a.io_delay_ms > 0 and a.io_delay_fixed:
         fixed = a.io_delay_ms / 1000.0
         dev.io_delay = lambda: fixed

@@ -16,6 +16,10 @@ class QSD(ManagedProcess):
     """``qemu-storage-daemon`` exporting *image* over vhost-user-blk at *sock_path*, with a QMP monitor
     at *qmp_path* (default: ``<dir of sock_path>/qsd-qmp.sock``).
 
+    *iothread*: run the export in an IOThread (``--object iothread,id=iot0`` and the export's
+    ``iothread=iot0``; QEMU's AioContext adaptive polling, poll-max-ns 32768 by default) instead of
+    the daemon's main loop.
+
     ``start()`` returns once the export socket exists; ``stop()`` sends QMP ``quit`` (QSD then removes
     its sockets), falls back to SIGTERM/SIGKILL, and always reaps the process. Context manager.
     """
@@ -23,7 +27,8 @@ class QSD(ManagedProcess):
     kind = "qemu-storage-daemon"
 
     def __init__(self, image: str, sock_path: str, *, qmp_path: str | None = None, writable: bool = True,
-                 num_queues: int = 1, extra_args: Sequence[str] = (), binary: str = QSD_BINARY):
+                 num_queues: int = 1, extra_args: Sequence[str] = (), binary: str = QSD_BINARY,
+                 iothread: bool = False):
         super().__init__()
         self.image = os.path.abspath(image)
         self.sock_path = check_socket_path(sock_path)
@@ -31,6 +36,7 @@ class QSD(ManagedProcess):
                                                                    "qsd-qmp.sock"))
         self.writable = writable
         self.num_queues = num_queues
+        self.iothread = iothread
         self.extra_args = list(extra_args)
         self.binary = binary
         for p in (self.image, self.sock_path, self.qmp_path):
@@ -38,12 +44,15 @@ class QSD(ManagedProcess):
                 raise ValueError(f"QSD option values cannot contain ',': {p!r}")
 
     def command(self) -> list[str]:
+        iot = ["--object", "iothread,id=iot0"] if self.iothread else []
         return [
             self.binary,
+            *iot,
             "--blockdev", f"driver=file,node-name=file0,filename={self.image}",
             "--blockdev", "driver=raw,node-name=disk0,file=file0",
             "--export", (f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={self.sock_path},"
-                         f"writable={'on' if self.writable else 'off'},num-queues={self.num_queues}"),
+                         f"writable={'on' if self.writable else 'off'},num-queues={self.num_queues}"
+                         + (",iothread=iot0" if self.iothread else "")),
             "--chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
             "--monitor", "chardev=qmp0",
             *self.extra_args,

@@ -85,8 +85,12 @@ class VirtIOBlk(VirtIODevice):
 
     def __init__(self, name: str, image: str | ImageFile, *, num_queues: int = 1, queue_size: int = 128,
                  read_only: bool = False, serial: str = "", aio: str = "threads", aio_workers: int = 4,
-                 loop=None, inline_cached: bool = True) -> None:
-        """*image*: a path (opened with :func:`open_image`: FIFOs and character devices refused,
+                 loop=None, inline_cached: bool = True, null: bool = False) -> None:
+        """*null*: a null device (as QEMU's null-co with read-zeroes=on): reads return zeroes without
+        touching the image, writes are discarded, both complete at once on the loop.
+        *inline_cached*: with aio "auto", reads the page cache holds are served on the loop at depth.
+
+        *image*: a path (opened with :func:`open_image`: FIFOs and character devices refused,
         QEMU's image locks taken; raises ``PathRefused``) or an already open :class:`ImageFile`,
         which the device then owns."""
         super().__init__(name, queue_sizes=[queue_size] * num_queues)
@@ -122,6 +126,7 @@ class VirtIOBlk(VirtIODevice):
         self.inline_cached = inline_cached and hasattr(os, "RWF_NOWAIT")
         self.cached_inline_ios = 0  # reads served on the loop from the page cache, at depth
         self.cached_misses = 0  # reads RWF_NOWAIT refused (not cached): handed to the workers
+        self.null = null
         self.io_delay: Callable[[], float] | None = None  # fault knob: seconds to stall each I/O
         self._delays_cancelled = threading.Event()  # set: stalls end at once (the process is stopping)
         # fault knob: called with the queue when a request completes; True holds the completion
@@ -243,6 +248,12 @@ class VirtIOBlk(VirtIODevice):
             self.reads += 1
             self.bytes_read += nbytes
             r.written = nbytes
+        if self.null:
+            if not write:
+                for g, n in segs:
+                    mem.fill(g, n)
+            self._complete(r, BLK_S_OK)
+            return
 
         delay = self.io_delay
         cancelled = self._delays_cancelled
