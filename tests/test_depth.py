@@ -50,3 +50,41 @@ def test_cached_reads_at_depth_are_served_on_the_loop(workdir, inline_cached):
         be.stop()
         loop.stop()
         dev.close()
+
+
+@pytest.mark.parametrize("reap_inline", [True, False], ids=["inline", "completion-thread"])
+def test_the_instrument_reaps_its_completions_on_the_queue_thread(workdir, reap_inline):
+    """vhost-user-test's workload: each queue's thread waits on its call fd and reaps its used ring
+    itself (one thread wake-up per request); the completion thread takes none of its calls.  With
+    that off, every call goes through the completion thread and back."""
+    from kickcall.drive.vhost_user_blk import BlkVerifyWorkload, VhostUserBlkDriver
+    from kickcall.vhost_user.backend import VhostUserBackend
+
+    img = os.path.join(workdir, "d.img")
+    make_image(img, 4 << 20)
+    loop = IOThread("be")
+    dev = VirtIOBlk("blk0", img, queue_size=64, aio="auto", loop=loop)
+    be = VhostUserBackend(dev, socket_path=os.path.join(workdir, "s"), loop=loop)
+    loop.start()
+    be.start()
+    drv = VhostUserBlkDriver(be.socket_path or "", ram=16 << 20, queue_size=64, reconnect=False)
+    try:
+        drv.connect(wait=30)
+        wl = BlkVerifyWorkload(drv, depth=4, nblocks=64, read_ratio=0.5, reap_inline=reap_inline)
+        wl.prefill()
+        before = drv.thread_reaps
+        wl.run(1.0)
+        r = wl.result()
+        assert r["error_count"] == 0 and r["ops"] > 50, r["errors"]
+        # (inline: at most a last call written after the queue thread had already reaped its
+        # request, taken once the completion thread has the queue back)
+        if reap_inline:
+            assert drv.thread_reaps - before <= 1
+        else:
+            assert drv.thread_reaps - before >= 10
+        assert drv.io(BLK_T_IN, 0, 512)[0] == BLK_S_OK  # the completion thread has the queue back
+    finally:
+        drv.close()
+        be.stop()
+        loop.stop()
+        dev.close()
