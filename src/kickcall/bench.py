@@ -702,6 +702,8 @@ BENCHES: dict[str, tuple[str, str]] = {
                 "shorter runs, one pass (a smoke run)"),
     "vfio": ("passthrough interrupts over vfio-user: irqfd throughput and latency, MSI-X growth on the dynamic "
              "and the NORESIZE path", "fewer samples, growth to 256 vectors (a smoke run)"),
+    "scale": ("how costs grow: setup time and memory by queues and MSI-X vectors, kick latency by ioeventfds, "
+              "diagnose and x-query-pci-msix by size", "a reduced ladder (a smoke run)"),
 }
 
 
@@ -777,6 +779,10 @@ def job_params(a: argparse.Namespace) -> dict[str, object]:
         pl = monitor_plan(a.quick)
         job = {"rw": "randread", "bs": 4096, "iodepth": 16, "queues": 2, "modes": "quiet,diagnose,watched",
                "runtime": f"{pl['seconds']:g}s", "passes": pl["passes"]}
+    elif a.bench == "scale":
+        from .bench_scale import scale_job
+
+        job = scale_job(a.quick)
     else:
         from .bench_vfio import vfio_plan
 
@@ -838,6 +844,10 @@ def bench_main(a: argparse.Namespace) -> int:
 
 def _run_bench(a: argparse.Namespace, ctx: BenchRun) -> int:
     log = ctx.note
+    if a.bench == "scale":
+        from .bench_scale import scale_main
+
+        return scale_main(a, ctx)
     if a.bench == "monitor":
         r = run_monitor(quick=a.quick, log=log, ctx=ctx)
         ctx.close()

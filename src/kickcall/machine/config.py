@@ -275,7 +275,7 @@ BLK_KEYS = _keys(
     Key("queue-size", "int", 128, "descriptors per virtqueue", 2, 1024, rule="a power of two"),
     Key("backend", "str", "file", "who serves the requests: the VMM on an image file, or a vhost-user "
         "back-end", choices=("file", "vhost-user")),
-    Key("queues", "int", 1, "request virtqueues (VIRTIO_BLK_F_MQ)", 1, 16),
+    Key("queues", "int", 1, "request virtqueues (VIRTIO_BLK_F_MQ)", 1, 1024),
 )
 
 BLK_FILE_KEYS = _keys(

@@ -175,7 +175,9 @@ class VirtIOPCIProxy(PCIDevice):
         self.register_bar(BAR_MODERN, self.modern, mem64=True, prefetch=True)
         self.msix_vectors = nvec
         if nvec:
-            MSIX(self, nvec, BAR_MSIX)
+            # the PBA at 0x800 as QEMU's layout has it while the table fits below it (128 vectors);
+            # a larger table pushes the PBA right after it (QEMU's msix_init_exclusive_bar moves it too)
+            MSIX(self, nvec, BAR_MSIX, pba_offset=max(0x800, nvec * 16))
         self._add_virtio_cap(CFG_TYPE["common"], BAR_MODERN, OFF_COMMON, REGION_SIZE)
         self._add_virtio_cap(CFG_TYPE["isr"], BAR_MODERN, OFF_ISR, REGION_SIZE)
         self._add_virtio_cap(CFG_TYPE["device"], BAR_MODERN, OFF_DEVICE, REGION_SIZE)
@@ -525,44 +527,86 @@ class VirtIOPCIProxy(PCIDevice):
                 done(q)
 
     # -- guest notifiers (call) ----------------------------------------------------------------------
+    def _vector_route(self, vector: int) -> bool:
+        """Make sure *vector* has its GSI route in the VMM's table (QEMU's kvm_irqchip_add_msi_route),
+        without committing it; True if a route was added (the table needs a commit before an irqfd
+        uses it).  HypervisorError when no GSI is free."""
+        if vector in self._vector_irqfd:
+            return False
+        assert self.routes is not None and self.msix is not None
+        addr, data = self.msix.get_message(vector)
+        self._vector_irqfd[vector] = VirtIOIRQFD(self.routes.add(addr, data))
+        return True
+
     def _vector_gsi(self, vector: int) -> int:
-        ent = self._vector_irqfd.get(vector)
-        if ent is None:
-            assert self.routes is not None and self.msix is not None
-            addr, data = self.msix.get_message(vector)
-            gsi = self.routes.add(addr, data)
+        """The GSI of *vector*'s route, added and committed if it has none; one more user."""
+        if self._vector_route(vector):
+            assert self.routes is not None
             self.routes.commit()
-            ent = self._vector_irqfd[vector] = VirtIOIRQFD(gsi)
+        ent = self._vector_irqfd[vector]
         ent.users += 1
         return ent.gsi
 
-    def _vector_put(self, vector: int) -> None:
+    def _vector_put(self, vector: int, commit: bool = True) -> bool:
+        """One user fewer of *vector*'s route; the last one releases it (committed unless
+        *commit* is false: the caller commits once for a batch).  True if a route was released."""
         ent = self._vector_irqfd.get(vector)
         if ent is None:
-            return
+            return False
         ent.users -= 1
         if ent.users <= 0:
             del self._vector_irqfd[vector]
             assert self.routes is not None
             self.routes.release(ent.gsi)
-            self.routes.commit()
+            if commit:
+                self.routes.commit()
+            return True
+        return False
 
     def set_guest_notifiers(self, on: bool) -> None:
+        """Bind (or unbind) every enabled queue's guest notifier to its vector (QEMU's
+        virtio_pci_set_guest_notifiers).  The routes of all the queues' vectors are added first and
+        committed to the hypervisor in one KVM_SET_GSI_ROUTING (as QEMU's kvm_virtio_pci_vector_use
+        adds each route and commits the batch once): a route is committed before any irqfd uses it,
+        and n vectors cost one table write of n routes, not n writes of up to n routes each.  On
+        the way down the released routes are committed once, after every irqfd is gone."""
         m = self.msix
         if on:
             if self.guest_notifiers_on or not self.irqfd_enabled or m is None or not m.enabled:
                 return
             self.guest_notifiers_on = True
             m.set_vector_notifiers(self._vector_unmask, self._vector_mask, self._vector_poll)
-            for q in self.vdev.queues:
-                if q.vector != VIRTIO_NO_VECTOR and q.enabled:
-                    self._bind_guest_notifier(q)
+            qs = [q for q in self.vdev.queues if q.vector != VIRTIO_NO_VECTOR and q.enabled]
+            added = False
+            for q in qs:
+                try:
+                    added = self._vector_route(q.vector) or added
+                except HypervisorError:
+                    break  # out of GSIs: the queues past here fall back in _bind_guest_notifier
+            if added:
+                assert self.routes is not None
+                self.routes.commit()
+            for q in qs:
+                self._bind_guest_notifier(q)
+            # a route added for a queue whose bind failed has no user: release it
+            stale = [v for v, ent in self._vector_irqfd.items() if ent.users <= 0]
+            for v in stale:
+                ent = self._vector_irqfd.pop(v)
+                assert self.routes is not None
+                self.routes.release(ent.gsi)
+            if stale:
+                assert self.routes is not None
+                self.routes.commit()
         else:
             if not self.guest_notifiers_on:
                 return
+            released = False
             for q in self.vdev.queues:
                 if q.guest_notifier is not None:
-                    self._unbind_guest_notifier(q)
+                    released = self._unbind_guest_notifier(q, commit=False) or released
+            if released:
+                assert self.routes is not None
+                self.routes.commit()
             if m is not None:
                 m.set_vector_notifiers(None, None, None)
             self.guest_notifiers_on = False
@@ -587,10 +631,12 @@ class VirtIOPCIProxy(PCIDevice):
             self._irqfd_assign(q)
             self.vdev.guest_notifier_mask(q, False)
 
-    def _unbind_guest_notifier(self, q: VirtQueue) -> None:
+    def _unbind_guest_notifier(self, q: VirtQueue, commit: bool = True) -> bool:
+        """Unbind q's guest notifier; True if its vector's route was released (committed unless
+        *commit* is false)."""
         n = q.guest_notifier
         if n is None:
-            return
+            return False
         rec = self._vqs[q.index]
         if rec.irqfd:
             self._irqfd_deassign(q)
@@ -604,7 +650,7 @@ class VirtIOPCIProxy(PCIDevice):
             self.notify_vector(q.vector)
         self.registry.unregister(n)
         n.close()
-        self._vector_put(q.vector)
+        return self._vector_put(q.vector, commit=commit)
 
     def _poll_target(self, q: VirtQueue):
         """What the VMM polls while q's vector is masked: a vhost device's masked notifier (the
