@@ -23,7 +23,7 @@ BAD = [
     ('device = "x"\n', "device", "array of tables"),
     ('[[device]]\ntype = "virtio-gpu"\n', "device[0].type", "one of 'virtio-blk', 'virtio-net'"),
     ("[[device]]\n", "device[0].type", "one of"),
-    (GOOD_DEV + "queues = 0\n", "device[0].queues", "between 1 and 16"),
+    (GOOD_DEV + "queues = 0\n", "device[0].queues", "between 1 and 1024"),
     (GOOD_DEV + 'queues = "2"\n', "device[0].queues", "must be an integer"),
     (GOOD_DEV + "queue-size = 100\n", "device[0].queue-size", "power of two"),
     (GOOD_DEV + "ioeventfd = 1\n", "device[0].ioeventfd", "true or false"),

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("diagnose",),
     ("machine",),
     ("apps",),
-    ("bench", "bench_vfio"),
+    ("bench", "bench_vfio", "bench_scale"),
     ("cli",),
     ("__main__",),
 ]
