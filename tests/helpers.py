@@ -212,3 +212,26 @@ def run_with_stderr_on_pty(argv: list[str], timeout: float = 300.0) -> tuple[int
         chunks.append(b)
     os.close(master)
     return p.returncode, out, b"".join(chunks).decode()
+
+
+def interrupt_when(p, ready: Callable[[], object], what: str, out_path: str, err_path: str) -> tuple[str, str]:
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) to *p* once *ready*; returns its
+    stdout and stderr (files), having checked what every interrupted kickcall tool does: exit 130,
+    no traceback, and "kickcall: interrupted" as the last line on stderr."""
+    import signal
+
+    try:
+        wait_for(lambda: p.poll() is not None or ready(), 120, what)
+        assert p.poll() is None
+        os.killpg(p.pid, signal.SIGINT)
+        p.wait(120)
+    finally:
+        stop_process(p)
+    with open(out_path) as f:
+        stdout = f.read()
+    with open(err_path) as f:
+        stderr = f.read()
+    assert p.returncode == 130, (p.returncode, stdout, stderr)
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "kickcall: interrupted"
+    return stdout, stderr

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import stat
 import subprocess
 from collections.abc import Iterator
 
 import pytest
 
-from helpers import SRC, kickcall_argv, run_with_stderr_on_pty, spawn, start_vhost_user_blk, stop_process, wait_for
+from helpers import SRC, interrupt_when, kickcall_argv, run_with_stderr_on_pty, spawn, start_vhost_user_blk, stop_process
 from kickcall.drive.latency import LADDER, ladder_key
 from kickcall.virtio.blk import make_image
 
@@ -120,21 +119,8 @@ def test_ctrl_c_prints_the_partial_results_and_exits_130(backend: str, workdir: 
     with open(out_path, "w") as out, open(err_path, "w") as err:
         p = spawn(kickcall_argv("vhost-user-test", "--socket", backend, "--duration", "300", "--log", log,
                                 "--log-interval", "0.2"), stdout=out, stderr=err)
-    try:
-        wait_for(lambda: p.poll() is not None or (os.path.exists(log) and len(_complete_lines(log)) >= 2), 120,
-                 "two interval lines in the log")
-        assert p.poll() is None
-        os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
-        p.wait(120)
-    finally:
-        stop_process(p)
-    with open(out_path) as f:
-        stdout = f.read()
-    with open(err_path) as f:
-        stderr = f.read()
-    assert p.returncode == 130, (p.returncode, stdout, stderr)
-    assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == "kickcall: interrupted"
+    stdout, stderr = interrupt_when(p, lambda: os.path.exists(log) and len(_complete_lines(log)) >= 2,
+                                    "two interval lines in the log", out_path, err_path)
     assert "interrupted after" in stdout and "partial results" in stdout
     _check_ladder_and_histogram(stdout)
     assert "errors: 0" in stdout
