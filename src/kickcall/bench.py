@@ -1021,6 +1021,8 @@ def minimal_frontend(sock: str, seconds: float, into: LatencyHistogram | None = 
     from .memory import GuestMemory
     from .vhost_user.frontend import VhostUserFrontend
     from .vhost_user.protocol import VHOST_USER_F_PROTOCOL_FEATURES, MemRegion
+    from .virtio.blk import BLK_T_IN, HDR
+    from .virtio.layout import DESC
     from .virtio.ring import VIRTIO_F_VERSION_1, mb
 
     qs, base = 8, 0x7F00_0000_0000
@@ -1049,9 +1051,9 @@ def minimal_frontend(sock: str, seconds: float, into: LatencyHistogram | None = 
         sv = mem.view(status, 1)
         views += [dv, av, uv, hv, sv]
         # VIRTQ_DESC_F_NEXT = 1, VIRTQ_DESC_F_WRITE = 2: header -> data (device-writable) -> status
-        struct.pack_into("<QIHH", dv, 0, hdr, 16, 1, 1)
-        struct.pack_into("<QIHH", dv, 16, data, 4096, 3, 2)
-        struct.pack_into("<QIHH", dv, 32, status, 1, 2, 0)
+        DESC.pack_into(dv, 0, hdr, 16, 1, 1)
+        DESC.pack_into(dv, DESC.size, data, 4096, 3, 2)
+        DESC.pack_into(dv, 2 * DESC.size, status, 1, 2, 0)
         fe.set_vring_num(0, qs)
         fe.set_vring_base(0, 0)
         fe.set_vring_addr(0, base + desc, base + used, base + avail)
@@ -1067,7 +1069,7 @@ def minimal_frontend(sock: str, seconds: float, into: LatencyHistogram | None = 
         t_end = time.monotonic() + seconds
         t_start = time.monotonic()
         while time.monotonic() < t_end:
-            pack("<IIQ", hv, 0, 0, 0, (n % 512) * 8)  # VIRTIO_BLK_T_IN, 4 KiB block n % 512
+            HDR.pack_into(hv, 0, BLK_T_IN, 0, (n % 512) * 8)  # 4 KiB block n % 512
             pack("<H", av, 4 + 2 * (idx % qs), 0)
             t0 = now()
             idx = (idx + 1) & 0xFFFF
