@@ -497,8 +497,13 @@ class BlkVerifyWorkload:
                                            f"{self.stall_timeout}s ({d.error or 'no error reported'})")
                         return
                     if call_fd >= 0:
-                        if select.select([call_fd], [], [], 0.05)[0]:
-                            d.reap(q)
+                        try:
+                            if select.select([call_fd], [], [], 0.05)[0]:
+                                d.reap(q)
+                        except (NotifierError, OSError, ValueError) as e:  # closed under us (Ctrl-C)
+                            if not (self.aborted.is_set() or self.stop_event.is_set()):
+                                self.errors.append(f"queue {q}: the driver went away: {e}")
+                            return
                     else:
                         next(iter(inflight)).done.wait(0.05)
                 for r in got:
